@@ -1,0 +1,655 @@
+"""`python -m deep_gemm bench`: our kernels beside cuBLASLt and Triton on the ANCHORS.md shapes.
+
+Method (as in ANCHORS.md): GPU time of the kernel(s) of one call, read from the torch profiler,
+median over --iters calls, with a 256 MB buffer overwritten before every call so L2 starts
+cold (the flush kernel itself is not counted). Host overhead is measured apart: CPU time to
+issue one call, HOST_CALLS calls back to back without synchronising, median per call.
+Correctness: calc_diff against a float64 product of the dequantized FP8 inputs.
+
+A suite turns its shapes into Problems; every Problem offers each peer as a `prepare()` that
+returns the zero-argument call to time. Adding a layout means adding a suite.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# Ceilings, measured on the H100 of ANCHORS.md: device copy (read + write) and FP8 tensor cores.
+# ---------------------------------------------------------------------------------------------
+HBM_BYTES_PER_S = 3.0e12
+FP8_FLOPS_PER_S = 1.5e15
+
+FLUSH_BYTES = 256 << 20         # more than the 50 MB L2, so nothing of the last call survives
+DEFAULT_ITERS = 50
+QUICK_ITERS = 10
+HOST_CALLS = 30                 # "20+ calls back to back"
+WRONG_DIFF = 1e-5               # calc_diff above this is a wrong result (right ones sit near 1e-6)
+PEERS = ("ours", "cublaslt", "triton")
+PEER_TITLES = {"ours": "ours", "cublaslt": "cuBLASLt", "triton": "Triton"}
+
+# ---------------------------------------------------------------------------------------------
+# Shapes and DeepGEMM's numbers from ANCHORS.md (H100 80GB HBM3, torch 2.11, CUDA 13.0).
+# ---------------------------------------------------------------------------------------------
+DENSE_MS = (64, 128, 4096)
+DENSE_NKS = ((7168, 576), (2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048))
+
+# (M, N, K) -> DeepGEMM µs
+DEEPGEMM_DENSE_US = {
+    (64, 7168, 576): 5.2, (64, 2112, 7168): 12.0, (64, 24576, 1536): 20.3, (64, 32768, 512): 10.9,
+    (64, 7168, 16384): 52.5, (64, 4096, 7168): 17.5, (64, 7168, 2048): 9.3,
+    (128, 7168, 576): 5.6, (128, 2112, 7168): 13.3, (128, 24576, 1536): 21.5, (128, 32768, 512): 12.1,
+    (128, 7168, 16384): 56.2, (128, 4096, 7168): 19.9, (128, 7168, 2048): 10.7,
+    (4096, 7168, 576): 41.7, (4096, 2112, 7168): 107.8, (4096, 24576, 1536): 241.4,
+    (4096, 32768, 512): 145.1, (4096, 7168, 16384): 652.1, (4096, 4096, 7168): 176.3,
+    (4096, 7168, 2048): 99.0,
+}
+# (groups, M per group, N, K) -> (DeepGEMM µs, DeepGEMM TFLOPS)
+DEEPGEMM_CONTIGUOUS = {
+    (4, 8192, 4096, 7168): (1484.6, 1351), (4, 8192, 7168, 2048): (768.1, 1253),
+    (8, 4096, 4096, 7168): (1648.0, 1201), (8, 4096, 7168, 2048): (898.2, 1250),
+    (32, 256, 4096, 7168): (565.9, 863), (32, 256, 7168, 2048): (303.8, 830),
+}
+# (groups, expected M, N, K) -> (DeepGEMM µs, DeepGEMM TFLOPS)
+DEEPGEMM_MASKED = {
+    (1, 1024, 4096, 7168): (86.1, 842), (1, 1024, 7168, 2048): (44.9, 772),
+    (2, 512, 4096, 7168): (51.1, 1061), (2, 512, 7168, 2048): (43.6, 671),
+    (4, 256, 4096, 7168): (94.3, 650), (4, 256, 7168, 2048): (46.4, 690),
+    (16, 64, 4096, 7168): (230.5, 284), (16, 64, 7168, 2048): (103.2, 294),
+    (32, 32, 4096, 7168): (333.0, 179), (32, 32, 7168, 2048): (178.7, 178),
+}
+
+
+def roofline_floor_s(flops: float, nbytes: float) -> float:
+    return max(nbytes / HBM_BYTES_PER_S, flops / FP8_FLOPS_PER_S)
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems.
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Problem:
+    suite: str
+    label: str
+    shape: dict                                   # what identifies the row (M, N, K, groups, ...)
+    flops: float
+    nbytes: float
+    deepgemm_us: Optional[float]
+    deepgemm_tflops: Optional[float]
+    peers: Dict[str, Callable[[], Callable]]      # peer -> prepare() -> fn() (the call to time)
+    check: Callable[[object], float]              # result of fn() -> calc_diff vs float64
+    poison: Callable[[], None] = lambda: None     # fill our output with NaN before checking it
+
+
+def _public(name: str):
+    """deep_gemm.<name>, imported lazily: the kernels may not exist yet when this runs."""
+    import deep_gemm
+    fn = getattr(deep_gemm, name, None)
+    if fn is None:
+        raise NotImplementedError(f"deep_gemm.{name} does not exist yet")
+    return fn
+
+
+def _cast_pair(x_a: torch.Tensor, x_b: torch.Tensor):
+    from .utils import per_block_cast_to_fp8, per_token_cast_to_fp8
+    return per_token_cast_to_fp8(x_a), per_block_cast_to_fp8(x_b)
+
+
+def _ref64(a, sa, b, sb) -> torch.Tensor:
+    from .reference import dequantize_lhs, dequantize_rhs
+    return dequantize_lhs(a, sa, torch.float64) @ dequantize_rhs(b, sb, torch.float64).T
+
+
+def _diff(result, ref) -> float:
+    from .reference import calc_diff
+    return calc_diff(result, ref)
+
+
+def make_dense(m: int, n: int, k: int, device) -> Problem:
+    from .baselines import prepare_cublas, prepare_triton
+    torch.manual_seed(m * 1_000_003 + n * 1009 + k)
+    (a, sa), (b, sb) = _cast_pair(torch.randn(m, k, device=device, dtype=torch.bfloat16),
+                                  torch.randn(n, k, device=device, dtype=torch.bfloat16))
+    ref = _ref64(a, sa, b, sb)
+    out = torch.empty((m, n), dtype=torch.bfloat16, device=device)
+
+    def ours():
+        fn = _public("gemm_fp8_fp8_bf16_nt")
+        lhs, rhs = (a, sa), (b, sb)
+
+        def call():
+            fn(lhs, rhs, out)
+            return out
+        return call
+
+    return Problem(
+        suite="dense", label=f"{m}x{n}x{k}", shape={"m": m, "n": n, "k": k},
+        flops=2.0 * m * n * k, nbytes=float(m * k + n * k + 2 * m * n),
+        deepgemm_us=DEEPGEMM_DENSE_US.get((m, n, k)), deepgemm_tflops=None,
+        peers={"ours": ours,
+               "cublaslt": lambda: prepare_cublas(a, sa, b, sb),
+               "triton": lambda: prepare_triton(a, sa, b, sb)},
+        check=lambda result: _diff(result, ref), poison=lambda: out.fill_(float("nan")))
+
+
+def _per_group(prepare, parts):
+    """Run a dense peer once per group (how cuBLASLt serves MoE without a grouped kernel)."""
+    fns = [prepare(*p) for p in parts]
+    return lambda: [f() for f in fns]
+
+
+def _grouped_problem(suite, label, shape, groups, n, k, a, sa, b, sb, rows, ours, out, dg):
+    """rows[g] = (index into a/out of group g's valid rows as a slice tuple, count)."""
+    from .baselines import prepare_cublas, prepare_triton
+    parts = [(a[r], sa[r], b[g], sb[g]) for g, (r, cnt) in enumerate(rows) if cnt]
+    ref = torch.cat([_ref64(*p) for p in parts]) if parts else torch.empty(0, n, device=a.device)
+    valid = sum(cnt for _, cnt in rows)
+
+    def check(result):
+        if isinstance(result, list):
+            got = torch.cat(result) if result else ref
+        else:
+            got = torch.cat([result[r] for r, cnt in rows if cnt]) if parts else ref
+        return _diff(got, ref)
+
+    dg_us, dg_tflops = dg if dg else (None, None)
+    return Problem(
+        suite=suite, label=label, shape=shape,
+        flops=2.0 * valid * n * k, nbytes=float(valid * k + groups * n * k + 2 * valid * n),
+        deepgemm_us=dg_us, deepgemm_tflops=dg_tflops,
+        peers={"ours": ours,
+               "cublaslt": lambda: _per_group(prepare_cublas, parts),
+               "triton": lambda: _per_group(prepare_triton, parts)},
+        check=check, poison=lambda: out.fill_(float("nan")))
+
+
+def _draw_counts(groups: int, expected: int, seed: int) -> List[int]:
+    rng = random.Random(seed)
+    return [int(expected * rng.uniform(0.7, 1.3)) for _ in range(groups)]
+
+
+def make_contiguous(groups: int, m_per_group: int, n: int, k: int, device) -> Problem:
+    from .utils import get_m_alignment_for_contiguous_layout
+    align = get_m_alignment_for_contiguous_layout()
+    seed = groups * 7919 + m_per_group * 31 + n + k
+    torch.manual_seed(seed)
+    counts = _draw_counts(groups, m_per_group, seed)
+    padded = [(c + align - 1) // align * align for c in counts]
+    m_total = sum(padded)
+    (a, sa), (b, sb) = _cast_pair(torch.randn(m_total, k, device=device, dtype=torch.bfloat16),
+                                  torch.randn(groups, n, k, device=device, dtype=torch.bfloat16))
+    m_indices = torch.full((m_total,), -1, dtype=torch.int32)
+    rows, start = [], 0
+    for g, (c, p) in enumerate(zip(counts, padded)):
+        m_indices[start:start + c] = g
+        rows.append(((slice(start, start + c),), c))
+        start += p
+    m_indices = m_indices.to(device)
+    out = torch.empty((m_total, n), dtype=torch.bfloat16, device=device)
+
+    def ours():
+        fn = _public("m_grouped_gemm_fp8_fp8_bf16_nt_contiguous")
+        lhs, rhs = (a, sa), (b, sb)
+
+        def call():
+            fn(lhs, rhs, out, m_indices)
+            return out
+        return call
+
+    return _grouped_problem("contiguous", f"{groups}x{m_per_group} {n}x{k}",
+                            {"groups": groups, "m_per_group": m_per_group, "n": n, "k": k,
+                             "m_total": m_total, "valid_m": sum(counts)},
+                            groups, n, k, a, sa, b, sb, rows, ours, out,
+                            DEEPGEMM_CONTIGUOUS.get((groups, m_per_group, n, k)))
+
+
+def make_masked(groups: int, expected_m: int, n: int, k: int, device) -> Problem:
+    max_m = 4096 if expected_m >= 256 else 256
+    seed = groups * 7907 + expected_m * 37 + n + k
+    torch.manual_seed(seed)
+    counts = [min(c, max_m) for c in _draw_counts(groups, expected_m, seed)]
+    (a, sa), (b, sb) = _cast_pair(torch.randn(groups, max_m, k, device=device, dtype=torch.bfloat16),
+                                  torch.randn(groups, n, k, device=device, dtype=torch.bfloat16))
+    masked_m = torch.tensor(counts, dtype=torch.int32, device=device)
+    rows = [((g, slice(0, c)), c) for g, c in enumerate(counts)]
+    out = torch.empty((groups, max_m, n), dtype=torch.bfloat16, device=device)
+
+    def ours():
+        fn = _public("m_grouped_gemm_fp8_fp8_bf16_nt_masked")
+        lhs, rhs = (a, sa), (b, sb)
+
+        def call():
+            fn(lhs, rhs, out, masked_m, expected_m)
+            return out
+        return call
+
+    return _grouped_problem("masked", f"{groups}x{expected_m} {n}x{k}",
+                            {"groups": groups, "expected_m": expected_m, "n": n, "k": k,
+                             "max_m": max_m, "valid_m": sum(counts)},
+                            groups, n, k, a, sa, b, sb, rows, ours, out,
+                            DEEPGEMM_MASKED.get((groups, expected_m, n, k)))
+
+
+def suite_cases(suite: str, quick: bool, shapes: List[tuple]) -> List[Callable]:
+    """Deferred problem builders for one suite (built one at a time to bound memory)."""
+    if suite == "dense":
+        if shapes:
+            mnks = list(shapes)
+        elif quick:
+            mnks = [(m, n, k) for m in (64, 4096) for n, k in DENSE_NKS[:3]]
+        else:
+            mnks = [(m, n, k) for m in DENSE_MS for n, k in DENSE_NKS]
+        return [lambda dev, s=s: make_dense(*s, dev) for s in mnks]
+    table = {"contiguous": (DEEPGEMM_CONTIGUOUS, make_contiguous), "masked": (DEEPGEMM_MASKED, make_masked)}
+    keys, make = table[suite]
+    keys = list(keys)[:2] if quick else list(keys)
+    return [lambda dev, s=s: make(*s, dev) for s in keys]
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing.
+# ---------------------------------------------------------------------------------------------
+def _gpu_events(prof) -> List[tuple]:
+    """(start µs, duration µs, name) of every GPU activity the profiler saw, in start order."""
+    cuda = torch.autograd.DeviceType.CUDA
+    found = []
+    for e in prof.events():
+        if getattr(e, "device_type", None) != cuda:
+            continue
+        tr = e.time_range
+        found.append((tr.start, tr.end - tr.start, e.name))
+    found.sort()
+    return found
+
+
+def _profile(fn, repeat: int = 1):
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeat):
+            fn()
+        torch.cuda.synchronize()
+    return _gpu_events(prof)
+
+
+class Timer:
+    """Kernel time of one call from the profiler, with L2 flushed before each call."""
+
+    def __init__(self, device, iters: int):
+        self.iters = iters
+        self.buf = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+        # Candidate flushes with distinct kernel names: the first whose kernels the measured call
+        # does not also launch is used, so its kernels can be told apart by name.
+        self.flushes = [lambda: self.buf.fill_(7), lambda: self.buf.bitwise_not_(), lambda: self.buf.neg_()]
+        self.flush_names = [None] * len(self.flushes)
+
+    def _flush_for(self, own: set):
+        for i, flush in enumerate(self.flushes):
+            if self.flush_names[i] is None:
+                self.flush_names[i] = {name for _, _, name in _profile(flush)}
+            if self.flush_names[i] and not (self.flush_names[i] & own):
+                return flush, self.flush_names[i]
+        raise RuntimeError("cannot tell the L2 flush kernel apart from the measured call's kernels")
+
+    def kernel_us(self, fn) -> tuple:
+        """(median µs per call, kernels per call). fn must have run once already (warm-up)."""
+        own_events = _profile(fn)
+        own = {name for _, _, name in own_events}
+        if not own:
+            raise RuntimeError("the call launched no GPU kernel")
+        flush, flush_names = self._flush_for(own)
+
+        def step():
+            flush()
+            fn()
+        events = _profile(step, self.iters)
+        per_call, current, in_flush = [], None, False
+        for _, dur, name in events:
+            if name in flush_names:
+                if not in_flush and current is not None:
+                    per_call.append(current)
+                current, in_flush = 0.0, True
+            else:
+                in_flush = False
+                if current is not None:
+                    current += dur
+        if current is not None:
+            per_call.append(current)
+        if len(per_call) != self.iters:
+            raise RuntimeError(f"profiler returned {len(per_call)} calls for {self.iters} iterations")
+        return statistics.median(per_call), len(own_events)
+
+
+def host_overhead_us(fn, calls: int = HOST_CALLS) -> float:
+    """Median CPU time to issue one call, `calls` calls back to back, no synchronisation inside."""
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return statistics.median(times) * 1e6
+
+
+# ---------------------------------------------------------------------------------------------
+# Running.
+# ---------------------------------------------------------------------------------------------
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+
+
+def measure(problem: Problem, timer: Timer, peers=PEERS) -> dict:
+    floor_us = roofline_floor_s(problem.flops, problem.nbytes) * 1e6
+    row = {"suite": problem.suite, "label": problem.label, **problem.shape,
+           "flops": problem.flops, "bytes": problem.nbytes, "floor_us": floor_us,
+           "deepgemm_us": problem.deepgemm_us, "deepgemm_tflops": problem.deepgemm_tflops, "peers": {}}
+    for peer in peers:
+        entry = {"status": "n/a"}
+        try:
+            fn = problem.peers[peer]()
+            if peer == "ours":
+                problem.poison()
+            result = fn()                      # warm-up (JIT, autotune) and the checked result
+            torch.cuda.synchronize()
+            diff = problem.check(result)
+            us, kernels = timer.kernel_us(fn)
+            entry = {"status": "ok" if diff <= WRONG_DIFF else "WRONG", "diff": diff, "us": us,
+                     "kernels": kernels, "tflops": problem.flops / us * 1e-6,
+                     "pct_floor": 100.0 * floor_us / us, "host_us": host_overhead_us(fn)}
+        except (ImportError, NotImplementedError) as exc:
+            entry["reason"] = _short(exc)
+        except Exception as exc:               # a peer failing must not end the run
+            entry = {"status": "error", "reason": _short(exc)}
+        row["peers"][peer] = entry
+    ours = row["peers"].get("ours", {})
+    if ours.get("us") and problem.deepgemm_us:
+        if problem.deepgemm_tflops:            # grouped: our row counts differ from DeepGEMM's draw
+            row["speedup_vs_deepgemm"] = ours["tflops"] / problem.deepgemm_tflops
+        else:
+            row["speedup_vs_deepgemm"] = problem.deepgemm_us / ours["us"]
+    return row
+
+
+def _geomean(values) -> Optional[float]:
+    values = [v for v in values if v and v > 0 and math.isfinite(v)]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def summarise(rows: List[dict]) -> dict:
+    summary = {}
+    for peer in PEERS:
+        ok = [r["peers"][peer] for r in rows if r["peers"].get(peer, {}).get("status") == "ok"]
+        summary[peer] = {"rows": len(ok), "geomean_pct_floor": _geomean(e["pct_floor"] for e in ok)}
+    summary["ours"]["geomean_speedup_vs_deepgemm"] = _geomean(r.get("speedup_vs_deepgemm") for r in rows)
+    return summary
+
+
+def _fmt(v, spec: str, na: str = "n/a") -> str:
+    return na if v is None else format(v, spec)
+
+
+def _peer_cells(entry: dict) -> tuple:
+    if entry.get("us") is None:
+        return entry.get("status", "n/a"), ""
+    mark = "!" if entry["status"] == "WRONG" else ""
+    return f"{entry['us']:.1f}", f"{entry['tflops']:.0f}{mark}"
+
+
+def print_table(rows: List[dict], out=sys.stdout) -> None:
+    head = ("suite", "shape", "ours µs", "TFLOPS", "% floor", "vs DG", "host µs",
+            "cuBLASLt µs", "TFLOPS", "Triton µs", "TFLOPS", "check")
+    lines = []
+    for r in rows:
+        ours = r["peers"].get("ours", {})
+        us, tf = _peer_cells(ours)
+        if ours.get("us") is None:
+            check = ours.get("reason", ours.get("status", "n/a"))[:48]
+        else:
+            check = f"{'ok' if ours['status'] == 'ok' else 'WRONG'} ({ours['diff']:.1e})"
+        cu = _peer_cells(r["peers"].get("cublaslt", {}))
+        tr = _peer_cells(r["peers"].get("triton", {}))
+        lines.append((r["suite"], r["label"], us, tf, _fmt(ours.get("pct_floor"), ".0f", ""),
+                      _fmt(r.get("speedup_vs_deepgemm"), ".2f", ""), _fmt(ours.get("host_us"), ".1f", ""),
+                      cu[0], cu[1], tr[0], tr[1], check))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    for line in (head, *lines):
+        print("  ".join(str(x).rjust(w) if i > 1 else str(x).ljust(w)
+                        for i, (x, w) in enumerate(zip(line, widths))), file=out)
+    print("(! = wrong result: calc_diff > %.0e against float64; vs DG = speedup over DeepGEMM's "
+          "ANCHORS.md time)" % WRONG_DIFF, file=out)
+
+
+def print_summary(summary: dict, out=sys.stdout) -> None:
+    parts = []
+    for peer in PEERS:
+        g = summary[peer]["geomean_pct_floor"]
+        parts.append(f"{PEER_TITLES[peer]} {_fmt(g, '.0f')}% of floor ({summary[peer]['rows']} rows)")
+    sp = summary["ours"]["geomean_speedup_vs_deepgemm"]
+    print("geomean: " + "; ".join(parts) + f"; ours vs DeepGEMM {_fmt(sp, '.2f')}x", file=out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plot (optional: matplotlib).
+# ---------------------------------------------------------------------------------------------
+def plot(rows: List[dict], path: str, title: str) -> Optional[str]:
+    """TFLOPS and % of the roofline floor against M, one column per (N, K). Returns a reason
+    when no plot was written."""
+    dense = [r for r in rows if r["suite"] == "dense"]
+    if not dense:
+        return "no dense rows to plot"
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed"
+    pairs = sorted({(r["n"], r["k"]) for r in dense}, key=lambda p: (p[1], p[0]))
+    fig, axes = plt.subplots(2, len(pairs), figsize=(3.4 * len(pairs), 6.4), squeeze=False)
+    styles = {"ours": ("C0", "-o"), "cublaslt": ("C1", "-s"), "triton": ("C2", "-^")}
+    for col, (n, k) in enumerate(pairs):
+        sel = sorted((r for r in dense if (r["n"], r["k"]) == (n, k)), key=lambda r: r["m"])
+        for peer, (color, style) in styles.items():
+            pts = [(r["m"], r["peers"][peer]) for r in sel if r["peers"].get(peer, {}).get("us")]
+            if pts:
+                ms = [m for m, _ in pts]
+                axes[0][col].plot(ms, [e["tflops"] for _, e in pts], style, color=color, label=PEER_TITLES[peer])
+                axes[1][col].plot(ms, [e["pct_floor"] for _, e in pts], style, color=color, label=PEER_TITLES[peer])
+        dg = [(r["m"], r["flops"] / r["deepgemm_us"] * 1e-6, 100 * r["floor_us"] / r["deepgemm_us"])
+              for r in sel if r.get("deepgemm_us")]
+        if dg:
+            axes[0][col].plot([d[0] for d in dg], [d[1] for d in dg], "--x", color="gray", label="DeepGEMM")
+            axes[1][col].plot([d[0] for d in dg], [d[2] for d in dg], "--x", color="gray", label="DeepGEMM")
+        axes[0][col].set_title(f"N={n}, K={k}", fontsize=9)
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("M")
+            ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("TFLOPS")
+    axes[1][0].set_ylabel("% of roofline floor")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Without a Hopper GPU: exercise the reference path on small shapes.
+# ---------------------------------------------------------------------------------------------
+def hopper_missing_reason() -> Optional[str]:
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            return "this torch was built without CUDA"
+        return "no CUDA device is visible"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != (9, 0):
+        return f"{torch.cuda.get_device_name()} is sm_{major}{minor}; the kernels need sm_90"
+    return None
+
+
+def run_reference_only(args) -> int:
+    from . import reference as ref
+    print("dense and grouped reference results (CPU) against a float64 product of the dequantized inputs:")
+    rows, bad = [], 0
+    gen = torch.Generator().manual_seed(0)
+
+    def record(label, fn, expect):
+        nonlocal bad
+        t0 = time.perf_counter()
+        got = fn()
+        ms = (time.perf_counter() - t0) * 1e3
+        diff, rel = ref.calc_diff(got, expect), ref.rel_error(got, expect)
+        ok = diff <= WRONG_DIFF
+        bad += not ok
+        rows.append({"label": label, "ms": ms, "diff": diff, "rel_error": rel, "ok": ok})
+        print(f"  {label:<34} {ms:8.1f} ms  calc_diff {diff:.1e}  rel_error {rel:.1e}  {'ok' if ok else 'WRONG'}")
+
+    dense = [(64, 256, 384), (33, 130, 200)] + ([] if args.quick else [(128, 512, 576)])
+    for m, n, k in dense:
+        a, sa = ref.per_token_cast_to_fp8(torch.randn(m, k, generator=gen))
+        b, sb = ref.per_block_cast_to_fp8(torch.randn(n, k, generator=gen))
+        record(f"dense {m}x{n}x{k}", lambda: ref.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb)), _ref64(a, sa, b, sb))
+
+    groups, n, k, align = 3, 192, 256, 128
+    counts = [int(torch.randint(1, align + 1, (1,), generator=gen)) for _ in range(groups)]
+    a, sa = ref.per_token_cast_to_fp8(torch.randn(groups * align, k, generator=gen))
+    b, sb = ref.per_block_cast_to_fp8(torch.randn(groups, n, k, generator=gen))
+    m_indices = torch.full((groups * align,), -1, dtype=torch.int32)
+    for g, c in enumerate(counts):
+        m_indices[g * align:g * align + c] = g
+    out = torch.zeros(groups * align, n, dtype=torch.bfloat16)
+    valid = m_indices >= 0
+    expect = torch.cat([_ref64(a[g * align:g * align + c], sa[g * align:g * align + c], b[g], sb[g])
+                        for g, c in enumerate(counts)])
+    record(f"contiguous {groups}x{align} {n}x{k}",
+           lambda: ref.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (b, sb), out, m_indices)[valid], expect)
+
+    max_m = 96
+    a, sa = ref.per_token_cast_to_fp8(torch.randn(groups, max_m, k, generator=gen))
+    masked = torch.tensor([int(torch.randint(0, max_m + 1, (1,), generator=gen)) for _ in range(groups)],
+                          dtype=torch.int32)
+    out = torch.zeros(groups, max_m, n, dtype=torch.bfloat16)
+    cnt = masked.tolist()
+    expect = torch.cat([_ref64(a[g, :c], sa[g, :c], b[g], sb[g]) for g, c in enumerate(cnt)])
+    record(f"masked {groups}x{max_m} {n}x{k}",
+           lambda: torch.cat([r[:c] for r, c in zip(
+               ref.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (b, sb), out, masked, 64), cnt)]), expect)
+
+    if args.json_given:
+        with open(args.json, "w") as f:
+            json.dump({"mode": "reference-only", "reason": args.no_hopper, "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 1 if bad else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI.
+# ---------------------------------------------------------------------------------------------
+def _parse_shape(text: str) -> tuple:
+    try:
+        m, n, k = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shape wants MxNxK (e.g. 128x7168x2048), got {text!r}")
+    if m < 0 or n < 1 or k < 1:
+        raise argparse.ArgumentTypeError(f"--shape wants M >= 0, N >= 1, K >= 1, got {text!r}")
+    return m, n, k
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m deep_gemm bench", description=__doc__.splitlines()[0])
+    p.add_argument("--suite", choices=("dense", "contiguous", "masked", "all"), default="all",
+                   help="which layouts to run (default: all)")
+    p.add_argument("--shape", type=_parse_shape, action="append", default=[], metavar="MxNxK",
+                   help="a dense shape to run instead of the ANCHORS.md ones (repeatable)")
+    p.add_argument("--iters", type=int, default=None, help=f"calls timed per shape (default {DEFAULT_ITERS})")
+    p.add_argument("--json", default=None, help="where to write the results (default bench.json)")
+    p.add_argument("--plot", default="bench.png", help="where to write the plot (default bench.png)")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
+    return p
+
+
+def _device_info() -> dict:
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    info = {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+            "cuda": torch.version.cuda}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    args.json_given = args.json is not None
+    args.json = args.json or "bench.json"
+    if args.shape and args.suite not in ("dense", "all"):
+        print("--shape gives dense shapes; use it with --suite dense", file=sys.stderr)
+        return 2
+    iters = args.iters or (QUICK_ITERS if args.quick else DEFAULT_ITERS)
+    if iters < 1:
+        print("--iters must be >= 1", file=sys.stderr)
+        return 2
+
+    args.no_hopper = hopper_missing_reason()
+    if args.no_hopper:
+        print(f"no Hopper GPU found ({args.no_hopper}): running the reference path on small shapes")
+        return run_reference_only(args)
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    info = _device_info()
+    suites = ["dense"] if args.shape else (["dense", "contiguous", "masked"] if args.suite == "all" else [args.suite])
+    from .baselines import cublas_form, triton_available
+    form, probe_log = cublas_form(device)
+    print(f"{info['gpu']} ({info['sms']} SMs), torch {info['torch']}, CUDA {info['cuda']}, "
+          f"triton {info['triton'] or 'missing'}; {iters} timed calls per shape, L2 flushed with "
+          f"{FLUSH_BYTES >> 20} MB before each")
+    print(f"cuBLASLt call: {form or 'n/a'}")
+    for line in probe_log:
+        print(f"  probe: {line}")
+    if not triton_available():
+        print("triton is not installed: the Triton column is n/a")
+
+    timer = Timer(device, iters)
+    rows = []
+    for suite in suites:
+        for build in suite_cases(suite, args.quick, args.shape):
+            problem = build(device)
+            row = measure(problem, timer)
+            rows.append(row)
+            ours = row["peers"]["ours"]
+            print(f"  {suite:<10} {problem.label:<24} ours {_fmt(ours.get('us'), '.1f', ours.get('status'))} µs",
+                  flush=True)
+            del problem
+            torch.cuda.empty_cache()
+
+    print()
+    print_table(rows)
+    summary = summarise(rows)
+    print_summary(summary)
+    with open(args.json, "w") as f:
+        json.dump({"device": info, "iters": iters, "host_calls": HOST_CALLS, "flush_bytes": FLUSH_BYTES,
+                   "ceilings": {"hbm_bytes_per_s": HBM_BYTES_PER_S, "fp8_flops_per_s": FP8_FLOPS_PER_S},
+                   "cublaslt_form": form, "cublaslt_probe": probe_log,
+                   "rows": rows, "summary": summary}, f, indent=1)
+    print(f"wrote {args.json}")
+    why = plot(rows, args.plot, f"{info['gpu']}: ours vs cuBLASLt vs Triton (FP8 1x128 / 128x128 scaling)")
+    print(f"wrote {args.plot}" if why is None else f"no plot: {why}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

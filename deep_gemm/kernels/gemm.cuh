@@ -1,0 +1,266 @@
+// The FP8 GEMM: out[m, n] = sum_k A[m, k] B[n, k] sa[m, k/128] sb[n/128, k/128].
+//
+// Persistent and warp-specialised.  Warpgroup 0 produces: one thread issues
+// TMA loads of A, B and A's scales into a NUM_STAGES ring of shared memory.
+// Warpgroups 1..BLOCK_M/64 consume: each multiplies 64 rows of the tile with
+// wgmma (fp8 in, fp32 out) one 128-K block at a time, then promotes the block's
+// result into fp32 accumulators with both scales applied ("promotion every
+// 128 K").  The epilogue writes bf16 through shared memory and a TMA store that
+// overlaps the next tile's main loop.
+//
+// Compile-time constants (SHAPE_N, SHAPE_K, BLOCK_M, BLOCK_N, BLOCK_K,
+// NUM_STAGES, LAYOUT, NUM_GROUPS, RASTER_GROUP, STORE_CHUNK_COLS) and the
+// function `wgmma_m64k32<BLOCK_N>` are defined by the generated source before
+// this header is included (see deep_gemm/jit/kernel_source.py).
+#pragma once
+#include "ptx.cuh"
+#include "scheduler.cuh"
+
+namespace gemm {
+
+constexpr int kNumMathWarpgroups = BLOCK_M / 64;
+constexpr int kNumThreads = 128 * (1 + kNumMathWarpgroups);
+constexpr int kNumKBlocks = (SHAPE_K + BLOCK_K - 1) / BLOCK_K;
+constexpr int kAccRegs = BLOCK_N / 2;                  // fp32 accumulators per thread
+constexpr int kTileBytesA = BLOCK_M * BLOCK_K;         // fp8
+constexpr int kTileBytesB = BLOCK_N * BLOCK_K;
+constexpr int kTileBytesSA = BLOCK_M * 4;
+constexpr int kStageBytes = kTileBytesA + kTileBytesB + kTileBytesSA;
+constexpr int kOutChunkBytesPerRow = STORE_CHUNK_COLS * 2;
+constexpr int kNumOutChunks = BLOCK_N / STORE_CHUNK_COLS;
+constexpr int kTileBytesOut = BLOCK_M * BLOCK_N * 2;
+// A tile spans at most two 128-column scale blocks of B (the planner keeps
+// BLOCK_N <= 128 + gcd(BLOCK_N, 128)); when BLOCK_N divides 128 it spans one.
+constexpr bool kOneScaleB = (128 % BLOCK_N) == 0;
+constexpr int kNumScaleBRows = (SHAPE_N + 127) / 128;
+
+// Registers: the producer needs few; the consumers hold two fp32 tiles.
+constexpr uint32_t kProducerRegs = 40;
+constexpr uint32_t kConsumerRegs = kNumMathWarpgroups == 2 ? 232 : 240;
+
+static_assert(BLOCK_M == 64 || BLOCK_M == 128, "BLOCK_M must be 64 or 128");
+static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "BLOCK_N must be a multiple of 16 up to 256");
+static_assert(BLOCK_K == 128, "one 128-byte swizzled row per K block");
+static_assert(BLOCK_N % STORE_CHUNK_COLS == 0, "store chunks must tile BLOCK_N");
+
+using Scheduler = TileScheduler<LAYOUT, BLOCK_M, BLOCK_N, SHAPE_N, NUM_GROUPS, RASTER_GROUP>;
+
+// Byte offset of (row, 16-byte column chunk) inside one output chunk buffer,
+// with the swizzle TMA applies for rows of kOutChunkBytesPerRow bytes: the
+// 16-byte unit index is XORed with the row's position in its 8-row group
+// (bits [4, 7) ^= bits [7, 10) of the offset, masked to the row width).
+DG_DEVICE uint32_t out_swizzled_offset(uint32_t row, uint32_t col16) {
+    constexpr uint32_t kUnitsPerRow = kOutChunkBytesPerRow / 16;
+    const uint32_t offset = row * kOutChunkBytesPerRow + col16 * 16;
+    return offset ^ (((offset >> 7) & (kUnitsPerRow - 1)) << 4);
+}
+
+// Shared memory: [out tile][A ring][B ring][A-scale ring][full barriers][empty barriers].
+// Stage addresses are computed, not stored in arrays: a run-time index into a
+// pointer array would put it in local memory.
+struct SharedStorage {
+    uint8_t* out;  // kNumOutChunks x [BLOCK_M][STORE_CHUNK_COLS] bf16, swizzled
+    uint8_t* ring_a;
+    uint8_t* ring_b;
+    float* ring_sa;
+    uint64_t* full;
+    uint64_t* empty;
+
+    DG_DEVICE explicit SharedStorage(uint8_t* raw) {
+        // 128-byte swizzle works on absolute address bits: 1024-byte align.
+        out = reinterpret_cast<uint8_t*>((reinterpret_cast<uint64_t>(raw) + 1023) & ~uint64_t(1023));
+        ring_a = out + kTileBytesOut;
+        ring_b = ring_a + NUM_STAGES * kTileBytesA;
+        ring_sa = reinterpret_cast<float*>(ring_b + NUM_STAGES * kTileBytesB);
+        full = reinterpret_cast<uint64_t*>(ring_sa + NUM_STAGES * BLOCK_M);
+        empty = full + NUM_STAGES;
+    }
+    DG_DEVICE uint8_t* a(int32_t stage) const { return ring_a + stage * kTileBytesA; }
+    DG_DEVICE uint8_t* b(int32_t stage) const { return ring_b + stage * kTileBytesB; }
+    DG_DEVICE float* sa(int32_t stage) const { return ring_sa + stage * BLOCK_M; }
+};
+
+// Position in the ring: stage index and the parity of its current fill.
+struct RingCursor {
+    int32_t stage = 0;
+    uint32_t phase = 0;
+    DG_DEVICE void advance() {
+        if (++stage == NUM_STAGES) {
+            stage = 0;
+            phase ^= 1;
+        }
+    }
+};
+
+DG_DEVICE void produce(const TmaDescriptor* tma_a, const TmaDescriptor* tma_b, const TmaDescriptor* tma_sa,
+                       SharedStorage& smem, int32_t shape_m, const int32_t* group_info) {
+    Scheduler scheduler(shape_m, group_info);
+    RingCursor ring;
+    Tile tile;
+    while (scheduler.next(tile)) {
+        const int32_t b_row = tile.group * SHAPE_N + tile.n_block * BLOCK_N;
+        // A's scales are [KB][aligned rows] per group; see ops for the 2-D view.
+        const int32_t sa_row = LAYOUT == kMasked ? tile.m_block * BLOCK_M : tile.row_begin;
+        const int32_t sa_kb_base = LAYOUT == kMasked ? tile.group * kNumKBlocks : 0;
+        for (int32_t kb = 0; kb < kNumKBlocks; ++kb) {
+            // First pass over the ring: the parity trick makes this wait return at once.
+            ptx::mbarrier_wait(&smem.empty[ring.stage], ring.phase ^ 1);
+            uint64_t* full = &smem.full[ring.stage];
+            ptx::mbarrier_arrive_expect_tx(full, kStageBytes);
+            ptx::tma_load_2d(smem.a(ring.stage), tma_a, full, kb * BLOCK_K, tile.row_begin);
+            ptx::tma_load_2d(smem.sa(ring.stage), tma_sa, full, sa_row, sa_kb_base + kb);
+            ptx::tma_load_2d(smem.b(ring.stage), tma_b, full, kb * BLOCK_K, b_row);
+            ring.advance();
+        }
+    }
+}
+
+// Writes this warpgroup's 64 rows of the finished tile: fp32 registers ->
+// bf16 in swizzled shared memory (stmatrix) -> TMA store, which runs on while
+// the next tile's main loop starts.  A masked group's last tile has rows that
+// must stay untouched; it is copied row by row instead of with the TMA box.
+DG_DEVICE void store_tile(const float (&acc)[kAccRegs], const Tile& tile, const TmaDescriptor* tma_out,
+                          uint8_t* smem_out, uint8_t* out, int32_t out_ld_bytes) {
+    const uint32_t wg = threadIdx.x / 128 - 1;
+    const uint32_t t = threadIdx.x % 128;
+    const uint32_t warp = t / 32, lane = t % 32;
+    const int32_t n0 = tile.n_block * BLOCK_N;
+    constexpr uint32_t kChunkBytes = BLOCK_M * kOutChunkBytesPerRow;
+
+    // The previous tile's store must have finished reading the buffer.
+    if (t == 0) ptx::tma_store_wait_read();
+    ptx::named_barrier(1 + wg, 128);
+
+    // stmatrix.x4 writes two 8-column groups of 16 rows: matrix j = lane / 8
+    // holds rows (j % 2) * 8 .. +8 of column group i + j / 2.
+    const uint32_t j = lane / 8;
+    const uint32_t row = wg * 64 + warp * 16 + (j % 2) * 8 + lane % 8;
+#pragma unroll
+    for (int i = 0; i < BLOCK_N / 8; i += 2) {
+        const uint32_t col = (i + j / 2) * 8;
+        const uint32_t addr = ptx::smem_addr(smem_out) + (col / STORE_CHUNK_COLS) * kChunkBytes +
+                              out_swizzled_offset(row, (col % STORE_CHUNK_COLS) / 8);
+        ptx::stmatrix_x4(addr, ptx::pack_bf16x2(acc[4 * i + 0], acc[4 * i + 1]),
+                         ptx::pack_bf16x2(acc[4 * i + 2], acc[4 * i + 3]),
+                         ptx::pack_bf16x2(acc[4 * i + 4], acc[4 * i + 5]),
+                         ptx::pack_bf16x2(acc[4 * i + 6], acc[4 * i + 7]));
+    }
+    ptx::fence_proxy_async_shared();
+    ptx::named_barrier(1 + wg, 128);
+
+    if (LAYOUT != kMasked || tile.rows_valid >= BLOCK_M) {
+        if (t == 0) {
+#pragma unroll
+            for (int c = 0; c < kNumOutChunks; ++c)
+                ptx::tma_store_2d(tma_out, smem_out + c * kChunkBytes + wg * 64 * kOutChunkBytesPerRow,
+                                  n0 + c * STORE_CHUNK_COLS, tile.row_begin + wg * 64);
+            ptx::tma_store_commit();
+        }
+        return;
+    }
+    const int32_t rows_here = min(64, tile.rows_valid - int32_t(wg) * 64);
+    constexpr int32_t kUnitsPerRow = BLOCK_N / 8;  // 16-byte units
+    for (int32_t idx = t; idx < rows_here * kUnitsPerRow; idx += 128) {
+        const int32_t r = idx / kUnitsPerRow, col = (idx % kUnitsPerRow) * 8;
+        if (n0 + col >= SHAPE_N) continue;
+        const uint8_t* src = smem_out + (col / STORE_CHUNK_COLS) * kChunkBytes +
+                             out_swizzled_offset(wg * 64 + r, (col % STORE_CHUNK_COLS) / 8);
+        uint8_t* dst = out + int64_t(tile.row_begin + wg * 64 + r) * out_ld_bytes + int64_t(n0 + col) * 2;
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    }
+}
+
+DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const float* sb, uint8_t* out,
+                       int32_t out_ld_bytes, int32_t shape_m, const int32_t* group_info) {
+    const uint32_t wg = threadIdx.x / 128 - 1;
+    const uint32_t warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
+    // This thread's accumulators cover tile rows r and r + 8 (wgmma's layout).
+    const uint32_t r = wg * 64 + warp * 16 + lane / 4;
+
+    Scheduler scheduler(shape_m, group_info);
+    RingCursor ring;
+    Tile tile;
+    float acc[kAccRegs];
+    float part[kAccRegs];
+    while (scheduler.next(tile)) {
+        const int32_t n0 = tile.n_block * BLOCK_N;
+        const float* sb_first = sb + (int64_t(tile.group) * kNumScaleBRows + n0 / 128) * kNumKBlocks;
+        // Columns from `split` on belong to the next 128-column scale block.
+        const int32_t split = kOneScaleB ? BLOCK_N : min(128 - n0 % 128, BLOCK_N);
+        const bool has_second = split < BLOCK_N && n0 / 128 + 1 < kNumScaleBRows;
+        const float* sb_second = has_second ? sb_first + kNumKBlocks : sb_first;
+
+#pragma unroll
+        for (int i = 0; i < kAccRegs; ++i) acc[i] = 0.f;
+
+        for (int32_t kb = 0; kb < kNumKBlocks; ++kb) {
+            // Scale loads go out before the wait so their latency hides behind it.
+            const float sb0 = ptx::ldg_float(sb_first + kb);
+            const float sb1 = kOneScaleB ? sb0 : ptx::ldg_float(sb_second + kb);
+            ptx::mbarrier_wait(&smem.full[ring.stage], ring.phase);
+            const float sa0 = smem.sa(ring.stage)[r];
+            const float sa1 = smem.sa(ring.stage)[r + 8];
+
+            const uint64_t desc_a = ptx::make_smem_desc_k128_sw128(smem.a(ring.stage) + wg * 64 * BLOCK_K);
+            const uint64_t desc_b = ptx::make_smem_desc_k128_sw128(smem.b(ring.stage));
+#pragma unroll
+            for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
+            ptx::wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BLOCK_K / 32; ++kk)  // 32 fp8 = 32 bytes of the swizzled row
+                wgmma_m64k32(part, desc_a + kk * (32 >> 4), desc_b + kk * (32 >> 4), kk > 0);
+            ptx::wgmma_commit();
+            ptx::wgmma_wait<0>();
+#pragma unroll
+            for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
+            if (lane == 0) ptx::mbarrier_arrive(&smem.empty[ring.stage]);
+            ring.advance();
+
+            const float s00 = sa0 * sb0, s01 = sa0 * sb1, s10 = sa1 * sb0, s11 = sa1 * sb1;
+#pragma unroll
+            for (int i = 0; i < BLOCK_N / 8; ++i) {
+                // split is a multiple of 16, so a whole 8-column group shares one scale.
+                const bool second = !kOneScaleB && i * 8 >= split;
+                const float top = second ? s01 : s00, bottom = second ? s11 : s10;
+                acc[4 * i + 0] += part[4 * i + 0] * top;
+                acc[4 * i + 1] += part[4 * i + 1] * top;
+                acc[4 * i + 2] += part[4 * i + 2] * bottom;
+                acc[4 * i + 3] += part[4 * i + 3] * bottom;
+            }
+        }
+        store_tile(acc, tile, tma_out, smem.out, out, out_ld_bytes);
+    }
+    if (threadIdx.x % 128 == 0) ptx::tma_store_wait_all();
+}
+
+}  // namespace gemm
+
+extern "C" __global__ void __launch_bounds__(gemm::kNumThreads, 1)
+    deep_gemm_fp8_gemm(const __grid_constant__ TmaDescriptor tma_a, const __grid_constant__ TmaDescriptor tma_b,
+                       const __grid_constant__ TmaDescriptor tma_sa, const __grid_constant__ TmaDescriptor tma_out,
+                       const float* sb, uint8_t* out, int32_t out_ld_bytes, int32_t shape_m,
+                       const int32_t* group_info) {
+    using namespace gemm;
+    extern __shared__ uint8_t smem_raw[];
+    SharedStorage smem(smem_raw);
+    if (threadIdx.x == 0) {
+        ptx::prefetch_tma_descriptor(&tma_a);
+        ptx::prefetch_tma_descriptor(&tma_b);
+        ptx::prefetch_tma_descriptor(&tma_sa);
+        ptx::prefetch_tma_descriptor(&tma_out);
+        for (int s = 0; s < NUM_STAGES; ++s) {
+            ptx::mbarrier_init(&smem.full[s], 1);
+            ptx::mbarrier_init(&smem.empty[s], kNumMathWarpgroups * 4);  // one arrive per math warp
+        }
+        ptx::fence_barrier_init();
+    }
+    __syncthreads();
+
+    if (threadIdx.x < 128) {
+        ptx::setmaxnreg_dec<kProducerRegs>();
+        if (threadIdx.x == 0) produce(&tma_a, &tma_b, &tma_sa, smem, shape_m, group_info);
+    } else {
+        ptx::setmaxnreg_inc<kConsumerRegs>();
+        consume(&tma_out, smem, sb, out, out_ld_bytes, shape_m, group_info);
+    }
+}

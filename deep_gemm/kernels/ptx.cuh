@@ -1,0 +1,162 @@
+// Thin wrappers over the Hopper PTX instructions the GEMM needs.
+// No CUDA header is included: NVRTC ships none of the runtime headers, and
+// every instruction here is written as inline PTX so the code compiles the same
+// under NVRTC and nvcc.
+#pragma once
+
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef int int32_t;
+typedef unsigned long long uint64_t;
+typedef long long int64_t;
+
+#define DG_DEVICE __device__ __forceinline__
+
+// A CUtensorMap as the driver encodes it: 128 opaque bytes, 64-byte aligned.
+struct alignas(64) TmaDescriptor {
+    uint64_t opaque[16];
+};
+
+namespace ptx {
+
+DG_DEVICE uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+DG_DEVICE uint32_t warp_index() {
+    // Broadcast from lane 0 so the compiler knows the value is warp-uniform.
+    return __shfl_sync(0xffffffffu, threadIdx.x / 32, 0);
+}
+
+DG_DEVICE uint32_t lane_index() { return threadIdx.x % 32; }
+
+// ---- registers -----------------------------------------------------------------
+template <uint32_t kRegs> DG_DEVICE void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+template <uint32_t kRegs> DG_DEVICE void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
+// ---- barriers --------------------------------------------------------------------
+// Named barrier among `count` threads (a multiple of 32); id 0 is __syncthreads.
+DG_DEVICE void named_barrier(uint32_t id, uint32_t count) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+DG_DEVICE void mbarrier_init(uint64_t* bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count));
+}
+
+// Makes the initialised barriers visible to the async proxy (TMA) and the cluster.
+DG_DEVICE void fence_barrier_init() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+DG_DEVICE void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+    asm volatile(
+        "{\n"
+        ".reg .pred done;\n"
+        "WAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT_%=;\n"
+        "}\n" ::"r"(smem_addr(bar)),
+        "r"(parity)
+        : "memory");
+}
+
+DG_DEVICE void mbarrier_arrive(uint64_t* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+
+DG_DEVICE void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+                 : "memory");
+}
+
+// ---- TMA -------------------------------------------------------------------------
+DG_DEVICE void prefetch_tma_descriptor(const TmaDescriptor* desc) {
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(desc)) : "memory");
+}
+
+// 2-D tile load global -> shared, completing `bar` with the tile's byte count.
+DG_DEVICE void tma_load_2d(void* dst, const TmaDescriptor* desc, uint64_t* bar, int32_t c0, int32_t c1) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%3, %4}], [%2];\n" ::"r"(smem_addr(dst)),
+        "l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(bar)), "r"(c0), "r"(c1)
+        : "memory");
+}
+
+// 2-D tile store shared -> global; out-of-bounds parts of the box are clipped.
+DG_DEVICE void tma_store_2d(const TmaDescriptor* desc, const void* src, int32_t c0, int32_t c1) {
+    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"(
+                     reinterpret_cast<uint64_t>(desc)),
+                 "r"(smem_addr(src)), "r"(c0), "r"(c1)
+                 : "memory");
+}
+
+DG_DEVICE void tma_store_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+
+// Wait until the committed stores have finished reading shared memory.
+DG_DEVICE void tma_store_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+
+// Wait until the committed stores are complete (before the block exits).
+DG_DEVICE void tma_store_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+
+// Orders this thread's ordinary shared-memory writes before later async-proxy
+// (TMA, wgmma) reads of the same memory.
+DG_DEVICE void fence_proxy_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// ---- wgmma -----------------------------------------------------------------------
+DG_DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+DG_DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int kPending> DG_DEVICE void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Keeps the compiler from moving reads of an accumulator register across the
+// asynchronous wgmma (which it cannot see writing the register).
+DG_DEVICE void fence_register(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+// Shared-memory matrix descriptor for a K-major tile whose rows are 128 bytes
+// (128 fp8 values of K) stored with the 128-byte swizzle, as TMA writes it.
+// Start address, leading and stride byte offsets are in 16-byte units; the
+// stride between groups of 8 rows is 8 * 128 = 1024 bytes.  The tile base must
+// be 1024-byte aligned so base_offset can stay 0.
+DG_DEVICE uint64_t make_smem_desc_k128_sw128(const void* tile) {
+    const uint64_t start = (smem_addr(tile) & 0x3FFFFu) >> 4;
+    const uint64_t leading = 1;               // unused for swizzled K-major layouts
+    const uint64_t stride = 1024 >> 4;
+    const uint64_t swizzle_128b = 1;          // layout type field (bits 62-63)
+    return start | (leading << 16) | (stride << 32) | (swizzle_128b << 62);
+}
+
+// ---- epilogue helpers ----------------------------------------------------------------
+DG_DEVICE uint32_t pack_bf16x2(float lo, float hi) {
+    uint32_t packed;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(packed) : "f"(hi), "f"(lo));
+    return packed;
+}
+
+// Stores four 8x8 b16 matrices; lane i supplies the address of row i%8 of matrix i/8.
+DG_DEVICE void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+    asm volatile("stmatrix.sync.aligned.x4.m8n8.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0),
+                 "r"(r1), "r"(r2), "r"(r3)
+                 : "memory");
+}
+
+DG_DEVICE float ldg_float(const float* p) {
+    float v;
+    asm volatile("ld.global.nc.f32 %0, [%1];\n" : "=f"(v) : "l"(p));
+    return v;
+}
+
+DG_DEVICE int32_t ldg_int(const int32_t* p) {
+    int32_t v;
+    asm volatile("ld.global.nc.s32 %0, [%1];\n" : "=r"(v) : "l"(p));
+    return v;
+}
+
+}  // namespace ptx

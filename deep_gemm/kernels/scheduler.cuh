@@ -1,0 +1,97 @@
+// Maps a persistent block's sequence of linear tile indices to output tiles,
+// for all three layouts.  The producer and the consumers of a block each run
+// their own copy; both see the same sequence because it depends only on the
+// block index and on kernel arguments.
+#pragma once
+#include "ptx.cuh"
+
+enum GemmLayout : int { kDense = 0, kContiguous = 1, kMasked = 2 };
+
+struct Tile {
+    int32_t m_block;     // M block inside the group (masked) or the whole M (dense, contiguous)
+    int32_t n_block;
+    int32_t group;       // expert whose weights this tile multiplies
+    int32_t row_begin;   // first row of A / D this tile covers (as rows of the 2-D views)
+    int32_t rows_valid;  // rows of the tile that hold real output (<= BLOCK_M)
+};
+
+template <int kLayout, int kBlockM, int kBlockN, int kShapeN, int kNumGroups, int kRasterGroup>
+struct TileScheduler {
+    static constexpr int kNumNBlocks = (kShapeN + kBlockN - 1) / kBlockN;
+
+    // Dense / contiguous: M is the number of rows of A.  Masked: M is max_m
+    // (rows per group), and group_info holds masked_m[G].  Contiguous:
+    // group_info holds m_indices[M].
+    const int32_t shape_m;
+    const int32_t* group_info;
+    int32_t next_tile;
+
+    // Masked layout: cursor over the groups (tile indices only grow).
+    int32_t cursor_group = 0;
+    int32_t cursor_first_tile = 0;
+    int32_t cursor_m_blocks = 0;
+
+    DG_DEVICE TileScheduler(int32_t m, const int32_t* info) : shape_m(m), group_info(info) {
+        next_tile = blockIdx.x;
+        if (kLayout == kMasked) cursor_m_blocks = masked_m_blocks(0);
+    }
+
+    DG_DEVICE int32_t masked_m_blocks(int32_t g) const {
+        const int32_t rows = min(max(ptx::ldg_int(group_info + g), 0), shape_m);
+        return (rows + kBlockM - 1) / kBlockM;
+    }
+
+    // Rasterisation: tiles walk the M blocks of a band of kRasterGroup M blocks
+    // before moving to the next N block, so a wave of blocks shares few A and
+    // B tiles in L2.
+    DG_DEVICE static void raster(int32_t t, int32_t num_m_blocks, int32_t& m_block, int32_t& n_block) {
+        const int32_t band_tiles = kRasterGroup * kNumNBlocks;
+        const int32_t band = t / band_tiles;
+        const int32_t first_m = band * kRasterGroup;
+        const int32_t band_m = min(kRasterGroup, num_m_blocks - first_m);
+        const int32_t in_band = t - band * band_tiles;
+        m_block = first_m + in_band % band_m;
+        n_block = in_band / band_m;
+    }
+
+    // Next tile of this block, or false when the block is done.  Tiles with
+    // nothing to compute (contiguous padding, bad expert indices) are skipped
+    // here so the producer and consumers skip them alike.
+    DG_DEVICE bool next(Tile& tile) {
+        while (true) {
+            const int32_t t = next_tile;
+            next_tile += gridDim.x;
+            if (kLayout == kMasked) {
+                if (!next_masked(t, tile)) return false;
+                return true;
+            }
+            const int32_t num_m_blocks = (shape_m + kBlockM - 1) / kBlockM;
+            if (t >= num_m_blocks * kNumNBlocks) return false;
+            raster(t, num_m_blocks, tile.m_block, tile.n_block);
+            tile.row_begin = tile.m_block * kBlockM;
+            tile.rows_valid = min(kBlockM, shape_m - tile.row_begin);
+            tile.group = 0;
+            if (kLayout == kContiguous) {
+                // Every row of an aligned block belongs to one expert (or is padding).
+                tile.group = ptx::ldg_int(group_info + tile.row_begin);
+                if (tile.group < 0 || tile.group >= kNumGroups) continue;
+            }
+            return true;
+        }
+    }
+
+    DG_DEVICE bool next_masked(int32_t t, Tile& tile) {
+        // Advance the cursor to the group holding tile t.
+        while (t >= cursor_first_tile + cursor_m_blocks * kNumNBlocks) {
+            cursor_first_tile += cursor_m_blocks * kNumNBlocks;
+            if (++cursor_group >= kNumGroups) return false;
+            cursor_m_blocks = masked_m_blocks(cursor_group);
+        }
+        raster(t - cursor_first_tile, cursor_m_blocks, tile.m_block, tile.n_block);
+        const int32_t rows = min(max(ptx::ldg_int(group_info + cursor_group), 0), shape_m);
+        tile.group = cursor_group;
+        tile.row_begin = cursor_group * shape_m + tile.m_block * kBlockM;
+        tile.rows_valid = min(kBlockM, rows - tile.m_block * kBlockM);
+        return true;
+    }
+};

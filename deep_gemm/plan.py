@@ -1,0 +1,141 @@
+"""Planner: problem shape -> KernelConfig.
+
+Pure Python (no torch, no CUDA) so it can be unit-tested on any machine.
+Everything that is a compile-time constant of the kernel lives in KernelConfig;
+M (and for grouped layouts the per-group sizes) is always a run-time value.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+BLOCK_K = 128                      # one scale block of K; a 128B-swizzled fp8 row
+SMEM_CAPACITY = 232448             # bytes of dynamic shared memory per block on sm_90
+SMEM_RESERVED = 1024               # alignment slack for the 1024-byte aligned tiles
+M_ALIGNMENT_CONTIGUOUS = 128       # rows of one expert block in the contiguous layout
+
+LAYOUT_DENSE = 0
+LAYOUT_CONTIGUOUS = 1
+LAYOUT_MASKED = 2
+LAYOUT_NAMES = {LAYOUT_DENSE: "dense", LAYOUT_CONTIGUOUS: "contiguous", LAYOUT_MASKED: "masked"}
+
+
+def ceil_div(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Compile-time description of one GEMM kernel variant."""
+    n: int                      # columns of the output (weights' rows)
+    k: int                      # reduction length
+    block_m: int                # 64 (one math warpgroup) or 128 (two)
+    block_n: int                # multiple of 16, <= 256
+    num_stages: int             # depth of the shared-memory ring
+    layout: int = LAYOUT_DENSE
+    num_groups: int = 1
+    raster_group: int = 16      # tiles of this many M blocks sweep N together (L2 reuse)
+    block_k: int = field(default=BLOCK_K)
+
+    @property
+    def num_math_warpgroups(self) -> int:
+        return self.block_m // 64
+
+    @property
+    def num_threads(self) -> int:
+        return 128 * (1 + self.num_math_warpgroups)
+
+    @property
+    def num_k_blocks(self) -> int:
+        return ceil_div(self.k, self.block_k)
+
+    @property
+    def smem_bytes(self) -> int:
+        return smem_bytes(self.block_m, self.block_n, self.num_stages)
+
+    def constants(self) -> dict:
+        """Values the kernel source sees as constexpr (see kernels/gemm.cuh)."""
+        return {
+            "SHAPE_N": self.n,
+            "SHAPE_K": self.k,
+            "BLOCK_M": self.block_m,
+            "BLOCK_N": self.block_n,
+            "BLOCK_K": self.block_k,
+            "NUM_STAGES": self.num_stages,
+            "LAYOUT": self.layout,
+            "NUM_GROUPS": self.num_groups,
+            "RASTER_GROUP": self.raster_group,
+        }
+
+    @property
+    def name(self) -> str:
+        return (f"gemm_{LAYOUT_NAMES[self.layout]}_n{self.n}_k{self.k}_g{self.num_groups}"
+                f"_bm{self.block_m}_bn{self.block_n}_s{self.num_stages}_r{self.raster_group}")
+
+
+def store_chunk_cols(block_n: int) -> int:
+    """Width (columns) of one swizzled TMA-store chunk of the output tile."""
+    for cols in (64, 32, 16):
+        if block_n % cols == 0:
+            return cols
+    raise ValueError(f"block_n={block_n} must be a multiple of 16")
+
+
+def smem_bytes(block_m: int, block_n: int, num_stages: int) -> int:
+    per_stage = block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4   # A, B, A's scales
+    out_tile = block_m * block_n * 2                                  # bf16 epilogue buffer
+    barriers = num_stages * 2 * 8
+    return SMEM_RESERVED + out_tile + num_stages * per_stage + barriers
+
+
+# ---- choosing a config ------------------------------------------------------------------
+
+def valid_block_n(block_n: int) -> bool:
+    """BLOCK_N the kernel supports: a tile may span at most two 128-column scale blocks
+    of B, which holds when BLOCK_N <= 128 + gcd(BLOCK_N, 128)."""
+    if block_n % 16 or not 16 <= block_n <= 256:
+        return False
+    from math import gcd
+    return block_n <= 128 + gcd(block_n, 128)
+
+
+# Largest BLOCK_N whose two fp32 register tiles fit without spilling (checked by
+# tests/test_compile.py for every variant the planner can return).
+MAX_BLOCK_N = {64: 192, 128: 160}
+BLOCK_N_CANDIDATES = tuple(bn for bn in range(16, 257, 16) if valid_block_n(bn))
+
+
+def max_stages(block_m: int, block_n: int, capacity: int = SMEM_CAPACITY, cap: int = 8) -> int:
+    stages = cap
+    while stages > 1 and smem_bytes(block_m, block_n, stages) > capacity:
+        stages -= 1
+    return stages
+
+
+def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
+               num_groups: int = 1) -> KernelConfig:
+    """Pick the tile shape that finishes in the fewest waves, then the widest tile.
+
+    Deterministic; DG_PRINT_CONFIGS=1 prints the choice.
+    """
+    block_m = 64 if m <= 64 else 128
+    rows = max(m, 1)
+    best = None
+    for block_n in BLOCK_N_CANDIDATES:
+        if block_n > MAX_BLOCK_N[block_m]:
+            continue
+        tiles = ceil_div(rows, block_m) * ceil_div(n, block_n) * (num_groups if layout == LAYOUT_MASKED else 1)
+        waves = ceil_div(tiles, num_sms)
+        # Time of the busiest SM: waves x per-tile time, where a tile costs its
+        # columns plus a fixed share (A's loads, promotion, epilogue) worth
+        # about 48 columns; ties go to the wider tile.
+        key = (waves * (block_n + 48), -block_n)
+        if best is None or key < best[0]:
+            best = (key, block_n)
+    block_n = best[1]
+    config = KernelConfig(n=n, k=k, block_m=block_m, block_n=block_n,
+                          num_stages=max_stages(block_m, block_n), layout=layout,
+                          num_groups=num_groups)
+    if os.environ.get("DG_PRINT_CONFIGS"):
+        print(f"deep_gemm: M={m} N={n} K={k} -> {config.name} ({config.smem_bytes} B smem)")
+    return config

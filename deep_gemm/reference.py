@@ -1,0 +1,187 @@
+"""Plain-torch semantics of every public operation (any device).
+
+This is the oracle for the tests and the path taken where no Hopper GPU is present. It favours
+clarity over speed; the only concession is computing in float32 (float64 where float32 matmul
+would silently drop to TF32/bf16 precision).
+"""
+from __future__ import annotations
+
+import torch
+
+from .utils import get_col_major_tma_aligned_tensor
+
+BLOCK = 128                 # scale granularity along K (and along N for the weights)
+FP8_MAX = 448.0             # largest finite float8_e4m3fn value
+AMAX_FLOOR = 1e-4           # keeps all-zero blocks from producing a zero (then inf) scale
+_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _check_cast_input(x, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _INPUT_DTYPES:
+        raise TypeError(f"{name} must be bfloat16, float16 or float32, got {x.dtype}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"{name} must be 2-D or 3-D (a leading group dimension), got shape {tuple(x.shape)}")
+    if x.shape[-1] < 1:
+        raise ValueError(f"{name} must have K >= 1 columns, got shape {tuple(x.shape)}")
+
+
+def _pad_last(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Zero-pad dimension `dim` of x up to a multiple of BLOCK (zeros never raise an amax)."""
+    size = x.shape[dim]
+    pad = -size % BLOCK
+    if pad == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = pad
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+def _to_e4m3(x: torch.Tensor) -> torch.Tensor:
+    # x / scale can land a rounding error above 448; the clamp keeps it finite and is otherwise a no-op.
+    return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def per_token_cast_to_fp8(x: torch.Tensor):
+    """Quantise activations per 1x128 block.
+
+    x: [M, K] or [G, M, K] (bf16/fp16/fp32), any K >= 1.
+    Returns (q, scales): q float8_e4m3fn of x's shape; scales float32 [..., M, ceil(K/128)] in the
+    column-major TMA-aligned layout, with x ~= q * scales (broadcast over each 128-wide block).
+    """
+    _check_cast_input(x, "x")
+    k = x.shape[-1]
+    xp = _pad_last(x.float(), -1)
+    blocks = xp.unflatten(-1, (-1, BLOCK))                      # [..., M, KB, 128]
+    amax = blocks.abs().amax(dim=-1).clamp(min=AMAX_FLOOR)     # [..., M, KB]
+    scales = amax / FP8_MAX
+    q = _to_e4m3(blocks / scales.unsqueeze(-1)).flatten(-2)[..., :k].contiguous()
+    return q, get_col_major_tma_aligned_tensor(scales)
+
+
+def per_block_cast_to_fp8(x: torch.Tensor):
+    """Quantise weights per 128x128 block.
+
+    x: [N, K] or [G, N, K] (bf16/fp16/fp32), any N, K >= 1.
+    Returns (q, scales): q float8_e4m3fn of x's shape; scales float32 [..., ceil(N/128), ceil(K/128)],
+    row-major contiguous.
+    """
+    _check_cast_input(x, "x")
+    n, k = x.shape[-2], x.shape[-1]
+    xp = _pad_last(_pad_last(x.float(), -1), -2)
+    lead = xp.shape[:-2]
+    blocks = xp.reshape(*lead, xp.shape[-2] // BLOCK, BLOCK, xp.shape[-1] // BLOCK, BLOCK)
+    amax = blocks.abs().amax(dim=(-3, -1)).clamp(min=AMAX_FLOOR)       # [..., NB, KB]
+    scales = amax / FP8_MAX
+    q = _to_e4m3(blocks / scales[..., :, None, :, None]).reshape(xp.shape)
+    return q[..., :n, :k].contiguous(), scales.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dequantisation.
+# ---------------------------------------------------------------------------------------------
+def _expand(scales: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    return scales.repeat_interleave(BLOCK, dim=dim).narrow(dim, 0, size)
+
+
+def dequantize_lhs(a: torch.Tensor, sa: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """a [..., M, K] fp8 with sa [..., M, ceil(K/128)] (any strides) -> a * sa in `dtype`."""
+    k = a.shape[-1]
+    if sa.shape[:-1] != a.shape[:-1] or sa.shape[-1] != -(-k // BLOCK):
+        raise ValueError(f"sa must have shape {tuple(a.shape[:-1]) + (-(-k // BLOCK),)}, got {tuple(sa.shape)}")
+    return a.to(dtype) * _expand(sa.to(dtype), -1, k)
+
+
+def dequantize_rhs(b: torch.Tensor, sb: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """b [..., N, K] fp8 with sb [..., ceil(N/128), ceil(K/128)] -> b * sb in `dtype`."""
+    n, k = b.shape[-2], b.shape[-1]
+    want = tuple(b.shape[:-2]) + (-(-n // BLOCK), -(-k // BLOCK))
+    if tuple(sb.shape) != want:
+        raise ValueError(f"sb must have shape {want}, got {tuple(sb.shape)}")
+    return b.to(dtype) * _expand(_expand(sb.to(dtype), -1, k), -2, n)
+
+
+def _matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T at full float32 accuracy (float64 where float32 matmul may use reduced precision)."""
+    if a.is_cuda and torch.get_float32_matmul_precision() != "highest":
+        return (a.double() @ b.double().T).float()
+    return a @ b.T
+
+
+def _pair(x, name: str):
+    if not isinstance(x, (tuple, list)) or len(x) != 2:
+        raise TypeError(f"{name} must be a (tensor, scales) pair, got {type(x).__name__}")
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMMs: out = (A * sa) @ (B * sb)^T, written as bf16.
+# ---------------------------------------------------------------------------------------------
+def gemm_fp8_fp8_bf16_nt(lhs, rhs, out=None) -> torch.Tensor:
+    """Dense: A [M, K], sa [M, KB]; B [N, K], sb [NB, KB]; out bf16 [M, N] (allocated if None)."""
+    a, sa = _pair(lhs, "lhs")
+    b, sb = _pair(rhs, "rhs")
+    result = _matmul_nt(dequantize_lhs(a, sa), dequantize_rhs(b, sb))
+    if out is None:
+        return result.to(torch.bfloat16)
+    if tuple(out.shape) != tuple(result.shape):
+        raise ValueError(f"out must have shape {tuple(result.shape)}, got {tuple(out.shape)}")
+    out.copy_(result)
+    return out
+
+
+def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices) -> torch.Tensor:
+    """Grouped, contiguous: row m of A/out uses group m_indices[m] of B; rows marked -1 are untouched."""
+    a, sa = _pair(lhs, "lhs")
+    b, sb = _pair(rhs, "rhs")
+    num_groups = b.shape[0]
+    idx = m_indices.to(device=a.device, dtype=torch.int64)
+    if idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= num_groups):
+        raise ValueError(f"m_indices must hold group numbers in 0..{num_groups - 1} or -1 (padding)")
+    a_deq = dequantize_lhs(a, sa)
+    for g in range(num_groups):
+        rows = (idx == g).nonzero().flatten()
+        if rows.numel():
+            out[rows] = _matmul_nt(a_deq[rows], dequantize_rhs(b[g], sb[g])).to(out.dtype)
+    return out
+
+
+def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m=None) -> torch.Tensor:
+    """Grouped, masked: group g computes rows [0, masked_m[g]) of A[g]/out[g]; later rows are untouched.
+
+    expected_m is only a planning hint for the GPU kernel and is ignored here.
+    """
+    a, sa = _pair(lhs, "lhs")
+    b, sb = _pair(rhs, "rhs")
+    num_groups, max_m = a.shape[0], a.shape[1]
+    counts = [int(v) for v in masked_m.tolist()]
+    for g, m in enumerate(counts):
+        if not 0 <= m <= max_m:
+            raise ValueError(f"masked_m[{g}] must be in 0..{max_m}, got {m}")
+        if m:
+            result = _matmul_nt(dequantize_lhs(a[g, :m], sa[g, :m]), dequantize_rhs(b[g], sb[g]))
+            out[g, :m] = result.to(out.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Error metrics (float64).
+# ---------------------------------------------------------------------------------------------
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """DeepGEMM's similarity metric: 1 - 2<x,y> / (|x|^2 + |y|^2); 0 for identical inputs."""
+    x, y = x.double(), y.double()
+    denom = float((x * x + y * y).sum())
+    if denom == 0.0:
+        return 0.0
+    return 1.0 - 2.0 * float((x * y).sum()) / denom
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; 0 when both are empty or both zero, inf if only ref is zero."""
+    out, ref = out.double(), ref.double()
+    num = float(torch.linalg.vector_norm(out - ref)) if out.numel() else 0.0
+    den = float(torch.linalg.vector_norm(ref)) if ref.numel() else 0.0
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return num / den

@@ -1,0 +1,89 @@
+"""Loaded GEMM kernels per (config, device), and the one launch routine all layouts share."""
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import torch
+
+from ..jit import compile_kernel
+from ..jit.kernel_source import GEMM_KERNEL_NAME, gemm_source
+from ..plan import KernelConfig, store_chunk_cols, ceil_div, LAYOUT_MASKED
+from .driver import TMA_DESCRIPTOR, LoadedKernel
+from .tma import SWIZZLE_128B, tensor_map_2d
+
+# Kernel parameters, in order (kernels/gemm.cuh: deep_gemm_fp8_gemm).
+GEMM_PARAM_TYPES = (TMA_DESCRIPTOR, TMA_DESCRIPTOR, TMA_DESCRIPTOR, TMA_DESCRIPTOR,
+                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p)
+
+_loaded: dict = {}
+_lock = threading.Lock()
+
+
+class KernelNotReadyError(RuntimeError):
+    pass
+
+
+def device_arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}a" if major == 9 else f"sm_{major}{minor}"
+
+
+def gemm_kernel(config: KernelConfig, device_index: int) -> LoadedKernel:
+    """The loaded kernel for `config` on a device, compiling and loading it on first use."""
+    kernel = _loaded.get((config, device_index))
+    if kernel is not None:
+        return kernel
+    if torch.cuda.is_current_stream_capturing():
+        raise KernelNotReadyError(
+            f"deep_gemm: kernel {config.name} is not loaded yet and the current stream is capturing a CUDA "
+            "graph, where loading a module is not permitted. Run the same call once before capture "
+            "(warm-up), or precompile with `python -m deep_gemm precompile`.")
+    with _lock:
+        kernel = _loaded.get((config, device_index))
+        if kernel is None:
+            compiled = compile_kernel(gemm_source(config), GEMM_KERNEL_NAME,
+                                      arch=device_arch(torch.device("cuda", device_index)), name=config.name)
+            with torch.cuda.device(device_index):
+                kernel = LoadedKernel(compiled.cubin, GEMM_KERNEL_NAME, config.num_threads,
+                                      config.smem_bytes, GEMM_PARAM_TYPES)
+            _loaded[(config, device_index)] = kernel
+    return kernel
+
+
+def launch_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: torch.Tensor, sa_rows: int,
+                sa_cols: int, b: torch.Tensor, b_rows: int, sb: torch.Tensor, out: torch.Tensor, out_rows: int,
+                shape_m: int, group_info, num_sms: int) -> None:
+    """Launch the GEMM over 2-D views.
+
+    a: rows of K fp8 (row stride a.stride(-2)); sa: fp32 [sa_cols][sa_rows] with a
+    row stride of sa.stride(-1) elements (the column-major scales); b: rows of K;
+    out: bf16 rows of N.  `shape_m` is M (dense, contiguous) or max_m (masked).
+    """
+    device_index = a.device.index
+    kernel = gemm_kernel(config, device_index)
+    k, n = config.k, config.n
+    chunk = store_chunk_cols(config.block_n)
+    # With one K block the scales' K stride is meaningless to torch; TMA needs the real one.
+    sa_stride = sa.stride(-1) if sa.shape[-1] > 1 else (sa_rows + 3) // 4 * 4
+    maps = (
+        tensor_map_2d(a.data_ptr(), "u8", k, a_rows, a.stride(-2), config.block_k, config.block_m, SWIZZLE_128B),
+        tensor_map_2d(b.data_ptr(), "u8", k, b_rows, b.stride(-2), config.block_k, config.block_n, SWIZZLE_128B),
+        tensor_map_2d(sa.data_ptr(), "f32", sa_rows, sa_cols, sa_stride * 4, config.block_m, 1, 0),
+        tensor_map_2d(out.data_ptr(), "bf16", n, out_rows, out.stride(-2) * 2, chunk, 64, chunk * 2),
+    )
+    pack = kernel.args()
+    buffers = pack.buffers
+    for i, descriptor in enumerate(maps):
+        ctypes.memmove(buffers[i], descriptor, 128)
+    buffers[4].value = sb.data_ptr()
+    buffers[5].value = out.data_ptr()
+    buffers[6].value = out.stride(-2) * 2
+    buffers[7].value = shape_m
+    buffers[8].value = group_info.data_ptr() if group_info is not None else 0
+    if config.layout == LAYOUT_MASKED:
+        grid = num_sms
+    else:
+        tiles = ceil_div(shape_m, config.block_m) * ceil_div(n, config.block_n)
+        grid = max(1, min(num_sms, tiles))
+    kernel.launch(grid, torch.cuda.current_stream(a.device).cuda_stream, pack)

@@ -1,0 +1,57 @@
+"""TMA tensor maps (CUtensorMap) for 2-D views, cached by everything they encode.
+
+Encoding through cuda-bindings costs tens of microseconds, so maps are kept in
+an LRU cache keyed by (address, dims, strides, box, swizzle); serving reuses
+the same weight and workspace addresses call after call.
+"""
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+
+from .driver import check, driver
+
+SWIZZLE_NONE, SWIZZLE_32B, SWIZZLE_64B, SWIZZLE_128B = 0, 32, 64, 128
+
+# element size -> CUtensorMapDataType name
+_DTYPES = {
+    "u8": "CU_TENSOR_MAP_DATA_TYPE_UINT8",
+    "f32": "CU_TENSOR_MAP_DATA_TYPE_FLOAT32",
+    "bf16": "CU_TENSOR_MAP_DATA_TYPE_BFLOAT16",
+}
+_ELEMENT_BYTES = {"u8": 1, "f32": 4, "bf16": 2}
+_SWIZZLES = {
+    SWIZZLE_NONE: "CU_TENSOR_MAP_SWIZZLE_NONE",
+    SWIZZLE_32B: "CU_TENSOR_MAP_SWIZZLE_32B",
+    SWIZZLE_64B: "CU_TENSOR_MAP_SWIZZLE_64B",
+    SWIZZLE_128B: "CU_TENSOR_MAP_SWIZZLE_128B",
+}
+
+
+@lru_cache(maxsize=4096)
+def tensor_map_2d(address: int, dtype: str, inner: int, outer: int, row_stride_bytes: int,
+                  box_inner: int, box_outer: int, swizzle: int) -> bytes:
+    """128 bytes of a CUtensorMap over a row-major [outer][inner] view.
+
+    Out-of-bounds boxes read zeros and stores past the edges are dropped, which
+    is how partial tiles at the M, N and K edges are handled.
+    """
+    cu = driver()
+    tensor_map = check(cu.cuTensorMapEncodeTiled(
+        getattr(cu.CUtensorMapDataType, _DTYPES[dtype]),
+        2,
+        address,
+        [cu.cuuint64_t(inner), cu.cuuint64_t(outer)],
+        [cu.cuuint64_t(row_stride_bytes)],
+        [cu.cuuint32_t(box_inner), cu.cuuint32_t(box_outer)],
+        [cu.cuuint32_t(1), cu.cuuint32_t(1)],
+        cu.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+        getattr(cu.CUtensorMapSwizzle, _SWIZZLES[swizzle]),
+        cu.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+        cu.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+    ))
+    return ctypes.string_at(tensor_map.getPtr(), 128)
+
+
+def element_bytes(dtype: str) -> int:
+    return _ELEMENT_BYTES[dtype]

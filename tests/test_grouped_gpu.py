@@ -1,0 +1,117 @@
+"""Grouped GEMMs on the GPU: every group's rows equal the dense GEMM of that group."""
+import random
+
+import pytest
+import torch
+
+import deep_gemm
+from deep_gemm.reference import calc_diff, dequantize_lhs, dequantize_rhs, rel_error
+
+pytestmark = pytest.mark.gpu
+ALIGN = deep_gemm.get_m_alignment_for_contiguous_layout()
+
+
+def check_close(out, ref):
+    assert not torch.isnan(out).any(), "NaN in a valid row: it was not written"
+    err, diff = rel_error(out, ref), calc_diff(out, ref)
+    assert err < 4e-3 and diff < 1e-5, f"rel_error={err:.3e} calc_diff={diff:.3e}"
+
+
+def weights(g, n, k):
+    b = torch.randn(g, n, k, device="cuda", dtype=torch.bfloat16)
+    return deep_gemm.per_block_cast_to_fp8(b)
+
+
+def contiguous_inputs(sizes, n, k):
+    """Each expert's rows padded to the alignment, padding rows marked -1."""
+    padded = [(s + ALIGN - 1) // ALIGN * ALIGN for s in sizes]
+    m = sum(padded)
+    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    m_indices = torch.full((m,), -1, device="cuda", dtype=torch.int32)
+    start = 0
+    for g, (s, p) in enumerate(zip(sizes, padded)):
+        m_indices[start:start + s] = g
+        start += p
+    return deep_gemm.per_token_cast_to_fp8(a), m_indices
+
+
+@pytest.mark.parametrize("sizes,n,k", [
+    ([300, 0, 1, 128, 77], 512, 1024),
+    ([random.randint(0, 400) for _ in range(8)], 4096, 7168),
+    ([256] * 4, 7168, 2048),
+    ([5, 129], 576, 576),
+])
+def test_contiguous_matches_per_group_dense(sizes, n, k):
+    lhs, m_indices = contiguous_inputs(sizes, n, k)
+    rhs = weights(len(sizes), n, k)
+    out = torch.full((lhs[0].shape[0], n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices)
+    a = dequantize_lhs(*lhs, dtype=torch.float64)
+    for g in range(len(sizes)):
+        rows = (m_indices == g).nonzero().flatten()
+        if rows.numel():
+            ref = a[rows] @ dequantize_rhs(rhs[0][g], rhs[1][g], dtype=torch.float64).T
+            check_close(out[rows], ref)
+    # Whole padding blocks are skipped: their rows keep the poison.
+    starts = torch.arange(0, m_indices.numel(), ALIGN, device="cuda")
+    skipped = starts[m_indices[starts] < 0]
+    for s in skipped.tolist():
+        assert torch.isnan(out[s:s + ALIGN]).all()
+
+
+def test_contiguous_bad_indices_are_skipped_not_crashing():
+    lhs, m_indices = contiguous_inputs([128, 128, 128], 256, 512)
+    rhs = weights(3, 256, 512)
+    m_indices[128:256] = 7          # expert that does not exist
+    m_indices[256:384] = -5
+    out = torch.full((384, 256), float("nan"), device="cuda", dtype=torch.bfloat16)
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices)
+    torch.cuda.synchronize()
+    assert torch.isnan(out[128:]).all()
+    with pytest.raises(ValueError, match="m_indices"):
+        deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices, check_indices=True)
+
+
+def masked_inputs(g, max_m, n, k):
+    a = torch.randn(g, max_m, k, device="cuda", dtype=torch.bfloat16)
+    return deep_gemm.per_token_cast_to_fp8(a), weights(g, n, k)
+
+
+def check_masked(lhs, rhs, out, masked_m):
+    a = dequantize_lhs(*lhs, dtype=torch.float64)
+    for g, m in enumerate(masked_m.tolist()):
+        m = max(0, min(m, out.shape[1]))
+        if m:
+            ref = a[g, :m] @ dequantize_rhs(rhs[0][g], rhs[1][g], dtype=torch.float64).T
+            check_close(out[g, :m], ref)
+        assert torch.isnan(out[g, m:]).all(), f"group {g}: rows past masked_m were written"
+
+
+@pytest.mark.parametrize("g,max_m,expected_m,n,k", [
+    (4, 256, 100, 4096, 7168), (16, 256, 64, 7168, 2048), (3, 200, 50, 576, 896), (2, 4096, 1024, 2112, 1024)])
+def test_masked_matches_per_group_dense(g, max_m, expected_m, n, k):
+    lhs, rhs = masked_inputs(g, max_m, n, k)
+    masked_m = torch.tensor([random.randint(0, max_m) for _ in range(g)], device="cuda", dtype=torch.int32)
+    masked_m[0] = max_m
+    out = torch.full((g, max_m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m)
+    check_masked(lhs, rhs, out, masked_m)
+
+
+def test_masked_cuda_graph_replay_with_new_counts():
+    g, max_m, n, k = 6, 256, 2048, 1024
+    lhs, rhs = masked_inputs(g, max_m, n, k)
+    masked_m = torch.full((g,), 100, device="cuda", dtype=torch.int32)
+    out = torch.empty(g, max_m, n, device="cuda", dtype=torch.bfloat16)
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, 100)  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, 100)
+    fresh, _ = masked_inputs(g, max_m, n, k)
+    lhs[0].copy_(fresh[0])
+    lhs[1].copy_(fresh[1])
+    masked_m.copy_(torch.tensor([0, 1, 255, 256, 64, 130], dtype=torch.int32))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    check_masked(lhs, rhs, out, masked_m)
