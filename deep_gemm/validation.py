@@ -258,6 +258,9 @@ def _dense_fast(lhs, rhs, out):
         return None
     kb = _KB_CACHE.get(k) or _num_blocks(k)
     nb = _KB_CACHE.get(n) or _num_blocks(n)
+    device = a.device
+    if sa.device != device or b.device != device or sb.device != device:
+        return None
     a0, a1 = a.stride()
     b0, b1 = b.stride()
     s0, s1 = sa.stride()
@@ -265,9 +268,6 @@ def _dense_fast(lhs, rhs, out):
             or s0 != 1 or (s1 != ((m + 3) & ~3) and kb > 1)
             or sa.shape != (m, kb) or sb.shape != (nb, kb) or not sb.is_contiguous()
             or (a.data_ptr() | b.data_ptr() | sa.data_ptr() | sb.data_ptr()) & 15):
-        return None
-    device = a.device
-    if sa.device != device or b.device != device or sb.device != device:
         return None
     if out is None:
         if n & 7:

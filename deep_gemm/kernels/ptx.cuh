@@ -4,12 +4,17 @@
 // under NVRTC and nvcc.
 #pragma once
 
+#ifdef __CUDACC_RTC__
+// NVRTC has no standard headers; these match what <cstdint> gives nvcc on Linux.
 typedef unsigned char uint8_t;
 typedef unsigned short uint16_t;
 typedef unsigned int uint32_t;
 typedef int int32_t;
-typedef unsigned long long uint64_t;
-typedef long long int64_t;
+typedef unsigned long uint64_t;
+typedef long int64_t;
+#else
+#include <cstdint>
+#endif
 
 #define DG_DEVICE __device__ __forceinline__
 
