@@ -18,7 +18,8 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -274,11 +275,13 @@ def _gpu_events(prof) -> List[tuple]:
 def _profile(fn, repeat: int = 1):
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(repeat):
-            fn()
-        torch.cuda.synchronize()
-    return _gpu_events(prof)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)     # "Profiler clears events at the end of each cycle"
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(repeat):
+                fn()
+            torch.cuda.synchronize()
+        return _gpu_events(prof)
 
 
 class Timer:
@@ -367,6 +370,8 @@ def measure(problem: Problem, timer: Timer, peers=PEERS) -> dict:
             entry = {"status": "ok" if diff <= WRONG_DIFF else "WRONG", "diff": diff, "us": us,
                      "kernels": kernels, "tflops": problem.flops / us * 1e-6,
                      "pct_floor": 100.0 * floor_us / us, "host_us": host_overhead_us(fn)}
+            if getattr(fn, "config", None) is not None:
+                entry["config"] = list(fn.config)
         except (ImportError, NotImplementedError) as exc:
             entry["reason"] = _short(exc)
         except Exception as exc:               # a peer failing must not end the run
@@ -391,7 +396,8 @@ def summarise(rows: List[dict]) -> dict:
     for peer in PEERS:
         ok = [r["peers"][peer] for r in rows if r["peers"].get(peer, {}).get("status") == "ok"]
         summary[peer] = {"rows": len(ok), "geomean_pct_floor": _geomean(e["pct_floor"] for e in ok)}
-    summary["ours"]["geomean_speedup_vs_deepgemm"] = _geomean(r.get("speedup_vs_deepgemm") for r in rows)
+    summary["ours"]["geomean_speedup_vs_deepgemm"] = _geomean(
+        r.get("speedup_vs_deepgemm") for r in rows if r["peers"].get("ours", {}).get("status") == "ok")
     return summary
 
 
@@ -406,7 +412,8 @@ def _peer_cells(entry: dict) -> tuple:
     return f"{entry['us']:.1f}", f"{entry['tflops']:.0f}{mark}"
 
 
-def print_table(rows: List[dict], out=sys.stdout) -> None:
+def print_table(rows: List[dict], out=None) -> None:
+    out = out or sys.stdout
     head = ("suite", "shape", "ours µs", "TFLOPS", "% floor", "vs DG", "host µs",
             "cuBLASLt µs", "TFLOPS", "Triton µs", "TFLOPS", "check")
     lines = []
@@ -430,11 +437,13 @@ def print_table(rows: List[dict], out=sys.stdout) -> None:
           "ANCHORS.md time)" % WRONG_DIFF, file=out)
 
 
-def print_summary(summary: dict, out=sys.stdout) -> None:
+def print_summary(summary: dict, out=None) -> None:
+    out = out or sys.stdout
     parts = []
     for peer in PEERS:
         g = summary[peer]["geomean_pct_floor"]
-        parts.append(f"{PEER_TITLES[peer]} {_fmt(g, '.0f')}% of floor ({summary[peer]['rows']} rows)")
+        pct = "n/a" if g is None else f"{g:.0f}%"
+        parts.append(f"{PEER_TITLES[peer]} {pct} of floor ({summary[peer]['rows']} correct rows)")
     sp = summary["ours"]["geomean_speedup_vs_deepgemm"]
     print("geomean: " + "; ".join(parts) + f"; ours vs DeepGEMM {_fmt(sp, '.2f')}x", file=out)
 

@@ -7,12 +7,14 @@ M (and for grouped layouts the per-group sizes) is always a run-time value.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 
 BLOCK_K = 128                      # one scale block of K; a 128B-swizzled fp8 row
 SMEM_CAPACITY = 232448             # bytes of dynamic shared memory per block on sm_90
 SMEM_RESERVED = 1024               # alignment slack for the 1024-byte aligned tiles
 M_ALIGNMENT_CONTIGUOUS = 128       # rows of one expert block in the contiguous layout
+MAX_PIPELINED_BLOCK_N = 128        # three fp32 register tiles fit the consumers' budget up to here
 
 LAYOUT_DENSE = 0
 LAYOUT_CONTIGUOUS = 1
@@ -35,6 +37,9 @@ class KernelConfig:
     layout: int = LAYOUT_DENSE
     num_groups: int = 1
     raster_group: int = 16      # tiles of this many M blocks sweep N together (L2 reuse)
+    cluster_n: int = 1          # 2: two blocks share (multicast) the A tile of neighbouring N tiles
+    split_k: int = 1            # >1: a cluster of this many blocks splits K of one tile
+    pipeline: bool = True       # overlap block k+1's wgmma with block k's promotion (BLOCK_N <= 128)
     block_k: int = field(default=BLOCK_K)
 
     @property
@@ -50,8 +55,12 @@ class KernelConfig:
         return ceil_div(self.k, self.block_k)
 
     @property
+    def cluster_size(self) -> int:
+        return self.cluster_n * self.split_k
+
+    @property
     def smem_bytes(self) -> int:
-        return smem_bytes(self.block_m, self.block_n, self.num_stages)
+        return smem_bytes(self.block_m, self.block_n, self.num_stages, self.split_k)
 
     def constants(self) -> dict:
         """Values the kernel source sees as constexpr (see kernels/gemm.cuh)."""
@@ -65,12 +74,15 @@ class KernelConfig:
             "LAYOUT": self.layout,
             "NUM_GROUPS": self.num_groups,
             "RASTER_GROUP": self.raster_group,
+            "CLUSTER_N": self.cluster_n,
+            "SPLIT_K": self.split_k,
+            "PIPELINE_PROMOTION": int(self.pipeline and self.block_n <= MAX_PIPELINED_BLOCK_N),
         }
 
     @property
     def name(self) -> str:
         return (f"gemm_{LAYOUT_NAMES[self.layout]}_n{self.n}_k{self.k}_g{self.num_groups}"
-                f"_bm{self.block_m}_bn{self.block_n}_s{self.num_stages}_r{self.raster_group}")
+                f"_bm{self.block_m}_bn{self.block_n}_s{self.num_stages}_r{self.raster_group}_c{self.cluster_n}_sk{self.split_k}_p{int(self.pipeline)}")
 
 
 def store_chunk_cols(block_n: int) -> int:
@@ -81,10 +93,11 @@ def store_chunk_cols(block_n: int) -> int:
     raise ValueError(f"block_n={block_n} must be a multiple of 16")
 
 
-def smem_bytes(block_m: int, block_n: int, num_stages: int) -> int:
+def smem_bytes(block_m: int, block_n: int, num_stages: int, split_k: int = 1) -> int:
     per_stage = block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4   # A, B, A's scales
-    out_tile = block_m * block_n * 2                                  # bf16 epilogue buffer
-    barriers = num_stages * 2 * 8
+    # bf16 epilogue buffer, or split-K's fp32 partial tile (rows padded by 8 floats)
+    out_tile = block_m * (block_n + 8) * 4 if split_k > 1 else block_m * block_n * 2
+    barriers = (num_stages * 2 + 2) * 8
     return SMEM_RESERVED + out_tile + num_stages * per_stage + barriers
 
 
@@ -105,37 +118,75 @@ MAX_BLOCK_N = {64: 192, 128: 160}
 BLOCK_N_CANDIDATES = tuple(bn for bn in range(16, 257, 16) if valid_block_n(bn))
 
 
-def max_stages(block_m: int, block_n: int, capacity: int = SMEM_CAPACITY, cap: int = 8) -> int:
+def max_stages(block_m: int, block_n: int, capacity: int = SMEM_CAPACITY, cap: int = 8, split_k: int = 1) -> int:
     stages = cap
-    while stages > 1 and smem_bytes(block_m, block_n, stages) > capacity:
+    while stages > 1 and smem_bytes(block_m, block_n, stages, split_k) > capacity:
         stages -= 1
     return stages
 
 
+# Above this many rows per M block the GEMM is compute-bound and the measured
+# best tile is 128 x 128 with pipelined promotion (docs/perf-notes.md, "tile sweep").
+COMPUTE_BOUND_M = 128
+
+
 def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
                num_groups: int = 1) -> KernelConfig:
-    """Pick the tile shape that finishes in the fewest waves, then the widest tile.
+    """Choose the tile config for an (M, N, K) problem (M: rows, or expected rows per group).
 
+    Compute-bound M (> 128): 128 x 128 tiles with pipelined promotion, the
+    fastest on every large ANCHORS shape.  Memory-bound M: the BLOCK_N that
+    finishes in the fewest waves, weighting each tile by its columns plus a
+    fixed share (A's loads, promotion, epilogue) worth about 48 columns.
     Deterministic; DG_PRINT_CONFIGS=1 prints the choice.
     """
     block_m = 64 if m <= 64 else 128
-    rows = max(m, 1)
-    best = None
-    for block_n in BLOCK_N_CANDIDATES:
-        if block_n > MAX_BLOCK_N[block_m]:
-            continue
-        tiles = ceil_div(rows, block_m) * ceil_div(n, block_n) * (num_groups if layout == LAYOUT_MASKED else 1)
-        waves = ceil_div(tiles, num_sms)
-        # Time of the busiest SM: waves x per-tile time, where a tile costs its
-        # columns plus a fixed share (A's loads, promotion, epilogue) worth
-        # about 48 columns; ties go to the wider tile.
-        key = (waves * (block_n + 48), -block_n)
-        if best is None or key < best[0]:
-            best = (key, block_n)
-    block_n = best[1]
+    if m > COMPUTE_BOUND_M:
+        block_n = 128
+    else:
+        rows = max(m, 1)
+        best = None
+        for candidate in BLOCK_N_CANDIDATES:
+            if candidate > MAX_BLOCK_N[block_m]:
+                continue
+            tiles = ceil_div(rows, block_m) * ceil_div(n, candidate) * (num_groups if layout == LAYOUT_MASKED else 1)
+            key = (ceil_div(tiles, num_sms) * (candidate + 48), -candidate)
+            if best is None or key < best[0]:
+                best = (key, candidate)
+        block_n = best[1]
     config = KernelConfig(n=n, k=k, block_m=block_m, block_n=block_n,
                           num_stages=max_stages(block_m, block_n), layout=layout,
-                          num_groups=num_groups)
+                          num_groups=num_groups, pipeline=m > COMPUTE_BOUND_M)
     if os.environ.get("DG_PRINT_CONFIGS"):
         print(f"deep_gemm: M={m} N={n} K={k} -> {config.name} ({config.smem_bytes} B smem)")
     return config
+
+
+# ---- the per-call path ------------------------------------------------------------------
+# plan_dense walks every tile candidate (about 10 µs of Python); the public GEMMs ask the
+# same few questions over and over, so they go through this memo. plan_dense must stay a
+# pure function of its arguments for that to hold (DG_PRINT_CONFIGS then prints a choice
+# once per distinct problem rather than on every call).
+PLAN_CACHE_SIZE = 4096
+_plan_cache: dict = {}
+_plan_lock = threading.Lock()
+
+
+def plan_cached(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
+                num_groups: int = 1) -> KernelConfig:
+    """plan_dense(m, n, k, num_sms, layout, num_groups), memoised in a bounded dict."""
+    key = (m, n, k, num_sms, layout, num_groups)
+    config = _plan_cache.get(key)
+    if config is None:
+        config = plan_dense(m, n, k, num_sms, layout=layout, num_groups=num_groups)
+        with _plan_lock:   # eviction must not race with another thread's insert
+            while len(_plan_cache) >= PLAN_CACHE_SIZE:
+                del _plan_cache[next(iter(_plan_cache))]   # the oldest entry
+            _plan_cache[key] = config
+    return config
+
+
+def clear_plan_cache() -> None:
+    """Forget memoised plans (after changing the planner's tables, e.g. in a tuning sweep)."""
+    with _plan_lock:
+        _plan_cache.clear()

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import torch
 
+from .ops import library as _library
 from .plan import M_ALIGNMENT_CONTIGUOUS
+
+_is_compiling = _library.is_compiling
 
 # TMA requires every global stride (and the base address) to be a multiple of 16 bytes.
 TMA_ALIGNMENT_BYTES = 16
@@ -94,12 +97,28 @@ _device_sms: dict[int, int] = {}   # device index -> multiprocessor count (queri
 def _device_sm_count() -> int | None:
     if not torch.cuda.is_available():
         return None
-    index = torch.cuda.current_device()
+    return device_sm_count(torch.cuda.current_device())
+
+
+def device_sm_count(index: int) -> int:
+    """Multiprocessor count of CUDA device `index`, queried once per device."""
     count = _device_sms.get(index)
     if count is None:
         count = torch.cuda.get_device_properties(index).multi_processor_count
         _device_sms[index] = count
     return count
+
+
+def num_sms_for(device_index: int) -> int:
+    """SMs the kernels use on a given device: set_num_sms()'s value, else that device's count.
+
+    The GEMMs plan with this rather than get_num_sms() so that the plan matches the device the
+    kernel runs on, whichever device is current; their launch caches key on
+    `_num_sms_override` (a plain module variable read) plus the device.
+    """
+    if _num_sms_override is not None:
+        return _num_sms_override
+    return device_sm_count(device_index)
 
 
 def set_num_sms(num_sms: int) -> None:
@@ -124,12 +143,17 @@ def get_num_sms() -> int:
 # FP8 casts (DeepSeek-V3 fine-grained scaling).
 # ---------------------------------------------------------------------------------------------
 def _cast_impl(kind: str, x: torch.Tensor):
-    """The single dispatch point for the casts.
+    """The single dispatch point for the casts (kind is "per_token" or "per_block").
 
-    Today every device uses the plain-torch implementation in reference.py. When the CUDA
-    quantisation kernel lands, route `x.is_cuda` here to it (kind is "per_token" or
-    "per_block"); the reference stays the path for CPU tensors and the oracle for tests.
+    CUDA tensors on a Hopper GPU go to the NVRTC-compiled kernels of ops/cast.py, which are
+    bit-identical to the reference run on the same tensor; everything else (CPU tensors, other
+    GPUs, bad input, whose errors the reference raises) takes the plain-torch reference.
     """
+    if isinstance(x, torch.Tensor) and x.is_cuda:
+        from .ops.device import runs_on_hopper
+        if runs_on_hopper(x.device):
+            from .ops import cast   # imported lazily: it pulls in the JIT and the driver bindings
+            return cast.per_token_cast_to_fp8 if kind == "per_token" else cast.per_block_cast_to_fp8
     from . import reference   # imported lazily: reference.py imports this module
     if kind == "per_token":
         return reference.per_token_cast_to_fp8
@@ -138,9 +162,13 @@ def _cast_impl(kind: str, x: torch.Tensor):
 
 def per_token_cast_to_fp8(x: torch.Tensor):
     """[M, K] or [G, M, K] -> (e4m3 values, float32 scales per 1x128 block, col-major TMA-aligned)."""
+    if _is_compiling():  # torch.compile / export: trace one custom op (ops/library.py)
+        return _library.per_token_cast_to_fp8(x)
     return _cast_impl("per_token", x)(x)
 
 
 def per_block_cast_to_fp8(x: torch.Tensor):
     """[N, K] or [G, N, K] -> (e4m3 values, float32 scales per 128x128 block, row-major)."""
+    if _is_compiling():  # torch.compile / export: trace one custom op (ops/library.py)
+        return _library.per_block_cast_to_fp8(x)
     return _cast_impl("per_block", x)(x)

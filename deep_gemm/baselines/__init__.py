@@ -35,9 +35,9 @@ BLOCK = 128
 #       scale_a: as above; scale_b: sb.t(), i.e. [K/128, N/128] with strides (1, K/128).
 #       Older builds do not pad K/128 to 4 and were reported to give silently wrong
 #       results when K/128 % 4 != 0 (PR #166752), hence the probe below.
-# cuBLASLt itself gives NaN when K % 128 != 0 (ANCHORS.md); the harness reports that.
-# Which form works is decided once per process by running each on two small problems
-# (K/128 = 4 and 5) and checking the result against a float64 reference.
+# ANCHORS.md reports NaN from cuBLASLt when K % 128 != 0; the harness checks every result.
+# Which form works is decided once per process by running each on a few small problems
+# and checking the results against a float64 reference.
 # ---------------------------------------------------------------------------------------------
 def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
@@ -92,28 +92,51 @@ _chosen_form: dict = {}      # device -> (name or None, probe log lines)
 
 
 def _probe(device: torch.device):
+    """Run every call form on small problems; pick the one right on the most of them."""
     from ..reference import calc_diff, dequantize_lhs, dequantize_rhs
     from ..utils import per_block_cast_to_fp8, per_token_cast_to_fp8
 
     gen = torch.Generator(device=device).manual_seed(1234)
     problems = []
-    for k in (512, 640):                     # K/128 = 4 and 5: catches missing K-block padding
-        a, sa = per_token_cast_to_fp8(torch.randn(128, k, device=device, generator=gen))
+    # K/128 = 4 and 5 (catches missing K-block padding); K = 576 (K % 128 != 0); M = 130 (M % 4 != 0).
+    for m, k in ((128, 512), (128, 640), (128, 576), (130, 512)):
+        a, sa = per_token_cast_to_fp8(torch.randn(m, k, device=device, generator=gen))
         b, sb = per_block_cast_to_fp8(torch.randn(256, k, device=device, generator=gen))
         ref = dequantize_lhs(a, sa, torch.float64) @ dequantize_rhs(b, sb, torch.float64).T
-        problems.append((a, sa, b, sb, ref))
-    log = []
+        problems.append((f"{m}x256x{k}", a, sa, b, sb, ref))
+    log, best, best_score = [], None, 0
     for name, make in CUBLAS_FORMS.items():
-        try:
-            diffs = [calc_diff(make(a, sa, b, sb)(), ref) for a, sa, b, sb, ref in problems]
-        except Exception as exc:            # unsupported build, layout rejected, ...
-            log.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
-            continue
-        ok = all(d < 1e-4 for d in diffs)
-        log.append(f"{name}: calc_diff {', '.join(f'{d:.1e}' for d in diffs)} -> {'ok' if ok else 'WRONG'}")
-        if ok:
-            return name, log
-    return None, log
+        results = []
+        for label, a, sa, b, sb, ref in problems:
+            try:
+                d = calc_diff(_padded_rows(make, a, sa, b, sb)(), ref)
+                results.append((label, f"{d:.1e}" if d < 1e-4 else f"WRONG ({d:.1e})", d < 1e-4))
+            except Exception as exc:        # unsupported build, layout rejected, ...
+                results.append((label, _one_line(exc), False))
+        score = sum(ok for _, _, ok in results)
+        log.append(f"{name}: " + "; ".join(f"{label} {text}" for label, text, _ in results))
+        if score > best_score:
+            best, best_score = name, score
+    return best, log
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:120] if text else ''}"
+
+
+def _padded_rows(make, a, sa, b, sb):
+    """cuBLASLt rejects 1x128 scales whose M is not a multiple of 4 (their columns must be
+    16-byte aligned; CUBLAS_STATUS_NOT_SUPPORTED otherwise): run such an A with zero rows
+    appended, in a copy made here, and hand back a view of the first M output rows."""
+    m = a.shape[0]
+    if m % 4 == 0:
+        return make(a, sa, b, sb)
+    pad = -m % 4
+    a_p = torch.cat([a.view(torch.uint8), a.new_zeros((pad, a.shape[1]), dtype=torch.uint8)]).view(a.dtype)
+    sa_p = torch.cat([sa, sa.new_ones((pad, sa.shape[1]))])
+    fn = make(a_p, sa_p, b, sb)
+    return lambda: fn()[:m]
 
 
 def cublas_form(device: torch.device):
@@ -129,7 +152,7 @@ def prepare_cublas(a, sa, b, sb) -> Callable[[], torch.Tensor]:
     name, log = cublas_form(a.device)
     if name is None:
         raise NotImplementedError("no torch call form gives correct block-scaled results: " + " | ".join(log))
-    return CUBLAS_FORMS[name](a, sa, b, sb)
+    return _padded_rows(CUBLAS_FORMS[name], a, sa, b, sb)
 
 
 # ---------------------------------------------------------------------------------------------

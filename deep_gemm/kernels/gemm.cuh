@@ -8,8 +8,15 @@
 // 128 K").  The epilogue writes bf16 through shared memory and a TMA store that
 // overlaps the next tile's main loop.
 //
+// Split-K (SPLIT_K > 1, for small M where too few tiles exist to keep every SM
+// streaming weights): the SPLIT_K blocks of a cluster share one tile, each
+// over its own range of K blocks; they exchange fp32 partial tiles through
+// distributed shared memory and each block sums and stores a slice of rows
+// (in a fixed order, so results are deterministic).
+//
 // Compile-time constants (SHAPE_N, SHAPE_K, BLOCK_M, BLOCK_N, BLOCK_K,
-// NUM_STAGES, LAYOUT, NUM_GROUPS, RASTER_GROUP, STORE_CHUNK_COLS) and the
+// NUM_STAGES, LAYOUT, NUM_GROUPS, RASTER_GROUP, CLUSTER_N, SPLIT_K,
+// PIPELINE_PROMOTION, STORE_CHUNK_COLS) and the
 // function `wgmma_m64k32<BLOCK_N>` are defined by the generated source before
 // this header is included (see deep_gemm/jit/kernel_source.py).
 #pragma once
@@ -28,22 +35,42 @@ constexpr int kTileBytesSA = BLOCK_M * 4;
 constexpr int kStageBytes = kTileBytesA + kTileBytesB + kTileBytesSA;
 constexpr int kOutChunkBytesPerRow = STORE_CHUNK_COLS * 2;
 constexpr int kNumOutChunks = BLOCK_N / STORE_CHUNK_COLS;
-constexpr int kTileBytesOut = BLOCK_M * BLOCK_N * 2;
+// Split-K keeps an fp32 partial tile instead of the bf16 staging tile; rows
+// are padded by 8 floats to spread the row-wise writes over the banks.
+constexpr int kReduceRowFloats = BLOCK_N + 8;
+constexpr int kTileBytesOut = SPLIT_K > 1 ? BLOCK_M * kReduceRowFloats * 4 : BLOCK_M * BLOCK_N * 2;
 // A tile spans at most two 128-column scale blocks of B (the planner keeps
 // BLOCK_N <= 128 + gcd(BLOCK_N, 128)); when BLOCK_N divides 128 it spans one.
 constexpr bool kOneScaleB = (128 % BLOCK_N) == 0;
 constexpr int kNumScaleBRows = (SHAPE_N + 127) / 128;
 
-// Registers: the producer needs few; the consumers hold two fp32 tiles.
+// Registers: the producer needs few; the consumers hold two fp32 tiles, or
+// three when promotion is pipelined (a second wgmma result tile in flight
+// while the first is promoted), which fits up to BLOCK_N = 128.
+constexpr bool kPipelinePromotion = PIPELINE_PROMOTION;
 constexpr uint32_t kProducerRegs = 40;
-constexpr uint32_t kConsumerRegs = kNumMathWarpgroups == 2 ? 232 : 240;
+constexpr uint32_t kConsumerRegs = kNumMathWarpgroups == 2 ? 232 : 248;
 
 static_assert(BLOCK_M == 64 || BLOCK_M == 128, "BLOCK_M must be 64 or 128");
 static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "BLOCK_N must be a multiple of 16 up to 256");
 static_assert(BLOCK_K == 128, "one 128-byte swizzled row per K block");
 static_assert(BLOCK_N % STORE_CHUNK_COLS == 0, "store chunks must tile BLOCK_N");
 
-using Scheduler = TileScheduler<LAYOUT, BLOCK_M, BLOCK_N, SHAPE_N, NUM_GROUPS, RASTER_GROUP>;
+static_assert(CLUSTER_N == 1 || CLUSTER_N == 2, "clusters of one or two blocks");
+static_assert(SPLIT_K == 1 || CLUSTER_N == 1, "split-K and multicast clusters are exclusive");
+static_assert(SPLIT_K == 1 || (BLOCK_M % SPLIT_K == 0 && LAYOUT != kMasked), "split-K: rows split evenly, no masked");
+
+// With CLUSTER_N == 2 the two blocks of a cluster compute neighbouring N tiles
+// of one M block: each loads half of the A tile and multicasts it to both, so
+// every empty-barrier release must reach both producers.
+constexpr int kRowsLoadedA = BLOCK_M / CLUSTER_N;
+constexpr uint32_t kEmptyArrivals = kNumMathWarpgroups * 4 * CLUSTER_N;
+
+using Scheduler = TileScheduler<LAYOUT, BLOCK_M, BLOCK_N, SHAPE_N, NUM_GROUPS, RASTER_GROUP, CLUSTER_N, SPLIT_K>;
+
+// K blocks [begin, end) of split `rank` (all of K without split-K).
+DG_DEVICE int32_t k_block_begin(int32_t rank) { return SPLIT_K == 1 ? 0 : rank * kNumKBlocks / SPLIT_K; }
+DG_DEVICE int32_t k_block_end(int32_t rank) { return SPLIT_K == 1 ? kNumKBlocks : (rank + 1) * kNumKBlocks / SPLIT_K; }
 
 // Byte offset of (row, 16-byte column chunk) inside one output chunk buffer,
 // with the swizzle TMA applies for rows of kOutChunkBytesPerRow bytes: the
@@ -55,7 +82,8 @@ DG_DEVICE uint32_t out_swizzled_offset(uint32_t row, uint32_t col16) {
     return offset ^ (((offset >> 7) & (kUnitsPerRow - 1)) << 4);
 }
 
-// Shared memory: [out tile][A ring][B ring][A-scale ring][full barriers][empty barriers].
+// Shared memory: [out tile][A ring][B ring][A-scale ring][full barriers][empty barriers]
+// [split-K: partial-ready, partial-consumed barriers].
 // Stage addresses are computed, not stored in arrays: a run-time index into a
 // pointer array would put it in local memory.
 struct SharedStorage {
@@ -65,6 +93,8 @@ struct SharedStorage {
     float* ring_sa;
     uint64_t* full;
     uint64_t* empty;
+    uint64_t* partial_ready;     // split-K: every block's partial tile is in its shared memory
+    uint64_t* partial_consumed;  // split-K: every block has read this block's partial tile
 
     DG_DEVICE explicit SharedStorage(uint8_t* raw) {
         // 128-byte swizzle works on absolute address bits: 1024-byte align.
@@ -74,6 +104,8 @@ struct SharedStorage {
         ring_sa = reinterpret_cast<float*>(ring_b + NUM_STAGES * kTileBytesB);
         full = reinterpret_cast<uint64_t*>(ring_sa + NUM_STAGES * BLOCK_M);
         empty = full + NUM_STAGES;
+        partial_ready = empty + NUM_STAGES;
+        partial_consumed = partial_ready + 1;
     }
     DG_DEVICE uint8_t* a(int32_t stage) const { return ring_a + stage * kTileBytesA; }
     DG_DEVICE uint8_t* b(int32_t stage) const { return ring_b + stage * kTileBytesB; }
@@ -102,12 +134,20 @@ DG_DEVICE void produce(const TmaDescriptor* tma_a, const TmaDescriptor* tma_b, c
         // A's scales are [KB][aligned rows] per group; see ops for the 2-D view.
         const int32_t sa_row = LAYOUT == kMasked ? tile.m_block * BLOCK_M : tile.row_begin;
         const int32_t sa_kb_base = LAYOUT == kMasked ? tile.group * kNumKBlocks : 0;
-        for (int32_t kb = 0; kb < kNumKBlocks; ++kb) {
+        // Not unrolled: the producer runs on few registers and gains nothing from it.
+#pragma unroll 1
+        for (int32_t kb = k_block_begin(scheduler.cluster_rank); kb < k_block_end(scheduler.cluster_rank); ++kb) {
             // First pass over the ring: the parity trick makes this wait return at once.
             ptx::mbarrier_wait(&smem.empty[ring.stage], ring.phase ^ 1);
             uint64_t* full = &smem.full[ring.stage];
             ptx::mbarrier_arrive_expect_tx(full, kStageBytes);
-            ptx::tma_load_2d(smem.a(ring.stage), tma_a, full, kb * BLOCK_K, tile.row_begin);
+            if (CLUSTER_N == 1) {
+                ptx::tma_load_2d(smem.a(ring.stage), tma_a, full, kb * BLOCK_K, tile.row_begin);
+            } else {
+                const int32_t half = scheduler.cluster_rank * kRowsLoadedA;
+                ptx::tma_load_2d_multicast(smem.a(ring.stage) + half * BLOCK_K, tma_a, full, kb * BLOCK_K,
+                                           tile.row_begin + half, (1 << CLUSTER_N) - 1);
+            }
             ptx::tma_load_2d(smem.sa(ring.stage), tma_sa, full, sa_row, sa_kb_base + kb);
             ptx::tma_load_2d(smem.b(ring.stage), tma_b, full, kb * BLOCK_K, b_row);
             ring.advance();
@@ -170,6 +210,59 @@ DG_DEVICE void store_tile(const float (&acc)[kAccRegs], const Tile& tile, const 
     }
 }
 
+// Split-K epilogue.  Every block writes its fp32 partial tile to its own
+// shared memory, then block `rank` sums rows [rank, rank + 1) * BLOCK_M /
+// SPLIT_K of all partials (peers read through distributed shared memory, in
+// rank order) and stores them as bf16.  Two cluster-wide mbarriers order it:
+// partial_ready (all partials written) and partial_consumed (all slices read,
+// so the next tile may overwrite the partial).
+DG_DEVICE void reduce_and_store_split_k(const float (&acc)[kAccRegs], const Tile& tile, SharedStorage& smem,
+                                        int32_t rank, uint32_t phase, uint8_t* out, int32_t out_ld_bytes) {
+    const uint32_t t = threadIdx.x - 128;  // 0 .. 128 * kNumMathWarpgroups
+    const uint32_t warp = t / 32, lane = t % 32;
+    float* partial = reinterpret_cast<float*>(smem.out);
+
+    // Peers must have read our previous partial before we overwrite it (on the
+    // first tile the opposite parity of a fresh barrier returns at once).
+    ptx::mbarrier_wait_cluster(smem.partial_consumed, phase ^ 1);
+    const uint32_t r = warp * 16 + lane / 4;
+#pragma unroll
+    for (int i = 0; i < BLOCK_N / 8; ++i) {
+        const uint32_t col = i * 8 + (lane % 4) * 2;
+        *reinterpret_cast<float2*>(partial + r * kReduceRowFloats + col) = make_float2(acc[4 * i], acc[4 * i + 1]);
+        *reinterpret_cast<float2*>(partial + (r + 8) * kReduceRowFloats + col) =
+            make_float2(acc[4 * i + 2], acc[4 * i + 3]);
+    }
+    __syncwarp();
+    if (lane < SPLIT_K) ptx::mbarrier_arrive_cluster(smem.partial_ready, lane);
+    ptx::mbarrier_wait_cluster(smem.partial_ready, phase);
+
+    constexpr int32_t kRowsPerRank = BLOCK_M / SPLIT_K;
+    constexpr int32_t kVecsPerRow = BLOCK_N / 4;
+    const int32_t n0 = tile.n_block * BLOCK_N;
+    uint32_t peer_base[SPLIT_K];
+#pragma unroll
+    for (int p = 0; p < SPLIT_K; ++p) peer_base[p] = ptx::cluster_map(partial, p);
+#pragma unroll 1
+    for (int32_t idx = t; idx < kRowsPerRank * kVecsPerRow; idx += 128 * kNumMathWarpgroups) {
+        const int32_t row = rank * kRowsPerRank + idx / kVecsPerRow, col = (idx % kVecsPerRow) * 4;
+        const uint32_t offset = (row * kReduceRowFloats + col) * 4;
+        float x = 0.f, y = 0.f, z = 0.f, w = 0.f;
+#pragma unroll
+        for (int p = 0; p < SPLIT_K; ++p) {
+            float px, py, pz, pw;
+            ptx::ld_cluster_v4(peer_base[p] + offset, px, py, pz, pw);
+            x += px, y += py, z += pz, w += pw;
+        }
+        if (row < tile.rows_valid && n0 + col < SHAPE_N) {
+            uint8_t* dst = out + int64_t(tile.row_begin + row) * out_ld_bytes + int64_t(n0 + col) * 2;
+            *reinterpret_cast<uint2*>(dst) = make_uint2(ptx::pack_bf16x2(x, y), ptx::pack_bf16x2(z, w));
+        }
+    }
+    __syncwarp();
+    if (lane < SPLIT_K) ptx::mbarrier_arrive_cluster(smem.partial_consumed, lane);
+}
+
 DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const float* sb, uint8_t* out,
                        int32_t out_ld_bytes, int32_t shape_m, const int32_t* group_info) {
     const uint32_t wg = threadIdx.x / 128 - 1;
@@ -182,25 +275,36 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
     Tile tile;
     float acc[kAccRegs];
     float part[kAccRegs];
+    float part_next[kAccRegs];  // unused (and free) without pipelined promotion
+    uint32_t reduce_phase = 0;
     while (scheduler.next(tile)) {
         const int32_t n0 = tile.n_block * BLOCK_N;
-        const float* sb_first = sb + (int64_t(tile.group) * kNumScaleBRows + n0 / 128) * kNumKBlocks;
+        // A tile past N (the idle half of a cluster's last unit) reads the last
+        // scale row: its results are never stored.
+        const int32_t sb_row = min(n0 / 128, kNumScaleBRows - 1);
+        const float* sb_first = sb + (int64_t(tile.group) * kNumScaleBRows + sb_row) * kNumKBlocks;
         // Columns from `split` on belong to the next 128-column scale block.
         const int32_t split = kOneScaleB ? BLOCK_N : min(128 - n0 % 128, BLOCK_N);
-        const bool has_second = split < BLOCK_N && n0 / 128 + 1 < kNumScaleBRows;
+        const bool has_second = split < BLOCK_N && sb_row + 1 < kNumScaleBRows;
         const float* sb_second = has_second ? sb_first + kNumKBlocks : sb_first;
 
 #pragma unroll
         for (int i = 0; i < kAccRegs; ++i) acc[i] = 0.f;
 
-        for (int32_t kb = 0; kb < kNumKBlocks; ++kb) {
+        // One K block: wait for its stage, read its scales, issue its 4 wgmmas
+        // into `part` (asynchronous), and later retire it: release the stage
+        // and promote `part` into `acc` with sa * sb.
+        struct BlockScales {
+            float top0, top1, bottom0, bottom1;  // rows r / r + 8, scale block 0 / 1 of B
+            int32_t stage;
+        };
+        auto issue = [&](float(&part)[kAccRegs], int32_t kb, BlockScales& scales) {
             // Scale loads go out before the wait so their latency hides behind it.
             const float sb0 = ptx::ldg_float(sb_first + kb);
             const float sb1 = kOneScaleB ? sb0 : ptx::ldg_float(sb_second + kb);
             ptx::mbarrier_wait(&smem.full[ring.stage], ring.phase);
-            const float sa0 = smem.sa(ring.stage)[r];
-            const float sa1 = smem.sa(ring.stage)[r + 8];
-
+            const float sa0 = smem.sa(ring.stage)[r], sa1 = smem.sa(ring.stage)[r + 8];
+            scales = {sa0 * sb0, sa0 * sb1, sa1 * sb0, sa1 * sb1, ring.stage};
             const uint64_t desc_a = ptx::make_smem_desc_k128_sw128(smem.a(ring.stage) + wg * 64 * BLOCK_K);
             const uint64_t desc_b = ptx::make_smem_desc_k128_sw128(smem.b(ring.stage));
 #pragma unroll
@@ -210,27 +314,69 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
             for (int kk = 0; kk < BLOCK_K / 32; ++kk)  // 32 fp8 = 32 bytes of the swizzled row
                 wgmma_m64k32(part, desc_a + kk * (32 >> 4), desc_b + kk * (32 >> 4), kk > 0);
             ptx::wgmma_commit();
-            ptx::wgmma_wait<0>();
+            ring.advance();
+        };
+        auto retire = [&](float(&part)[kAccRegs], const BlockScales& scales) {
 #pragma unroll
             for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
-            if (lane == 0) ptx::mbarrier_arrive(&smem.empty[ring.stage]);
-            ring.advance();
-
-            const float s00 = sa0 * sb0, s01 = sa0 * sb1, s10 = sa1 * sb0, s11 = sa1 * sb1;
+            if (CLUSTER_N == 1) {
+                if (lane == 0) ptx::mbarrier_arrive(&smem.empty[scales.stage]);
+            } else if (lane < CLUSTER_N) {
+                ptx::mbarrier_arrive_cluster(&smem.empty[scales.stage], lane);
+            }
 #pragma unroll
             for (int i = 0; i < BLOCK_N / 8; ++i) {
                 // split is a multiple of 16, so a whole 8-column group shares one scale.
                 const bool second = !kOneScaleB && i * 8 >= split;
-                const float top = second ? s01 : s00, bottom = second ? s11 : s10;
+                const float top = second ? scales.top1 : scales.top0;
+                const float bottom = second ? scales.bottom1 : scales.bottom0;
                 acc[4 * i + 0] += part[4 * i + 0] * top;
                 acc[4 * i + 1] += part[4 * i + 1] * top;
                 acc[4 * i + 2] += part[4 * i + 2] * bottom;
                 acc[4 * i + 3] += part[4 * i + 3] * bottom;
             }
+        };
+
+        const int32_t kb_end = k_block_end(scheduler.cluster_rank);
+        int32_t kb = k_block_begin(scheduler.cluster_rank);
+        if (kPipelinePromotion) {
+            // Two register tiles: block kb + 1's wgmmas run while block kb is promoted.
+            BlockScales scales0, scales1;
+            if (kb < kb_end) issue(part, kb, scales0);
+            while (kb < kb_end) {
+                if (kb + 1 < kb_end) {
+                    issue(part_next, kb + 1, scales1);
+                    ptx::wgmma_wait<1>();
+                } else {
+                    ptx::wgmma_wait<0>();
+                }
+                retire(part, scales0);
+                if (++kb == kb_end) break;
+                if (kb + 1 < kb_end) {
+                    issue(part, kb + 1, scales0);
+                    ptx::wgmma_wait<1>();
+                } else {
+                    ptx::wgmma_wait<0>();
+                }
+                retire(part_next, scales1);
+                ++kb;
+            }
+        } else {
+            for (; kb < kb_end; ++kb) {
+                BlockScales scales;
+                issue(part, kb, scales);
+                ptx::wgmma_wait<0>();
+                retire(part, scales);
+            }
         }
-        store_tile(acc, tile, tma_out, smem.out, out, out_ld_bytes);
+        if (SPLIT_K == 1) {
+            store_tile(acc, tile, tma_out, smem.out, out, out_ld_bytes);
+        } else {
+            reduce_and_store_split_k(acc, tile, smem, scheduler.cluster_rank, reduce_phase, out, out_ld_bytes);
+            reduce_phase ^= 1;
+        }
     }
-    if (threadIdx.x % 128 == 0) ptx::tma_store_wait_all();
+    if (SPLIT_K == 1 && threadIdx.x % 128 == 0) ptx::tma_store_wait_all();
 }
 
 }  // namespace gemm
@@ -250,11 +396,16 @@ extern "C" __global__ void __launch_bounds__(gemm::kNumThreads, 1)
         ptx::prefetch_tma_descriptor(&tma_out);
         for (int s = 0; s < NUM_STAGES; ++s) {
             ptx::mbarrier_init(&smem.full[s], 1);
-            ptx::mbarrier_init(&smem.empty[s], kNumMathWarpgroups * 4);  // one arrive per math warp
+            ptx::mbarrier_init(&smem.empty[s], kEmptyArrivals);  // one arrive per math warp of each block
+        }
+        if (SPLIT_K > 1) {
+            ptx::mbarrier_init(smem.partial_ready, SPLIT_K * kNumMathWarpgroups * 4);
+            ptx::mbarrier_init(smem.partial_consumed, SPLIT_K * kNumMathWarpgroups * 4);
         }
         ptx::fence_barrier_init();
     }
-    __syncthreads();
+    // The peer block multicasts into our barriers: they must be live cluster-wide.
+    if (CLUSTER_N * SPLIT_K > 1) ptx::cluster_sync(); else __syncthreads();
 
     if (threadIdx.x < 128) {
         ptx::setmaxnreg_dec<kProducerRegs>();
@@ -263,4 +414,6 @@ extern "C" __global__ void __launch_bounds__(gemm::kNumThreads, 1)
         ptx::setmaxnreg_inc<kConsumerRegs>();
         consume(&tma_out, smem, sb, out, out_ld_bytes, shape_m, group_info);
     }
+    // Neither block may exit while its peer can still arrive on its barriers.
+    if (CLUSTER_N * SPLIT_K > 1) ptx::cluster_sync();
 }

@@ -75,6 +75,52 @@ DG_DEVICE void mbarrier_arrive(uint64_t* bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
 }
 
+// Arrive on the barrier at the same offset in block `cta_rank` of the cluster.
+DG_DEVICE void mbarrier_arrive_cluster(uint64_t* bar, uint32_t cta_rank) {
+    uint32_t remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(bar)), "r"(cta_rank));
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+}
+
+// Wait with acquire at cluster scope: the arrivals came from other blocks
+// whose shared-memory writes this thread is about to read.
+DG_DEVICE void mbarrier_wait_cluster(uint64_t* bar, uint32_t parity) {
+    asm volatile(
+        "{\n"
+        ".reg .pred done;\n"
+        "WAIT_%=:\n"
+        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT_%=;\n"
+        "}\n" ::"r"(smem_addr(bar)),
+        "r"(parity)
+        : "memory");
+}
+
+// Shared-memory address of the same variable in block `cta_rank` of the cluster.
+DG_DEVICE uint32_t cluster_map(const void* p, uint32_t cta_rank) {
+    uint32_t remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(p)), "r"(cta_rank));
+    return remote;
+}
+
+DG_DEVICE void ld_cluster_v4(uint32_t addr, float& x, float& y, float& z, float& w) {
+    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=f"(x), "=f"(y), "=f"(z), "=f"(w)
+                 : "r"(addr)
+                 : "memory");
+}
+
+DG_DEVICE uint32_t cluster_cta_rank() {
+    uint32_t rank;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+    return rank;
+}
+
+// Every thread of every block of the cluster (the cluster-wide __syncthreads).
+DG_DEVICE void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
 DG_DEVICE void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
                  : "memory");
@@ -91,6 +137,17 @@ DG_DEVICE void tma_load_2d(void* dst, const TmaDescriptor* desc, uint64_t* bar, 
         "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
         " [%0], [%1, {%3, %4}], [%2];\n" ::"r"(smem_addr(dst)),
         "l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(bar)), "r"(c0), "r"(c1)
+        : "memory");
+}
+
+// The same 2-D tile load, written into the same shared-memory offset of every
+// block of the cluster named in cta_mask, each completing its own `bar`.
+DG_DEVICE void tma_load_2d_multicast(void* dst, const TmaDescriptor* desc, uint64_t* bar, int32_t c0, int32_t c1,
+                                     uint16_t cta_mask) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+        " [%0], [%1, {%3, %4}], [%2], %5;\n" ::"r"(smem_addr(dst)),
+        "l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "h"(cta_mask)
         : "memory");
 }
 

@@ -15,9 +15,21 @@ struct Tile {
     int32_t rows_valid;  // rows of the tile that hold real output (<= BLOCK_M)
 };
 
-template <int kLayout, int kBlockM, int kBlockN, int kShapeN, int kNumGroups, int kRasterGroup>
+// With a cluster of kClusterN blocks, the blocks of a cluster take neighbouring
+// N blocks of the same M block (they share A, loaded once and multicast).  The
+// scheduler then walks "units" of kClusterN N blocks; when N has an odd number
+// of blocks the last unit's second tile lies past N: it is computed from
+// zero-filled (or unrelated) rows and its store is clipped, which keeps both
+// blocks' pipelines in step without special cases.
+//
+// With split-K (kSplitK blocks per cluster) every block of a cluster gets the
+// same tile and works on its own share of K.
+template <int kLayout, int kBlockM, int kBlockN, int kShapeN, int kNumGroups, int kRasterGroup, int kClusterN,
+          int kSplitK>
 struct TileScheduler {
+    static constexpr int kClusterSize = kClusterN * kSplitK;
     static constexpr int kNumNBlocks = (kShapeN + kBlockN - 1) / kBlockN;
+    static constexpr int kNumNUnits = (kNumNBlocks + kClusterN - 1) / kClusterN;
 
     // Dense / contiguous: M is the number of rows of A.  Masked: M is max_m
     // (rows per group), and group_info holds masked_m[G].  Contiguous:
@@ -25,6 +37,8 @@ struct TileScheduler {
     const int32_t shape_m;
     const int32_t* group_info;
     int32_t next_tile;
+    int32_t cluster_rank;
+    int32_t num_clusters;
 
     // Masked layout: cursor over the groups (tile indices only grow).
     int32_t cursor_group = 0;
@@ -32,7 +46,9 @@ struct TileScheduler {
     int32_t cursor_m_blocks = 0;
 
     DG_DEVICE TileScheduler(int32_t m, const int32_t* info) : shape_m(m), group_info(info) {
-        next_tile = blockIdx.x;
+        cluster_rank = blockIdx.x % kClusterSize;
+        num_clusters = gridDim.x / kClusterSize;
+        next_tile = blockIdx.x / kClusterSize;
         if (kLayout == kMasked) cursor_m_blocks = masked_m_blocks(0);
     }
 
@@ -45,7 +61,7 @@ struct TileScheduler {
     // before moving to the next N block, so a wave of blocks shares few A and
     // B tiles in L2.
     DG_DEVICE static void raster(int32_t t, int32_t num_m_blocks, int32_t& m_block, int32_t& n_block) {
-        const int32_t band_tiles = kRasterGroup * kNumNBlocks;
+        const int32_t band_tiles = kRasterGroup * kNumNUnits;
         const int32_t band = t / band_tiles;
         const int32_t first_m = band * kRasterGroup;
         const int32_t band_m = min(kRasterGroup, num_m_blocks - first_m);
@@ -60,14 +76,15 @@ struct TileScheduler {
     DG_DEVICE bool next(Tile& tile) {
         while (true) {
             const int32_t t = next_tile;
-            next_tile += gridDim.x;
+            next_tile += num_clusters;
             if (kLayout == kMasked) {
                 if (!next_masked(t, tile)) return false;
                 return true;
             }
             const int32_t num_m_blocks = (shape_m + kBlockM - 1) / kBlockM;
-            if (t >= num_m_blocks * kNumNBlocks) return false;
+            if (t >= num_m_blocks * kNumNUnits) return false;
             raster(t, num_m_blocks, tile.m_block, tile.n_block);
+            tile.n_block = tile.n_block * kClusterN + (kClusterN > 1 ? cluster_rank : 0);
             tile.row_begin = tile.m_block * kBlockM;
             tile.rows_valid = min(kBlockM, shape_m - tile.row_begin);
             tile.group = 0;
@@ -82,12 +99,13 @@ struct TileScheduler {
 
     DG_DEVICE bool next_masked(int32_t t, Tile& tile) {
         // Advance the cursor to the group holding tile t.
-        while (t >= cursor_first_tile + cursor_m_blocks * kNumNBlocks) {
-            cursor_first_tile += cursor_m_blocks * kNumNBlocks;
+        while (t >= cursor_first_tile + cursor_m_blocks * kNumNUnits) {
+            cursor_first_tile += cursor_m_blocks * kNumNUnits;
             if (++cursor_group >= kNumGroups) return false;
             cursor_m_blocks = masked_m_blocks(cursor_group);
         }
         raster(t - cursor_first_tile, cursor_m_blocks, tile.m_block, tile.n_block);
+        tile.n_block = tile.n_block * kClusterN + (kClusterN > 1 ? cluster_rank : 0);
         const int32_t rows = min(max(ptx::ldg_int(group_info + cursor_group), 0), shape_m);
         tile.group = cursor_group;
         tile.row_begin = cursor_group * shape_m + tile.m_block * kBlockM;

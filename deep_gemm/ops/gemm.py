@@ -5,10 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
-from ..plan import plan_dense
-from ..utils import get_num_sms
+from .. import utils as _utils
+from ..plan import plan_cached
+from ..runtime.launch import LaunchCache
 from ..validation import check_dense
 from .device import runs_on_hopper
+from . import library as _library
+
+_is_compiling = _library.is_compiling
 
 
 def pad_k_to_16(pair):
@@ -25,6 +29,58 @@ def pad_k_to_16(pair):
     return padded, pair[1]
 
 
+# ---- launch cache ---------------------------------------------------------------------------
+# A call whose tensors have the same data pointers, shapes, strides, dtypes and devices as an
+# earlier call that passed validation, was planned and launched as it came (no tensor copied,
+# padded or staged), launches exactly the same kernel with exactly the same parameters: the key
+# below holds all of those (the stream is not part of it: it is read at every launch). So on a
+# hit the key doubles as the validation, and the call is one dict lookup and one launch.
+# Only plain tensors take part; any other input (and any miss) goes the long way, which
+# validates everything and names the culprit.
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+_BF16 = torch.bfloat16
+_dense_launches = LaunchCache()
+
+
+def _sms_for_key(key, device: torch.device) -> int:
+    """The SM count a launch is planned with: the set_num_sms() value captured in the key (so an
+    entry always matches its key even if set_num_sms runs meanwhile), else the device's count."""
+    override = key[-1] if key is not None else _utils._num_sms_override
+    return override if override is not None else _utils.device_sm_count(device.index)
+
+
+def _dense_key(lhs, rhs, out):
+    """Everything a dense launch depends on, or None for a call that must take the long way."""
+    try:
+        if type(lhs) is not tuple or type(rhs) is not tuple or len(lhs) != 2 or len(rhs) != 2:
+            return None
+        a, sa = lhs
+        b, sb = rhs
+        if not (type(a) in _PLAIN and type(sa) in _PLAIN and type(b) in _PLAIN and type(sb) in _PLAIN
+                and type(out) in _PLAIN):
+            return None
+        return (a.data_ptr(), sa.data_ptr(), b.data_ptr(), sb.data_ptr(), out.data_ptr(),
+                a.shape, a.stride(), sa.shape, sa.stride(), b.shape, b.stride(), sb.shape, sb.stride(),
+                out.shape, out.stride(), a.dtype, sa.dtype, b.dtype, sb.dtype, out.dtype,
+                a.device, sa.device, b.device, sb.device, out.device, _utils._num_sms_override)
+    except Exception:  # exotic tensors whose pointers or strides cannot be read: the long way
+        return None
+
+
+def _new_dense_out(lhs, rhs):
+    """out for out=None, allocated up front so that the call can use the launch cache (torch's
+    caching allocator tends to hand back the same block call after call). Only the plain CUDA
+    case whose rows need no padding (N % 8 == 0), where validation would allocate exactly this;
+    None otherwise, and validation allocates as before."""
+    if type(lhs) is tuple and type(rhs) is tuple and len(lhs) == 2 and len(rhs) == 2:
+        a, b = lhs[0], rhs[0]
+        if type(a) in _PLAIN and type(b) in _PLAIN and a.is_cuda:
+            a_shape, b_shape = a.shape, b.shape
+            if len(a_shape) == 2 and len(b_shape) == 2 and b_shape[0] % 8 == 0:
+                return torch.empty((a_shape[0], b_shape[0]), dtype=_BF16, device=a.device)
+    return None
+
+
 def gemm_fp8_fp8_bf16_nt(lhs, rhs, out=None):
     """out[M, N] (bf16) = A[M, K] @ B[N, K]^T with DeepSeek-V3 block scales.
 
@@ -32,6 +88,17 @@ def gemm_fp8_fp8_bf16_nt(lhs, rhs, out=None):
     column-major TMA-aligned), rhs = (B: float8_e4m3fn [N, K], sb: float32
     [ceil(N/128), ceil(K/128)]).  Returns `out` (allocated when None).
     """
+    if _is_compiling():  # torch.compile / export: trace one custom op (ops/library.py)
+        return _library.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
+    if out is None:
+        out = _new_dense_out(lhs, rhs)
+    key = _dense_key(lhs, rhs, out)
+    if key is not None:
+        launch = _dense_launches.get(key)
+        if launch is not None:
+            launch.fire()
+            return out
+
     args = check_dense(pad_k_to_16(lhs), pad_k_to_16(rhs), out)
     result = out if out is not None else args.out
     if args.m == 0:
@@ -40,16 +107,21 @@ def gemm_fp8_fp8_bf16_nt(lhs, rhs, out=None):
         reference.gemm_fp8_fp8_bf16_nt((args.a, args.sa), (args.b, args.sb), args.out)
         return result
 
-    a, b, out = args.a, args.b, args.out
+    a, b, target = args.a, args.b, args.out
     # TMA stores need 16-byte output rows; odd N goes through a padded buffer.
-    staged = out.stride(0) % 8 != 0 or out.data_ptr() % 16 != 0
-    target = torch.empty((args.m, (args.n + 7) // 8 * 8), dtype=torch.bfloat16, device=out.device) if staged else out
-
-    from ..runtime.kernels import launch_gemm
-    config = plan_dense(args.m, args.n, args.k, get_num_sms())
-    launch_gemm(config, a=a, a_rows=args.m, sa=args.sa, sa_rows=args.m, sa_cols=args.sa.shape[-1],
-                b=b, b_rows=args.n, sb=args.sb, out=target, out_rows=args.m, shape_m=args.m,
-                group_info=None, num_sms=get_num_sms())
+    staged = target.stride(0) % 8 != 0 or target.data_ptr() % 16 != 0
     if staged:
-        out.copy_(target[:, :args.n])
+        target = torch.empty((args.m, (args.n + 7) // 8 * 8), dtype=torch.bfloat16, device=target.device)
+
+    from ..runtime.kernels import prepare_gemm
+    num_sms = _sms_for_key(key, a.device)
+    config = plan_cached(args.m, args.n, args.k, num_sms)
+    launch = prepare_gemm(config, a, args.m, args.sa, args.m, args.sa.shape[-1], b, args.n, args.sb,
+                          target, args.m, args.m, None, num_sms)
+    if (key is not None and not staged and a is lhs[0] and args.sa is lhs[1] and b is rhs[0]
+            and args.sb is rhs[1] and args.out is out):
+        _dense_launches.put(key, launch)   # launched as it came: the key describes it fully
+    launch.fire()
+    if staged:
+        args.out.copy_(target[:, :args.n])
     return result

@@ -58,7 +58,7 @@ class LoadedKernel:
     """One cubin loaded on one device, with its launch geometry."""
 
     def __init__(self, cubin: bytes, kernel_name: str, num_threads: int, smem_bytes: int,
-                 param_types):
+                 param_types, cluster_size: int = 1):
         cu = driver()
         self.module = check(cu.cuModuleLoadData(cubin))
         self.function = check(cu.cuModuleGetFunction(self.module, kernel_name.encode()))
@@ -68,7 +68,24 @@ class LoadedKernel:
         self.smem_bytes = smem_bytes
         self._param_types = list(param_types)
         self._local = threading.local()
+        self.cluster_size = cluster_size
         self._launch = cu.cuLaunchKernel
+        if cluster_size > 1:
+            self._launch_ex = cu.cuLaunchKernelEx
+            self._config = cu.CUlaunchConfig()
+            self._config.blockDimX, self._config.blockDimY, self._config.blockDimZ = num_threads, 1, 1
+            self._config.gridDimY = self._config.gridDimZ = 1
+            self._config.sharedMemBytes = smem_bytes
+            attr = cu.CUlaunchAttribute()
+            attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+            attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cluster_size, 1, 1
+            self._config.attrs = [attr]
+            self._config.numAttrs = 1
+            # Clusters must fit in one GPC: fewer than SMs / cluster_size may be resident.
+            self._config.gridDimX = cluster_size
+            self.max_active_clusters = check(cu.cuOccupancyMaxActiveClusters(self.function, self._config))
+        else:
+            self.max_active_clusters = None
 
     def args(self) -> ArgPack:
         pack = getattr(self._local, "pack", None)
@@ -77,7 +94,13 @@ class LoadedKernel:
         return pack
 
     def launch(self, grid: int, stream: int, pack: ArgPack) -> None:
-        err, = self._launch(self.function, grid, 1, 1, self.num_threads, 1, 1, self.smem_bytes, stream,
-                            pack.address, 0)
+        if self.cluster_size == 1:
+            err, = self._launch(self.function, grid, 1, 1, self.num_threads, 1, 1, self.smem_bytes, stream,
+                                pack.address, 0)
+        else:
+            config = self._config
+            config.gridDimX = grid
+            config.hStream = stream
+            err, = self._launch_ex(config, self.function, pack.address, 0)
         if err != 0:
             check((err,))

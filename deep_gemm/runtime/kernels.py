@@ -10,6 +10,7 @@ from ..jit import compile_kernel
 from ..jit.kernel_source import GEMM_KERNEL_NAME, gemm_source
 from ..plan import KernelConfig, store_chunk_cols, ceil_div, LAYOUT_MASKED
 from .driver import TMA_DESCRIPTOR, LoadedKernel
+from .launch import GEMM_PARAM_OFFSETS, PreparedLaunch, pack_gemm_params
 from .tma import SWIZZLE_128B, tensor_map_2d
 
 # Kernel parameters, in order (kernels/gemm.cuh: deep_gemm_fp8_gemm).
@@ -46,19 +47,19 @@ def gemm_kernel(config: KernelConfig, device_index: int) -> LoadedKernel:
                                       arch=device_arch(torch.device("cuda", device_index)), name=config.name)
             with torch.cuda.device(device_index):
                 kernel = LoadedKernel(compiled.cubin, GEMM_KERNEL_NAME, config.num_threads,
-                                      config.smem_bytes, GEMM_PARAM_TYPES)
+                                      config.smem_bytes, GEMM_PARAM_TYPES, config.cluster_size)
             _loaded[(config, device_index)] = kernel
     return kernel
 
 
-def launch_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: torch.Tensor, sa_rows: int,
-                sa_cols: int, b: torch.Tensor, b_rows: int, sb: torch.Tensor, out: torch.Tensor, out_rows: int,
-                shape_m: int, group_info, num_sms: int) -> None:
-    """Launch the GEMM over 2-D views.
+def prepare_gemm(config: KernelConfig, a: torch.Tensor, a_rows: int, sa: torch.Tensor, sa_rows: int,
+                 sa_cols: int, b: torch.Tensor, b_rows: int, sb: torch.Tensor, out: torch.Tensor, out_rows: int,
+                 shape_m: int, group_info, num_sms: int) -> PreparedLaunch:
+    """The GEMM over 2-D views, packed and ready to fire (see launch_gemm for the arguments).
 
-    a: rows of K fp8 (row stride a.stride(-2)); sa: fp32 [sa_cols][sa_rows] with a
-    row stride of sa.stride(-1) elements (the column-major scales); b: rows of K;
-    out: bf16 rows of N.  `shape_m` is M (dense, contiguous) or max_m (masked).
+    The result depends only on `config`, the device, num_sms, shape_m, the row counts and
+    the tensors' data pointers, shapes and strides, which is what lets the public functions
+    cache it per call site (runtime/launch.py).
     """
     device_index = a.device.index
     kernel = gemm_kernel(config, device_index)
@@ -67,23 +68,33 @@ def launch_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: torch
     # With one K block the scales' K stride is meaningless to torch; TMA needs the real one.
     sa_stride = sa.stride(-1) if sa.shape[-1] > 1 else (sa_rows + 3) // 4 * 4
     maps = (
-        tensor_map_2d(a.data_ptr(), "u8", k, a_rows, a.stride(-2), config.block_k, config.block_m, SWIZZLE_128B),
+        tensor_map_2d(a.data_ptr(), "u8", k, a_rows, a.stride(-2), config.block_k,
+                     config.block_m // config.cluster_n, SWIZZLE_128B),
         tensor_map_2d(b.data_ptr(), "u8", k, b_rows, b.stride(-2), config.block_k, config.block_n, SWIZZLE_128B),
         tensor_map_2d(sa.data_ptr(), "f32", sa_rows, sa_cols, sa_stride * 4, config.block_m, 1, 0),
         tensor_map_2d(out.data_ptr(), "bf16", n, out_rows, out.stride(-2) * 2, chunk, 64, chunk * 2),
     )
-    pack = kernel.args()
-    buffers = pack.buffers
-    for i, descriptor in enumerate(maps):
-        ctypes.memmove(buffers[i], descriptor, 128)
-    buffers[4].value = sb.data_ptr()
-    buffers[5].value = out.data_ptr()
-    buffers[6].value = out.stride(-2) * 2
-    buffers[7].value = shape_m
-    buffers[8].value = group_info.data_ptr() if group_info is not None else 0
-    if config.layout == LAYOUT_MASKED:
-        grid = num_sms
-    else:
-        tiles = ceil_div(shape_m, config.block_m) * ceil_div(n, config.block_n)
-        grid = max(1, min(num_sms, tiles))
-    kernel.launch(grid, torch.cuda.current_stream(a.device).cuda_stream, pack)
+    params = pack_gemm_params(maps, sb.data_ptr(), out.data_ptr(), out.stride(-2) * 2, shape_m,
+                              group_info.data_ptr() if group_info is not None else 0)
+    # Persistent grid: one block per SM at most, whole clusters only.
+    clusters = num_sms // config.cluster_size
+    if kernel.max_active_clusters:
+        clusters = min(clusters, kernel.max_active_clusters)
+    if config.layout != LAYOUT_MASKED:
+        units = ceil_div(shape_m, config.block_m) * ceil_div(ceil_div(n, config.block_n), config.cluster_n)
+        clusters = max(1, min(clusters, units))
+    grid = clusters * config.cluster_size
+    return PreparedLaunch(kernel, grid, device_index, params, GEMM_PARAM_OFFSETS)
+
+
+def launch_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: torch.Tensor, sa_rows: int,
+                sa_cols: int, b: torch.Tensor, b_rows: int, sb: torch.Tensor, out: torch.Tensor, out_rows: int,
+                shape_m: int, group_info, num_sms: int) -> None:
+    """Launch the GEMM over 2-D views on the current stream.
+
+    a: rows of K fp8 (row stride a.stride(-2)); sa: fp32 [sa_cols][sa_rows] with a
+    row stride of sa.stride(-1) elements (the column-major scales); b: rows of K;
+    out: bf16 rows of N.  `shape_m` is M (dense, contiguous) or max_m (masked).
+    """
+    prepare_gemm(config, a, a_rows, sa, sa_rows, sa_cols, b, b_rows, sb, out, out_rows, shape_m, group_info,
+                 num_sms).fire()

@@ -1,0 +1,96 @@
+"""GPU time and achieved bandwidth of the FP8 cast kernels.
+
+    from deep_gemm.bench_cast import bench_casts
+    rows = bench_casts()        # prints a table; returns one dict per case
+
+Each case: median over `iters` calls of the GPU time between two CUDA events around one call
+(the inputs are hundreds of MB, far past the 50 MB L2, so no flush is needed), and the
+bandwidth counting the fewest bytes a cast must move: x read once, q and the scales written
+once. Host overhead is measured apart, on a small input: CPU time per call for calls issued
+back to back without synchronising.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+HBM_BYTES_PER_S = 3.0e12    # device-to-device copy measured on the H100 (read + write)
+CASES = (
+    # name, kind, shape, dtype
+    ("per_token [16384, 7168]", "per_token", (16384, 7168), torch.bfloat16),
+    ("per_token masked [32, 4096, 7168]", "per_token", (32, 4096, 7168), torch.bfloat16),
+    ("per_block [7168, 16384]", "per_block", (7168, 16384), torch.bfloat16),
+    ("per_block [7168, 16384] fp32", "per_block", (7168, 16384), torch.float32),
+)
+HOST_SHAPE = (128, 7168)
+HOST_CALLS = 200
+
+
+def _moved_bytes(kind: str, x: torch.Tensor) -> int:
+    k = x.shape[-1]
+    kb = -(-k // 128)
+    rows = x.numel() // k
+    if kind == "per_token":
+        num_scales = rows * kb
+    else:
+        groups = x.shape[0] if x.dim() == 3 else 1
+        num_scales = groups * -(-x.shape[-2] // 128) * kb
+    return x.numel() * x.element_size() + x.numel() + 4 * num_scales
+
+
+def _gpu_us(fn, iters: int) -> float:
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for i in range(iters):
+        start[i].record()
+        fn()
+        end[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(start, end)) * 1e3
+
+
+def _host_us(fn) -> float:
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(HOST_CALLS):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return statistics.median(times) * 1e6
+
+
+def bench_casts(iters: int = 50, warmup: int = 3, verbose: bool = True) -> list:
+    """Time every case in CASES on the current GPU; return rows of
+    {name, kind, shape, dtype, us, gbps, pct_of_hbm, host_us}."""
+    import deep_gemm
+
+    casts = {"per_token": deep_gemm.per_token_cast_to_fp8, "per_block": deep_gemm.per_block_cast_to_fp8}
+    rows = []
+    for name, kind, shape, dtype in CASES:
+        x = torch.randn(shape, device="cuda", dtype=dtype)
+        fn = casts[kind]
+        for _ in range(warmup):      # compile, load, and settle the allocator
+            fn(x)
+        us = _gpu_us(lambda: fn(x), iters)
+        small = torch.randn(HOST_SHAPE, device="cuda", dtype=dtype)
+        fn(small)
+        host = _host_us(lambda: fn(small))
+        moved = _moved_bytes(kind, x)
+        gbps = moved / (us * 1e-6) / 1e9
+        rows.append({"name": name, "kind": kind, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
+                     "us": round(us, 1), "gbps": round(gbps, 1),
+                     "pct_of_hbm": round(100 * gbps * 1e9 / HBM_BYTES_PER_S, 1), "host_us": round(host, 1)})
+        del x
+        torch.cuda.empty_cache()
+    if verbose:
+        print(f"{'cast':40} {'GPU us':>9} {'GB/s':>8} {'% of 3.0 TB/s':>14} {'host us':>8}")
+        for r in rows:
+            print(f"{r['name']:40} {r['us']:9.1f} {r['gbps']:8.1f} {r['pct_of_hbm']:14.1f} {r['host_us']:8.1f}")
+    return rows
+
+
+if __name__ == "__main__":
+    bench_casts()

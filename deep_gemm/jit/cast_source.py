@@ -1,0 +1,78 @@
+"""Generated translation units for the FP8 cast kernels (deep_gemm/kernels/cast.cuh).
+
+Everything but K, the input dtype, the access width and the kind (per-token or per-block) is a
+run-time argument, so one compiled kernel serves every M (and N, and number of groups).
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+PER_TOKEN = "per_token"
+PER_BLOCK = "per_block"
+KERNEL_NAMES = {PER_TOKEN: "deep_gemm_per_token_cast", PER_BLOCK: "deep_gemm_per_block_cast"}
+DTYPES = ("bf16", "fp16", "fp32")      # cast.cuh's CAST_BF16 / CAST_FP16 / CAST_FP32, in order
+NUM_THREADS = {"per_token": 256, "per_block": 256}   # per_block: 4 rows of 16 per thread, no spills
+FP8_MAX = 448.0
+AMAX_FLOOR = 1e-4
+
+
+def f32_bits(value: float) -> str:
+    """The float32 nearest `value` as a hex bit pattern: exactly what torch converts a Python
+    scalar to, with no chance of the C++ literal parser rounding differently."""
+    return f"0x{struct.unpack('<I', struct.pack('<f', value))[0]:08X}u"
+
+
+def _f32(value: float) -> float:
+    return struct.unpack('<f', struct.pack('<f', value))[0]
+
+
+@dataclass(frozen=True)
+class CastConfig:
+    """Compile-time description of one cast kernel variant."""
+    kind: str          # PER_TOKEN or PER_BLOCK
+    k: int             # columns of the input
+    dtype: str         # one of DTYPES
+    vec: bool          # 16-byte accesses (K % 16 == 0 and 16-byte aligned rows)
+
+    def __post_init__(self):
+        if self.kind not in KERNEL_NAMES:
+            raise ValueError(f"kind must be one of {sorted(KERNEL_NAMES)}, got {self.kind!r}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be a positive int, got {self.k!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.vec and self.k % 16:
+            raise ValueError(f"vec needs k % 16 == 0, got k={self.k}")
+
+    @property
+    def kernel_name(self) -> str:
+        return KERNEL_NAMES[self.kind]
+
+    @property
+    def num_threads(self) -> int:
+        return NUM_THREADS[self.kind]
+
+    @property
+    def name(self) -> str:
+        """Label for logs and cache folders."""
+        return f"cast_{self.kind}_{self.dtype}_k{self.k}_{'v16' if self.vec else 'scalar'}"
+
+
+def cast_source(config: CastConfig) -> str:
+    # torch computes `amax / 448.0` on CUDA as amax * (1.0f / 448.0f) (a CPU-scalar divisor becomes
+    # a multiply by its fp32 reciprocal), so the kernel multiplies by the same fp32 constant.
+    inv_fp8_max = _f32(_f32(1.0) / _f32(FP8_MAX))
+    constants = {
+        "CAST_K": config.k,
+        "CAST_IN_DTYPE": DTYPES.index(config.dtype),
+        "CAST_VEC": int(config.vec),
+        "CAST_PER_BLOCK": int(config.kind == PER_BLOCK),
+        "CAST_THREADS": config.num_threads,
+        "CAST_AMAX_FLOOR_BITS": f32_bits(AMAX_FLOOR),
+        "CAST_INV_FP8_MAX_BITS": f32_bits(inv_fp8_max),
+    }
+    lines = [f"// deep_gemm cast kernel {config.name}"]
+    lines += [f"#define {key} {value}" for key, value in constants.items()]
+    lines.append('#include "cast.cuh"')
+    return "\n".join(lines) + "\n"

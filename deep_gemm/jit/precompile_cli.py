@@ -1,0 +1,264 @@
+"""`python -m deep_gemm precompile`: build, before serving, every kernel a workload needs.
+
+M is a run-time value, but the planner's choice of tile (and so of kernel) depends
+on M.  So for each requested (layout, N, K, groups) we plan every M of the range
+(pure Python, ~10 us a plan), keep the unique KernelConfigs and compile them in
+parallel through deep_gemm.jit.precompile, filling the disk cache that the
+first call of each shape would otherwise fill (and that CUDA-graph capture
+cannot fill: loading a module during capture is not permitted).
+
+    python -m deep_gemm precompile --preset deepseek-v3
+    python -m deep_gemm precompile --shape 4096x7168 --grouped masked:32:4096x7168:128 --json
+
+Exit status: 0 when every kernel compiled with no register spill, no stack frame and
+no ignored setmaxnreg; 1 otherwise (the message names the kernels); 2 for bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import re
+import sys
+import time
+from typing import Iterable, List, NamedTuple, Sequence
+
+from ..plan import LAYOUT_CONTIGUOUS, LAYOUT_DENSE, LAYOUT_MASKED, LAYOUT_NAMES, KernelConfig, plan_dense
+
+DEFAULT_MAX_M = 16384
+SUPPORTED_ARCHS = ("sm_90a",)   # the kernel uses wgmma/setmaxnreg: arch-specific sm_90a only
+
+# ANCHORS.md: the dense DeepSeek-V3/R1 projections (N, K) and the benchmark's M values.
+ANCHOR_NK = ((7168, 576), (2112, 7168), (24576, 1536), (32768, 512),
+             (7168, 16384), (4096, 7168), (7168, 2048))
+ANCHOR_M = (64, 128, 4096)
+
+# DeepSeek-V3/R1 routed experts: gate+up fused (N = 2 x 2048, K = 7168) and down (7168, 2048).
+# 256 experts; with expert parallelism each rank holds 256/EP of them.  NUM_GROUPS is a
+# compile-time constant, so each G is its own kernel: G = 256 (no EP), 32, 16, 8 (EP 8, 16, 32).
+DSV3_MOE_NK = ((4096, 7168), (7168, 2048))
+DSV3_GROUPS = (8, 16, 32, 256)
+# Masked layout (DeepEP low-latency decode): expected_m = tokens routed to one expert, a
+# small number in decode; 1..1024 covers batch x top-8 / experts for any realistic batch.
+DSV3_MASKED_EXPECTED_M = 1024
+
+
+class Request(NamedTuple):
+    """Plan `layout` for (n, k, num_groups) at every M in `m_values`
+    (for the masked layout M is expected_m, the value the planner sees)."""
+    layout: int
+    n: int
+    k: int
+    num_groups: int
+    m_values: Sequence[int]
+
+
+def preset_requests(name: str, max_m: int) -> List[Request]:
+    every_m = range(1, max_m + 1)
+    if name == "anchors":
+        return [Request(LAYOUT_DENSE, n, k, 1, ANCHOR_M) for n, k in ANCHOR_NK]
+    if name == "deepseek-v3":
+        reqs = [Request(LAYOUT_DENSE, n, k, 1, every_m) for n, k in ANCHOR_NK]
+        for g in DSV3_GROUPS:
+            for n, k in DSV3_MOE_NK:
+                reqs.append(Request(LAYOUT_CONTIGUOUS, n, k, g, every_m))
+                reqs.append(Request(LAYOUT_MASKED, n, k, g,
+                                    range(1, min(max_m, DSV3_MASKED_EXPECTED_M) + 1)))
+        return reqs
+    raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
+
+
+PRESETS = ("anchors", "deepseek-v3")
+
+
+def plan_all(requests: Iterable[Request], num_sms: int) -> List[KernelConfig]:
+    """Unique configs, in first-planned order (deterministic)."""
+    # DG_PRINT_CONFIGS would print one line per planned M here: silence it while planning.
+    saved = os.environ.pop("DG_PRINT_CONFIGS", None)
+    try:
+        seen = {}
+        for r in requests:
+            for m in r.m_values:
+                config = plan_dense(m, r.n, r.k, num_sms, layout=r.layout, num_groups=r.num_groups)
+                seen.setdefault(config, None)
+        return list(seen)
+    finally:
+        if saved is not None:
+            os.environ["DG_PRINT_CONFIGS"] = saved
+
+
+# ---- argument parsing ---------------------------------------------------------------------
+
+_INT = r"([1-9]\d*)"
+
+
+def _parse_shape(text: str, max_m: int) -> Request:
+    m = re.fullmatch(rf"{_INT}x{_INT}x{_INT}|{_INT}x{_INT}", text.strip().lower())
+    if not m:
+        raise ValueError(f"--shape must be MxNxK or NxK with positive integers, got {text!r}")
+    if m.group(1):
+        return Request(LAYOUT_DENSE, int(m.group(2)), int(m.group(3)), 1, (int(m.group(1)),))
+    return Request(LAYOUT_DENSE, int(m.group(4)), int(m.group(5)), 1, range(1, max_m + 1))
+
+
+def _parse_grouped(text: str, max_m: int) -> Request:
+    m = re.fullmatch(rf"(contiguous|masked):{_INT}:{_INT}x{_INT}(?::{_INT})?", text.strip().lower())
+    if not m or (m.group(1) == "contiguous" and m.group(5)):
+        raise ValueError(f"--grouped must be contiguous:G:NxK or masked:G:NxK[:expected_m] with "
+                         f"positive integers, got {text!r}")
+    layout = LAYOUT_CONTIGUOUS if m.group(1) == "contiguous" else LAYOUT_MASKED
+    ms = (int(m.group(5)),) if m.group(5) else range(1, max_m + 1)
+    return Request(layout, int(m.group(3)), int(m.group(4)), int(m.group(2)), ms)
+
+
+def default_arch() -> str:
+    """The current GPU's arch, or sm_90a when there is none (compiling needs no GPU)."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return f"sm_{major}{minor}" + ("a" if major == 9 else "")
+    except Exception:  # no usable torch/CUDA: cross-compile for Hopper
+        pass
+    return "sm_90a"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m deep_gemm precompile",
+        description="Compile the kernels that the given shapes need (for every M of a range "
+                    "where M is left out) into the JIT cache ($DG_JIT_CACHE_DIR).")
+    p.add_argument("--arch", help="target, e.g. sm_90a (default: the current GPU's, else sm_90a)")
+    p.add_argument("--shape", action="append", default=[], metavar="MxNxK|NxK",
+                   help="dense GEMM; NxK means every M from 1 to --max-m (repeatable)")
+    p.add_argument("--grouped", action="append", default=[],
+                   metavar="contiguous:G:NxK|masked:G:NxK[:expected_m]",
+                   help="grouped MoE GEMM with G groups; without expected_m, every M "
+                        "(contiguous: total rows; masked: expected_m) from 1 to --max-m")
+    p.add_argument("--preset", action="append", default=[], choices=PRESETS,
+                   help="anchors: the dense shapes of ANCHORS.md; deepseek-v3: every dense and "
+                        "MoE kernel of DeepSeek-V3/R1 for M up to --max-m")
+    p.add_argument("--max-m", type=int, default=DEFAULT_MAX_M, help=f"default {DEFAULT_MAX_M}")
+    p.add_argument("--num-sms", type=int, default=None,
+                   help="SMs the kernels will use (default: deep_gemm.get_num_sms())")
+    p.add_argument("--workers", type=int, default=None, help="compile processes (default: CPUs, <= 16)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of the kernels on stdout")
+    p.add_argument("--dry-run", action="store_true", help="list the kernels without compiling")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+CAST_DTYPES = ("bf16",)  # activations of DeepSeek-V3 (and most serving stacks) are bf16
+
+
+def cast_jobs(ks: Iterable[int], arch: str) -> tuple:
+    """(configs, jobs) of the FP8 cast kernels for every K, when deep_gemm.jit.cast_source
+    exists (it is optional: without it the casts run in torch and there is nothing to build).
+
+    A cast kernel depends on K, the input dtype and whether rows allow 16-byte accesses, never
+    on M: both kinds for each K and CAST_DTYPES, with 16-byte accesses (contiguous inputs,
+    K % 16 == 0) and element-wise (misaligned rows), as ops/cast.precompile_casts does.
+    """
+    try:
+        mod = importlib.import_module(f"{__package__}.cast_source")
+    except ImportError:
+        return [], []
+    try:
+        configs = [mod.CastConfig(kind=kind, k=k, dtype=dtype, vec=vec)
+                   for k in sorted(set(ks)) for kind in sorted(mod.KERNEL_NAMES) for dtype in CAST_DTYPES
+                   for vec in ((True, False) if k % 16 == 0 else (False,))]
+        jobs = [(c.name, mod.cast_source(c), c.kernel_name, arch) for c in configs]
+    except (AttributeError, TypeError, ValueError) as e:  # an API we don't know: say so, go on
+        print(f"precompile: cast kernels skipped, deep_gemm.jit.cast_source is not usable ({e})",
+              file=sys.stderr)
+        return [], []
+    return configs, jobs
+
+
+def _record(name: str, config, kernel) -> dict:
+    r = kernel.resources
+    return {"kernel": name, "config": dataclasses.asdict(config) if config is not None else {},
+            "registers": r.registers, "spill_bytes": r.spill_store_bytes + r.spill_load_bytes,
+            "stack_bytes": r.stack_bytes, "compile_s": round(kernel.compile_s, 4),
+            "from_cache": kernel.from_cache, "setmaxnreg_ignored": r.setmaxnreg_ignored}
+
+
+def _problem(rec: dict) -> str:
+    why = []
+    if rec["spill_bytes"]:
+        why.append(f"spills {rec['spill_bytes']} B")
+    if rec["stack_bytes"]:
+        why.append(f"stack frame {rec['stack_bytes']} B")
+    if rec["setmaxnreg_ignored"]:
+        why.append("setmaxnreg ignored (C7508)")
+    return ", ".join(why)
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(list(argv))
+    except SystemExit as e:  # -h or a usage error: argparse already printed why
+        return int(e.code or 0)
+    try:
+        if args.max_m < 1:
+            raise ValueError(f"--max-m must be >= 1, got {args.max_m}")
+        if args.workers is not None and args.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        requests = [_parse_shape(s, args.max_m) for s in args.shape]
+        requests += [_parse_grouped(s, args.max_m) for s in args.grouped]
+        for preset in args.preset:
+            requests += preset_requests(preset, args.max_m)
+        if not requests:
+            raise ValueError("nothing to compile: give --shape, --grouped or --preset")
+        arch = args.arch or default_arch()
+        if arch not in SUPPORTED_ARCHS:
+            raise ValueError(f"--arch {arch}: deep_gemm's kernels need {', '.join(SUPPORTED_ARCHS)} "
+                             f"(Hopper); pass --arch sm_90a to compile for it on any machine")
+        if args.num_sms is None:
+            from ..utils import get_num_sms
+            args.num_sms = get_num_sms()
+        if args.num_sms < 1:
+            raise ValueError(f"--num-sms must be >= 1, got {args.num_sms}")
+    except ValueError as e:
+        parser.print_usage(sys.stderr)
+        print(f"precompile: error: {e}", file=sys.stderr)
+        return 2
+
+    from .kernel_source import GEMM_KERNEL_NAME, gemm_source
+    t0 = time.perf_counter()
+    configs = plan_all(requests, args.num_sms)
+    plan_s = time.perf_counter() - t0
+    jobs = [(c.name, gemm_source(c), GEMM_KERNEL_NAME, arch) for c in configs]
+    owners: list = list(configs)
+    more_configs, more_jobs = cast_jobs({r.k for r in requests}, arch)
+    owners += more_configs
+    jobs += more_jobs
+    if args.dry_run:
+        names = [job[0] for job in jobs]
+        print(json.dumps(names, indent=1) if args.json else "\n".join(names))
+        print(f"{len(jobs)} kernels (planned in {plan_s:.2f} s)", file=sys.stderr)
+        return 0
+
+    from . import CompilationError, precompile
+    t0 = time.perf_counter()
+    try:
+        kernels = precompile(jobs, workers=args.workers, progress=not args.no_progress)
+    except (CompilationError, RuntimeError) as e:  # the message names the failed kernels
+        print(e, file=sys.stderr)
+        return 1
+    wall = time.perf_counter() - t0
+    records = [_record(job[0], owner, k) for job, owner, k in zip(jobs, owners, kernels)]
+    if args.json:
+        print(json.dumps(records, indent=1))
+    else:
+        built = sum(not r["from_cache"] for r in records)
+        print(f"precompiled {len(records)} kernels for {arch} in {wall:.1f} s "
+              f"({built} compiled, {len(records) - built} from the cache; planned in {plan_s:.2f} s)")
+    bad = [f"{r['kernel']} ({_problem(r)})" for r in records if _problem(r)]
+    if bad:
+        print(f"precompile: {len(bad)} kernel(s) would run slowly: " + "; ".join(bad), file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,231 @@
+"""FP8 casts on Hopper: validate -> allocate -> pick/compile/load the kernel -> launch.
+
+The results are bit-identical to deep_gemm.reference run on the same CUDA tensor (see
+kernels/cast.cuh for the arithmetic). utils._cast_impl routes CUDA tensors on Hopper here.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import torch
+
+from .. import reference
+from ..jit import compile_kernel
+from ..jit.cast_source import PER_BLOCK, PER_TOKEN, CastConfig, cast_source
+from ..runtime.driver import LoadedKernel
+from ..runtime.kernels import KernelNotReadyError, device_arch
+
+BLOCK = 128
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_FP8 = torch.float8_e4m3fn
+_INT32_MAX = 2**31 - 1
+# Kernel parameters, in order (kernels/cast.cuh).
+_PARAM_TYPES = {
+    PER_TOKEN: (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                ctypes.c_int32, ctypes.c_int32, ctypes.c_int32),
+    PER_BLOCK: (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                ctypes.c_int32, ctypes.c_int32),
+}
+
+_loaded: dict = {}          # (CastConfig, device index) -> LoadedKernel
+_lock = threading.Lock()
+launch_count = 0            # kernels launched by this module (tests check the GPU path ran)
+
+
+def cast_kernel(config: CastConfig, device_index: int) -> LoadedKernel:
+    """The loaded kernel for `config` on a device, compiling and loading it on first use."""
+    kernel = _loaded.get((config, device_index))
+    if kernel is not None:
+        return kernel
+    if torch.cuda.is_current_stream_capturing():
+        raise KernelNotReadyError(
+            f"deep_gemm: cast kernel {config.name} is not loaded yet and the current stream is "
+            "capturing a CUDA graph, where loading a module is not permitted. Run the same cast once "
+            "before capture (warm-up), or compile it ahead with deep_gemm.ops.cast.precompile_casts.")
+    with _lock:
+        kernel = _loaded.get((config, device_index))
+        if kernel is None:
+            compiled = compile_kernel(cast_source(config), config.kernel_name,
+                                      arch=device_arch(torch.device("cuda", device_index)), name=config.name)
+            with torch.cuda.device(device_index):
+                kernel = LoadedKernel(compiled.cubin, config.kernel_name, config.num_threads, 0,
+                                      _PARAM_TYPES[config.kind])
+            _loaded[(config, device_index)] = kernel
+    return kernel
+
+
+def precompile_casts(ks, dtypes=(torch.bfloat16,), device=None) -> None:
+    """Compile and load both casts for every K in `ks` (16-byte and element-wise variants), so
+    later casts never compile, e.g. before CUDA-graph capture."""
+    index = torch.device(device if device is not None else "cuda").index
+    index = torch.cuda.current_device() if index is None else index
+    for k in ks:
+        for dtype in dtypes:
+            for kind in (PER_TOKEN, PER_BLOCK):
+                for vec in ((True, False) if k % 16 == 0 else (False,)):
+                    cast_kernel(CastConfig(kind, k, _DTYPE_NAMES[dtype], vec), index)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, K] with unit column stride and one row stride (a view when x allows it)."""
+    k = x.shape[-1]
+    try:
+        rows = x.view(-1, k)
+    except RuntimeError:          # rows not uniformly strided: copy
+        rows = x.reshape(-1, k)
+    if k > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    return rows
+
+
+def _config(kind: str, rows: torch.Tensor) -> CastConfig:
+    k = rows.shape[1]
+    elem = rows.element_size()
+    # 16-byte accesses need every row of x (and of q, K bytes long) to start 16-byte aligned.
+    vec = (k % 16 == 0 and rows.data_ptr() % 16 == 0
+           and (rows.shape[0] <= 1 or rows.stride(0) * elem % 16 == 0))
+    return CastConfig(kind, k, _DTYPE_NAMES[rows.dtype], vec)
+
+
+def _launch(config: CastConfig, rows: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
+            grid: int, tail) -> None:
+    global launch_count
+    if grid > _INT32_MAX:
+        raise ValueError(f"x is too large for one cast launch ({grid} thread blocks)")
+    device_index = rows.device.index
+    kernel = cast_kernel(config, device_index)
+    pack = kernel.args()
+    buffers = pack.buffers
+    buffers[0].value = rows.data_ptr()
+    buffers[1].value = q.data_ptr()
+    buffers[2].value = scales.data_ptr()
+    buffers[3].value = rows.stride(0)
+    for i, value in enumerate(tail):
+        buffers[4 + i].value = value
+    stream = torch.cuda.current_stream(rows.device).cuda_stream
+    if torch.cuda.current_device() == device_index:
+        kernel.launch(grid, stream, pack)
+    else:   # the module lives in that device's context
+        with torch.cuda.device(device_index):
+            kernel.launch(grid, stream, pack)
+    launch_count += 1
+
+
+def _check_input(x) -> None:
+    reference._check_cast_input(x, "x")      # the reference's own errors, word for word
+    if not x.is_cuda:
+        raise ValueError(f"x must be a CUDA tensor for the GPU cast, got device {x.device}")
+
+
+def _check_output(name: str, t, dtype, shape, strides=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if strides is None:
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    elif any(size > 1 and st != want for size, st, want in zip(t.shape, t.stride(), strides)):
+        raise ValueError(f"{name} must have strides {tuple(strides)} (the column-major TMA-aligned "
+                         f"layout), got {t.stride()}")
+
+
+# ---- per-token (1x128) ------------------------------------------------------------------------
+def _token_geometry(x: torch.Tensor):
+    groups = x.shape[0] if x.dim() == 3 else 1
+    m, k = x.shape[-2], x.shape[-1]
+    kb = (k + BLOCK - 1) // BLOCK
+    aligned_m = (m + 3) // 4 * 4
+    return groups, m, k, kb, aligned_m
+
+
+def per_token_cast_into(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> None:
+    """Cast x [M, K] / [G, M, K] into preallocated q (e4m3, x's shape, contiguous) and scales
+    (float32 [..., M, ceil(K/128)] in the column-major TMA-aligned layout)."""
+    _check_input(x)
+    groups, m, k, kb, aligned_m = _token_geometry(x)
+    lead = (groups,) if x.dim() == 3 else ()
+    _check_output("q", q, _FP8, x.shape)
+    strides = ((kb * aligned_m,) if x.dim() == 3 else ()) + (1, aligned_m)
+    _check_output("scales", scales, torch.float32, lead + (m, kb), strides)
+    for name, t in (("q", q), ("scales", scales)):
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on {x.device}, got {t.device}")
+    _per_token_launch(x, q, scales)
+
+
+def _per_token_launch(x, q, scales) -> None:
+    groups, m, k, kb, aligned_m = _token_geometry(x)
+    if x.numel() == 0:
+        return
+    rows = _rows(x)
+    config = _config(PER_TOKEN, rows)
+    units_per_cta = config.num_threads // 8
+    ctas_per_group = (m * kb + units_per_cta - 1) // units_per_cta
+    if m > _INT32_MAX or ctas_per_group * units_per_cta > _INT32_MAX:
+        raise ValueError(f"x has too many rows for the cast kernel: shape {tuple(x.shape)}")
+    _launch(config, rows, q, scales, groups * ctas_per_group, (m, aligned_m, ctas_per_group))
+
+
+def per_token_cast_to_fp8(x: torch.Tensor):
+    """GPU per_token_cast_to_fp8 (see deep_gemm.reference for the semantics)."""
+    _check_input(x)
+    if x.numel() == 0:
+        return reference.per_token_cast_to_fp8(x)
+    groups, m, k, kb, aligned_m = _token_geometry(x)
+    q = torch.empty(x.shape, dtype=_FP8, device=x.device)
+    # The layout get_col_major_tma_aligned_tensor builds: K-block columns of aligned_m floats.
+    if x.dim() == 2:
+        scales = torch.empty((kb, aligned_m), dtype=torch.float32, device=x.device).t()[:m]
+    else:
+        scales = torch.empty((groups, kb, aligned_m), dtype=torch.float32,
+                             device=x.device).transpose(1, 2)[:, :m]
+    _per_token_launch(x, q, scales)
+    return q, scales
+
+
+# ---- per-block (128x128) ----------------------------------------------------------------------
+def _block_geometry(x: torch.Tensor):
+    groups = x.shape[0] if x.dim() == 3 else 1
+    n, k = x.shape[-2], x.shape[-1]
+    return groups, n, k, (n + BLOCK - 1) // BLOCK, (k + BLOCK - 1) // BLOCK
+
+
+def per_block_cast_into(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> None:
+    """Cast x [N, K] / [G, N, K] into preallocated q (e4m3, x's shape, contiguous) and scales
+    (float32 [..., ceil(N/128), ceil(K/128)], contiguous)."""
+    _check_input(x)
+    groups, n, k, nb, kb = _block_geometry(x)
+    lead = (groups,) if x.dim() == 3 else ()
+    _check_output("q", q, _FP8, x.shape)
+    _check_output("scales", scales, torch.float32, lead + (nb, kb))
+    for name, t in (("q", q), ("scales", scales)):
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on {x.device}, got {t.device}")
+    _per_block_launch(x, q, scales)
+
+
+def _per_block_launch(x, q, scales) -> None:
+    groups, n, k, nb, kb = _block_geometry(x)
+    if x.numel() == 0:
+        return
+    rows = _rows(x)
+    if n > _INT32_MAX or nb * kb > _INT32_MAX:
+        raise ValueError(f"x is too large for the cast kernel: shape {tuple(x.shape)}")
+    _launch(_config(PER_BLOCK, rows), rows, q, scales, groups * nb * kb, (n, nb))
+
+
+def per_block_cast_to_fp8(x: torch.Tensor):
+    """GPU per_block_cast_to_fp8 (see deep_gemm.reference for the semantics)."""
+    _check_input(x)
+    if x.numel() == 0:
+        return reference.per_block_cast_to_fp8(x)
+    groups, n, k, nb, kb = _block_geometry(x)
+    lead = (groups,) if x.dim() == 3 else ()
+    q = torch.empty(x.shape, dtype=_FP8, device=x.device)
+    scales = torch.empty(lead + (nb, kb), dtype=torch.float32, device=x.device)
+    _per_block_launch(x, q, scales)
+    return q, scales

@@ -1,0 +1,149 @@
+"""Ready-to-fire kernel launches and the bounded caches that keep them per call site.
+
+Issuing a GEMM from Python costs far more CPU time than the driver call itself: validating
+the arguments, planning the tiles, encoding four TMA descriptors and packing the kernel
+parameters. Serving engines repeat the very same call (same weights, and thanks to torch's
+caching allocator often the same activation and output buffers) hundreds of times per step,
+so the public functions key a LaunchCache on everything a launch depends on and, on a hit,
+only fetch the current stream and call cuLaunchKernel with parameters packed long ago.
+
+A PreparedLaunch owns its packed parameters (bytes that never change after construction),
+so one entry may be fired from several threads at once: cuLaunchKernel copies the
+parameters before it returns. Nothing here imports the CUDA bindings at import time.
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+import threading
+
+import torch
+
+from .driver import check, driver
+
+# ---------------------------------------------------------------------------------------------
+# The current stream, fast.
+# ---------------------------------------------------------------------------------------------
+# torch.cuda.current_stream(device) builds a torch.cuda.Stream object on every call (a few
+# microseconds); the raw cudaStream_t is all the driver needs. _cuda_getCurrentRawStream is
+# what torch's own generated code (inductor) uses for the same purpose.
+_raw_stream_fn = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def current_raw_stream(device_index: int) -> int:
+    """The current CUDA stream of a device as an integer handle (what cuLaunchKernel takes)."""
+    if _raw_stream_fn is not None:
+        return _raw_stream_fn(device_index)
+    return torch.cuda.current_stream(device_index).cuda_stream
+
+
+# ---------------------------------------------------------------------------------------------
+# Launches.
+# ---------------------------------------------------------------------------------------------
+class PreparedLaunch:
+    """One kernel launch with every argument fixed except the stream.
+
+    `params` is the kernel's parameters laid out back to back; `offsets` says where each one
+    starts (cuLaunchKernel reads an array of pointers to them and copies each parameter's
+    size, known from the kernel image). The launch itself happens in fire().
+    """
+
+    __slots__ = ("kernel", "function", "grid", "num_threads", "smem_bytes", "device_index", "params",
+                 "_buffer", "_pointers", "address", "_launch")
+
+    def __init__(self, kernel, grid: int, device_index: int, params: bytes, offsets):
+        self.kernel = kernel             # keeps the module (and so `function`) alive
+        self.function = kernel.function
+        self.grid = grid
+        self.num_threads = kernel.num_threads
+        self.smem_bytes = kernel.smem_bytes
+        self.device_index = device_index
+        self.params = params
+        # The driver reads the parameters through raw pointers: keep the buffers referenced.
+        self._buffer = ctypes.create_string_buffer(params, len(params))
+        base = ctypes.addressof(self._buffer)
+        self._pointers = (ctypes.c_void_p * len(offsets))(*[base + off for off in offsets])
+        self.address = ctypes.addressof(self._pointers)
+        # cuLaunchKernel resolved once here rather than looked up at every launch; thread-block
+        # clusters go through the kernel's own cuLaunchKernelEx set-up instead (None here).
+        self._launch = driver().cuLaunchKernel if getattr(kernel, "cluster_size", 1) == 1 else None
+
+    def fire(self) -> None:
+        """Launch on the device's current stream (also what a CUDA graph capture records)."""
+        stream = current_raw_stream(self.device_index)
+        if self._launch is not None:
+            err, = self._launch(self.function, self.grid, 1, 1, self.num_threads, 1, 1, self.smem_bytes,
+                                stream, self.address, 0)
+            if err:
+                check((err,))
+        else:
+            # LoadedKernel.launch writes the grid and stream into the kernel's one launch config
+            # before cuLaunchKernelEx: serialise, so two threads cannot swap each other's values.
+            with _CLUSTER_LAUNCH_LOCK:
+                self.kernel.launch(self.grid, stream, self)
+
+
+_CLUSTER_LAUNCH_LOCK = threading.Lock()
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMM kernel parameters (kernels/gemm.cuh: deep_gemm_fp8_gemm), packed once per launch.
+# ---------------------------------------------------------------------------------------------
+# tma_a, tma_b, tma_sa, tma_out: CUtensorMap (128 bytes each, passed by value);
+# sb, out: pointers; out row stride in bytes, shape_m: int32; group info: pointer.
+GEMM_PARAM_OFFSETS = (0, 128, 256, 384, 512, 520, 528, 532, 536)
+_GEMM_SCALARS = struct.Struct("<QQiiQ")
+
+
+def pack_gemm_params(maps, sb_ptr: int, out_ptr: int, out_row_bytes: int, shape_m: int,
+                     group_ptr: int) -> bytes:
+    """The GEMM kernel's parameters as one byte string laid out at GEMM_PARAM_OFFSETS.
+
+    struct raises on an int32 overflow instead of silently wrapping the value.
+    """
+    if len(maps) != 4 or any(len(m) != 128 for m in maps):
+        raise ValueError("pack_gemm_params needs four 128-byte tensor maps")
+    return b"".join(maps) + _GEMM_SCALARS.pack(sb_ptr, out_ptr, out_row_bytes, shape_m, group_ptr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded caches.
+# ---------------------------------------------------------------------------------------------
+DEFAULT_CAPACITY = 4096
+
+
+class LaunchCache:
+    """A bounded dict of PreparedLaunch (or any value) with first-in-first-out eviction.
+
+    `get` is the dict's own bound method, so a hit costs one C call. Inserts take a lock:
+    they are rare (a miss already paid for validation and packing) and eviction must not race
+    with another thread's insert.
+    """
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY):
+        if isinstance(capacity, bool) or not isinstance(capacity, int):
+            raise TypeError(f"capacity must be an int, got {type(capacity).__name__}")
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._entries: dict = {}
+        self._lock = threading.Lock()
+        self.get = self._entries.get
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            entries = self._entries
+            if key not in entries:
+                while len(entries) >= self.capacity:
+                    del entries[next(iter(entries))]   # the oldest insert
+            entries[key] = value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key) -> bool:
+        return key in self._entries

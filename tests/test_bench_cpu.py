@@ -1,0 +1,95 @@
+"""The benchmark CLI without a Hopper GPU, and the harness' pure helpers (CPU)."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+from deep_gemm import bench
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(*args, timeout=180):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")      # take the no-GPU path on any machine
+    return subprocess.run([sys.executable, "-m", "deep_gemm", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_bench_without_gpu_runs_reference(tmp_path):
+    out = tmp_path / "bench.json"
+    t0 = time.time()
+    res = _run("bench", "--quick", "--json", str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert time.time() - t0 < 120
+    assert "no Hopper GPU found (" in res.stdout
+    assert "running the reference path on small shapes" in res.stdout
+    assert "WRONG" not in res.stdout
+    data = json.loads(out.read_text())
+    assert data["mode"] == "reference-only" and data["rows"] and all(r["ok"] for r in data["rows"])
+
+
+def test_bench_rejects_bad_shape():
+    res = _run("bench", "--shape", "12x34")
+    assert res.returncode == 2 and "MxNxK" in res.stderr
+
+
+def test_info_and_precompile_commands_do_not_crash():
+    res = _run("info")
+    assert res.returncode == 0, res.stderr
+    for key in ("torch", "GPU", "NVRTC", "nvcc", "kernel cache"):
+        assert key in res.stdout
+    res = _run("precompile", "--help")
+    assert "Traceback" not in res.stderr
+
+
+def test_roofline_floor():
+    # 4096 x 7168 x 16384 is compute-bound: 962 GFLOP at 1500 TFLOPS = 641.4 µs (ANCHORS.md).
+    m, n, k = 4096, 7168, 16384
+    floor = bench.roofline_floor_s(2.0 * m * n * k, m * k + n * k + 2 * m * n)
+    assert floor * 1e6 == pytest.approx(641.4, abs=0.1)
+    # 64 x 2112 x 7168 is memory-bound: 5.3 µs.
+    m, n, k = 64, 2112, 7168
+    assert bench.roofline_floor_s(2.0 * m * n * k, m * k + n * k + 2 * m * n) * 1e6 == pytest.approx(5.3, abs=0.05)
+
+
+def test_anchor_tables_cover_the_default_shapes():
+    assert {(m, n, k) for m in bench.DENSE_MS for n, k in bench.DENSE_NKS} == set(bench.DEEPGEMM_DENSE_US)
+    assert len(bench.DEEPGEMM_CONTIGUOUS) == 6 and len(bench.DEEPGEMM_MASKED) == 10
+
+
+def _row(label, m, n, k, us, status="ok", diff=1.4e-6, dg=None):
+    flops = 2.0 * m * n * k
+    floor = bench.roofline_floor_s(flops, m * k + n * k + 2 * m * n) * 1e6
+    entry = {"status": status, "diff": diff, "us": us, "tflops": flops / us * 1e-6,
+             "pct_floor": 100 * floor / us, "host_us": 5.0, "kernels": 1}
+    row = {"suite": "dense", "label": label, "m": m, "n": n, "k": k, "flops": flops, "floor_us": floor,
+           "deepgemm_us": dg, "deepgemm_tflops": None,
+           "peers": {"ours": entry, "cublaslt": dict(entry, status="WRONG", diff=float("nan")),
+                     "triton": {"status": "n/a", "reason": "NotImplementedError: triton is not installed"}}}
+    if dg:
+        row["speedup_vs_deepgemm"] = dg / us
+    return row
+
+
+def test_table_summary_and_plot_from_synthetic_rows(tmp_path, capsys):
+    rows = [_row("64x2112x7168", 64, 2112, 7168, 10.0, dg=12.0),
+            _row("4096x2112x7168", 4096, 2112, 7168, 100.0, dg=107.8),
+            _row("128x2112x7168", 128, 2112, 7168, 12.0, status="WRONG", diff=0.3, dg=13.3)]
+    bench.print_table(rows)
+    summary = bench.summarise(rows)
+    bench.print_summary(summary)
+    text = capsys.readouterr().out
+    assert "WRONG" in text and "n/a" in text and "!" in text
+    assert summary["ours"]["rows"] == 2 and summary["triton"]["geomean_pct_floor"] is None
+    expect = (12.0 / 10.0 * 107.8 / 100.0) ** 0.5          # the wrong row does not count
+    assert summary["ours"]["geomean_speedup_vs_deepgemm"] == pytest.approx(expect)
+    why = bench.plot(rows, str(tmp_path / "p.png"), "test")
+    try:
+        import matplotlib  # noqa: F401
+        assert why is None and (tmp_path / "p.png").stat().st_size > 0
+    except ImportError:
+        assert why == "matplotlib is not installed"

@@ -1,0 +1,216 @@
+"""Compile, with NVRTC for sm_90a and no GPU, every GEMM variant the planner can pick for
+the ANCHORS shapes, and hold ptxas' report to zero spills, zero stack and a working
+setmaxnreg.  Also drives `python -m deep_gemm precompile` end to end.
+
+A spill or a stack frame in the main loop costs far more than it looks (local memory
+traffic inside the wgmma pipeline), and an ignored setmaxnreg silently leaves the
+consumer warpgroups short of registers: both are regressions to catch here, on CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from deep_gemm.jit import clear_memory_cache, precompile, precompile_cli
+from deep_gemm.jit.kernel_source import GEMM_KERNEL_NAME, gemm_source
+from deep_gemm.jit.precompile_cli import ANCHOR_NK, DSV3_MOE_NK, Request, plan_all
+from deep_gemm.plan import LAYOUT_CONTIGUOUS, LAYOUT_DENSE, LAYOUT_MASKED, KernelConfig, plan_dense
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_SMS = 132
+SWEEP_M = range(1, 8193)       # every M: planning is cheap, and no block-size choice is missed
+WORKERS = min(os.cpu_count() or 1, 16)
+
+
+def _requests_dense():
+    return [Request(LAYOUT_DENSE, n, k, 1, SWEEP_M) for n, k in ANCHOR_NK]
+
+
+def _requests_grouped():
+    # The group counts of ANCHORS.md's grouped tables; masked expected_m up to 1024.
+    reqs = []
+    for n, k in DSV3_MOE_NK:
+        reqs += [Request(LAYOUT_CONTIGUOUS, n, k, g, SWEEP_M) for g in (4, 8, 32)]
+        reqs += [Request(LAYOUT_MASKED, n, k, g, range(1, 1025)) for g in (1, 2, 4, 16, 32)]
+    return reqs
+
+
+def _compile_and_check(configs):
+    jobs = [(c.name, gemm_source(c), GEMM_KERNEL_NAME, "sm_90a") for c in configs]
+    kernels = precompile(jobs, workers=WORKERS, progress=False)
+    bad = []
+    for c, k in zip(configs, kernels):
+        r = k.resources
+        if r.spill_store_bytes or r.spill_load_bytes or r.stack_bytes or r.setmaxnreg_ignored:
+            bad.append(f"{c.name}: {r.registers} regs, spills {r.spill_store_bytes}/"
+                       f"{r.spill_load_bytes} B, stack {r.stack_bytes} B, "
+                       f"setmaxnreg ignored: {r.setmaxnreg_ignored}")
+    assert not bad, f"{len(bad)} of {len(configs)} kernels fail ptxas limits:\n" + "\n".join(bad)
+    return kernels
+
+
+def test_every_dense_variant_compiles_clean(tmp_cache_dir):
+    configs = plan_all(_requests_dense(), NUM_SMS)
+    assert len({(c.block_m, c.block_n) for c in configs}) >= 4  # the sweep really varies tiles
+    kernels = _compile_and_check(configs)
+    assert all(k.cubin.startswith(b"\x7fELF") for k in kernels)
+
+
+def test_every_grouped_variant_compiles_clean(tmp_cache_dir):
+    configs = plan_all(_requests_grouped(), NUM_SMS)
+    assert {c.layout for c in configs} == {LAYOUT_CONTIGUOUS, LAYOUT_MASKED}
+    _compile_and_check(configs)
+
+
+def test_sweep_covers_every_tile_choice():
+    # Every (block_m, block_n) the planner picks for M up to 16384 already shows up in the
+    # 1..8192 sweep above, so the compile tests miss no tile shape.
+    for n, k in ANCHOR_NK:
+        seen = {(c.block_m, c.block_n) for c in plan_all([Request(LAYOUT_DENSE, n, k, 1, SWEEP_M)], NUM_SMS)}
+        wider = {(c.block_m, c.block_n) for c in
+                 plan_all([Request(LAYOUT_DENSE, n, k, 1, range(8193, 16385, 7))], NUM_SMS)}
+        assert wider <= seen, (n, k, wider - seen)
+
+
+# ---- the precompile CLI ------------------------------------------------------------------
+
+def _run_cli(argv, capsys):
+    rc = precompile_cli.main(argv)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_cli_json(tmp_cache_dir, capsys):
+    argv = ["--arch", "sm_90a", "--shape", "128x4096x7168", "--shape", "64X7168x2048",
+            "--json", "--workers", "2", "--no-progress"]
+    rc, out, err = _run_cli(argv, capsys)
+    assert rc == 0, err
+    records = json.loads(out)
+    want = [plan_dense(128, 4096, 7168, NUM_SMS), plan_dense(64, 7168, 2048, NUM_SMS)]
+    assert [r["kernel"] for r in records][:2] == [c.name for c in want]  # casts may follow
+    for r, c in zip(records, want):
+        assert set(r) >= {"kernel", "config", "registers", "spill_bytes", "stack_bytes", "compile_s"}
+        assert KernelConfig(**r["config"]) == c
+        assert r["registers"] > 0 and r["spill_bytes"] == 0 and r["stack_bytes"] == 0
+        assert r["compile_s"] > 0 and not r["from_cache"]
+    # Second run, as from a fresh process: everything comes from the disk cache.
+    clear_memory_cache()
+    rc, out, err = _run_cli(argv, capsys)
+    assert rc == 0 and all(r["from_cache"] and r["compile_s"] == 0 for r in json.loads(out))
+
+
+def test_cli_ranges_and_grouped(capsys):
+    argv = ["--arch", "sm_90a", "--dry-run", "--json", "--max-m", "300", "--shape", "2112x7168",
+            "--grouped", "contiguous:8:4096x7168", "--grouped", "masked:32:7168x2048:64"]
+    rc, out, err = _run_cli(argv, capsys)
+    assert rc == 0, err
+    want = plan_all([Request(LAYOUT_DENSE, 2112, 7168, 1, range(1, 301)),
+                     Request(LAYOUT_CONTIGUOUS, 4096, 7168, 8, range(1, 301))], NUM_SMS)
+    want.append(plan_dense(64, 7168, 2048, NUM_SMS, layout=LAYOUT_MASKED, num_groups=32))
+    gemms = [name for name in json.loads(out) if name.startswith("gemm_")]  # casts may follow
+    assert gemms == [c.name for c in dict.fromkeys(want)]
+
+
+def test_cli_presets(capsys):
+    rc, out, _ = _run_cli(["--preset", "anchors", "--dry-run", "--json"], capsys)
+    anchors = json.loads(out)
+    assert rc == 0 and len(anchors) == len(set(anchors)) >= 7
+    rc, out, _ = _run_cli(["--preset", "deepseek-v3", "--dry-run", "--json"], capsys)
+    dsv3 = json.loads(out)
+    assert rc == 0 and set(anchors) <= set(dsv3)
+    for needle in ("gemm_contiguous_n4096_k7168_g256_", "gemm_masked_n7168_k2048_g8_", "gemm_dense_n2112_k7168_"):
+        assert any(name.startswith(needle) for name in dsv3), needle
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--shape", "12x"], "--shape"),
+    (["--shape", "0x4096x7168"], "--shape"),
+    (["--grouped", "dense:4:4096x7168"], "--grouped"),
+    (["--grouped", "contiguous:4:4096x7168:64"], "--grouped"),
+    (["--arch", "sm_80", "--shape", "1x2x3"], "--arch"),
+    (["--max-m", "0", "--shape", "4x4"], "--max-m"),
+    (["--workers", "0", "--shape", "4x4"], "--workers"),
+    ([], "nothing to compile"),
+    (["--preset", "llama"], "--preset"),
+])
+def test_cli_bad_arguments(argv, needle, capsys):
+    rc, _, err = _run_cli(argv, capsys)
+    assert rc == 2 and needle in err
+
+
+def test_cli_fails_on_spilling_kernel(tmp_cache_dir, capsys, monkeypatch):
+    # BLOCK_N = 256 with two math warpgroups needs 2 x 128 fp32 accumulators a thread: it
+    # spills today (which is why the planner caps BLOCK_N); the CLI must say so and fail.
+    spilling = KernelConfig(n=4096, k=7168, block_m=128, block_n=256, num_stages=3)
+    monkeypatch.setattr(precompile_cli, "plan_dense", lambda *a, **kw: spilling)
+    rc, out, err = _run_cli(["--arch", "sm_90a", "--shape", "4096x4096x7168", "--json",
+                             "--workers", "1", "--no-progress"], capsys)
+    assert rc == 1
+    assert spilling.name in err and "spills" in err
+    assert json.loads(out)[0]["spill_bytes"] > 0
+
+
+def test_cli_includes_cast_kernels_when_available(capsys, monkeypatch):
+    # A stand-in for deep_gemm.jit.cast_source with the same API, so that this test holds
+    # whether or not the real module is present.
+    fake = types.ModuleType("deep_gemm.jit.cast_source")
+
+    @dataclasses.dataclass(frozen=True)
+    class CastConfig:
+        kind: str
+        k: int
+        dtype: str
+        vec: bool
+        name = property(lambda self: f"cast_{self.kind}_{self.dtype}_k{self.k}_{int(self.vec)}")
+        kernel_name = property(lambda self: f"cast_{self.kind}")
+
+    fake.CastConfig, fake.KERNEL_NAMES = CastConfig, {"per_token": 0, "per_block": 1}
+    fake.cast_source = lambda c: f"// {c.name}"
+    monkeypatch.setitem(sys.modules, "deep_gemm.jit.cast_source", fake)
+    rc, out, _ = _run_cli(["--shape", "64x4096x7168", "--shape", "64x4096x100", "--dry-run", "--json"], capsys)
+    assert rc == 0
+    assert json.loads(out)[-6:] == ["cast_per_block_bf16_k100_0", "cast_per_token_bf16_k100_0",
+                                    "cast_per_block_bf16_k7168_1", "cast_per_block_bf16_k7168_0",
+                                    "cast_per_token_bf16_k7168_1", "cast_per_token_bf16_k7168_0"]
+    del fake.CastConfig  # an API the CLI doesn't know: skipped with a message, GEMMs still listed
+    rc, out, err = _run_cli(["--shape", "64x4096x7168", "--dry-run", "--json"], capsys)
+    assert rc == 0 and "cast kernels skipped" in err and len(json.loads(out)) == 1
+
+
+def test_cast_kernels_compile_clean(tmp_cache_dir):
+    pytest.importorskip("deep_gemm.jit.cast_source")
+    ks = {k for _, k in ANCHOR_NK} | {100, 129}  # and unaligned K: the scalar variants
+    configs, jobs = precompile_cli.cast_jobs(ks, "sm_90a")
+    assert len(jobs) == 2 * len(ks) + 2 * sum(k % 16 == 0 for k in ks)
+    bad = [f"{job[0]}: {k.resources}" for job, k in zip(jobs, precompile(jobs, workers=WORKERS, progress=False))
+           if k.resources.spills or k.resources.stack_bytes]
+    assert not bad, "\n".join(bad)
+
+
+def test_cli_without_arch_uses_sm90a_on_cpu():
+    assert precompile_cli.default_arch() in ("sm_90a",) or _has_gpu()
+
+
+def _has_gpu() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def test_python_m_deep_gemm_precompile(tmp_cache_dir):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "deep_gemm", "precompile", "--arch", "sm_90a",
+                           "--shape", "64x7168x2048", "--json", "--workers", "1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)[0]  # then the cast kernels, where deep_gemm has them
+    assert record["kernel"] == plan_dense(64, 7168, 2048, NUM_SMS).name
+    n = len(json.loads(proc.stdout))
+    assert f"[{n}/{n}]" in proc.stderr  # the progress bar reached the end
+    assert any(p.name.startswith(record["kernel"]) for p in (tmp_cache_dir / "cache").iterdir())

@@ -1,0 +1,120 @@
+"""CPU unit tests of the planner (deep_gemm/plan.py): pure Python, no torch, no CUDA."""
+from __future__ import annotations
+
+import pytest
+
+from deep_gemm import plan
+from deep_gemm.plan import (
+    LAYOUT_CONTIGUOUS,
+    LAYOUT_DENSE,
+    LAYOUT_MASKED,
+    SMEM_CAPACITY,
+    KernelConfig,
+    plan_dense,
+    valid_block_n,
+)
+
+ANCHOR_NK = ((7168, 576), (2112, 7168), (24576, 1536), (32768, 512),
+             (7168, 16384), (4096, 7168), (7168, 2048))
+# Unaligned and tiny shapes beside the anchors: the planner must cope with any N, K >= 1.
+ODD_NK = ((1, 1), (8, 16), (100, 200), (129, 130), (4095, 7167), (257, 129))
+# Ms around every block boundary (64, 128, multiples of 128) and of one wave of tiles.
+MS = sorted({0, 1, 2, 7, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1000, 1024, 4096, 4097, 8192, 16384}
+            | set(range(1, 2049, 37)))
+SMS = (132, 114, 78, 1)  # H100 SXM, H100 PCIe, H20, and a degenerate set_num_sms(1)
+LAYOUTS = ((LAYOUT_DENSE, 1), (LAYOUT_CONTIGUOUS, 8), (LAYOUT_CONTIGUOUS, 256),
+           (LAYOUT_MASKED, 1), (LAYOUT_MASKED, 32))
+
+
+def _all_plans():
+    for n, k in ANCHOR_NK + ODD_NK:
+        for layout, groups in LAYOUTS:
+            for sms in SMS:
+                for m in MS:
+                    yield (m, n, k, sms, layout, groups), plan_dense(m, n, k, sms, layout=layout,
+                                                                     num_groups=groups)
+
+
+def _problems(args, c: KernelConfig) -> list:
+    m, n, k, sms, layout, groups = args
+    bad = []
+    if (c.n, c.k, c.layout, c.num_groups) != (n, k, layout, groups):
+        bad.append("does not describe the requested problem")
+    if c.block_m not in (64, 128):
+        bad.append(f"block_m {c.block_m} not 64/128")
+    if not valid_block_n(c.block_n) or c.block_n > plan.MAX_BLOCK_N[c.block_m]:
+        bad.append(f"block_n {c.block_n} invalid for block_m {c.block_m}")
+    if c.block_n not in plan.BLOCK_N_CANDIDATES:
+        bad.append(f"block_n {c.block_n} not a candidate")
+    if c.num_stages < 2:
+        bad.append(f"{c.num_stages} stages: no load/compute overlap")
+    if c.smem_bytes > SMEM_CAPACITY:
+        bad.append(f"{c.smem_bytes} B of shared memory > {SMEM_CAPACITY}")
+    if c.block_k != 128:
+        bad.append(f"block_k {c.block_k} (scales are per 128 K)")
+    # Fields newer planners add are checked where present: clusters are 1..8 blocks on sm_90.
+    cluster_n, split_k = getattr(c, "cluster_n", 1), getattr(c, "split_k", 1)
+    if cluster_n not in (1, 2) or split_k < 1 or cluster_n * split_k > 8:
+        bad.append(f"cluster_n {cluster_n} x split_k {split_k}")
+    if split_k > c.num_k_blocks:
+        bad.append(f"split_k {split_k} > {c.num_k_blocks} K blocks")
+    if c.num_threads != 128 * (1 + c.block_m // 64):
+        bad.append(f"{c.num_threads} threads")
+    return bad
+
+
+def test_every_config_is_valid():
+    failures = []
+    for args, config in _all_plans():
+        problems = _problems(args, config)
+        if problems:
+            failures.append(f"plan_dense{args} -> {config.name}: {'; '.join(problems)}")
+    assert not failures, f"{len(failures)} invalid plans, e.g.\n" + "\n".join(failures[:20])
+
+
+def test_deterministic():
+    first = list(_all_plans())
+    second = list(_all_plans())
+    assert first == second
+    # Same inputs give equal (hashable) configs: the in-process kernel caches key on them.
+    for (args, a), (_, b) in zip(first[:500], second[:500]):
+        assert a == b and hash(a) == hash(b) and a.name == b.name, args
+
+
+def test_config_is_a_value():
+    c = plan_dense(4096, 7168, 2048, 132)
+    assert c.name.startswith("gemm_dense_n7168_k2048_g1_")
+    with pytest.raises(Exception):  # frozen: a shared config must never change under a cache
+        c.block_n = 16
+    constants = c.constants()
+    assert constants["SHAPE_N"] == 7168 and constants["SHAPE_K"] == 2048
+    assert constants["BLOCK_M"] == c.block_m and constants["BLOCK_N"] == c.block_n
+    assert constants["NUM_STAGES"] == c.num_stages
+
+
+def test_valid_block_n():
+    assert [bn for bn in range(0, 300) if valid_block_n(bn)] == list(plan.BLOCK_N_CANDIDATES)
+    for bn in (16, 64, 112, 128, 144, 160, 192, 256):
+        assert valid_block_n(bn), bn
+    for bn in (0, 8, 24, 100, 176, 208, 240, 272):
+        assert not valid_block_n(bn), bn
+
+
+def test_max_stages_fits_capacity():
+    for block_m in (64, 128):
+        for block_n in plan.BLOCK_N_CANDIDATES:
+            s = plan.max_stages(block_m, block_n)
+            assert plan.smem_bytes(block_m, block_n, s) <= SMEM_CAPACITY
+            if s < 8:  # one more stage would not fit
+                assert plan.smem_bytes(block_m, block_n, s + 1) > SMEM_CAPACITY
+
+
+def test_print_configs(monkeypatch, capsys):
+    monkeypatch.delenv("DG_PRINT_CONFIGS", raising=False)
+    plan_dense(128, 2112, 7168, 132)
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("DG_PRINT_CONFIGS", "1")
+    c = plan_dense(128, 2112, 7168, 132)
+    out = capsys.readouterr().out
+    assert "M=128" in out and "N=2112" in out and "K=7168" in out
+    assert c.name in out
