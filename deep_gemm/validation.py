@@ -261,12 +261,14 @@ def _dense_fast(lhs, rhs, out):
     device = a.device
     if sa.device != device or b.device != device or sb.device != device:
         return None
+    # Shapes before strides: unpacking the strides of a tensor of another rank would raise.
+    if sa.shape != (m, kb) or sb.shape != (nb, kb):
+        return None
     a0, a1 = a.stride()
     b0, b1 = b.stride()
     s0, s1 = sa.stride()
     if (a1 != 1 or b1 != 1 or a0 <= 0 or b0 <= 0 or (a0 | b0) & 15
-            or s0 != 1 or (s1 != ((m + 3) & ~3) and kb > 1)
-            or sa.shape != (m, kb) or sb.shape != (nb, kb) or not sb.is_contiguous()
+            or s0 != 1 or (s1 != ((m + 3) & ~3) and kb > 1) or not sb.is_contiguous()
             or (a.data_ptr() | b.data_ptr() | sa.data_ptr() | sb.data_ptr()) & 15):
         return None
     if out is None:
@@ -335,6 +337,60 @@ def _check_grouped_b(b: torch.Tensor, sb: torch.Tensor, k: int, kb: int, device)
 
 def check_contiguous(lhs, rhs, out, m_indices) -> ContiguousArgs:
     """Validate m_grouped_gemm_fp8_fp8_bf16_nt_contiguous's arguments (out is required)."""
+    fast = _contiguous_fast(lhs, rhs, out, m_indices)
+    if fast is not None:
+        return fast
+    return _contiguous_full(lhs, rhs, out, m_indices)
+
+
+def _contiguous_fast(lhs, rhs, out, m_indices):
+    """check_contiguous's steady-state call in one pass, like _dense_fast: plain tensors, dense
+    aligned layouts, sa already column-major, M >= 2 (so that no stride of a size-1 dimension
+    needs rewriting). None at the first doubt; it accepts a subset of what _contiguous_full
+    accepts and then returns exactly what _contiguous_full would.
+    """
+    if type(lhs) is not tuple or type(rhs) is not tuple or len(lhs) != 2 or len(rhs) != 2:
+        return None
+    a, sa = lhs
+    b, sb = rhs
+    T = _Tensor
+    if (type(a) is not T or type(sa) is not T or type(b) is not T or type(sb) is not T or type(out) is not T
+            or type(m_indices) is not T):
+        return None
+    if (a.dtype is not _FP8 or b.dtype is not _FP8 or sa.dtype is not _F32 or sb.dtype is not _F32
+            or out.dtype is not _BF16 or m_indices.dtype is not _I32):
+        return None
+    a_shape = a.shape
+    b_shape = b.shape
+    if len(a_shape) != 2 or len(b_shape) != 3:
+        return None
+    m, k = a_shape
+    g, n, k_b = b_shape
+    if k_b != k or k < 1 or n < 1 or g < 1 or m < 2:
+        return None
+    kb = _KB_CACHE.get(k) or _num_blocks(k)
+    nb = _KB_CACHE.get(n) or _num_blocks(n)
+    device = a.device
+    if (sa.device != device or b.device != device or sb.device != device or out.device != device
+            or m_indices.device != device):
+        return None
+    # Shapes before strides: unpacking the strides of a tensor of another rank would raise.
+    if sa.shape != (m, kb) or sb.shape != (g, nb, kb) or out.shape != (m, n) or m_indices.shape != (m,):
+        return None
+    a0, a1 = a.stride()
+    b0, b1, b2 = b.stride()
+    s0, s1 = sa.stride()
+    o0, o1 = out.stride()
+    if (a1 != 1 or a0 <= 0 or a0 & 15
+            or b2 != 1 or b1 <= 0 or b0 <= 0 or (b1 | b0) & 15
+            or s0 != 1 or (s1 != ((m + 3) & ~3) and kb > 1) or not sb.is_contiguous()
+            or o1 != 1 or o0 <= 0 or (o0 * 2) & 15 or m_indices.stride(0) != 1
+            or (a.data_ptr() | b.data_ptr() | sa.data_ptr() | sb.data_ptr() | out.data_ptr()) & 15):
+        return None
+    return ContiguousArgs(a, sa, b, sb, out, m_indices, m, n, k, g)
+
+
+def _contiguous_full(lhs, rhs, out, m_indices) -> ContiguousArgs:
     a, sa = _unpack(lhs, "lhs")
     b, sb = _unpack(rhs, "rhs")
     m, k = _shape(a, 2, "lhs[0]", "[M, K]")
@@ -352,6 +408,65 @@ def check_contiguous(lhs, rhs, out, m_indices) -> ContiguousArgs:
 
 def check_masked(lhs, rhs, out, masked_m, expected_m) -> MaskedArgs:
     """Validate m_grouped_gemm_fp8_fp8_bf16_nt_masked's arguments (out is required)."""
+    fast = _masked_fast(lhs, rhs, out, masked_m, expected_m)
+    if fast is not None:
+        return fast
+    return _masked_full(lhs, rhs, out, masked_m, expected_m)
+
+
+def _masked_fast(lhs, rhs, out, masked_m, expected_m):
+    """check_masked's steady-state call in one pass (see _contiguous_fast): plain tensors, dense
+    aligned layouts, sa column-major per group, max_m >= 2, expected_m a positive int. None at
+    the first doubt; otherwise exactly what _masked_full returns.
+    """
+    if type(lhs) is not tuple or type(rhs) is not tuple or len(lhs) != 2 or len(rhs) != 2:
+        return None
+    if type(expected_m) is not int or expected_m < 1:
+        return None
+    a, sa = lhs
+    b, sb = rhs
+    T = _Tensor
+    if (type(a) is not T or type(sa) is not T or type(b) is not T or type(sb) is not T or type(out) is not T
+            or type(masked_m) is not T):
+        return None
+    if (a.dtype is not _FP8 or b.dtype is not _FP8 or sa.dtype is not _F32 or sb.dtype is not _F32
+            or out.dtype is not _BF16 or masked_m.dtype is not _I32):
+        return None
+    a_shape = a.shape
+    b_shape = b.shape
+    if len(a_shape) != 3 or len(b_shape) != 3:
+        return None
+    g, max_m, k = a_shape
+    g_b, n, k_b = b_shape
+    if g_b != g or k_b != k or k < 1 or n < 1 or g < 1 or max_m < 2:
+        return None
+    kb = _KB_CACHE.get(k) or _num_blocks(k)
+    nb = _KB_CACHE.get(n) or _num_blocks(n)
+    device = a.device
+    if (sa.device != device or b.device != device or sb.device != device or out.device != device
+            or masked_m.device != device):
+        return None
+    # Shapes before strides: unpacking the strides of a tensor of another rank would raise.
+    if (sa.shape != (g, max_m, kb) or sb.shape != (g, nb, kb) or out.shape != (g, max_m, n)
+            or masked_m.shape != (g,)):
+        return None
+    a0, a1, a2 = a.stride()
+    b0, b1, b2 = b.stride()
+    s0, s1, s2 = sa.stride()
+    o0, o1, o2 = out.stride()
+    aligned_m = (max_m + 3) & ~3
+    if (a2 != 1 or a1 <= 0 or a0 <= 0 or (a1 | a0) & 15
+            or b2 != 1 or b1 <= 0 or b0 <= 0 or (b1 | b0) & 15
+            or s1 != 1 or (s2 != aligned_m and kb > 1) or (s0 != aligned_m * kb and g > 1)
+            or not sb.is_contiguous()
+            or o2 != 1 or o1 <= 0 or o0 <= 0 or ((o1 | o0) * 2) & 15
+            or (g > 1 and masked_m.stride(0) != 1)
+            or (a.data_ptr() | b.data_ptr() | sa.data_ptr() | sb.data_ptr() | out.data_ptr()) & 15):
+        return None
+    return MaskedArgs(a, sa, b, sb, out, masked_m, expected_m, g, max_m, n, k)
+
+
+def _masked_full(lhs, rhs, out, masked_m, expected_m) -> MaskedArgs:
     a, sa = _unpack(lhs, "lhs")
     b, sb = _unpack(rhs, "rhs")
     g_a, max_m, k = _shape(a, 3, "lhs[0]", "[G, max_m, K]")

@@ -23,16 +23,14 @@ SHAPES = [(m, n, k) for m in (64, 128, 4096) for n, k in (
 def variants(m, n, k):
     base = plan.plan_dense(m, n, k, 132)
     yield "planner", base
-    yield "no pipeline", dataclasses.replace(base, pipeline=False)
-    options = [(bn, 1) for bn in (96, 112, 128, 144, 160)] if m > 128 else \
-        [(bn, sk) for bn in (32, 64, 128) for sk in (1, 2, 4)]
-    for block_n, split_k in options:
-        if block_n > plan.MAX_BLOCK_N[base.block_m] or not plan.valid_block_n(block_n):
-            continue
-        cfg = dataclasses.replace(base, block_n=block_n, split_k=split_k,
-                                  num_stages=plan.max_stages(base.block_m, block_n, split_k=split_k))
-        if cfg != base:
-            yield f"bn{block_n} sk{split_k}", cfg
+    for cluster in (1, 2):
+        for block_n in sorted({base.block_n, 64, 128, 160} if m <= 128 else {128, 144, 160}):
+            if block_n > plan.MAX_BLOCK_N[base.block_m] or not plan.valid_block_n(block_n):
+                continue
+            cfg = dataclasses.replace(base, block_n=block_n, cluster_n=cluster,
+                                      num_stages=plan.max_stages(base.block_m, block_n))
+            if cfg != base:
+                yield f"bn{block_n} c{cluster}", cfg
 
 
 def main():

@@ -33,6 +33,13 @@ constexpr int kLanesPerBlock = kBlock / kChunk; // 8 lanes cover one 128-wide bl
 constexpr int kKB = (CAST_K + kBlock - 1) / kBlock;
 constexpr int kElemBytes = CAST_IN_DTYPE == CAST_FP32 ? 4 : 2;
 constexpr int kWords = kChunk * kElemBytes / 4; // 32-bit words per chunk: 8 (16-bit) or 16 (fp32)
+// A minimum of resident CTAs per SM, when the preamble sets one, caps the registers; without it
+// ptxas picks the count (giving it "at least 1" instead makes it spend far more registers).
+#ifdef CAST_MIN_BLOCKS
+#define CAST_LAUNCH_BOUNDS __launch_bounds__(CAST_THREADS, CAST_MIN_BLOCKS)
+#else
+#define CAST_LAUNCH_BOUNDS __launch_bounds__(CAST_THREADS)
+#endif
 static_assert(CAST_THREADS % 32 == 0, "whole warps only: the reductions shuffle across full warps");
 
 // ---- small PTX helpers -------------------------------------------------------------------------
@@ -236,7 +243,7 @@ DG_DEVICE float block_scale(float amax) {
 // Each group of 8 lanes quantises one 128-wide block of one row; a CTA takes CAST_THREADS / 8
 // consecutive (row, k-block) units of one group. The scale of (g, r, kb) goes straight to the
 // column-major TMA-aligned layout: scales[(g * KB + kb) * aligned_m + r].
-extern "C" __global__ void __launch_bounds__(CAST_THREADS) deep_gemm_per_token_cast(
+extern "C" __global__ void CAST_LAUNCH_BOUNDS deep_gemm_per_token_cast(
     const uint8_t* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ scales,
     int64_t x_row_stride, int32_t m, int32_t aligned_m, int32_t ctas_per_group) {
     using namespace cast;
@@ -265,7 +272,7 @@ extern "C" __global__ void __launch_bounds__(CAST_THREADS) deep_gemm_per_token_c
 // Per-block: one CTA per 128x128 block of x (rows of group g start at g * n). Each thread holds
 // 128 / (CAST_THREADS / 8) chunks of 16 (one per pass over the rows) in registers, so x is read once.
 // scales[(g * nb_count + nb) * KB + kb], row-major.
-extern "C" __global__ void __launch_bounds__(CAST_THREADS) deep_gemm_per_block_cast(
+extern "C" __global__ void CAST_LAUNCH_BOUNDS deep_gemm_per_block_cast(
     const uint8_t* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ scales,
     int64_t x_row_stride, int32_t n, int32_t nb_count) {
     using namespace cast;

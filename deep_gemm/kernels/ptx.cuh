@@ -75,11 +75,23 @@ DG_DEVICE void mbarrier_arrive(uint64_t* bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
 }
 
-// Arrive on the barrier at the same offset in block `cta_rank` of the cluster.
+// Arrive on the barrier at the same offset in block `cta_rank` of the cluster,
+// releasing this thread's shared-memory writes to that block's waiters.  The
+// cluster-scope release costs a GPU-wide memory barrier (MEMBAR.ALL.GPU in
+// SASS): use it only where peers read data we wrote (split-K partials).
 DG_DEVICE void mbarrier_arrive_cluster(uint64_t* bar, uint32_t cta_rank) {
     uint32_t remote;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(bar)), "r"(cta_rank));
     asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+}
+
+// The same arrival as a plain signal (CTA-scope semantics, no fence): enough
+// to say "this stage's shared memory may be refilled", since the reads it
+// orders were done by wgmma and have completed (wgmma.wait_group).
+DG_DEVICE void mbarrier_signal_cluster(uint64_t* bar, uint32_t cta_rank) {
+    uint32_t remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(bar)), "r"(cta_rank));
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
 }
 
 // Wait with acquire at cluster scope: the arrivals came from other blocks

@@ -42,6 +42,19 @@ _BF16 = torch.bfloat16
 _dense_launches = LaunchCache()
 
 
+_kernels = None
+
+
+def _runtime_kernels():
+    """deep_gemm.runtime.kernels, imported on the first launch (it pulls in the JIT) and then
+    kept here: a function-level import statement costs about a microsecond per call."""
+    global _kernels
+    if _kernels is None:
+        from ..runtime import kernels
+        _kernels = kernels
+    return _kernels
+
+
 def _sms_for_key(key, device: torch.device) -> int:
     """The SM count a launch is planned with: the set_num_sms() value captured in the key (so an
     entry always matches its key even if set_num_sms runs meanwhile), else the device's count."""
@@ -113,10 +126,9 @@ def gemm_fp8_fp8_bf16_nt(lhs, rhs, out=None):
     if staged:
         target = torch.empty((args.m, (args.n + 7) // 8 * 8), dtype=torch.bfloat16, device=target.device)
 
-    from ..runtime.kernels import prepare_gemm
     num_sms = _sms_for_key(key, a.device)
     config = plan_cached(args.m, args.n, args.k, num_sms)
-    launch = prepare_gemm(config, a, args.m, args.sa, args.m, args.sa.shape[-1], b, args.n, args.sb,
+    launch = _runtime_kernels().prepare_gemm(config, a, args.m, args.sa, args.m, args.sa.shape[-1], b, args.n, args.sb,
                           target, args.m, args.m, None, num_sms)
     if (key is not None and not staged and a is lhs[0] and args.sa is lhs[1] and b is rhs[0]
             and args.sb is rhs[1] and args.out is out):

@@ -21,7 +21,7 @@ from ..plan import LAYOUT_CONTIGUOUS, LAYOUT_MASKED, M_ALIGNMENT_CONTIGUOUS, pla
 from ..runtime.launch import LaunchCache
 from ..validation import check_contiguous, check_masked
 from .device import runs_on_hopper
-from .gemm import _PLAIN, _sms_for_key, pad_k_to_16
+from .gemm import _PLAIN, _runtime_kernels, _sms_for_key, pad_k_to_16
 from . import library as _library
 
 _is_compiling = _library.is_compiling
@@ -106,11 +106,10 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices, check_in
                                                                args.m_indices < args.num_groups,
                                                                torch.full_like(args.m_indices, -1)))
         return out
-    from ..runtime.kernels import prepare_gemm
     num_sms = _sms_for_key(key, args.a.device)
     config = plan_cached(args.m, args.n, args.k, num_sms, LAYOUT_CONTIGUOUS, args.num_groups)
     b = _as_rows(args.b)
-    launch = prepare_gemm(config, args.a, args.m, args.sa, args.m, args.sa.shape[-1], b, b.shape[0], args.sb,
+    launch = _runtime_kernels().prepare_gemm(config, args.a, args.m, args.sa, args.m, args.sa.shape[-1], b, b.shape[0], args.sb,
                           args.out, args.m, args.m, args.m_indices, num_sms)
     # Cache only a launch made from the caller's own tensors: nothing validation rebuilt, and B
     # viewed in place (_as_rows copies unevenly spaced groups, and a copy made while args.b is
@@ -143,12 +142,11 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m):
         reference.m_grouped_gemm_fp8_fp8_bf16_nt_masked((args.a, args.sa), (args.b, args.sb), args.out,
                                                        args.masked_m.clamp(0, args.max_m), expected_m)
         return out
-    from ..runtime.kernels import prepare_gemm
     num_sms = _sms_for_key(key, args.a.device)
     config = plan_cached(min(args.expected_m, args.max_m), args.n, args.k, num_sms, LAYOUT_MASKED,
                          args.num_groups)
     a, b, target = _as_rows(args.a), _as_rows(args.b), _as_rows(args.out)
-    launch = prepare_gemm(config, a, a.shape[0], args.sa, args.max_m, args.num_groups * args.sa.shape[-1], b,
+    launch = _runtime_kernels().prepare_gemm(config, a, a.shape[0], args.sa, args.max_m, args.num_groups * args.sa.shape[-1], b,
                           b.shape[0], args.sb, target, target.shape[0], args.max_m, args.masked_m, num_sms)
     copied_out = target.data_ptr() != args.out.data_ptr()
     # As for the contiguous layout: cache only launches on the caller's own tensors, viewed in place.

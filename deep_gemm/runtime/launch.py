@@ -49,7 +49,7 @@ class PreparedLaunch:
     """
 
     __slots__ = ("kernel", "function", "grid", "num_threads", "smem_bytes", "device_index", "params",
-                 "_buffer", "_pointers", "address", "_launch")
+                 "_buffer", "address", "_launch")
 
     def __init__(self, kernel, grid: int, device_index: int, params: bytes, offsets):
         self.kernel = kernel             # keeps the module (and so `function`) alive
@@ -59,11 +59,16 @@ class PreparedLaunch:
         self.smem_bytes = kernel.smem_bytes
         self.device_index = device_index
         self.params = params
-        # The driver reads the parameters through raw pointers: keep the buffers referenced.
-        self._buffer = ctypes.create_string_buffer(params, len(params))
-        base = ctypes.addressof(self._buffer)
-        self._pointers = (ctypes.c_void_p * len(offsets))(*[base + off for off in offsets])
-        self.address = ctypes.addressof(self._pointers)
+        # One buffer holds the parameters and, after them (8-byte aligned), the array of
+        # pointers to each one that cuLaunchKernel reads; the pointers are written with
+        # struct.pack_into, several times faster than building a ctypes c_void_p array. The
+        # buffer lives as long as this object, so the raw addresses stay valid.
+        size = (len(params) + 7) // 8 * 8
+        self._buffer = buffer = (ctypes.c_char * (size + 8 * len(offsets))).from_buffer_copy(
+            params.ljust(size + 8 * len(offsets), b"\0"))
+        base = ctypes.addressof(buffer)
+        _pointer_struct(len(offsets)).pack_into(buffer, size, *[base + off for off in offsets])
+        self.address = base + size
         # cuLaunchKernel resolved once here rather than looked up at every launch; thread-block
         # clusters go through the kernel's own cuLaunchKernelEx set-up instead (None here).
         self._launch = driver().cuLaunchKernel if getattr(kernel, "cluster_size", 1) == 1 else None
@@ -84,6 +89,15 @@ class PreparedLaunch:
 
 
 _CLUSTER_LAUNCH_LOCK = threading.Lock()
+_pointer_structs: dict = {}
+
+
+def _pointer_struct(count: int) -> struct.Struct:
+    """struct.Struct of `count` little-endian 64-bit pointers, built once per count."""
+    packer = _pointer_structs.get(count)
+    if packer is None:
+        packer = _pointer_structs[count] = struct.Struct(f"<{count}Q")
+    return packer
 
 
 # ---------------------------------------------------------------------------------------------
