@@ -114,7 +114,7 @@ def valid_block_n(block_n: int) -> bool:
 
 # Largest BLOCK_N whose two fp32 register tiles fit without spilling (checked by
 # tests/test_compile.py for every variant the planner can return).
-MAX_BLOCK_N = {64: 192, 128: 160}
+MAX_BLOCK_N = {64: 160, 128: 160}
 BLOCK_N_CANDIDATES = tuple(bn for bn in range(16, 257, 16) if valid_block_n(bn))
 
 

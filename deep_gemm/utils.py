@@ -150,10 +150,14 @@ def _cast_impl(kind: str, x: torch.Tensor):
     GPUs, bad input, whose errors the reference raises) takes the plain-torch reference.
     """
     if isinstance(x, torch.Tensor) and x.is_cuda:
-        from .ops.device import runs_on_hopper
-        if runs_on_hopper(x.device):
+        gpu = getattr(_cast_impl, "gpu", None)   # cached: an import statement costs microseconds
+        if gpu is None:
             from .ops import cast   # imported lazily: it pulls in the JIT and the driver bindings
-            return cast.per_token_cast_to_fp8 if kind == "per_token" else cast.per_block_cast_to_fp8
+            from .ops.device import runs_on_hopper
+            gpu = _cast_impl.gpu = (runs_on_hopper, {"per_token": cast.per_token_cast_to_fp8,
+                                                     "per_block": cast.per_block_cast_to_fp8})
+        if gpu[0](x.device):
+            return gpu[1][kind]
     from . import reference   # imported lazily: reference.py imports this module
     if kind == "per_token":
         return reference.per_token_cast_to_fp8

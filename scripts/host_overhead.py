@@ -7,7 +7,9 @@ Method (the issue's): for each shape, one warm-up call (compiles and loads the k
 the caches), a synchronise, then CALLS calls back to back without synchronising, each timed
 with perf_counter; the figure is the median of those per-call times, and the summary line
 is the median over shapes. "miss" columns time the same calls with the launch cache emptied
-before each one (new pointers every call: validation, planning and packing run again).
+before each one (validation, planning and packing run again; tensor maps still come from their
+cache), "cold" (dense only) also empties the tensor-map and plan caches: the cost of a call
+whose pointers were never seen, e.g. a new M in eager serving.
 
 Without a Hopper GPU (or with --mock) the CUDA driver is replaced by no-op fakes and CPU
 tensors stand in for GPU ones: every line of deep_gemm's Python runs, but cuLaunchKernel,
@@ -194,6 +196,15 @@ def _clear_launch_caches() -> None:
             cache.clear()
 
 
+def _clear_all_caches() -> None:
+    from deep_gemm import plan
+    from deep_gemm.runtime import tma
+    _clear_launch_caches()
+    tma.tensor_map_2d.cache_clear()
+    if hasattr(plan, "clear_plan_cache"):
+        plan.clear_plan_cache()
+
+
 def _scaled_mm_fn(lhs, rhs):
     try:
         from deep_gemm.baselines import prepare_cublas
@@ -212,7 +223,8 @@ def run(real: bool, calls: int) -> dict:
     device = "cuda" if real else "cpu"
     summary = {}
 
-    print(f"{'dense M x N x K':>22} {'ours µs':>8} {'miss µs':>8} {'out=None':>8} {'scaled_mm':>9}")
+    print(f"{'dense M x N x K':>22} {'ours µs':>8} {'miss µs':>8} {'cold µs':>8} {'out=None':>8} "
+          f"{'scaled_mm':>9}")
     rows = []
     scaled_ok = real
     for m, n, k in DENSE:
@@ -220,6 +232,8 @@ def run(real: bool, calls: int) -> dict:
         ours = per_call_us(lambda: deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out), real, calls)
         miss = per_call_us(lambda: deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out), real, calls,
                            before=_clear_launch_caches)
+        cold = per_call_us(lambda: deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out), real, calls,
+                           before=_clear_all_caches)
         alloc = per_call_us(lambda: deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs), real, calls)
         ref = None
         if scaled_ok:
@@ -228,8 +242,9 @@ def run(real: bool, calls: int) -> dict:
                 scaled_ok = False
             else:
                 ref = per_call_us(fn, real, calls)
-        rows.append((ours, miss, alloc, ref))
-        print(f"{f'{m} x {n} x {k}':>22} {_fmt(ours)} {_fmt(miss)} {_fmt(alloc)} {_fmt(ref):>9}", flush=True)
+        rows.append((ours, miss, cold, alloc, ref))
+        print(f"{f'{m} x {n} x {k}':>22} {_fmt(ours)} {_fmt(miss)} {_fmt(cold)} {_fmt(alloc)} {_fmt(ref):>9}",
+              flush=True)
         del lhs, rhs, out
     summary["dense"] = [statistics.median(col) if all(v is not None for v in col) else None
                         for col in zip(*rows)]
@@ -256,6 +271,28 @@ def run(real: bool, calls: int) -> dict:
     return summary
 
 
+def _ctypes_launcher(prepared):
+    """The launch of `prepared` made through ctypes straight into libcuda instead of
+    cuda-bindings: a comparison for the cost of the binding layer (None if unavailable)."""
+    try:
+        from deep_gemm.runtime.launch import current_raw_stream
+        fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+        handle = int(prepared.function)
+        args = (prepared.grid, 1, 1, prepared.num_threads, 1, 1, prepared.smem_bytes)
+
+        def launch():
+            err = fn(handle, *args, current_raw_stream(prepared.device_index), prepared.address, None)
+            if err:
+                raise RuntimeError(f"cuLaunchKernel through ctypes returned {err}")
+        launch()
+        return launch
+    except Exception as exc:
+        print(f"  (ctypes comparison unavailable: {exc})")
+        return None
+
+
 def stages(real: bool, m: int = 128, n: int = 7168, k: int = 2048) -> None:
     """Where the time of one dense call goes (µs per call, best of several loops)."""
     from deep_gemm import plan, validation
@@ -266,15 +303,18 @@ def stages(real: bool, m: int = 128, n: int = 7168, k: int = 2048) -> None:
     deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
     _sync(real)
 
-    def loop_us(fn, n_iter=2000):
-        best = float("inf")
-        for _ in range(5):
+    def loop_us(fn, n_iter=100, reps=30):
+        # Short loops with a synchronise between them (untimed): on a GPU, thousands of launches
+        # in a row would fill the launch queue and time the GPU instead of the CPU.
+        per_loop = []
+        for _ in range(reps):
+            _sync(real)
             t0 = time.perf_counter()
             for _ in range(n_iter):
                 fn()
-            best = min(best, (time.perf_counter() - t0) / n_iter * 1e6)
+            per_loop.append((time.perf_counter() - t0) / n_iter * 1e6)
         _sync(real)
-        return best
+        return statistics.median(per_loop)
 
     num_sms = deep_gemm.get_num_sms()
     parts = {
@@ -298,6 +338,10 @@ def stages(real: bool, m: int = 128, n: int = 7168, k: int = 2048) -> None:
                                                           deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out))
     if real:
         parts["torch.cuda.current_stream().cuda_stream"] = lambda: torch.cuda.current_stream().cuda_stream
+        if hasattr(gemm_ops, "_dense_key") and launch is not None:
+            ctypes_launch = _ctypes_launcher(launch)
+            if ctypes_launch is not None:
+                parts["same launch through ctypes + libcuda (comparison)"] = ctypes_launch
     print(f"\nstages of one dense call, {m} x {n} x {k}:")
     for name, fn in parts.items():
         print(f"  {name:48s} {loop_us(fn):7.2f} µs")
@@ -320,8 +364,8 @@ def main(argv=None) -> int:
     summary = run(real, args.calls)
     print("\nmedian over shapes (µs per call):")
     d = summary["dense"]
-    print(f"  dense:      ours {_fmt(d[0])}   miss {_fmt(d[1])}   out=None {_fmt(d[2])}   "
-          f"torch._scaled_mm {_fmt(d[3])}")
+    print(f"  dense:      ours {_fmt(d[0])}   miss {_fmt(d[1])}   cold {_fmt(d[2])}   out=None {_fmt(d[3])}   "
+          f"torch._scaled_mm {_fmt(d[4])}")
     print(f"  contiguous: ours {_fmt(summary['contiguous'][0])}   miss {_fmt(summary['contiguous'][1])}")
     print(f"  masked:     ours {_fmt(summary['masked'][0])}   miss {_fmt(summary['masked'][1])}")
     if not args.no_stages:

@@ -32,9 +32,9 @@ def test_cast_variant_compiles_clean(kind, dtype, k, vec):
     kernel = compile_kernel(cast_source(config), config.kernel_name, arch="sm_90a", name=config.name)
     r = kernel.resources
     assert (r.spill_store_bytes, r.spill_load_bytes, r.stack_bytes) == (0, 0, 0), kernel.log
-    # Per-token stays at full occupancy (2048 threads: <= 32 registers leaves room for 64 warps);
-    # per-block holds 4 chunks of 16 per thread and must still fit 2 CTAs of 256 threads per SM.
-    limit = 40 if kind == PER_TOKEN and vec else 48 if kind == PER_TOKEN else 128
+    # Per-token aims at full occupancy (2048 threads/SM needs <= 32 registers; the element-wise
+    # variants may use a few more); per-block must keep 2 CTAs per SM.
+    limit = (40 if vec else 48) if kind == PER_TOKEN else 65536 // (2 * config.num_threads)
     assert r.registers <= limit, f"{config.name}: {r.registers} registers"
     assert not r.warnings, r.warnings
     # Scales live in registers; per-block shares one float per warp for the CTA-wide amax.

@@ -12,7 +12,11 @@ PER_TOKEN = "per_token"
 PER_BLOCK = "per_block"
 KERNEL_NAMES = {PER_TOKEN: "deep_gemm_per_token_cast", PER_BLOCK: "deep_gemm_per_block_cast"}
 DTYPES = ("bf16", "fp16", "fp32")      # cast.cuh's CAST_BF16 / CAST_FP16 / CAST_FP32, in order
-NUM_THREADS = {"per_token": 256, "per_block": 256}   # per_block: 4 rows of 16 per thread, no spills
+PER_TOKEN_THREADS = 256    # 32 (row, k-block) units of 8 lanes; 32 registers: full occupancy
+# Per-block holds its 128x128 block in registers (128 / (threads / 8) chunks of 16 per thread).
+# 16-bit inputs: 256 threads, 4 chunks, ~110 registers, 2 CTAs per SM. fp32 chunks are twice the
+# registers; 1024 threads of one chunk each keep 2 CTAs per SM at 32 registers.
+PER_BLOCK_THREADS = {"bf16": 256, "fp16": 256, "fp32": 1024}
 FP8_MAX = 448.0
 AMAX_FLOOR = 1e-4
 
@@ -51,7 +55,7 @@ class CastConfig:
 
     @property
     def num_threads(self) -> int:
-        return NUM_THREADS[self.kind]
+        return PER_TOKEN_THREADS if self.kind == PER_TOKEN else PER_BLOCK_THREADS[self.dtype]
 
     @property
     def name(self) -> str:

@@ -135,8 +135,9 @@ DG_DEVICE void produce(const TmaDescriptor* tma_a, const TmaDescriptor* tma_b, c
         const int32_t sa_row = LAYOUT == kMasked ? tile.m_block * BLOCK_M : tile.row_begin;
         const int32_t sa_kb_base = LAYOUT == kMasked ? tile.group * kNumKBlocks : 0;
         // Not unrolled: the producer runs on few registers and gains nothing from it.
+        const int32_t kb_end = ptx::opaque(k_block_end(scheduler.cluster_rank));
 #pragma unroll 1
-        for (int32_t kb = k_block_begin(scheduler.cluster_rank); kb < k_block_end(scheduler.cluster_rank); ++kb) {
+        for (int32_t kb = k_block_begin(scheduler.cluster_rank); kb < kb_end; ++kb) {
             // First pass over the ring: the parity trick makes this wait return at once.
             ptx::mbarrier_wait(&smem.empty[ring.stage], ring.phase ^ 1);
             uint64_t* full = &smem.full[ring.stage];

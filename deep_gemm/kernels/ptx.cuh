@@ -36,6 +36,14 @@ DG_DEVICE uint32_t warp_index() {
 
 DG_DEVICE uint32_t lane_index() { return threadIdx.x % 32; }
 
+// The value, hidden from the optimiser: a loop bounded by it is not unrolled
+// even when the bound is a compile-time constant (#pragma unroll 1 alone was
+// not honoured for the producer's loop).
+DG_DEVICE int32_t opaque(int32_t x) {
+    asm volatile("" : "+r"(x));
+    return x;
+}
+
 // ---- registers -----------------------------------------------------------------
 template <uint32_t kRegs> DG_DEVICE void setmaxnreg_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));

@@ -12,7 +12,7 @@ import torch
 
 from .. import reference
 from ..jit import compile_kernel
-from ..jit.cast_source import PER_BLOCK, PER_TOKEN, CastConfig, cast_source
+from ..jit.cast_source import PER_BLOCK, PER_TOKEN, PER_TOKEN_THREADS, CastConfig, cast_source
 from ..runtime.driver import LoadedKernel
 from ..runtime.kernels import KernelNotReadyError, device_arch
 
@@ -28,14 +28,19 @@ _PARAM_TYPES = {
                 ctypes.c_int32, ctypes.c_int32),
 }
 
-_loaded: dict = {}          # (CastConfig, device index) -> LoadedKernel
+_loaded: dict = {}          # (kind, K, dtype name, vec, device index) -> LoadedKernel
 _lock = threading.Lock()
 launch_count = 0            # kernels launched by this module (tests check the GPU path ran)
 
 
+def _key(config: CastConfig, device_index: int) -> tuple:
+    # A plain tuple: the per-call lookup must not build (and validate) a CastConfig.
+    return (config.kind, config.k, config.dtype, config.vec, device_index)
+
+
 def cast_kernel(config: CastConfig, device_index: int) -> LoadedKernel:
     """The loaded kernel for `config` on a device, compiling and loading it on first use."""
-    kernel = _loaded.get((config, device_index))
+    kernel = _loaded.get(_key(config, device_index))
     if kernel is not None:
         return kernel
     if torch.cuda.is_current_stream_capturing():
@@ -44,14 +49,14 @@ def cast_kernel(config: CastConfig, device_index: int) -> LoadedKernel:
             "capturing a CUDA graph, where loading a module is not permitted. Run the same cast once "
             "before capture (warm-up), or compile it ahead with deep_gemm.ops.cast.precompile_casts.")
     with _lock:
-        kernel = _loaded.get((config, device_index))
+        kernel = _loaded.get(_key(config, device_index))
         if kernel is None:
             compiled = compile_kernel(cast_source(config), config.kernel_name,
                                       arch=device_arch(torch.device("cuda", device_index)), name=config.name)
             with torch.cuda.device(device_index):
                 kernel = LoadedKernel(compiled.cubin, config.kernel_name, config.num_threads, 0,
                                       _PARAM_TYPES[config.kind])
-            _loaded[(config, device_index)] = kernel
+            _loaded[_key(config, device_index)] = kernel
     return kernel
 
 
@@ -67,49 +72,62 @@ def precompile_casts(ks, dtypes=(torch.bfloat16,), device=None) -> None:
                     cast_kernel(CastConfig(kind, k, _DTYPE_NAMES[dtype], vec), index)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as [rows, K] with unit column stride and one row stride (a view when x allows it)."""
+def _row_layout(x: torch.Tensor):
+    """(x or a contiguous copy, row stride in elements) such that row r of the flattened
+    [rows, K] view starts at element r * stride and its columns are adjacent."""
     k = x.shape[-1]
-    try:
-        rows = x.view(-1, k)
-    except RuntimeError:          # rows not uniformly strided: copy
-        rows = x.reshape(-1, k)
-    if k > 1 and rows.stride(1) != 1:
-        rows = rows.contiguous()
-    return rows
+    if x.is_contiguous():
+        return x, k
+    stride = x.stride()
+    if k == 1 or stride[-1] == 1:
+        if x.dim() == 2:
+            return x, stride[0]
+        groups, m = x.shape[0], x.shape[1]
+        if m == 1:                                   # one row per group: rows step by groups
+            return x, stride[0]
+        if groups == 1 or stride[0] == m * stride[1]:
+            return x, stride[1]
+    return x.contiguous(), k
 
 
-def _config(kind: str, rows: torch.Tensor) -> CastConfig:
-    k = rows.shape[1]
-    elem = rows.element_size()
-    # 16-byte accesses need every row of x (and of q, K bytes long) to start 16-byte aligned.
-    vec = (k % 16 == 0 and rows.data_ptr() % 16 == 0
-           and (rows.shape[0] <= 1 or rows.stride(0) * elem % 16 == 0))
-    return CastConfig(kind, k, _DTYPE_NAMES[rows.dtype], vec)
-
-
-def _launch(config: CastConfig, rows: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
+def _launch(kind: str, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, num_rows: int,
             grid: int, tail) -> None:
     global launch_count
     if grid > _INT32_MAX:
         raise ValueError(f"x is too large for one cast launch ({grid} thread blocks)")
-    device_index = rows.device.index
-    kernel = cast_kernel(config, device_index)
+    x, row_stride = _row_layout(x)
+    k = x.shape[-1]
+    ptr = x.data_ptr()
+    # 16-byte accesses need every row of x (and of q, K bytes long) to start 16-byte aligned.
+    elem = x.element_size()
+    vec = k % 16 == 0 and ptr % 16 == 0 and (num_rows <= 1 or row_stride * elem % 16 == 0)
+    device_index = x.device.index
+    kernel = _loaded.get((kind, k, _DTYPE_NAMES[x.dtype], vec, device_index))
+    if kernel is None:
+        kernel = cast_kernel(CastConfig(kind, k, _DTYPE_NAMES[x.dtype], vec), device_index)
     pack = kernel.args()
     buffers = pack.buffers
-    buffers[0].value = rows.data_ptr()
+    buffers[0].value = ptr
     buffers[1].value = q.data_ptr()
     buffers[2].value = scales.data_ptr()
-    buffers[3].value = rows.stride(0)
+    buffers[3].value = row_stride
     for i, value in enumerate(tail):
         buffers[4 + i].value = value
-    stream = torch.cuda.current_stream(rows.device).cuda_stream
     if torch.cuda.current_device() == device_index:
-        kernel.launch(grid, stream, pack)
+        kernel.launch(grid, _raw_stream(device_index), pack)
     else:   # the module lives in that device's context
         with torch.cuda.device(device_index):
-            kernel.launch(grid, stream, pack)
+            kernel.launch(grid, _raw_stream(device_index), pack)
     launch_count += 1
+
+
+def _raw_stream(device_index: int) -> int:
+    """The current stream's cudaStream_t (torch's private accessor is ~20x cheaper than
+    torch.cuda.current_stream(); fall back to that where it is missing)."""
+    get = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if get is not None:
+        return get(device_index)
+    return torch.cuda.current_stream(device_index).cuda_stream
 
 
 def _check_input(x) -> None:
@@ -161,13 +179,11 @@ def _per_token_launch(x, q, scales) -> None:
     groups, m, k, kb, aligned_m = _token_geometry(x)
     if x.numel() == 0:
         return
-    rows = _rows(x)
-    config = _config(PER_TOKEN, rows)
-    units_per_cta = config.num_threads // 8
+    units_per_cta = PER_TOKEN_THREADS // 8        # 8 lanes per (row, k-block) unit
     ctas_per_group = (m * kb + units_per_cta - 1) // units_per_cta
-    if m > _INT32_MAX or ctas_per_group * units_per_cta > _INT32_MAX:
+    if ctas_per_group * units_per_cta > _INT32_MAX:
         raise ValueError(f"x has too many rows for the cast kernel: shape {tuple(x.shape)}")
-    _launch(config, rows, q, scales, groups * ctas_per_group, (m, aligned_m, ctas_per_group))
+    _launch(PER_TOKEN, x, q, scales, groups * m, groups * ctas_per_group, (m, aligned_m, ctas_per_group))
 
 
 def per_token_cast_to_fp8(x: torch.Tensor):
@@ -177,12 +193,14 @@ def per_token_cast_to_fp8(x: torch.Tensor):
         return reference.per_token_cast_to_fp8(x)
     groups, m, k, kb, aligned_m = _token_geometry(x)
     q = torch.empty(x.shape, dtype=_FP8, device=x.device)
-    # The layout get_col_major_tma_aligned_tensor builds: K-block columns of aligned_m floats.
+    # The layout get_col_major_tma_aligned_tensor builds: K-block columns of aligned_m floats
+    # (padding rows included in the storage), made with one allocation and one slice.
     if x.dim() == 2:
-        scales = torch.empty((kb, aligned_m), dtype=torch.float32, device=x.device).t()[:m]
+        scales = torch.empty_strided((aligned_m, kb), (1, aligned_m), dtype=torch.float32,
+                                     device=x.device)[:m]
     else:
-        scales = torch.empty((groups, kb, aligned_m), dtype=torch.float32,
-                             device=x.device).transpose(1, 2)[:, :m]
+        scales = torch.empty_strided((groups, aligned_m, kb), (kb * aligned_m, 1, aligned_m),
+                                     dtype=torch.float32, device=x.device)[:, :m]
     _per_token_launch(x, q, scales)
     return q, scales
 
@@ -212,10 +230,9 @@ def _per_block_launch(x, q, scales) -> None:
     groups, n, k, nb, kb = _block_geometry(x)
     if x.numel() == 0:
         return
-    rows = _rows(x)
     if n > _INT32_MAX or nb * kb > _INT32_MAX:
         raise ValueError(f"x is too large for the cast kernel: shape {tuple(x.shape)}")
-    _launch(_config(PER_BLOCK, rows), rows, q, scales, groups * nb * kb, (n, nb))
+    _launch(PER_BLOCK, x, q, scales, groups * n, groups * nb * kb, (n, nb))
 
 
 def per_block_cast_to_fp8(x: torch.Tensor):

@@ -109,15 +109,15 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices, check_in
     num_sms = _sms_for_key(key, args.a.device)
     config = plan_cached(args.m, args.n, args.k, num_sms, LAYOUT_CONTIGUOUS, args.num_groups)
     b = _as_rows(args.b)
-    launch = _runtime_kernels().prepare_gemm(config, args.a, args.m, args.sa, args.m, args.sa.shape[-1], b, b.shape[0], args.sb,
-                          args.out, args.m, args.m, args.m_indices, num_sms)
-    # Cache only a launch made from the caller's own tensors: nothing validation rebuilt, and B
-    # viewed in place (_as_rows copies unevenly spaced groups, and a copy made while args.b is
-    # alive cannot start at its address).
+    launch = _runtime_kernels().prepare_gemm(config, args.a, args.m, args.sa, args.m, args.sa.shape[-1], b,
+                                             b.shape[0], args.sb, args.out, args.m, args.m, args.m_indices, num_sms)
+    launch.fire()
+    # Cache a launch that worked and was made from the caller's own tensors: nothing validation
+    # rebuilt, and B viewed in place (_as_rows copies unevenly spaced groups, and a copy made
+    # while args.b is alive cannot start at its address).
     if (key is not None and args.a is lhs[0] and args.sa is lhs[1] and args.b is rhs[0] and args.sb is rhs[1]
             and args.out is out and args.m_indices is m_indices and b.data_ptr() == args.b.data_ptr()):
         _contiguous_launches.put(key, launch)
-    launch.fire()
     return out
 
 
@@ -146,15 +146,17 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m):
     config = plan_cached(min(args.expected_m, args.max_m), args.n, args.k, num_sms, LAYOUT_MASKED,
                          args.num_groups)
     a, b, target = _as_rows(args.a), _as_rows(args.b), _as_rows(args.out)
-    launch = _runtime_kernels().prepare_gemm(config, a, a.shape[0], args.sa, args.max_m, args.num_groups * args.sa.shape[-1], b,
-                          b.shape[0], args.sb, target, target.shape[0], args.max_m, args.masked_m, num_sms)
+    launch = _runtime_kernels().prepare_gemm(config, a, a.shape[0], args.sa, args.max_m,
+                                             args.num_groups * args.sa.shape[-1], b, b.shape[0], args.sb, target,
+                                             target.shape[0], args.max_m, args.masked_m, num_sms)
+    launch.fire()
     copied_out = target.data_ptr() != args.out.data_ptr()
-    # As for the contiguous layout: cache only launches on the caller's own tensors, viewed in place.
+    # As for the contiguous layout: cache only launches that worked, on the caller's own tensors
+    # viewed in place.
     if (key is not None and not copied_out and args.a is lhs[0] and args.sa is lhs[1] and args.b is rhs[0]
             and args.sb is rhs[1] and args.out is out and args.masked_m is masked_m
             and a.data_ptr() == args.a.data_ptr() and b.data_ptr() == args.b.data_ptr()):
         _masked_launches.put(key, launch)
-    launch.fire()
     if copied_out:
         args.out.copy_(target.view_as(args.out))
     return out
