@@ -192,7 +192,9 @@ def _same_device(device: torch.device, tensors, names) -> None:
             raise ValueError(f"{name} is on {t.device} but lhs[0] is on {device}: all tensors must share one device")
 
 
-def _check_out(out, want: tuple, device: torch.device) -> torch.Tensor:
+def _check_out(out, want: tuple, device: torch.device, staged_ok: bool = False) -> torch.Tensor:
+    """Check a caller's output.  staged_ok: the op can write through an aligned
+    staging buffer, so any row stride (and address) of a row-contiguous out is fine."""
     if not isinstance(out, _Tensor):
         raise TypeError(f"out must be a torch.Tensor (or None where allowed), got {type(out).__name__}")
     if out.dtype != _BF16:
@@ -201,6 +203,8 @@ def _check_out(out, want: tuple, device: torch.device) -> torch.Tensor:
         raise ValueError(f"out must have shape {want}, got {tuple(out.shape)}")
     if out.device != device:
         raise ValueError(f"out is on {out.device} but lhs[0] is on {device}: all tensors must share one device")
+    if staged_ok and len(want) == 2 and (out.stride(-1) == 1 or want[-1] <= 1) and out.stride(0) >= 0:
+        return out
     out = _rows_ok(out, 2, "out")
     _check_ptr(out, "out")
     return out
@@ -304,7 +308,7 @@ def _dense_full(lhs, rhs, out) -> DenseArgs:
     if out is None:
         out = _alloc_out((m, n), device)
     else:
-        out = _check_out(out, (m, n), device)
+        out = _check_out(out, (m, n), device, staged_ok=True)
     return DenseArgs(a, sa, b, sb, out, m, n, k)
 
 

@@ -445,3 +445,31 @@ def test_dense_fast_path_names_a_bad_rank_scale():
     for bad in (sa[None], sa[:, 0]):
         with pytest.raises(ValueError, match=r"lhs\[1\]"):
             validation.check_dense((a, bad), rhs, out)
+
+
+def test_threads_share_the_cache_safely(fake, monkeypatch):
+    """Several threads hitting, missing and evicting at once: every launch still carries the
+    parameters of its own call."""
+    import threading
+    monkeypatch.setattr(gemm_ops, "_dense_launches", launch.LaunchCache(3))
+    lhs, rhs, out = dense_inputs()
+    outs = [torch.empty_like(out) for _ in range(6)]
+    want = {o.data_ptr(): uncached_dense_params(lhs, rhs, o) for o in outs}
+    errors = []
+
+    def work(seed):
+        try:
+            for i in range(150):
+                deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, outs[(seed + i * 7) % len(outs)])
+        except Exception as exc:  # reported below: an exception in a thread would be lost
+            errors.append(exc)
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(fake.launches) == 600 and len(gemm_ops._dense_launches) <= 3
+    for *_, data in fake.launches:
+        out_ptr = int.from_bytes(data[520:528], "little")
+        assert data == want[out_ptr]

@@ -1,0 +1,58 @@
+"""A small sweep of every kernel family for compute-sanitizer (memcheck, racecheck, synccheck).
+
+    compute-sanitizer --tool memcheck python scripts/sanitizer_sweep.py
+Each call is checked against the float64 reference so a race that corrupts data also fails here.
+"""
+import sys
+
+import torch
+
+import deep_gemm
+from deep_gemm.reference import calc_diff, dequantize_lhs, dequantize_rhs
+
+
+def check(name, out, ref):
+    diff = calc_diff(out, ref)
+    ok = not torch.isnan(out).any() and diff < 1e-5
+    print(f"{name:40s} calc_diff={diff:.2e} {'ok' if ok else 'WRONG'}", flush=True)
+    return ok
+
+
+def main():
+    ok = True
+    for m, n, k in [(1, 256, 512), (65, 576, 896), (200, 2112, 576), (300, 384, 1024)]:
+        lhs = deep_gemm.per_token_cast_to_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+        rhs = deep_gemm.per_block_cast_to_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
+        out = deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs)
+        ref = dequantize_lhs(*lhs, dtype=torch.float64) @ dequantize_rhs(*rhs, dtype=torch.float64).T
+        ok &= check(f"dense {m}x{n}x{k}", out, ref)
+
+    g, n, k, align = 3, 256, 512, deep_gemm.get_m_alignment_for_contiguous_layout()
+    a = torch.randn(3 * align, k, device="cuda", dtype=torch.bfloat16)
+    m_indices = torch.tensor([0] * 100 + [-1] * 28 + [2] * align + [-1] * align, device="cuda", dtype=torch.int32)
+    lhs = deep_gemm.per_token_cast_to_fp8(a)
+    rhs = deep_gemm.per_block_cast_to_fp8(torch.randn(g, n, k, device="cuda", dtype=torch.bfloat16))
+    out = torch.zeros(3 * align, n, device="cuda", dtype=torch.bfloat16)
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices)
+    a64 = dequantize_lhs(*lhs, dtype=torch.float64)
+    ok &= check("contiguous g0", out[:100], a64[:100] @ dequantize_rhs(rhs[0][0], rhs[1][0], dtype=torch.float64).T)
+    ok &= check("contiguous g2", out[128:256],
+                a64[128:256] @ dequantize_rhs(rhs[0][2], rhs[1][2], dtype=torch.float64).T)
+
+    max_m = 192
+    lhs = deep_gemm.per_token_cast_to_fp8(torch.randn(g, max_m, k, device="cuda", dtype=torch.bfloat16))
+    masked_m = torch.tensor([0, 70, 192], device="cuda", dtype=torch.int32)
+    out = torch.zeros(g, max_m, n, device="cuda", dtype=torch.bfloat16)
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, 100)
+    a64 = dequantize_lhs(*lhs, dtype=torch.float64)
+    for gi, rows in enumerate(masked_m.tolist()):
+        if rows:
+            ok &= check(f"masked g{gi}", out[gi, :rows],
+                        a64[gi, :rows] @ dequantize_rhs(rhs[0][gi], rhs[1][gi], dtype=torch.float64).T)
+    torch.cuda.synchronize()
+    print("sanitizer sweep:", "ok" if ok else "WRONG")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
