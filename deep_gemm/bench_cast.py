@@ -86,7 +86,8 @@ def bench_casts(iters: int = 50, warmup: int = 3, verbose: bool = True) -> list:
         del x
         torch.cuda.empty_cache()
     if verbose:
-        print(f"{'cast':40} {'GPU us':>9} {'GB/s':>8} {'% of 3.0 TB/s':>14} {'host us':>8}")
+        print(f"{'cast':40} {'GPU us':>9} {'GB/s':>8} {'% of 3.0 TB/s':>14} {'host us':>8}"
+              f"   (host: CPU time per call on {list(HOST_SHAPE)})")
         for r in rows:
             print(f"{r['name']:40} {r['us']:9.1f} {r['gbps']:8.1f} {r['pct_of_hbm']:14.1f} {r['host_us']:8.1f}")
     return rows

@@ -97,8 +97,18 @@ def _bad_dense_cases():
         ((a, sa), (b, sb), "out", TypeError, r"out"),
         ((a, sa), (b, sb), out.float(), TypeError, r"out.*bfloat16"),
         ((a, sa), (b, sb), out[:, :128], ValueError, r"out.*shape"),
-        ((a, sa), (b, sb), wide_out[:, :256], ValueError, r"out.*16 bytes"),
+        # Rows of out must be contiguous (any row stride is fine: the op stages it).
+        ((a, sa), (b, sb), torch.empty(256, 64, dtype=torch.bfloat16).t(), ValueError, r"out.*contiguous rows"),
     ]
+
+
+def test_dense_out_with_unaligned_rows_is_accepted_for_staging():
+    """out rows that TMA cannot address directly are written through an aligned buffer."""
+    a, sa = reference.per_token_cast_to_fp8(torch.randn(64, 256))
+    b, sb = reference.per_block_cast_to_fp8(torch.randn(256, 256))
+    wide_out = torch.empty(64, 300, dtype=torch.bfloat16)
+    args = validation.check_dense((a, sa), (b, sb), wide_out[:, :256])
+    assert args.out.data_ptr() == wide_out.data_ptr() and args.out.stride() == (300, 1)
 
 
 @pytest.mark.parametrize("case", range(len(_bad_dense_cases())))

@@ -151,6 +151,14 @@ def _check_output(name: str, t, dtype, shape, strides=None) -> None:
                          f"layout), got {t.stride()}")
 
 
+def _new_q(x: torch.Tensor) -> torch.Tensor:
+    # empty_like is about twice as fast as empty(shape); it copies x's layout, so only when x is
+    # contiguous (q must be).
+    if x.is_contiguous():
+        return torch.empty_like(x, dtype=_FP8)
+    return torch.empty(x.shape, dtype=_FP8, device=x.device)
+
+
 # ---- per-token (1x128) ------------------------------------------------------------------------
 def _token_geometry(x: torch.Tensor):
     groups = x.shape[0] if x.dim() == 3 else 1
@@ -192,15 +200,14 @@ def per_token_cast_to_fp8(x: torch.Tensor):
     if x.numel() == 0:
         return reference.per_token_cast_to_fp8(x)
     groups, m, k, kb, aligned_m = _token_geometry(x)
-    q = torch.empty(x.shape, dtype=_FP8, device=x.device)
-    # The layout get_col_major_tma_aligned_tensor builds: K-block columns of aligned_m floats
-    # (padding rows included in the storage), made with one allocation and one slice.
+    q = _new_q(x)
+    # The layout get_col_major_tma_aligned_tensor builds (K-block columns aligned_m floats apart),
+    # in one allocation; the storage stops after row m of the last column: nothing reads past it.
     if x.dim() == 2:
-        scales = torch.empty_strided((aligned_m, kb), (1, aligned_m), dtype=torch.float32,
-                                     device=x.device)[:m]
+        scales = torch.empty_strided((m, kb), (1, aligned_m), dtype=torch.float32, device=x.device)
     else:
-        scales = torch.empty_strided((groups, aligned_m, kb), (kb * aligned_m, 1, aligned_m),
-                                     dtype=torch.float32, device=x.device)[:, :m]
+        scales = torch.empty_strided((groups, m, kb), (kb * aligned_m, 1, aligned_m),
+                                     dtype=torch.float32, device=x.device)
     _per_token_launch(x, q, scales)
     return q, scales
 
@@ -242,7 +249,7 @@ def per_block_cast_to_fp8(x: torch.Tensor):
         return reference.per_block_cast_to_fp8(x)
     groups, n, k, nb, kb = _block_geometry(x)
     lead = (groups,) if x.dim() == 3 else ()
-    q = torch.empty(x.shape, dtype=_FP8, device=x.device)
+    q = _new_q(x)
     scales = torch.empty(lead + (nb, kb), dtype=torch.float32, device=x.device)
     _per_block_launch(x, q, scales)
     return q, scales
