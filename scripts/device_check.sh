@@ -15,12 +15,15 @@ for step in $steps; do
     sanitizer)
       python3 scripts/sanitizer_sweep.py > /dev/null 2>&1   # compile + load outside the sanitizer
       for tool in memcheck racecheck synccheck; do
-        compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitizer_sweep.py > "$OUT/sanitizer_$tool.log" 2>&1
+        compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 9 python3 scripts/sanitizer_sweep.py > "$OUT/sanitizer_$tool.log" 2>&1
         summary+=("compute-sanitizer $tool: exit $? / $(grep -E 'ERROR SUMMARY|sanitizer sweep' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')")
       done ;;
     host)
       python3 scripts/host_overhead.py 2>&1 | tee "$OUT/host.log" | tail -30
       summary+=("host overhead: $(grep -i median "$OUT/host.log" | tr '\n' ' ')") ;;
+    warmup)
+      python3 scripts/warmup_check.py 2>&1 | tee "$OUT/warmup.log" | tail -12
+      summary+=("warm-up: $(head -1 "$OUT/warmup.log")") ;;
     bench)
       python3 -m deep_gemm bench --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>&1 | tee "$OUT/bench.log" | tail -45
       summary+=("bench: $(grep geomean "$OUT/bench.log")") ;;

@@ -257,6 +257,10 @@ _CHILD = textwrap.dedent("""\
     """)
 
 
+# Serving engines start 8 data-parallel processes at once; CI has 2 cores, so 4 race here.
+NUM_RACERS = 4
+
+
 def test_processes_racing_compile_once(tmp_cache_dir, tmp_path, monkeypatch):
     _nvrtc_only(monkeypatch)
     env = dict(os.environ, DG_JIT_DEBUG="1",
@@ -265,7 +269,7 @@ def test_processes_racing_compile_once(tmp_cache_dir, tmp_path, monkeypatch):
     go, source = tmp_path / "go", tmp_path / "probe.cu"
     source.write_text(PROBE)
     procs = []
-    for i in range(3):
+    for i in range(NUM_RACERS):
         ready = tmp_path / f"ready{i}"
         p = subprocess.Popen([sys.executable, "-c", _CHILD, str(ready), str(go), str(source)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -286,8 +290,8 @@ def test_processes_racing_compile_once(tmp_cache_dir, tmp_path, monkeypatch):
     assert len(keys) == 1
     stderr = "".join(err for _, err in outputs)
     assert stderr.count("] compiled race") == 1, stderr
-    assert stderr.count("] cache hit race") == 2, stderr
-    assert sorted(out.split()[1] for out, _ in outputs) == ["False", "True", "True"]
+    assert stderr.count("] cache hit race") == NUM_RACERS - 1, stderr
+    assert sorted(out.split()[1] for out, _ in outputs) == ["False"] + ["True"] * (NUM_RACERS - 1)
 
 
 def test_lock_holder_rechecks_the_cache(tmp_cache_dir, monkeypatch):
