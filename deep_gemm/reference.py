@@ -12,6 +12,10 @@ from .utils import get_col_major_tma_aligned_tensor
 
 BLOCK = 128                 # scale granularity along K (and along N for the weights)
 FP8_MAX = 448.0             # largest finite float8_e4m3fn value
+# scale = amax * fp32(1 / 448): torch on CUDA computes `amax / 448` exactly so (it multiplies by
+# the fp32 reciprocal of a scalar divisor) while on the CPU it divides; writing the product keeps
+# CPU, CUDA and the cast kernels bit-identical.
+INV_FP8_MAX = 1.0 / FP8_MAX
 AMAX_FLOOR = 1e-4           # keeps all-zero blocks from producing a zero (then inf) scale
 _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -55,7 +59,7 @@ def per_token_cast_to_fp8(x: torch.Tensor):
     xp = _pad_last(x.float(), -1)
     blocks = xp.unflatten(-1, (-1, BLOCK))                      # [..., M, KB, 128]
     amax = blocks.abs().amax(dim=-1).clamp(min=AMAX_FLOOR)     # [..., M, KB]
-    scales = amax / FP8_MAX
+    scales = amax * INV_FP8_MAX
     q = _to_e4m3(blocks / scales.unsqueeze(-1)).flatten(-2)[..., :k].contiguous()
     return q, get_col_major_tma_aligned_tensor(scales)
 
@@ -73,7 +77,7 @@ def per_block_cast_to_fp8(x: torch.Tensor):
     lead = xp.shape[:-2]
     blocks = xp.reshape(*lead, xp.shape[-2] // BLOCK, BLOCK, xp.shape[-1] // BLOCK, BLOCK)
     amax = blocks.abs().amax(dim=(-3, -1)).clamp(min=AMAX_FLOOR)       # [..., NB, KB]
-    scales = amax / FP8_MAX
+    scales = amax * INV_FP8_MAX
     q = _to_e4m3(blocks / scales[..., :, None, :, None]).reshape(xp.shape)
     return q[..., :n, :k].contiguous(), scales.contiguous()
 
