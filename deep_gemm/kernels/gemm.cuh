@@ -296,16 +296,25 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
         // into `part` (asynchronous), and later retire it: release the stage
         // and promote `part` into `acc` with sa * sb.
         struct BlockScales {
-            float top0, top1, bottom0, bottom1;  // rows r / r + 8, scale block 0 / 1 of B
+            float sa0, sa1, sb0, sb1;  // A's rows r / r + 8; B's scale block 0 / 1
             int32_t stage;
         };
+        // B's scales come from global memory (L2): each is loaded one K block
+        // ahead and multiplied only at promotion, so no wgmma issue ever waits
+        // on that load's latency.
+        const int32_t kb_last = k_block_end(scheduler.cluster_rank) - 1;
+        float sb0_ahead = ptx::ldg_float(sb_first + k_block_begin(scheduler.cluster_rank));
+        float sb1_ahead = kOneScaleB ? sb0_ahead : ptx::ldg_float(sb_second + k_block_begin(scheduler.cluster_rank));
         auto issue = [&](float(&part)[kAccRegs], int32_t kb, BlockScales& scales) {
-            // Scale loads go out before the wait so their latency hides behind it.
-            const float sb0 = ptx::ldg_float(sb_first + kb);
-            const float sb1 = kOneScaleB ? sb0 : ptx::ldg_float(sb_second + kb);
+            scales.sb0 = sb0_ahead;
+            scales.sb1 = sb1_ahead;
+            const int32_t next = min(kb + 1, kb_last);
+            sb0_ahead = ptx::ldg_float(sb_first + next);
+            sb1_ahead = kOneScaleB ? sb0_ahead : ptx::ldg_float(sb_second + next);
             ptx::mbarrier_wait(&smem.full[ring.stage], ring.phase);
-            const float sa0 = smem.sa(ring.stage)[r], sa1 = smem.sa(ring.stage)[r + 8];
-            scales = {sa0 * sb0, sa0 * sb1, sa1 * sb0, sa1 * sb1, ring.stage};
+            scales.sa0 = smem.sa(ring.stage)[r];
+            scales.sa1 = smem.sa(ring.stage)[r + 8];
+            scales.stage = ring.stage;
             const uint64_t desc_a = ptx::make_smem_desc_k128_sw128(smem.a(ring.stage) + wg * 64 * BLOCK_K);
             const uint64_t desc_b = ptx::make_smem_desc_k128_sw128(smem.b(ring.stage));
 #pragma unroll
@@ -325,12 +334,14 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
             } else if (lane < CLUSTER_N) {
                 ptx::mbarrier_signal_cluster(&smem.empty[scales.stage], lane);
             }
+            const float top0 = scales.sa0 * scales.sb0, top1 = scales.sa0 * scales.sb1;
+            const float bottom0 = scales.sa1 * scales.sb0, bottom1 = scales.sa1 * scales.sb1;
 #pragma unroll
             for (int i = 0; i < BLOCK_N / 8; ++i) {
                 // split is a multiple of 16, so a whole 8-column group shares one scale.
                 const bool second = !kOneScaleB && i * 8 >= split;
-                const float top = second ? scales.top1 : scales.top0;
-                const float bottom = second ? scales.bottom1 : scales.bottom0;
+                const float top = second ? top1 : top0;
+                const float bottom = second ? bottom1 : bottom0;
                 acc[4 * i + 0] += part[4 * i + 0] * top;
                 acc[4 * i + 1] += part[4 * i + 1] * top;
                 acc[4 * i + 2] += part[4 * i + 2] * bottom;
