@@ -213,3 +213,22 @@ def test_python_m_deep_gemm_precompile(tmp_cache_dir):
     n = len(json.loads(proc.stdout))
     assert f"[{n}/{n}]" in proc.stderr  # the progress bar reached the end
     assert any(p.name.startswith(record["kernel"]) for p in (tmp_cache_dir / "cache").iterdir())
+
+
+# Kernel features the planner does not pick today (docs/perf-notes.md sections 2 and 4) but
+# which stay supported: multicast clusters of 2 and split-K clusters of 2, 4 and 8.
+FEATURE_VARIANTS = [
+    KernelConfig(n=7168, k=2048, block_m=128, block_n=128, num_stages=5, cluster_n=2),
+    KernelConfig(n=2112, k=7168, block_m=64, block_n=16, num_stages=8, cluster_n=2, pipeline=False),
+    KernelConfig(n=4096, k=7168, block_m=128, block_n=128, num_stages=5, layout=LAYOUT_MASKED,
+                 num_groups=4, cluster_n=2),
+    KernelConfig(n=2112, k=7168, block_m=64, block_n=128, num_stages=7, split_k=4, pipeline=False),
+    KernelConfig(n=2112, k=7168, block_m=128, block_n=64, num_stages=7, split_k=2),
+    KernelConfig(n=7168, k=576, block_m=64, block_n=32, num_stages=8, split_k=8, pipeline=False),
+    KernelConfig(n=4096, k=7168, block_m=128, block_n=128, num_stages=4, layout=LAYOUT_CONTIGUOUS,
+                 num_groups=8, split_k=2),
+]
+
+
+def test_cluster_and_split_k_variants_compile_clean(tmp_cache_dir):
+    _compile_and_check(FEATURE_VARIANTS)
