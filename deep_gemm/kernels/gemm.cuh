@@ -17,7 +17,7 @@
 // Compile-time constants (SHAPE_N, SHAPE_K, BLOCK_M, BLOCK_N, BLOCK_K,
 // NUM_STAGES, LAYOUT, NUM_GROUPS, RASTER_GROUP, CLUSTER_N, SPLIT_K,
 // PIPELINE_PROMOTION, STORE_CHUNK_COLS) and the
-// function `wgmma_m64k32<BLOCK_N>` are defined by the generated source before
+// function `wgmma_m64k32` (its operand list depends on BLOCK_N) are defined by the generated source before
 // this header is included (see deep_gemm/jit/kernel_source.py).
 #pragma once
 #include "ptx.cuh"
