@@ -17,7 +17,7 @@
 // Compile-time constants (SHAPE_N, SHAPE_K, BLOCK_M, BLOCK_N, BLOCK_K,
 // NUM_STAGES, LAYOUT, NUM_GROUPS, RASTER_GROUP, CLUSTER_N, SPLIT_K,
 // PIPELINE_PROMOTION, STORE_CHUNK_COLS) and the
-// function `wgmma_m64k32` (its operand list depends on BLOCK_N) are defined by the generated source before
+// function `wgmma_m64k32<BLOCK_N>` are defined by the generated source before
 // this header is included (see deep_gemm/jit/kernel_source.py).
 #pragma once
 #include "ptx.cuh"
@@ -302,11 +302,9 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
         // B's scales come from global memory (L2): each is loaded one K block
         // ahead and multiplied only at promotion, so no wgmma issue ever waits
         // on that load's latency.
-        // (Clamped: a split-K share may be empty, and no load may leave the scale row.)
-        const int32_t kb_last = max(k_block_end(scheduler.cluster_rank) - 1, 0);
-        const int32_t kb_first = min(k_block_begin(scheduler.cluster_rank), kb_last);
-        float sb0_ahead = ptx::ldg_float(sb_first + kb_first);
-        float sb1_ahead = kOneScaleB ? sb0_ahead : ptx::ldg_float(sb_second + kb_first);
+        const int32_t kb_last = k_block_end(scheduler.cluster_rank) - 1;
+        float sb0_ahead = ptx::ldg_float(sb_first + k_block_begin(scheduler.cluster_rank));
+        float sb1_ahead = kOneScaleB ? sb0_ahead : ptx::ldg_float(sb_second + k_block_begin(scheduler.cluster_rank));
         auto issue = [&](float(&part)[kAccRegs], int32_t kb, BlockScales& scales) {
             scales.sb0 = sb0_ahead;
             scales.sb1 = sb1_ahead;
