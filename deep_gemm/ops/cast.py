@@ -168,6 +168,12 @@ def _token_geometry(x: torch.Tensor):
     return groups, m, k, kb, aligned_m
 
 
+def _check_same_device(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> None:
+    for name, t in (("q", q), ("scales", scales)):
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on {x.device}, got {t.device}")
+
+
 def per_token_cast_into(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> None:
     """Cast x [M, K] / [G, M, K] into preallocated q (e4m3, x's shape, contiguous) and scales
     (float32 [..., M, ceil(K/128)] in the column-major TMA-aligned layout)."""
@@ -177,9 +183,7 @@ def per_token_cast_into(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) 
     _check_output("q", q, _FP8, x.shape)
     strides = ((kb * aligned_m,) if x.dim() == 3 else ()) + (1, aligned_m)
     _check_output("scales", scales, torch.float32, lead + (m, kb), strides)
-    for name, t in (("q", q), ("scales", scales)):
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on {x.device}, got {t.device}")
+    _check_same_device(x, q, scales)
     _per_token_launch(x, q, scales)
 
 
@@ -227,9 +231,7 @@ def per_block_cast_into(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) 
     lead = (groups,) if x.dim() == 3 else ()
     _check_output("q", q, _FP8, x.shape)
     _check_output("scales", scales, torch.float32, lead + (nb, kb))
-    for name, t in (("q", q), ("scales", scales)):
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on {x.device}, got {t.device}")
+    _check_same_device(x, q, scales)
     _per_block_launch(x, q, scales)
 
 

@@ -101,10 +101,11 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices, check_in
     if args.m == 0:
         return out
     if not runs_on_hopper(args.a.device):
+        # Like the kernel, treat indices outside [0, G) as padding.
+        idx = args.m_indices
+        in_range = (idx >= 0) & (idx < args.num_groups)
         reference.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((args.a, args.sa), (args.b, args.sb), args.out,
-                                                           args.m_indices.clamp(min=-1).where(
-                                                               args.m_indices < args.num_groups,
-                                                               torch.full_like(args.m_indices, -1)))
+                                                           torch.where(in_range, idx, torch.full_like(idx, -1)))
         return out
     num_sms = _sms_for_key(key, args.a.device)
     config = plan_cached(args.m, args.n, args.k, num_sms, LAYOUT_CONTIGUOUS, args.num_groups)
