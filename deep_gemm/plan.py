@@ -137,7 +137,9 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
     Compute-bound M (> 128): 128 x 128 tiles with pipelined promotion, the
     fastest on every large ANCHORS shape.  Memory-bound M: the BLOCK_N that
     finishes in the fewest waves, weighting each tile by its columns plus a
-    fixed share (A's loads, promotion, epilogue) worth about 48 columns.
+    fixed share (A's loads, promotion, epilogue) worth about 48 columns; narrow
+    tiles over a long K get a deeper ring and pipelined promotion.  The
+    rasterisation band narrows to 8 M blocks when N has few tiles.
     Deterministic; DG_PRINT_CONFIGS=1 prints the choice.
     """
     block_m = 64 if m <= 64 else 128
@@ -154,9 +156,19 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
             if best is None or key < best[0]:
                 best = (key, candidate)
         block_n = best[1]
+    # Narrow decode tiles walking a long K: a deeper ring (their stages are small, up
+    # to ~20 fit) and pipelined promotion, which hides each block's wgmma latency
+    # (3-5% on 64x2112x7168, 64x4096x7168, 128x4096x7168; neutral or worse with wider
+    # tiles or short K: docs/perf-notes.md, section 7).
+    long_narrow = m <= COMPUTE_BOUND_M and block_n <= 32 and ceil_div(k, BLOCK_K) >= 32
+    # Rasterisation band: 8 M blocks when N has at most 64 tiles (a wave then spans most
+    # of N: +3-6% on 4096 x {2112, 4096, 7168} x K), 16 for very wide N (8 lost 5% on
+    # 4096x32768x512); docs/perf-notes.md, section 7.
+    raster_group = 8 if ceil_div(n, block_n) <= 64 else 16
     config = KernelConfig(n=n, k=k, block_m=block_m, block_n=block_n,
-                          num_stages=max_stages(block_m, block_n), layout=layout,
-                          num_groups=num_groups, pipeline=m > COMPUTE_BOUND_M)
+                          num_stages=max_stages(block_m, block_n, cap=32 if long_narrow else 8),
+                          layout=layout, num_groups=num_groups, raster_group=raster_group,
+                          pipeline=m > COMPUTE_BOUND_M or long_narrow)
     if os.environ.get("DG_PRINT_CONFIGS"):
         print(f"deep_gemm: M={m} N={n} K={k} -> {config.name} ({config.smem_bytes} B smem)")
     return config

@@ -1,6 +1,6 @@
 """Development sweep: time planner variants of the dense GEMM on the GPU.
 
-    python scripts/tune_sweep.py                 # ANCHORS dense shapes x variants
+    python scripts/tune_sweep.py [M,M,...]       # ANCHORS dense shapes (of these M) x variants
 Each variant replaces fields of the planner's config (dataclasses.replace);
 timing is the bench's (profiler kernel time, L2 flushed, median).
 """
@@ -16,21 +16,43 @@ from deep_gemm.bench import Timer
 from deep_gemm.reference import calc_diff, dequantize_lhs, dequantize_rhs
 from deep_gemm.runtime.kernels import launch_gemm
 
-SHAPES = [(m, n, k) for m in (64, 128) for n, k in (
+SHAPES = [(m, n, k) for m in (64, 128, 4096) for n, k in (
     (7168, 576), (2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048))]
+
+
+def deep(cfg, **changes):
+    """cfg with `changes` and as many ring stages as shared memory holds (up to 32)."""
+    cfg = dataclasses.replace(cfg, **changes)
+    return dataclasses.replace(cfg, num_stages=plan.max_stages(cfg.block_m, cfg.block_n, cap=32,
+                                                               split_k=cfg.split_k))
 
 
 def variants(m, n, k):
     base = plan.plan_dense(m, n, k, 132)
     yield "planner", base
-    if base.block_n <= plan.MAX_PIPELINED_BLOCK_N:
-        yield f"pipeline={not base.pipeline}", dataclasses.replace(base, pipeline=not base.pipeline)
+    if m > plan.COMPUTE_BOUND_M:
+        yield "c2", dataclasses.replace(base, cluster_n=2)
+        for raster in (8, 32):
+            yield f"raster{raster}", dataclasses.replace(base, raster_group=raster)
+        return
+    yield f"deep s{deep(base).num_stages}", deep(base)
+    yield "deep pipeline", deep(base, pipeline=True)
+    yield "deep c2", deep(base, cluster_n=2)
+    if base.block_m == 128 and plan.valid_block_n(base.block_n * 2) and base.block_n * 2 <= 160:
+        yield f"deep bm64 bn{base.block_n * 2}", deep(base, block_m=64, block_n=base.block_n * 2)
+    for factor in (2, 4):
+        bn = base.block_n * factor
+        if plan.valid_block_n(bn) and bn <= plan.MAX_BLOCK_N[base.block_m]:
+            yield f"deep bn{bn} sk{factor}", deep(base, block_n=bn, split_k=factor)
 
 
 def main():
+    only_m = {int(v) for v in sys.argv[1].split(",")} if len(sys.argv) > 1 else None
     timer = Timer("cuda", 30)
     print(f"{'shape':>18} {'variant':>12} {'us':>8} {'TFLOPS':>7} {'diff':>9}")
     for m, n, k in SHAPES:
+        if only_m is not None and m not in only_m:
+            continue
         a = deep_gemm.per_token_cast_to_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
         b = deep_gemm.per_block_cast_to_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
         ref = dequantize_lhs(*a, dtype=torch.float64) @ dequantize_rhs(*b, dtype=torch.float64).T
@@ -45,9 +67,9 @@ def main():
                 diff = calc_diff(out, ref)
                 us, _ = timer.kernel_us(call)
             except Exception as e:  # report and keep sweeping
-                print(f"{m}x{n}x{k:>6} {name:>12} failed: {str(e)[:80]}")
+                print(f"{m}x{n}x{k:>6} {name:>16} failed: {str(e)[:80]}")
                 continue
-            print(f"{f'{m}x{n}x{k}':>18} {name:>12} {us:8.1f} {2*m*n*k/us/1e6:7.0f} {diff:9.1e}", flush=True)
+            print(f"{f'{m}x{n}x{k}':>18} {name:>16} {us:8.1f} {2*m*n*k/us/1e6:7.0f} {diff:9.1e}", flush=True)
 
 
 if __name__ == "__main__":

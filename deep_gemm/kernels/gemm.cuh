@@ -270,6 +270,12 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
     const uint32_t warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
     // This thread's accumulators cover tile rows r and r + 8 (wgmma's layout).
     const uint32_t r = wg * 64 + warp * 16 + lane / 4;
+    // Stage 0's addresses in the forms the loop uses: A's and B's wgmma
+    // descriptors (low words) and this thread's row r of A's scales.
+    // (warp_index() is known warp-uniform, so A's descriptor can live in uniform registers.)
+    const uint32_t desc_a_ring = ptx::smem_desc_low(ptx::smem_addr(smem.a(0) + (ptx::warp_index() / 4 - 1) * 64 * BLOCK_K));
+    const uint32_t desc_b_ring = ptx::smem_desc_low(ptx::smem_addr(smem.b(0)));
+    const uint32_t sa_ring_addr = ptx::smem_addr(smem.sa(0) + r);
 
     Scheduler scheduler(shape_m, group_info);
     RingCursor ring;
@@ -299,30 +305,45 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
             float sa0, sa1, sb0, sb1;  // A's rows r / r + 8; B's scale block 0 / 1
             int32_t stage;
         };
-        // B's scales come from global memory (L2): each is loaded one K block
-        // ahead and multiplied only at promotion, so no wgmma issue ever waits
-        // on that load's latency.
-        const int32_t kb_last = k_block_end(scheduler.cluster_rank) - 1;
-        float sb0_ahead = ptx::ldg_float(sb_first + k_block_begin(scheduler.cluster_rank));
-        float sb1_ahead = kOneScaleB ? sb0_ahead : ptx::ldg_float(sb_second + k_block_begin(scheduler.cluster_rank));
+        // B's scales come from global memory (L2), 32 K blocks at a time: lane i
+        // holds block chunk + i's scale, loaded a whole chunk ahead, and each
+        // K block takes its value with a shuffle. A scale loaded just before it
+        // is needed (one or two K blocks ahead) stalled the wgmma issue on L2
+        // latency in Nsight Compute: ptxas moves such a warp-uniform value into
+        // a uniform register right after the load. Per-lane addresses keep the
+        // loads out of that path, and a chunk ahead hides any latency.
+        const int32_t kb_begin = k_block_begin(scheduler.cluster_rank);
+        const int32_t kb_end = k_block_end(scheduler.cluster_rank);
+        // Lane's K block in chunk c (clamped into the share; an empty split share: kb_begin).
+        auto chunk_kb = [&](int32_t c) { return max(kb_begin, min(kb_begin + c * 32 + int32_t(lane), kb_end - 1)); };
+        float sb0_chunk = ptx::ldg_float(sb_first + chunk_kb(0));
+        float sb1_chunk = kOneScaleB ? sb0_chunk : ptx::ldg_float(sb_second + chunk_kb(0));
+        float sb0_next_chunk = ptx::ldg_float(sb_first + chunk_kb(1));
+        float sb1_next_chunk = kOneScaleB ? sb0_next_chunk : ptx::ldg_float(sb_second + chunk_kb(1));
         auto issue = [&](float(&part)[kAccRegs], int32_t kb, BlockScales& scales) {
-            scales.sb0 = sb0_ahead;
-            scales.sb1 = sb1_ahead;
-            const int32_t next = min(kb + 1, kb_last);
-            sb0_ahead = ptx::ldg_float(sb_first + next);
-            sb1_ahead = kOneScaleB ? sb0_ahead : ptx::ldg_float(sb_second + next);
+            const int32_t step = kb - kb_begin;
+            if (step % 32 == 0 && step > 0) {  // first block of a new chunk: rotate, load the one after
+                sb0_chunk = sb0_next_chunk;
+                sb1_chunk = sb1_next_chunk;
+                sb0_next_chunk = ptx::ldg_float(sb_first + chunk_kb(step / 32 + 1));
+                sb1_next_chunk = kOneScaleB ? sb0_next_chunk : ptx::ldg_float(sb_second + chunk_kb(step / 32 + 1));
+            }
+            scales.sb0 = __shfl_sync(0xffffffffu, sb0_chunk, step % 32);
+            scales.sb1 = kOneScaleB ? scales.sb0 : __shfl_sync(0xffffffffu, sb1_chunk, step % 32);
             ptx::mbarrier_wait(&smem.full[ring.stage], ring.phase);
-            scales.sa0 = smem.sa(ring.stage)[r];
-            scales.sa1 = smem.sa(ring.stage)[r + 8];
+            const uint32_t sa_addr = sa_ring_addr + ring.stage * (BLOCK_M * 4);
+            scales.sa0 = ptx::lds_float(sa_addr);
+            scales.sa1 = ptx::lds_float(sa_addr + 8 * 4);
             scales.stage = ring.stage;
-            const uint64_t desc_a = ptx::make_smem_desc_k128_sw128(smem.a(ring.stage) + wg * 64 * BLOCK_K);
-            const uint64_t desc_b = ptx::make_smem_desc_k128_sw128(smem.b(ring.stage));
+            const uint32_t desc_a = desc_a_ring + ring.stage * (kTileBytesA >> 4);
+            const uint32_t desc_b = desc_b_ring + ring.stage * (kTileBytesB >> 4);
 #pragma unroll
             for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
             ptx::wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < BLOCK_K / 32; ++kk)  // 32 fp8 = 32 bytes of the swizzled row
-                wgmma_m64k32(part, desc_a + kk * (32 >> 4), desc_b + kk * (32 >> 4), kk > 0);
+                wgmma_m64k32(part, ptx::smem_desc(desc_a + kk * (32 >> 4)), ptx::smem_desc(desc_b + kk * (32 >> 4)),
+                             kk > 0);
             ptx::wgmma_commit();
             ring.advance();
         };
@@ -349,36 +370,42 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
             }
         };
 
-        const int32_t kb_end = k_block_end(scheduler.cluster_rank);
-        int32_t kb = k_block_begin(scheduler.cluster_rank);
         if (kPipelinePromotion) {
             // Two register tiles: block kb + 1's wgmmas run while block kb is promoted.
+            // Each half of the loop either issues the next block and retires this
+            // one, or (last block) waits for everything and leaves: with no path
+            // that skips an issue and goes on, ptxas can tell which wgmma group
+            // each wait<1> completes and keeps two in flight (other shapes of
+            // this loop made it inject waits, C7517, or serialise, C7514).
             BlockScales scales0, scales1;
-            if (kb < kb_end) issue(part, kb, scales0);
-            while (kb < kb_end) {
-                if (kb + 1 < kb_end) {
-                    issue(part_next, kb + 1, scales1);
-                    ptx::wgmma_wait<1>();
-                } else {
-                    ptx::wgmma_wait<0>();
+            int32_t kb = kb_begin;
+            if (kb < kb_end) {
+                issue(part, kb, scales0);
+                while (true) {
+                    if (kb + 1 < kb_end) {
+                        issue(part_next, kb + 1, scales1);
+                        ptx::wgmma_wait<1>();
+                        retire(part, scales0);
+                    } else {
+                        ptx::wgmma_wait<0>();
+                        retire(part, scales0);
+                        break;
+                    }
+                    ++kb;
+                    if (kb + 1 < kb_end) {
+                        issue(part, kb + 1, scales0);
+                        ptx::wgmma_wait<1>();
+                        retire(part_next, scales1);
+                    } else {
+                        ptx::wgmma_wait<0>();
+                        retire(part_next, scales1);
+                        break;
+                    }
+                    ++kb;
                 }
-                retire(part, scales0);
-                if (++kb == kb_end) break;
-                if (kb + 1 < kb_end) {
-                    issue(part, kb + 1, scales0);
-                    ptx::wgmma_wait<1>();
-                } else {
-                    ptx::wgmma_wait<0>();
-                }
-                retire(part_next, scales1);
-                ++kb;
             }
-            // ptxas cannot prove that nothing is in flight when the loop ends and
-            // injects a wait after it (info C7517): harmless, it returns at once.
-            // An explicit wait<0> here instead makes ptxas serialise every wgmma
-            // of the loop (C7514), so none is written.
         } else {
-            for (; kb < kb_end; ++kb) {
+            for (int32_t kb = kb_begin; kb < kb_end; ++kb) {
                 BlockScales scales;
                 issue(part, kb, scales);
                 ptx::wgmma_wait<0>();

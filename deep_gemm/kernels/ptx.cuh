@@ -204,15 +204,23 @@ DG_DEVICE void fence_register(float& r) { asm volatile("" : "+f"(r)::"memory"); 
 
 // Shared-memory matrix descriptor for a K-major tile whose rows are 128 bytes
 // (128 fp8 values of K) stored with the 128-byte swizzle, as TMA writes it.
-// Start address, leading and stride byte offsets are in 16-byte units; the
-// stride between groups of 8 rows is 8 * 128 = 1024 bytes.  The tile base must
-// be 1024-byte aligned so base_offset can stay 0.
-DG_DEVICE uint64_t make_smem_desc_k128_sw128(const void* tile) {
-    const uint64_t start = (smem_addr(tile) & 0x3FFFFu) >> 4;
-    const uint64_t leading = 1;               // unused for swizzled K-major layouts
-    const uint64_t stride = 1024 >> 4;
-    const uint64_t swizzle_128b = 1;          // layout type field (bits 62-63)
-    return start | (leading << 16) | (stride << 32) | (swizzle_128b << 62);
+// Start address and leading/stride byte offsets are in 16-byte units; the
+// stride between groups of 8 rows is 8 * 128 = 1024 bytes, and the tile base
+// must be 1024-byte aligned so base_offset can stay 0.
+// Kept in halves: the high word (stride offset in bits 32-45, swizzle mode 1 =
+// 128B in bits 62-63) is a constant, and the low word (start address in bits
+// 0-13, leading offset 1, unused for swizzled K-major, in bits 16-29) moves
+// with the tile. Stepping through a stage in 32-bit arithmetic keeps the main
+// loop free of 64-bit adds (start + 6 never carries out of its 14 bits: shared
+// memory ends below 2^18 bytes).
+constexpr uint32_t kDescHighK128Sw128 = (1024u >> 4) | (1u << 30);
+DG_DEVICE uint32_t smem_desc_low(uint32_t smem_byte_addr) { return ((smem_byte_addr & 0x3FFFFu) >> 4) | (1u << 16); }
+DG_DEVICE uint64_t smem_desc(uint32_t low) { return (uint64_t(kDescHighK128Sw128) << 32) | low; }
+
+DG_DEVICE float lds_float(uint32_t smem_byte_addr) {
+    float v;
+    asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(smem_byte_addr) : "memory");
+    return v;
 }
 
 // ---- epilogue helpers ----------------------------------------------------------------
