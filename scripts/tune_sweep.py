@@ -6,6 +6,7 @@ timing is the bench's (profiler kernel time, L2 flushed, median).
 """
 import dataclasses
 import itertools
+import os
 import sys
 
 import torch
@@ -30,10 +31,11 @@ def deep(cfg, **changes):
 def variants(m, n, k):
     base = plan.plan_dense(m, n, k, 132)
     yield "planner", base
+    if os.environ.get("SWEEP_PLANNER_ONLY"):  # repeat runs of the planner's choice (run-to-run spread)
+        return
     if m > plan.COMPUTE_BOUND_M:
-        yield "c2", dataclasses.replace(base, cluster_n=2)
-        for raster in (8, 32):
-            yield f"raster{raster}", dataclasses.replace(base, raster_group=raster)
+        for bn in (96, 112):
+            yield f"bn{bn}", dataclasses.replace(base, block_n=bn, num_stages=plan.max_stages(base.block_m, bn))
         return
     yield f"deep s{deep(base).num_stages}", deep(base)
     yield "deep pipeline", deep(base, pipeline=True)

@@ -277,23 +277,71 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
     const uint32_t desc_b_ring = ptx::smem_desc_low(ptx::smem_addr(smem.b(0)));
     const uint32_t sa_ring_addr = ptx::smem_addr(smem.sa(0) + r);
 
+    // B's scales come from global memory (L2), 32 K blocks at a time: lane i
+    // holds block chunk + i's scale, loaded a whole chunk ahead, and each K
+    // block takes its value with a shuffle. A scale loaded just before it is
+    // needed (one or two K blocks ahead) stalled the wgmma issue on L2 latency
+    // in Nsight Compute: ptxas moves such a warp-uniform value into a uniform
+    // register right after the load. Per-lane addresses keep the loads out of
+    // that path, and a chunk ahead hides the latency. With a short K a tile's
+    // first chunk is loaded during the previous tile (as is the next tile
+    // itself, whose scheduling may read group sizes or expert indices).
+    struct BScaleRows {
+        const float* first;   // row of the tile's first 128-column scale block
+        const float* second;  // the next block's row (= first when the tile has one)
+        int32_t split;        // columns from `split` on take `second`'s scales
+    };
+    auto b_scale_rows = [&](const Tile& t) {
+        const int32_t n0 = t.n_block * BLOCK_N;
+        // A tile past N (the idle half of a cluster's last unit) reads the last
+        // scale row: its results are never stored.
+        const int32_t sb_row = min(n0 / 128, kNumScaleBRows - 1);
+        BScaleRows rows;
+        rows.first = sb + (int64_t(t.group) * kNumScaleBRows + sb_row) * kNumKBlocks;
+        rows.split = kOneScaleB ? BLOCK_N : min(128 - n0 % 128, BLOCK_N);
+        rows.second = rows.split < BLOCK_N && sb_row + 1 < kNumScaleBRows ? rows.first + kNumKBlocks : rows.first;
+        return rows;
+    };
     Scheduler scheduler(shape_m, group_info);
+    const int32_t kb_begin = k_block_begin(scheduler.cluster_rank);
+    const int32_t kb_end = k_block_end(scheduler.cluster_rank);
+    constexpr bool kManyChunks = kNumKBlocks > 32;
+    // Lane's K block in chunk c (clamped into the share; an empty split share: kb_begin).
+    auto chunk_kb = [&](int32_t c) { return max(kb_begin, min(kb_begin + c * 32 + int32_t(lane), kb_end - 1)); };
+
+    // Looking one tile ahead pays with a short K (a tile's first scale load is
+    // then a large part of its time: +3-5% at K <= 2048) but not with a long one,
+    // where the extra live registers cost more (-4-7% at K = 7168/16384).
+    constexpr bool kLookAhead = !kManyChunks;
+    auto first_chunk = [&](const Tile& t, float& sb0, float& sb1) {
+        const BScaleRows rows = b_scale_rows(t);
+        sb0 = ptx::ldg_float(rows.first + chunk_kb(0));
+        sb1 = kOneScaleB ? sb0 : ptx::ldg_float(rows.second + chunk_kb(0));
+    };
+
     RingCursor ring;
     Tile tile;
+    bool has_tile = scheduler.next(tile);
+    float sb0_first_chunk = 0.f, sb1_first_chunk = 0.f;
+    if (kLookAhead && has_tile) first_chunk(tile, sb0_first_chunk, sb1_first_chunk);
     float acc[kAccRegs];
     float part[kAccRegs];
     float part_next[kAccRegs];  // unused (and free) without pipelined promotion
     uint32_t reduce_phase = 0;
-    while (scheduler.next(tile)) {
-        const int32_t n0 = tile.n_block * BLOCK_N;
-        // A tile past N (the idle half of a cluster's last unit) reads the last
-        // scale row: its results are never stored.
-        const int32_t sb_row = min(n0 / 128, kNumScaleBRows - 1);
-        const float* sb_first = sb + (int64_t(tile.group) * kNumScaleBRows + sb_row) * kNumKBlocks;
-        // Columns from `split` on belong to the next 128-column scale block.
-        const int32_t split = kOneScaleB ? BLOCK_N : min(128 - n0 % 128, BLOCK_N);
-        const bool has_second = split < BLOCK_N && sb_row + 1 < kNumScaleBRows;
-        const float* sb_second = has_second ? sb_first + kNumKBlocks : sb_first;
+    while (has_tile) {
+        Tile next_tile;
+        bool has_next = false;
+        float sb0_next_tile = 0.f, sb1_next_tile = 0.f;
+        if (kLookAhead) {
+            has_next = scheduler.next(next_tile);
+            if (has_next) first_chunk(next_tile, sb0_next_tile, sb1_next_tile);
+        } else {
+            first_chunk(tile, sb0_first_chunk, sb1_first_chunk);
+        }
+        const BScaleRows sb_rows = b_scale_rows(tile);
+        const float* sb_first = sb_rows.first;
+        const float* sb_second = sb_rows.second;
+        const int32_t split = sb_rows.split;
 
 #pragma unroll
         for (int i = 0; i < kAccRegs; ++i) acc[i] = 0.f;
@@ -305,24 +353,15 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
             float sa0, sa1, sb0, sb1;  // A's rows r / r + 8; B's scale block 0 / 1
             int32_t stage;
         };
-        // B's scales come from global memory (L2), 32 K blocks at a time: lane i
-        // holds block chunk + i's scale, loaded a whole chunk ahead, and each
-        // K block takes its value with a shuffle. A scale loaded just before it
-        // is needed (one or two K blocks ahead) stalled the wgmma issue on L2
-        // latency in Nsight Compute: ptxas moves such a warp-uniform value into
-        // a uniform register right after the load. Per-lane addresses keep the
-        // loads out of that path, and a chunk ahead hides any latency.
-        const int32_t kb_begin = k_block_begin(scheduler.cluster_rank);
-        const int32_t kb_end = k_block_end(scheduler.cluster_rank);
-        // Lane's K block in chunk c (clamped into the share; an empty split share: kb_begin).
-        auto chunk_kb = [&](int32_t c) { return max(kb_begin, min(kb_begin + c * 32 + int32_t(lane), kb_end - 1)); };
-        float sb0_chunk = ptx::ldg_float(sb_first + chunk_kb(0));
-        float sb1_chunk = kOneScaleB ? sb0_chunk : ptx::ldg_float(sb_second + chunk_kb(0));
-        float sb0_next_chunk = ptx::ldg_float(sb_first + chunk_kb(1));
-        float sb1_next_chunk = kOneScaleB ? sb0_next_chunk : ptx::ldg_float(sb_second + chunk_kb(1));
+        float sb0_chunk = sb0_first_chunk, sb1_chunk = sb1_first_chunk;
+        float sb0_next_chunk = 0.f, sb1_next_chunk = 0.f;
+        if (kManyChunks) {
+            sb0_next_chunk = ptx::ldg_float(sb_first + chunk_kb(1));
+            sb1_next_chunk = kOneScaleB ? sb0_next_chunk : ptx::ldg_float(sb_second + chunk_kb(1));
+        }
         auto issue = [&](float(&part)[kAccRegs], int32_t kb, BlockScales& scales) {
             const int32_t step = kb - kb_begin;
-            if (step % 32 == 0 && step > 0) {  // first block of a new chunk: rotate, load the one after
+            if (kManyChunks && step % 32 == 0 && step > 0) {  // a new chunk: rotate, load the one after
                 sb0_chunk = sb0_next_chunk;
                 sb1_chunk = sb1_next_chunk;
                 sb0_next_chunk = ptx::ldg_float(sb_first + chunk_kb(step / 32 + 1));
@@ -418,6 +457,11 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
             reduce_and_store_split_k(acc, tile, smem, scheduler.cluster_rank, reduce_phase, out, out_ld_bytes);
             reduce_phase ^= 1;
         }
+        if (!kLookAhead) has_next = scheduler.next(next_tile);
+        tile = next_tile;
+        has_tile = has_next;
+        sb0_first_chunk = sb0_next_tile;
+        sb1_first_chunk = sb1_next_tile;
     }
     if (SPLIT_K == 1 && threadIdx.x % 128 == 0) ptx::tma_store_wait_all();
 }
