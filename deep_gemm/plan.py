@@ -159,11 +159,11 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
     # Narrow decode tiles walking a long K: a deeper ring (their stages are small, up
     # to ~20 fit) and pipelined promotion, which hides each block's wgmma latency
     # (3-5% on 64x2112x7168, 64x4096x7168, 128x4096x7168; neutral or worse with wider
-    # tiles or short K: docs/perf-notes.md, section 7).
+    # tiles or short K: docs/perf-notes.md, section 10).
     long_narrow = m <= COMPUTE_BOUND_M and block_n <= 32 and ceil_div(k, BLOCK_K) >= 32
     # Rasterisation band: 8 M blocks when N has at most 64 tiles (a wave then spans most
     # of N: +3-6% on 4096 x {2112, 4096, 7168} x K), 16 for very wide N (8 lost 5% on
-    # 4096x32768x512); docs/perf-notes.md, section 7.
+    # 4096x32768x512); docs/perf-notes.md, section 10.
     raster_group = 8 if ceil_div(n, block_n) <= 64 else 16
     config = KernelConfig(n=n, k=k, block_m=block_m, block_n=block_n,
                           num_stages=max_stages(block_m, block_n, cap=32 if long_narrow else 8),

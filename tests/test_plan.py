@@ -118,3 +118,24 @@ def test_print_configs(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "M=128" in out and "N=2112" in out and "K=7168" in out
     assert c.name in out
+
+
+@pytest.mark.parametrize("m,n,k", [(64, 2112, 7168), (1, 4096, 7168), (128, 2112, 4096)])
+def test_narrow_long_k_decode_tiles_get_a_deep_pipelined_ring(m, n, k):
+    c = plan_dense(m, n, k, 132)
+    assert c.block_n <= 32 and c.pipeline
+    assert c.num_stages > 8 and c.num_stages == plan.max_stages(c.block_m, c.block_n, cap=32)
+
+
+@pytest.mark.parametrize("m,n,k", [(64, 7168, 16384), (64, 2112, 2048), (128, 32768, 512)])
+def test_other_decode_tiles_keep_the_default_ring(m, n, k):
+    c = plan_dense(m, n, k, 132)
+    assert not c.pipeline and c.num_stages == plan.max_stages(c.block_m, c.block_n)
+
+
+@pytest.mark.parametrize("n,raster", [(2112, 8), (4096, 8), (7168, 8), (8192, 8), (8320, 16), (24576, 16),
+                                      (32768, 16)])
+def test_raster_band_narrows_when_n_has_few_tiles(n, raster):
+    c = plan_dense(4096, n, 7168, 132)
+    assert (c.block_m, c.block_n, c.pipeline) == (128, 128, True)
+    assert c.raster_group == raster

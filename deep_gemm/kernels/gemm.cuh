@@ -272,8 +272,10 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
     const uint32_t r = wg * 64 + warp * 16 + lane / 4;
     // Stage 0's addresses in the forms the loop uses: A's and B's wgmma
     // descriptors (low words) and this thread's row r of A's scales.
-    // (warp_index() is known warp-uniform, so A's descriptor can live in uniform registers.)
-    const uint32_t desc_a_ring = ptx::smem_desc_low(ptx::smem_addr(smem.a(0) + (ptx::warp_index() / 4 - 1) * 64 * BLOCK_K));
+    // A's is computed from warp_index(), which the compiler knows is warp-uniform
+    // (wg is not), so the descriptors live in uniform registers.
+    const uint32_t wg_uniform = ptx::warp_index() / 4 - 1;
+    const uint32_t desc_a_ring = ptx::smem_desc_low(ptx::smem_addr(smem.a(0) + wg_uniform * 64 * BLOCK_K));
     const uint32_t desc_b_ring = ptx::smem_desc_low(ptx::smem_addr(smem.b(0)));
     const uint32_t sa_ring_addr = ptx::smem_addr(smem.sa(0) + r);
 
