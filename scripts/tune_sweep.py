@@ -51,7 +51,7 @@ def variants(m, n, k):
 def main():
     only_m = {int(v) for v in sys.argv[1].split(",")} if len(sys.argv) > 1 else None
     timer = Timer("cuda", 30)
-    print(f"{'shape':>18} {'variant':>12} {'us':>8} {'TFLOPS':>7} {'diff':>9}")
+    print(f"{'shape':>18} {'variant':>16} {'us':>8} {'TFLOPS':>7} {'diff':>9}")
     for m, n, k in SHAPES:
         if only_m is not None and m not in only_m:
             continue
