@@ -34,8 +34,7 @@ def variants(m, n, k):
     if os.environ.get("SWEEP_PLANNER_ONLY"):  # repeat runs of the planner's choice (run-to-run spread)
         return
     if m > plan.COMPUTE_BOUND_M:
-        for bn in (96, 112):
-            yield f"bn{bn}", dataclasses.replace(base, block_n=bn, num_stages=plan.max_stages(base.block_m, bn))
+        yield "c2", dataclasses.replace(base, cluster_n=2)
         return
     yield f"deep s{deep(base).num_stages}", deep(base)
     yield "deep pipeline", deep(base, pipeline=True)
