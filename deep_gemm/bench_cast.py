@@ -12,9 +12,10 @@ back to back without synchronising.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
+
+from .bench import host_overhead_us
 
 HBM_BYTES_PER_S = 3.0e12    # device-to-device copy measured on the H100 (read + write)
 CASES = (
@@ -51,17 +52,6 @@ def _gpu_us(fn, iters: int) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(start, end)) * 1e3
 
 
-def _host_us(fn) -> float:
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(HOST_CALLS):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    torch.cuda.synchronize()
-    return statistics.median(times) * 1e6
-
-
 def bench_casts(iters: int = 50, warmup: int = 3, verbose: bool = True) -> list:
     """Time every case in CASES on the current GPU; return rows of
     {name, kind, shape, dtype, us, gbps, pct_of_hbm, host_us}."""
@@ -77,7 +67,7 @@ def bench_casts(iters: int = 50, warmup: int = 3, verbose: bool = True) -> list:
         us = _gpu_us(lambda: fn(x), iters)
         small = torch.randn(HOST_SHAPE, device="cuda", dtype=dtype)
         fn(small)
-        host = _host_us(lambda: fn(small))
+        host = host_overhead_us(lambda: fn(small), HOST_CALLS)
         moved = _moved_bytes(kind, x)
         gbps = moved / (us * 1e-6) / 1e9
         rows.append({"name": name, "kind": kind, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),

@@ -237,12 +237,9 @@ def check_dense(lhs, rhs, out: Optional[torch.Tensor] = None) -> DenseArgs:
     return _dense_full(lhs, rhs, out)
 
 
-def _dense_fast(lhs, rhs, out):
-    """The steady-state call in one pass: plain tensors, dense aligned layouts, sa already
-    column-major. Returns None at the first doubt; _dense_full then decides (and names the
-    culprit). It accepts only a subset of what _dense_full accepts, so it can never let
-    through an input the full check would reject.
-    """
+def _plain_operands(lhs, rhs):
+    """(a, sa, b, sb) when lhs and rhs are 2-tuples of plain tensors with the kernel's dtypes
+    (e4m3 data, float32 scales); None otherwise. The fast paths' common first step."""
     if type(lhs) is not tuple or type(rhs) is not tuple or len(lhs) != 2 or len(rhs) != 2:
         return None
     a, sa = lhs
@@ -252,6 +249,25 @@ def _dense_fast(lhs, rhs, out):
         return None
     if a.dtype is not _FP8 or b.dtype is not _FP8 or sa.dtype is not _F32 or sb.dtype is not _F32:
         return None
+    return a, sa, b, sb
+
+
+def _plain_out_and_index(out, index) -> bool:
+    """The grouped fast paths' out (bf16) and index tensor (int32) are plain tensors."""
+    T = _Tensor
+    return type(out) is T and type(index) is T and out.dtype is _BF16 and index.dtype is _I32
+
+
+def _dense_fast(lhs, rhs, out):
+    """The steady-state call in one pass: plain tensors, dense aligned layouts, sa already
+    column-major. Returns None at the first doubt; _dense_full then decides (and names the
+    culprit). It accepts only a subset of what _dense_full accepts, so it can never let
+    through an input the full check would reject.
+    """
+    operands = _plain_operands(lhs, rhs)
+    if operands is None:
+        return None
+    a, sa, b, sb = operands
     a_shape = a.shape
     b_shape = b.shape
     if len(a_shape) != 2 or len(b_shape) != 2:
@@ -280,7 +296,7 @@ def _dense_fast(lhs, rhs, out):
             return None
         out = torch.empty((m, n), dtype=_BF16, device=device)
     else:
-        if type(out) is not T or out.dtype is not _BF16 or out.shape != (m, n) or out.device != device:
+        if type(out) is not _Tensor or out.dtype is not _BF16 or out.shape != (m, n) or out.device != device:
             return None
         o0, o1 = out.stride()
         if o1 != 1 or o0 <= 0 or (o0 * 2) & 15 or out.data_ptr() & 15:
@@ -353,17 +369,10 @@ def _contiguous_fast(lhs, rhs, out, m_indices):
     needs rewriting). None at the first doubt; it accepts a subset of what _contiguous_full
     accepts and then returns exactly what _contiguous_full would.
     """
-    if type(lhs) is not tuple or type(rhs) is not tuple or len(lhs) != 2 or len(rhs) != 2:
+    operands = _plain_operands(lhs, rhs)
+    if operands is None or not _plain_out_and_index(out, m_indices):
         return None
-    a, sa = lhs
-    b, sb = rhs
-    T = _Tensor
-    if (type(a) is not T or type(sa) is not T or type(b) is not T or type(sb) is not T or type(out) is not T
-            or type(m_indices) is not T):
-        return None
-    if (a.dtype is not _FP8 or b.dtype is not _FP8 or sa.dtype is not _F32 or sb.dtype is not _F32
-            or out.dtype is not _BF16 or m_indices.dtype is not _I32):
-        return None
+    a, sa, b, sb = operands
     a_shape = a.shape
     b_shape = b.shape
     if len(a_shape) != 2 or len(b_shape) != 3:
@@ -423,19 +432,12 @@ def _masked_fast(lhs, rhs, out, masked_m, expected_m):
     aligned layouts, sa column-major per group, max_m >= 2, expected_m a positive int. None at
     the first doubt; otherwise exactly what _masked_full returns.
     """
-    if type(lhs) is not tuple or type(rhs) is not tuple or len(lhs) != 2 or len(rhs) != 2:
-        return None
     if type(expected_m) is not int or expected_m < 1:
         return None
-    a, sa = lhs
-    b, sb = rhs
-    T = _Tensor
-    if (type(a) is not T or type(sa) is not T or type(b) is not T or type(sb) is not T or type(out) is not T
-            or type(masked_m) is not T):
+    operands = _plain_operands(lhs, rhs)
+    if operands is None or not _plain_out_and_index(out, masked_m):
         return None
-    if (a.dtype is not _FP8 or b.dtype is not _FP8 or sa.dtype is not _F32 or sb.dtype is not _F32
-            or out.dtype is not _BF16 or masked_m.dtype is not _I32):
-        return None
+    a, sa, b, sb = operands
     a_shape = a.shape
     b_shape = b.shape
     if len(a_shape) != 3 or len(b_shape) != 3:

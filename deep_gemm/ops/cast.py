@@ -168,7 +168,20 @@ def _token_geometry(x: torch.Tensor):
     return groups, m, k, kb, aligned_m
 
 
-def _check_same_device(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> None:
+def _token_scale_layout(x: torch.Tensor):
+    """Shape and strides of x's per-token scales: [..., M, ceil(K/128)] float32, K-block columns
+    aligned_m floats apart (the column-major TMA-aligned layout the GEMMs read)."""
+    groups, m, k, kb, aligned_m = _token_geometry(x)
+    if x.dim() == 2:
+        return (m, kb), (1, aligned_m)
+    return (groups, m, kb), (kb * aligned_m, 1, aligned_m)
+
+
+def _check_into(x: torch.Tensor, q, scales, scale_shape, scale_strides=None) -> None:
+    """The *_cast_into outputs: q e4m3 with x's shape (contiguous), scales float32 of
+    scale_shape (contiguous, or with scale_strides), both on x's device."""
+    _check_output("q", q, _FP8, x.shape)
+    _check_output("scales", scales, torch.float32, scale_shape, scale_strides)
     for name, t in (("q", q), ("scales", scales)):
         if t.device != x.device:
             raise ValueError(f"{name} must be on {x.device}, got {t.device}")
@@ -178,12 +191,7 @@ def per_token_cast_into(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) 
     """Cast x [M, K] / [G, M, K] into preallocated q (e4m3, x's shape, contiguous) and scales
     (float32 [..., M, ceil(K/128)] in the column-major TMA-aligned layout)."""
     _check_input(x)
-    groups, m, k, kb, aligned_m = _token_geometry(x)
-    lead = (groups,) if x.dim() == 3 else ()
-    _check_output("q", q, _FP8, x.shape)
-    strides = ((kb * aligned_m,) if x.dim() == 3 else ()) + (1, aligned_m)
-    _check_output("scales", scales, torch.float32, lead + (m, kb), strides)
-    _check_same_device(x, q, scales)
+    _check_into(x, q, scales, *_token_scale_layout(x))
     _per_token_launch(x, q, scales)
 
 
@@ -203,15 +211,10 @@ def per_token_cast_to_fp8(x: torch.Tensor):
     _check_input(x)
     if x.numel() == 0:
         return reference.per_token_cast_to_fp8(x)
-    groups, m, k, kb, aligned_m = _token_geometry(x)
+    # One allocation; the storage stops after row m of the last column: nothing reads past it.
+    shape, strides = _token_scale_layout(x)
+    scales = torch.empty_strided(shape, strides, dtype=torch.float32, device=x.device)
     q = _new_q(x)
-    # The layout get_col_major_tma_aligned_tensor builds (K-block columns aligned_m floats apart),
-    # in one allocation; the storage stops after row m of the last column: nothing reads past it.
-    if x.dim() == 2:
-        scales = torch.empty_strided((m, kb), (1, aligned_m), dtype=torch.float32, device=x.device)
-    else:
-        scales = torch.empty_strided((groups, m, kb), (kb * aligned_m, 1, aligned_m),
-                                     dtype=torch.float32, device=x.device)
     _per_token_launch(x, q, scales)
     return q, scales
 
@@ -223,15 +226,17 @@ def _block_geometry(x: torch.Tensor):
     return groups, n, k, (n + BLOCK - 1) // BLOCK, (k + BLOCK - 1) // BLOCK
 
 
+def _block_scale_shape(x: torch.Tensor) -> tuple:
+    """[..., ceil(N/128), ceil(K/128)]: one float32 scale per 128x128 block of x (contiguous)."""
+    groups, n, k, nb, kb = _block_geometry(x)
+    return ((groups,) if x.dim() == 3 else ()) + (nb, kb)
+
+
 def per_block_cast_into(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> None:
     """Cast x [N, K] / [G, N, K] into preallocated q (e4m3, x's shape, contiguous) and scales
     (float32 [..., ceil(N/128), ceil(K/128)], contiguous)."""
     _check_input(x)
-    groups, n, k, nb, kb = _block_geometry(x)
-    lead = (groups,) if x.dim() == 3 else ()
-    _check_output("q", q, _FP8, x.shape)
-    _check_output("scales", scales, torch.float32, lead + (nb, kb))
-    _check_same_device(x, q, scales)
+    _check_into(x, q, scales, _block_scale_shape(x))
     _per_block_launch(x, q, scales)
 
 
@@ -249,9 +254,7 @@ def per_block_cast_to_fp8(x: torch.Tensor):
     _check_input(x)
     if x.numel() == 0:
         return reference.per_block_cast_to_fp8(x)
-    groups, n, k, nb, kb = _block_geometry(x)
-    lead = (groups,) if x.dim() == 3 else ()
     q = _new_q(x)
-    scales = torch.empty(lead + (nb, kb), dtype=torch.float32, device=x.device)
+    scales = torch.empty(_block_scale_shape(x), dtype=torch.float32, device=x.device)
     _per_block_launch(x, q, scales)
     return q, scales
