@@ -285,14 +285,29 @@ def _profile(fn, repeat: int = 1):
 
 
 class Timer:
-    """Kernel time of one call from the profiler, with L2 flushed before each call."""
+    """Kernel time of one call from the profiler, with L2 flushed before each call.
 
-    def __init__(self, device, iters: int):
+    flush="write" (the bench's and ANCHORS.md's method) overwrites FLUSH_BYTES: L2 then holds
+    only dirty lines, so a call's reads also pay for writing those back to HBM. flush="read"
+    reads FLUSH_BYTES instead (L2 full of clean lines: closer to a serving step, whose previous
+    kernels mostly read weights). Both leave nothing of the previous call in L2.
+    """
+
+    def __init__(self, device, iters: int, flush: str = "write"):
         self.iters = iters
-        self.buf = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+        self.buf = torch.ones(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
         # Candidate flushes with distinct kernel names: the first whose kernels the measured call
         # does not also launch is used, so its kernels can be told apart by name.
-        self.flushes = [lambda: self.buf.fill_(7), lambda: self.buf.bitwise_not_(), lambda: self.buf.neg_()]
+        if flush == "write":
+            self.flushes = [lambda: self.buf.fill_(7), lambda: self.buf.bitwise_not_(), lambda: self.buf.neg_()]
+        elif flush == "read":
+            # Row-wise reductions: one kernel each (a full reduction to one value would also
+            # memset its semaphores, a "Memset" event that cuBLASLt's calls share).
+            rows = self.buf.view(-1, 4096)
+            self.flushes = [lambda: rows.sum(dim=1, dtype=torch.int32), lambda: rows.amax(dim=1),
+                            lambda: rows.amin(dim=1)]
+        else:
+            raise ValueError(f"flush must be 'write' or 'read', got {flush!r}")
         self.flush_names = [None] * len(self.flushes)
 
     def _flush_for(self, own: set):
@@ -586,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="where to write the results (default bench.json)")
     p.add_argument("--plot", default="bench.png", help="where to write the plot (default bench.png)")
     p.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
+    p.add_argument("--flush", choices=("write", "read"), default="write",
+                   help="how L2 is flushed before each call: overwrite 256 MB (default, ANCHORS.md's method) "
+                        "or read it (clean L2, closer to a serving step); see bench.Timer")
     return p
 
 
@@ -624,15 +642,15 @@ def main(argv=None) -> int:
     from .baselines import cublas_form, triton_available
     form, probe_log = cublas_form(device)
     print(f"{info['gpu']} ({info['sms']} SMs), torch {info['torch']}, CUDA {info['cuda']}, "
-          f"triton {info['triton'] or 'missing'}; {iters} timed calls per shape, L2 flushed with "
-          f"{FLUSH_BYTES >> 20} MB before each")
+          f"triton {info['triton'] or 'missing'}; {iters} timed calls per shape, L2 flushed by "
+          f"{'writing' if args.flush == 'write' else 'reading'} {FLUSH_BYTES >> 20} MB before each")
     print(f"cuBLASLt call: {form or 'n/a'}")
     for line in probe_log:
         print(f"  probe: {line}")
     if not triton_available():
         print("triton is not installed: the Triton column is n/a")
 
-    timer = Timer(device, iters)
+    timer = Timer(device, iters, flush=args.flush)
     rows = []
     for suite in suites:
         for build in suite_cases(suite, args.quick, args.shape):
@@ -651,6 +669,7 @@ def main(argv=None) -> int:
     print_summary(summary)
     with open(args.json, "w") as f:
         json.dump({"device": info, "iters": iters, "host_calls": HOST_CALLS, "flush_bytes": FLUSH_BYTES,
+                   "flush": args.flush,
                    "ceilings": {"hbm_bytes_per_s": HBM_BYTES_PER_S, "fp8_flops_per_s": FP8_FLOPS_PER_S},
                    "cublaslt_form": form, "cublaslt_probe": probe_log,
                    "rows": rows, "summary": summary}, f, indent=1)

@@ -38,7 +38,7 @@ class KernelConfig:
     num_groups: int = 1
     raster_group: int = 16      # tiles of this many M blocks sweep N together (L2 reuse)
     cluster_n: int = 1          # 2: two blocks share (multicast) the A tile of neighbouring N tiles
-    split_k: int = 1            # >1: a cluster of this many blocks splits K of one tile
+    split_k: int = 1            # >1: each tile is this many units over shares of K, summed via a workspace
     pipeline: bool = True       # overlap block k+1's wgmma with block k's promotion (BLOCK_N <= 128)
     block_k: int = field(default=BLOCK_K)
 
@@ -56,11 +56,15 @@ class KernelConfig:
 
     @property
     def cluster_size(self) -> int:
-        return self.cluster_n * self.split_k
+        return self.cluster_n
 
     @property
     def smem_bytes(self) -> int:
-        return smem_bytes(self.block_m, self.block_n, self.num_stages, self.split_k)
+        return smem_bytes(self.block_m, self.block_n, self.num_stages)
+
+    def split_k_workspace_floats(self, num_tiles: int) -> int:
+        """fp32 partial results a split-K launch over `num_tiles` tiles writes (0 without split-K)."""
+        return num_tiles * self.split_k * self.block_m * self.block_n if self.split_k > 1 else 0
 
     def constants(self) -> dict:
         """Values the kernel source sees as constexpr (see kernels/gemm.cuh)."""
@@ -93,11 +97,10 @@ def store_chunk_cols(block_n: int) -> int:
     raise ValueError(f"block_n={block_n} must be a multiple of 16")
 
 
-def smem_bytes(block_m: int, block_n: int, num_stages: int, split_k: int = 1) -> int:
+def smem_bytes(block_m: int, block_n: int, num_stages: int) -> int:
     per_stage = block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4   # A, B, A's scales
-    # bf16 epilogue buffer, or split-K's fp32 partial tile (rows padded by 8 floats)
-    out_tile = block_m * (block_n + 8) * 4 if split_k > 1 else block_m * block_n * 2
-    barriers = (num_stages * 2 + 2) * 8
+    out_tile = block_m * block_n * 2                                   # bf16 epilogue buffer
+    barriers = (num_stages * 2 + 2) * 8                                # full, empty; split-K's flag
     return SMEM_RESERVED + out_tile + num_stages * per_stage + barriers
 
 
@@ -118,9 +121,9 @@ MAX_BLOCK_N = {64: 160, 128: 160}
 BLOCK_N_CANDIDATES = tuple(bn for bn in range(16, 257, 16) if valid_block_n(bn))
 
 
-def max_stages(block_m: int, block_n: int, capacity: int = SMEM_CAPACITY, cap: int = 8, split_k: int = 1) -> int:
+def max_stages(block_m: int, block_n: int, capacity: int = SMEM_CAPACITY, cap: int = 8) -> int:
     stages = cap
-    while stages > 1 and smem_bytes(block_m, block_n, stages, split_k) > capacity:
+    while stages > 1 and smem_bytes(block_m, block_n, stages) > capacity:
         stages -= 1
     return stages
 
@@ -161,6 +164,10 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
     # (3-5% on 64x2112x7168, 64x4096x7168, 128x4096x7168; neutral or worse with wider
     # tiles or short K: docs/perf-notes.md, section 10).
     long_narrow = m <= COMPUTE_BOUND_M and block_n <= 32 and ceil_div(k, BLOCK_K) >= 32
+    # Split-K is not chosen: 32-column tiles split in two (the same number of units, half the
+    # K walk each) gained 6-10% on 64/128 x 2112 x 7168 only with a clean L2 and tied with the
+    # bench's dirty one (docs/perf-notes.md, section 12); its workspace is not yet safe inside
+    # torch.compile's CUDA-graph trees, which reject a buffer kept from their memory pool.
     # Rasterisation band: 8 M blocks when N has at most 64 tiles (a wave then spans most
     # of N: +3-6% on 4096 x {2112, 4096, 7168} x K), 16 for very wide N (8 lost 5% on
     # 4096x32768x512); docs/perf-notes.md, section 10.

@@ -3,11 +3,14 @@
     compute-sanitizer --tool memcheck python scripts/sanitizer_sweep.py
 Each call is checked against the float64 reference so a race that corrupts data also fails here.
 """
+import dataclasses
 import sys
 
 import torch
 
 import deep_gemm
+from deep_gemm import plan
+from deep_gemm.runtime.kernels import launch_gemm
 from deep_gemm.reference import calc_diff, dequantize_lhs, dequantize_rhs
 
 
@@ -29,6 +32,20 @@ def main():
         out = deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs)
         ref = dequantize_lhs(*lhs, dtype=torch.float64) @ dequantize_rhs(*rhs, dtype=torch.float64).T
         ok &= check(f"dense {m}x{n}x{k}", out, ref)
+
+    # Split-K (forced): partial tiles through the workspace, and shares with no K block at all.
+    for m, n, k, block_n, split_k in [(64, 2112, 1024, 64, 4), (77, 512, 384, 32, 5)]:
+        lhs = deep_gemm.per_token_cast_to_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+        rhs = deep_gemm.per_block_cast_to_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
+        base = plan.plan_dense(m, n, k, deep_gemm.get_num_sms())
+        config = dataclasses.replace(base, block_n=block_n, split_k=split_k,
+                                     num_stages=plan.max_stages(base.block_m, block_n))
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        launch_gemm(config, a=lhs[0], a_rows=m, sa=lhs[1], sa_rows=m, sa_cols=lhs[1].shape[-1], b=rhs[0],
+                    b_rows=n, sb=rhs[1], out=out, out_rows=m, shape_m=m, group_info=None,
+                    num_sms=deep_gemm.get_num_sms())
+        ref = dequantize_lhs(*lhs, dtype=torch.float64) @ dequantize_rhs(*rhs, dtype=torch.float64).T
+        ok &= check(f"dense split-K {split_k} {m}x{n}x{k}", out, ref)
 
     g, n, k, align = 3, 256, 512, deep_gemm.get_m_alignment_for_contiguous_layout()
     a = torch.randn(3 * align, k, device="cuda", dtype=torch.bfloat16)

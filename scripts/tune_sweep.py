@@ -24,14 +24,23 @@ SHAPES = [(m, n, k) for m in (64, 128, 4096) for n, k in (
 def deep(cfg, **changes):
     """cfg with `changes` and as many ring stages as shared memory holds (up to 32)."""
     cfg = dataclasses.replace(cfg, **changes)
-    return dataclasses.replace(cfg, num_stages=plan.max_stages(cfg.block_m, cfg.block_n, cap=32,
-                                                               split_k=cfg.split_k))
+    return dataclasses.replace(cfg, num_stages=plan.max_stages(cfg.block_m, cfg.block_n, cap=32))
+
+
+def parse_configs(text):
+    """SWEEP_CONFIGS="block_n=32,split_k=2;block_n=64,split_k=4": explicit variants (int fields)."""
+    for spec in filter(None, text.split(";")):
+        yield spec, {field: int(value) for field, value in (item.split("=") for item in spec.split(","))}
 
 
 def variants(m, n, k):
     base = plan.plan_dense(m, n, k, 132)
     yield "planner", base
     if os.environ.get("SWEEP_PLANNER_ONLY"):  # repeat runs of the planner's choice (run-to-run spread)
+        return
+    if os.environ.get("SWEEP_CONFIGS"):
+        for name, changes in parse_configs(os.environ["SWEEP_CONFIGS"]):
+            yield name.replace("block_n=", "bn").replace("split_k=", "sk"), deep(base, **changes)
         return
     if m > plan.COMPUTE_BOUND_M:
         yield "c2", dataclasses.replace(base, cluster_n=2)
@@ -49,9 +58,12 @@ def variants(m, n, k):
 
 def main():
     only_m = {int(v) for v in sys.argv[1].split(",")} if len(sys.argv) > 1 else None
-    timer = Timer("cuda", 30)
+    timer = Timer("cuda", 30, flush=os.environ.get("SWEEP_FLUSH", "write"))  # or "read": see bench.Timer
     print(f"{'shape':>18} {'variant':>16} {'us':>8} {'TFLOPS':>7} {'diff':>9}")
-    for m, n, k in SHAPES:
+    shapes = SHAPES
+    if os.environ.get("SWEEP_SHAPES"):  # e.g. "64x2112x7168,128x4096x7168"
+        shapes = [tuple(int(v) for v in s.split("x")) for s in os.environ["SWEEP_SHAPES"].split(",")]
+    for m, n, k in shapes:
         if only_m is not None and m not in only_m:
             continue
         a = deep_gemm.per_token_cast_to_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))

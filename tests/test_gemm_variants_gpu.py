@@ -1,6 +1,6 @@
-"""Kernel features the planner does not pick today, forced through launch_gemm: multicast
-clusters and split-K clusters (dense, plus masked/contiguous layouts), checked against float64.
-They were correct in scripts/tune_sweep.py runs; this keeps them so."""
+"""Kernel features forced through launch_gemm, whatever the planner picks today: multicast
+clusters and split-K (units over shares of K, summed through the stream's workspace), checked
+against float64."""
 import dataclasses
 
 import pytest
@@ -14,24 +14,74 @@ from deep_gemm.runtime.kernels import launch_gemm
 pytestmark = pytest.mark.gpu
 
 
+def _inputs(m, n, k):
+    lhs = deep_gemm.per_token_cast_to_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+    rhs = deep_gemm.per_block_cast_to_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
+    ref = dequantize_lhs(*lhs, dtype=torch.float64) @ dequantize_rhs(*rhs, dtype=torch.float64).T
+    return lhs, rhs, ref
+
+
+def _launch(config, lhs, rhs, out, num_sms=None):
+    m = lhs[0].shape[0]
+    launch_gemm(config, a=lhs[0], a_rows=m, sa=lhs[1], sa_rows=m, sa_cols=lhs[1].shape[-1], b=rhs[0],
+                b_rows=rhs[0].shape[0], sb=rhs[1], out=out, out_rows=m, shape_m=m, group_info=None,
+                num_sms=num_sms or deep_gemm.get_num_sms())
+
+
 @pytest.mark.parametrize("m,n,k,changes", [
     (4096, 7168, 2048, dict(block_n=128, cluster_n=2)),
     (64, 2112, 7168, dict(block_n=16, cluster_n=2)),
     (333, 2112, 896, dict(block_n=144, cluster_n=2)),        # odd N-block count: phantom tile
     (64, 2112, 7168, dict(block_n=128, split_k=4)),
+    (64, 2112, 7168, dict(block_n=64, split_k=4, pipeline=True)),
     (128, 2112, 7168, dict(block_n=64, split_k=2)),
-    (77, 7168, 576, dict(block_n=32, split_k=8)),             # 5 K blocks for 8 splits
+    (200, 1040, 12800, dict(block_n=32, split_k=3, pipeline=True)),  # 2 M blocks, > 32 K blocks per share
+    (77, 7168, 576, dict(block_n=32, split_k=8)),             # 5 K blocks for 8 splits: empty shares
 ], ids=str)
 def test_forced_variant_matches_float64(m, n, k, changes):
     base = plan.plan_dense(m, n, k, 132)
-    config = dataclasses.replace(base, **changes, pipeline=False, num_stages=plan.max_stages(
-        base.block_m, changes["block_n"], split_k=changes.get("split_k", 1)))
-    lhs = deep_gemm.per_token_cast_to_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
-    rhs = deep_gemm.per_block_cast_to_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
+    changes = {"pipeline": False, "split_k": 1, **changes}
+    config = dataclasses.replace(base, **changes, num_stages=plan.max_stages(base.block_m, changes["block_n"]))
+    lhs, rhs, ref = _inputs(m, n, k)
     out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-    launch_gemm(config, a=lhs[0], a_rows=m, sa=lhs[1], sa_rows=m, sa_cols=lhs[1].shape[-1], b=rhs[0],
-                b_rows=n, sb=rhs[1], out=out, out_rows=m, shape_m=m, group_info=None,
-                num_sms=deep_gemm.get_num_sms())
-    ref = dequantize_lhs(*lhs, dtype=torch.float64) @ dequantize_rhs(*rhs, dtype=torch.float64).T
+    _launch(config, lhs, rhs, out)
     assert not torch.isnan(out).any()
     assert calc_diff(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("num_sms", [132, 7], ids=lambda s: f"sms{s}")
+def test_split_k_is_deterministic_and_reusable(num_sms):
+    """Split-K sums its partials in split order: launches give bit-identical results whichever
+    unit arrives last, the workspace counters are back at zero after each launch (or the next
+    one would skip or double a tile), and with fewer blocks than units each block walks several
+    units (7 blocks for 33 x 4)."""
+    m, n, k = 64, 2112, 7168
+    config = dataclasses.replace(plan.plan_dense(m, n, k, 132), block_n=64, split_k=4, pipeline=True,
+                                 num_stages=plan.max_stages(64, 64))
+    lhs, rhs, ref = _inputs(m, n, k)
+    results = []
+    for _ in range(3):
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        _launch(config, lhs, rhs, out, num_sms)
+        results.append(out)
+    assert calc_diff(results[0], ref) < 1e-5
+    for other in results[1:]:
+        assert torch.equal(other.view(torch.int16), results[0].view(torch.int16))
+
+
+def test_split_k_on_two_streams_at_once():
+    """Two split-K GEMMs in flight on two streams use separate workspaces."""
+    m, n, k = 64, 2112, 7168
+    config = dataclasses.replace(plan.plan_dense(m, n, k, 132), block_n=64, split_k=4,
+                                 num_stages=plan.max_stages(64, 64))
+    problems = [_inputs(m, n, k) for _ in range(2)]
+    outs = [torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16) for _ in problems]
+    streams = [torch.cuda.Stream() for _ in problems]
+    torch.cuda.synchronize()
+    for _ in range(5):
+        for (lhs, rhs, _), out, stream in zip(problems, outs, streams):
+            with torch.cuda.stream(stream):
+                _launch(config, lhs, rhs, out)
+    torch.cuda.synchronize()
+    for (_, _, ref), out in zip(problems, outs):
+        assert calc_diff(out, ref) < 1e-5

@@ -6,11 +6,14 @@ into the captured buffers, outputs poisoned, replay on the default stream or on 
 result compared with the reference computed from the new inputs (float64 for GEMMs,
 bit-identical for casts).
 """
+import dataclasses
+
 import pytest
 import torch
 
 import deep_gemm
-from deep_gemm import reference
+from deep_gemm import plan, reference
+from deep_gemm.runtime.kernels import launch_gemm
 from deep_gemm.reference import calc_diff, dequantize_lhs, dequantize_rhs, rel_error
 
 pytestmark = pytest.mark.gpu
@@ -34,14 +37,19 @@ def check_gemm(out, ref):
 
 # Each case builds its inputs, and returns (run, refresh, verify): run() is what gets captured
 # (it returns the outputs), refresh() copies new data into the inputs, verify(outputs) checks.
-def dense_case(out_given: bool):
-    m, n, k = 200, 2112, 896
+def dense_case(out_given: bool, m=200, n=2112, k=896, config=None):
+    """The dense GEMM; with `config`, that kernel forced through launch_gemm (out given)."""
     lhs = fresh_fp8_pair((m, k), deep_gemm.per_token_cast_to_fp8)
     rhs = fresh_fp8_pair((n, k), deep_gemm.per_block_cast_to_fp8)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16) if out_given else None
 
     def run():
-        return deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
+        if config is None:
+            return deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
+        launch_gemm(config, a=lhs[0], a_rows=m, sa=lhs[1], sa_rows=m, sa_cols=lhs[1].shape[-1], b=rhs[0],
+                    b_rows=n, sb=rhs[1], out=out, out_rows=m, shape_m=m, group_info=None,
+                    num_sms=deep_gemm.get_num_sms())
+        return out
 
     def refresh():
         refill(lhs, fresh_fp8_pair((m, k), deep_gemm.per_token_cast_to_fp8))
@@ -51,6 +59,15 @@ def dense_case(out_given: bool):
         ref = dequantize_lhs(*lhs, dtype=torch.float64) @ dequantize_rhs(*rhs, dtype=torch.float64).T
         check_gemm(result, ref)
     return run, refresh, verify
+
+
+def split_k_case():
+    """Split-K (forced; the planner does not choose it today): the capture stream's workspace is
+    first allocated during capture, and every replay must find the tile counters back at zero."""
+    m, n, k = 64, 2112, 7168
+    config = dataclasses.replace(plan.plan_dense(m, n, k, 132), block_n=32, split_k=2,
+                                 num_stages=plan.max_stages(64, 32, cap=32))
+    return dense_case(True, m, n, k, config)
 
 
 def contiguous_case():
@@ -128,6 +145,7 @@ def cast_case(cast, ref_cast, shape):
 CASES = {
     "dense": lambda: dense_case(out_given=True),
     "dense_out_none": lambda: dense_case(out_given=False),
+    "dense_split_k": lambda: split_k_case(),
     "contiguous": contiguous_case,
     "masked": masked_case,
     "per_token_2d": lambda: cast_case(deep_gemm.per_token_cast_to_fp8, reference.per_token_cast_to_fp8, (333, 7168)),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import hashlib
 import itertools
 import types
@@ -22,7 +23,7 @@ from deep_gemm import plan, reference, utils, validation
 from deep_gemm.ops import gemm as gemm_ops
 from deep_gemm.ops import grouped as grouped_ops
 from deep_gemm.plan import LAYOUT_CONTIGUOUS, LAYOUT_DENSE, LAYOUT_MASKED
-from deep_gemm.runtime import driver, kernels, launch, tma
+from deep_gemm.runtime import driver, kernels, launch, tma, workspace
 
 FP8 = torch.float8_e4m3fn
 PARAM_SIZES = [ctypes.sizeof(t) for t in kernels.GEMM_PARAM_TYPES]
@@ -133,6 +134,8 @@ def fake(monkeypatch):
     monkeypatch.setattr(gemm_ops, "_dense_launches", launch.LaunchCache())
     monkeypatch.setattr(grouped_ops, "_contiguous_launches", launch.LaunchCache())
     monkeypatch.setattr(grouped_ops, "_masked_launches", launch.LaunchCache())
+    monkeypatch.setattr(workspace, "_workspaces", {})
+    monkeypatch.setattr(workspace, "_outgrown", [])
     tma.tensor_map_2d.cache_clear()
     yield cu
     tma.tensor_map_2d.cache_clear()
@@ -160,10 +163,10 @@ def uncached_dense_params(lhs, rhs, out, num_sms=132):
 def legacy_params(prepared_args):
     """The same parameters written the pre-cache way: into the ctypes buffers of an ArgPack."""
     pack = driver.ArgPack(kernels.GEMM_PARAM_TYPES)
-    maps, sb_ptr, out_ptr, ldd, shape_m, group = prepared_args
+    maps, *scalars = prepared_args
     for i, descriptor in enumerate(maps):
         ctypes.memmove(pack.buffers[i], descriptor, 128)
-    for i, value in enumerate((sb_ptr, out_ptr, ldd, shape_m, group), start=4):
+    for i, value in enumerate(scalars, start=4):
         pack.buffers[i].value = value
     return b"".join(bytes(buf) for buf in pack.buffers)
 
@@ -179,9 +182,11 @@ def test_param_layout_matches_kernel_signature():
         at += size
     assert tuple(offsets) == launch.GEMM_PARAM_OFFSETS
     maps = [bytes([i]) * 128 for i in range(4)]
-    packed = launch.pack_gemm_params(maps, 0x1000, 0x2000, 4096, 77, 0x3000)
+    packed = launch.pack_gemm_params(maps, 0x1000, 0x2000, 4096, 77, 0x3000, 0x4000, 0x5000)
     assert len(packed) == sum(PARAM_SIZES)
-    assert packed == legacy_params((maps, 0x1000, 0x2000, 4096, 77, 0x3000))
+    assert packed == legacy_params((maps, 0x1000, 0x2000, 4096, 77, 0x3000, 0x4000, 0x5000))
+    # Without split-K the workspace pointers are null.
+    assert launch.pack_gemm_params(maps, 1, 2, 3, 4, 5) == legacy_params((maps, 1, 2, 3, 4, 5, 0, 0))
     with pytest.raises(Exception):          # int32 overflow is an error, never a silent wrap
         launch.pack_gemm_params(maps, 0, 0, 2 ** 31, 1, 0)
     with pytest.raises(ValueError):
@@ -212,6 +217,42 @@ def test_dense_hit_launches_the_uncached_parameters(fake, monkeypatch):
     assert all(launch_ == first for launch_ in fake.launches)
     assert first[3] == 7                                   # the current stream, read at each launch
     assert first[4] == uncached_dense_params(lhs, rhs, out)
+
+
+def test_split_k_launches_are_keyed_on_the_stream(fake, monkeypatch):
+    """A split-K launch carries its stream's workspace: the same call on another stream must
+    not reuse it (two streams running at once would share tile counters)."""
+    # The planner does not choose split-K today: force it.
+    monkeypatch.setattr(gemm_ops, "plan_cached", lambda *args: dataclasses.replace(
+        plan.plan_dense(*args), block_n=32, split_k=2, num_stages=plan.max_stages(64, 32)))
+    lhs, rhs, out = dense_inputs(64, 2112, 7168)
+    deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
+    first = fake.launches[-1]
+    workspace_first = first[4][544:560]
+    assert first[3] == 7 and workspace_first != bytes(16)
+    monkeypatch.setattr(launch, "_raw_stream_fn", lambda index: 9)
+    deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
+    assert len(gemm_ops._dense_launches) == 2
+    assert fake.launches[-1][3] == 9 and fake.launches[-1][4][544:560] != workspace_first
+    monkeypatch.setattr(launch, "_raw_stream_fn", lambda index: 7)
+    deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
+    assert len(gemm_ops._dense_launches) == 2 and fake.launches[-1] == first
+
+
+def test_split_k_workspace_per_stream_grows_and_keeps_old_buffers(monkeypatch):
+    monkeypatch.setattr(workspace, "_workspaces", {})
+    monkeypatch.setattr(workspace, "_outgrown", [])
+    cpu = torch.device("cpu")
+    counters, partials = workspace.split_k_workspace(cpu, 1, 10, 1000)
+    assert (partials - counters) % 256 == 0 and partials - counters >= 40
+    assert workspace.split_k_workspace(cpu, 1, 5, 10) == (counters, partials)      # fits: same buffer
+    other = workspace.split_k_workspace(cpu, 2, 10, 1000)
+    assert other[0] != counters                                                     # per stream
+    tensor = workspace._workspaces[(cpu, 1)][0]
+    assert not tensor.any()                                                         # zeroed once
+    grown = workspace.split_k_workspace(cpu, 1, 10, 5000)
+    assert grown != (counters, partials) and workspace._outgrown == [tensor]        # old one kept alive
+    assert workspace._workspaces[(cpu, 1)][2] >= 5000
 
 
 def _same_ptr_variants(lhs, rhs, out):

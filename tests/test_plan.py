@@ -127,6 +127,17 @@ def test_narrow_long_k_decode_tiles_get_a_deep_pipelined_ring(m, n, k):
     assert c.num_stages > 8 and c.num_stages == plan.max_stages(c.block_m, c.block_n, cap=32)
 
 
+@pytest.mark.parametrize("m,n,k,layout", [
+    (64, 2112, 7168, LAYOUT_DENSE),         # where split-K came closest (perf-notes section 12)
+    (1, 2112, 7168, LAYOUT_DENSE),
+    (128, 2112, 7168, LAYOUT_DENSE),
+    (64, 2112, 7168, LAYOUT_CONTIGUOUS),
+    (64, 2112, 7168, LAYOUT_MASKED),        # the kernel does not split masked tiles at all
+])
+def test_planner_does_not_split_k(m, n, k, layout):
+    assert plan_dense(m, n, k, 132, layout=layout, num_groups=4 if layout else 1).split_k == 1
+
+
 @pytest.mark.parametrize("m,n,k", [(64, 7168, 16384), (64, 2112, 2048), (128, 32768, 512)])
 def test_other_decode_tiles_keep_the_default_ring(m, n, k):
     c = plan_dense(m, n, k, 132)

@@ -9,10 +9,12 @@
 // overlaps the next tile's main loop.
 //
 // Split-K (SPLIT_K > 1, for small M where too few tiles exist to keep every SM
-// streaming weights): the SPLIT_K blocks of a cluster share one tile, each
-// over its own range of K blocks; they exchange fp32 partial tiles through
-// distributed shared memory and each block sums and stores a slice of rows
-// (in a fixed order, so results are deterministic).
+// streaming weights): each tile is SPLIT_K units of work over disjoint ranges
+// of K blocks, scheduled like tiles (no cluster: clusters of 4 do not all fit
+// on the GPU at once, and their launch alone cost ~1.2 us). Every unit writes
+// its fp32 partial tile to a global workspace and counts itself in the tile's
+// arrival counter; the last to arrive sums the partials in split order (so
+// results are deterministic), stores the tile and resets the counter to zero.
 //
 // Compile-time constants (SHAPE_N, SHAPE_K, BLOCK_M, BLOCK_N, BLOCK_K,
 // NUM_STAGES, LAYOUT, NUM_GROUPS, RASTER_GROUP, CLUSTER_N, SPLIT_K,
@@ -35,10 +37,11 @@ constexpr int kTileBytesSA = BLOCK_M * 4;
 constexpr int kStageBytes = kTileBytesA + kTileBytesB + kTileBytesSA;
 constexpr int kOutChunkBytesPerRow = STORE_CHUNK_COLS * 2;
 constexpr int kNumOutChunks = BLOCK_N / STORE_CHUNK_COLS;
-// Split-K keeps an fp32 partial tile instead of the bf16 staging tile; rows
-// are padded by 8 floats to spread the row-wise writes over the banks.
-constexpr int kReduceRowFloats = BLOCK_N + 8;
-constexpr int kTileBytesOut = SPLIT_K > 1 ? BLOCK_M * kReduceRowFloats * 4 : BLOCK_M * BLOCK_N * 2;
+constexpr int kTileBytesOut = BLOCK_M * BLOCK_N * 2;
+constexpr int kNumMathThreads = 128 * kNumMathWarpgroups;
+// Named barriers: 0 is __syncthreads, 1 + warpgroup is store_tile's, and this
+// one spans all math threads (split-K's reduction).
+constexpr uint32_t kSplitKBarrier = 3;
 // A tile spans at most two 128-column scale blocks of B (the planner keeps
 // BLOCK_N <= 128 + gcd(BLOCK_N, 128)); when BLOCK_N divides 128 it spans one.
 constexpr bool kOneScaleB = (128 % BLOCK_N) == 0;
@@ -58,7 +61,7 @@ static_assert(BLOCK_N % STORE_CHUNK_COLS == 0, "store chunks must tile BLOCK_N")
 
 static_assert(CLUSTER_N == 1 || CLUSTER_N == 2, "clusters of one or two blocks");
 static_assert(SPLIT_K == 1 || CLUSTER_N == 1, "split-K and multicast clusters are exclusive");
-static_assert(SPLIT_K == 1 || (BLOCK_M % SPLIT_K == 0 && LAYOUT != kMasked), "split-K: rows split evenly, no masked");
+static_assert(SPLIT_K == 1 || LAYOUT != kMasked, "split-K: dense and contiguous layouts only");
 
 // With CLUSTER_N == 2 the two blocks of a cluster compute neighbouring N tiles
 // of one M block: each loads half of the A tile and multicasts it to both, so
@@ -68,9 +71,9 @@ constexpr uint32_t kEmptyArrivals = kNumMathWarpgroups * 4 * CLUSTER_N;
 
 using Scheduler = TileScheduler<LAYOUT, BLOCK_M, BLOCK_N, SHAPE_N, NUM_GROUPS, RASTER_GROUP, CLUSTER_N, SPLIT_K>;
 
-// K blocks [begin, end) of split `rank` (all of K without split-K).
-DG_DEVICE int32_t k_block_begin(int32_t rank) { return SPLIT_K == 1 ? 0 : rank * kNumKBlocks / SPLIT_K; }
-DG_DEVICE int32_t k_block_end(int32_t rank) { return SPLIT_K == 1 ? kNumKBlocks : (rank + 1) * kNumKBlocks / SPLIT_K; }
+// K blocks [begin, end) of split `split` (all of K without split-K).
+DG_DEVICE int32_t k_block_begin(int32_t split) { return SPLIT_K == 1 ? 0 : split * kNumKBlocks / SPLIT_K; }
+DG_DEVICE int32_t k_block_end(int32_t split) { return SPLIT_K == 1 ? kNumKBlocks : (split + 1) * kNumKBlocks / SPLIT_K; }
 
 // Byte offset of (row, 16-byte column chunk) inside one output chunk buffer,
 // with the swizzle TMA applies for rows of kOutChunkBytesPerRow bytes: the
@@ -83,7 +86,7 @@ DG_DEVICE uint32_t out_swizzled_offset(uint32_t row, uint32_t col16) {
 }
 
 // Shared memory: [out tile][A ring][B ring][A-scale ring][full barriers][empty barriers]
-// [split-K: partial-ready, partial-consumed barriers].
+// [split-K: the "last unit of its tile" flag].
 // Stage addresses are computed, not stored in arrays: a run-time index into a
 // pointer array would put it in local memory.
 struct SharedStorage {
@@ -93,8 +96,7 @@ struct SharedStorage {
     float* ring_sa;
     uint64_t* full;
     uint64_t* empty;
-    uint64_t* partial_ready;     // split-K: every block's partial tile is in its shared memory
-    uint64_t* partial_consumed;  // split-K: every block has read this block's partial tile
+    int32_t* last_unit;  // split-K: thread 0's verdict, read by every math thread
 
     DG_DEVICE explicit SharedStorage(uint8_t* raw) {
         // 128-byte swizzle works on absolute address bits: 1024-byte align.
@@ -104,8 +106,7 @@ struct SharedStorage {
         ring_sa = reinterpret_cast<float*>(ring_b + NUM_STAGES * kTileBytesB);
         full = reinterpret_cast<uint64_t*>(ring_sa + NUM_STAGES * BLOCK_M);
         empty = full + NUM_STAGES;
-        partial_ready = empty + NUM_STAGES;
-        partial_consumed = partial_ready + 1;
+        last_unit = reinterpret_cast<int32_t*>(empty + NUM_STAGES);
     }
     DG_DEVICE uint8_t* a(int32_t stage) const { return ring_a + stage * kTileBytesA; }
     DG_DEVICE uint8_t* b(int32_t stage) const { return ring_b + stage * kTileBytesB; }
@@ -135,9 +136,9 @@ DG_DEVICE void produce(const TmaDescriptor* tma_a, const TmaDescriptor* tma_b, c
         const int32_t sa_row = LAYOUT == kMasked ? tile.m_block * BLOCK_M : tile.row_begin;
         const int32_t sa_kb_base = LAYOUT == kMasked ? tile.group * kNumKBlocks : 0;
         // Not unrolled: the producer runs on few registers and gains nothing from it.
-        const int32_t kb_end = ptx::opaque(k_block_end(scheduler.cluster_rank));
+        const int32_t kb_end = ptx::opaque(k_block_end(tile.split));
 #pragma unroll 1
-        for (int32_t kb = k_block_begin(scheduler.cluster_rank); kb < kb_end; ++kb) {
+        for (int32_t kb = k_block_begin(tile.split); kb < kb_end; ++kb) {
             // First pass over the ring: the parity trick makes this wait return at once.
             ptx::mbarrier_wait(&smem.empty[ring.stage], ring.phase ^ 1);
             uint64_t* full = &smem.full[ring.stage];
@@ -211,61 +212,58 @@ DG_DEVICE void store_tile(const float (&acc)[kAccRegs], const Tile& tile, const 
     }
 }
 
-// Split-K epilogue.  Every block writes its fp32 partial tile to its own
-// shared memory, then block `rank` sums rows [rank, rank + 1) * BLOCK_M /
-// SPLIT_K of all partials (peers read through distributed shared memory, in
-// rank order) and stores them as bf16.  Two cluster-wide mbarriers order it:
-// partial_ready (all partials written) and partial_consumed (all slices read,
-// so the next tile may overwrite the partial).
-DG_DEVICE void reduce_and_store_split_k(const float (&acc)[kAccRegs], const Tile& tile, SharedStorage& smem,
-                                        int32_t rank, uint32_t phase, uint8_t* out, int32_t out_ld_bytes) {
-    const uint32_t t = threadIdx.x - 128;  // 0 .. 128 * kNumMathWarpgroups
-    const uint32_t warp = t / 32, lane = t % 32;
-    float* partial = reinterpret_cast<float*>(smem.out);
-
-    // Peers must have read our previous partial before we overwrite it (on the
-    // first tile the opposite parity of a fresh barrier returns at once).
-    ptx::mbarrier_wait_cluster(smem.partial_consumed, phase ^ 1);
-    const uint32_t r = warp * 16 + lane / 4;
+// Split-K: sums the tile's partial results; true in the unit that must store
+// the tile (the last of its SPLIT_K units to arrive), whose `acc` then holds
+// the sum. Each unit's partial tile is one workspace slot, laid out as each
+// thread's accumulators in groups of four, thread-minor, so that every write
+// and read is a coalesced 16-byte access and a thread only ever reads back the
+// values it holds itself. Ordering: every thread fences its writes before the
+// math threads' barrier, after which one thread counts the unit in (release);
+// the last unit fences again before reading the other slots (acquire), through
+// L2 (.cg: never stale L1 lines). Summing in split order 0, 1, ... makes the
+// result independent of which unit comes last.
+DG_DEVICE bool reduce_split_k(float (&acc)[kAccRegs], const Tile& tile, SharedStorage& smem, float* workspace,
+                              int32_t* tile_counters) {
+    const uint32_t t = threadIdx.x - 128;  // 0 .. kNumMathThreads
+    constexpr int32_t kSlotFloats = BLOCK_M * BLOCK_N;
+    float4* slots = reinterpret_cast<float4*>(workspace + int64_t(tile.index) * SPLIT_K * kSlotFloats);
+    float4* mine = slots + tile.split * (kSlotFloats / 4);
 #pragma unroll
-    for (int i = 0; i < BLOCK_N / 8; ++i) {
-        const uint32_t col = i * 8 + (lane % 4) * 2;
-        *reinterpret_cast<float2*>(partial + r * kReduceRowFloats + col) = make_float2(acc[4 * i], acc[4 * i + 1]);
-        *reinterpret_cast<float2*>(partial + (r + 8) * kReduceRowFloats + col) =
-            make_float2(acc[4 * i + 2], acc[4 * i + 3]);
+    for (int i = 0; i < kAccRegs / 4; ++i)
+        __stcg(mine + i * kNumMathThreads + t, make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]));
+    __threadfence();
+    ptx::named_barrier(kSplitKBarrier, kNumMathThreads);
+    if (t == 0) {
+        const bool last = atomicAdd(tile_counters + tile.index, 1) == SPLIT_K - 1;
+        if (last) tile_counters[tile.index] = 0;  // ready for the next launch (and CUDA graph replay)
+        *smem.last_unit = last;
     }
-    __syncwarp();
-    if (lane < SPLIT_K) ptx::mbarrier_arrive_cluster(smem.partial_ready, lane);
-    ptx::mbarrier_wait_cluster(smem.partial_ready, phase);
-
-    constexpr int32_t kRowsPerRank = BLOCK_M / SPLIT_K;
-    constexpr int32_t kVecsPerRow = BLOCK_N / 4;
-    const int32_t n0 = tile.n_block * BLOCK_N;
-    uint32_t peer_base[SPLIT_K];
+    ptx::named_barrier(kSplitKBarrier, kNumMathThreads);
+    // No thread writes the flag again before every thread has passed the first
+    // barrier of the next unit, i.e. after reading it here.
+    if (!*reinterpret_cast<volatile int32_t*>(smem.last_unit)) return false;
+    __threadfence();
 #pragma unroll
-    for (int p = 0; p < SPLIT_K; ++p) peer_base[p] = ptx::cluster_map(partial, p);
-#pragma unroll 1
-    for (int32_t idx = t; idx < kRowsPerRank * kVecsPerRow; idx += 128 * kNumMathWarpgroups) {
-        const int32_t row = rank * kRowsPerRank + idx / kVecsPerRow, col = (idx % kVecsPerRow) * 4;
-        const uint32_t offset = (row * kReduceRowFloats + col) * 4;
-        float x = 0.f, y = 0.f, z = 0.f, w = 0.f;
+    for (int i = 0; i < kAccRegs / 4; ++i) {
+        float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-        for (int p = 0; p < SPLIT_K; ++p) {
-            float px, py, pz, pw;
-            ptx::ld_cluster_v4(peer_base[p] + offset, px, py, pz, pw);
-            x += px, y += py, z += pz, w += pw;
+        for (int s = 0; s < SPLIT_K; ++s) {
+            const float4 v = s == tile.split ? make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3])
+                                             : __ldcg(slots + s * (kSlotFloats / 4) + i * kNumMathThreads + t);
+            if (s == 0) {
+                sum = v;
+            } else {
+                sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+            }
         }
-        if (row < tile.rows_valid && n0 + col < SHAPE_N) {
-            uint8_t* dst = out + int64_t(tile.row_begin + row) * out_ld_bytes + int64_t(n0 + col) * 2;
-            *reinterpret_cast<uint2*>(dst) = make_uint2(ptx::pack_bf16x2(x, y), ptx::pack_bf16x2(z, w));
-        }
+        acc[4 * i] = sum.x, acc[4 * i + 1] = sum.y, acc[4 * i + 2] = sum.z, acc[4 * i + 3] = sum.w;
     }
-    __syncwarp();
-    if (lane < SPLIT_K) ptx::mbarrier_arrive_cluster(smem.partial_consumed, lane);
+    return true;
 }
 
 DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const float* sb, uint8_t* out,
-                       int32_t out_ld_bytes, int32_t shape_m, const int32_t* group_info) {
+                       int32_t out_ld_bytes, int32_t shape_m, const int32_t* group_info, float* workspace,
+                       int32_t* tile_counters) {
     const uint32_t wg = threadIdx.x / 128 - 1;
     const uint32_t warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
     // This thread's accumulators cover tile rows r and r + 8 (wgmma's layout).
@@ -305,11 +303,13 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
         return rows;
     };
     Scheduler scheduler(shape_m, group_info);
-    const int32_t kb_begin = k_block_begin(scheduler.cluster_rank);
-    const int32_t kb_end = k_block_end(scheduler.cluster_rank);
     constexpr bool kManyChunks = kNumKBlocks > 32;
-    // Lane's K block in chunk c (clamped into the share; an empty split share: kb_begin).
-    auto chunk_kb = [&](int32_t c) { return max(kb_begin, min(kb_begin + c * 32 + int32_t(lane), kb_end - 1)); };
+    // Lane's K block in chunk c of a tile's share of K (clamped into the share;
+    // an empty split share: its begin, which is still a K block).
+    auto chunk_kb = [&](const Tile& t, int32_t c) {
+        const int32_t begin = k_block_begin(t.split), end = k_block_end(t.split);
+        return max(begin, min(begin + c * 32 + int32_t(lane), end - 1));
+    };
 
     // Looking one tile ahead pays with a short K (a tile's first scale load is
     // then a large part of its time: +3-5% at K <= 2048) but not with a long one,
@@ -317,8 +317,8 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
     constexpr bool kLookAhead = !kManyChunks;
     auto first_chunk = [&](const Tile& t, float& sb0, float& sb1) {
         const BScaleRows rows = b_scale_rows(t);
-        sb0 = ptx::ldg_float(rows.first + chunk_kb(0));
-        sb1 = kOneScaleB ? sb0 : ptx::ldg_float(rows.second + chunk_kb(0));
+        sb0 = ptx::ldg_float(rows.first + chunk_kb(t, 0));
+        sb1 = kOneScaleB ? sb0 : ptx::ldg_float(rows.second + chunk_kb(t, 0));
     };
 
     RingCursor ring;
@@ -329,7 +329,6 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
     float acc[kAccRegs];
     float part[kAccRegs];
     float part_next[kAccRegs];  // unused (and free) without pipelined promotion
-    uint32_t reduce_phase = 0;
     while (has_tile) {
         Tile next_tile;
         bool has_next = false;
@@ -344,6 +343,7 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
         const float* sb_first = sb_rows.first;
         const float* sb_second = sb_rows.second;
         const int32_t split = sb_rows.split;
+        const int32_t kb_begin = k_block_begin(tile.split), kb_end = k_block_end(tile.split);
 
 #pragma unroll
         for (int i = 0; i < kAccRegs; ++i) acc[i] = 0.f;
@@ -358,16 +358,17 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
         float sb0_chunk = sb0_first_chunk, sb1_chunk = sb1_first_chunk;
         float sb0_next_chunk = 0.f, sb1_next_chunk = 0.f;
         if (kManyChunks) {
-            sb0_next_chunk = ptx::ldg_float(sb_first + chunk_kb(1));
-            sb1_next_chunk = kOneScaleB ? sb0_next_chunk : ptx::ldg_float(sb_second + chunk_kb(1));
+            sb0_next_chunk = ptx::ldg_float(sb_first + chunk_kb(tile, 1));
+            sb1_next_chunk = kOneScaleB ? sb0_next_chunk : ptx::ldg_float(sb_second + chunk_kb(tile, 1));
         }
         auto issue = [&](float(&part)[kAccRegs], int32_t kb, BlockScales& scales) {
             const int32_t step = kb - kb_begin;
             if (kManyChunks && step % 32 == 0 && step > 0) {  // a new chunk: rotate, load the one after
                 sb0_chunk = sb0_next_chunk;
                 sb1_chunk = sb1_next_chunk;
-                sb0_next_chunk = ptx::ldg_float(sb_first + chunk_kb(step / 32 + 1));
-                sb1_next_chunk = kOneScaleB ? sb0_next_chunk : ptx::ldg_float(sb_second + chunk_kb(step / 32 + 1));
+                sb0_next_chunk = ptx::ldg_float(sb_first + chunk_kb(tile, step / 32 + 1));
+                sb1_next_chunk =
+                    kOneScaleB ? sb0_next_chunk : ptx::ldg_float(sb_second + chunk_kb(tile, step / 32 + 1));
             }
             scales.sb0 = __shfl_sync(0xffffffffu, sb0_chunk, step % 32);
             scales.sb1 = kOneScaleB ? scales.sb0 : __shfl_sync(0xffffffffu, sb1_chunk, step % 32);
@@ -455,19 +456,15 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
                 retire(part, scales);
             }
         }
-        if (SPLIT_K == 1) {
+        if (SPLIT_K == 1 || reduce_split_k(acc, tile, smem, workspace, tile_counters))
             store_tile(acc, tile, tma_out, smem.out, out, out_ld_bytes);
-        } else {
-            reduce_and_store_split_k(acc, tile, smem, scheduler.cluster_rank, reduce_phase, out, out_ld_bytes);
-            reduce_phase ^= 1;
-        }
         if (!kLookAhead) has_next = scheduler.next(next_tile);
         tile = next_tile;
         has_tile = has_next;
         sb0_first_chunk = sb0_next_tile;
         sb1_first_chunk = sb1_next_tile;
     }
-    if (SPLIT_K == 1 && threadIdx.x % 128 == 0) ptx::tma_store_wait_all();
+    if (threadIdx.x % 128 == 0) ptx::tma_store_wait_all();
 }
 
 }  // namespace gemm
@@ -476,7 +473,7 @@ extern "C" __global__ void __launch_bounds__(gemm::kNumThreads, 1)
     deep_gemm_fp8_gemm(const __grid_constant__ TmaDescriptor tma_a, const __grid_constant__ TmaDescriptor tma_b,
                        const __grid_constant__ TmaDescriptor tma_sa, const __grid_constant__ TmaDescriptor tma_out,
                        const float* sb, uint8_t* out, int32_t out_ld_bytes, int32_t shape_m,
-                       const int32_t* group_info) {
+                       const int32_t* group_info, float* workspace, int32_t* tile_counters) {
     using namespace gemm;
     extern __shared__ uint8_t smem_raw[];
     SharedStorage smem(smem_raw);
@@ -489,22 +486,18 @@ extern "C" __global__ void __launch_bounds__(gemm::kNumThreads, 1)
             ptx::mbarrier_init(&smem.full[s], 1);
             ptx::mbarrier_init(&smem.empty[s], kEmptyArrivals);  // one arrive per math warp of each block
         }
-        if (SPLIT_K > 1) {
-            ptx::mbarrier_init(smem.partial_ready, SPLIT_K * kNumMathWarpgroups * 4);
-            ptx::mbarrier_init(smem.partial_consumed, SPLIT_K * kNumMathWarpgroups * 4);
-        }
         ptx::fence_barrier_init();
     }
     // The peer block multicasts into our barriers: they must be live cluster-wide.
-    if (CLUSTER_N * SPLIT_K > 1) ptx::cluster_sync(); else __syncthreads();
+    if (CLUSTER_N > 1) ptx::cluster_sync(); else __syncthreads();
 
     if (threadIdx.x < 128) {
         ptx::setmaxnreg_dec<kProducerRegs>();
         if (threadIdx.x == 0) produce(&tma_a, &tma_b, &tma_sa, smem, shape_m, group_info);
     } else {
         ptx::setmaxnreg_inc<kConsumerRegs>();
-        consume(&tma_out, smem, sb, out, out_ld_bytes, shape_m, group_info);
+        consume(&tma_out, smem, sb, out, out_ld_bytes, shape_m, group_info, workspace, tile_counters);
     }
     // Neither block may exit while its peer can still arrive on its barriers.
-    if (CLUSTER_N * SPLIT_K > 1) ptx::cluster_sync();
+    if (CLUSTER_N > 1) ptx::cluster_sync();
 }

@@ -83,57 +83,14 @@ DG_DEVICE void mbarrier_arrive(uint64_t* bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
 }
 
-// Arrive on the barrier at the same offset in block `cta_rank` of the cluster,
-// releasing this thread's shared-memory writes to that block's waiters.  The
-// cluster-scope release costs a GPU-wide memory barrier (MEMBAR.ALL.GPU in
-// SASS): use it only where peers read data we wrote (split-K partials).
-DG_DEVICE void mbarrier_arrive_cluster(uint64_t* bar, uint32_t cta_rank) {
-    uint32_t remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(bar)), "r"(cta_rank));
-    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
-}
-
-// The same arrival as a plain signal (CTA-scope semantics, no fence): enough
+// Arrive on the barrier at the same offset in block `cta_rank` of the cluster
+// as a plain signal (CTA-scope semantics, no fence): enough
 // to say "this stage's shared memory may be refilled", since the reads it
 // orders were done by wgmma and have completed (wgmma.wait_group).
 DG_DEVICE void mbarrier_signal_cluster(uint64_t* bar, uint32_t cta_rank) {
     uint32_t remote;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(bar)), "r"(cta_rank));
     asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
-}
-
-// Wait with acquire at cluster scope: the arrivals came from other blocks
-// whose shared-memory writes this thread is about to read.
-DG_DEVICE void mbarrier_wait_cluster(uint64_t* bar, uint32_t parity) {
-    asm volatile(
-        "{\n"
-        ".reg .pred done;\n"
-        "WAIT_%=:\n"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra WAIT_%=;\n"
-        "}\n" ::"r"(smem_addr(bar)),
-        "r"(parity)
-        : "memory");
-}
-
-// Shared-memory address of the same variable in block `cta_rank` of the cluster.
-DG_DEVICE uint32_t cluster_map(const void* p, uint32_t cta_rank) {
-    uint32_t remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(p)), "r"(cta_rank));
-    return remote;
-}
-
-DG_DEVICE void ld_cluster_v4(uint32_t addr, float& x, float& y, float& z, float& w) {
-    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=f"(x), "=f"(y), "=f"(z), "=f"(w)
-                 : "r"(addr)
-                 : "memory");
-}
-
-DG_DEVICE uint32_t cluster_cta_rank() {
-    uint32_t rank;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
-    return rank;
 }
 
 // Every thread of every block of the cluster (the cluster-wide __syncthreads).

@@ -13,6 +13,8 @@ struct Tile {
     int32_t group;       // expert whose weights this tile multiplies
     int32_t row_begin;   // first row of A / D this tile covers (as rows of the 2-D views)
     int32_t rows_valid;  // rows of the tile that hold real output (<= BLOCK_M)
+    int32_t index;       // linear tile index (split-K: its workspace slots and arrival counter)
+    int32_t split;       // split-K: which share of K this unit of work covers (0 without)
 };
 
 // With a cluster of kClusterN blocks, the blocks of a cluster take neighbouring
@@ -22,12 +24,13 @@ struct Tile {
 // zero-filled (or unrelated) rows and its store is clipped, which keeps both
 // blocks' pipelines in step without special cases.
 //
-// With split-K (kSplitK blocks per cluster) every block of a cluster gets the
-// same tile and works on its own share of K.
+// With split-K every tile is kSplitK units of work, one per share of K; a
+// tile's units are consecutive, so they run on neighbouring blocks at the same
+// time (the kernel sums their partial results through a global workspace).
 template <int kLayout, int kBlockM, int kBlockN, int kShapeN, int kNumGroups, int kRasterGroup, int kClusterN,
           int kSplitK>
 struct TileScheduler {
-    static constexpr int kClusterSize = kClusterN * kSplitK;
+    static_assert(kSplitK == 1 || (kClusterN == 1 && kLayout != kMasked), "split-K: no cluster, no masked layout");
     static constexpr int kNumNBlocks = (kShapeN + kBlockN - 1) / kBlockN;
     static constexpr int kNumNUnits = (kNumNBlocks + kClusterN - 1) / kClusterN;
 
@@ -38,7 +41,7 @@ struct TileScheduler {
     const int32_t* group_info;
     int32_t next_tile;
     int32_t cluster_rank;
-    int32_t num_clusters;
+    int32_t num_clusters;  // == gridDim.x / kClusterN: the stride between a block's tiles
 
     // Masked layout: cursor over the groups (tile indices only grow).
     int32_t cursor_group = 0;
@@ -46,9 +49,9 @@ struct TileScheduler {
     int32_t cursor_m_blocks = 0;
 
     DG_DEVICE TileScheduler(int32_t m, const int32_t* info) : shape_m(m), group_info(info) {
-        cluster_rank = blockIdx.x % kClusterSize;
-        num_clusters = gridDim.x / kClusterSize;
-        next_tile = blockIdx.x / kClusterSize;
+        cluster_rank = blockIdx.x % kClusterN;
+        num_clusters = gridDim.x / kClusterN;
+        next_tile = blockIdx.x / kClusterN;
         if (kLayout == kMasked) cursor_m_blocks = masked_m_blocks(0);
     }
 
@@ -75,8 +78,11 @@ struct TileScheduler {
     // here so the producer and consumers skip them alike.
     DG_DEVICE bool next(Tile& tile) {
         while (true) {
-            const int32_t t = next_tile;
+            const int32_t unit = next_tile;
             next_tile += num_clusters;
+            const int32_t t = unit / kSplitK;
+            tile.index = t;
+            tile.split = unit % kSplitK;
             if (kLayout == kMasked) {
                 if (!next_masked(t, tile)) return false;
                 return true;

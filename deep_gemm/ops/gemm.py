@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from .. import reference
 from .. import utils as _utils
 from ..plan import plan_cached
-from ..runtime.launch import LaunchCache
+from ..runtime.launch import LaunchCache, current_raw_stream
 from ..validation import check_dense
 from .device import runs_on_hopper
 from . import library as _library
@@ -33,13 +33,18 @@ def pad_k_to_16(pair):
 # A call whose tensors have the same data pointers, shapes, strides, dtypes and devices as an
 # earlier call that passed validation, was planned and launched as it came (no tensor copied,
 # padded or staged), launches exactly the same kernel with exactly the same parameters: the key
-# below holds all of those (the stream is not part of it: it is read at every launch). So on a
-# hit the key doubles as the validation, and the call is one dict lookup and one launch.
-# Only plain tensors take part; any other input (and any miss) goes the long way, which
-# validates everything and names the culprit.
+# below holds all of those, and the current stream (a split-K launch's workspace belongs to its
+# stream; the key's last but one item, which the hit fires on). So on a hit the key doubles as the
+# validation, and the call is one dict lookup and one launch. Only plain tensors take part; any
+# other input (and any miss) goes the long way, which validates everything and names the culprit.
+# Devices enter as get_device() ints: torch.device objects cost more to fetch, hash and compare
+# than everything else in the key together. Methods are called unbound (one lookup fewer).
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 _BF16 = torch.bfloat16
 _dense_launches = LaunchCache()
+_ptr = torch.Tensor.data_ptr
+_strides = torch.Tensor.stride
+_device = torch.Tensor.get_device
 
 
 _kernels = None
@@ -72,10 +77,12 @@ def _dense_key(lhs, rhs, out):
         if not (type(a) in _PLAIN and type(sa) in _PLAIN and type(b) in _PLAIN and type(sb) in _PLAIN
                 and type(out) in _PLAIN):
             return None
-        return (a.data_ptr(), sa.data_ptr(), b.data_ptr(), sb.data_ptr(), out.data_ptr(),
-                a.shape, a.stride(), sa.shape, sa.stride(), b.shape, b.stride(), sb.shape, sb.stride(),
-                out.shape, out.stride(), a.dtype, sa.dtype, b.dtype, sb.dtype, out.dtype,
-                a.device, sa.device, b.device, sb.device, out.device, _utils._num_sms_override)
+        device = _device(a)
+        return (_ptr(a), _ptr(sa), _ptr(b), _ptr(sb), _ptr(out),
+                a.shape, _strides(a), sa.shape, _strides(sa), b.shape, _strides(b), sb.shape, _strides(sb),
+                out.shape, _strides(out), a.dtype, sa.dtype, b.dtype, sb.dtype, out.dtype,
+                device, _device(sa), _device(b), _device(sb), _device(out),
+                current_raw_stream(device), _utils._num_sms_override)
     except Exception:  # exotic tensors whose pointers or strides cannot be read: the long way
         return None
 
@@ -109,7 +116,7 @@ def gemm_fp8_fp8_bf16_nt(lhs, rhs, out=None):
     if key is not None:
         launch = _dense_launches.get(key)
         if launch is not None:
-            launch.fire()
+            launch.fire(key[-2])
             return out
 
     args = check_dense(pad_k_to_16(lhs), pad_k_to_16(rhs), out)
@@ -130,7 +137,7 @@ def gemm_fp8_fp8_bf16_nt(lhs, rhs, out=None):
     config = plan_cached(args.m, args.n, args.k, num_sms)
     launch = _runtime_kernels().prepare_gemm(config, a, args.m, args.sa, args.m, args.sa.shape[-1], b, args.n,
                                              args.sb, target, args.m, args.m, None, num_sms)
-    launch.fire()
+    launch.fire(key[-2] if key is not None else current_raw_stream(a.device.index))
     # Cached after a launch that worked, and only when it was made from the caller's own tensors
     # (nothing padded, rebuilt or staged): then the key describes it fully.
     if (key is not None and not staged and a is lhs[0] and args.sa is lhs[1] and b is rhs[0]

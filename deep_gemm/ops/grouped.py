@@ -21,7 +21,8 @@ from ..plan import LAYOUT_CONTIGUOUS, LAYOUT_MASKED, M_ALIGNMENT_CONTIGUOUS, pla
 from ..runtime.launch import LaunchCache
 from ..validation import check_contiguous, check_masked
 from .device import runs_on_hopper
-from .gemm import _PLAIN, _runtime_kernels, _sms_for_key, pad_k_to_16
+from ..runtime.launch import current_raw_stream
+from .gemm import _PLAIN, _device, _ptr, _runtime_kernels, _sms_for_key, _strides, pad_k_to_16
 from . import library as _library
 
 _is_compiling = _library.is_compiling
@@ -42,8 +43,8 @@ _masked_launches = LaunchCache()
 
 def _grouped_key(lhs, rhs, out, index, extra):
     """Pointers, shapes, strides, dtypes and devices of the six tensors of a grouped call (index:
-    m_indices or masked_m), the set_num_sms() value and `extra`, an int the plan depends on;
-    None for a call that must take the long way."""
+    m_indices or masked_m), `extra` (an int the plan depends on), the current stream and the
+    set_num_sms() value; None for a call that must take the long way."""
     try:
         if type(lhs) is not tuple or type(rhs) is not tuple or len(lhs) != 2 or len(rhs) != 2:
             return None
@@ -54,12 +55,13 @@ def _grouped_key(lhs, rhs, out, index, extra):
         if not (type(a) in _PLAIN and type(sa) in _PLAIN and type(b) in _PLAIN and type(sb) in _PLAIN
                 and type(out) in _PLAIN and type(index) in _PLAIN and type(extra) is int):
             return None
-        return (a.data_ptr(), sa.data_ptr(), b.data_ptr(), sb.data_ptr(), out.data_ptr(), index.data_ptr(),
-                a.shape, a.stride(), sa.shape, sa.stride(), b.shape, b.stride(), sb.shape, sb.stride(),
-                out.shape, out.stride(), index.shape, index.stride(),
+        device = _device(a)
+        return (_ptr(a), _ptr(sa), _ptr(b), _ptr(sb), _ptr(out), _ptr(index),
+                a.shape, _strides(a), sa.shape, _strides(sa), b.shape, _strides(b), sb.shape, _strides(sb),
+                out.shape, _strides(out), index.shape, _strides(index),
                 a.dtype, sa.dtype, b.dtype, sb.dtype, out.dtype, index.dtype,
-                a.device, sa.device, b.device, sb.device, out.device, index.device,
-                extra, _utils._num_sms_override)
+                device, _device(sa), _device(b), _device(sb), _device(out), _device(index),
+                extra, current_raw_stream(device), _utils._num_sms_override)
     except Exception:  # exotic tensors whose pointers or strides cannot be read: the long way
         return None
 
@@ -92,7 +94,7 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices, check_in
     if key is not None and not check_indices:
         launch = _contiguous_launches.get(key)
         if launch is not None:
-            launch.fire()
+            launch.fire(key[-2])
             return out
 
     args = check_contiguous(pad_k_to_16(lhs), pad_k_to_16(rhs), out, m_indices)
@@ -112,7 +114,7 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices, check_in
     b = _as_rows(args.b)
     launch = _runtime_kernels().prepare_gemm(config, args.a, args.m, args.sa, args.m, args.sa.shape[-1], b,
                                              b.shape[0], args.sb, args.out, args.m, args.m, args.m_indices, num_sms)
-    launch.fire()
+    launch.fire(key[-2] if key is not None else current_raw_stream(args.a.device.index))
     # Cache a launch that worked and was made from the caller's own tensors: nothing validation
     # rebuilt, and B viewed in place (_as_rows copies unevenly spaced groups, and a copy made
     # while args.b is alive cannot start at its address).
@@ -133,7 +135,7 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m):
     if key is not None:
         launch = _masked_launches.get(key)
         if launch is not None:
-            launch.fire()
+            launch.fire(key[-2])
             return out
 
     args = check_masked(pad_k_to_16(lhs), pad_k_to_16(rhs), out, masked_m, expected_m)
@@ -150,7 +152,7 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m):
     launch = _runtime_kernels().prepare_gemm(config, a, a.shape[0], args.sa, args.max_m,
                                              args.num_groups * args.sa.shape[-1], b, b.shape[0], args.sb, target,
                                              target.shape[0], args.max_m, args.masked_m, num_sms)
-    launch.fire()
+    launch.fire(key[-2] if key is not None else current_raw_stream(a.device.index))
     copied_out = target.data_ptr() != args.out.data_ptr()
     # As for the contiguous layout: cache only launches that worked, on the caller's own tensors
     # viewed in place.

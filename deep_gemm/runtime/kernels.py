@@ -10,12 +10,14 @@ from ..jit import compile_kernel
 from ..jit.kernel_source import GEMM_KERNEL_NAME, gemm_source
 from ..plan import KernelConfig, store_chunk_cols, ceil_div, LAYOUT_MASKED
 from .driver import TMA_DESCRIPTOR, LoadedKernel
-from .launch import GEMM_PARAM_OFFSETS, PreparedLaunch, pack_gemm_params
+from .launch import GEMM_PARAM_OFFSETS, PreparedLaunch, current_raw_stream, pack_gemm_params
 from .tma import SWIZZLE_128B, tensor_map_2d
+from .workspace import split_k_workspace
 
 # Kernel parameters, in order (kernels/gemm.cuh: deep_gemm_fp8_gemm).
 GEMM_PARAM_TYPES = (TMA_DESCRIPTOR, TMA_DESCRIPTOR, TMA_DESCRIPTOR, TMA_DESCRIPTOR,
-                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p)
+                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p,
+                    ctypes.c_void_p, ctypes.c_void_p)
 
 _loaded: dict = {}
 _lock = threading.Lock()
@@ -57,9 +59,9 @@ def prepare_gemm(config: KernelConfig, a: torch.Tensor, a_rows: int, sa: torch.T
                  shape_m: int, group_info, num_sms: int) -> PreparedLaunch:
     """The GEMM over 2-D views, packed and ready to fire (see launch_gemm for the arguments).
 
-    The result depends only on `config`, the device, num_sms, shape_m, the row counts and
-    the tensors' data pointers, shapes and strides, which is what lets the public functions
-    cache it per call site (runtime/launch.py).
+    The result depends only on `config`, the device, num_sms, shape_m, the row counts, the
+    tensors' data pointers, shapes and strides, and (split-K: its workspace) the current stream,
+    which is what lets the public functions cache it per call site (runtime/launch.py).
     """
     device_index = a.device.index
     kernel = gemm_kernel(config, device_index)
@@ -74,15 +76,20 @@ def prepare_gemm(config: KernelConfig, a: torch.Tensor, a_rows: int, sa: torch.T
         tensor_map_2d(sa.data_ptr(), "f32", sa_rows, sa_cols, sa_stride * 4, config.block_m, 1, 0),
         tensor_map_2d(out.data_ptr(), "bf16", n, out_rows, out.stride(-2) * 2, chunk, 64, chunk * 2),
     )
+    counters_ptr = partials_ptr = 0
+    if config.split_k > 1:
+        num_tiles = ceil_div(shape_m, config.block_m) * ceil_div(n, config.block_n)
+        counters_ptr, partials_ptr = split_k_workspace(a.device, current_raw_stream(device_index), num_tiles,
+                                                       config.split_k_workspace_floats(num_tiles))
     params = pack_gemm_params(maps, sb.data_ptr(), out.data_ptr(), out.stride(-2) * 2, shape_m,
-                              group_info.data_ptr() if group_info is not None else 0)
+                              group_info.data_ptr() if group_info is not None else 0, partials_ptr, counters_ptr)
     # Persistent grid: one block per SM at most, whole clusters only.
     clusters = num_sms // config.cluster_size
     if kernel.max_active_clusters:
         clusters = min(clusters, kernel.max_active_clusters)
     if config.layout != LAYOUT_MASKED:
         units = ceil_div(shape_m, config.block_m) * ceil_div(ceil_div(n, config.block_n), config.cluster_n)
-        clusters = max(1, min(clusters, units))
+        clusters = max(1, min(clusters, units * config.split_k))
     grid = clusters * config.cluster_size
     return PreparedLaunch(kernel, grid, device_index, params, GEMM_PARAM_OFFSETS)
 
@@ -97,4 +104,4 @@ def launch_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: torch
     out: bf16 rows of N.  `shape_m` is M (dense, contiguous) or max_m (masked).
     """
     prepare_gemm(config, a, a_rows, sa, sa_rows, sa_cols, b, b_rows, sb, out, out_rows, shape_m, group_info,
-                 num_sms).fire()
+                 num_sms).fire(current_raw_stream(a.device.index))

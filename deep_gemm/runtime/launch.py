@@ -73,9 +73,10 @@ class PreparedLaunch:
         # clusters go through the kernel's own cuLaunchKernelEx set-up instead (None here).
         self._launch = driver().cuLaunchKernel if getattr(kernel, "cluster_size", 1) == 1 else None
 
-    def fire(self) -> None:
-        """Launch on the device's current stream (also what a CUDA graph capture records)."""
-        stream = current_raw_stream(self.device_index)
+    def fire(self, stream: int) -> None:
+        """Launch on `stream`: the device's current stream (current_raw_stream), which is also
+        what a CUDA graph capture records. A split-K launch must fire on the stream it was
+        prepared on (its workspace belongs to that stream), so the launch caches key on it."""
         if self._launch is not None:
             err, = self._launch(self.function, self.grid, 1, 1, self.num_threads, 1, 1, self.smem_bytes,
                                 stream, self.address, 0)
@@ -104,20 +105,22 @@ def _pointer_struct(count: int) -> struct.Struct:
 # GEMM kernel parameters (kernels/gemm.cuh: deep_gemm_fp8_gemm), packed once per launch.
 # ---------------------------------------------------------------------------------------------
 # tma_a, tma_b, tma_sa, tma_out: CUtensorMap (128 bytes each, passed by value);
-# sb, out: pointers; out row stride in bytes, shape_m: int32; group info: pointer.
-GEMM_PARAM_OFFSETS = (0, 128, 256, 384, 512, 520, 528, 532, 536)
-_GEMM_SCALARS = struct.Struct("<QQiiQ")
+# sb, out: pointers; out row stride in bytes, shape_m: int32; group info, split-K workspace
+# (partial tiles, tile counters): pointers.
+GEMM_PARAM_OFFSETS = (0, 128, 256, 384, 512, 520, 528, 532, 536, 544, 552)
+_GEMM_SCALARS = struct.Struct("<QQiiQQQ")
 
 
 def pack_gemm_params(maps, sb_ptr: int, out_ptr: int, out_row_bytes: int, shape_m: int,
-                     group_ptr: int) -> bytes:
+                     group_ptr: int, partials_ptr: int = 0, counters_ptr: int = 0) -> bytes:
     """The GEMM kernel's parameters as one byte string laid out at GEMM_PARAM_OFFSETS.
 
     struct raises on an int32 overflow instead of silently wrapping the value.
     """
     if len(maps) != 4 or any(len(m) != 128 for m in maps):
         raise ValueError("pack_gemm_params needs four 128-byte tensor maps")
-    return b"".join(maps) + _GEMM_SCALARS.pack(sb_ptr, out_ptr, out_row_bytes, shape_m, group_ptr)
+    return b"".join(maps) + _GEMM_SCALARS.pack(sb_ptr, out_ptr, out_row_bytes, shape_m, group_ptr, partials_ptr,
+                                               counters_ptr)
 
 
 # ---------------------------------------------------------------------------------------------
