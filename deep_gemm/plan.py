@@ -38,7 +38,7 @@ class KernelConfig:
     num_groups: int = 1
     raster_group: int = 16      # tiles of this many M blocks sweep N together (L2 reuse)
     cluster_n: int = 1          # 2: two blocks share (multicast) the A tile of neighbouring N tiles
-    split_k: int = 1            # >1: each tile is this many units over shares of K, summed via a workspace
+    split_k: int = 1            # >1: tiles of the last wave split into up to this many units over K
     pipeline: bool = True       # overlap block k+1's wgmma with block k's promotion (BLOCK_N <= 128)
     block_k: int = field(default=BLOCK_K)
 
@@ -62,9 +62,10 @@ class KernelConfig:
     def smem_bytes(self) -> int:
         return smem_bytes(self.block_m, self.block_n, self.num_stages)
 
-    def split_k_workspace_floats(self, num_tiles: int) -> int:
-        """fp32 partial results a split-K launch over `num_tiles` tiles writes (0 without split-K)."""
-        return num_tiles * self.split_k * self.block_m * self.block_n if self.split_k > 1 else 0
+    def split_k_workspace_floats(self, grid: int) -> int:
+        """fp32 partial results a split-K launch on `grid` blocks may write: at most one tile per
+        block, since only the last wave's tiles are split (0 without split-K)."""
+        return grid * self.block_m * self.block_n if self.split_k > 1 else 0
 
     def constants(self) -> dict:
         """Values the kernel source sees as constexpr (see kernels/gemm.cuh)."""
@@ -164,21 +165,43 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
     # (3-5% on 64x2112x7168, 64x4096x7168, 128x4096x7168; neutral or worse with wider
     # tiles or short K: docs/perf-notes.md, section 10).
     long_narrow = m <= COMPUTE_BOUND_M and block_n <= 32 and ceil_div(k, BLOCK_K) >= 32
-    # Split-K is not chosen: 32-column tiles split in two (the same number of units, half the
-    # K walk each) gained 6-10% on 64/128 x 2112 x 7168 only with a clean L2 and tied with the
-    # bench's dirty one (docs/perf-notes.md, section 12); its workspace is not yet safe inside
-    # torch.compile's CUDA-graph trees, which reject a buffer kept from their memory pool.
+    # Compute-bound tiles that make one wave at most half full are split over K (the kernel
+    # picks the split count from the wave arithmetic; split_k caps it and keeps at least
+    # MIN_SPLIT_K_BLOCKS K blocks per unit): +8% on 300x2112x7168 and 200x4096x7168. Not after
+    # full waves: a split-capable kernel runs its whole tiles ~8% slower (runtime K bounds), which
+    # cost more than the split tail saved (4096x2112x7168 -8%, 2176x7168x2048 -17%). Not for
+    # memory-bound decode tiles either: split tied at best there (docs/perf-notes.md, 12-13).
+    split_k = 1
+    if (m > COMPUTE_BOUND_M and layout != LAYOUT_MASKED and ceil_div(m, block_m) * ceil_div(n, block_n) < num_sms
+            and tail_splits(m, n, k, block_m, block_n, num_sms) > 1):
+        split_k = max_tail_splits(k)
     # Rasterisation band: 8 M blocks when N has at most 64 tiles (a wave then spans most
     # of N: +3-6% on 4096 x {2112, 4096, 7168} x K), 16 for very wide N (8 lost 5% on
     # 4096x32768x512); docs/perf-notes.md, section 10.
     raster_group = 8 if ceil_div(n, block_n) <= 64 else 16
     config = KernelConfig(n=n, k=k, block_m=block_m, block_n=block_n,
                           num_stages=max_stages(block_m, block_n, cap=32 if long_narrow else 8),
-                          layout=layout, num_groups=num_groups, raster_group=raster_group,
+                          layout=layout, num_groups=num_groups, raster_group=raster_group, split_k=split_k,
                           pipeline=m > COMPUTE_BOUND_M or long_narrow)
     if os.environ.get("DG_PRINT_CONFIGS"):
         print(f"deep_gemm: M={m} N={n} K={k} -> {config.name} ({config.smem_bytes} B smem)")
     return config
+
+
+MAX_SPLIT_K = 4            # a split tile's last unit reads the others' partials one at a time
+MIN_SPLIT_K_BLOCKS = 4     # K blocks per unit at least, so a unit is worth its reduction
+
+
+def max_tail_splits(k: int) -> int:
+    return max(1, min(MAX_SPLIT_K, ceil_div(k, BLOCK_K) // MIN_SPLIT_K_BLOCKS))
+
+
+def tail_splits(m: int, n: int, k: int, block_m: int, block_n: int, grid: int) -> int:
+    """How many units each tile of the last wave would be split into (kernels/scheduler.cuh
+    computes the same on the device): the last wave's tiles spread over the idle blocks."""
+    tiles = ceil_div(m, block_m) * ceil_div(n, block_n)
+    tail = tiles % grid
+    return max(1, min(max_tail_splits(k), grid // tail)) if tail else 1
 
 
 # ---- the per-call path ------------------------------------------------------------------

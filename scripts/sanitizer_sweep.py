@@ -34,7 +34,7 @@ def main():
         ok &= check(f"dense {m}x{n}x{k}", out, ref)
 
     # Split-K (forced): partial tiles through the workspace, and shares with no K block at all.
-    for m, n, k, block_n, split_k in [(64, 2112, 1024, 64, 4), (77, 512, 384, 32, 5)]:
+    for m, n, k, block_n, split_k in [(64, 2112, 1024, 64, 4), (77, 512, 384, 32, 5), (1000, 2112, 2048, 128, 4)]:
         lhs = deep_gemm.per_token_cast_to_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
         rhs = deep_gemm.per_block_cast_to_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
         base = plan.plan_dense(m, n, k, deep_gemm.get_num_sms())
@@ -47,7 +47,8 @@ def main():
         ref = dequantize_lhs(*lhs, dtype=torch.float64) @ dequantize_rhs(*rhs, dtype=torch.float64).T
         ok &= check(f"dense split-K {split_k} {m}x{n}x{k}", out, ref)
 
-    g, n, k, align = 3, 256, 512, deep_gemm.get_m_alignment_for_contiguous_layout()
+    # K = 2048: the contiguous call's 6 tiles are split over K by the planner (tail wave).
+    g, n, k, align = 3, 256, 2048, deep_gemm.get_m_alignment_for_contiguous_layout()
     a = torch.randn(3 * align, k, device="cuda", dtype=torch.bfloat16)
     m_indices = torch.tensor([0] * 100 + [-1] * 28 + [2] * align + [-1] * align, device="cuda", dtype=torch.int32)
     lhs = deep_gemm.per_token_cast_to_fp8(a)

@@ -36,7 +36,8 @@ def _launch(config, lhs, rhs, out, num_sms=None):
     (64, 2112, 7168, dict(block_n=64, split_k=4, pipeline=True)),
     (128, 2112, 7168, dict(block_n=64, split_k=2)),
     (200, 1040, 12800, dict(block_n=32, split_k=3, pipeline=True)),  # 2 M blocks, > 32 K blocks per share
-    (77, 7168, 576, dict(block_n=32, split_k=8)),             # 5 K blocks for 8 splits: empty shares
+    (77, 512, 576, dict(block_n=32, split_k=8)),              # 5 K blocks for 8 splits: empty shares
+    (1000, 2112, 7168, dict(block_n=128, split_k=4, pipeline=True)),  # 132 whole tiles, then 4 split ones
 ], ids=str)
 def test_forced_variant_matches_float64(m, n, k, changes):
     base = plan.plan_dense(m, n, k, 132)
@@ -49,12 +50,12 @@ def test_forced_variant_matches_float64(m, n, k, changes):
     assert calc_diff(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("num_sms", [132, 7], ids=lambda s: f"sms{s}")
+@pytest.mark.parametrize("num_sms", [132, 16], ids=lambda s: f"sms{s}")
 def test_split_k_is_deterministic_and_reusable(num_sms):
     """Split-K sums its partials in split order: launches give bit-identical results whichever
     unit arrives last, the workspace counters are back at zero after each launch (or the next
-    one would skip or double a tile), and with fewer blocks than units each block walks several
-    units (7 blocks for 33 x 4)."""
+    one would skip or double a tile). 132 blocks: 33 tiles x 4 units; 16 blocks: two waves of
+    whole tiles, then the 33rd tile in 4 units."""
     m, n, k = 64, 2112, 7168
     config = dataclasses.replace(plan.plan_dense(m, n, k, 132), block_n=64, split_k=4, pipeline=True,
                                  num_stages=plan.max_stages(64, 64))
@@ -85,3 +86,28 @@ def test_split_k_on_two_streams_at_once():
     torch.cuda.synchronize()
     for (_, _, ref), out in zip(problems, outs):
         assert calc_diff(out, ref) < 1e-5
+
+
+def test_split_k_workspace_made_during_capture_also_serves_eager_calls():
+    """A stream's workspace first allocated while that stream captures a graph is zeroed at once
+    (not by a memset recorded into the graph): an eager call on that stream before any replay
+    must find its counters at zero."""
+    m, n, k = 64, 2112, 7168
+    config = dataclasses.replace(plan.plan_dense(m, n, k, 132), block_n=64, split_k=4,
+                                 num_stages=plan.max_stages(64, 64))
+    lhs, rhs, ref = _inputs(m, n, k)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    _launch(config, lhs, rhs, out)                      # loads the kernel (capture cannot)
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        _launch(config, lhs, rhs, out)
+    eager = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    with torch.cuda.stream(stream):
+        _launch(config, lhs, rhs, eager)
+    stream.synchronize()
+    assert calc_diff(eager, ref) < 1e-5
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert calc_diff(out, ref) < 1e-5

@@ -248,10 +248,10 @@ def test_split_k_workspace_per_stream_grows_and_keeps_old_buffers(monkeypatch):
     assert workspace.split_k_workspace(cpu, 1, 5, 10) == (counters, partials)      # fits: same buffer
     other = workspace.split_k_workspace(cpu, 2, 10, 1000)
     assert other[0] != counters                                                     # per stream
-    tensor = workspace._workspaces[(cpu, 1)][0]
-    assert not tensor.any()                                                         # zeroed once
+    buffer = workspace._workspaces[(cpu, 1)][0]
+    assert not buffer.tensor.any()                                                  # zeroed once
     grown = workspace.split_k_workspace(cpu, 1, 10, 5000)
-    assert grown != (counters, partials) and workspace._outgrown == [tensor]        # old one kept alive
+    assert grown != (counters, partials) and workspace._outgrown == [buffer]        # old one kept alive
     assert workspace._workspaces[(cpu, 1)][2] >= 5000
 
 

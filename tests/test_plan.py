@@ -10,6 +10,7 @@ from deep_gemm.plan import (
     LAYOUT_MASKED,
     SMEM_CAPACITY,
     KernelConfig,
+    ceil_div,
     plan_dense,
     valid_block_n,
 )
@@ -128,14 +129,54 @@ def test_narrow_long_k_decode_tiles_get_a_deep_pipelined_ring(m, n, k):
 
 
 @pytest.mark.parametrize("m,n,k,layout", [
-    (64, 2112, 7168, LAYOUT_DENSE),         # where split-K came closest (perf-notes section 12)
+    (64, 2112, 7168, LAYOUT_DENSE),         # decode: split-K tied at best (perf-notes section 12)
     (1, 2112, 7168, LAYOUT_DENSE),
     (128, 2112, 7168, LAYOUT_DENSE),
-    (64, 2112, 7168, LAYOUT_CONTIGUOUS),
-    (64, 2112, 7168, LAYOUT_MASKED),        # the kernel does not split masked tiles at all
+    (4096, 2112, 7168, LAYOUT_MASKED),      # the kernel does not split masked tiles at all
+    (4096, 7168, 16384, LAYOUT_DENSE),      # last wave 76 of 132 tiles: more than half full
+    (4096, 32768, 512, LAYOUT_DENSE),       # 4 K blocks: too short to split
+    (4096, 2112, 7168, LAYOUT_DENSE),       # a 16-tile last wave after 4 full ones: slower split
+    (2176, 7168, 2048, LAYOUT_DENSE),
+    (4096, 2112, 7168, LAYOUT_CONTIGUOUS),
+    (300, 7168, 2048, LAYOUT_DENSE),        # 168 tiles: more than one wave
 ])
 def test_planner_does_not_split_k(m, n, k, layout):
     assert plan_dense(m, n, k, 132, layout=layout, num_groups=4 if layout else 1).split_k == 1
+
+
+@pytest.mark.parametrize("m,n,k,layout,splits", [
+    (300, 2112, 7168, LAYOUT_DENSE, 2),     # 51 tiles, one partial wave
+    (200, 4096, 7168, LAYOUT_DENSE, 2),     # 64 tiles
+    (300, 384, 1024, LAYOUT_DENSE, 2),      # 8 K blocks: at most 2 units of 4
+    (256, 2112, 7168, LAYOUT_CONTIGUOUS, 3),  # 34 tiles: 3 x 34 <= 132
+])
+def test_one_partial_wave_of_compute_bound_tiles_is_split_over_k(m, n, k, layout, splits):
+    c = plan_dense(m, n, k, 132, layout=layout, num_groups=4 if layout else 1)
+    assert c.split_k == plan.max_tail_splits(k)
+    assert plan.tail_splits(m, n, k, c.block_m, c.block_n, 132) == splits
+
+
+def test_tail_splits_matches_the_device_scheduler():
+    """Simulate kernels/scheduler.cuh: every tile is covered exactly once (whole, or by all its
+    splits), split tiles fit the workspace (one slot per block), and the planner's count agrees."""
+    for m, n, k, grid in [(4096, 2112, 7168, 132), (300, 384, 1024, 132), (77, 512, 576, 132),
+                          (64, 2112, 7168, 16), (4097, 2112, 7168, 132), (128, 128, 8192, 132)]:
+        block_m, block_n, cap = 128, 128, plan.max_tail_splits(k)
+        tiles = ceil_div(m, block_m) * ceil_div(n, block_n)
+        grid = min(grid, tiles * cap)                          # the host's grid (runtime/kernels.py)
+        tail = tiles % grid
+        splits = max(1, min(cap, grid // tail)) if tail else 1
+        whole = tiles - tail
+        units = whole + tail * splits
+        assert tail * splits <= grid                           # workspace: one slot per block
+        covered = {}
+        for unit in range(units):
+            t = unit if unit < whole else whole + (unit - whole) // splits
+            covered[t] = covered.get(t, 0) + 1
+        assert sorted(covered) == list(range(tiles))
+        assert all(covered[t] == (1 if t < whole else splits) for t in covered)
+        if grid == 132:
+            assert plan.tail_splits(m, n, k, block_m, block_n, grid) == splits
 
 
 @pytest.mark.parametrize("m,n,k", [(64, 7168, 16384), (64, 2112, 2048), (128, 32768, 512)])

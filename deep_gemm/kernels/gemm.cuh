@@ -8,13 +8,15 @@
 // 128 K").  The epilogue writes bf16 through shared memory and a TMA store that
 // overlaps the next tile's main loop.
 //
-// Split-K (SPLIT_K > 1, for small M where too few tiles exist to keep every SM
-// streaming weights): each tile is SPLIT_K units of work over disjoint ranges
-// of K blocks, scheduled like tiles (no cluster: clusters of 4 do not all fit
-// on the GPU at once, and their launch alone cost ~1.2 us). Every unit writes
-// its fp32 partial tile to a global workspace and counts itself in the tile's
-// arrival counter; the last to arrive sums the partials in split order (so
-// results are deterministic), stores the tile and resets the counter to zero.
+// Split-K (SPLIT_K > 1: at most that many splits per tile): the tiles of the
+// last, partial wave are split into units over disjoint ranges of K blocks, so
+// that wave keeps every SM busy (scheduler.cuh says how many splits; with fewer
+// tiles than SMs, as in decode, every tile is split). Units are scheduled like
+// tiles (no cluster: clusters of 4 do not all fit on the GPU at once, and their
+// launch alone cost ~1.2 us). Every unit writes its fp32 partial tile to a
+// global workspace and counts itself in the tile's arrival counter; the last
+// to arrive sums the partials in split order (so results are deterministic),
+// stores the tile and resets the counter to zero.
 //
 // Compile-time constants (SHAPE_N, SHAPE_K, BLOCK_M, BLOCK_N, BLOCK_K,
 // NUM_STAGES, LAYOUT, NUM_GROUPS, RASTER_GROUP, CLUSTER_N, SPLIT_K,
@@ -61,7 +63,6 @@ static_assert(BLOCK_N % STORE_CHUNK_COLS == 0, "store chunks must tile BLOCK_N")
 
 static_assert(CLUSTER_N == 1 || CLUSTER_N == 2, "clusters of one or two blocks");
 static_assert(SPLIT_K == 1 || CLUSTER_N == 1, "split-K and multicast clusters are exclusive");
-static_assert(SPLIT_K == 1 || LAYOUT != kMasked, "split-K: dense and contiguous layouts only");
 
 // With CLUSTER_N == 2 the two blocks of a cluster compute neighbouring N tiles
 // of one M block: each loads half of the A tile and multicasts it to both, so
@@ -71,9 +72,11 @@ constexpr uint32_t kEmptyArrivals = kNumMathWarpgroups * 4 * CLUSTER_N;
 
 using Scheduler = TileScheduler<LAYOUT, BLOCK_M, BLOCK_N, SHAPE_N, NUM_GROUPS, RASTER_GROUP, CLUSTER_N, SPLIT_K>;
 
-// K blocks [begin, end) of split `split` (all of K without split-K).
-DG_DEVICE int32_t k_block_begin(int32_t split) { return SPLIT_K == 1 ? 0 : split * kNumKBlocks / SPLIT_K; }
-DG_DEVICE int32_t k_block_end(int32_t split) { return SPLIT_K == 1 ? kNumKBlocks : (split + 1) * kNumKBlocks / SPLIT_K; }
+// K blocks [begin, end) of a unit of work (all of K for a whole tile).
+DG_DEVICE int32_t k_block_begin(const Tile& t) { return SPLIT_K == 1 ? 0 : t.split * kNumKBlocks / t.num_splits; }
+DG_DEVICE int32_t k_block_end(const Tile& t) {
+    return SPLIT_K == 1 ? kNumKBlocks : (t.split + 1) * kNumKBlocks / t.num_splits;
+}
 
 // Byte offset of (row, 16-byte column chunk) inside one output chunk buffer,
 // with the swizzle TMA applies for rows of kOutChunkBytesPerRow bytes: the
@@ -136,9 +139,9 @@ DG_DEVICE void produce(const TmaDescriptor* tma_a, const TmaDescriptor* tma_b, c
         const int32_t sa_row = LAYOUT == kMasked ? tile.m_block * BLOCK_M : tile.row_begin;
         const int32_t sa_kb_base = LAYOUT == kMasked ? tile.group * kNumKBlocks : 0;
         // Not unrolled: the producer runs on few registers and gains nothing from it.
-        const int32_t kb_end = ptx::opaque(k_block_end(tile.split));
+        const int32_t kb_end = ptx::opaque(k_block_end(tile));
 #pragma unroll 1
-        for (int32_t kb = k_block_begin(tile.split); kb < kb_end; ++kb) {
+        for (int32_t kb = k_block_begin(tile); kb < kb_end; ++kb) {
             // First pass over the ring: the parity trick makes this wait return at once.
             ptx::mbarrier_wait(&smem.empty[ring.stage], ring.phase ^ 1);
             uint64_t* full = &smem.full[ring.stage];
@@ -213,7 +216,7 @@ DG_DEVICE void store_tile(const float (&acc)[kAccRegs], const Tile& tile, const 
 }
 
 // Split-K: sums the tile's partial results; true in the unit that must store
-// the tile (the last of its SPLIT_K units to arrive), whose `acc` then holds
+// the tile (the last of its units to arrive), whose `acc` then holds
 // the sum. Each unit's partial tile is one workspace slot, laid out as each
 // thread's accumulators in groups of four, thread-minor, so that every write
 // and read is a coalesced 16-byte access and a thread only ever reads back the
@@ -226,7 +229,7 @@ DG_DEVICE bool reduce_split_k(float (&acc)[kAccRegs], const Tile& tile, SharedSt
                               int32_t* tile_counters) {
     const uint32_t t = threadIdx.x - 128;  // 0 .. kNumMathThreads
     constexpr int32_t kSlotFloats = BLOCK_M * BLOCK_N;
-    float4* slots = reinterpret_cast<float4*>(workspace + int64_t(tile.index) * SPLIT_K * kSlotFloats);
+    float4* slots = reinterpret_cast<float4*>(workspace + int64_t(tile.tail_index) * tile.num_splits * kSlotFloats);
     float4* mine = slots + tile.split * (kSlotFloats / 4);
 #pragma unroll
     for (int i = 0; i < kAccRegs / 4; ++i)
@@ -234,8 +237,8 @@ DG_DEVICE bool reduce_split_k(float (&acc)[kAccRegs], const Tile& tile, SharedSt
     __threadfence();
     ptx::named_barrier(kSplitKBarrier, kNumMathThreads);
     if (t == 0) {
-        const bool last = atomicAdd(tile_counters + tile.index, 1) == SPLIT_K - 1;
-        if (last) tile_counters[tile.index] = 0;  // ready for the next launch (and CUDA graph replay)
+        const bool last = atomicAdd(tile_counters + tile.tail_index, 1) == tile.num_splits - 1;
+        if (last) tile_counters[tile.tail_index] = 0;  // ready for the next launch (and CUDA graph replay)
         *smem.last_unit = last;
     }
     ptx::named_barrier(kSplitKBarrier, kNumMathThreads);
@@ -243,21 +246,28 @@ DG_DEVICE bool reduce_split_k(float (&acc)[kAccRegs], const Tile& tile, SharedSt
     // barrier of the next unit, i.e. after reading it here.
     if (!*reinterpret_cast<volatile int32_t*>(smem.last_unit)) return false;
     __threadfence();
+    // One split at a time, all of its loads in flight at once (a load per group
+    // of four would wait out an L2 round trip each).
+    float sum[kAccRegs];
+#pragma unroll 1
+    for (int32_t s = 0; s < tile.num_splits; ++s) {
+        float part[kAccRegs];
+        if (s == tile.split) {
 #pragma unroll
-    for (int i = 0; i < kAccRegs / 4; ++i) {
-        float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+            for (int i = 0; i < kAccRegs; ++i) part[i] = acc[i];
+        } else {
+            const float4* slot = slots + s * (kSlotFloats / 4);
 #pragma unroll
-        for (int s = 0; s < SPLIT_K; ++s) {
-            const float4 v = s == tile.split ? make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3])
-                                             : __ldcg(slots + s * (kSlotFloats / 4) + i * kNumMathThreads + t);
-            if (s == 0) {
-                sum = v;
-            } else {
-                sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+            for (int i = 0; i < kAccRegs / 4; ++i) {
+                const float4 v = __ldcg(slot + i * kNumMathThreads + t);
+                part[4 * i] = v.x, part[4 * i + 1] = v.y, part[4 * i + 2] = v.z, part[4 * i + 3] = v.w;
             }
         }
-        acc[4 * i] = sum.x, acc[4 * i + 1] = sum.y, acc[4 * i + 2] = sum.z, acc[4 * i + 3] = sum.w;
+#pragma unroll
+        for (int i = 0; i < kAccRegs; ++i) sum[i] = s == 0 ? part[i] : sum[i] + part[i];
     }
+#pragma unroll
+    for (int i = 0; i < kAccRegs; ++i) acc[i] = sum[i];
     return true;
 }
 
@@ -307,7 +317,7 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
     // Lane's K block in chunk c of a tile's share of K (clamped into the share;
     // an empty split share: its begin, which is still a K block).
     auto chunk_kb = [&](const Tile& t, int32_t c) {
-        const int32_t begin = k_block_begin(t.split), end = k_block_end(t.split);
+        const int32_t begin = k_block_begin(t), end = k_block_end(t);
         return max(begin, min(begin + c * 32 + int32_t(lane), end - 1));
     };
 
@@ -343,7 +353,7 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
         const float* sb_first = sb_rows.first;
         const float* sb_second = sb_rows.second;
         const int32_t split = sb_rows.split;
-        const int32_t kb_begin = k_block_begin(tile.split), kb_end = k_block_end(tile.split);
+        const int32_t kb_begin = k_block_begin(tile), kb_end = k_block_end(tile);
 
 #pragma unroll
         for (int i = 0; i < kAccRegs; ++i) acc[i] = 0.f;
@@ -456,7 +466,7 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
                 retire(part, scales);
             }
         }
-        if (SPLIT_K == 1 || reduce_split_k(acc, tile, smem, workspace, tile_counters))
+        if (SPLIT_K == 1 || tile.num_splits == 1 || reduce_split_k(acc, tile, smem, workspace, tile_counters))
             store_tile(acc, tile, tma_out, smem.out, out, out_ld_bytes);
         if (!kLookAhead) has_next = scheduler.next(next_tile);
         tile = next_tile;

@@ -13,8 +13,9 @@ struct Tile {
     int32_t group;       // expert whose weights this tile multiplies
     int32_t row_begin;   // first row of A / D this tile covers (as rows of the 2-D views)
     int32_t rows_valid;  // rows of the tile that hold real output (<= BLOCK_M)
-    int32_t index;       // linear tile index (split-K: its workspace slots and arrival counter)
     int32_t split;       // split-K: which share of K this unit of work covers (0 without)
+    int32_t num_splits;  // split-K: how many units share this tile (1: a whole tile)
+    int32_t tail_index;  // split-K: the tile's place among the split tiles (its counter and slots)
 };
 
 // With a cluster of kClusterN blocks, the blocks of a cluster take neighbouring
@@ -24,13 +25,21 @@ struct Tile {
 // zero-filled (or unrelated) rows and its store is clipped, which keeps both
 // blocks' pipelines in step without special cases.
 //
-// With split-K every tile is kSplitK units of work, one per share of K; a
-// tile's units are consecutive, so they run on neighbouring blocks at the same
-// time (the kernel sums their partial results through a global workspace).
+// Split-K against wave quantisation (kSplitK > 1 is the most splits a tile may
+// get): with T tiles on G blocks, the T - T % G tiles of the full waves stay
+// whole, and the T % G tiles of the last, partial wave ("tail") are each split
+// into S = min(kSplitK, G / (T % G)) units over shares of K, so the last wave
+// keeps S times more blocks busy for 1/S of the time. A tile's units are
+// consecutive, so they run at the same time on neighbouring blocks; the kernel
+// sums their partial results through a global workspace of at most G slots.
+// With fewer tiles than blocks (decode) every tile is in the tail.
 template <int kLayout, int kBlockM, int kBlockN, int kShapeN, int kNumGroups, int kRasterGroup, int kClusterN,
           int kSplitK>
 struct TileScheduler {
-    static_assert(kSplitK == 1 || (kClusterN == 1 && kLayout != kMasked), "split-K: no cluster, no masked layout");
+    static_assert(kSplitK == 1 || kClusterN == 1, "split-K and multicast clusters are exclusive");
+    // The masked layout would need the tile count over all groups on the device, and that
+    // state spilled registers in the consumers (checked with ptxas): not supported.
+    static_assert(kSplitK == 1 || kLayout != kMasked, "split-K: dense and contiguous layouts only");
     static constexpr int kNumNBlocks = (kShapeN + kBlockN - 1) / kBlockN;
     static constexpr int kNumNUnits = (kNumNBlocks + kClusterN - 1) / kClusterN;
 
@@ -48,11 +57,23 @@ struct TileScheduler {
     int32_t cursor_first_tile = 0;
     int32_t cursor_m_blocks = 0;
 
+    // Split-K: tiles of the full waves, splits per tail tile, and all units of work.
+    int32_t whole_tiles = 0;
+    int32_t tail_splits = 1;
+    int32_t num_units = 0;
+
     DG_DEVICE TileScheduler(int32_t m, const int32_t* info) : shape_m(m), group_info(info) {
         cluster_rank = blockIdx.x % kClusterN;
         num_clusters = gridDim.x / kClusterN;
         next_tile = blockIdx.x / kClusterN;
         if (kLayout == kMasked) cursor_m_blocks = masked_m_blocks(0);
+        if (kSplitK > 1) {
+            const int32_t num_tiles = (shape_m + kBlockM - 1) / kBlockM * kNumNUnits;
+            const int32_t tail = num_tiles % num_clusters;
+            whole_tiles = num_tiles - tail;
+            tail_splits = tail > 0 ? max(1, min(kSplitK, num_clusters / tail)) : 1;
+            num_units = whole_tiles + tail * tail_splits;
+        }
     }
 
     DG_DEVICE int32_t masked_m_blocks(int32_t g) const {
@@ -78,11 +99,19 @@ struct TileScheduler {
     // here so the producer and consumers skip them alike.
     DG_DEVICE bool next(Tile& tile) {
         while (true) {
-            const int32_t unit = next_tile;
+            int32_t t = next_tile;
             next_tile += num_clusters;
-            const int32_t t = unit / kSplitK;
-            tile.index = t;
-            tile.split = unit % kSplitK;
+            tile.split = 0;
+            tile.num_splits = 1;
+            tile.tail_index = 0;
+            if (kSplitK > 1 && t >= whole_tiles) {  // a unit of a split tail tile
+                if (t >= num_units) return false;
+                const int32_t v = t - whole_tiles;
+                tile.tail_index = v / tail_splits;
+                tile.split = v - tile.tail_index * tail_splits;
+                tile.num_splits = tail_splits;
+                t = whole_tiles + tile.tail_index;
+            }
             if (kLayout == kMasked) {
                 if (!next_masked(t, tile)) return false;
                 return true;

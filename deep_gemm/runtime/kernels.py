@@ -76,21 +76,20 @@ def prepare_gemm(config: KernelConfig, a: torch.Tensor, a_rows: int, sa: torch.T
         tensor_map_2d(sa.data_ptr(), "f32", sa_rows, sa_cols, sa_stride * 4, config.block_m, 1, 0),
         tensor_map_2d(out.data_ptr(), "bf16", n, out_rows, out.stride(-2) * 2, chunk, 64, chunk * 2),
     )
-    counters_ptr = partials_ptr = 0
-    if config.split_k > 1:
-        num_tiles = ceil_div(shape_m, config.block_m) * ceil_div(n, config.block_n)
-        counters_ptr, partials_ptr = split_k_workspace(a.device, current_raw_stream(device_index), num_tiles,
-                                                       config.split_k_workspace_floats(num_tiles))
-    params = pack_gemm_params(maps, sb.data_ptr(), out.data_ptr(), out.stride(-2) * 2, shape_m,
-                              group_info.data_ptr() if group_info is not None else 0, partials_ptr, counters_ptr)
     # Persistent grid: one block per SM at most, whole clusters only.
     clusters = num_sms // config.cluster_size
     if kernel.max_active_clusters:
         clusters = min(clusters, kernel.max_active_clusters)
     if config.layout != LAYOUT_MASKED:
         units = ceil_div(shape_m, config.block_m) * ceil_div(ceil_div(n, config.block_n), config.cluster_n)
-        clusters = max(1, min(clusters, units * config.split_k))
+        clusters = max(1, min(clusters, units * config.split_k))   # split-K: tail tiles may be split
     grid = clusters * config.cluster_size
+    counters_ptr = partials_ptr = 0
+    if config.split_k > 1:   # split tail tiles: at most one counter and one partial tile per block
+        counters_ptr, partials_ptr = split_k_workspace(a.device, current_raw_stream(device_index), grid,
+                                                       config.split_k_workspace_floats(grid))
+    params = pack_gemm_params(maps, sb.data_ptr(), out.data_ptr(), out.stride(-2) * 2, shape_m,
+                              group_info.data_ptr() if group_info is not None else 0, partials_ptr, counters_ptr)
     return PreparedLaunch(kernel, grid, device_index, params, GEMM_PARAM_OFFSETS)
 
 

@@ -6,13 +6,17 @@ serves launch after launch (and CUDA graph replay after replay) with no memset o
 
 There is one workspace per (device, stream): two split-K GEMMs that run at the same time must not
 share counters or partial tiles, and launches on one stream never overlap. Buffers only grow
-(geometrically); an outgrown one is kept alive, because a cached launch or a captured CUDA graph
-may still point at it (and may still use it, on its own stream, where it stays correct).
-Limitations, and why the planner does not choose split-K yet (docs/perf-notes.md, section 12):
-one captured graph replayed on two streams at once, or two graphs captured on one stream replayed
-concurrently, would share a workspace; and a workspace first allocated inside torch.compile's
-CUDA-graph trees comes from their memory pool, which they reject as an untracked live tensor
-(allocating with the driver, outside torch's pools, is the next step).
+(geometrically) and are never freed: an outgrown one may still be used by a cached launch or a
+captured CUDA graph, on its own stream, where it stays correct.
+
+The memory comes from the driver, not from torch: a buffer taken from a CUDA-graph memory pool
+(which is where torch allocates during capture, and during torch.compile's graph-tree warm-up)
+would be kept alive past the graph, which graph trees reject as a leaked live tensor. It is
+zeroed on a private stream and waited for, so it is zero before any launch, eager or captured,
+whatever the caller's stream is doing; both steps are outside any capture, hence relaxed
+capture mode around them.
+Limitation: one captured graph replayed on two streams at once, or two graphs captured on one
+stream replayed concurrently, would share a workspace.
 """
 from __future__ import annotations
 
@@ -20,18 +24,44 @@ import threading
 
 import torch
 
+from .driver import check, driver
+
 # Counters first (int32, zero bits read as 0), then the fp32 partial tiles, 256-byte aligned.
 _COUNTER_ALIGN = 64
 
-_workspaces: dict = {}   # (device, stream) -> (tensor, counter capacity, float capacity)
+_workspaces: dict = {}   # (device, stream) -> (buffer, counter capacity, float capacity)
 _outgrown: list = []     # kept alive on purpose, see above
 _lock = threading.Lock()
 
 
+class _Buffer:
+    """`nbytes` of zeroed device memory at `ptr`, never freed. CPU devices only occur in the
+    host-path tests, which run the launch path on CPU tensors: a torch tensor stands in."""
+
+    def __init__(self, device: torch.device, nbytes: int):
+        if device.type != "cuda":
+            self.tensor = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
+            self.ptr = self.tensor.data_ptr()
+            return
+        cu = driver()
+        with torch.cuda.device(device):
+            relaxed = cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED
+            previous = check(cu.cuThreadExchangeStreamCaptureMode(relaxed))
+            try:
+                self.ptr = int(check(cu.cuMemAlloc(nbytes)))
+                zeroing = check(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING))
+                try:
+                    check(cu.cuMemsetD32Async(self.ptr, 0, nbytes // 4, zeroing))
+                    check(cu.cuStreamSynchronize(zeroing))
+                finally:
+                    check(cu.cuStreamDestroy(zeroing))
+            finally:
+                check(cu.cuThreadExchangeStreamCaptureMode(previous))
+
+
 def split_k_workspace(device: torch.device, stream: int, num_counters: int, num_floats: int):
     """(counters pointer, partials pointer) of the stream's workspace on `device`, grown to hold
-    `num_counters` counters and `num_floats` partial values. Must run with `stream` current on
-    the device (a new buffer is allocated and zeroed on it)."""
+    `num_counters` counters and `num_floats` partial values."""
     key = (device, stream)
     entry = _workspaces.get(key)
     if entry is None or entry[1] < num_counters or entry[2] < num_floats:
@@ -41,10 +71,9 @@ def split_k_workspace(device: torch.device, stream: int, num_counters: int, num_
                 old_counters, old_floats = (entry[1], entry[2]) if entry is not None else (0, 0)
                 counters = -(-max(num_counters, 2 * old_counters) // _COUNTER_ALIGN) * _COUNTER_ALIGN
                 floats = max(num_floats, 2 * old_floats)
-                tensor = torch.zeros(counters + floats, dtype=torch.float32, device=device)
+                buffer = _Buffer(device, 4 * (counters + floats))
                 if entry is not None:
                     _outgrown.append(entry[0])
-                entry = _workspaces[key] = (tensor, counters, floats)
-    tensor, counters, _ = entry
-    base = tensor.data_ptr()
-    return base, base + 4 * counters
+                entry = _workspaces[key] = (buffer, counters, floats)
+    buffer, counters, _ = entry
+    return buffer.ptr, buffer.ptr + 4 * counters
