@@ -165,16 +165,19 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
     # (3-5% on 64x2112x7168, 64x4096x7168, 128x4096x7168; neutral or worse with wider
     # tiles or short K: docs/perf-notes.md, section 10).
     long_narrow = m <= COMPUTE_BOUND_M and block_n <= 32 and ceil_div(k, BLOCK_K) >= 32
-    # Compute-bound tiles that make one wave at most half full are split over K (the kernel
-    # picks the split count from the wave arithmetic; split_k caps it and keeps at least
-    # MIN_SPLIT_K_BLOCKS K blocks per unit): +8% on 300x2112x7168 and 200x4096x7168. Not after
-    # full waves: a split-capable kernel runs its whole tiles ~8% slower (runtime K bounds), which
-    # cost more than the split tail saved (4096x2112x7168 -8%, 2176x7168x2048 -17%). Not for
-    # memory-bound decode tiles either: split tied at best there (docs/perf-notes.md, 12-13).
+    # Compute-bound tiles over a long K split the tiles of their last, partial wave over K
+    # (the kernel picks the split count from the wave arithmetic; split_k caps it). A split-
+    # capable kernel runs its whole tiles a few % slower (4096x4096x7168: 180 -> 191 us with
+    # no tile split) and a split tile pays a reduction, so it is used only where the last wave
+    # saves at least 10% of the rounds: 4096x2112x7168 -7%, 1000x2112x7168 -15%, 300x2112x7168
+    # -9%; with K = 2048 it lost 9-10% (docs/perf-notes.md, section 13). Decode tiles are not
+    # split: split tied at best there (section 12).
     split_k = 1
-    if (m > COMPUTE_BOUND_M and layout != LAYOUT_MASKED and ceil_div(m, block_m) * ceil_div(n, block_n) < num_sms
-            and tail_splits(m, n, k, block_m, block_n, num_sms) > 1):
-        split_k = max_tail_splits(k)
+    if m > COMPUTE_BOUND_M and layout != LAYOUT_MASKED and ceil_div(k, BLOCK_K) >= MIN_TAIL_SPLIT_K_BLOCKS:
+        splits = tail_splits(m, n, k, block_m, block_n, num_sms)
+        full_waves = ceil_div(m, block_m) * ceil_div(n, block_n) // num_sms
+        if splits > 1 and (1 - 1 / splits) / (full_waves + 1) >= MIN_TAIL_SPLIT_SAVING:
+            split_k = max_tail_splits(k)
     # Rasterisation band: 8 M blocks when N has at most 64 tiles (a wave then spans most
     # of N: +3-6% on 4096 x {2112, 4096, 7168} x K), 16 for very wide N (8 lost 5% on
     # 4096x32768x512); docs/perf-notes.md, section 10.
@@ -190,6 +193,8 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
 
 MAX_SPLIT_K = 4            # a split tile's last unit reads the others' partials one at a time
 MIN_SPLIT_K_BLOCKS = 4     # K blocks per unit at least, so a unit is worth its reduction
+MIN_TAIL_SPLIT_K_BLOCKS = 32   # measured gains at K = 7168 only; K = 2048 lost
+MIN_TAIL_SPLIT_SAVING = 0.1    # share of the rounds the split last wave must save
 
 
 def max_tail_splits(k: int) -> int:

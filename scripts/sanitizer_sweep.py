@@ -47,8 +47,8 @@ def main():
         ref = dequantize_lhs(*lhs, dtype=torch.float64) @ dequantize_rhs(*rhs, dtype=torch.float64).T
         ok &= check(f"dense split-K {split_k} {m}x{n}x{k}", out, ref)
 
-    # K = 2048: the contiguous call's 6 tiles are split over K by the planner (tail wave).
-    g, n, k, align = 3, 256, 2048, deep_gemm.get_m_alignment_for_contiguous_layout()
+    # K = 4096: the contiguous call's 6 tiles are split over K by the planner (tail wave).
+    g, n, k, align = 3, 256, 4096, deep_gemm.get_m_alignment_for_contiguous_layout()
     a = torch.randn(3 * align, k, device="cuda", dtype=torch.bfloat16)
     m_indices = torch.tensor([0] * 100 + [-1] * 28 + [2] * align + [-1] * align, device="cuda", dtype=torch.int32)
     lhs = deep_gemm.per_token_cast_to_fp8(a)

@@ -134,23 +134,27 @@ def test_narrow_long_k_decode_tiles_get_a_deep_pipelined_ring(m, n, k):
     (128, 2112, 7168, LAYOUT_DENSE),
     (4096, 2112, 7168, LAYOUT_MASKED),      # the kernel does not split masked tiles at all
     (4096, 7168, 16384, LAYOUT_DENSE),      # last wave 76 of 132 tiles: more than half full
-    (4096, 32768, 512, LAYOUT_DENSE),       # 4 K blocks: too short to split
-    (4096, 2112, 7168, LAYOUT_DENSE),       # a 16-tile last wave after 4 full ones: slower split
-    (2176, 7168, 2048, LAYOUT_DENSE),
-    (4096, 2112, 7168, LAYOUT_CONTIGUOUS),
-    (300, 7168, 2048, LAYOUT_DENSE),        # 168 tiles: more than one wave
+    (4096, 4096, 7168, LAYOUT_DENSE),       # last wave 100 of 132
+    (4096, 32768, 512, LAYOUT_DENSE),       # short K
+    (2176, 7168, 2048, LAYOUT_DENSE),       # K = 2048: the split lost 9%
+    (300, 7168, 2048, LAYOUT_DENSE),
+    (300, 384, 1024, LAYOUT_DENSE),
+    (8192, 2112, 7168, LAYOUT_DENSE),       # 1088 tiles: 8 full waves, the tail saves < 10%
 ])
 def test_planner_does_not_split_k(m, n, k, layout):
     assert plan_dense(m, n, k, 132, layout=layout, num_groups=4 if layout else 1).split_k == 1
 
 
 @pytest.mark.parametrize("m,n,k,layout,splits", [
+    (4096, 2112, 7168, LAYOUT_DENSE, 4),    # 544 tiles: 4 waves + 16 tiles, each split 4 ways
+    (4097, 2112, 7168, LAYOUT_DENSE, 4),    # 561 tiles: 4 waves + 33
+    (1000, 2112, 7168, LAYOUT_DENSE, 4),    # 136 tiles: 1 wave + 4
     (300, 2112, 7168, LAYOUT_DENSE, 2),     # 51 tiles, one partial wave
     (200, 4096, 7168, LAYOUT_DENSE, 2),     # 64 tiles
-    (300, 384, 1024, LAYOUT_DENSE, 2),      # 8 K blocks: at most 2 units of 4
     (256, 2112, 7168, LAYOUT_CONTIGUOUS, 3),  # 34 tiles: 3 x 34 <= 132
+    (4096, 2112, 7168, LAYOUT_CONTIGUOUS, 4),
 ])
-def test_one_partial_wave_of_compute_bound_tiles_is_split_over_k(m, n, k, layout, splits):
+def test_last_wave_of_compute_bound_tiles_is_split_over_k(m, n, k, layout, splits):
     c = plan_dense(m, n, k, 132, layout=layout, num_groups=4 if layout else 1)
     assert c.split_k == plan.max_tail_splits(k)
     assert plan.tail_splits(m, n, k, c.block_m, c.block_n, 132) == splits

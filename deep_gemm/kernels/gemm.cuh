@@ -243,8 +243,11 @@ DG_DEVICE bool reduce_split_k(float (&acc)[kAccRegs], const Tile& tile, SharedSt
     }
     ptx::named_barrier(kSplitKBarrier, kNumMathThreads);
     // No thread writes the flag again before every thread has passed the first
-    // barrier of the next unit, i.e. after reading it here.
-    if (!*reinterpret_cast<volatile int32_t*>(smem.last_unit)) return false;
+    // barrier of the next unit, i.e. after reading it here. Read through a
+    // shuffle from lane 0: ptxas then knows the branch is warp-uniform (a plain
+    // shared-memory value made everything after it divergent, and the next
+    // tiles' wgmma descriptors left the uniform registers: perf-notes 13).
+    if (!__shfl_sync(0xffffffffu, *reinterpret_cast<volatile int32_t*>(smem.last_unit), 0)) return false;
     __threadfence();
     // One split at a time, all of its loads in flight at once (a load per group
     // of four would wait out an L2 round trip each).
