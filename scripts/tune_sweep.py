@@ -3,6 +3,9 @@
     python scripts/tune_sweep.py [M,M,...]       # ANCHORS dense shapes (of these M) x variants
 Each variant replaces fields of the planner's config (dataclasses.replace);
 timing is the bench's (profiler kernel time, L2 flushed, median).
+Environment: SWEEP_SHAPES="64x2112x7168,..." other shapes; SWEEP_CONFIGS="split_k=1;block_n=64,
+split_k=4" explicit variants instead of the built-in list; SWEEP_FLUSH=read a clean-L2 flush
+(bench.Timer); SWEEP_PLANNER_ONLY=1 the planner's choice alone.
 """
 import dataclasses
 import itertools

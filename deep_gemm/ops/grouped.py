@@ -18,10 +18,9 @@ import torch
 from .. import reference
 from .. import utils as _utils
 from ..plan import LAYOUT_CONTIGUOUS, LAYOUT_MASKED, M_ALIGNMENT_CONTIGUOUS, plan_cached
-from ..runtime.launch import LaunchCache
+from ..runtime.launch import LaunchCache, current_raw_stream
 from ..validation import check_contiguous, check_masked
 from .device import runs_on_hopper
-from ..runtime.launch import current_raw_stream
 from .gemm import _PLAIN, _device, _ptr, _runtime_kernels, _sms_for_key, _strides, pad_k_to_16
 from . import library as _library
 
