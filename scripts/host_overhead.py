@@ -55,7 +55,7 @@ class _FakeDriver:
     CUtensorMapDataType = CUtensorMapInterleave = CUtensorMapSwizzle = _AnyEnum()
     CUtensorMapL2promotion = CUtensorMapFloatOOBfill = _AnyEnum()
     CUfunction_attribute = CUlaunchAttributeID = _AnyEnum()
-    cuuint64_t = cuuint32_t = int
+    cuuint64_t = cuuint32_t = CUstream = int
     _descriptor = (ctypes.c_uint8 * 128)()
 
     class _TensorMap:
@@ -333,7 +333,7 @@ def stages(real: bool, m: int = 128, n: int = 7168, k: int = 2048) -> None:
         parts["key + cache lookup"] = lambda: gemm_ops._dense_launches.get(gemm_ops._dense_key(lhs, rhs, out))
         parts["current_raw_stream"] = lambda: current_raw_stream(0)
         if launch is not None:
-            parts["PreparedLaunch.fire (stream + cuLaunchKernel)"] = lambda: launch.fire(current_raw_stream(0))
+            parts["PreparedLaunch.fire (cuLaunchKernelEx)"] = launch.fire
         parts["whole call (launch cache miss)"] = lambda: (_clear_launch_caches(),
                                                           deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out))
     if real:

@@ -72,6 +72,26 @@ def main():
                          loop_us(lambda: cu.cuLaunchKernel(func, 132, 1, 1, 384, 1, 1, 0, s, addr, 0))))
             rows.append((f"{name} ctypes        {sname}",
                          loop_us(lambda: c_launch(handle, 132, 1, 1, 384, 1, 1, 0, s, addr, None))))
+    # The same launch through other cuda-bindings forms: a CUstream object made once instead of
+    # an int, and cuLaunchKernelEx with a launch config built once (only the stream set per call).
+    func, p = funcs["k_big"], params["k_big"]
+    addr = ctypes.addressof(p)
+    side_obj = cu.CUstream(side.cuda_stream)
+    rows.append(("k_big cuda-bindings CUstream object", loop_us(
+        lambda: cu.cuLaunchKernel(func, 132, 1, 1, 384, 1, 1, 0, side_obj, addr, 0))))
+    config = cu.CUlaunchConfig()
+    config.gridDimX, config.gridDimY, config.gridDimZ = 132, 1, 1
+    config.blockDimX, config.blockDimY, config.blockDimZ = 384, 1, 1
+    config.sharedMemBytes = 0
+    config.numAttrs = 0
+    config.hStream = side.cuda_stream
+
+    def launch_ex():
+        config.hStream = side_obj
+        return cu.cuLaunchKernelEx(config, func, addr, 0)
+    rows.append(("k_big cuLaunchKernelEx (config reused)", loop_us(launch_ex)))
+    rows.append(("k_big cuLaunchKernelEx, stream not reset", loop_us(
+        lambda: cu.cuLaunchKernelEx(config, func, addr, 0))))
     # One buffer through `extra` (CU_LAUNCH_PARAM_BUFFER_POINTER=1, _SIZE=2, _END=0).
     size = ctypes.c_size_t(552)
     extra = (ctypes.c_void_p * 5)(1, ctypes.addressof(big), 2, ctypes.addressof(size), 0)

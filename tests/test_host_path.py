@@ -79,7 +79,10 @@ class FakeDriver:
     CUtensorMapDataType = CUtensorMapInterleave = CUtensorMapSwizzle = _AnyEnum()
     CUtensorMapL2promotion = CUtensorMapFloatOOBfill = _AnyEnum()
     CUfunction_attribute = CUlaunchAttributeID = _AnyEnum()
-    cuuint64_t = cuuint32_t = int
+    cuuint64_t = cuuint32_t = CUstream = int
+
+    class CUlaunchConfig(types.SimpleNamespace):
+        pass
 
     def __init__(self):
         self.launches = []       # (grid, threads, smem, stream, parameter bytes)
@@ -102,11 +105,14 @@ class FakeDriver:
     def cuFuncSetAttribute(self, *args):
         return (0,)
 
-    def cuLaunchKernel(self, f, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+    def cuLaunchKernel(self, *args):
+        raise AssertionError("GEMM launches go through cuLaunchKernelEx")
+
+    def cuLaunchKernelEx(self, config, f, params, extra):
         # Read every parameter back through the pointer array, as the driver does.
         pointers = (ctypes.c_void_p * len(PARAM_SIZES)).from_address(params)
         data = b"".join(ctypes.string_at(p, size) for p, size in zip(pointers, PARAM_SIZES))
-        self.launches.append((gx, bx, smem, stream, data))
+        self.launches.append((config.gridDimX, config.blockDimX, config.sharedMemBytes, config.hStream, data))
         return (0,)
 
     def cuGetErrorName(self, err):
@@ -359,7 +365,7 @@ def test_launch_cache_is_bounded(fake, monkeypatch):
 
 def test_failed_launch_raises_and_is_not_cached(fake, monkeypatch):
     lhs, rhs, out = dense_inputs()
-    monkeypatch.setattr(fake, "cuLaunchKernel", lambda *args: (700,))
+    monkeypatch.setattr(fake, "cuLaunchKernelEx", lambda *args: (700,))
     with pytest.raises(driver.CudaError):
         deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
     assert len(gemm_ops._dense_launches) == 0

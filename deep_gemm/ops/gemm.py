@@ -33,8 +33,8 @@ def pad_k_to_16(pair):
 # A call whose tensors have the same data pointers, shapes, strides, dtypes and devices as an
 # earlier call that passed validation, was planned and launched as it came (no tensor copied,
 # padded or staged), launches exactly the same kernel with exactly the same parameters: the key
-# below holds all of those, and the current stream (a split-K launch's workspace belongs to its
-# stream; the key's last but one item, which the hit fires on). So on a hit the key doubles as the
+# below holds all of those, and the current stream (a prepared launch fires on the stream it was
+# prepared for, whose split-K workspace it uses). So on a hit the key doubles as the
 # validation, and the call is one dict lookup and one launch. Only plain tensors take part; any
 # other input (and any miss) goes the long way, which validates everything and names the culprit.
 # Devices enter as get_device() ints: torch.device objects cost more to fetch, hash and compare
@@ -116,7 +116,7 @@ def gemm_fp8_fp8_bf16_nt(lhs, rhs, out=None):
     if key is not None:
         launch = _dense_launches.get(key)
         if launch is not None:
-            launch.fire(key[-2])
+            launch.fire()
             return out
 
     args = check_dense(pad_k_to_16(lhs), pad_k_to_16(rhs), out)
@@ -137,7 +137,7 @@ def gemm_fp8_fp8_bf16_nt(lhs, rhs, out=None):
     config = plan_cached(args.m, args.n, args.k, num_sms)
     launch = _runtime_kernels().prepare_gemm(config, a, args.m, args.sa, args.m, args.sa.shape[-1], b, args.n,
                                              args.sb, target, args.m, args.m, None, num_sms)
-    launch.fire(key[-2] if key is not None else current_raw_stream(a.device.index))
+    launch.fire()
     # Cached after a launch that worked, and only when it was made from the caller's own tensors
     # (nothing padded, rebuilt or staged): then the key describes it fully.
     if (key is not None and not staged and a is lhs[0] and args.sa is lhs[1] and b is rhs[0]

@@ -93,7 +93,7 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices, check_in
     if key is not None and not check_indices:
         launch = _contiguous_launches.get(key)
         if launch is not None:
-            launch.fire(key[-2])
+            launch.fire()
             return out
 
     args = check_contiguous(pad_k_to_16(lhs), pad_k_to_16(rhs), out, m_indices)
@@ -113,7 +113,7 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices, check_in
     b = _as_rows(args.b)
     launch = _runtime_kernels().prepare_gemm(config, args.a, args.m, args.sa, args.m, args.sa.shape[-1], b,
                                              b.shape[0], args.sb, args.out, args.m, args.m, args.m_indices, num_sms)
-    launch.fire(key[-2] if key is not None else current_raw_stream(args.a.device.index))
+    launch.fire()
     # Cache a launch that worked and was made from the caller's own tensors: nothing validation
     # rebuilt, and B viewed in place (_as_rows copies unevenly spaced groups, and a copy made
     # while args.b is alive cannot start at its address).
@@ -134,7 +134,7 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m):
     if key is not None:
         launch = _masked_launches.get(key)
         if launch is not None:
-            launch.fire(key[-2])
+            launch.fire()
             return out
 
     args = check_masked(pad_k_to_16(lhs), pad_k_to_16(rhs), out, masked_m, expected_m)
@@ -151,7 +151,7 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m):
     launch = _runtime_kernels().prepare_gemm(config, a, a.shape[0], args.sa, args.max_m,
                                              args.num_groups * args.sa.shape[-1], b, b.shape[0], args.sb, target,
                                              target.shape[0], args.max_m, args.masked_m, num_sms)
-    launch.fire(key[-2] if key is not None else current_raw_stream(a.device.index))
+    launch.fire()
     copied_out = target.data_ptr() != args.out.data_ptr()
     # As for the contiguous layout: cache only launches that worked, on the caller's own tensors
     # viewed in place.

@@ -70,22 +70,29 @@ class LoadedKernel:
         self._local = threading.local()
         self.cluster_size = cluster_size
         self._launch = cu.cuLaunchKernel
-        if cluster_size > 1:
-            self._launch_ex = cu.cuLaunchKernelEx
-            self._config = cu.CUlaunchConfig()
-            self._config.blockDimX, self._config.blockDimY, self._config.blockDimZ = num_threads, 1, 1
-            self._config.gridDimY = self._config.gridDimZ = 1
-            self._config.sharedMemBytes = smem_bytes
+        self._launch_ex = cu.cuLaunchKernelEx
+        # Clusters must fit in one GPC: fewer than SMs / cluster_size may be resident.
+        self.max_active_clusters = (check(cu.cuOccupancyMaxActiveClusters(
+            self.function, self.launch_config(cluster_size, 0))) if cluster_size > 1 else None)
+
+    def launch_config(self, grid: int, stream: int):
+        """A CUlaunchConfig for cuLaunchKernelEx: this kernel on `grid` blocks (and its thread-block
+        clusters) on `stream`. A new object per call: nothing shared is written at launch time."""
+        cu = driver()
+        config = cu.CUlaunchConfig()
+        config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
+        config.blockDimX, config.blockDimY, config.blockDimZ = self.num_threads, 1, 1
+        config.sharedMemBytes = self.smem_bytes
+        config.hStream = cu.CUstream(stream)
+        if self.cluster_size > 1:
             attr = cu.CUlaunchAttribute()
             attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-            attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cluster_size, 1, 1
-            self._config.attrs = [attr]
-            self._config.numAttrs = 1
-            # Clusters must fit in one GPC: fewer than SMs / cluster_size may be resident.
-            self._config.gridDimX = cluster_size
-            self.max_active_clusters = check(cu.cuOccupancyMaxActiveClusters(self.function, self._config))
+            attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = self.cluster_size, 1, 1
+            config.attrs = [attr]
+            config.numAttrs = 1
         else:
-            self.max_active_clusters = None
+            config.numAttrs = 0
+        return config
 
     def args(self) -> ArgPack:
         pack = getattr(self._local, "pack", None)
@@ -98,9 +105,6 @@ class LoadedKernel:
             err, = self._launch(self.function, grid, 1, 1, self.num_threads, 1, 1, self.smem_bytes, stream,
                                 pack.address, 0)
         else:
-            config = self._config
-            config.gridDimX = grid
-            config.hStream = stream
-            err, = self._launch_ex(config, self.function, pack.address, 0)
+            err, = self._launch_ex(self.launch_config(grid, stream), self.function, pack.address, 0)
         if err != 0:
             check((err,))

@@ -60,8 +60,9 @@ def prepare_gemm(config: KernelConfig, a: torch.Tensor, a_rows: int, sa: torch.T
     """The GEMM over 2-D views, packed and ready to fire (see launch_gemm for the arguments).
 
     The result depends only on `config`, the device, num_sms, shape_m, the row counts, the
-    tensors' data pointers, shapes and strides, and (split-K: its workspace) the current stream,
-    which is what lets the public functions cache it per call site (runtime/launch.py).
+    tensors' data pointers, shapes and strides, and the current stream (which it launches on, and
+    whose split-K workspace it uses), which is what lets the public functions cache it per call
+    site (runtime/launch.py).
     """
     device_index = a.device.index
     kernel = gemm_kernel(config, device_index)
@@ -84,13 +85,13 @@ def prepare_gemm(config: KernelConfig, a: torch.Tensor, a_rows: int, sa: torch.T
         units = ceil_div(shape_m, config.block_m) * ceil_div(ceil_div(n, config.block_n), config.cluster_n)
         clusters = max(1, min(clusters, units * config.split_k))   # split-K: tail tiles may be split
     grid = clusters * config.cluster_size
+    stream = current_raw_stream(device_index)
     counters_ptr = partials_ptr = 0
     if config.split_k > 1:   # split tail tiles: at most one counter and one partial tile per block
-        counters_ptr, partials_ptr = split_k_workspace(a.device, current_raw_stream(device_index), grid,
-                                                       config.split_k_workspace_floats(grid))
+        counters_ptr, partials_ptr = split_k_workspace(a.device, stream, grid, config.split_k_workspace_floats(grid))
     params = pack_gemm_params(maps, sb.data_ptr(), out.data_ptr(), out.stride(-2) * 2, shape_m,
                               group_info.data_ptr() if group_info is not None else 0, partials_ptr, counters_ptr)
-    return PreparedLaunch(kernel, grid, device_index, params, GEMM_PARAM_OFFSETS)
+    return PreparedLaunch(kernel, grid, device_index, params, GEMM_PARAM_OFFSETS, stream)
 
 
 def launch_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: torch.Tensor, sa_rows: int,
@@ -103,4 +104,4 @@ def launch_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: torch
     out: bf16 rows of N.  `shape_m` is M (dense, contiguous) or max_m (masked).
     """
     prepare_gemm(config, a, a_rows, sa, sa_rows, sa_cols, b, b_rows, sb, out, out_rows, shape_m, group_info,
-                 num_sms).fire(current_raw_stream(a.device.index))
+                 num_sms).fire()
