@@ -275,7 +275,6 @@ def _ctypes_launcher(prepared):
     """The launch of `prepared` made through ctypes straight into libcuda instead of
     cuda-bindings: a comparison for the cost of the binding layer (None if unavailable)."""
     try:
-        from deep_gemm.runtime.launch import current_raw_stream
         fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
@@ -283,7 +282,7 @@ def _ctypes_launcher(prepared):
         args = (prepared.grid, 1, 1, prepared.num_threads, 1, 1, prepared.smem_bytes)
 
         def launch():
-            err = fn(handle, *args, current_raw_stream(prepared.device_index), prepared.address, None)
+            err = fn(handle, *args, prepared.stream, prepared.address, None)
             if err:
                 raise RuntimeError(f"cuLaunchKernel through ctypes returned {err}")
         launch()

@@ -70,7 +70,6 @@ class LoadedKernel:
         self._local = threading.local()
         self.cluster_size = cluster_size
         self._launch = cu.cuLaunchKernel
-        self._launch_ex = cu.cuLaunchKernelEx
         # Clusters must fit in one GPC: fewer than SMs / cluster_size may be resident.
         self.max_active_clusters = (check(cu.cuOccupancyMaxActiveClusters(
             self.function, self.launch_config(cluster_size, 0))) if cluster_size > 1 else None)
@@ -101,10 +100,11 @@ class LoadedKernel:
         return pack
 
     def launch(self, grid: int, stream: int, pack: ArgPack) -> None:
-        if self.cluster_size == 1:
-            err, = self._launch(self.function, grid, 1, 1, self.num_threads, 1, 1, self.smem_bytes, stream,
-                                pack.address, 0)
-        else:
-            err, = self._launch_ex(self.launch_config(grid, stream), self.function, pack.address, 0)
+        """Launch with parameters from `pack`: the cast kernels' path (no clusters). GEMM launches
+        go through runtime/launch.py's PreparedLaunch, which builds its config with launch_config."""
+        if self.cluster_size != 1:
+            raise ValueError("LoadedKernel.launch has no thread-block clusters: use a PreparedLaunch")
+        err, = self._launch(self.function, grid, 1, 1, self.num_threads, 1, 1, self.smem_bytes, stream,
+                            pack.address, 0)
         if err != 0:
             check((err,))
