@@ -40,6 +40,7 @@ class KernelConfig:
     cluster_n: int = 1          # 2: two blocks share (multicast) the A tile of neighbouring N tiles
     split_k: int = 1            # >1: tiles of the last wave split into up to this many units over K
     pipeline: bool = True       # overlap block k+1's wgmma with block k's promotion (BLOCK_N <= 128)
+    stream_b: bool = False      # B is read once: load it with an L2 evict-first policy
     block_k: int = field(default=BLOCK_K)
 
     @property
@@ -82,12 +83,14 @@ class KernelConfig:
             "CLUSTER_N": self.cluster_n,
             "SPLIT_K": self.split_k,
             "PIPELINE_PROMOTION": int(self.pipeline and self.block_n <= MAX_PIPELINED_BLOCK_N),
+            "STREAM_B": int(self.stream_b),
         }
 
     @property
     def name(self) -> str:
         return (f"gemm_{LAYOUT_NAMES[self.layout]}_n{self.n}_k{self.k}_g{self.num_groups}"
-                f"_bm{self.block_m}_bn{self.block_n}_s{self.num_stages}_r{self.raster_group}_c{self.cluster_n}_sk{self.split_k}_p{int(self.pipeline)}")
+                f"_bm{self.block_m}_bn{self.block_n}_s{self.num_stages}_r{self.raster_group}_c{self.cluster_n}_sk{self.split_k}_p{int(self.pipeline)}"
+                + ("_sb" if self.stream_b else ""))
 
 
 def store_chunk_cols(block_n: int) -> int:
@@ -178,6 +181,13 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
         full_waves = ceil_div(m, block_m) * ceil_div(n, block_n) // num_sms
         if splits > 1 and (1 - 1 / splits) / (full_waves + 1) >= MIN_TAIL_SPLIT_SAVING:
             split_k = max_tail_splits(k)
+    # Decode (one M block): every B tile is read exactly once, so B's loads mark their L2 lines
+    # evict-first. They then recycle each other's lines instead of evicting what earlier kernels
+    # left in L2, which costs a write-back when that data is dirty: 3-14% on every dense decode
+    # row after the bench's write flush, neutral after a read flush. Not used where B tiles are
+    # re-read (4096-row dense and contiguous calls lost up to 10%), nor for masked calls, where
+    # it measured -4% to +4% (docs/perf-notes.md, section 14).
+    stream_b = layout == LAYOUT_DENSE and m <= block_m
     # Rasterisation band: 8 M blocks when N has at most 64 tiles (a wave then spans most
     # of N: +3-6% on 4096 x {2112, 4096, 7168} x K), 16 for very wide N (8 lost 5% on
     # 4096x32768x512); docs/perf-notes.md, section 10.
@@ -185,7 +195,7 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
     config = KernelConfig(n=n, k=k, block_m=block_m, block_n=block_n,
                           num_stages=max_stages(block_m, block_n, cap=32 if long_narrow else 8),
                           layout=layout, num_groups=num_groups, raster_group=raster_group, split_k=split_k,
-                          pipeline=m > COMPUTE_BOUND_M or long_narrow)
+                          pipeline=m > COMPUTE_BOUND_M or long_narrow, stream_b=stream_b)
     if os.environ.get("DG_PRINT_CONFIGS"):
         print(f"deep_gemm: M={m} N={n} K={k} -> {config.name} ({config.smem_bytes} B smem)")
     return config

@@ -1,12 +1,14 @@
 """Development sweep: planner variants of the grouped GEMMs (ANCHORS cases) on the GPU.
 
-    python scripts/tune_grouped.py [masked|contiguous ...]
+    python scripts/tune_grouped.py [masked|contiguous ...]   (GROUPED_STREAM_ONLY=1: planner and
+                                                           B's L2 policy flipped, nothing else)
 
 Builds each case exactly as `python -m deep_gemm bench` does (same random group sizes), then
 times the public function with the planner's config replaced field by field
 (dataclasses.replace, through a patched plan_cached); every variant is checked against float64.
 """
 import dataclasses
+import os
 import sys
 
 import torch
@@ -17,6 +19,9 @@ from deep_gemm.ops import grouped
 
 def variants(base):
     yield "planner", base
+    yield ("normal B" if base.stream_b else "stream B"), dataclasses.replace(base, stream_b=not base.stream_b)
+    if os.environ.get("GROUPED_STREAM_ONLY"):   # just the L2 policy of B's loads, both ways
+        return
     if base.block_m == 128:
         for bn in (144, 160):
             yield f"bn{bn}", dataclasses.replace(base, block_n=bn, pipeline=False,

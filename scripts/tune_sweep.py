@@ -5,7 +5,8 @@ Each variant replaces fields of the planner's config (dataclasses.replace);
 timing is the bench's (profiler kernel time, L2 flushed, median).
 Environment: SWEEP_SHAPES="64x2112x7168,..." other shapes; SWEEP_CONFIGS="split_k=1;block_n=64,
 split_k=4" explicit variants instead of the built-in list; SWEEP_FLUSH=read a clean-L2 flush
-(bench.Timer); SWEEP_PLANNER_ONLY=1 the planner's choice alone.
+(bench.Timer); SWEEP_PLANNER_ONLY=1 the planner's choice alone; SWEEP_EXACT=1 applies SWEEP_CONFIGS
+without deepening the ring.
 """
 import dataclasses
 import itertools
@@ -42,8 +43,10 @@ def variants(m, n, k):
     if os.environ.get("SWEEP_PLANNER_ONLY"):  # repeat runs of the planner's choice (run-to-run spread)
         return
     if os.environ.get("SWEEP_CONFIGS"):
+        # SWEEP_EXACT=1: the fields replaced as given, the ring depth left as the planner chose.
+        change = (lambda cfg, **kw: dataclasses.replace(cfg, **kw)) if os.environ.get("SWEEP_EXACT") else deep
         for name, changes in parse_configs(os.environ["SWEEP_CONFIGS"]):
-            yield name.replace("block_n=", "bn").replace("split_k=", "sk"), deep(base, **changes)
+            yield name.replace("block_n=", "bn").replace("split_k=", "sk"), change(base, **changes)
         return
     if m > plan.COMPUTE_BOUND_M:
         yield "c2", dataclasses.replace(base, cluster_n=2)

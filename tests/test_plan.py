@@ -195,3 +195,17 @@ def test_raster_band_narrows_when_n_has_few_tiles(n, raster):
     c = plan_dense(4096, n, 7168, 132)
     assert (c.block_m, c.block_n, c.pipeline) == (128, 128, True)
     assert c.raster_group == raster
+
+
+@pytest.mark.parametrize("m", [1, 7, 64, 65, 100, 128])
+def test_dense_decode_streams_b_through_l2(m):
+    c = plan_dense(m, 7168, 2048, 132)
+    assert c.stream_b and c.constants()["STREAM_B"] == 1 and c.name.endswith("_sb")
+
+
+@pytest.mark.parametrize("m,layout,groups", [(129, plan.LAYOUT_DENSE, 1), (4096, plan.LAYOUT_DENSE, 1),
+                                             (64, plan.LAYOUT_MASKED, 16), (32, plan.LAYOUT_MASKED, 32),
+                                             (512, plan.LAYOUT_MASKED, 2), (8192, plan.LAYOUT_CONTIGUOUS, 4)])
+def test_b_tiles_read_more_than_once_keep_the_normal_l2_policy(m, layout, groups):
+    c = plan_dense(m, 4096, 7168, 132, layout=layout, num_groups=groups)
+    assert not c.stream_b and c.constants()["STREAM_B"] == 0 and not c.name.endswith("_sb")

@@ -20,7 +20,7 @@
 //
 // Compile-time constants (SHAPE_N, SHAPE_K, BLOCK_M, BLOCK_N, BLOCK_K,
 // NUM_STAGES, LAYOUT, NUM_GROUPS, RASTER_GROUP, CLUSTER_N, SPLIT_K,
-// PIPELINE_PROMOTION, STORE_CHUNK_COLS) and the
+// PIPELINE_PROMOTION, STREAM_B, STORE_CHUNK_COLS) and the
 // function `wgmma_m64k32<BLOCK_N>` are defined by the generated source before
 // this header is included (see deep_gemm/jit/kernel_source.py).
 #pragma once
@@ -133,6 +133,9 @@ DG_DEVICE void produce(const TmaDescriptor* tma_a, const TmaDescriptor* tma_b, c
     Scheduler scheduler(shape_m, group_info);
     RingCursor ring;
     Tile tile;
+    // Decode: B is read once, and its lines had better evict each other than what the
+    // previous kernels left in L2 (see ptx::l2_evict_first_policy and plan.py).
+    const uint64_t b_policy = STREAM_B ? ptx::l2_evict_first_policy() : 0;
     while (scheduler.next(tile)) {
         const int32_t b_row = tile.group * SHAPE_N + tile.n_block * BLOCK_N;
         // A's scales are [KB][aligned rows] per group; see ops for the 2-D view.
@@ -154,7 +157,11 @@ DG_DEVICE void produce(const TmaDescriptor* tma_a, const TmaDescriptor* tma_b, c
                                            tile.row_begin + half, (1 << CLUSTER_N) - 1);
             }
             ptx::tma_load_2d(smem.sa(ring.stage), tma_sa, full, sa_row, sa_kb_base + kb);
-            ptx::tma_load_2d(smem.b(ring.stage), tma_b, full, kb * BLOCK_K, b_row);
+            if (STREAM_B) {
+                ptx::tma_load_2d_hinted(smem.b(ring.stage), tma_b, full, kb * BLOCK_K, b_row, b_policy);
+            } else {
+                ptx::tma_load_2d(smem.b(ring.stage), tma_b, full, kb * BLOCK_K, b_row);
+            }
             ring.advance();
         }
     }

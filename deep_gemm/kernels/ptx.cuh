@@ -117,6 +117,25 @@ DG_DEVICE void tma_load_2d(void* dst, const TmaDescriptor* desc, uint64_t* bar, 
         : "memory");
 }
 
+// An L2 policy that marks the lines an access brings in as the first to evict: for data
+// read exactly once (decode weights), which then recycle their own lines instead of
+// evicting (and, if dirty, writing back) whatever the previous kernels left in L2.
+DG_DEVICE uint64_t l2_evict_first_policy() {
+    uint64_t policy;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+    return policy;
+}
+
+// tma_load_2d under an L2 cache policy (see l2_evict_first_policy).
+DG_DEVICE void tma_load_2d_hinted(void* dst, const TmaDescriptor* desc, uint64_t* bar, int32_t c0, int32_t c1,
+                                  uint64_t policy) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+        " [%0], [%1, {%3, %4}], [%2], %5;\n" ::"r"(smem_addr(dst)),
+        "l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "l"(policy)
+        : "memory");
+}
+
 // The same 2-D tile load, written into the same shared-memory offset of every
 // block of the cluster named in cta_mask, each completing its own `bar`.
 DG_DEVICE void tma_load_2d_multicast(void* dst, const TmaDescriptor* desc, uint64_t* bar, int32_t c0, int32_t c1,
