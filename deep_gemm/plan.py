@@ -31,7 +31,7 @@ class KernelConfig:
     """Compile-time description of one GEMM kernel variant."""
     n: int                      # columns of the output (weights' rows)
     k: int                      # reduction length
-    block_m: int                # 64 (one math warpgroup) or 128 (two)
+    block_m: int                # 64 (one math warpgroup), 128 (two) or 256 (two, two waves each)
     block_n: int                # multiple of 16, <= 256
     num_stages: int             # depth of the shared-memory ring
     layout: int = LAYOUT_DENSE
@@ -45,7 +45,7 @@ class KernelConfig:
 
     @property
     def num_math_warpgroups(self) -> int:
-        return self.block_m // 64
+        return 1 if self.block_m == 64 else 2    # BLOCK_M = 256: two 128-row waves each
 
     @property
     def num_threads(self) -> int:
@@ -121,7 +121,7 @@ def valid_block_n(block_n: int) -> bool:
 
 # Largest BLOCK_N whose two fp32 register tiles fit without spilling (checked by
 # tests/test_compile.py for every variant the planner can return).
-MAX_BLOCK_N = {64: 160, 128: 160}
+MAX_BLOCK_N = {64: 160, 128: 160, 256: 128}
 BLOCK_N_CANDIDATES = tuple(bn for bn in range(16, 257, 16) if valid_block_n(bn))
 
 
@@ -141,8 +141,8 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
                num_groups: int = 1) -> KernelConfig:
     """Choose the tile config for an (M, N, K) problem (M: rows, or expected rows per group).
 
-    Compute-bound M (> 128): 128 x 128 tiles with pipelined promotion, the
-    fastest on every large ANCHORS shape.  Memory-bound M: the BLOCK_N that
+    Compute-bound M (> 128): 128 x 128 tiles with pipelined promotion, or 256 x 128
+    tiles where they take (almost) no more rounds over a long (or very short) K.  Memory-bound M: the BLOCK_N that
     finishes in the fewest waves, weighting each tile by its columns plus a
     fixed share (A's loads, promotion, epilogue) worth about 48 columns; narrow
     tiles over a long K get a deeper ring and pipelined promotion.  The
@@ -176,11 +176,15 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
     # -9%; with K = 2048 it lost 9-10% (docs/perf-notes.md, section 13). Decode tiles are not
     # split: split tied at best there (section 12).
     split_k = 1
+    rounds = ceil_div(ceil_div(m, block_m) * ceil_div(n, block_n), num_sms)   # of whole tiles
     if m > COMPUTE_BOUND_M and layout != LAYOUT_MASKED and ceil_div(k, BLOCK_K) >= MIN_TAIL_SPLIT_K_BLOCKS:
         splits = tail_splits(m, n, k, block_m, block_n, num_sms)
         full_waves = ceil_div(m, block_m) * ceil_div(n, block_n) // num_sms
         if splits > 1 and (1 - 1 / splits) / (full_waves + 1) >= MIN_TAIL_SPLIT_SAVING:
             split_k = max_tail_splits(k)
+            rounds = full_waves + 1 / splits
+    if tall_tiles_pay(m, n, k, num_sms, layout, rounds):
+        block_m, split_k = 256, 1
     # Decode (one M block): every B tile is read exactly once, so B's loads mark their L2 lines
     # evict-first. They then recycle each other's lines instead of evicting what earlier kernels
     # left in L2, which costs a write-back when that data is dirty: 3-14% on every dense decode
@@ -195,10 +199,35 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
     config = KernelConfig(n=n, k=k, block_m=block_m, block_n=block_n,
                           num_stages=max_stages(block_m, block_n, cap=32 if long_narrow else 8),
                           layout=layout, num_groups=num_groups, raster_group=raster_group, split_k=split_k,
-                          pipeline=m > COMPUTE_BOUND_M or long_narrow, stream_b=stream_b)
+                          pipeline=(m > COMPUTE_BOUND_M or long_narrow) and block_m != 256, stream_b=stream_b)
     if os.environ.get("DG_PRINT_CONFIGS"):
         print(f"deep_gemm: M={m} N={n} K={k} -> {config.name} ({config.smem_bytes} B smem)")
     return config
+
+
+# 256-row tiles (two 128-row waves per math warpgroup on one B tile) read 25% fewer bytes from
+# L2 per flop than 128 x 128 tiles, and the 128 x 128 kernel at M = 4096 moves ~10 TB/s from L2,
+# its limit (docs/perf-notes.md, section 15). They run unpipelined and cannot split the last
+# wave, so they pay only where the main loop is long and they need no more rounds: measured
+# 4096x7168x16384 750 -> 675 us, 4096x4096x7168 181 -> 172, 1000x4096x7168 46.2 -> 44.6, and
+# 4096x32768x512 141 -> 133 (short K: half the tiles, half the per-tile costs); ties or losses
+# at K = 576-2048 and wherever the rounds grow (4096x2112x7168 114 -> 127).
+TALL_TILE_MIN_K_BLOCKS = 32
+TALL_TILE_ROUND_SLACK = 1.03
+
+
+def tall_tiles_pay(m: int, n: int, k: int, num_sms: int, layout: int, rounds_128: float) -> bool:
+    """Whether a dense problem runs on 256 x 128 tiles rather than 128 x 128 ones: long K
+    (>= 32 blocks) or very short K (<= 4 blocks), and at most 3% more rounds of work than the
+    128 x 128 plan's `rounds_128` (whole rounds, or full waves plus a split last wave)."""
+    if layout != LAYOUT_DENSE or m <= COMPUTE_BOUND_M:
+        return False
+    k_blocks = ceil_div(k, BLOCK_K)
+    if not (k_blocks >= TALL_TILE_MIN_K_BLOCKS or k_blocks <= 4):
+        return False
+    rounds_256 = ceil_div(ceil_div(m, 256) * ceil_div(n, 128), num_sms)
+    # A few % more rounds are paid back (each 256-row tile is 5-10% cheaper per flop).
+    return 2 * rounds_256 <= rounds_128 * TALL_TILE_ROUND_SLACK
 
 
 MAX_SPLIT_K = 4            # a split tile's last unit reads the others' partials one at a time

@@ -33,19 +33,22 @@ def main():
         ref = dequantize_lhs(*lhs, dtype=torch.float64) @ dequantize_rhs(*rhs, dtype=torch.float64).T
         ok &= check(f"dense {m}x{n}x{k}", out, ref)
 
-    # Split-K (forced): partial tiles through the workspace, and shares with no K block at all.
-    for m, n, k, block_n, split_k in [(64, 2112, 1024, 64, 4), (77, 512, 384, 32, 5), (1000, 2112, 2048, 128, 4)]:
+    # Forced variants. Split-K: partial tiles through the workspace, and shares with no K block
+    # at all. 256-row tiles (two waves per warpgroup): a partial second M block, > 32 K blocks.
+    for m, n, k, changes in [(64, 2112, 1024, dict(block_n=64, split_k=4)), (77, 512, 384, dict(block_n=32, split_k=5)),
+                             (1000, 2112, 2048, dict(block_n=128, split_k=4)),
+                             (300, 384, 4352, dict(block_m=256, block_n=128, pipeline=False))]:
         lhs = deep_gemm.per_token_cast_to_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
         rhs = deep_gemm.per_block_cast_to_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
         base = plan.plan_dense(m, n, k, deep_gemm.get_num_sms())
-        config = dataclasses.replace(base, block_n=block_n, split_k=split_k,
-                                     num_stages=plan.max_stages(base.block_m, block_n))
+        config = dataclasses.replace(base, **{"split_k": 1, **changes})
+        config = dataclasses.replace(config, num_stages=plan.max_stages(config.block_m, config.block_n))
         out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
         launch_gemm(config, a=lhs[0], a_rows=m, sa=lhs[1], sa_rows=m, sa_cols=lhs[1].shape[-1], b=rhs[0],
                     b_rows=n, sb=rhs[1], out=out, out_rows=m, shape_m=m, group_info=None,
                     num_sms=deep_gemm.get_num_sms())
         ref = dequantize_lhs(*lhs, dtype=torch.float64) @ dequantize_rhs(*rhs, dtype=torch.float64).T
-        ok &= check(f"dense split-K {split_k} {m}x{n}x{k}", out, ref)
+        ok &= check(f"dense {config.name.split('_g1_')[1]} {m}x{n}x{k}", out, ref)
 
     # K = 4096: the contiguous call's 6 tiles are split over K by the planner (tail wave).
     g, n, k, align = 3, 256, 4096, deep_gemm.get_m_alignment_for_contiguous_layout()

@@ -1,6 +1,6 @@
 """Kernel features forced through launch_gemm, whatever the planner picks today: multicast
-clusters and split-K (units over shares of K, summed through the stream's workspace), checked
-against float64."""
+clusters, split-K (units over shares of K, summed through the stream's workspace) and 256-row
+tiles on odd shapes, checked against float64."""
 import dataclasses
 
 import pytest
@@ -38,11 +38,16 @@ def _launch(config, lhs, rhs, out, num_sms=None):
     (200, 1040, 12800, dict(block_n=32, split_k=3, pipeline=True)),  # 2 M blocks, > 32 K blocks per share
     (77, 512, 576, dict(block_n=32, split_k=8)),              # 5 K blocks for 8 splits: empty shares
     (1000, 2112, 7168, dict(block_n=128, split_k=4, pipeline=True)),  # 132 whole tiles, then 4 split ones
+    (300, 4000, 7168, dict(block_m=256, block_n=128)),        # 256-row tiles: 2nd M block has 44 rows
+    (4097, 2112, 576, dict(block_m=256, block_n=128)),        # 17 M blocks, last one a single row
+    (513, 1000, 384, dict(block_m=256, block_n=64)),          # narrow tiles, partial N block
+    (1, 256, 128, dict(block_m=256, block_n=128)),            # one row of one tile
 ], ids=str)
 def test_forced_variant_matches_float64(m, n, k, changes):
     base = plan.plan_dense(m, n, k, 132)
     changes = {"pipeline": False, "split_k": 1, **changes}
-    config = dataclasses.replace(base, **changes, num_stages=plan.max_stages(base.block_m, changes["block_n"]))
+    block_m = changes.get("block_m", base.block_m)
+    config = dataclasses.replace(base, **changes, num_stages=plan.max_stages(block_m, changes["block_n"]))
     lhs, rhs, ref = _inputs(m, n, k)
     out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
     _launch(config, lhs, rhs, out)

@@ -41,8 +41,10 @@ def _problems(args, c: KernelConfig) -> list:
     bad = []
     if (c.n, c.k, c.layout, c.num_groups) != (n, k, layout, groups):
         bad.append("does not describe the requested problem")
-    if c.block_m not in (64, 128):
-        bad.append(f"block_m {c.block_m} not 64/128")
+    if c.block_m not in (64, 128, 256):
+        bad.append(f"block_m {c.block_m} not 64/128/256")
+    if c.block_m == 256 and (layout != plan.LAYOUT_DENSE or c.pipeline or c.split_k != 1 or c.cluster_n != 1):
+        bad.append("256-row tiles outside their kernel's limits (dense, unpipelined, unsplit, no cluster)")
     if not valid_block_n(c.block_n) or c.block_n > plan.MAX_BLOCK_N[c.block_m]:
         bad.append(f"block_n {c.block_n} invalid for block_m {c.block_m}")
     if c.block_n not in plan.BLOCK_N_CANDIDATES:
@@ -59,7 +61,7 @@ def _problems(args, c: KernelConfig) -> list:
         bad.append(f"cluster_n {cluster_n} x split_k {split_k}")
     if split_k > c.num_k_blocks:
         bad.append(f"split_k {split_k} > {c.num_k_blocks} K blocks")
-    if c.num_threads != 128 * (1 + c.block_m // 64):
+    if c.num_threads != 128 * (1 + min(c.block_m // 64, 2)):
         bad.append(f"{c.num_threads} threads")
     return bad
 
@@ -193,7 +195,7 @@ def test_other_decode_tiles_keep_the_default_ring(m, n, k):
                                       (32768, 16)])
 def test_raster_band_narrows_when_n_has_few_tiles(n, raster):
     c = plan_dense(4096, n, 7168, 132)
-    assert (c.block_m, c.block_n, c.pipeline) == (128, 128, True)
+    assert c.block_m in (128, 256) and c.block_n == 128
     assert c.raster_group == raster
 
 
@@ -209,3 +211,25 @@ def test_dense_decode_streams_b_through_l2(m):
 def test_b_tiles_read_more_than_once_keep_the_normal_l2_policy(m, layout, groups):
     c = plan_dense(m, 4096, 7168, 132, layout=layout, num_groups=groups)
     assert not c.stream_b and c.constants()["STREAM_B"] == 0 and not c.name.endswith("_sb")
+
+
+@pytest.mark.parametrize("m,n,k", [(4096, 7168, 16384), (4096, 4096, 7168), (1000, 4096, 7168), (8192, 7168, 7168),
+                                   (4096, 32768, 512)])
+def test_tall_tiles_where_they_need_no_more_rounds(m, n, k):
+    c = plan_dense(m, n, k, 132)
+    assert (c.block_m, c.block_n, c.pipeline, c.split_k) == (256, 128, False, 1)
+    assert c.num_stages == plan.max_stages(256, 128) == 3 and c.num_threads == 384
+
+
+@pytest.mark.parametrize("m,n,k,layout", [
+    (4096, 2112, 7168, plan.LAYOUT_DENSE),    # 272 tall tiles: 3 rounds of 2 against 4 + a split one
+    (257, 7168, 7168, plan.LAYOUT_DENSE),     # the 128-row plan splits its last wave
+    (4097, 7168, 16384, plan.LAYOUT_DENSE),   # 17 tall M blocks: 8 rounds of 2 against 14
+    (4096, 7168, 2048, plan.LAYOUT_DENSE),    # 16 K blocks: measured a tie
+    (4096, 24576, 1536, plan.LAYOUT_DENSE),
+    (128, 7168, 16384, plan.LAYOUT_DENSE),    # decode
+    (8192, 4096, 7168, plan.LAYOUT_CONTIGUOUS),
+    (1024, 4096, 7168, plan.LAYOUT_MASKED),
+])
+def test_tall_tiles_not_used(m, n, k, layout):
+    assert plan_dense(m, n, k, 132, layout=layout, num_groups=4).block_m <= 128

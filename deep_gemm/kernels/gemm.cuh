@@ -29,7 +29,11 @@
 
 namespace gemm {
 
-constexpr int kNumMathWarpgroups = BLOCK_M / 64;
+// BLOCK_M = 256: still two math warpgroups, each covering two 64-row slices of the
+// tile ("waves", rows wave * 128 + wg * 64 ..) one after the other with the same
+// B tile in shared memory, so every byte of B read from L2 serves twice the rows.
+constexpr int kNumMathWarpgroups = BLOCK_M == 64 ? 1 : 2;
+constexpr int kMWaves = BLOCK_M / (64 * kNumMathWarpgroups);
 constexpr int kNumThreads = 128 * (1 + kNumMathWarpgroups);
 constexpr int kNumKBlocks = (SHAPE_K + BLOCK_K - 1) / BLOCK_K;
 constexpr int kAccRegs = BLOCK_N / 2;                  // fp32 accumulators per thread
@@ -56,7 +60,12 @@ constexpr bool kPipelinePromotion = PIPELINE_PROMOTION;
 constexpr uint32_t kProducerRegs = 40;
 constexpr uint32_t kConsumerRegs = kNumMathWarpgroups == 2 ? 232 : 248;
 
-static_assert(BLOCK_M == 64 || BLOCK_M == 128, "BLOCK_M must be 64 or 128");
+static_assert(BLOCK_M == 64 || BLOCK_M == 128 || BLOCK_M == 256, "BLOCK_M must be 64, 128 or 256");
+// Two waves hold two fp32 result tiles plus the wgmma tile: no room for pipelining,
+// and the split-K and multicast paths are written for one wave. Grouped layouts
+// assign groups per 128 rows (contiguous) or need row-exact stores (masked).
+static_assert(kMWaves == 1 || (!PIPELINE_PROMOTION && SPLIT_K == 1 && CLUSTER_N == 1 && LAYOUT == kDense),
+              "BLOCK_M = 256 runs dense GEMMs only, unpipelined, unsplit, without clusters");
 static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "BLOCK_N must be a multiple of 16 up to 256");
 static_assert(BLOCK_K == 128, "one 128-byte swizzled row per K block");
 static_assert(BLOCK_N % STORE_CHUNK_COLS == 0, "store chunks must tile BLOCK_N");
@@ -167,26 +176,28 @@ DG_DEVICE void produce(const TmaDescriptor* tma_a, const TmaDescriptor* tma_b, c
     }
 }
 
-// Writes this warpgroup's 64 rows of the finished tile: fp32 registers ->
+// Writes this warpgroup's 64 rows of wave `wave` of the finished tile: fp32 registers ->
 // bf16 in swizzled shared memory (stmatrix) -> TMA store, which runs on while
 // the next tile's main loop starts.  A masked group's last tile has rows that
 // must stay untouched; it is copied row by row instead of with the TMA box.
 DG_DEVICE void store_tile(const float (&acc)[kAccRegs], const Tile& tile, const TmaDescriptor* tma_out,
-                          uint8_t* smem_out, uint8_t* out, int32_t out_ld_bytes) {
+                          uint8_t* smem_out, uint8_t* out, int32_t out_ld_bytes, int32_t wave = 0) {
     const uint32_t wg = threadIdx.x / 128 - 1;
+    const uint32_t slice = wave * 128 + wg * 64;  // first row of this warpgroup's slice
     const uint32_t t = threadIdx.x % 128;
     const uint32_t warp = t / 32, lane = t % 32;
     const int32_t n0 = tile.n_block * BLOCK_N;
     constexpr uint32_t kChunkBytes = BLOCK_M * kOutChunkBytesPerRow;
 
-    // The previous tile's store must have finished reading the buffer.
-    if (t == 0) ptx::tma_store_wait_read();
+    // The previous tile's store must have finished reading the buffer (a later
+    // wave writes rows that this tile's earlier waves' stores do not read).
+    if (t == 0 && wave == 0) ptx::tma_store_wait_read();
     ptx::named_barrier(1 + wg, 128);
 
     // stmatrix.x4 writes two 8-column groups of 16 rows: matrix j = lane / 8
     // holds rows (j % 2) * 8 .. +8 of column group i + j / 2.
     const uint32_t j = lane / 8;
-    const uint32_t row = wg * 64 + warp * 16 + (j % 2) * 8 + lane % 8;
+    const uint32_t row = wg * 64 + warp * 16 + (j % 2) * 8 + lane % 8 + wave * 128;
 #pragma unroll
     for (int i = 0; i < BLOCK_N / 8; i += 2) {
         const uint32_t col = (i + j / 2) * 8;
@@ -204,20 +215,21 @@ DG_DEVICE void store_tile(const float (&acc)[kAccRegs], const Tile& tile, const 
         if (t == 0) {
 #pragma unroll
             for (int c = 0; c < kNumOutChunks; ++c)
-                ptx::tma_store_2d(tma_out, smem_out + c * kChunkBytes + wg * 64 * kOutChunkBytesPerRow,
-                                  n0 + c * STORE_CHUNK_COLS, tile.row_begin + wg * 64);
+                ptx::tma_store_2d(tma_out,
+                                  smem_out + c * kChunkBytes + (wg * 64 + wave * 128) * kOutChunkBytesPerRow,
+                                  n0 + c * STORE_CHUNK_COLS, tile.row_begin + wg * 64 + wave * 128);
             ptx::tma_store_commit();
         }
         return;
     }
-    const int32_t rows_here = min(64, tile.rows_valid - int32_t(wg) * 64);
+    const int32_t rows_here = min(64, tile.rows_valid - int32_t(slice));
     constexpr int32_t kUnitsPerRow = BLOCK_N / 8;  // 16-byte units
     for (int32_t idx = t; idx < rows_here * kUnitsPerRow; idx += 128) {
         const int32_t r = idx / kUnitsPerRow, col = (idx % kUnitsPerRow) * 8;
         if (n0 + col >= SHAPE_N) continue;
         const uint8_t* src = smem_out + (col / STORE_CHUNK_COLS) * kChunkBytes +
-                             out_swizzled_offset(wg * 64 + r, (col % STORE_CHUNK_COLS) / 8);
-        uint8_t* dst = out + int64_t(tile.row_begin + wg * 64 + r) * out_ld_bytes + int64_t(n0 + col) * 2;
+                             out_swizzled_offset(slice + r, (col % STORE_CHUNK_COLS) / 8);
+        uint8_t* dst = out + int64_t(tile.row_begin + slice + r) * out_ld_bytes + int64_t(n0 + col) * 2;
         *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
     }
 }
@@ -346,7 +358,7 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
     bool has_tile = scheduler.next(tile);
     float sb0_first_chunk = 0.f, sb1_first_chunk = 0.f;
     if (kLookAhead && has_tile) first_chunk(tile, sb0_first_chunk, sb1_first_chunk);
-    float acc[kAccRegs];
+    float acc[kMWaves][kAccRegs];
     float part[kAccRegs];
     float part_next[kAccRegs];  // unused (and free) without pipelined promotion
     while (has_tile) {
@@ -366,7 +378,9 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
         const int32_t kb_begin = k_block_begin(tile), kb_end = k_block_end(tile);
 
 #pragma unroll
-        for (int i = 0; i < kAccRegs; ++i) acc[i] = 0.f;
+        for (int w = 0; w < kMWaves; ++w)
+#pragma unroll
+            for (int i = 0; i < kAccRegs; ++i) acc[w][i] = 0.f;
 
         // One K block: wait for its stage, read its scales, issue its 4 wgmmas
         // into `part` (asynchronous), and later retire it: release the stage
@@ -409,14 +423,14 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
             ptx::wgmma_commit();
             ring.advance();
         };
-        auto retire = [&](float(&part)[kAccRegs], const BlockScales& scales) {
-#pragma unroll
-            for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
+        auto release = [&](int32_t stage) {
             if (CLUSTER_N == 1) {
-                if (lane == 0) ptx::mbarrier_arrive(&smem.empty[scales.stage]);
+                if (lane == 0) ptx::mbarrier_arrive(&smem.empty[stage]);
             } else if (lane < CLUSTER_N) {
-                ptx::mbarrier_signal_cluster(&smem.empty[scales.stage], lane);
+                ptx::mbarrier_signal_cluster(&smem.empty[stage], lane);
             }
+        };
+        auto promote = [&](float(&acc)[kAccRegs], const float(&part)[kAccRegs], const BlockScales& scales) {
             const float top0 = scales.sa0 * scales.sb0, top1 = scales.sa0 * scales.sb1;
             const float bottom0 = scales.sa1 * scales.sb0, bottom1 = scales.sa1 * scales.sb1;
 #pragma unroll
@@ -430,6 +444,12 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
                 acc[4 * i + 2] += part[4 * i + 2] * bottom;
                 acc[4 * i + 3] += part[4 * i + 3] * bottom;
             }
+        };
+        auto retire = [&](float(&part)[kAccRegs], const BlockScales& scales) {
+#pragma unroll
+            for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
+            release(scales.stage);
+            promote(acc[0], part, scales);
         };
 
         if (kPipelinePromotion) {
@@ -468,16 +488,50 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
                     ++kb;
                 }
             }
-        } else {
+        } else if (kMWaves == 1) {
             for (int32_t kb = kb_begin; kb < kb_end; ++kb) {
                 BlockScales scales;
                 issue(part, kb, scales);
                 ptx::wgmma_wait<0>();
                 retire(part, scales);
             }
+        } else {
+            // Two waves per K block on one stage: wave 0's wgmmas are issued by issue(),
+            // wave 1's here; the stage is released once both have read it.
+            for (int32_t kb = kb_begin; kb < kb_end; ++kb) {
+                BlockScales scales;
+                issue(part, kb, scales);
+                ptx::wgmma_wait<0>();
+#pragma unroll
+                for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
+                promote(acc[0], part, scales);
+#pragma unroll
+                for (int w = 1; w < kMWaves; ++w) {
+                    const uint32_t sa_addr = sa_ring_addr + scales.stage * (BLOCK_M * 4) + w * 128 * 4;
+                    scales.sa0 = ptx::lds_float(sa_addr);
+                    scales.sa1 = ptx::lds_float(sa_addr + 8 * 4);
+                    const uint32_t desc_a = desc_a_ring + scales.stage * (kTileBytesA >> 4) + w * (128 * BLOCK_K >> 4);
+                    const uint32_t desc_b = desc_b_ring + scales.stage * (kTileBytesB >> 4);
+#pragma unroll
+                    for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
+                    ptx::wgmma_fence();
+#pragma unroll
+                    for (int kk = 0; kk < BLOCK_K / 32; ++kk)
+                        wgmma_m64k32(part, ptx::smem_desc(desc_a + kk * (32 >> 4)),
+                                     ptx::smem_desc(desc_b + kk * (32 >> 4)), kk > 0);
+                    ptx::wgmma_commit();
+                    ptx::wgmma_wait<0>();
+#pragma unroll
+                    for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
+                    if (w == kMWaves - 1) release(scales.stage);
+                    promote(acc[w], part, scales);
+                }
+            }
         }
-        if (SPLIT_K == 1 || tile.num_splits == 1 || reduce_split_k(acc, tile, smem, workspace, tile_counters))
-            store_tile(acc, tile, tma_out, smem.out, out, out_ld_bytes);
+        if (SPLIT_K == 1 || tile.num_splits == 1 || reduce_split_k(acc[0], tile, smem, workspace, tile_counters)) {
+#pragma unroll
+            for (int w = 0; w < kMWaves; ++w) store_tile(acc[w], tile, tma_out, smem.out, out, out_ld_bytes, w);
+        }
         if (!kLookAhead) has_next = scheduler.next(next_tile);
         tile = next_tile;
         has_tile = has_next;
