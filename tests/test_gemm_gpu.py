@@ -41,6 +41,19 @@ def test_dense_matches_float64(m, n, k):
     check_close(out, reference64(lhs, rhs))
 
 
+@pytest.mark.parametrize("m,n,k", [(1000, 4095, 7168), (1000, 4097, 4608), (3000, 7001, 4100), (1000, 4100, 7168)],
+                         ids=lambda v: str(v))
+def test_tall_tiles_on_odd_shapes(m, n, k):
+    """Shapes the planner runs on 256-row tiles (stored straight from registers), with odd N, an
+    N that is not a multiple of 8, a partial last M block and K that is not a multiple of 128."""
+    from deep_gemm import plan
+    assert plan.plan_dense(m, n, k, deep_gemm.get_num_sms()).block_m == 256
+    lhs, rhs = make_inputs(m, n, k)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
+    check_close(out, reference64(lhs, rhs))
+
+
 @pytest.mark.parametrize("k", [16, 100, 129, 300])
 def test_unaligned_k(k):
     """K that is not a multiple of 16 (or 128) is padded internally, never computed wrong."""

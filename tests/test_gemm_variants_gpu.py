@@ -42,6 +42,7 @@ def _launch(config, lhs, rhs, out, num_sms=None):
     (4097, 2112, 576, dict(block_m=256, block_n=128)),        # 17 M blocks, last one a single row
     (513, 1000, 384, dict(block_m=256, block_n=64)),          # narrow tiles, partial N block
     (1, 256, 128, dict(block_m=256, block_n=128)),            # one row of one tile
+    (300, 1001, 4352, dict(block_m=256, block_n=128)),        # odd N: the last column stored alone
 ], ids=str)
 def test_forced_variant_matches_float64(m, n, k, changes):
     base = plan.plan_dense(m, n, k, 132)
@@ -49,10 +50,14 @@ def test_forced_variant_matches_float64(m, n, k, changes):
     block_m = changes.get("block_m", base.block_m)
     config = dataclasses.replace(base, **changes, num_stages=plan.max_stages(block_m, changes["block_n"]))
     lhs, rhs, ref = _inputs(m, n, k)
-    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    # Rows 16-byte aligned, as the public function stages them for odd N; the padding columns
+    # must stay untouched.
+    padded = torch.full((m, (n + 7) // 8 * 8), float("nan"), device="cuda", dtype=torch.bfloat16)
+    out = padded[:, :n]
     _launch(config, lhs, rhs, out)
     assert not torch.isnan(out).any()
     assert calc_diff(out, ref) < 1e-5
+    assert torch.isnan(padded[:, n:]).all()
 
 
 @pytest.mark.parametrize("num_sms", [132, 16], ids=lambda s: f"sms{s}")
