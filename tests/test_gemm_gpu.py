@@ -54,6 +54,20 @@ def test_tall_tiles_on_odd_shapes(m, n, k):
     check_close(out, reference64(lhs, rhs))
 
 
+@pytest.mark.parametrize("m,n,k", [(300, 1001, 4352), (64, 1004, 512), (4096, 129, 576), (1000, 4095, 7168)],
+                         ids=lambda v: str(v))
+def test_out_view_of_a_wider_buffer_is_written_to_n_only(m, n, k):
+    """out = a column slice of a wider tensor, N not a multiple of 8: TMA stores write whole
+    16-byte chunks, and the columns past N belong to the caller."""
+    lhs, rhs = make_inputs(m, n, k)
+    # Rows 16-byte aligned, so that the kernel writes into `out` in place (no staging copy).
+    wide = torch.full((m, (n + 7) // 8 * 8 + 8), float("nan"), device="cuda", dtype=torch.bfloat16)
+    out = wide[:, :n]
+    deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
+    check_close(out, reference64(lhs, rhs))
+    assert torch.isnan(wide[:, n:]).all(), "columns past N were written"
+
+
 @pytest.mark.parametrize("k", [16, 100, 129, 300])
 def test_unaligned_k(k):
     """K that is not a multiple of 16 (or 128) is padded internally, never computed wrong."""

@@ -72,6 +72,27 @@ def test_contiguous_bad_indices_are_skipped_not_crashing():
         deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices, check_indices=True)
 
 
+def test_grouped_out_views_are_written_to_n_only():
+    """Grouped outputs that are column slices of wider tensors, N not a multiple of 8."""
+    n, k = 1001, 640
+    lhs, m_indices = contiguous_inputs([300, 77, 129], n, k)
+    rhs = weights(3, n, k)
+    wide = torch.full((lhs[0].shape[0], n + 15), float("nan"), device="cuda", dtype=torch.bfloat16)
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, wide[:, :n], m_indices)
+    a = dequantize_lhs(*lhs, dtype=torch.float64)
+    for g in range(3):
+        rows = (m_indices == g).nonzero().flatten()
+        check_close(wide[rows, :n], a[rows] @ dequantize_rhs(rhs[0][g], rhs[1][g], dtype=torch.float64).T)
+    assert torch.isnan(wide[:, n:]).all(), "contiguous: columns past N were written"
+
+    lhs, _ = masked_inputs(3, 256, n, k)
+    masked_m = torch.tensor([256, 70, 0], device="cuda", dtype=torch.int32)
+    wide = torch.full((3, 256, n + 7), float("nan"), device="cuda", dtype=torch.bfloat16)
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, wide[..., :n], masked_m, 128)
+    check_masked(lhs, rhs, wide[..., :n], masked_m)
+    assert torch.isnan(wide[..., n:]).all(), "masked: columns past N were written"
+
+
 def masked_inputs(g, max_m, n, k):
     a = torch.randn(g, max_m, k, device="cuda", dtype=torch.bfloat16)
     return deep_gemm.per_token_cast_to_fp8(a), weights(g, n, k)

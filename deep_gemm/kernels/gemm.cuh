@@ -179,7 +179,10 @@ DG_DEVICE void produce(const TmaDescriptor* tma_a, const TmaDescriptor* tma_b, c
 // Writes this warpgroup's 64 rows of wave `wave` of the finished tile: fp32 registers ->
 // bf16 in swizzled shared memory (stmatrix) -> TMA store, which runs on while
 // the next tile's main loop starts.  A masked group's last tile has rows that
-// must stay untouched; it is copied row by row instead of with the TMA box.
+// must stay untouched; it is copied row by row instead of with the TMA box. So is
+// the last N block when N is not a multiple of 8: TMA stores write whole 16-byte
+// chunks, so the box would also write the columns up to the next multiple of 8,
+// which belong to the caller when `out` is a view of a wider tensor.
 DG_DEVICE void store_tile(const float (&acc)[kAccRegs], const Tile& tile, const TmaDescriptor* tma_out,
                           uint8_t* smem_out, uint8_t* out, int32_t out_ld_bytes, int32_t wave = 0) {
     const uint32_t wg = threadIdx.x / 128 - 1;
@@ -211,7 +214,8 @@ DG_DEVICE void store_tile(const float (&acc)[kAccRegs], const Tile& tile, const 
     ptx::fence_proxy_async_shared();
     ptx::named_barrier(1 + wg, 128);
 
-    if (LAYOUT != kMasked || tile.rows_valid >= BLOCK_M) {
+    const bool n_edge = SHAPE_N % 8 != 0 && n0 + BLOCK_N > SHAPE_N;
+    if ((LAYOUT != kMasked || tile.rows_valid >= BLOCK_M) && !n_edge) {
         if (t == 0) {
 #pragma unroll
             for (int c = 0; c < kNumOutChunks; ++c)
@@ -230,7 +234,12 @@ DG_DEVICE void store_tile(const float (&acc)[kAccRegs], const Tile& tile, const 
         const uint8_t* src = smem_out + (col / STORE_CHUNK_COLS) * kChunkBytes +
                              out_swizzled_offset(slice + r, (col % STORE_CHUNK_COLS) / 8);
         uint8_t* dst = out + int64_t(tile.row_begin + slice + r) * out_ld_bytes + int64_t(n0 + col) * 2;
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+        if (SHAPE_N % 8 == 0 || n0 + col + 8 <= SHAPE_N) {
+            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+        } else {  // the row's last columns, one bf16 at a time
+            for (int32_t e = 0; e < SHAPE_N - n0 - col; ++e)
+                reinterpret_cast<uint16_t*>(dst)[e] = reinterpret_cast<const uint16_t*>(src)[e];
+        }
     }
 }
 
