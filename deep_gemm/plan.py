@@ -142,8 +142,8 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
     """Choose the tile config for an (M, N, K) problem (M: rows, or expected rows per group).
 
     Compute-bound M (> 128): 128 x 128 tiles with pipelined promotion, or 256 x 128
-    tiles where they take (almost) no more rounds over a long (or very short) K.  Memory-bound M: the BLOCK_N that
-    finishes in the fewest waves, weighting each tile by its columns plus a
+    tiles where they take (almost) no more rounds over a long (or very short) K.
+    Memory-bound M: the BLOCK_N that finishes in the fewest waves, weighting each tile by its columns plus a
     fixed share (A's loads, promotion, epilogue) worth about 48 columns; narrow
     tiles over a long K get a deeper ring and pipelined promotion.  The
     rasterisation band narrows to 8 M blocks when N has few tiles.

@@ -2,11 +2,12 @@
 //
 // Persistent and warp-specialised.  Warpgroup 0 produces: one thread issues
 // TMA loads of A, B and A's scales into a NUM_STAGES ring of shared memory.
-// Warpgroups 1..BLOCK_M/64 consume: each multiplies 64 rows of the tile with
-// wgmma (fp8 in, fp32 out) one 128-K block at a time, then promotes the block's
-// result into fp32 accumulators with both scales applied ("promotion every
-// 128 K").  The epilogue writes bf16 through shared memory and a TMA store that
-// overlaps the next tile's main loop.
+// Warpgroups 1..BLOCK_M/64 consume (two for BLOCK_M = 256, each taking two
+// 64-row slices in turn): each multiplies 64 rows of the tile with wgmma (fp8
+// in, fp32 out) one 128-K block at a time, then promotes the block's result
+// into fp32 accumulators with both scales applied ("promotion every 128 K").
+// The epilogue writes bf16 through shared memory and a TMA store that overlaps
+// the next tile's main loop.
 //
 // Split-K (SPLIT_K > 1: at most that many splits per tile): the tiles of the
 // last, partial wave are split into units over disjoint ranges of K blocks, so
