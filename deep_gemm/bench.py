@@ -178,10 +178,11 @@ def _draw_counts(groups: int, expected: int, seed: int) -> List[int]:
     return [int(expected * rng.uniform(0.7, 1.3)) for _ in range(groups)]
 
 
-def make_contiguous(groups: int, m_per_group: int, n: int, k: int, device) -> Problem:
+def make_contiguous(groups: int, m_per_group: int, n: int, k: int, device, seed=None) -> Problem:
+    """seed: of the random group sizes (None: the case's own, as in every bench run)."""
     from .utils import get_m_alignment_for_contiguous_layout
     align = get_m_alignment_for_contiguous_layout()
-    seed = groups * 7919 + m_per_group * 31 + n + k
+    seed = groups * 7919 + m_per_group * 31 + n + k if seed is None else seed
     torch.manual_seed(seed)
     counts = _draw_counts(groups, m_per_group, seed)
     padded = [(c + align - 1) // align * align for c in counts]
@@ -213,9 +214,10 @@ def make_contiguous(groups: int, m_per_group: int, n: int, k: int, device) -> Pr
                             DEEPGEMM_CONTIGUOUS.get((groups, m_per_group, n, k)))
 
 
-def make_masked(groups: int, expected_m: int, n: int, k: int, device) -> Problem:
+def make_masked(groups: int, expected_m: int, n: int, k: int, device, seed=None) -> Problem:
+    """seed: of the random group sizes (None: the case's own, as in every bench run)."""
     max_m = 4096 if expected_m >= 256 else 256
-    seed = groups * 7907 + expected_m * 37 + n + k
+    seed = groups * 7907 + expected_m * 37 + n + k if seed is None else seed
     torch.manual_seed(seed)
     counts = [min(c, max_m) for c in _draw_counts(groups, expected_m, seed)]
     (a, sa), (b, sb) = _cast_pair(torch.randn(groups, max_m, k, device=device, dtype=torch.bfloat16),

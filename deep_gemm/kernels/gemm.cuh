@@ -405,6 +405,23 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
             sb0_next_chunk = ptx::ldg_float(sb_first + chunk_kb(tile, 1));
             sb1_next_chunk = kOneScaleB ? sb0_next_chunk : ptx::ldg_float(sb_second + chunk_kb(tile, 1));
         }
+        // The wgmmas of one 64-row slice of a stage (wave 1: the second 128 rows of
+        // a 256-row tile), after reading that slice's A scales into `scales`.
+        auto issue_slice = [&](float(&part)[kAccRegs], BlockScales& scales, int32_t stage, int wave) {
+            const uint32_t sa_addr = sa_ring_addr + stage * (BLOCK_M * 4) + wave * (128 * 4);
+            scales.sa0 = ptx::lds_float(sa_addr);
+            scales.sa1 = ptx::lds_float(sa_addr + 8 * 4);
+            const uint32_t desc_a = desc_a_ring + stage * (kTileBytesA >> 4) + wave * (128 * BLOCK_K >> 4);
+            const uint32_t desc_b = desc_b_ring + stage * (kTileBytesB >> 4);
+#pragma unroll
+            for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
+            ptx::wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BLOCK_K / 32; ++kk)  // 32 fp8 = 32 bytes of the swizzled row
+                wgmma_m64k32(part, ptx::smem_desc(desc_a + kk * (32 >> 4)), ptx::smem_desc(desc_b + kk * (32 >> 4)),
+                             kk > 0);
+            ptx::wgmma_commit();
+        };
         auto issue = [&](float(&part)[kAccRegs], int32_t kb, BlockScales& scales) {
             const int32_t step = kb - kb_begin;
             if (kManyChunks && step % 32 == 0 && step > 0) {  // a new chunk: rotate, load the one after
@@ -417,20 +434,8 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
             scales.sb0 = __shfl_sync(0xffffffffu, sb0_chunk, step % 32);
             scales.sb1 = kOneScaleB ? scales.sb0 : __shfl_sync(0xffffffffu, sb1_chunk, step % 32);
             ptx::mbarrier_wait(&smem.full[ring.stage], ring.phase);
-            const uint32_t sa_addr = sa_ring_addr + ring.stage * (BLOCK_M * 4);
-            scales.sa0 = ptx::lds_float(sa_addr);
-            scales.sa1 = ptx::lds_float(sa_addr + 8 * 4);
             scales.stage = ring.stage;
-            const uint32_t desc_a = desc_a_ring + ring.stage * (kTileBytesA >> 4);
-            const uint32_t desc_b = desc_b_ring + ring.stage * (kTileBytesB >> 4);
-#pragma unroll
-            for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
-            ptx::wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < BLOCK_K / 32; ++kk)  // 32 fp8 = 32 bytes of the swizzled row
-                wgmma_m64k32(part, ptx::smem_desc(desc_a + kk * (32 >> 4)), ptx::smem_desc(desc_b + kk * (32 >> 4)),
-                             kk > 0);
-            ptx::wgmma_commit();
+            issue_slice(part, scales, ring.stage, 0);
             ring.advance();
         };
         auto release = [&](int32_t stage) {
@@ -517,19 +522,7 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
                 promote(acc[0], part, scales);
 #pragma unroll
                 for (int w = 1; w < kMWaves; ++w) {
-                    const uint32_t sa_addr = sa_ring_addr + scales.stage * (BLOCK_M * 4) + w * 128 * 4;
-                    scales.sa0 = ptx::lds_float(sa_addr);
-                    scales.sa1 = ptx::lds_float(sa_addr + 8 * 4);
-                    const uint32_t desc_a = desc_a_ring + scales.stage * (kTileBytesA >> 4) + w * (128 * BLOCK_K >> 4);
-                    const uint32_t desc_b = desc_b_ring + scales.stage * (kTileBytesB >> 4);
-#pragma unroll
-                    for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
-                    ptx::wgmma_fence();
-#pragma unroll
-                    for (int kk = 0; kk < BLOCK_K / 32; ++kk)
-                        wgmma_m64k32(part, ptx::smem_desc(desc_a + kk * (32 >> 4)),
-                                     ptx::smem_desc(desc_b + kk * (32 >> 4)), kk > 0);
-                    ptx::wgmma_commit();
+                    issue_slice(part, scales, scales.stage, w);
                     ptx::wgmma_wait<0>();
 #pragma unroll
                     for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
