@@ -170,14 +170,22 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
     long_narrow = m <= COMPUTE_BOUND_M and block_n <= 32 and ceil_div(k, BLOCK_K) >= 32
     # Compute-bound tiles over a long K split the tiles of their last, partial wave over K
     # (the kernel picks the split count from the wave arithmetic; split_k caps it). A split-
-    # capable kernel runs its whole tiles a few % slower (4096x4096x7168: 180 -> 191 us with
-    # no tile split) and a split tile pays a reduction, so it is used only where the last wave
-    # saves at least 10% of the rounds: 4096x2112x7168 -7%, 1000x2112x7168 -15%, 300x2112x7168
+    # capable kernel runs its whole tiles a few % slower (4096x4096x7168 in 128-row tiles: 177
+    # -> 185 us with no tile split) and a split tile pays a reduction, so it is used only where
+    # the last wave saves at least 10% of the rounds: 4096x2112x7168 -7%, 1000x2112x7168 -15%, 300x2112x7168
     # -9%; with K = 2048 it lost 9-10% (docs/perf-notes.md, section 13). Decode tiles are not
     # split: split tied at best there (section 12).
+    # A masked call's real group sizes stay on the GPU (m is only the expected rows per group),
+    # so whether its last wave is partial depends on the draw: its kernel can split, and the
+    # device splits whatever tail the real sizes leave. Over six draws each of the 1x1024,
+    # 2x512 and 4x256 4096x7168 cases: -5% to -12% on draws that spill into one more round,
+    # +1% to +4% on those that do not, -2% to -5% in total (section 17).
     split_k = 1
     rounds = ceil_div(ceil_div(m, block_m) * ceil_div(n, block_n), num_sms)   # of whole tiles
-    if m > COMPUTE_BOUND_M and layout != LAYOUT_MASKED and ceil_div(k, BLOCK_K) >= MIN_TAIL_SPLIT_K_BLOCKS:
+    long_k_compute_bound = m > COMPUTE_BOUND_M and ceil_div(k, BLOCK_K) >= MIN_TAIL_SPLIT_K_BLOCKS
+    if long_k_compute_bound and layout == LAYOUT_MASKED:
+        split_k = max_tail_splits(k)
+    elif long_k_compute_bound:
         splits = tail_splits(m, n, k, block_m, block_n, num_sms)
         full_waves = ceil_div(m, block_m) * ceil_div(n, block_n) // num_sms
         if splits > 1 and (1 - 1 / splits) / (full_waves + 1) >= MIN_TAIL_SPLIT_SAVING:

@@ -64,16 +64,19 @@ def main():
     ok &= check("contiguous g2", out[128:256],
                 a64[128:256] @ dequantize_rhs(rhs[0][2], rhs[1][2], dtype=torch.float64).T)
 
+    # Masked, expected M 100 (whole tiles) and 150 (compute-bound over K = 4096: the split-
+    # capable kernel, whose 6 tiles all fall in the last wave and are split over K).
     max_m = 192
     lhs = deep_gemm.per_token_cast_to_fp8(torch.randn(g, max_m, k, device="cuda", dtype=torch.bfloat16))
     masked_m = torch.tensor([0, 70, 192], device="cuda", dtype=torch.int32)
-    out = torch.zeros(g, max_m, n, device="cuda", dtype=torch.bfloat16)
-    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, 100)
     a64 = dequantize_lhs(*lhs, dtype=torch.float64)
-    for gi, rows in enumerate(masked_m.tolist()):
-        if rows:
-            ok &= check(f"masked g{gi}", out[gi, :rows],
-                        a64[gi, :rows] @ dequantize_rhs(rhs[0][gi], rhs[1][gi], dtype=torch.float64).T)
+    for expected_m in (100, 150):
+        out = torch.zeros(g, max_m, n, device="cuda", dtype=torch.bfloat16)
+        deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m)
+        for gi, rows in enumerate(masked_m.tolist()):
+            if rows:
+                ok &= check(f"masked e{expected_m} g{gi}", out[gi, :rows],
+                            a64[gi, :rows] @ dequantize_rhs(rhs[0][gi], rhs[1][gi], dtype=torch.float64).T)
     torch.cuda.synchronize()
     print("sanitizer sweep:", "ok" if ok else "WRONG")
     return 0 if ok else 1

@@ -40,30 +40,40 @@ def variants(base):
 def main():
     suites = sys.argv[1:] or ["masked", "contiguous"]
     timer = bench.Timer("cuda", 20)
-    original = grouped.plan_cached
     print(f"{'case':>28} {'variant':>12} {'us':>8} {'TFLOPS':>7} {'diff':>9}  config")
     for suite in suites:
         for build in bench.suite_cases(suite, quick=False, shapes=[]):
             problem = build("cuda")
-            base = original(*_plan_args(problem))
+            base = grouped.plan_cached(*_plan_args(problem))
             for name, cfg in variants(base):
-                grouped.plan_cached = lambda *args, cfg=cfg: cfg
-                grouped._contiguous_launches.clear()
-                grouped._masked_launches.clear()
                 try:
-                    fn = problem.peers["ours"]()
-                    problem.poison()
-                    diff = problem.check(fn())
-                    us, _ = timer.kernel_us(fn)
+                    us, diff = timed_with_plan(problem, timer, lambda *args, cfg=cfg: cfg)
                 except Exception as e:  # report and keep sweeping
                     print(f"{problem.label:>28} {name:>12} failed: {str(e)[:90]}")
                     continue
-                finally:
-                    grouped.plan_cached = original
                 print(f"{problem.label:>28} {name:>12} {us:8.1f} {problem.flops / us / 1e6:7.0f} {diff:9.1e}  "
                       f"{cfg.name}", flush=True)
             del problem
             torch.cuda.empty_cache()
+
+
+def timed_with_plan(problem, timer, plan_cached=None):
+    """(us, calc_diff) of our call on a bench problem, planned by `plan_cached` (a stand-in for
+    ops/grouped.py's plan_cached; None: the planner's own) and checked against float64."""
+    original = grouped.plan_cached
+    grouped.plan_cached = plan_cached or original
+    grouped._contiguous_launches.clear()
+    grouped._masked_launches.clear()
+    try:
+        fn = problem.peers["ours"]()
+        problem.poison()
+        diff = problem.check(fn())
+        us, _ = timer.kernel_us(fn)
+    finally:
+        grouped.plan_cached = original
+        grouped._contiguous_launches.clear()
+        grouped._masked_launches.clear()
+    return us, diff
 
 
 def _plan_args(problem):

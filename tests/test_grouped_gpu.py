@@ -119,6 +119,49 @@ def test_masked_matches_per_group_dense(g, max_m, expected_m, n, k):
     check_masked(lhs, rhs, out, masked_m)
 
 
+# Compute-bound masked calls over a long K run a split-capable kernel, which splits the tiles of
+# the last, partial wave that the real group sizes leave (on 132 SMs, N = 4096: 32 N blocks).
+# Partial M blocks in split tiles, and graph replays whose new sizes change the split count.
+MASKED_TAILS = [
+    [384, 129],        # 5 M blocks, 160 tiles: 132 whole + 28 tail tiles split 4 ways
+    [512, 129],        # 6 M blocks: 60 tail tiles split 2 ways
+    [640, 384],        # 8 M blocks: 124 tail tiles, no split
+    [640, 513, 0],     # 10 M blocks: 56 tail tiles split 2 ways, an empty group
+    [77, 1, 200],      # 4 M blocks, 128 tiles: all in the last wave, none split
+]
+
+
+@pytest.mark.parametrize("counts", MASKED_TAILS, ids=str)
+def test_masked_split_tail_matches_per_group_dense(counts):
+    from deep_gemm import plan
+    g, max_m, n, k, expected_m = len(counts), 640, 4096, 4352, 300
+    assert plan.plan_dense(expected_m, n, k, 132, layout=plan.LAYOUT_MASKED, num_groups=g).split_k > 1
+    lhs, rhs = masked_inputs(g, max_m, n, k)
+    masked_m = torch.tensor(counts, device="cuda", dtype=torch.int32)
+    out = torch.full((g, max_m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m)
+    check_masked(lhs, rhs, out, masked_m)
+
+
+def test_masked_split_tail_in_a_cuda_graph_with_changing_counts():
+    """The split count follows masked_m on every replay; each split tile's arrival counter is
+    reset by its last unit, so replays with other tails stay right."""
+    g, max_m, n, k, expected_m = 3, 640, 4096, 4352, 300
+    lhs, rhs = masked_inputs(g, max_m, n, k)
+    masked_m = torch.tensor([640, 513, 0], device="cuda", dtype=torch.int32)
+    out = torch.empty(g, max_m, n, device="cuda", dtype=torch.bfloat16)
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m)  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m)
+    for counts in ([384, 129, 0], [640, 640, 640], [1, 0, 300], [640, 513, 0]):
+        masked_m.copy_(torch.tensor(counts, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        check_masked(lhs, rhs, out, masked_m)
+
+
 def test_masked_cuda_graph_replay_with_new_counts():
     g, max_m, n, k = 6, 256, 2048, 1024
     lhs, rhs = masked_inputs(g, max_m, n, k)

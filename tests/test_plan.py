@@ -134,7 +134,8 @@ def test_narrow_long_k_decode_tiles_get_a_deep_pipelined_ring(m, n, k):
     (64, 2112, 7168, LAYOUT_DENSE),         # decode: split-K tied at best (perf-notes section 12)
     (1, 2112, 7168, LAYOUT_DENSE),
     (128, 2112, 7168, LAYOUT_DENSE),
-    (4096, 2112, 7168, LAYOUT_MASKED),      # the kernel does not split masked tiles at all
+    (64, 2112, 7168, LAYOUT_MASKED),        # masked decode-sized groups: memory-bound
+    (512, 7168, 2048, LAYOUT_MASKED),       # masked, K = 2048
     (4096, 7168, 16384, LAYOUT_DENSE),      # last wave 76 of 132 tiles: more than half full
     (4096, 4096, 7168, LAYOUT_DENSE),       # last wave 100 of 132
     (4096, 32768, 512, LAYOUT_DENSE),       # short K
@@ -160,6 +161,15 @@ def test_last_wave_of_compute_bound_tiles_is_split_over_k(m, n, k, layout, split
     c = plan_dense(m, n, k, 132, layout=layout, num_groups=4 if layout else 1)
     assert c.split_k == plan.max_tail_splits(k)
     assert plan.tail_splits(m, n, k, c.block_m, c.block_n, 132) == splits
+
+
+@pytest.mark.parametrize("expected_m,groups", [(1024, 1), (512, 2), (256, 4), (129, 8), (4096, 2)])
+def test_masked_long_k_compute_bound_kernels_can_split(expected_m, groups):
+    """The real group sizes are known only on the device, which splits whatever tail they leave:
+    every compute-bound masked kernel over a long K gets the split capability."""
+    c = plan_dense(expected_m, 4096, 7168, 132, layout=LAYOUT_MASKED, num_groups=groups)
+    assert c.split_k == plan.max_tail_splits(7168) > 1
+    assert c.block_m == 128
 
 
 def test_tail_splits_matches_the_device_scheduler():

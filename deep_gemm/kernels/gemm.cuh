@@ -346,10 +346,9 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
     };
     Scheduler scheduler(shape_m, group_info);
     constexpr bool kManyChunks = kNumKBlocks > 32;
-    // Lane's K block in chunk c of a tile's share of K (clamped into the share;
-    // an empty split share: its begin, which is still a K block).
-    auto chunk_kb = [&](const Tile& t, int32_t c) {
-        const int32_t begin = k_block_begin(t), end = k_block_end(t);
+    // Lane's K block in chunk c of K blocks [begin, end), a tile's share of K (clamped
+    // into the share; an empty split share: its begin, which is still a K block).
+    auto chunk_kb = [&](int32_t begin, int32_t end, int32_t c) {
         return max(begin, min(begin + c * 32 + int32_t(lane), end - 1));
     };
 
@@ -359,8 +358,9 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
     constexpr bool kLookAhead = !kManyChunks;
     auto first_chunk = [&](const Tile& t, float& sb0, float& sb1) {
         const BScaleRows rows = b_scale_rows(t);
-        sb0 = ptx::ldg_float(rows.first + chunk_kb(t, 0));
-        sb1 = kOneScaleB ? sb0 : ptx::ldg_float(rows.second + chunk_kb(t, 0));
+        const int32_t kb = chunk_kb(k_block_begin(t), k_block_end(t), 0);
+        sb0 = ptx::ldg_float(rows.first + kb);
+        sb1 = kOneScaleB ? sb0 : ptx::ldg_float(rows.second + kb);
     };
 
     RingCursor ring;
@@ -381,155 +381,169 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
         } else {
             first_chunk(tile, sb0_first_chunk, sb1_first_chunk);
         }
-        const BScaleRows sb_rows = b_scale_rows(tile);
-        const float* sb_first = sb_rows.first;
-        const float* sb_second = sb_rows.second;
-        const int32_t split = sb_rows.split;
-        const int32_t kb_begin = k_block_begin(tile), kb_end = k_block_end(tile);
+        // The tile's main loop. A split-capable kernel runs it in two forms: whole tiles
+        // with compile-time K bounds, exactly like a kernel without split-K, and split
+        // units with run-time ones (run-time bounds everywhere made whole tiles of such
+        // kernels a few % slower: docs/perf-notes.md, sections 13 and 17).
+        auto main_loop = [&](auto whole_tile) {
+            constexpr bool kWhole = decltype(whole_tile)::value;
+            const BScaleRows sb_rows = b_scale_rows(tile);
+            const float* sb_first = sb_rows.first;
+            const float* sb_second = sb_rows.second;
+            const int32_t split = sb_rows.split;
+            const int32_t kb_begin = kWhole ? 0 : k_block_begin(tile);
+            const int32_t kb_end = kWhole ? kNumKBlocks : k_block_end(tile);
 
 #pragma unroll
-        for (int w = 0; w < kMWaves; ++w)
+            for (int w = 0; w < kMWaves; ++w)
 #pragma unroll
-            for (int i = 0; i < kAccRegs; ++i) acc[w][i] = 0.f;
+                for (int i = 0; i < kAccRegs; ++i) acc[w][i] = 0.f;
 
-        // One K block: wait for its stage, read its scales, issue its 4 wgmmas
-        // into `part` (asynchronous), and later retire it: release the stage
-        // and promote `part` into `acc` with sa * sb.
-        struct BlockScales {
-            float sa0, sa1, sb0, sb1;  // A's rows r / r + 8; B's scale block 0 / 1
-            int32_t stage;
-        };
-        float sb0_chunk = sb0_first_chunk, sb1_chunk = sb1_first_chunk;
-        float sb0_next_chunk = 0.f, sb1_next_chunk = 0.f;
-        if (kManyChunks) {
-            sb0_next_chunk = ptx::ldg_float(sb_first + chunk_kb(tile, 1));
-            sb1_next_chunk = kOneScaleB ? sb0_next_chunk : ptx::ldg_float(sb_second + chunk_kb(tile, 1));
-        }
-        // The wgmmas of one 64-row slice of a stage (wave 1: the second 128 rows of
-        // a 256-row tile), after reading that slice's A scales into `scales`.
-        auto issue_slice = [&](float(&part)[kAccRegs], BlockScales& scales, int32_t stage, int wave) {
-            const uint32_t sa_addr = sa_ring_addr + stage * (BLOCK_M * 4) + wave * (128 * 4);
-            scales.sa0 = ptx::lds_float(sa_addr);
-            scales.sa1 = ptx::lds_float(sa_addr + 8 * 4);
-            const uint32_t desc_a = desc_a_ring + stage * (kTileBytesA >> 4) + wave * (128 * BLOCK_K >> 4);
-            const uint32_t desc_b = desc_b_ring + stage * (kTileBytesB >> 4);
-#pragma unroll
-            for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
-            ptx::wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < BLOCK_K / 32; ++kk)  // 32 fp8 = 32 bytes of the swizzled row
-                wgmma_m64k32(part, ptx::smem_desc(desc_a + kk * (32 >> 4)), ptx::smem_desc(desc_b + kk * (32 >> 4)),
-                             kk > 0);
-            ptx::wgmma_commit();
-        };
-        auto issue = [&](float(&part)[kAccRegs], int32_t kb, BlockScales& scales) {
-            const int32_t step = kb - kb_begin;
-            if (kManyChunks && step % 32 == 0 && step > 0) {  // a new chunk: rotate, load the one after
-                sb0_chunk = sb0_next_chunk;
-                sb1_chunk = sb1_next_chunk;
-                sb0_next_chunk = ptx::ldg_float(sb_first + chunk_kb(tile, step / 32 + 1));
-                sb1_next_chunk =
-                    kOneScaleB ? sb0_next_chunk : ptx::ldg_float(sb_second + chunk_kb(tile, step / 32 + 1));
+            // One K block: wait for its stage, read its scales, issue its 4 wgmmas
+            // into `part` (asynchronous), and later retire it: release the stage
+            // and promote `part` into `acc` with sa * sb.
+            struct BlockScales {
+                float sa0, sa1, sb0, sb1;  // A's rows r / r + 8; B's scale block 0 / 1
+                int32_t stage;
+            };
+            float sb0_chunk = sb0_first_chunk, sb1_chunk = sb1_first_chunk;
+            float sb0_next_chunk = 0.f, sb1_next_chunk = 0.f;
+            if (kManyChunks) {
+                const int32_t kb_next = chunk_kb(kb_begin, kb_end, 1);
+                sb0_next_chunk = ptx::ldg_float(sb_first + kb_next);
+                sb1_next_chunk = kOneScaleB ? sb0_next_chunk : ptx::ldg_float(sb_second + kb_next);
             }
-            scales.sb0 = __shfl_sync(0xffffffffu, sb0_chunk, step % 32);
-            scales.sb1 = kOneScaleB ? scales.sb0 : __shfl_sync(0xffffffffu, sb1_chunk, step % 32);
-            ptx::mbarrier_wait(&smem.full[ring.stage], ring.phase);
-            scales.stage = ring.stage;
-            issue_slice(part, scales, ring.stage, 0);
-            ring.advance();
-        };
-        auto release = [&](int32_t stage) {
-            if (CLUSTER_N == 1) {
-                if (lane == 0) ptx::mbarrier_arrive(&smem.empty[stage]);
-            } else if (lane < CLUSTER_N) {
-                ptx::mbarrier_signal_cluster(&smem.empty[stage], lane);
-            }
-        };
-        auto promote = [&](float(&acc)[kAccRegs], const float(&part)[kAccRegs], const BlockScales& scales) {
-            const float top0 = scales.sa0 * scales.sb0, top1 = scales.sa0 * scales.sb1;
-            const float bottom0 = scales.sa1 * scales.sb0, bottom1 = scales.sa1 * scales.sb1;
-#pragma unroll
-            for (int i = 0; i < BLOCK_N / 8; ++i) {
-                // split is a multiple of 16, so a whole 8-column group shares one scale.
-                const bool second = !kOneScaleB && i * 8 >= split;
-                const float top = second ? top1 : top0;
-                const float bottom = second ? bottom1 : bottom0;
-                acc[4 * i + 0] += part[4 * i + 0] * top;
-                acc[4 * i + 1] += part[4 * i + 1] * top;
-                acc[4 * i + 2] += part[4 * i + 2] * bottom;
-                acc[4 * i + 3] += part[4 * i + 3] * bottom;
-            }
-        };
-        auto retire = [&](float(&part)[kAccRegs], const BlockScales& scales) {
-#pragma unroll
-            for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
-            release(scales.stage);
-            promote(acc[0], part, scales);
-        };
-
-        if (kPipelinePromotion) {
-            // Two register tiles: block kb + 1's wgmmas run while block kb is promoted.
-            // Each half of the loop either issues the next block and retires this
-            // one, or (last block) waits for everything and leaves: with no path
-            // that skips an issue and goes on, ptxas can tell which wgmma group
-            // each wait<1> completes and keeps two in flight (other shapes of
-            // this loop made it inject waits, C7517, or serialise, C7514). The two
-            // halves are written out: folding them into one lambda changed ptxas'
-            // schedule (4096x32768x512 measured 141 -> 164 us in the run that tried it).
-            BlockScales scales0, scales1;
-            int32_t kb = kb_begin;
-            if (kb < kb_end) {
-                issue(part, kb, scales0);
-                while (true) {
-                    if (kb + 1 < kb_end) {
-                        issue(part_next, kb + 1, scales1);
-                        ptx::wgmma_wait<1>();
-                        retire(part, scales0);
-                    } else {
-                        ptx::wgmma_wait<0>();
-                        retire(part, scales0);
-                        break;
-                    }
-                    ++kb;
-                    if (kb + 1 < kb_end) {
-                        issue(part, kb + 1, scales0);
-                        ptx::wgmma_wait<1>();
-                        retire(part_next, scales1);
-                    } else {
-                        ptx::wgmma_wait<0>();
-                        retire(part_next, scales1);
-                        break;
-                    }
-                    ++kb;
-                }
-            }
-        } else if (kMWaves == 1) {
-            for (int32_t kb = kb_begin; kb < kb_end; ++kb) {
-                BlockScales scales;
-                issue(part, kb, scales);
-                ptx::wgmma_wait<0>();
-                retire(part, scales);
-            }
-        } else {
-            // Two waves per K block on one stage: wave 0's wgmmas are issued by issue(),
-            // wave 1's here; the stage is released once both have read it.
-            for (int32_t kb = kb_begin; kb < kb_end; ++kb) {
-                BlockScales scales;
-                issue(part, kb, scales);
-                ptx::wgmma_wait<0>();
+            // The wgmmas of one 64-row slice of a stage (wave 1: the second 128 rows of
+            // a 256-row tile), after reading that slice's A scales into `scales`.
+            auto issue_slice = [&](float(&part)[kAccRegs], BlockScales& scales, int32_t stage, int wave) {
+                const uint32_t sa_addr = sa_ring_addr + stage * (BLOCK_M * 4) + wave * (128 * 4);
+                scales.sa0 = ptx::lds_float(sa_addr);
+                scales.sa1 = ptx::lds_float(sa_addr + 8 * 4);
+                const uint32_t desc_a = desc_a_ring + stage * (kTileBytesA >> 4) + wave * (128 * BLOCK_K >> 4);
+                const uint32_t desc_b = desc_b_ring + stage * (kTileBytesB >> 4);
 #pragma unroll
                 for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
-                promote(acc[0], part, scales);
+                ptx::wgmma_fence();
 #pragma unroll
-                for (int w = 1; w < kMWaves; ++w) {
-                    issue_slice(part, scales, scales.stage, w);
+                for (int kk = 0; kk < BLOCK_K / 32; ++kk)  // 32 fp8 = 32 bytes of the swizzled row
+                    wgmma_m64k32(part, ptx::smem_desc(desc_a + kk * (32 >> 4)), ptx::smem_desc(desc_b + kk * (32 >> 4)),
+                                 kk > 0);
+                ptx::wgmma_commit();
+            };
+            auto issue = [&](float(&part)[kAccRegs], int32_t kb, BlockScales& scales) {
+                const int32_t step = kb - kb_begin;
+                if (kManyChunks && step % 32 == 0 && step > 0) {  // a new chunk: rotate, load the one after
+                    sb0_chunk = sb0_next_chunk;
+                    sb1_chunk = sb1_next_chunk;
+                    const int32_t kb_next = chunk_kb(kb_begin, kb_end, step / 32 + 1);
+                    sb0_next_chunk = ptx::ldg_float(sb_first + kb_next);
+                    sb1_next_chunk = kOneScaleB ? sb0_next_chunk : ptx::ldg_float(sb_second + kb_next);
+                }
+                scales.sb0 = __shfl_sync(0xffffffffu, sb0_chunk, step % 32);
+                scales.sb1 = kOneScaleB ? scales.sb0 : __shfl_sync(0xffffffffu, sb1_chunk, step % 32);
+                ptx::mbarrier_wait(&smem.full[ring.stage], ring.phase);
+                scales.stage = ring.stage;
+                issue_slice(part, scales, ring.stage, 0);
+                ring.advance();
+            };
+            auto release = [&](int32_t stage) {
+                if (CLUSTER_N == 1) {
+                    if (lane == 0) ptx::mbarrier_arrive(&smem.empty[stage]);
+                } else if (lane < CLUSTER_N) {
+                    ptx::mbarrier_signal_cluster(&smem.empty[stage], lane);
+                }
+            };
+            auto promote = [&](float(&acc)[kAccRegs], const float(&part)[kAccRegs], const BlockScales& scales) {
+                const float top0 = scales.sa0 * scales.sb0, top1 = scales.sa0 * scales.sb1;
+                const float bottom0 = scales.sa1 * scales.sb0, bottom1 = scales.sa1 * scales.sb1;
+#pragma unroll
+                for (int i = 0; i < BLOCK_N / 8; ++i) {
+                    // split is a multiple of 16, so a whole 8-column group shares one scale.
+                    const bool second = !kOneScaleB && i * 8 >= split;
+                    const float top = second ? top1 : top0;
+                    const float bottom = second ? bottom1 : bottom0;
+                    acc[4 * i + 0] += part[4 * i + 0] * top;
+                    acc[4 * i + 1] += part[4 * i + 1] * top;
+                    acc[4 * i + 2] += part[4 * i + 2] * bottom;
+                    acc[4 * i + 3] += part[4 * i + 3] * bottom;
+                }
+            };
+            auto retire = [&](float(&part)[kAccRegs], const BlockScales& scales) {
+#pragma unroll
+                for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
+                release(scales.stage);
+                promote(acc[0], part, scales);
+            };
+
+            if (kPipelinePromotion) {
+                // Two register tiles: block kb + 1's wgmmas run while block kb is promoted.
+                // Each half of the loop either issues the next block and retires this
+                // one, or (last block) waits for everything and leaves: with no path
+                // that skips an issue and goes on, ptxas can tell which wgmma group
+                // each wait<1> completes and keeps two in flight (other shapes of
+                // this loop made it inject waits, C7517, or serialise, C7514). The two
+                // halves are written out: folding them into one lambda changed ptxas'
+                // schedule (4096x32768x512 measured 141 -> 164 us in the run that tried it).
+                BlockScales scales0, scales1;
+                int32_t kb = kb_begin;
+                if (kb < kb_end) {
+                    issue(part, kb, scales0);
+                    while (true) {
+                        if (kb + 1 < kb_end) {
+                            issue(part_next, kb + 1, scales1);
+                            ptx::wgmma_wait<1>();
+                            retire(part, scales0);
+                        } else {
+                            ptx::wgmma_wait<0>();
+                            retire(part, scales0);
+                            break;
+                        }
+                        ++kb;
+                        if (kb + 1 < kb_end) {
+                            issue(part, kb + 1, scales0);
+                            ptx::wgmma_wait<1>();
+                            retire(part_next, scales1);
+                        } else {
+                            ptx::wgmma_wait<0>();
+                            retire(part_next, scales1);
+                            break;
+                        }
+                        ++kb;
+                    }
+                }
+            } else if (kMWaves == 1) {
+                for (int32_t kb = kb_begin; kb < kb_end; ++kb) {
+                    BlockScales scales;
+                    issue(part, kb, scales);
+                    ptx::wgmma_wait<0>();
+                    retire(part, scales);
+                }
+            } else {
+                // Two waves per K block on one stage: wave 0's wgmmas are issued by issue(),
+                // wave 1's here; the stage is released once both have read it.
+                for (int32_t kb = kb_begin; kb < kb_end; ++kb) {
+                    BlockScales scales;
+                    issue(part, kb, scales);
                     ptx::wgmma_wait<0>();
 #pragma unroll
                     for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
-                    if (w == kMWaves - 1) release(scales.stage);
-                    promote(acc[w], part, scales);
+                    promote(acc[0], part, scales);
+#pragma unroll
+                    for (int w = 1; w < kMWaves; ++w) {
+                        issue_slice(part, scales, scales.stage, w);
+                        ptx::wgmma_wait<0>();
+#pragma unroll
+                        for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
+                        if (w == kMWaves - 1) release(scales.stage);
+                        promote(acc[w], part, scales);
+                    }
                 }
             }
+        };
+        if (SPLIT_K == 1 || tile.num_splits == 1) {
+            main_loop(ptx::Constant<true>());
+        } else {
+            main_loop(ptx::Constant<false>());
         }
         if (SPLIT_K == 1 || tile.num_splits == 1 || reduce_split_k(acc[0], tile, smem, workspace, tile_counters)) {
 #pragma unroll

@@ -44,6 +44,12 @@ DG_DEVICE int32_t opaque(int32_t x) {
     return x;
 }
 
+// A bool as a type, to instantiate one generic lambda per value (no <type_traits>
+// under NVRTC).
+template <bool kValue> struct Constant {
+    static constexpr bool value = kValue;
+};
+
 // ---- registers -----------------------------------------------------------------
 template <uint32_t kRegs> DG_DEVICE void setmaxnreg_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));

@@ -32,14 +32,12 @@ struct Tile {
 // keeps S times more blocks busy for 1/S of the time. A tile's units are
 // consecutive, so they run at the same time on neighbouring blocks; the kernel
 // sums their partial results through a global workspace of at most G slots.
-// With fewer tiles than blocks (decode) every tile is in the tail.
+// With fewer tiles than blocks (decode) every tile is in the tail. Masked: T
+// counts the real groups' M blocks (masked_m, summed by every block at start).
 template <int kLayout, int kBlockM, int kBlockN, int kShapeN, int kNumGroups, int kRasterGroup, int kClusterN,
           int kSplitK>
 struct TileScheduler {
     static_assert(kSplitK == 1 || kClusterN == 1, "split-K and multicast clusters are exclusive");
-    // The masked layout would need the tile count over all groups on the device, and that
-    // state spilled registers in the consumers (checked with ptxas): not supported.
-    static_assert(kSplitK == 1 || kLayout != kMasked, "split-K: dense and contiguous layouts only");
     static constexpr int kNumNBlocks = (kShapeN + kBlockN - 1) / kBlockN;
     static constexpr int kNumNUnits = (kNumNBlocks + kClusterN - 1) / kClusterN;
 
@@ -68,7 +66,12 @@ struct TileScheduler {
         next_tile = blockIdx.x / kClusterN;
         if (kLayout == kMasked) cursor_m_blocks = masked_m_blocks(0);
         if (kSplitK > 1) {
-            const int32_t num_tiles = (shape_m + kBlockM - 1) / kBlockM * kNumNUnits;
+            int32_t num_m_blocks = (shape_m + kBlockM - 1) / kBlockM;
+            if (kLayout == kMasked) {  // the groups' real sizes: each block sums them once
+                num_m_blocks = 0;
+                for (int32_t g = 0; g < kNumGroups; ++g) num_m_blocks += masked_m_blocks(g);
+            }
+            const int32_t num_tiles = num_m_blocks * kNumNUnits;
             const int32_t tail = num_tiles % num_clusters;
             whole_tiles = num_tiles - tail;
             tail_splits = tail > 0 ? max(1, min(kSplitK, num_clusters / tail)) : 1;
