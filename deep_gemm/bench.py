@@ -595,8 +595,8 @@ def _parse_shape(text: str) -> tuple:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m deep_gemm bench", description=__doc__.splitlines()[0])
-    p.add_argument("--suite", choices=("dense", "contiguous", "masked", "all"), default="all",
-                   help="which layouts to run (default: all)")
+    p.add_argument("--suite", choices=("dense", "contiguous", "masked", "casts", "all"), default="all",
+                   help="which layouts to run, or the FP8 cast kernels (default: all of them)")
     p.add_argument("--shape", type=_parse_shape, action="append", default=[], metavar="MxNxK",
                    help="a dense shape to run instead of the ANCHORS.md ones (repeatable)")
     p.add_argument("--iters", type=int, default=None, help=f"calls timed per shape (default {DEFAULT_ITERS})")
@@ -640,7 +640,10 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda", torch.cuda.current_device())
     info = _device_info()
-    suites = ["dense"] if args.shape else (["dense", "contiguous", "masked"] if args.suite == "all" else [args.suite])
+    all_suites = ["dense", "contiguous", "masked", "casts"]
+    suites = ["dense"] if args.shape else (all_suites if args.suite == "all" else [args.suite])
+    run_casts = "casts" in suites
+    suites = [s for s in suites if s != "casts"]
     from .baselines import cublas_form, triton_available
     form, probe_log = cublas_form(device)
     print(f"{info['gpu']} ({info['sms']} SMs), torch {info['torch']}, CUDA {info['cuda']}, "
@@ -665,20 +668,33 @@ def main(argv=None) -> int:
             del problem
             torch.cuda.empty_cache()
 
-    print()
-    print_table(rows)
-    summary = summarise(rows)
-    print_summary(summary)
+    summary = None
+    if rows:
+        print()
+        print_table(rows)
+        summary = summarise(rows)
+        print_summary(summary)
+    cast_rows = []
+    if run_casts:
+        from .bench_cast import bench_casts
+        print()
+        cast_rows = bench_casts(iters=iters)
     with open(args.json, "w") as f:
         json.dump({"device": info, "iters": iters, "host_calls": HOST_CALLS, "flush_bytes": FLUSH_BYTES,
                    "flush": args.flush,
                    "ceilings": {"hbm_bytes_per_s": HBM_BYTES_PER_S, "fp8_flops_per_s": FP8_FLOPS_PER_S},
                    "cublaslt_form": form, "cublaslt_probe": probe_log,
-                   "rows": rows, "summary": summary}, f, indent=1)
+                   "rows": rows, "summary": summary, "casts": cast_rows}, f, indent=1)
     print(f"wrote {args.json}")
-    why = plot(rows, args.plot, f"{info['gpu']}: ours vs cuBLASLt vs Triton (FP8 1x128 / 128x128 scaling)")
-    print(f"wrote {args.plot}" if why is None else f"no plot: {why}")
-    return 0
+    if rows:
+        why = plot(rows, args.plot, f"{info['gpu']}: ours vs cuBLASLt vs Triton (FP8 1x128 / 128x128 scaling)")
+        print(f"wrote {args.plot}" if why is None else f"no plot: {why}")
+    # A wrong result of ours (or a cast that differs from the reference) fails the run.
+    wrong = [r["label"] for r in rows if r["peers"].get("ours", {}).get("status") in ("WRONG", "error")]
+    wrong += [r["name"] for r in cast_rows if not r["bit_identical"]]
+    if wrong:
+        print(f"wrong results: {', '.join(wrong)}", file=sys.stderr)
+    return 1 if wrong else 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ Each case: median over `iters` calls of the GPU time between two CUDA events aro
 (the inputs are hundreds of MB, far past the 50 MB L2, so no flush is needed), and the
 bandwidth counting the fewest bytes a cast must move: x read once, q and the scales written
 once. Host overhead is measured apart, on a small input: CPU time per call for calls issued
-back to back without synchronising.
+back to back without synchronising. Every case's output is compared bit for bit with the torch
+reference (deep_gemm.reference). `python -m deep_gemm bench` runs this after the GEMM suites
+(`--suite casts` alone).
 """
 from __future__ import annotations
 
@@ -15,9 +17,8 @@ import statistics
 
 import torch
 
-from .bench import host_overhead_us
+from .bench import HBM_BYTES_PER_S, host_overhead_us   # HBM: device copy on the H100 (read + write)
 
-HBM_BYTES_PER_S = 3.0e12    # device-to-device copy measured on the H100 (read + write)
 CASES = (
     # name, kind, shape, dtype
     ("per_token [16384, 7168]", "per_token", (16384, 7168), torch.bfloat16),
@@ -56,13 +57,19 @@ def bench_casts(iters: int = 50, warmup: int = 3, verbose: bool = True) -> list:
     """Time every case in CASES on the current GPU; return rows of
     {name, kind, shape, dtype, us, gbps, pct_of_hbm, host_us}."""
     import deep_gemm
+    from . import reference
 
-    casts = {"per_token": deep_gemm.per_token_cast_to_fp8, "per_block": deep_gemm.per_block_cast_to_fp8}
+    casts = {"per_token": (deep_gemm.per_token_cast_to_fp8, reference.per_token_cast_to_fp8),
+             "per_block": (deep_gemm.per_block_cast_to_fp8, reference.per_block_cast_to_fp8)}
     rows = []
     for name, kind, shape, dtype in CASES:
         x = torch.randn(shape, device="cuda", dtype=dtype)
-        fn = casts[kind]
-        for _ in range(warmup):      # compile, load, and settle the allocator
+        fn, ref = casts[kind]
+        q, s = fn(x)                 # compile and load; checked against the reference
+        q_ref, s_ref = ref(x)
+        exact = torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+        del q, s, q_ref, s_ref
+        for _ in range(warmup):      # settle the allocator
             fn(x)
         us = _gpu_us(lambda: fn(x), iters)
         small = torch.randn(HOST_SHAPE, device="cuda", dtype=dtype)
@@ -72,14 +79,17 @@ def bench_casts(iters: int = 50, warmup: int = 3, verbose: bool = True) -> list:
         gbps = moved / (us * 1e-6) / 1e9
         rows.append({"name": name, "kind": kind, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
                      "us": round(us, 1), "gbps": round(gbps, 1),
-                     "pct_of_hbm": round(100 * gbps * 1e9 / HBM_BYTES_PER_S, 1), "host_us": round(host, 1)})
+                     "pct_of_hbm": round(100 * gbps * 1e9 / HBM_BYTES_PER_S, 1), "host_us": round(host, 1),
+                     "bit_identical": exact})
         del x
         torch.cuda.empty_cache()
     if verbose:
-        print(f"{'cast':40} {'GPU us':>9} {'GB/s':>8} {'% of 3.0 TB/s':>14} {'host us':>8}"
+        print(f"{'cast':40} {'GPU us':>9} {'GB/s':>8} {'% of 3.0 TB/s':>14} {'host us':>8}  check"
               f"   (host: CPU time per call on {list(HOST_SHAPE)})")
         for r in rows:
-            print(f"{r['name']:40} {r['us']:9.1f} {r['gbps']:8.1f} {r['pct_of_hbm']:14.1f} {r['host_us']:8.1f}")
+            check = "bit-identical" if r["bit_identical"] else "DIFFERS from the reference"
+            print(f"{r['name']:40} {r['us']:9.1f} {r['gbps']:8.1f} {r['pct_of_hbm']:14.1f} {r['host_us']:8.1f}  "
+                  f"{check}")
     return rows
 
 

@@ -37,6 +37,12 @@ def test_bench_rejects_bad_shape():
     assert res.returncode == 2 and "MxNxK" in res.stderr
 
 
+def test_bench_suites_include_the_casts():
+    from deep_gemm.bench import build_parser
+    assert build_parser().parse_args(["--suite", "casts"]).suite == "casts"
+    assert build_parser().parse_args([]).suite == "all"
+
+
 def test_info_and_precompile_commands_do_not_crash():
     res = _run("info")
     assert res.returncode == 0, res.stderr
