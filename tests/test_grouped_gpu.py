@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import deep_gemm
+from deep_gemm import plan
 from deep_gemm.reference import calc_diff, dequantize_lhs, dequantize_rhs, rel_error
 
 pytestmark = pytest.mark.gpu
@@ -133,7 +134,6 @@ MASKED_TAILS = [
 
 @pytest.mark.parametrize("counts", MASKED_TAILS, ids=str)
 def test_masked_split_tail_matches_per_group_dense(counts):
-    from deep_gemm import plan
     g, max_m, n, k, expected_m = len(counts), 640, 4096, 4352, 300
     assert plan.plan_dense(expected_m, n, k, 132, layout=plan.LAYOUT_MASKED, num_groups=g).split_k > 1
     lhs, rhs = masked_inputs(g, max_m, n, k)
