@@ -326,10 +326,12 @@ def stages(real: bool, m: int = 128, n: int = 7168, k: int = 2048) -> None:
         parts["plan_cached"] = lambda: plan.plan_cached(m, n, k, num_sms)
     if hasattr(gemm_ops, "_dense_key"):
         from deep_gemm.runtime.launch import current_raw_stream
-        key = gemm_ops._dense_key(lhs, rhs, out)
-        launch = gemm_ops._dense_launches.get(key)
-        parts["launch key (the hit's validation)"] = lambda: gemm_ops._dense_key(lhs, rhs, out)
-        parts["key + cache lookup"] = lambda: gemm_ops._dense_launches.get(gemm_ops._dense_key(lhs, rhs, out))
+        key, tensors = gemm_ops._dense_key(lhs, rhs, out)
+        launch = gemm_ops._dense_launches.find(key, tensors)
+        guard = gemm_ops._dense_launches.get(key)[0][0]
+        parts["launch key (pointers, stream)"] = lambda: gemm_ops._dense_key(lhs, rhs, out)
+        parts["layout guard (the rest of the hit's validation)"] = lambda: guard(*tensors)
+        parts["key + lookup + guard"] = lambda: gemm_ops._dense_launches.find(*gemm_ops._dense_key(lhs, rhs, out))
         parts["current_raw_stream"] = lambda: current_raw_stream(0)
         if launch is not None:
             parts["PreparedLaunch.fire (cuLaunchKernelEx)"] = launch.fire

@@ -300,6 +300,53 @@ def test_dense_misses_on_any_pointer_shape_or_stride_change(fake):
         assert fake.launches[-1][4] != fake.launches[-2][4], name
 
 
+def test_dense_layouts_at_one_address_each_get_a_launch(fake, monkeypatch):
+    """A buffer viewed with different M (or strides) at the same address: one key, one guarded
+    launch per layout, each hit launching its own parameters without validating again; more
+    layouts than MAX_LAYOUTS_PER_KEY evict the oldest, which is then rebuilt, still right."""
+    lhs, rhs, out = dense_inputs(m=128)
+    (a, sa), (b, sb) = lhs, rhs
+    calls = []
+    for m in (128, 96, 64, 32, 16, 8):
+        sa_m = sa.as_strided((m, sa.shape[1]), (1, m)) if m < 128 else sa
+        calls.append(((a[:m], sa_m), rhs, out[:m]))
+    validated = []
+    check = gemm_ops.check_dense
+    monkeypatch.setattr(gemm_ops, "check_dense", lambda *args: validated.append(1) or check(*args))
+    for call in calls[:2] * 3:
+        deep_gemm.gemm_fp8_fp8_bf16_nt(*call)
+        assert fake.launches[-1][4] == uncached_dense_params(*call)
+    assert len(validated) == 2 and len(gemm_ops._dense_launches) == 1    # two layouts, one key
+    for call in calls:                                                   # six layouts: the first two go
+        deep_gemm.gemm_fp8_fp8_bf16_nt(*call)
+    key = gemm_ops._dense_key(*calls[0])[0]
+    assert len(gemm_ops._dense_launches.get(key)) == launch.MAX_LAYOUTS_PER_KEY
+    assert gemm_ops._dense_launches.find(key, gemm_ops._dense_key(*calls[0])[1]) is None
+    assert gemm_ops._dense_launches.find(key, gemm_ops._dense_key(*calls[-1])[1]) is not None
+    deep_gemm.gemm_fp8_fp8_bf16_nt(*calls[0])
+    assert fake.launches[-1][4] == uncached_dense_params(*calls[0])
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["TensorGuards", "python"])
+def test_layout_guard_checks_type_dtype_device_shape_strides(native, monkeypatch):
+    if not native:
+        monkeypatch.setattr(launch, "_TensorGuards", None)
+    elif launch._TensorGuards is None:
+        pytest.skip("this torch has no torch._C._dynamo.guards.TensorGuards")
+    x = torch.empty(64, 64)
+    guard = launch.layout_guard((x, torch.empty(8, dtype=torch.int32)))
+    ok = torch.empty(8, dtype=torch.int32)
+    assert guard(torch.empty(64, 64), ok)                                  # same layout, other data
+    assert not guard(torch.empty(64, 128)[:, :64], ok)                     # strides
+    assert not guard(torch.empty(64, 65)[:, :64], ok)
+    assert not guard(torch.empty(32, 64), ok)                              # shape
+    assert not guard(torch.empty(64, 64, dtype=torch.float16), ok)         # dtype
+    assert not guard(torch.empty(64, 64), torch.empty(8, dtype=torch.int64))
+    assert not guard(torch.nn.Parameter(torch.empty(64, 64), requires_grad=False), ok)   # type
+    assert not guard(torch.empty(64, 64, requires_grad=True), ok)
+    assert not guard(torch.empty(64, 64, device="meta"), ok)               # device
+
+
 def test_dense_cache_still_validates_dtype_and_num_sms(fake, monkeypatch):
     lhs, rhs, out = dense_inputs()
     deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
@@ -353,8 +400,8 @@ def test_launch_cache_is_bounded(fake, monkeypatch):
         deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, o)
         assert len(cache) <= 4
     assert len(cache) == 4
-    assert gemm_ops._dense_key(lhs, rhs, outs[-1]) in cache      # newest kept
-    assert gemm_ops._dense_key(lhs, rhs, outs[0]) not in cache    # oldest evicted
+    assert gemm_ops._dense_key(lhs, rhs, outs[-1])[0] in cache   # newest kept
+    assert gemm_ops._dense_key(lhs, rhs, outs[0])[0] not in cache  # oldest evicted
     deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, outs[0])             # evicted: rebuilt, still right
     assert fake.launches[-1][4] == uncached_dense_params(lhs, rhs, outs[0])
     with pytest.raises(ValueError):

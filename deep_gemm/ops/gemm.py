@@ -32,18 +32,17 @@ def pad_k_to_16(pair):
 # ---- launch cache ---------------------------------------------------------------------------
 # A call whose tensors have the same data pointers, shapes, strides, dtypes and devices as an
 # earlier call that passed validation, was planned and launched as it came (no tensor copied,
-# padded or staged), launches exactly the same kernel with exactly the same parameters: the key
-# below holds all of those, and the current stream (a prepared launch fires on the stream it was
-# prepared for, whose split-K workspace it uses). So on a hit the key doubles as the
-# validation, and the call is one dict lookup and one launch. Only plain tensors take part; any
-# other input (and any miss) goes the long way, which validates everything and names the culprit.
-# Devices enter as get_device() ints: torch.device objects cost more to fetch, hash and compare
-# than everything else in the key together. Methods are called unbound (one lookup fewer).
+# padded or staged), launches exactly the same kernel with exactly the same parameters. The
+# cache's key holds the pointers, the current stream (a prepared launch fires on the stream it
+# was prepared for, whose split-K workspace it uses) and the set_num_sms() value; each launch
+# under a key carries a guard on the rest (runtime/launch.py: torch's C++ TensorGuards). So on
+# a hit the key and the guard are the validation, and the call is a lookup, one guard check and
+# one launch. Only plain tensors take part; any other input (and any miss) goes the long way,
+# which validates everything and names the culprit. Methods are called unbound (one lookup fewer).
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 _BF16 = torch.bfloat16
 _dense_launches = LaunchCache()
 _ptr = torch.Tensor.data_ptr
-_strides = torch.Tensor.stride
 _device = torch.Tensor.get_device
 
 
@@ -68,7 +67,8 @@ def _sms_for_key(key, device: torch.device) -> int:
 
 
 def _dense_key(lhs, rhs, out):
-    """Everything a dense launch depends on, or None for a call that must take the long way."""
+    """(cache key, the call's five tensors) of a dense call, or None for a call that must take
+    the long way."""
     try:
         if type(lhs) is not tuple or type(rhs) is not tuple or len(lhs) != 2 or len(rhs) != 2:
             return None
@@ -77,13 +77,9 @@ def _dense_key(lhs, rhs, out):
         if not (type(a) in _PLAIN and type(sa) in _PLAIN and type(b) in _PLAIN and type(sb) in _PLAIN
                 and type(out) in _PLAIN):
             return None
-        device = _device(a)
-        return (_ptr(a), _ptr(sa), _ptr(b), _ptr(sb), _ptr(out),
-                a.shape, _strides(a), sa.shape, _strides(sa), b.shape, _strides(b), sb.shape, _strides(sb),
-                out.shape, _strides(out), a.dtype, sa.dtype, b.dtype, sb.dtype, out.dtype,
-                device, _device(sa), _device(b), _device(sb), _device(out),
-                current_raw_stream(device), _utils._num_sms_override)
-    except Exception:  # exotic tensors whose pointers or strides cannot be read: the long way
+        return ((_ptr(a), _ptr(sa), _ptr(b), _ptr(sb), _ptr(out), current_raw_stream(_device(a)),
+                 _utils._num_sms_override), (a, sa, b, sb, out))
+    except Exception:  # exotic tensors whose pointers cannot be read: the long way
         return None
 
 
@@ -112,9 +108,11 @@ def gemm_fp8_fp8_bf16_nt(lhs, rhs, out=None):
         return _library.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
     if out is None:
         out = _new_dense_out(lhs, rhs)
-    key = _dense_key(lhs, rhs, out)
-    if key is not None:
-        launch = _dense_launches.get(key)
+    key = tensors = None
+    hit = _dense_key(lhs, rhs, out)
+    if hit is not None:
+        key, tensors = hit
+        launch = _dense_launches.find(key, tensors)
         if launch is not None:
             launch.fire()
             return out
@@ -142,7 +140,7 @@ def gemm_fp8_fp8_bf16_nt(lhs, rhs, out=None):
     # (nothing padded, rebuilt or staged): then the key describes it fully.
     if (key is not None and not staged and a is lhs[0] and args.sa is lhs[1] and b is rhs[0]
             and args.sb is rhs[1] and args.out is out):
-        _dense_launches.put(key, launch)
+        _dense_launches.put(key, tensors, launch)
     if staged:
         args.out.copy_(target[:, :args.n])
     return result

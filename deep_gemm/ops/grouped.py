@@ -21,7 +21,7 @@ from ..plan import LAYOUT_CONTIGUOUS, LAYOUT_MASKED, M_ALIGNMENT_CONTIGUOUS, pla
 from ..runtime.launch import LaunchCache, current_raw_stream
 from ..validation import check_contiguous, check_masked
 from .device import runs_on_hopper
-from .gemm import _PLAIN, _device, _ptr, _runtime_kernels, _sms_for_key, _strides, pad_k_to_16
+from .gemm import _PLAIN, _device, _ptr, _runtime_kernels, _sms_for_key, pad_k_to_16
 from . import library as _library
 
 _is_compiling = _library.is_compiling
@@ -41,9 +41,9 @@ _masked_launches = LaunchCache()
 
 
 def _grouped_key(lhs, rhs, out, index, extra):
-    """Pointers, shapes, strides, dtypes and devices of the six tensors of a grouped call (index:
-    m_indices or masked_m), `extra` (an int the plan depends on), the current stream and the
-    set_num_sms() value; None for a call that must take the long way."""
+    """(cache key, the call's six tensors) of a grouped call (index: m_indices or masked_m; extra:
+    an int the plan depends on, part of the key), or None for a call that must take the long
+    way. See ops/gemm.py for what the key and the guards hold."""
     try:
         if type(lhs) is not tuple or type(rhs) is not tuple or len(lhs) != 2 or len(rhs) != 2:
             return None
@@ -54,14 +54,9 @@ def _grouped_key(lhs, rhs, out, index, extra):
         if not (type(a) in _PLAIN and type(sa) in _PLAIN and type(b) in _PLAIN and type(sb) in _PLAIN
                 and type(out) in _PLAIN and type(index) in _PLAIN and type(extra) is int):
             return None
-        device = _device(a)
-        return (_ptr(a), _ptr(sa), _ptr(b), _ptr(sb), _ptr(out), _ptr(index),
-                a.shape, _strides(a), sa.shape, _strides(sa), b.shape, _strides(b), sb.shape, _strides(sb),
-                out.shape, _strides(out), index.shape, _strides(index),
-                a.dtype, sa.dtype, b.dtype, sb.dtype, out.dtype, index.dtype,
-                device, _device(sa), _device(b), _device(sb), _device(out), _device(index),
-                extra, current_raw_stream(device), _utils._num_sms_override)
-    except Exception:  # exotic tensors whose pointers or strides cannot be read: the long way
+        return ((_ptr(a), _ptr(sa), _ptr(b), _ptr(sb), _ptr(out), _ptr(index), extra,
+                 current_raw_stream(_device(a)), _utils._num_sms_override), (a, sa, b, sb, out, index))
+    except Exception:  # exotic tensors whose pointers cannot be read: the long way
         return None
 
 
@@ -89,9 +84,11 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices, check_in
     """
     if _is_compiling():  # torch.compile / export: trace one custom op (ops/library.py)
         return _library.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices, check_indices)
-    key = _grouped_key(lhs, rhs, out, m_indices, 0)
-    if key is not None and not check_indices:
-        launch = _contiguous_launches.get(key)
+    key = tensors = None
+    hit = _grouped_key(lhs, rhs, out, m_indices, 0)
+    if hit is not None:
+        key, tensors = hit
+        launch = None if check_indices else _contiguous_launches.find(key, tensors)
         if launch is not None:
             launch.fire()
             return out
@@ -119,7 +116,7 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices, check_in
     # while args.b is alive cannot start at its address).
     if (key is not None and args.a is lhs[0] and args.sa is lhs[1] and args.b is rhs[0] and args.sb is rhs[1]
             and args.out is out and args.m_indices is m_indices and b.data_ptr() == args.b.data_ptr()):
-        _contiguous_launches.put(key, launch)
+        _contiguous_launches.put(key, tensors, launch)
     return out
 
 
@@ -130,9 +127,11 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m):
     """
     if _is_compiling():  # torch.compile / export: trace one custom op (ops/library.py)
         return _library.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m)
-    key = _grouped_key(lhs, rhs, out, masked_m, expected_m)
-    if key is not None:
-        launch = _masked_launches.get(key)
+    key = tensors = None
+    hit = _grouped_key(lhs, rhs, out, masked_m, expected_m)
+    if hit is not None:
+        key, tensors = hit
+        launch = _masked_launches.find(key, tensors)
         if launch is not None:
             launch.fire()
             return out
@@ -158,7 +157,7 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m):
     if (key is not None and not copied_out and args.a is lhs[0] and args.sa is lhs[1] and args.b is rhs[0]
             and args.sb is rhs[1] and args.out is out and args.masked_m is masked_m
             and a.data_ptr() == args.a.data_ptr() and b.data_ptr() == args.b.data_ptr()):
-        _masked_launches.put(key, launch)
+        _masked_launches.put(key, tensors, launch)
     if copied_out:
         args.out.copy_(target.view_as(args.out))
     return out
