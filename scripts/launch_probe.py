@@ -92,6 +92,14 @@ def main():
     rows.append(("k_big cuLaunchKernelEx (config reused)", loop_us(launch_ex)))
     rows.append(("k_big cuLaunchKernelEx, stream not reset", loop_us(
         lambda: cu.cuLaunchKernelEx(config, func, addr, 0))))
+    # cuLaunchKernelEx straight into libcuda through ctypes, on cuda-bindings' own config struct
+    # (getPtr) and with the four arguments made once as ctypes objects.
+    ex = lib.cuLaunchKernelEx
+    ex.restype = ctypes.c_int
+    ex.argtypes = [ctypes.c_void_p] * 4
+    config.hStream = side_obj
+    ex_args = (ctypes.c_void_p(config.getPtr()), ctypes.c_void_p(int(func)), ctypes.c_void_p(addr), None)
+    rows.append(("k_big ctypes cuLaunchKernelEx (prebuilt args)", loop_us(lambda: ex(*ex_args))))
     # One buffer through `extra` (CU_LAUNCH_PARAM_BUFFER_POINTER=1, _SIZE=2, _END=0).
     size = ctypes.c_size_t(552)
     extra = (ctypes.c_void_p * 5)(1, ctypes.addressof(big), 2, ctypes.addressof(size), 0)
