@@ -89,8 +89,8 @@ class KernelConfig:
     @property
     def name(self) -> str:
         return (f"gemm_{LAYOUT_NAMES[self.layout]}_n{self.n}_k{self.k}_g{self.num_groups}"
-                f"_bm{self.block_m}_bn{self.block_n}_s{self.num_stages}_r{self.raster_group}_c{self.cluster_n}_sk{self.split_k}_p{int(self.pipeline)}"
-                + ("_sb" if self.stream_b else ""))
+                f"_bm{self.block_m}_bn{self.block_n}_s{self.num_stages}_r{self.raster_group}"
+                f"_c{self.cluster_n}_sk{self.split_k}_p{int(self.pipeline)}" + ("_sb" if self.stream_b else ""))
 
 
 def store_chunk_cols(block_n: int) -> int:
@@ -143,8 +143,8 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
 
     Compute-bound M (> 128): 128 x 128 tiles with pipelined promotion, or 256 x 128
     tiles where they take (almost) no more rounds over a long (or very short) K.
-    Memory-bound M: the BLOCK_N that finishes in the fewest waves, weighting each tile by its columns plus a
-    fixed share (A's loads, promotion, epilogue) worth about 48 columns; narrow
+    Memory-bound M: the BLOCK_N that finishes in the fewest waves, weighting each tile by
+    its columns plus a fixed share (A's loads, promotion, epilogue) worth about 48 columns; narrow
     tiles over a long K get a deeper ring and pipelined promotion.  The
     rasterisation band narrows to 8 M blocks when N has few tiles.
     Deterministic; DG_PRINT_CONFIGS=1 prints the choice.
@@ -172,9 +172,9 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
     # (the kernel picks the split count from the wave arithmetic; split_k caps it). A split-
     # capable kernel runs its whole tiles a few % slower (4096x4096x7168 in 128-row tiles: 177
     # -> 185 us with no tile split) and a split tile pays a reduction, so it is used only where
-    # the last wave saves at least 10% of the rounds: 4096x2112x7168 -7%, 1000x2112x7168 -15%, 300x2112x7168
-    # -9%; with K = 2048 it lost 9-10% (docs/perf-notes.md, section 13). Decode tiles are not
-    # split: split tied at best there (section 12).
+    # the last wave saves at least 10% of the rounds: 4096x2112x7168 -7%, 1000x2112x7168 -15%,
+    # 300x2112x7168 -9%; with K = 2048 it lost 9-10% (docs/perf-notes.md, section 13). Decode
+    # tiles are not split: split tied at best there (section 12).
     # A masked call's real group sizes stay on the GPU (m is only the expected rows per group),
     # so whether its last wave is partial depends on the draw: its kernel can split, and the
     # device splits whatever tail the real sizes leave. Over six draws each of the 1x1024,

@@ -51,16 +51,15 @@ class PreparedLaunch:
     ever fired on the stream it was prepared for.
     """
 
-    __slots__ = ("kernel", "function", "grid", "num_threads", "smem_bytes", "device_index", "stream", "params",
+    __slots__ = ("kernel", "function", "grid", "num_threads", "smem_bytes", "stream", "params",
                  "_buffer", "address", "_config", "_launch")
 
-    def __init__(self, kernel, grid: int, device_index: int, params: bytes, offsets, stream: int):
+    def __init__(self, kernel, grid: int, params: bytes, offsets, stream: int):
         self.kernel = kernel             # keeps the module (and so `function`) alive
         self.function = kernel.function
         self.grid = grid
         self.num_threads = kernel.num_threads
         self.smem_bytes = kernel.smem_bytes
-        self.device_index = device_index
         self.stream = stream
         self.params = params
         # One buffer holds the parameters and, after them (8-byte aligned), the array of
