@@ -29,7 +29,7 @@ def variants(base):
         yield "bm64 bn128", dataclasses.replace(base, block_m=64, num_stages=plan.max_stages(64, 128))
         yield "bm64 bn160", dataclasses.replace(base, block_m=64, block_n=160, pipeline=False,
                                                num_stages=plan.max_stages(64, 160))
-        for raster in (4, 8, 16):
+        for raster in (4, 8, 16, 32):
             if raster != base.raster_group:
                 yield f"raster{raster}", dataclasses.replace(base, raster_group=raster)
     else:

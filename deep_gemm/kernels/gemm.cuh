@@ -249,11 +249,13 @@ DG_DEVICE void store_tile(const float (&acc)[kAccRegs], const Tile& tile, const 
 // the sum. Each unit's partial tile is one workspace slot, laid out as each
 // thread's accumulators in groups of four, thread-minor, so that every write
 // and read is a coalesced 16-byte access and a thread only ever reads back the
-// values it holds itself. Ordering: every thread fences its writes before the
-// math threads' barrier, after which one thread counts the unit in (release);
-// the last unit fences again before reading the other slots (acquire), through
-// L2 (.cg: never stale L1 lines). Summing in split order 0, 1, ... makes the
-// result independent of which unit comes last.
+// values it holds itself. Ordering: the math threads' barrier orders every
+// thread's writes before one thread's acquire-release count (cumulativity of
+// the PTX memory model, the pattern CUTLASS's split-K semaphores use: one GPU
+// fence per unit instead of one per thread); in the last unit the same count
+// acquires the other units' partials, which every thread then reads through L2
+// (.cg: never stale L1 lines) after the second barrier. Summing in split order
+// 0, 1, ... makes the result independent of which unit comes last.
 DG_DEVICE bool reduce_split_k(float (&acc)[kAccRegs], const Tile& tile, SharedStorage& smem, float* workspace,
                               int32_t* tile_counters) {
     const uint32_t t = threadIdx.x - 128;  // 0 .. kNumMathThreads
@@ -263,10 +265,9 @@ DG_DEVICE bool reduce_split_k(float (&acc)[kAccRegs], const Tile& tile, SharedSt
 #pragma unroll
     for (int i = 0; i < kAccRegs / 4; ++i)
         __stcg(mine + i * kNumMathThreads + t, make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]));
-    __threadfence();
     ptx::named_barrier(kSplitKBarrier, kNumMathThreads);
     if (t == 0) {
-        const bool last = atomicAdd(tile_counters + tile.tail_index, 1) == tile.num_splits - 1;
+        const bool last = ptx::atomic_add_acq_rel_gpu(tile_counters + tile.tail_index, 1) == tile.num_splits - 1;
         if (last) tile_counters[tile.tail_index] = 0;  // ready for the next launch (and CUDA graph replay)
         *smem.last_unit = last;
     }
@@ -277,7 +278,6 @@ DG_DEVICE bool reduce_split_k(float (&acc)[kAccRegs], const Tile& tile, SharedSt
     // shared-memory value made everything after it divergent, and the next
     // tiles' wgmma descriptors left the uniform registers: perf-notes 13).
     if (!__shfl_sync(0xffffffffu, *reinterpret_cast<volatile int32_t*>(smem.last_unit), 0)) return false;
-    __threadfence();
     // One split at a time, all of its loads in flight at once (a load per group
     // of four would wait out an L2 round trip each).
     float sum[kAccRegs];
@@ -352,10 +352,17 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
         return max(begin, min(begin + c * 32 + int32_t(lane), end - 1));
     };
 
-    // Looking one tile ahead pays with a short K (a tile's first scale load is
-    // then a large part of its time: +3-5% at K <= 2048) but not with a long one,
-    // where the extra live registers cost more (-4-7% at K = 7168/16384).
+    // Where the next tile (whose scheduling may read group sizes or expert indices)
+    // and its first scale chunk are fetched. With a short K, one tile ahead: that
+    // first load is then a large part of a tile's time (+3-5% at K <= 2048). With a
+    // long K, values live across the main loop cost more than they save (-4-7% at
+    // K = 7168/16384), so they are fetched after it: in contiguous kernels right
+    // after the main loop, where the chain of loads (the tile's expert index, then
+    // its B scales) overlaps the epilogue (+1.4-2.7% at K = 7168); in the others
+    // after the epilogue (the same move measured -1% to -1.5% on masked 4x256
+    // 4096x7168 and 64x7168x16384: docs/perf-notes.md, section 19).
     constexpr bool kLookAhead = !kManyChunks;
+    constexpr bool kFetchBeforeEpilogue = kManyChunks && LAYOUT == kContiguous;
     auto first_chunk = [&](const Tile& t, float& sb0, float& sb1) {
         const BScaleRows rows = b_scale_rows(t);
         const int32_t kb = chunk_kb(k_block_begin(t), k_block_end(t), 0);
@@ -367,7 +374,7 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
     Tile tile;
     bool has_tile = scheduler.next(tile);
     float sb0_first_chunk = 0.f, sb1_first_chunk = 0.f;
-    if (kLookAhead && has_tile) first_chunk(tile, sb0_first_chunk, sb1_first_chunk);
+    if ((kLookAhead || kFetchBeforeEpilogue) && has_tile) first_chunk(tile, sb0_first_chunk, sb1_first_chunk);
     float acc[kMWaves][kAccRegs];
     float part[kAccRegs];
     float part_next[kAccRegs];  // unused (and free) without pipelined promotion
@@ -375,10 +382,13 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
         Tile next_tile;
         bool has_next = false;
         float sb0_next_tile = 0.f, sb1_next_tile = 0.f;
-        if (kLookAhead) {
+        auto look_ahead = [&]() {
             has_next = scheduler.next(next_tile);
             if (has_next) first_chunk(next_tile, sb0_next_tile, sb1_next_tile);
-        } else {
+        };
+        if (kLookAhead) {
+            look_ahead();
+        } else if (!kFetchBeforeEpilogue) {
             first_chunk(tile, sb0_first_chunk, sb1_first_chunk);
         }
         // The tile's main loop. A split-capable kernel runs it in two forms: whole tiles
@@ -545,11 +555,12 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
         } else {
             main_loop(ptx::Constant<false>());
         }
+        if (kFetchBeforeEpilogue) look_ahead();
         if (SPLIT_K == 1 || tile.num_splits == 1 || reduce_split_k(acc[0], tile, smem, workspace, tile_counters)) {
 #pragma unroll
             for (int w = 0; w < kMWaves; ++w) store_tile(acc[w], tile, tma_out, smem.out, out, out_ld_bytes, w);
         }
-        if (!kLookAhead) has_next = scheduler.next(next_tile);
+        if (!kLookAhead && !kFetchBeforeEpilogue) has_next = scheduler.next(next_tile);
         tile = next_tile;
         has_tile = has_next;
         sb0_first_chunk = sb0_next_tile;

@@ -219,6 +219,15 @@ DG_DEVICE void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2,
                  : "memory");
 }
 
+// Adds v to a global counter at GPU scope with acquire-release semantics and returns the
+// old value: releases everything that happens-before it (other threads' writes included, when
+// a block barrier orders them first) and acquires what other blocks released the same way.
+DG_DEVICE int32_t atomic_add_acq_rel_gpu(int32_t* p, int32_t v) {
+    int32_t old;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(p), "r"(v) : "memory");
+    return old;
+}
+
 DG_DEVICE float ldg_float(const float* p) {
     float v;
     asm volatile("ld.global.nc.f32 %0, [%1];\n" : "=f"(v) : "l"(p));
