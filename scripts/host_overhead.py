@@ -54,7 +54,7 @@ class _FakeDriver:
 
     CUtensorMapDataType = CUtensorMapInterleave = CUtensorMapSwizzle = _AnyEnum()
     CUtensorMapL2promotion = CUtensorMapFloatOOBfill = _AnyEnum()
-    CUfunction_attribute = CUlaunchAttributeID = _AnyEnum()
+    CUfunction_attribute = CUlaunchAttributeID = CUstreamCaptureMode = _AnyEnum()
     cuuint64_t = cuuint32_t = CUstream = int
     _descriptor = (ctypes.c_uint8 * 128)()
 
@@ -91,6 +91,26 @@ class _FakeDriver:
     def cuLaunchKernelEx(self, *args):
         return (0,)
 
+    def cuStreamCreate(self, flags):
+        return 0, 1
+
+    def cuStreamBeginCapture(self, *args):
+        return (0,)
+
+    def cuStreamEndCapture(self, stream):
+        return 0, object()
+
+    def cuGraphInstantiate(self, graph, flags):
+        return 0, object()
+
+    def cuGraphLaunch(self, *args):
+        return (0,)
+
+    def cuGraphDestroy(self, *args):
+        return (0,)
+
+    cuStreamDestroy = cuGraphExecDestroy = cuGraphDestroy
+
     def cuGetErrorName(self, err):
         return 0, b"CUDA_ERROR_FAKE"
 
@@ -114,6 +134,7 @@ def install_mocks() -> None:
     try:
         from deep_gemm.runtime import launch
         launch._raw_stream_fn = lambda index: 0
+        launch._stream_capturing = lambda: False
     except ImportError:  # an older tree without runtime/launch.py
         pass
     torch.cuda.device = lambda index: contextlib.nullcontext()
@@ -334,7 +355,10 @@ def stages(real: bool, m: int = 128, n: int = 7168, k: int = 2048) -> None:
         parts["key + lookup + guard"] = lambda: gemm_ops._dense_launches.find(*gemm_ops._dense_key(lhs, rhs, out))
         parts["current_raw_stream"] = lambda: current_raw_stream(0)
         if launch is not None:
-            parts["PreparedLaunch.fire (cuLaunchKernelEx)"] = launch.fire
+            parts["PreparedLaunch.fire (a graph once fired twice)"] = launch.fire
+            if hasattr(launch, "_graph"):
+                parts["  its kernel launch (cuLaunchKernelEx)"] = lambda: launch._launch(
+                    launch._config, launch.function, launch.address, 0)
         parts["whole call (launch cache miss)"] = lambda: (_clear_launch_caches(),
                                                           deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out))
     if real:

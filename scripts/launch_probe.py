@@ -100,6 +100,42 @@ def main():
     config.hStream = side_obj
     ex_args = (ctypes.c_void_p(config.getPtr()), ctypes.c_void_p(int(func)), ctypes.c_void_p(addr), None)
     rows.append(("k_big ctypes cuLaunchKernelEx (prebuilt args)", loop_us(lambda: ex(*ex_args))))
+    # The same launch captured once into a CUDA graph, then replayed with cuGraphLaunch: would
+    # a graph per cached launch issue faster than the kernel launch itself?
+    config.hStream = side_obj
+    check(cu.cuStreamBeginCapture(side_obj, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL))
+    check(cu.cuLaunchKernelEx(config, func, addr, 0))
+    graph = check(cu.cuStreamEndCapture(side_obj))
+    graph_exec = check(cu.cuGraphInstantiate(graph, 0))
+    rows.append(("k_big cuGraphLaunch (1-kernel graph)", loop_us(lambda: cu.cuGraphLaunch(graph_exec, side_obj))))
+    def build_graph():
+        stream = check(cu.cuStreamCreate(1))
+        check(cu.cuStreamBeginCapture(stream, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED))
+        config.hStream = stream
+        check(cu.cuLaunchKernelEx(config, func, addr, 0))
+        built = check(cu.cuStreamEndCapture(stream))
+        made = check(cu.cuGraphInstantiate(built, 0))
+        check(cu.cuGraphDestroy(built))
+        check(cu.cuStreamDestroy(stream))
+        config.hStream = side_obj
+        return made
+    rows.append(("build a 1-kernel graph exec (capture)", loop_us(build_graph, n_iter=10, reps=5)))
+    rows.append(("torch._C._cuda_isCurrentStreamCapturing()", loop_us(torch._C._cuda_isCurrentStreamCapturing)))
+    rows.append(("cuStreamIsCapturing(side) cuda-bindings", loop_us(lambda: cu.cuStreamIsCapturing(side_obj))))
+    is_cap = lib.cuStreamIsCapturing
+    is_cap.restype = ctypes.c_int
+    is_cap.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    status = ctypes.c_int(0)
+    cap_args = (ctypes.c_void_p(side.cuda_stream), ctypes.byref(status))
+    rows.append(("ctypes cuStreamIsCapturing (prebuilt args)", loop_us(lambda: is_cap(*cap_args))))
+    errs = {int(cu.cuGraphLaunch(graph_exec, side_obj)[0]) for _ in range(10)}
+    torch.cuda.synchronize()
+    print("cuGraphLaunch return codes:", errs)
+    g_launch = lib.cuGraphLaunch
+    g_launch.restype = ctypes.c_int
+    g_launch.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    g_args = (ctypes.c_void_p(int(graph_exec)), ctypes.c_void_p(side.cuda_stream))
+    rows.append(("k_big ctypes cuGraphLaunch (prebuilt args)", loop_us(lambda: g_launch(*g_args))))
     # One buffer through `extra` (CU_LAUNCH_PARAM_BUFFER_POINTER=1, _SIZE=2, _END=0).
     size = ctypes.c_size_t(552)
     extra = (ctypes.c_void_p * 5)(1, ctypes.addressof(big), 2, ctypes.addressof(size), 0)

@@ -189,3 +189,44 @@ def test_capture_and_replay(case, stream_kind):
     graph.replay()
     torch.cuda.synchronize()
     verify(outputs)
+
+
+LAUNCH_CACHES = {"dense": "_dense_launches", "contiguous": "_contiguous_launches", "masked": "_masked_launches"}
+
+
+def _poison(outputs, case):
+    if case == "dense":   # the grouped cases' refresh() poisons their outputs
+        outputs.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("case", sorted(LAUNCH_CACHES))
+def test_cached_launch_graph_then_capture_on_the_same_stream(case):
+    """From its second identical call on, a cached launch also holds a one-kernel CUDA graph that
+    later calls launch instead of the kernel (runtime/launch.py). Every call must still compute
+    from its inputs' current contents, and capturing the same call on the same stream must launch
+    the kernel (a graph launched into a capturing stream would void the capture)."""
+    from deep_gemm.ops import gemm as gemm_ops, grouped as grouped_ops
+    run, refresh, verify = CASES[case]()
+    user = torch.cuda.Stream()
+    user.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(user):
+        outputs = run()
+        for _ in range(4):
+            refresh()
+            _poison(outputs, case)
+            assert run() is outputs
+            verify(outputs)
+    user.synchronize()
+    cache = getattr(gemm_ops if case == "dense" else grouped_ops, LAUNCH_CACHES[case])
+    prepared = [launch for entries in cache._entries.values() for _, launch in entries
+                if launch.stream == user.cuda_stream]
+    assert prepared and all(p._graph is not None for p in prepared), "no launch graph was built"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=user):
+        captured = run()
+    refresh()
+    _poison(captured, case)
+    torch.cuda.synchronize()
+    graph.replay()
+    torch.cuda.synchronize()
+    verify(captured)

@@ -78,7 +78,7 @@ class FakeDriver:
 
     CUtensorMapDataType = CUtensorMapInterleave = CUtensorMapSwizzle = _AnyEnum()
     CUtensorMapL2promotion = CUtensorMapFloatOOBfill = _AnyEnum()
-    CUfunction_attribute = CUlaunchAttributeID = _AnyEnum()
+    CUfunction_attribute = CUlaunchAttributeID = CUstreamCaptureMode = _AnyEnum()
     cuuint64_t = cuuint32_t = CUstream = int
 
     class CUlaunchConfig(types.SimpleNamespace):
@@ -86,8 +86,44 @@ class FakeDriver:
 
     def __init__(self):
         self.launches = []       # (grid, threads, smem, stream, parameter bytes)
+        self.graph_launches = 0  # how many of them came from cuGraphLaunch
         self.encodes = 0
+        self.fail_instantiate = False
         self._keep = []
+        self._capturing = {}     # private stream -> launches captured on it
+        self._next_stream = 1000
+
+    # Graphs, as far as PreparedLaunch uses them: a stream captures the launches made on it, an
+    # instantiated graph replays them (on the stream it is launched on) with the parameter bytes
+    # read at capture time, as the real driver copies them into the kernel node.
+    def cuStreamCreate(self, flags):
+        self._next_stream += 1
+        return 0, self._next_stream
+
+    def cuStreamDestroy(self, stream):
+        return (0,)
+
+    def cuStreamBeginCapture(self, stream, mode):
+        self._capturing[stream] = []
+        return (0,)
+
+    def cuStreamEndCapture(self, stream):
+        return 0, tuple(self._capturing.pop(stream))
+
+    def cuGraphInstantiate(self, graph, flags):
+        return (999, None) if self.fail_instantiate else (0, ("exec", graph))
+
+    def cuGraphDestroy(self, graph):
+        return (0,)
+
+    def cuGraphExecDestroy(self, graph_exec):
+        return (0,)
+
+    def cuGraphLaunch(self, graph_exec, stream):
+        for grid, threads, smem, _, data in graph_exec[1]:
+            self.launches.append((grid, threads, smem, stream, data))
+            self.graph_launches += 1
+        return (0,)
 
     def cuTensorMapEncodeTiled(self, *args):
         self.encodes += 1
@@ -112,7 +148,11 @@ class FakeDriver:
         # Read every parameter back through the pointer array, as the driver does.
         pointers = (ctypes.c_void_p * len(PARAM_SIZES)).from_address(params)
         data = b"".join(ctypes.string_at(p, size) for p, size in zip(pointers, PARAM_SIZES))
-        self.launches.append((config.gridDimX, config.blockDimX, config.sharedMemBytes, config.hStream, data))
+        record = (config.gridDimX, config.blockDimX, config.sharedMemBytes, config.hStream, data)
+        if config.hStream in self._capturing:
+            self._capturing[config.hStream].append(record)
+        else:
+            self.launches.append(record)
         return (0,)
 
     def cuGetErrorName(self, err):
@@ -134,6 +174,7 @@ def fake(monkeypatch):
     monkeypatch.setattr(kernels, "_loaded", {})
     monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(launch, "_stream_capturing", lambda: False)
     monkeypatch.setattr(utils, "device_sm_count", lambda index: 132)
     monkeypatch.setattr(utils, "_num_sms_override", None)
     monkeypatch.setattr(launch, "_raw_stream_fn", lambda index: 7)
@@ -416,6 +457,54 @@ def test_failed_launch_raises_and_is_not_cached(fake, monkeypatch):
     with pytest.raises(driver.CudaError):
         deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
     assert len(gemm_ops._dense_launches) == 0
+
+
+def test_repeated_launches_move_to_a_graph_with_the_same_parameters(fake):
+    lhs, rhs, out = dense_inputs()
+    for _ in range(5):
+        deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
+    # Two kernel launches (the miss, then the first hit, which builds the graph), then graphs.
+    assert len(fake.launches) == 5 and fake.graph_launches == 3
+    assert all(record == fake.launches[0] for record in fake.launches)
+    assert fake.launches[0][4] == uncached_dense_params(lhs, rhs, out)
+
+
+def test_no_graph_launch_or_build_while_the_stream_captures(fake, monkeypatch):
+    lhs, rhs, out = dense_inputs()
+    monkeypatch.setattr(launch, "_stream_capturing", lambda: True)
+    for _ in range(4):
+        deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
+    assert len(fake.launches) == 4 and fake.graph_launches == 0
+    # Once the capture is over, the next launch builds the graph and the one after uses it.
+    monkeypatch.setattr(launch, "_stream_capturing", lambda: False)
+    for _ in range(2):
+        deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
+    assert len(fake.launches) == 6 and fake.graph_launches == 1
+    # A graph built outside a capture is still not launched into a capturing stream.
+    monkeypatch.setattr(launch, "_stream_capturing", lambda: True)
+    deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
+    assert len(fake.launches) == 7 and fake.graph_launches == 1
+    assert all(record == fake.launches[0] for record in fake.launches)
+
+
+def test_a_graph_that_cannot_be_built_leaves_kernel_launches(fake):
+    lhs, rhs, out = dense_inputs()
+    fake.fail_instantiate = True
+    for _ in range(4):
+        deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
+    assert len(fake.launches) == 4 and fake.graph_launches == 0
+    assert all(record == fake.launches[0] for record in fake.launches)
+
+
+def test_a_graph_in_use_by_another_thread_is_not_launched_twice(fake):
+    lhs, rhs, out = dense_inputs()
+    for _ in range(3):
+        deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
+    assert fake.graph_launches == 1
+    prepared = gemm_ops._dense_launches.find(*gemm_ops._dense_key(lhs, rhs, out))
+    with prepared._graph_lock:        # as if another thread were inside cuGraphLaunch
+        deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
+    assert len(fake.launches) == 4 and fake.graph_launches == 1 and fake.launches[-1] == fake.launches[0]
 
 
 # ---------------------------------------------------------------------------------------------

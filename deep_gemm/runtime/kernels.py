@@ -91,7 +91,7 @@ def prepare_gemm(config: KernelConfig, a: torch.Tensor, a_rows: int, sa: torch.T
         counters_ptr, partials_ptr = split_k_workspace(a.device, stream, grid, config.split_k_workspace_floats(grid))
     params = pack_gemm_params(maps, sb.data_ptr(), out.data_ptr(), out.stride(-2) * 2, shape_m,
                               group_info.data_ptr() if group_info is not None else 0, partials_ptr, counters_ptr)
-    return PreparedLaunch(kernel, grid, params, GEMM_PARAM_OFFSETS, stream)
+    return PreparedLaunch(kernel, grid, params, GEMM_PARAM_OFFSETS, stream, device_index)
 
 
 def launch_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: torch.Tensor, sa_rows: int,
