@@ -131,6 +131,16 @@ def main():
     errs = {int(cu.cuGraphLaunch(graph_exec, side_obj)[0]) for _ in range(10)}
     torch.cuda.synchronize()
     print("cuGraphLaunch return codes:", errs)
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info()[0]
+    execs = [build_graph() for _ in range(500)]
+    for e in execs:   # first launch uploads the graph
+        cu.cuGraphLaunch(e, side_obj)
+    torch.cuda.synchronize()
+    per_exec = (free_before - torch.cuda.mem_get_info()[0]) / len(execs)
+    print(f"device memory per instantiated 1-kernel graph: {per_exec:.0f} bytes (500 graphs)")
+    for e in execs:
+        cu.cuGraphExecDestroy(e)
     g_launch = lib.cuGraphLaunch
     g_launch.restype = ctypes.c_int
     g_launch.argtypes = [ctypes.c_void_p, ctypes.c_void_p]

@@ -496,6 +496,23 @@ def test_a_graph_that_cannot_be_built_leaves_kernel_launches(fake):
     assert all(record == fake.launches[0] for record in fake.launches)
 
 
+def test_launch_graphs_stay_within_their_device_memory_budget(fake, monkeypatch):
+    import gc
+    monkeypatch.setattr(launch, "MAX_LAUNCH_GRAPHS", launch.live_graphs() + 1)
+    lhs, rhs, out = dense_inputs()
+    other = torch.empty_like(out)
+    for target in (out, other):
+        for _ in range(3):
+            deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, target)
+    assert fake.graph_launches == 1            # only the first call site got a graph
+    assert len(fake.launches) == 6 and all(r[4] == uncached_dense_params(lhs, rhs, t)
+                                           for r, t in zip(fake.launches, [out] * 3 + [other] * 3))
+    before = launch.live_graphs()
+    gemm_ops._dense_launches.clear()           # evicted entries give their graphs back
+    gc.collect()
+    assert launch.live_graphs() == before - 1
+
+
 def test_a_graph_in_use_by_another_thread_is_not_launched_twice(fake):
     lhs, rhs, out = dense_inputs()
     for _ in range(3):

@@ -17,6 +17,7 @@ launch itself. Nothing here imports the CUDA bindings at import time.
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
 import threading
 
@@ -46,6 +47,34 @@ def current_raw_stream(device_index: int) -> int:
 # Whether the current stream is capturing a CUDA graph (the C++ check behind
 # torch.cuda.is_current_stream_capturing, without its Python wrapper).
 _stream_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
+
+# An instantiated graph holds ~117 KB of device memory (scripts/launch_probe.py, H100), so at most
+# this many cached launches hold one at a time (~60 MB at the default 512, which covers every GEMM
+# call site of a DeepSeek-V3-sized model); the others launch their kernel directly. A graph is
+# freed with its cache entry. DG_LAUNCH_GRAPHS=0 turns launch graphs off.
+MAX_LAUNCH_GRAPHS = int(os.environ.get("DG_LAUNCH_GRAPHS", "512"))
+_live_graphs = 0
+_live_graphs_lock = threading.Lock()
+
+
+def _reserve_graph() -> bool:
+    global _live_graphs
+    with _live_graphs_lock:
+        if _live_graphs >= MAX_LAUNCH_GRAPHS:
+            return False
+        _live_graphs += 1
+        return True
+
+
+def _release_graph() -> None:
+    global _live_graphs
+    with _live_graphs_lock:
+        _live_graphs -= 1
+
+
+def live_graphs() -> int:
+    """How many cached launches hold an instantiated graph (tests, diagnostics)."""
+    return _live_graphs
 
 
 class PreparedLaunch:
@@ -128,6 +157,8 @@ class PreparedLaunch:
             if self._graph_fires < 0 or _stream_capturing():
                 return
             self._graph_fires = -1   # one attempt only
+            if not _reserve_graph():   # the budget is spent: this launch stays a kernel launch
+                return
             cu = driver()
             stream = graph = None
             try:
@@ -144,6 +175,8 @@ class PreparedLaunch:
             except Exception:   # no graph: the direct launch stays correct
                 self._graph = None
             finally:
+                if self._graph is None:
+                    _release_graph()
                 if graph is not None:
                     cu.cuGraphDestroy(graph)
                 if stream is not None:
@@ -152,6 +185,7 @@ class PreparedLaunch:
     def __del__(self):
         graph = getattr(self, "_graph", None)
         if graph is not None:
+            _release_graph()
             try:   # an exec still running is freed when it completes
                 driver().cuGraphExecDestroy(graph)
             except Exception:   # interpreter shutdown: the driver may be gone already
