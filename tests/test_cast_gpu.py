@@ -283,3 +283,48 @@ def test_empty_and_bad_inputs():
     with pytest.raises(TypeError, match="scales must be torch.float32"):
         cast.per_block_cast_into(x, torch.empty((8, 256), dtype=FP8, device="cuda"),
                                  torch.empty((1, 2), dtype=torch.float16, device="cuda"))
+
+
+@pytest.mark.parametrize("kind", ["per_token", "per_block"])
+def test_repeated_casts_through_the_launch_cache_then_capture(kind):
+    """Casts of the same x into the same outputs on the same stream hit the launch cache, and from
+    the third on go out as a one-kernel CUDA graph (runtime/launch.py): each must still read x's
+    current contents. A capture of the same cast on that stream then launches the kernel itself
+    (a graph cannot be launched into a capturing stream), and its replays read new data too."""
+    shape = (333, 7168) if kind == "per_token" else (3, 256, 1024)
+    into = cast.per_token_cast_into if kind == "per_token" else cast.per_block_cast_into
+    ref = reference.per_token_cast_to_fp8 if kind == "per_token" else reference.per_block_cast_to_fp8
+    x = make_x(shape, torch.bfloat16, seed=31)
+    s_shape = ref(x)[1].shape
+    q = torch.empty(shape, dtype=FP8, device="cuda")
+    s = torch.empty_strided(s_shape, token_scale_strides(s_shape) if kind == "per_token" else
+                            torch.empty(s_shape).stride(), dtype=torch.float32, device="cuda")
+
+    def check(seed):
+        x.copy_(make_x(shape, torch.bfloat16, seed=seed))
+        q.view(torch.uint8).fill_(0x7F)
+        s.fill_(float("nan"))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for seed in range(40, 44):
+            check(seed)
+            into(x, q, s)
+            q_ref, s_ref = ref(x)
+            assert_bits_equal(q, q_ref, f"q (call {seed - 39})")
+            assert_bits_equal(s, s_ref, f"scales (call {seed - 39})")
+    side.synchronize()
+    cached = [launch for entries in cast._launches._entries.values() for _, launch in entries
+              if launch.stream == side.cuda_stream]
+    assert cached and all(launch._graph is not None for launch in cached), "no launch graph was built"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        into(x, q, s)
+    check(50)
+    torch.cuda.synchronize()
+    graph.replay()
+    torch.cuda.synchronize()
+    q_ref, s_ref = ref(x)
+    assert_bits_equal(q, q_ref, "q (replay)")
+    assert_bits_equal(s, s_ref, "scales (replay)")
