@@ -38,8 +38,8 @@ _PARAM_OFFSETS = {kind: tuple(sum(ctypes.sizeof(t) for t in types[:i]) for i in 
 # Launch cache, as for the GEMMs (runtime/launch.py): a cast of the same x into outputs at the same
 # addresses (torch's caching allocator tends to hand the same blocks back call after call) on the
 # same stream and device is, from the third such call on, one lookup, one layout guard and one
-# launch (a CUDA graph from the fourth). The key's last element is the current device: only launches made with x's
-# device current are cached.
+# launch (a CUDA graph from the fourth). The key's last element is the current device: only
+# launches made with x's device current are cached.
 _launches = LaunchCache()
 _seen_once: dict = {}       # keys of casts launched once, without a cached launch yet
 _SEEN_ONCE_SIZE = 4096

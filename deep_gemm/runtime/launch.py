@@ -87,9 +87,9 @@ class PreparedLaunch:
     ever fired on the stream it was prepared for.
 
     A launch fired a second time is also captured into a one-kernel CUDA graph: cuGraphLaunch
-    of that graph costs the CPU 1.8-2.5 µs where cuLaunchKernelEx costs 4.2-5.0 (scripts/
-    launch_probe.py on two H100 machines), the driver having checked and packed everything at
-    instantiation (~26 µs, once). A graph
+    of that graph costs the CPU 1.6-2.5 µs where cuLaunchKernelEx costs 3.4-5.0 (scripts/
+    launch_probe.py on three H100 machines), the driver having checked and packed everything at
+    instantiation (19-26 µs, once; ~117 KB of device memory, within MAX_LAUNCH_GRAPHS). A graph
     cannot be launched into a stream that is itself capturing a graph (the driver refuses, and
     the capture is lost), so while the stream captures the kernel is launched as before, and so
     it is when another thread is launching the same graph (graph objects are not thread-safe).
