@@ -513,6 +513,25 @@ def test_launch_graphs_stay_within_their_device_memory_budget(fake, monkeypatch)
     assert launch.live_graphs() == before - 1
 
 
+def test_launch_graph_budget_from_the_environment(monkeypatch):
+    monkeypatch.delenv("DG_LAUNCH_GRAPHS", raising=False)
+    assert launch._launch_graphs_budget() == 512
+    monkeypatch.setenv("DG_LAUNCH_GRAPHS", " 0 ")
+    assert launch._launch_graphs_budget() == 0
+    for bad in ("abc", "-1", "1.5"):
+        monkeypatch.setenv("DG_LAUNCH_GRAPHS", bad)
+        with pytest.raises(ValueError, match="DG_LAUNCH_GRAPHS must be a non-negative integer"):
+            launch._launch_graphs_budget()
+
+
+def test_no_launch_graphs_with_a_zero_budget(fake, monkeypatch):
+    monkeypatch.setattr(launch, "MAX_LAUNCH_GRAPHS", 0)
+    lhs, rhs, out = dense_inputs()
+    for _ in range(4):
+        deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
+    assert len(fake.launches) == 4 and fake.graph_launches == 0
+
+
 def test_a_graph_in_use_by_another_thread_is_not_launched_twice(fake):
     lhs, rhs, out = dense_inputs()
     for _ in range(3):

@@ -52,7 +52,21 @@ _stream_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or
 # this many cached launches hold one at a time (~60 MB at the default 512, which covers every GEMM
 # call site of a DeepSeek-V3-sized model); the others launch their kernel directly. A graph is
 # freed with its cache entry. DG_LAUNCH_GRAPHS=0 turns launch graphs off.
-MAX_LAUNCH_GRAPHS = int(os.environ.get("DG_LAUNCH_GRAPHS", "512"))
+def _launch_graphs_budget() -> int:
+    value = os.environ.get("DG_LAUNCH_GRAPHS", "").strip()
+    if not value:
+        return 512
+    try:
+        budget = int(value)
+    except ValueError:
+        budget = -1
+    if budget < 0:
+        raise ValueError(f"DG_LAUNCH_GRAPHS must be a non-negative integer (0 turns launch graphs off), "
+                         f"got {value!r}")
+    return budget
+
+
+MAX_LAUNCH_GRAPHS = _launch_graphs_budget()
 _live_graphs = 0
 _live_graphs_lock = threading.Lock()
 
