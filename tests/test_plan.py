@@ -206,6 +206,7 @@ def test_other_decode_tiles_keep_the_default_ring(m, n, k):
 def test_raster_band_narrows_when_n_has_few_tiles(n, raster):
     c = plan_dense(4096, n, 7168, 132)
     assert c.block_m in (128, 256) and c.block_n == 128
+    assert c.pipeline == (c.block_m == 128)   # 256-row tiles run unpipelined
     assert c.raster_group == raster
 
 

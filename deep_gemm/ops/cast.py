@@ -16,7 +16,8 @@ from ..jit import compile_kernel
 from ..jit.cast_source import PER_BLOCK, PER_TOKEN, PER_TOKEN_THREADS, CastConfig, cast_source
 from ..runtime.driver import LoadedKernel
 from ..runtime.kernels import KernelNotReadyError, device_arch
-from ..runtime.launch import LaunchCache, PreparedLaunch
+from ..runtime.launch import LaunchCache, PreparedLaunch, current_raw_stream
+from .gemm import _PLAIN
 
 BLOCK = 128
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -42,8 +43,7 @@ _PARAM_OFFSETS = {kind: tuple(sum(ctypes.sizeof(t) for t in types[:i]) for i in 
 # launches made with x's device current are cached.
 _launches = LaunchCache()
 _seen_once: dict = {}       # keys of casts launched once, without a cached launch yet
-_SEEN_ONCE_SIZE = 4096
-_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+_SEEN_ONCE_SIZE = 4096     # when full it starts over: a forgotten key pays one more plain launch
 _current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 
 _loaded: dict = {}          # (kind, K, dtype name, vec, device index) -> LoadedKernel
@@ -117,7 +117,7 @@ def _launch_key(kind: str, x, q, scales):
         index = x.get_device()
         if index < 0:   # not a CUDA tensor
             return None
-        return (kind, x.data_ptr(), q.data_ptr(), scales.data_ptr(), _raw_stream(index), _current_device())
+        return (kind, x.data_ptr(), q.data_ptr(), scales.data_ptr(), current_raw_stream(index), _current_device())
     except Exception:   # exotic tensors whose pointers cannot be read
         return None
 
@@ -150,8 +150,9 @@ def _launch(kind: str, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, n
     kernel = _loaded.get((kind, k, _DTYPE_NAMES[rows.dtype], vec, device_index))
     if kernel is None:
         kernel = cast_kernel(CastConfig(kind, k, _DTYPE_NAMES[rows.dtype], vec), device_index)
-    stream = _raw_stream(device_index)
-    key = _launch_key(kind, x, q, scales) if rows is x and _current_device() == device_index else None
+    stream = current_raw_stream(device_index)
+    on_device = _current_device() == device_index
+    key = _launch_key(kind, x, q, scales) if rows is x and on_device else None
     # A cast seen for the second time gets a cached launch (building one costs ~7 µs more than
     # this plain launch, which a cast of never-repeating buffers would pay on every call).
     if key is not None and _seen_once.pop(key, False):
@@ -161,11 +162,8 @@ def _launch(kind: str, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, n
         _launches.put(key, (x, q, scales), prepared)
     else:
         if key is not None:
-            while len(_seen_once) >= _SEEN_ONCE_SIZE:
-                try:
-                    _seen_once.pop(next(iter(_seen_once)), None)   # the oldest
-                except (StopIteration, RuntimeError):   # another thread changed it meanwhile
-                    break
+            if len(_seen_once) >= _SEEN_ONCE_SIZE:
+                _seen_once.clear()
             _seen_once[key] = True
         pack = kernel.args()
         buffers = pack.buffers
@@ -175,21 +173,12 @@ def _launch(kind: str, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, n
         buffers[3].value = row_stride
         for i, value in enumerate(tail):
             buffers[4 + i].value = value
-        if _current_device() == device_index:
+        if on_device:
             kernel.launch(grid, stream, pack)
         else:   # the module lives in that device's context
             with torch.cuda.device(device_index):
                 kernel.launch(grid, stream, pack)
     launch_count += 1
-
-
-def _raw_stream(device_index: int) -> int:
-    """The current stream's cudaStream_t (torch's private accessor is ~20x cheaper than
-    torch.cuda.current_stream(); fall back to that where it is missing)."""
-    get = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if get is not None:
-        return get(device_index)
-    return torch.cuda.current_stream(device_index).cuda_stream
 
 
 def _check_input(x) -> None:
