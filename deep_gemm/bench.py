@@ -26,9 +26,12 @@ import torch
 
 # ---------------------------------------------------------------------------------------------
 # Ceilings, measured on the H100 of ANCHORS.md: device copy (read + write) and FP8 tensor cores.
+# On another GPU the copy is measured at the start of the run (hbm_ceiling); the FP8 rate is
+# kept, since the H200 and the H100 SXM share SMs, clocks and tensor cores.
 # ---------------------------------------------------------------------------------------------
 HBM_BYTES_PER_S = 3.0e12
 FP8_FLOPS_PER_S = 1.5e15
+ANCHORS_GPU = "H100"            # DeepGEMM's times ("vs DG") were measured on this GPU
 
 FLUSH_BYTES = 256 << 20         # more than the 50 MB L2, so nothing of the last call survives
 DEFAULT_ITERS = 50
@@ -42,6 +45,10 @@ PEER_TITLES = {"ours": "ours", "cublaslt": "cuBLASLt", "triton": "Triton"}
 # Shapes and DeepGEMM's numbers from ANCHORS.md (H100 80GB HBM3, torch 2.11, CUDA 13.0).
 # ---------------------------------------------------------------------------------------------
 DENSE_MS = (64, 128, 4096)
+# Shapes nobody lists (issue #3): M from 1 to past a power of two, N and K off the usual grid
+# (K = 1000 is not a multiple of 16 and is padded, N = 3000 is not a multiple of 128).
+ODD_MS = (1, 7, 64, 200, 333, 1000, 4097)
+ODD_NKS = ((2112, 7168), (3000, 1000))
 DENSE_NKS = ((7168, 576), (2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048))
 
 # (M, N, K) -> DeepGEMM µs
@@ -70,8 +77,31 @@ DEEPGEMM_MASKED = {
 }
 
 
-def roofline_floor_s(flops: float, nbytes: float) -> float:
-    return max(nbytes / HBM_BYTES_PER_S, flops / FP8_FLOPS_PER_S)
+def roofline_floor_s(flops: float, nbytes: float, hbm_bytes_per_s: float = HBM_BYTES_PER_S) -> float:
+    return max(nbytes / hbm_bytes_per_s, flops / FP8_FLOPS_PER_S)
+
+
+def hbm_ceiling(device) -> tuple:
+    """(bytes/s, source) of the floor's memory term on this GPU: ANCHORS.md's 3.0 TB/s on the
+    H100 it was measured on, else a device-to-device copy of 1 GiB timed here (read + write
+    bytes, median of 20), since an H200's HBM is ~1.4x faster and would inflate "% of floor"."""
+    name = torch.cuda.get_device_name(device)
+    if ANCHORS_GPU in name:
+        return HBM_BYTES_PER_S, f"ANCHORS.md ({ANCHORS_GPU})"
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(23):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if i >= 3:                               # warm-up
+            times.append(start.elapsed_time(end) * 1e-3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * (1 << 30) / statistics.median(times), "device copy of 1 GiB measured on this GPU"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +145,7 @@ def _diff(result, ref) -> float:
     return calc_diff(result, ref)
 
 
-def make_dense(m: int, n: int, k: int, device) -> Problem:
+def make_dense(m: int, n: int, k: int, device, suite: str = "dense") -> Problem:
     from .baselines import prepare_cublas, prepare_triton
     torch.manual_seed(m * 1_000_003 + n * 1009 + k)
     (a, sa), (b, sb) = _cast_pair(torch.randn(m, k, device=device, dtype=torch.bfloat16),
@@ -133,9 +163,9 @@ def make_dense(m: int, n: int, k: int, device) -> Problem:
         return call
 
     return Problem(
-        suite="dense", label=f"{m}x{n}x{k}", shape={"m": m, "n": n, "k": k},
+        suite=suite, label=f"{m}x{n}x{k}", shape={"m": m, "n": n, "k": k},
         flops=2.0 * m * n * k, nbytes=float(m * k + n * k + 2 * m * n),
-        deepgemm_us=DEEPGEMM_DENSE_US.get((m, n, k)), deepgemm_tflops=None,
+        deepgemm_us=DEEPGEMM_DENSE_US.get((m, n, k)) if suite == "dense" else None, deepgemm_tflops=None,
         peers={"ours": ours,
                "cublaslt": lambda: prepare_cublas(a, sa, b, sb),
                "triton": lambda: prepare_triton(a, sa, b, sb)},
@@ -252,6 +282,9 @@ def suite_cases(suite: str, quick: bool, shapes: List[tuple]) -> List[Callable]:
         else:
             mnks = [(m, n, k) for m in DENSE_MS for n, k in DENSE_NKS]
         return [lambda dev, s=s: make_dense(*s, dev) for s in mnks]
+    if suite == "odd":
+        mnks = [(m, n, k) for n, k in ODD_NKS for m in (ODD_MS[::3] if quick else ODD_MS)]
+        return [lambda dev, s=s: make_dense(*s, dev, suite="odd") for s in mnks]
     table = {"contiguous": (DEEPGEMM_CONTIGUOUS, make_contiguous), "masked": (DEEPGEMM_MASKED, make_masked)}
     keys, make = table[suite]
     keys = list(keys)[:2] if quick else list(keys)
@@ -369,8 +402,8 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
 
 
-def measure(problem: Problem, timer: Timer, peers=PEERS) -> dict:
-    floor_us = roofline_floor_s(problem.flops, problem.nbytes) * 1e6
+def measure(problem: Problem, timer: Timer, peers=PEERS, hbm_bytes_per_s: float = HBM_BYTES_PER_S) -> dict:
+    floor_us = roofline_floor_s(problem.flops, problem.nbytes, hbm_bytes_per_s) * 1e6
     row = {"suite": problem.suite, "label": problem.label, **problem.shape,
            "flops": problem.flops, "bytes": problem.nbytes, "floor_us": floor_us,
            "deepgemm_us": problem.deepgemm_us, "deepgemm_tflops": problem.deepgemm_tflops, "peers": {}}
@@ -408,13 +441,23 @@ def _geomean(values) -> Optional[float]:
     return math.exp(sum(map(math.log, values)) / len(values)) if values else None
 
 
-def summarise(rows: List[dict]) -> dict:
+def _floor_geomeans(rows: List[dict]) -> dict:
     summary = {}
     for peer in PEERS:
         ok = [r["peers"][peer] for r in rows if r["peers"].get(peer, {}).get("status") == "ok"]
         summary[peer] = {"rows": len(ok), "geomean_pct_floor": _geomean(e["pct_floor"] for e in ok)}
+    return summary
+
+
+def summarise(rows: List[dict]) -> dict:
+    """Geomeans over the ANCHORS.md suites; the odd shapes get their own (summary["odd"])."""
+    anchors = [r for r in rows if r["suite"] != "odd"]
+    summary = _floor_geomeans(anchors)
     summary["ours"]["geomean_speedup_vs_deepgemm"] = _geomean(
-        r.get("speedup_vs_deepgemm") for r in rows if r["peers"].get("ours", {}).get("status") == "ok")
+        r.get("speedup_vs_deepgemm") for r in anchors if r["peers"].get("ours", {}).get("status") == "ok")
+    odd = [r for r in rows if r["suite"] == "odd"]
+    if odd:
+        summary["odd"] = _floor_geomeans(odd)
     return summary
 
 
@@ -457,12 +500,16 @@ def print_table(rows: List[dict], out=None) -> None:
 def print_summary(summary: dict, out=None) -> None:
     out = out or sys.stdout
     parts = []
-    for peer in PEERS:
+    for peer in PEERS:   # the ANCHORS.md suites
         g = summary[peer]["geomean_pct_floor"]
         pct = "n/a" if g is None else f"{g:.0f}%"
         parts.append(f"{PEER_TITLES[peer]} {pct} of floor ({summary[peer]['rows']} correct rows)")
     sp = summary["ours"]["geomean_speedup_vs_deepgemm"]
     print("geomean: " + "; ".join(parts) + f"; ours vs DeepGEMM {_fmt(sp, '.2f')}x", file=out)
+    if "odd" in summary:
+        print("odd shapes, geomean: " + "; ".join(
+            f"{PEER_TITLES[peer]} {_fmt(summary['odd'][peer]['geomean_pct_floor'], '.0f')}% of floor "
+            f"({summary['odd'][peer]['rows']} correct rows)" for peer in PEERS), file=out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,7 +518,12 @@ def print_summary(summary: dict, out=None) -> None:
 def plot(rows: List[dict], path: str, title: str) -> Optional[str]:
     """TFLOPS and % of the roofline floor against M, one column per (N, K). Returns a reason
     when no plot was written."""
-    dense = [r for r in rows if r["suite"] == "dense"]
+    # Dense and odd rows share (N, K) columns; a shape in both is drawn once (the dense row).
+    by_shape = {}
+    for r in rows:
+        if r["suite"] in ("dense", "odd"):
+            by_shape.setdefault((r["m"], r["n"], r["k"]), r)
+    dense = list(by_shape.values())
     if not dense:
         return "no dense rows to plot"
     try:
@@ -494,8 +546,9 @@ def plot(rows: List[dict], path: str, title: str) -> Optional[str]:
         dg = [(r["m"], r["flops"] / r["deepgemm_us"] * 1e-6, 100 * r["floor_us"] / r["deepgemm_us"])
               for r in sel if r.get("deepgemm_us")]
         if dg:
-            axes[0][col].plot([d[0] for d in dg], [d[1] for d in dg], "--x", color="gray", label="DeepGEMM")
-            axes[1][col].plot([d[0] for d in dg], [d[2] for d in dg], "--x", color="gray", label="DeepGEMM")
+            axes[0][col].plot([d[0] for d in dg], [d[1] for d in dg], "--x", color="gray", label=f"DeepGEMM ({ANCHORS_GPU})")
+            axes[1][col].plot([d[0] for d in dg], [d[2] for d in dg], "--x", color="gray",
+                              label=f"DeepGEMM ({ANCHORS_GPU})")
         axes[0][col].set_title(f"N={n}, K={k}", fontsize=9)
         for ax in (axes[0][col], axes[1][col]):
             ax.set_xscale("log", base=2)
@@ -595,8 +648,9 @@ def _parse_shape(text: str) -> tuple:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m deep_gemm bench", description=__doc__.splitlines()[0])
-    p.add_argument("--suite", choices=("dense", "contiguous", "masked", "casts", "all"), default="all",
-                   help="which layouts to run, or the FP8 cast kernels (default: all of them)")
+    p.add_argument("--suite", choices=("dense", "odd", "contiguous", "masked", "casts", "all"), default="all",
+                   help="which layouts to run ('odd': dense shapes off the usual grid, M from 1 to 4097), "
+                        "or the FP8 cast kernels (default: all of them)")
     p.add_argument("--shape", type=_parse_shape, action="append", default=[], metavar="MxNxK",
                    help="a dense shape to run instead of the ANCHORS.md ones (repeatable)")
     p.add_argument("--iters", type=int, default=None, help=f"calls timed per shape (default {DEFAULT_ITERS})")
@@ -640,7 +694,7 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda", torch.cuda.current_device())
     info = _device_info()
-    all_suites = ["dense", "contiguous", "masked", "casts"]
+    all_suites = ["dense", "odd", "contiguous", "masked", "casts"]
     suites = ["dense"] if args.shape else (all_suites if args.suite == "all" else [args.suite])
     run_casts = "casts" in suites
     suites = [s for s in suites if s != "casts"]
@@ -654,13 +708,19 @@ def main(argv=None) -> int:
         print(f"  probe: {line}")
     if not triton_available():
         print("triton is not installed: the Triton column is n/a")
+    hbm, hbm_source = hbm_ceiling(device)
+    print(f"floor = max(bytes / {hbm / 1e12:.2f} TB/s ({hbm_source}), flops / {FP8_FLOPS_PER_S / 1e15:.1f} PFLOPS)")
+    cross_device = ANCHORS_GPU not in info["gpu"]
+    if cross_device:
+        print(f"note: DeepGEMM's times (vs DG) were measured on an {ANCHORS_GPU}, not on this {info['gpu']}: "
+              f"memory-bound rows compare across GPUs")
 
     timer = Timer(device, iters, flush=args.flush)
     rows = []
     for suite in suites:
         for build in suite_cases(suite, args.quick, args.shape):
             problem = build(device)
-            row = measure(problem, timer)
+            row = measure(problem, timer, hbm_bytes_per_s=hbm)
             rows.append(row)
             ours = row["peers"]["ours"]
             print(f"  {suite:<10} {problem.label:<24} ours {_fmt(ours.get('us'), '.1f', ours.get('status'))} µs",
@@ -678,11 +738,13 @@ def main(argv=None) -> int:
     if run_casts:
         from .bench_cast import bench_casts
         print()
-        cast_rows = bench_casts(iters=iters)
+        cast_rows = bench_casts(iters=iters, hbm_bytes_per_s=hbm)
     with open(args.json, "w") as f:
         json.dump({"device": info, "iters": iters, "host_calls": HOST_CALLS, "flush_bytes": FLUSH_BYTES,
                    "flush": args.flush,
-                   "ceilings": {"hbm_bytes_per_s": HBM_BYTES_PER_S, "fp8_flops_per_s": FP8_FLOPS_PER_S},
+                   "ceilings": {"hbm_bytes_per_s": hbm, "hbm_source": hbm_source,
+                                "fp8_flops_per_s": FP8_FLOPS_PER_S},
+                   "deepgemm_cross_device": cross_device,
                    "cublaslt_form": form, "cublaslt_probe": probe_log,
                    "rows": rows, "summary": summary, "casts": cast_rows}, f, indent=1)
     print(f"wrote {args.json}")

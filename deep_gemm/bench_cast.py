@@ -53,7 +53,8 @@ def _gpu_us(fn, iters: int) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(start, end)) * 1e3
 
 
-def bench_casts(iters: int = 50, warmup: int = 3, verbose: bool = True) -> list:
+def bench_casts(iters: int = 50, warmup: int = 3, verbose: bool = True,
+                hbm_bytes_per_s: float = HBM_BYTES_PER_S) -> list:
     """Time every case in CASES on the current GPU; return rows of
     {name, kind, shape, dtype, us, gbps, pct_of_hbm, host_us}."""
     import deep_gemm
@@ -79,12 +80,12 @@ def bench_casts(iters: int = 50, warmup: int = 3, verbose: bool = True) -> list:
         gbps = moved / (us * 1e-6) / 1e9
         rows.append({"name": name, "kind": kind, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
                      "us": round(us, 1), "gbps": round(gbps, 1),
-                     "pct_of_hbm": round(100 * gbps * 1e9 / HBM_BYTES_PER_S, 1), "host_us": round(host, 1),
+                     "pct_of_hbm": round(100 * gbps * 1e9 / hbm_bytes_per_s, 1), "host_us": round(host, 1),
                      "bit_identical": exact})
         del x
         torch.cuda.empty_cache()
     if verbose:
-        print(f"{'cast':40} {'GPU us':>9} {'GB/s':>8} {'% of 3.0 TB/s':>14} {'host us':>8}  check"
+        print(f"{'cast':40} {'GPU us':>9} {'GB/s':>8} {f'% of {hbm_bytes_per_s / 1e12:.1f} TB/s':>14} {'host us':>8}  check"
               f"   (host: CPU time per call on {list(HOST_SHAPE)})")
         for r in rows:
             check = "bit-identical" if r["bit_identical"] else "DIFFERS from the reference"

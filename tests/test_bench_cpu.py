@@ -99,3 +99,32 @@ def test_table_summary_and_plot_from_synthetic_rows(tmp_path, capsys):
         assert why is None and (tmp_path / "p.png").stat().st_size > 0
     except ImportError:
         assert why == "matplotlib is not installed"
+
+
+def test_roofline_floor_takes_the_gpus_copy_rate():
+    # An H200's measured copy rate shrinks the memory term; the compute term is unchanged.
+    m, n, k = 64, 2112, 7168
+    nbytes = m * k + n * k + 2 * m * n
+    assert bench.roofline_floor_s(2.0 * m * n * k, nbytes, 4.3e12) == pytest.approx(nbytes / 4.3e12)
+    m, n, k = 4096, 7168, 16384
+    assert bench.roofline_floor_s(2.0 * m * n * k, m * k + n * k + 2 * m * n, 4.3e12) * 1e6 == \
+        pytest.approx(641.4, abs=0.1)
+
+
+def test_odd_suite_shapes():
+    cases = bench.suite_cases("odd", quick=False, shapes=[])
+    assert len(cases) == len(bench.ODD_MS) * len(bench.ODD_NKS)
+    assert len(bench.suite_cases("odd", quick=True, shapes=[])) < len(cases)
+    assert min(bench.ODD_MS) == 1 and 64 in bench.ODD_MS       # M < 64 is compared with M = 64
+    assert any(k % 16 for _, k in bench.ODD_NKS) and any(n % 128 for n, _ in bench.ODD_NKS)
+
+
+def test_odd_rows_stay_out_of_the_anchors_geomeans(capsys):
+    anchors = [_row("64x2112x7168", 64, 2112, 7168, 10.0, dg=12.0)]
+    odd = dict(_row("7x2112x7168", 7, 2112, 7168, 50.0), suite="odd")
+    summary = bench.summarise(anchors + [odd])
+    assert summary == dict(bench.summarise(anchors), odd=summary["odd"])
+    assert summary["odd"]["ours"]["rows"] == 1
+    assert summary["odd"]["ours"]["geomean_pct_floor"] == pytest.approx(odd["peers"]["ours"]["pct_floor"])
+    bench.print_summary(summary)
+    assert "odd shapes, geomean" in capsys.readouterr().out
