@@ -123,7 +123,7 @@ def test_print_configs(monkeypatch, capsys):
     assert c.name in out
 
 
-@pytest.mark.parametrize("m,n,k", [(64, 2112, 7168), (1, 4096, 7168), (128, 2112, 4096)])
+@pytest.mark.parametrize("m,n,k", [(64, 2112, 7168), (24, 4096, 7168), (128, 2112, 4096)])
 def test_narrow_long_k_decode_tiles_get_a_deep_pipelined_ring(m, n, k):
     c = plan_dense(m, n, k, 132)
     assert c.block_n <= 32 and c.pipeline
@@ -132,7 +132,9 @@ def test_narrow_long_k_decode_tiles_get_a_deep_pipelined_ring(m, n, k):
 
 @pytest.mark.parametrize("m,n,k,layout", [
     (64, 2112, 7168, LAYOUT_DENSE),         # decode: split-K tied at best (perf-notes section 12)
-    (1, 2112, 7168, LAYOUT_DENSE),
+    (17, 2112, 7168, LAYOUT_DENSE),         # past TINY_M
+    (1, 7168, 2048, LAYOUT_DENSE),          # tiny M, short K: the split lost
+    (1, 7168, 16384, LAYOUT_DENSE),         # tiny M, 112 tiles of 64 columns: nothing to split
     (128, 2112, 7168, LAYOUT_DENSE),
     (64, 2112, 7168, LAYOUT_MASKED),        # masked decode-sized groups: memory-bound
     (512, 7168, 2048, LAYOUT_MASKED),       # masked, K = 2048
@@ -146,6 +148,15 @@ def test_narrow_long_k_decode_tiles_get_a_deep_pipelined_ring(m, n, k):
 ])
 def test_planner_does_not_split_k(m, n, k, layout):
     assert plan_dense(m, n, k, 132, layout=layout, num_groups=4 if layout else 1).split_k == 1
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 2112, 7168), (7, 2112, 7168), (16, 4096, 7168)])
+def test_tiny_m_over_a_long_k_splits_wider_tiles(m, n, k):
+    c = plan_dense(m, n, k, 132)
+    assert (c.block_m, c.block_n, c.split_k) == (64, plan.TINY_M_BLOCK_N, plan.MAX_SPLIT_K)
+    assert c.pipeline and c.stream_b and c.num_stages == plan.max_stages(64, plan.TINY_M_BLOCK_N, cap=32)
+    assert plan.tail_splits(m, n, k, 64, c.block_n, 132) > 1   # the device does split its tiles
+    assert not plan.tiny_m_splits(m, n, k, 132, plan.LAYOUT_MASKED)
 
 
 @pytest.mark.parametrize("m,n,k,layout,splits", [
