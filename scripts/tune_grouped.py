@@ -1,7 +1,10 @@
 """Development sweep: planner variants of the grouped GEMMs (ANCHORS cases) on the GPU.
 
     python scripts/tune_grouped.py [masked|contiguous ...]   (GROUPED_STREAM_ONLY=1: planner and
-                                                           B's L2 policy flipped, nothing else)
+                                                           B's L2 policy flipped, nothing else;
+                                                           GROUPED_CONFIGS="block_n=64;..." the
+                                                           planner and these variants only;
+                                                           GROUPED_PLANNER_ONLY=1 the planner alone)
 
 Builds each case exactly as `python -m deep_gemm bench` does (same random group sizes), then
 times the public function with the planner's config replaced field by field
@@ -15,10 +18,17 @@ import torch
 
 from deep_gemm import bench, plan
 from deep_gemm.ops import grouped
+from tune_sweep import parse_configs
 
 
 def variants(base):
     yield "planner", base
+    if os.environ.get("GROUPED_PLANNER_ONLY"):
+        return
+    if os.environ.get("GROUPED_CONFIGS"):   # explicit variants, as tune_sweep's SWEEP_CONFIGS
+        for name, changes in parse_configs(os.environ["GROUPED_CONFIGS"]):
+            yield name, dataclasses.replace(base, **changes)
+        return
     yield ("normal B" if base.stream_b else "stream B"), dataclasses.replace(base, stream_b=not base.stream_b)
     if os.environ.get("GROUPED_STREAM_ONLY"):   # just the L2 policy of B's loads, both ways
         return
