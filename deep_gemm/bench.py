@@ -45,11 +45,11 @@ PEER_TITLES = {"ours": "ours", "cublaslt": "cuBLASLt", "triton": "Triton"}
 # Shapes and DeepGEMM's numbers from ANCHORS.md (H100 80GB HBM3, torch 2.11, CUDA 13.0).
 # ---------------------------------------------------------------------------------------------
 DENSE_MS = (64, 128, 4096)
+DENSE_NKS = ((7168, 576), (2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048))
 # Shapes nobody lists (issue #3): M from 1 to past a power of two, N and K off the usual grid
 # (K = 1000 is not a multiple of 16 and is padded, N = 3000 is not a multiple of 128).
 ODD_MS = (1, 7, 64, 200, 333, 1000, 4097)
 ODD_NKS = ((2112, 7168), (3000, 1000))
-DENSE_NKS = ((7168, 576), (2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048))
 
 # (M, N, K) -> DeepGEMM µs
 DEEPGEMM_DENSE_US = {
@@ -546,9 +546,9 @@ def plot(rows: List[dict], path: str, title: str) -> Optional[str]:
         dg = [(r["m"], r["flops"] / r["deepgemm_us"] * 1e-6, 100 * r["floor_us"] / r["deepgemm_us"])
               for r in sel if r.get("deepgemm_us")]
         if dg:
-            axes[0][col].plot([d[0] for d in dg], [d[1] for d in dg], "--x", color="gray", label=f"DeepGEMM ({ANCHORS_GPU})")
-            axes[1][col].plot([d[0] for d in dg], [d[2] for d in dg], "--x", color="gray",
-                              label=f"DeepGEMM ({ANCHORS_GPU})")
+            for row, values in ((0, [d[1] for d in dg]), (1, [d[2] for d in dg])):
+                axes[row][col].plot([d[0] for d in dg], values, "--x", color="gray",
+                                    label=f"DeepGEMM ({ANCHORS_GPU})")
         axes[0][col].set_title(f"N={n}, K={k}", fontsize=9)
         for ax in (axes[0][col], axes[1][col]):
             ax.set_xscale("log", base=2)

@@ -85,7 +85,8 @@ def bench_casts(iters: int = 50, warmup: int = 3, verbose: bool = True,
         del x
         torch.cuda.empty_cache()
     if verbose:
-        print(f"{'cast':40} {'GPU us':>9} {'GB/s':>8} {f'% of {hbm_bytes_per_s / 1e12:.1f} TB/s':>14} {'host us':>8}  check"
+        pct_head = f"% of {hbm_bytes_per_s / 1e12:.1f} TB/s"
+        print(f"{'cast':40} {'GPU us':>9} {'GB/s':>8} {pct_head:>14} {'host us':>8}  check"
               f"   (host: CPU time per call on {list(HOST_SHAPE)})")
         for r in rows:
             check = "bit-identical" if r["bit_identical"] else "DIFFERS from the reference"

@@ -1,13 +1,15 @@
-"""Probe: does letting the promotion FFMAs yield help the compute-bound kernels?
+"""Probe: do the promotion FFMAs' yield and reuse bits matter for the compute-bound kernels?
 
 DeepGEMM reports gains from editing the SASS of its promotion FFMAs so that the warp scheduler may
 switch warps between them (the yield bit) and drops their register-reuse flags (a reuse cache is
 only valid if the same warp issues next). ptxas 13.0 already alternates yielding and non-yielding
-FFMAs in our main loops (docs/perf-notes.md, section 22); this probe clears the no-yield bit and the
-reuse flags of every FFMA in runs of 16 or more, loads the edited cubin in place of the normal one
-and times both, each checked against float64.
+FFMAs in our main loops. This probe edits every FFMA of a run of 16 or more (FFMA_MODES: "yield"
+lets all of them yield and drops their reuse flags, "noyield" lets none yield, "noyield_reuse" also
+marks the scale operand for reuse), loads each edited cubin in place of the normal one and times
+them all twice, each checked against float64. Results: docs/perf-notes.md, section 22 (ptxas'
+own interleave was the fastest).
 
-    python scripts/ffma_yield_probe.py [MxNxK ...]
+    FFMA_MODES=yield,noyield python scripts/ffma_yield_probe.py [MxNxK ...]
 """
 import os
 import struct
@@ -29,7 +31,7 @@ FFMA_OPCODE = 0x223                 # low 12 bits of an sm_90 FFMA R, R, R, R
 NO_YIELD_BIT = 1 << 45              # of the high 64-bit word (instruction bit 109)
 REUSE_BITS = 0xF << 58              # operand reuse flags (instruction bits 122-125)
 REUSE_B_BIT = 0x2 << 58             # reuse flag of operand b (the scale, in the promotion FFMAs)
-MODES = os.environ.get("FFMA_MODES", "noyield,noyield_reuse").split(",")
+MODES = os.environ.get("FFMA_MODES", "yield,noyield,noyield_reuse").split(",")
 SHAPES = ["4096x7168x16384", "4096x4096x7168", "4096x7168x2048", "4096x24576x1536", "4096x2112x7168",
           "4096x32768x512", "4096x7168x576", "128x7168x16384"]
 
