@@ -90,18 +90,25 @@ def hbm_ceiling(device) -> tuple:
         return HBM_BYTES_PER_S, f"ANCHORS.md ({ANCHORS_GPU})"
     src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    times = []
-    for i in range(23):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    for _ in range(3):                           # warm-up
         dst.copy_(src)
-        end.record()
-        end.synchronize()
-        if i >= 3:                               # warm-up
-            times.append(start.elapsed_time(end) * 1e-3)
+    us = gpu_event_us(lambda: dst.copy_(src), 20)
     del src, dst
     torch.cuda.empty_cache()
-    return 2 * (1 << 30) / statistics.median(times), "device copy of 1 GiB measured on this GPU"
+    return 2 * (1 << 30) / (us * 1e-6), "device copy of 1 GiB measured on this GPU"
+
+
+def gpu_event_us(fn, iters: int) -> float:
+    """Median GPU time of fn() in µs between two CUDA events, `iters` calls back to back (for
+    work far larger than L2, where no flush is needed)."""
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for i in range(iters):
+        start[i].record()
+        fn()
+        end[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(start, end)) * 1e3
 
 
 # ---------------------------------------------------------------------------------------------

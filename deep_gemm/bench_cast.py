@@ -13,11 +13,9 @@ reference (deep_gemm.reference). `python -m deep_gemm bench` runs this after the
 """
 from __future__ import annotations
 
-import statistics
-
 import torch
 
-from .bench import HBM_BYTES_PER_S, host_overhead_us   # HBM: device copy on the H100 (read + write)
+from .bench import HBM_BYTES_PER_S, gpu_event_us, host_overhead_us   # HBM: device copy on the H100 (read + write)
 
 CASES = (
     # name, kind, shape, dtype
@@ -42,17 +40,6 @@ def _moved_bytes(kind: str, x: torch.Tensor) -> int:
     return x.numel() * x.element_size() + x.numel() + 4 * num_scales
 
 
-def _gpu_us(fn, iters: int) -> float:
-    start = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    end = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    for i in range(iters):
-        start[i].record()
-        fn()
-        end[i].record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(start, end)) * 1e3
-
-
 def bench_casts(iters: int = 50, warmup: int = 3, verbose: bool = True,
                 hbm_bytes_per_s: float = HBM_BYTES_PER_S) -> list:
     """Time every case in CASES on the current GPU; return rows of
@@ -72,7 +59,7 @@ def bench_casts(iters: int = 50, warmup: int = 3, verbose: bool = True,
         del q, s, q_ref, s_ref
         for _ in range(warmup):      # settle the allocator
             fn(x)
-        us = _gpu_us(lambda: fn(x), iters)
+        us = gpu_event_us(lambda: fn(x), iters)
         small = torch.randn(HOST_SHAPE, device="cuda", dtype=dtype)
         fn(small)
         host = host_overhead_us(lambda: fn(small), HOST_CALLS)
