@@ -15,6 +15,7 @@ SMEM_CAPACITY = 232448             # bytes of dynamic shared memory per block on
 SMEM_RESERVED = 1024               # alignment slack for the 1024-byte aligned tiles
 M_ALIGNMENT_CONTIGUOUS = 128       # rows of one expert block in the contiguous layout
 MAX_PIPELINED_BLOCK_N = 128        # three fp32 register tiles fit the consumers' budget up to here
+SA_LOADER_MAX_BLOCK_N = 16         # A's scales by a loader warp up to this BLOCK_N (see plan_dense)
 
 LAYOUT_DENSE = 0
 LAYOUT_CONTIGUOUS = 1
@@ -41,6 +42,7 @@ class KernelConfig:
     split_k: int = 1            # >1: tiles of the last wave split into up to this many units over K
     pipeline: bool = True       # overlap block k+1's wgmma with block k's promotion (BLOCK_N <= 128)
     stream_b: bool = False      # B is read once: load it with an L2 evict-first policy
+    sa_loader_warp: bool = False  # A's scales copied by a producer warp (cp.async), not by TMA
     block_k: int = field(default=BLOCK_K)
 
     @property
@@ -84,13 +86,15 @@ class KernelConfig:
             "SPLIT_K": self.split_k,
             "PIPELINE_PROMOTION": int(self.pipeline and self.block_n <= MAX_PIPELINED_BLOCK_N),
             "STREAM_B": int(self.stream_b),
+            "SA_LOADER_WARP": int(self.sa_loader_warp),
         }
 
     @property
     def name(self) -> str:
         return (f"gemm_{LAYOUT_NAMES[self.layout]}_n{self.n}_k{self.k}_g{self.num_groups}"
                 f"_bm{self.block_m}_bn{self.block_n}_s{self.num_stages}_r{self.raster_group}"
-                f"_c{self.cluster_n}_sk{self.split_k}_p{int(self.pipeline)}" + ("_sb" if self.stream_b else ""))
+                f"_c{self.cluster_n}_sk{self.split_k}_p{int(self.pipeline)}" + ("_sb" if self.stream_b else "")
+                + ("_sl" if self.sa_loader_warp else ""))
 
 
 def store_chunk_cols(block_n: int) -> int:
@@ -146,8 +150,8 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
     Memory-bound M: the BLOCK_N that finishes in the fewest waves, weighting each tile by
     its columns plus a fixed share (A's loads, promotion, epilogue) worth about 48 columns; narrow
     tiles over a long K get a deeper ring and pipelined promotion; at most 16 rows over a long K
-    take 64 x 64 tiles split over K instead (tiny_m_splits).  The
-    rasterisation band narrows to 8 M blocks when N has few tiles.
+    take 64 x 64 tiles split over K instead (tiny_m_splits); dense 16-column tiles copy A's
+    scales with a loader warp.  The rasterisation band narrows to 8 M blocks when N has few tiles.
     Deterministic; DG_PRINT_CONFIGS=1 prints the choice.
     """
     block_m = 64 if m <= 64 else 128
@@ -207,10 +211,17 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
     # of N: +3-6% on 4096 x {2112, 4096, 7168} x K), 16 for very wide N (8 lost 5% on
     # 4096x32768x512); docs/perf-notes.md, section 10.
     raster_group = 8 if ceil_div(n, block_n) <= 64 else 16
+    # The narrowest dense tiles (BLOCK_N = 16, decode) stream so few bytes per stage that the
+    # producer thread's TMA operations set the pace: their A scales come from a loader warp
+    # instead (64x2112x7168 11.3 -> 10.2 us, 128x2112x7168 12.4 -> 11.9). Wider tiles lost 1-9%
+    # with it; grouped calls rarely get 16-column tiles and were not measured on them
+    # (docs/perf-notes.md, section 23).
+    sa_loader_warp = layout == LAYOUT_DENSE and block_n <= SA_LOADER_MAX_BLOCK_N
     config = KernelConfig(n=n, k=k, block_m=block_m, block_n=block_n,
                           num_stages=max_stages(block_m, block_n, cap=32 if long_narrow else 8),
                           layout=layout, num_groups=num_groups, raster_group=raster_group, split_k=split_k,
-                          pipeline=(m > COMPUTE_BOUND_M or long_narrow) and block_m != 256, stream_b=stream_b)
+                          pipeline=(m > COMPUTE_BOUND_M or long_narrow) and block_m != 256, stream_b=stream_b,
+                          sa_loader_warp=sa_loader_warp)
     if os.environ.get("DG_PRINT_CONFIGS"):
         print(f"deep_gemm: M={m} N={n} K={k} -> {config.name} ({config.smem_bytes} B smem)")
     return config

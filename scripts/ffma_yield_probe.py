@@ -93,7 +93,7 @@ def main():
         out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
 
         def call():
-            launch_gemm(cfg, a=a[0], a_rows=m, sa=a[1], sa_rows=m, sa_cols=a[1].shape[-1], b=b[0], b_rows=n,
+            launch_gemm(cfg, a=a[0], a_rows=m, sa=a[1], sa_rows=m, b=b[0], b_rows=n,
                         sb=b[1], out=out, out_rows=m, shape_m=m, group_info=None, num_sms=132)
         normal = kernels.gemm_kernel(cfg, 0)
         compiled = compile_kernel(gemm_source(cfg), GEMM_KERNEL_NAME, arch="sm_90a", name=cfg.name)

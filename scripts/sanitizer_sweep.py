@@ -37,16 +37,19 @@ def main():
 
     # Forced variants. Split-K: partial tiles through the workspace, and shares with no K block
     # at all. 256-row tiles (two waves per warpgroup): a partial second M block, > 32 K blocks.
+    # The last two copy A's scales with the loader warp (cp.async, zero-filled past M).
     for m, n, k, changes in [(64, 2112, 1024, dict(block_n=64, split_k=4)), (77, 512, 384, dict(block_n=32, split_k=5)),
                              (1000, 2112, 2048, dict(block_n=128, split_k=4)),
-                             (300, 384, 4352, dict(block_m=256, block_n=128, pipeline=False))]:
+                             (300, 384, 4352, dict(block_m=256, block_n=128, pipeline=False)),
+                             (77, 512, 4352, dict(block_n=16, sa_loader_warp=True)),
+                             (300, 384, 1024, dict(block_m=256, block_n=128, pipeline=False, sa_loader_warp=True))]:
         lhs = deep_gemm.per_token_cast_to_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
         rhs = deep_gemm.per_block_cast_to_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
         base = plan.plan_dense(m, n, k, deep_gemm.get_num_sms())
         config = dataclasses.replace(base, **{"split_k": 1, **changes})
         config = dataclasses.replace(config, num_stages=plan.max_stages(config.block_m, config.block_n))
         out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-        launch_gemm(config, a=lhs[0], a_rows=m, sa=lhs[1], sa_rows=m, sa_cols=lhs[1].shape[-1], b=rhs[0],
+        launch_gemm(config, a=lhs[0], a_rows=m, sa=lhs[1], sa_rows=m, b=rhs[0],
                     b_rows=n, sb=rhs[1], out=out, out_rows=m, shape_m=m, group_info=None,
                     num_sms=deep_gemm.get_num_sms())
         ref = dequantize_lhs(*lhs, dtype=torch.float64) @ dequantize_rhs(*rhs, dtype=torch.float64).T

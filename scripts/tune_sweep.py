@@ -78,7 +78,7 @@ def main():
         out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         for name, cfg in variants(m, n, k):
             def call():
-                launch_gemm(cfg, a=a[0], a_rows=m, sa=a[1], sa_rows=m, sa_cols=a[1].shape[-1], b=b[0], b_rows=n,
+                launch_gemm(cfg, a=a[0], a_rows=m, sa=a[1], sa_rows=m, b=b[0], b_rows=n,
                             sb=b[1], out=out, out_rows=m, shape_m=m, group_info=None, num_sms=132)
             try:
                 out.fill_(float("nan"))

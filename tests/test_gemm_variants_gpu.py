@@ -23,7 +23,7 @@ def _inputs(m, n, k):
 
 def _launch(config, lhs, rhs, out, num_sms=None):
     m = lhs[0].shape[0]
-    launch_gemm(config, a=lhs[0], a_rows=m, sa=lhs[1], sa_rows=m, sa_cols=lhs[1].shape[-1], b=rhs[0],
+    launch_gemm(config, a=lhs[0], a_rows=m, sa=lhs[1], sa_rows=m, b=rhs[0],
                 b_rows=rhs[0].shape[0], sb=rhs[1], out=out, out_rows=m, shape_m=m, group_info=None,
                 num_sms=num_sms or deep_gemm.get_num_sms())
 
@@ -43,10 +43,16 @@ def _launch(config, lhs, rhs, out, num_sms=None):
     (513, 1000, 384, dict(block_m=256, block_n=64)),          # narrow tiles, partial N block
     (1, 256, 128, dict(block_m=256, block_n=128)),            # one row of one tile
     (300, 1001, 4352, dict(block_m=256, block_n=128)),        # odd N: the last column stored alone
+    # A's scales by the loader warp (cp.async, zero-filled past M) on other tiles than BLOCK_N = 16:
+    (1, 256, 128, dict(block_n=16, sa_loader_warp=True)),
+    (77, 512, 576, dict(block_n=32, split_k=8, sa_loader_warp=True)),  # M % 4 = 1, empty shares
+    (64, 2112, 7168, dict(block_n=16, cluster_n=2, sa_loader_warp=True)),
+    (300, 4000, 7168, dict(block_m=256, block_n=128, sa_loader_warp=True)),  # two pieces per lane
+    (1000, 2112, 7168, dict(block_n=128, split_k=4, pipeline=True, sa_loader_warp=True)),
 ], ids=str)
 def test_forced_variant_matches_float64(m, n, k, changes):
     base = plan.plan_dense(m, n, k, 132)
-    changes = {"pipeline": False, "split_k": 1, **changes}
+    changes = {"pipeline": False, "split_k": 1, "sa_loader_warp": False, **changes}
     block_m = changes.get("block_m", base.block_m)
     config = dataclasses.replace(base, **changes, num_stages=plan.max_stages(block_m, changes["block_n"]))
     lhs, rhs, ref = _inputs(m, n, k)

@@ -46,7 +46,7 @@ def dense_case(out_given: bool, m=200, n=2112, k=896, config=None):
     def run():
         if config is None:
             return deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
-        launch_gemm(config, a=lhs[0], a_rows=m, sa=lhs[1], sa_rows=m, sa_cols=lhs[1].shape[-1], b=rhs[0],
+        launch_gemm(config, a=lhs[0], a_rows=m, sa=lhs[1], sa_rows=m, b=rhs[0],
                     b_rows=n, sb=rhs[1], out=out, out_rows=m, shape_m=m, group_info=None,
                     num_sms=deep_gemm.get_num_sms())
         return out

@@ -1,4 +1,5 @@
 """Grouped GEMMs on the GPU: every group's rows equal the dense GEMM of that group."""
+import dataclasses
 import random
 
 import pytest
@@ -117,6 +118,48 @@ def test_masked_matches_per_group_dense(g, max_m, expected_m, n, k):
     masked_m[0] = max_m
     out = torch.full((g, max_m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
     deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m)
+    check_masked(lhs, rhs, out, masked_m)
+
+
+def _force_loader_warp(monkeypatch, **changes):
+    """The grouped ops plan as usual, then copy A's scales with the loader warp (the planner keeps
+    it to dense 16-column tiles); returns the configs used, to show the patch took effect."""
+    from deep_gemm.ops import grouped
+    planned = grouped.plan_cached
+    used = []
+
+    def patched(*args):
+        config = dataclasses.replace(planned(*args), sa_loader_warp=True, **changes)
+        used.append(config)
+        return config
+    monkeypatch.setattr(grouped, "plan_cached", patched)
+    return used
+
+
+def test_contiguous_scales_by_loader_warp(monkeypatch):
+    used = _force_loader_warp(monkeypatch, block_n=16, num_stages=plan.max_stages(128, 16))
+    sizes, n, k = [130, 7, 0, 250], 528, 1152
+    lhs, m_indices = contiguous_inputs(sizes, n, k)
+    rhs = weights(len(sizes), n, k)
+    out = torch.full((lhs[0].shape[0], n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices)
+    assert used and used[0].sa_loader_warp
+    a = dequantize_lhs(*lhs, dtype=torch.float64)
+    for g in range(len(sizes)):
+        rows = (m_indices == g).nonzero().flatten()
+        if rows.numel():
+            check_close(out[rows], a[rows] @ dequantize_rhs(rhs[0][g], rhs[1][g], dtype=torch.float64).T)
+
+
+def test_masked_scales_by_loader_warp(monkeypatch):
+    """max_m = 198: each group's scales end 2 rows short of their 4-aligned stride (zero-filled)."""
+    used = _force_loader_warp(monkeypatch)
+    g, max_m, n, k = 3, 198, 592, 896
+    lhs, rhs = masked_inputs(g, max_m, n, k)
+    masked_m = torch.tensor([198, 61, 0], device="cuda", dtype=torch.int32)
+    out = torch.full((g, max_m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, 100)
+    assert used and used[0].sa_loader_warp
     check_masked(lhs, rhs, out, masked_m)
 
 

@@ -27,6 +27,7 @@ from deep_gemm.runtime import driver, kernels, launch, tma, workspace
 
 FP8 = torch.float8_e4m3fn
 PARAM_SIZES = [ctypes.sizeof(t) for t in kernels.GEMM_PARAM_TYPES]
+PARAM = dict(zip(launch.GEMM_PARAM_NAMES, launch.GEMM_PARAM_OFFSETS))   # byte offset by name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +204,7 @@ def uncached_dense_params(lhs, rhs, out, num_sms=132):
     (a, sa), (b, sb) = lhs, rhs
     m, n, k = a.shape[0], b.shape[0], a.shape[1]
     config = plan.plan_dense(m, n, k, num_sms)
-    prepared = kernels.prepare_gemm(config, a, m, sa, m, sa.shape[-1], b, n, sb, out, m, m, None, num_sms)
+    prepared = kernels.prepare_gemm(config, a, m, sa, m, b, n, sb, out, m, m, None, num_sms)
     return prepared.params
 
 
@@ -213,7 +214,7 @@ def legacy_params(prepared_args):
     maps, *scalars = prepared_args
     for i, descriptor in enumerate(maps):
         ctypes.memmove(pack.buffers[i], descriptor, 128)
-    for i, value in enumerate(scalars, start=4):
+    for i, value in enumerate(scalars, start=len(maps)):
         pack.buffers[i].value = value
     return b"".join(bytes(buf) for buf in pack.buffers)
 
@@ -227,17 +228,18 @@ def test_param_layout_matches_kernel_signature():
         at = (at + size - 1) // size * size if size <= 8 else at
         offsets.append(at)
         at += size
-    assert tuple(offsets) == launch.GEMM_PARAM_OFFSETS
+    assert tuple(offsets) == launch.GEMM_PARAM_OFFSETS and len(launch.GEMM_PARAM_NAMES) == len(offsets)
     maps = [bytes([i]) * 128 for i in range(4)]
-    packed = launch.pack_gemm_params(maps, 0x1000, 0x2000, 4096, 77, 0x3000, 0x4000, 0x5000)
+    args = (0x1000, 0x2000, 0x3000, 4096, 77, 200, 204, 0x4000, 0x5000, 0x6000)
+    packed = launch.pack_gemm_params(maps, *args)
     assert len(packed) == sum(PARAM_SIZES)
-    assert packed == legacy_params((maps, 0x1000, 0x2000, 4096, 77, 0x3000, 0x4000, 0x5000))
+    assert packed == legacy_params((maps, *args))
     # Without split-K the workspace pointers are null.
-    assert launch.pack_gemm_params(maps, 1, 2, 3, 4, 5) == legacy_params((maps, 1, 2, 3, 4, 5, 0, 0))
+    assert launch.pack_gemm_params(maps, *args[:8]) == legacy_params((maps, *args[:8], 0, 0))
     with pytest.raises(Exception):          # int32 overflow is an error, never a silent wrap
-        launch.pack_gemm_params(maps, 0, 0, 2 ** 31, 1, 0)
+        launch.pack_gemm_params(maps, 0, 0, 0, 2 ** 31, 1, 1, 4, 0)
     with pytest.raises(ValueError):
-        launch.pack_gemm_params(maps[:3], 0, 0, 0, 1, 0)
+        launch.pack_gemm_params(maps[:3], 0, 0, 0, 0, 1, 1, 4, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,12 +277,12 @@ def test_split_k_launches_are_keyed_on_the_stream(fake, monkeypatch):
     lhs, rhs, out = dense_inputs(64, 2112, 7168)
     deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
     first = fake.launches[-1]
-    workspace_first = first[4][544:560]
+    workspace_first = first[4][PARAM['workspace']:]
     assert first[3] == 7 and workspace_first != bytes(16)
     monkeypatch.setattr(launch, "_raw_stream_fn", lambda index: 9)
     deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
     assert len(gemm_ops._dense_launches) == 2
-    assert fake.launches[-1][3] == 9 and fake.launches[-1][4][544:560] != workspace_first
+    assert fake.launches[-1][3] == 9 and fake.launches[-1][4][PARAM['workspace']:] != workspace_first
     monkeypatch.setattr(launch, "_raw_stream_fn", lambda index: 7)
     deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
     assert len(gemm_ops._dense_launches) == 2 and fake.launches[-1] == first
@@ -605,7 +607,7 @@ def test_masked_cache(fake):
     mm2 = mm.clone()
     fn(lhs, rhs, out, mm2, 32)
     assert len(grouped_ops._masked_launches) == 3
-    assert int.from_bytes(fake.launches[-1][4][536:544], "little") == mm2.data_ptr()
+    assert int.from_bytes(fake.launches[-1][4][PARAM['group_info']:PARAM['workspace']], "little") == mm2.data_ptr()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -690,5 +692,5 @@ def test_threads_share_the_cache_safely(fake, monkeypatch):
     assert not errors
     assert len(fake.launches) == 600 and len(gemm_ops._dense_launches) <= 3
     for *_, data in fake.launches:
-        out_ptr = int.from_bytes(data[520:528], "little")
+        out_ptr = int.from_bytes(data[PARAM['out']:PARAM['out_ld_bytes']], "little")
         assert data == want[out_ptr]

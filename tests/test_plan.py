@@ -235,6 +235,22 @@ def test_b_tiles_read_more_than_once_keep_the_normal_l2_policy(m, layout, groups
     assert not c.stream_b and c.constants()["STREAM_B"] == 0 and not c.name.endswith("_sb")
 
 
+@pytest.mark.parametrize("m,n,k", [(64, 2112, 7168), (128, 2112, 7168), (64, 4096, 7168), (128, 4096, 7168),
+                                   (4096, 7168, 2048), (7, 4096, 7168), (64, 7168, 576)])
+def test_only_the_narrowest_tiles_load_a_scales_by_warp(m, n, k):
+    c = plan_dense(m, n, k, 132)
+    assert c.sa_loader_warp == (c.block_n <= plan.SA_LOADER_MAX_BLOCK_N)
+    assert c.constants()["SA_LOADER_WARP"] == int(c.sa_loader_warp) and c.name.endswith("_sl") == c.sa_loader_warp
+    if (m, n) in ((64, 2112), (128, 2112)):   # the decode rows it was measured to help (section 23)
+        assert c.block_n == 16 and c.sa_loader_warp
+
+
+@pytest.mark.parametrize("layout,groups", [(plan.LAYOUT_MASKED, 1), (plan.LAYOUT_CONTIGUOUS, 1)])
+def test_grouped_calls_keep_tma_for_a_scales(layout, groups):
+    c = plan_dense(64, 2112, 7168, 132, layout=layout, num_groups=groups)
+    assert c.block_n == 16 and not c.sa_loader_warp    # not measured there (section 23)
+
+
 @pytest.mark.parametrize("m,n,k", [(4096, 7168, 16384), (4096, 4096, 7168), (1000, 4096, 7168), (8192, 7168, 7168),
                                    (4096, 32768, 512)])
 def test_tall_tiles_where_they_need_no_more_rounds(m, n, k):

@@ -1,7 +1,8 @@
 // The FP8 GEMM: out[m, n] = sum_k A[m, k] B[n, k] sa[m, k/128] sb[n/128, k/128].
 //
 // Persistent and warp-specialised.  Warpgroup 0 produces: one thread issues
-// TMA loads of A, B and A's scales into a NUM_STAGES ring of shared memory.
+// TMA loads of A, B and A's scales into a NUM_STAGES ring of shared memory
+// (with SA_LOADER_WARP, a second warp copies A's scales: see load_a_scales).
 // Warpgroups 1..BLOCK_M/64 consume (two for BLOCK_M = 256, each taking two
 // 64-row slices in turn): each multiplies 64 rows of the tile with wgmma (fp8
 // in, fp32 out) one 128-K block at a time, then promotes the block's result
@@ -21,7 +22,7 @@
 //
 // Compile-time constants (SHAPE_N, SHAPE_K, BLOCK_M, BLOCK_N, BLOCK_K,
 // NUM_STAGES, LAYOUT, NUM_GROUPS, RASTER_GROUP, CLUSTER_N, SPLIT_K,
-// PIPELINE_PROMOTION, STREAM_B, STORE_CHUNK_COLS) and the
+// PIPELINE_PROMOTION, STREAM_B, SA_LOADER_WARP, STORE_CHUNK_COLS) and the
 // function `wgmma_m64k32<BLOCK_N>` are defined by the generated source before
 // this header is included (see deep_gemm/jit/kernel_source.py).
 #pragma once
@@ -41,7 +42,14 @@ constexpr int kAccRegs = BLOCK_N / 2;                  // fp32 accumulators per 
 constexpr int kTileBytesA = BLOCK_M * BLOCK_K;         // fp8
 constexpr int kTileBytesB = BLOCK_N * BLOCK_K;
 constexpr int kTileBytesSA = BLOCK_M * 4;
-constexpr int kStageBytes = kTileBytesA + kTileBytesB + kTileBytesSA;
+// What a stage's TMA loads bring: A, B and (unless the loader warp copies them) A's scales.
+constexpr int kStageTmaBytes = kTileBytesA + kTileBytesB + (SA_LOADER_WARP ? 0 : kTileBytesSA);
+// The loader warp's share: BLOCK_M floats in 16-byte cp.async pieces, at most two per lane.
+constexpr int kScalePieces = BLOCK_M / 4;
+constexpr int kScaleLanes = kScalePieces < 32 ? kScalePieces : 32;
+// A stage is full once the TMA thread's arrive (with its bytes) and, with the loader warp,
+// every scale lane's cp.async arrive have landed.
+constexpr uint32_t kFullArrivals = SA_LOADER_WARP ? 1 + kScaleLanes : 1;
 constexpr int kOutChunkBytesPerRow = STORE_CHUNK_COLS * 2;
 constexpr int kNumOutChunks = BLOCK_N / STORE_CHUNK_COLS;
 constexpr int kTileBytesOut = BLOCK_M * BLOCK_N * 2;
@@ -158,7 +166,7 @@ DG_DEVICE void produce(const TmaDescriptor* tma_a, const TmaDescriptor* tma_b, c
             // First pass over the ring: the parity trick makes this wait return at once.
             ptx::mbarrier_wait(&smem.empty[ring.stage], ring.phase ^ 1);
             uint64_t* full = &smem.full[ring.stage];
-            ptx::mbarrier_arrive_expect_tx(full, kStageBytes);
+            ptx::mbarrier_arrive_expect_tx(full, kStageTmaBytes);
             if (CLUSTER_N == 1) {
                 ptx::tma_load_2d(smem.a(ring.stage), tma_a, full, kb * BLOCK_K, tile.row_begin);
             } else {
@@ -166,12 +174,50 @@ DG_DEVICE void produce(const TmaDescriptor* tma_a, const TmaDescriptor* tma_b, c
                 ptx::tma_load_2d_multicast(smem.a(ring.stage) + half * BLOCK_K, tma_a, full, kb * BLOCK_K,
                                            tile.row_begin + half, (1 << CLUSTER_N) - 1);
             }
-            ptx::tma_load_2d(smem.sa(ring.stage), tma_sa, full, sa_row, sa_kb_base + kb);
+            if (!SA_LOADER_WARP) ptx::tma_load_2d(smem.sa(ring.stage), tma_sa, full, sa_row, sa_kb_base + kb);
             if (STREAM_B) {
                 ptx::tma_load_2d_hinted(smem.b(ring.stage), tma_b, full, kb * BLOCK_K, b_row, b_policy);
             } else {
                 ptx::tma_load_2d(smem.b(ring.stage), tma_b, full, kb * BLOCK_K, b_row);
             }
+            ring.advance();
+        }
+    }
+}
+
+// SA_LOADER_WARP: A's scales of each stage, copied by warp 1 of the producer
+// warpgroup with cp.async (16-byte pieces through the load/store unit) rather
+// than by a third TMA operation per stage. On the narrowest decode tiles the TMA
+// thread's operations per stage set the pace: 64x2112x7168 11.3 -> 10.2 us and
+// 128x2112x7168 12.4 -> 11.9 on 64 x 16 / 128 x 16 tiles; on large tiles the
+// same warp cost 3-9% (docs/perf-notes.md, sections 22-23), so the planner
+// turns it on for dense BLOCK_N = 16 tiles only. Each lane's arrive fires on the
+// stage's full barrier once its pieces have landed (.noinc: counted in
+// kFullArrivals), which orders the copies before the consumers' reads.
+// sa holds [groups x KB][sa_ld] floats (column-major scales, see runtime/kernels.py);
+// rows at or past sa_rows read as zeros, as a TMA box would.
+DG_DEVICE void load_a_scales(const float* sa, int32_t sa_rows, int32_t sa_ld, SharedStorage& smem,
+                             int32_t shape_m, const int32_t* group_info) {
+    const int32_t lane = ptx::lane_index();
+    if (lane >= kScaleLanes) return;
+    Scheduler scheduler(shape_m, group_info);
+    RingCursor ring;
+    Tile tile;
+    while (scheduler.next(tile)) {
+        const int32_t row0 = LAYOUT == kMasked ? tile.m_block * BLOCK_M : tile.row_begin;
+        const float* kb_row = sa + int64_t(LAYOUT == kMasked ? tile.group * kNumKBlocks : 0) * sa_ld;
+        const int32_t kb_end = ptx::opaque(k_block_end(tile));
+#pragma unroll 1
+        for (int32_t kb = k_block_begin(tile); kb < kb_end; ++kb) {
+            ptx::mbarrier_wait(&smem.empty[ring.stage], ring.phase ^ 1);
+#pragma unroll
+            for (int32_t piece = lane; piece < kScalePieces; piece += kScaleLanes) {
+                const int32_t row = row0 + piece * 4;
+                const int32_t bytes = max(0, min(16, (sa_rows - row) * 4));
+                const float* src = kb_row + int64_t(kb) * sa_ld + (bytes > 0 ? row : 0);
+                ptx::cp_async_16(ptx::smem_addr(smem.sa(ring.stage) + piece * 4), src, bytes);
+            }
+            ptx::cp_async_mbarrier_arrive_noinc(&smem.full[ring.stage]);
             ring.advance();
         }
     }
@@ -574,7 +620,8 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
 extern "C" __global__ void __launch_bounds__(gemm::kNumThreads, 1)
     deep_gemm_fp8_gemm(const __grid_constant__ TmaDescriptor tma_a, const __grid_constant__ TmaDescriptor tma_b,
                        const __grid_constant__ TmaDescriptor tma_sa, const __grid_constant__ TmaDescriptor tma_out,
-                       const float* sb, uint8_t* out, int32_t out_ld_bytes, int32_t shape_m,
+                       const float* sa, const float* sb, uint8_t* out,
+                       int32_t out_ld_bytes, int32_t shape_m, int32_t sa_rows, int32_t sa_ld,
                        const int32_t* group_info, float* workspace, int32_t* tile_counters) {
     using namespace gemm;
     extern __shared__ uint8_t smem_raw[];
@@ -582,10 +629,10 @@ extern "C" __global__ void __launch_bounds__(gemm::kNumThreads, 1)
     if (threadIdx.x == 0) {
         ptx::prefetch_tma_descriptor(&tma_a);
         ptx::prefetch_tma_descriptor(&tma_b);
-        ptx::prefetch_tma_descriptor(&tma_sa);
+        if (!SA_LOADER_WARP) ptx::prefetch_tma_descriptor(&tma_sa);
         ptx::prefetch_tma_descriptor(&tma_out);
         for (int s = 0; s < NUM_STAGES; ++s) {
-            ptx::mbarrier_init(&smem.full[s], 1);
+            ptx::mbarrier_init(&smem.full[s], kFullArrivals);
             ptx::mbarrier_init(&smem.empty[s], kEmptyArrivals);  // one arrive per math warp of each block
         }
         ptx::fence_barrier_init();
@@ -595,7 +642,11 @@ extern "C" __global__ void __launch_bounds__(gemm::kNumThreads, 1)
 
     if (threadIdx.x < 128) {
         ptx::setmaxnreg_dec<kProducerRegs>();
-        if (threadIdx.x == 0) produce(&tma_a, &tma_b, &tma_sa, smem, shape_m, group_info);
+        if (threadIdx.x == 0) {
+            produce(&tma_a, &tma_b, &tma_sa, smem, shape_m, group_info);
+        } else if (SA_LOADER_WARP && ptx::warp_index() == 1) {
+            load_a_scales(sa, sa_rows, sa_ld, smem, shape_m, group_info);
+        }
     } else {
         ptx::setmaxnreg_inc<kConsumerRegs>();
         consume(&tma_out, smem, sb, out, out_ld_bytes, shape_m, group_info, workspace, tile_counters);

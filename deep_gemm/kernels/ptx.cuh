@@ -153,6 +153,18 @@ DG_DEVICE void tma_load_2d_multicast(void* dst, const TmaDescriptor* desc, uint6
         : "memory");
 }
 
+// cp.async (non-bulk, through the load/store unit): 16 bytes from global to shared
+// memory, of which the first `src_bytes` are read and the rest zero-filled (0: none read).
+DG_DEVICE void cp_async_16(uint32_t dst, const void* src, int32_t src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
+                 : "memory");
+}
+// An arrive on `bar` once every earlier cp.async of this thread has landed. .noinc: the
+// arrive counts towards the barrier's expected arrivals (set at init).
+DG_DEVICE void cp_async_mbarrier_arrive_noinc(uint64_t* bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+
 // 2-D tile store shared -> global; out-of-bounds parts of the box are clipped.
 DG_DEVICE void tma_store_2d(const TmaDescriptor* desc, const void* src, int32_t c0, int32_t c1) {
     asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"(

@@ -133,7 +133,7 @@ def gemm_fp8_fp8_bf16_nt(lhs, rhs, out=None):
 
     num_sms = _sms_for_key(key, a.device)
     config = plan_cached(args.m, args.n, args.k, num_sms)
-    launch = _runtime_kernels().prepare_gemm(config, a, args.m, args.sa, args.m, args.sa.shape[-1], b, args.n,
+    launch = _runtime_kernels().prepare_gemm(config, a, args.m, args.sa, args.m, b, args.n,
                                              args.sb, target, args.m, args.m, None, num_sms)
     launch.fire()
     # Cached after a launch that worked, and only when it was made from the caller's own tensors

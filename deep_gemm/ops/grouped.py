@@ -108,7 +108,7 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices, check_in
     num_sms = _sms_for_key(key, args.a.device)
     config = plan_cached(args.m, args.n, args.k, num_sms, LAYOUT_CONTIGUOUS, args.num_groups)
     b = _as_rows(args.b)
-    launch = _runtime_kernels().prepare_gemm(config, args.a, args.m, args.sa, args.m, args.sa.shape[-1], b,
+    launch = _runtime_kernels().prepare_gemm(config, args.a, args.m, args.sa, args.m, b,
                                              b.shape[0], args.sb, args.out, args.m, args.m, args.m_indices, num_sms)
     launch.fire()
     # Cache a launch that worked and was made from the caller's own tensors: nothing validation
@@ -147,9 +147,8 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m):
     config = plan_cached(min(args.expected_m, args.max_m), args.n, args.k, num_sms, LAYOUT_MASKED,
                          args.num_groups)
     a, b, target = _as_rows(args.a), _as_rows(args.b), _as_rows(args.out)
-    launch = _runtime_kernels().prepare_gemm(config, a, a.shape[0], args.sa, args.max_m,
-                                             args.num_groups * args.sa.shape[-1], b, b.shape[0], args.sb, target,
-                                             target.shape[0], args.max_m, args.masked_m, num_sms)
+    launch = _runtime_kernels().prepare_gemm(config, a, a.shape[0], args.sa, args.max_m, b, b.shape[0], args.sb,
+                                             target, target.shape[0], args.max_m, args.masked_m, num_sms)
     launch.fire()
     copied_out = target.data_ptr() != args.out.data_ptr()
     # As for the contiguous layout: cache only launches that worked, on the caller's own tensors

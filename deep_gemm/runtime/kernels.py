@@ -16,9 +16,11 @@ from .workspace import split_k_workspace
 
 # Kernel parameters, in order (kernels/gemm.cuh: deep_gemm_fp8_gemm).
 GEMM_PARAM_TYPES = (TMA_DESCRIPTOR, TMA_DESCRIPTOR, TMA_DESCRIPTOR, TMA_DESCRIPTOR,
-                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p,
-                    ctypes.c_void_p, ctypes.c_void_p)
+                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                    ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
 
+_NO_MAP = bytes(128)   # an unused tensor-map parameter
 _loaded: dict = {}
 _lock = threading.Lock()
 
@@ -55,7 +57,7 @@ def gemm_kernel(config: KernelConfig, device_index: int) -> LoadedKernel:
 
 
 def prepare_gemm(config: KernelConfig, a: torch.Tensor, a_rows: int, sa: torch.Tensor, sa_rows: int,
-                 sa_cols: int, b: torch.Tensor, b_rows: int, sb: torch.Tensor, out: torch.Tensor, out_rows: int,
+                 b: torch.Tensor, b_rows: int, sb: torch.Tensor, out: torch.Tensor, out_rows: int,
                  shape_m: int, group_info, num_sms: int) -> PreparedLaunch:
     """The GEMM over 2-D views, packed and ready to fire (see launch_gemm for the arguments).
 
@@ -68,13 +70,17 @@ def prepare_gemm(config: KernelConfig, a: torch.Tensor, a_rows: int, sa: torch.T
     kernel = gemm_kernel(config, device_index)
     k, n = config.k, config.n
     chunk = store_chunk_cols(config.block_n)
-    # With one K block the scales' K stride is meaningless to torch; TMA needs the real one.
+    # With one K block the scales' K stride is meaningless to torch; the kernel needs the real one.
     sa_stride = sa.stride(-1) if sa.shape[-1] > 1 else (sa_rows + 3) // 4 * 4
     maps = (
         tensor_map_2d(a.data_ptr(), "u8", k, a_rows, a.stride(-2), config.block_k,
                      config.block_m // config.cluster_n, SWIZZLE_128B),
         tensor_map_2d(b.data_ptr(), "u8", k, b_rows, b.stride(-2), config.block_k, config.block_n, SWIZZLE_128B),
-        tensor_map_2d(sa.data_ptr(), "f32", sa_rows, sa_cols, sa_stride * 4, config.block_m, 1, 0),
+        # A's scales as rows of sa_rows, one per K block (and group): read by TMA unless a
+        # loader warp copies them from the pointer (config.sa_loader_warp).
+        _NO_MAP if config.sa_loader_warp else
+        tensor_map_2d(sa.data_ptr(), "f32", sa_rows, sa.shape[-1] * (sa.shape[0] if sa.dim() == 3 else 1),
+                      sa_stride * 4, config.block_m, 1, 0),
         tensor_map_2d(out.data_ptr(), "bf16", n, out_rows, out.stride(-2) * 2, chunk, 64, chunk * 2),
     )
     # Persistent grid: one block per SM at most, whole clusters only.
@@ -89,19 +95,21 @@ def prepare_gemm(config: KernelConfig, a: torch.Tensor, a_rows: int, sa: torch.T
     counters_ptr = partials_ptr = 0
     if config.split_k > 1:   # split tail tiles: at most one counter and one partial tile per block
         counters_ptr, partials_ptr = split_k_workspace(a.device, stream, grid, config.split_k_workspace_floats(grid))
-    params = pack_gemm_params(maps, sb.data_ptr(), out.data_ptr(), out.stride(-2) * 2, shape_m,
-                              group_info.data_ptr() if group_info is not None else 0, partials_ptr, counters_ptr)
+    params = pack_gemm_params(maps, sa.data_ptr(), sb.data_ptr(), out.data_ptr(), out.stride(-2) * 2, shape_m,
+                              sa_rows, sa_stride, group_info.data_ptr() if group_info is not None else 0,
+                              partials_ptr, counters_ptr)
     return PreparedLaunch(kernel, grid, params, GEMM_PARAM_OFFSETS, stream, device_index)
 
 
 def launch_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: torch.Tensor, sa_rows: int,
-                sa_cols: int, b: torch.Tensor, b_rows: int, sb: torch.Tensor, out: torch.Tensor, out_rows: int,
+                b: torch.Tensor, b_rows: int, sb: torch.Tensor, out: torch.Tensor, out_rows: int,
                 shape_m: int, group_info, num_sms: int) -> None:
     """Launch the GEMM over 2-D views on the current stream.
 
-    a: rows of K fp8 (row stride a.stride(-2)); sa: fp32 [sa_cols][sa_rows] with a
-    row stride of sa.stride(-1) elements (the column-major scales); b: rows of K;
+    a: rows of K fp8 (row stride a.stride(-2)); sa: fp32 rows of sa_rows scales, one row per K
+    block (per group and K block, masked), sa.stride(-1) elements apart (the column-major
+    scales; the kernel reads zeros past sa_rows); b: rows of K;
     out: bf16 rows of N.  `shape_m` is M (dense, contiguous) or max_m (masked).
     """
-    prepare_gemm(config, a, a_rows, sa, sa_rows, sa_cols, b, b_rows, sb, out, out_rows, shape_m, group_info,
+    prepare_gemm(config, a, a_rows, sa, sa_rows, b, b_rows, sb, out, out_rows, shape_m, group_info,
                  num_sms).fire()
