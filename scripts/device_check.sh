@@ -16,7 +16,9 @@ for step in $steps; do
       python3 scripts/sanitizer_sweep.py > /dev/null 2>&1   # compile + load outside the sanitizer
       for tool in memcheck racecheck synccheck; do
         compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 9 python3 scripts/sanitizer_sweep.py > "$OUT/sanitizer_$tool.log" 2>&1
-        summary+=("compute-sanitizer $tool: exit $? / $(grep -E 'ERROR SUMMARY|sanitizer sweep' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')")
+        summary+=("compute-sanitizer $tool: exit $? / $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sanitizer sweep' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')")
+        # The first reports themselves, in the summary: a run returns only a few files.
+        summary+=("$(grep -m 12 -E 'Error|Warning|Write|Read|at 0x|in deep_gemm' "$OUT/sanitizer_$tool.log" | cut -c1-200)")
       done ;;
     host)
       python3 scripts/host_overhead.py 2>&1 | tee "$OUT/host.log" | tail -30
