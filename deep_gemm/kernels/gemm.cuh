@@ -96,6 +96,11 @@ DG_DEVICE int32_t k_block_end(const Tile& t) {
     return SPLIT_K == 1 ? kNumKBlocks : (t.split + 1) * kNumKBlocks / t.num_splits;
 }
 
+// A's scales are [KB][aligned rows] per group (see runtime/kernels.py for the 2-D view): a
+// tile's first scale row, and the view's row of K block 0 of the tile's group.
+DG_DEVICE int32_t a_scale_row(const Tile& t) { return LAYOUT == kMasked ? t.m_block * BLOCK_M : t.row_begin; }
+DG_DEVICE int32_t a_scale_kb_base(const Tile& t) { return LAYOUT == kMasked ? t.group * kNumKBlocks : 0; }
+
 // Byte offset of (row, 16-byte column chunk) inside one output chunk buffer,
 // with the swizzle TMA applies for rows of kOutChunkBytesPerRow bytes: the
 // 16-byte unit index is XORed with the row's position in its 8-row group
@@ -156,9 +161,8 @@ DG_DEVICE void produce(const TmaDescriptor* tma_a, const TmaDescriptor* tma_b, c
     const uint64_t b_policy = STREAM_B ? ptx::l2_evict_first_policy() : 0;
     while (scheduler.next(tile)) {
         const int32_t b_row = tile.group * SHAPE_N + tile.n_block * BLOCK_N;
-        // A's scales are [KB][aligned rows] per group; see ops for the 2-D view.
-        const int32_t sa_row = LAYOUT == kMasked ? tile.m_block * BLOCK_M : tile.row_begin;
-        const int32_t sa_kb_base = LAYOUT == kMasked ? tile.group * kNumKBlocks : 0;
+        const int32_t sa_row = a_scale_row(tile);
+        const int32_t sa_kb_base = a_scale_kb_base(tile);
         // Not unrolled: the producer runs on few registers and gains nothing from it.
         const int32_t kb_end = ptx::opaque(k_block_end(tile));
 #pragma unroll 1
@@ -204,8 +208,8 @@ DG_DEVICE void load_a_scales(const float* sa, int32_t sa_rows, int32_t sa_ld, Sh
     RingCursor ring;
     Tile tile;
     while (scheduler.next(tile)) {
-        const int32_t row0 = LAYOUT == kMasked ? tile.m_block * BLOCK_M : tile.row_begin;
-        const float* kb_row = sa + int64_t(LAYOUT == kMasked ? tile.group * kNumKBlocks : 0) * sa_ld;
+        const int32_t row0 = a_scale_row(tile);
+        const float* kb_row = sa + int64_t(a_scale_kb_base(tile)) * sa_ld;
         const int32_t kb_end = ptx::opaque(k_block_end(tile));
 #pragma unroll 1
         for (int32_t kb = k_block_begin(tile); kb < kb_end; ++kb) {
