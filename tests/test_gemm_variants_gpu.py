@@ -46,7 +46,6 @@ def _launch(config, lhs, rhs, out, num_sms=None):
     # A's scales by the loader warp (cp.async, zero-filled past M) on other tiles than BLOCK_N = 16:
     (1, 256, 128, dict(block_n=16, sa_loader_warp=True)),
     (77, 512, 576, dict(block_n=32, split_k=8, sa_loader_warp=True)),  # M % 4 = 1, empty shares
-    (64, 2112, 7168, dict(block_n=16, cluster_n=2, sa_loader_warp=True)),
     (300, 4000, 7168, dict(block_m=256, block_n=128, sa_loader_warp=True)),  # two pieces per lane
     (1000, 2112, 7168, dict(block_n=128, split_k=4, pipeline=True, sa_loader_warp=True)),
 ], ids=str)

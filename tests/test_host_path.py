@@ -147,8 +147,12 @@ class FakeDriver:
 
     def cuLaunchKernelEx(self, config, f, params, extra):
         # Read every parameter back through the pointer array, as the driver does.
+        # Kept as the kernel's parameter space: each at its offset, zero padding between.
         pointers = (ctypes.c_void_p * len(PARAM_SIZES)).from_address(params)
-        data = b"".join(ctypes.string_at(p, size) for p, size in zip(pointers, PARAM_SIZES))
+        space = bytearray(launch.GEMM_PARAM_OFFSETS[-1] + PARAM_SIZES[-1])
+        for offset, p, size in zip(launch.GEMM_PARAM_OFFSETS, pointers, PARAM_SIZES):
+            space[offset:offset + size] = ctypes.string_at(p, size)
+        data = bytes(space)
         record = (config.gridDimX, config.blockDimX, config.sharedMemBytes, config.hStream, data)
         if config.hStream in self._capturing:
             self._capturing[config.hStream].append(record)
@@ -209,14 +213,18 @@ def uncached_dense_params(lhs, rhs, out, num_sms=132):
 
 
 def legacy_params(prepared_args):
-    """The same parameters written the pre-cache way: into the ctypes buffers of an ArgPack."""
+    """The same parameters written the pre-cache way: into the ctypes buffers of an ArgPack,
+    each placed at its offset in the kernel's parameter space (zero padding between)."""
     pack = driver.ArgPack(kernels.GEMM_PARAM_TYPES)
     maps, *scalars = prepared_args
     for i, descriptor in enumerate(maps):
         ctypes.memmove(pack.buffers[i], descriptor, 128)
     for i, value in enumerate(scalars, start=len(maps)):
         pack.buffers[i].value = value
-    return b"".join(bytes(buf) for buf in pack.buffers)
+    space = bytearray(launch.GEMM_PARAM_OFFSETS[-1] + PARAM_SIZES[-1])
+    for offset, buf in zip(launch.GEMM_PARAM_OFFSETS, pack.buffers):
+        space[offset:offset + len(bytes(buf))] = bytes(buf)
+    return bytes(space)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,17 +237,17 @@ def test_param_layout_matches_kernel_signature():
         offsets.append(at)
         at += size
     assert tuple(offsets) == launch.GEMM_PARAM_OFFSETS and len(launch.GEMM_PARAM_NAMES) == len(offsets)
-    maps = [bytes([i]) * 128 for i in range(4)]
-    args = (0x1000, 0x2000, 0x3000, 4096, 77, 200, 204, 0x4000, 0x5000, 0x6000)
+    maps = [bytes([i]) * 128 for i in range(6)]
+    args = (0x1000, 0x2000, 0x3000, 4096, 77, 200, 204, 77, 0x4000, 0x5000, 0x6000)
     packed = launch.pack_gemm_params(maps, *args)
-    assert len(packed) == sum(PARAM_SIZES)
+    assert len(packed) == launch.GEMM_PARAM_OFFSETS[-1] + PARAM_SIZES[-1]
     assert packed == legacy_params((maps, *args))
     # Without split-K the workspace pointers are null.
-    assert launch.pack_gemm_params(maps, *args[:8]) == legacy_params((maps, *args[:8], 0, 0))
+    assert launch.pack_gemm_params(maps, *args[:9]) == legacy_params((maps, *args[:9], 0, 0))
     with pytest.raises(Exception):          # int32 overflow is an error, never a silent wrap
-        launch.pack_gemm_params(maps, 0, 0, 0, 2 ** 31, 1, 1, 4, 0)
+        launch.pack_gemm_params(maps, 0, 0, 0, 2 ** 31, 1, 1, 4, 64, 0)
     with pytest.raises(ValueError):
-        launch.pack_gemm_params(maps[:3], 0, 0, 0, 0, 1, 1, 4, 0)
+        launch.pack_gemm_params(maps[:5], 0, 0, 0, 0, 1, 1, 4, 64, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +274,41 @@ def test_dense_hit_launches_the_uncached_parameters(fake, monkeypatch):
     assert all(launch_ == first for launch_ in fake.launches)
     assert first[3] == 7                                   # the current stream, read at each launch
     assert first[4] == uncached_dense_params(lhs, rhs, out)
+
+
+@pytest.mark.parametrize("m,n,k", [(200, 256, 384), (1, 7168, 2048), (77, 512, 384), (256, 256, 384),
+                                   (4097, 7168, 2048)])
+def test_partial_last_m_block_loads_through_short_boxes(fake, monkeypatch, m, n, k):
+    """A dense M whose last block is partial gets a second pair of maps for A and its scales,
+    boxes of just the tail rows (16-byte scale boxes); a whole last block gets none."""
+    encoded = {}
+    real = kernels.tensor_map_2d
+
+    def recording(*args):
+        descriptor = real(*args)
+        encoded[descriptor] = args
+        return descriptor
+    monkeypatch.setattr(kernels, "tensor_map_2d", recording)
+    lhs, rhs, out = dense_inputs(m, n, k)
+    deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
+    params = fake.launches[-1][4]
+    config = plan.plan_dense(m, n, k, 132)
+    tail = m % config.block_m
+    field = lambda name, size=128: params[PARAM[name]:PARAM[name] + size]
+    assert int.from_bytes(field("a_tail_rows", 4), "little") == tail
+    a, sa = encoded[field("tma_a")], encoded.get(field("tma_sa"))
+    assert a[0] == lhs[0].data_ptr() and a[6] == config.block_m
+    assert (sa is None) == config.sa_loader_warp and (sa is None or sa[5] == config.block_m)
+    if not tail:
+        assert field("tma_a_tail") == field("tma_sa_tail") == bytes(128)
+        return
+    a_tail = encoded[field("tma_a_tail")]
+    assert a_tail[:6] == a[:6] and a_tail[6] == tail and a_tail[7] == a[7]     # same view, tail rows
+    if config.sa_loader_warp:
+        assert field("tma_sa_tail") == bytes(128)
+    else:
+        sa_tail = encoded[field("tma_sa_tail")]
+        assert sa_tail[:5] == sa[:5] and sa_tail[5] == (tail + 3) // 4 * 4
 
 
 def test_split_k_launches_are_keyed_on_the_stream(fake, monkeypatch):

@@ -41,9 +41,12 @@ constexpr int kNumKBlocks = (SHAPE_K + BLOCK_K - 1) / BLOCK_K;
 constexpr int kAccRegs = BLOCK_N / 2;                  // fp32 accumulators per thread
 constexpr int kTileBytesA = BLOCK_M * BLOCK_K;         // fp8
 constexpr int kTileBytesB = BLOCK_N * BLOCK_K;
-constexpr int kTileBytesSA = BLOCK_M * 4;
-// What a stage's TMA loads bring: A, B and (unless the loader warp copies them) A's scales.
-constexpr int kStageTmaBytes = kTileBytesA + kTileBytesB + (SA_LOADER_WARP ? 0 : kTileBytesSA);
+// What a stage's TMA loads bring: A's box of rows_a rows (BLOCK_M, or fewer on a dense
+// M's last, partial block: see produce), B and (unless the loader warp copies them) A's
+// scales, rounded up to 16 bytes as their box is.
+DG_DEVICE uint32_t stage_tma_bytes(int32_t rows_a) {
+    return rows_a * BLOCK_K + kTileBytesB + (SA_LOADER_WARP ? 0 : (rows_a + 3) / 4 * 16);
+}
 // The loader warp's share: BLOCK_M floats in 16-byte cp.async pieces, at most two per lane.
 constexpr int kScalePieces = BLOCK_M / 4;
 constexpr int kScaleLanes = kScalePieces < 32 ? kScalePieces : 32;
@@ -81,6 +84,9 @@ static_assert(BLOCK_N % STORE_CHUNK_COLS == 0, "store chunks must tile BLOCK_N")
 
 static_assert(CLUSTER_N == 1 || CLUSTER_N == 2, "clusters of one or two blocks");
 static_assert(SPLIT_K == 1 || CLUSTER_N == 1, "split-K and multicast clusters are exclusive");
+// The loader warp with a cluster of two hung on the GPU (64x2112x7168, 16-column tiles; cause
+// not found, docs/perf-notes.md, section 24); the planner never combines them.
+static_assert(!SA_LOADER_WARP || CLUSTER_N == 1, "the A-scale loader warp runs without clusters only");
 
 // With CLUSTER_N == 2 the two blocks of a cluster compute neighbouring N tiles
 // of one M block: each loads half of the A tile and multicasts it to both, so
@@ -151,8 +157,14 @@ struct RingCursor {
     }
 };
 
+// a_tail_rows > 0 (dense, no cluster): M's last block is partial, with that many rows, and
+// its tiles load A and A's scales through tma_a_tail / tma_sa_tail, whose boxes hold just
+// those rows. A box of BLOCK_M rows would be filled with zeros past M by TMA, which made
+// such tiles up to 1.6x slower (docs/perf-notes.md, section 24). The rows past the short
+// box keep stale shared memory; they only feed output rows past M, which are never stored.
 DG_DEVICE void produce(const TmaDescriptor* tma_a, const TmaDescriptor* tma_b, const TmaDescriptor* tma_sa,
-                       SharedStorage& smem, int32_t shape_m, const int32_t* group_info) {
+                       const TmaDescriptor* tma_a_tail, const TmaDescriptor* tma_sa_tail, SharedStorage& smem,
+                       int32_t shape_m, int32_t a_tail_rows, const int32_t* group_info) {
     Scheduler scheduler(shape_m, group_info);
     RingCursor ring;
     Tile tile;
@@ -160,6 +172,10 @@ DG_DEVICE void produce(const TmaDescriptor* tma_a, const TmaDescriptor* tma_b, c
     // previous kernels left in L2 (see ptx::l2_evict_first_policy and plan.py).
     const uint64_t b_policy = STREAM_B ? ptx::l2_evict_first_policy() : 0;
     while (scheduler.next(tile)) {
+        const bool tail = LAYOUT == kDense && CLUSTER_N == 1 && a_tail_rows > 0 && tile.row_begin + BLOCK_M > shape_m;
+        const TmaDescriptor* map_a = tail ? tma_a_tail : tma_a;
+        const TmaDescriptor* map_sa = tail ? tma_sa_tail : tma_sa;
+        const uint32_t stage_bytes = stage_tma_bytes(tail ? a_tail_rows : BLOCK_M);
         const int32_t b_row = tile.group * SHAPE_N + tile.n_block * BLOCK_N;
         const int32_t sa_row = a_scale_row(tile);
         const int32_t sa_kb_base = a_scale_kb_base(tile);
@@ -170,15 +186,15 @@ DG_DEVICE void produce(const TmaDescriptor* tma_a, const TmaDescriptor* tma_b, c
             // First pass over the ring: the parity trick makes this wait return at once.
             ptx::mbarrier_wait(&smem.empty[ring.stage], ring.phase ^ 1);
             uint64_t* full = &smem.full[ring.stage];
-            ptx::mbarrier_arrive_expect_tx(full, kStageTmaBytes);
+            ptx::mbarrier_arrive_expect_tx(full, stage_bytes);
             if (CLUSTER_N == 1) {
-                ptx::tma_load_2d(smem.a(ring.stage), tma_a, full, kb * BLOCK_K, tile.row_begin);
+                ptx::tma_load_2d(smem.a(ring.stage), map_a, full, kb * BLOCK_K, tile.row_begin);
             } else {
                 const int32_t half = scheduler.cluster_rank * kRowsLoadedA;
                 ptx::tma_load_2d_multicast(smem.a(ring.stage) + half * BLOCK_K, tma_a, full, kb * BLOCK_K,
                                            tile.row_begin + half, (1 << CLUSTER_N) - 1);
             }
-            if (!SA_LOADER_WARP) ptx::tma_load_2d(smem.sa(ring.stage), tma_sa, full, sa_row, sa_kb_base + kb);
+            if (!SA_LOADER_WARP) ptx::tma_load_2d(smem.sa(ring.stage), map_sa, full, sa_row, sa_kb_base + kb);
             if (STREAM_B) {
                 ptx::tma_load_2d_hinted(smem.b(ring.stage), tma_b, full, kb * BLOCK_K, b_row, b_policy);
             } else {
@@ -507,6 +523,11 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
                 ring.advance();
             };
             auto release = [&](int32_t stage) {
+                // The loader warp's cp.async writes come from threads, so every lane's read of
+                // the stage's A scales must be ordered before the one lane's release that lets
+                // them in: an mbarrier arrive releases only its own thread's accesses
+                // (docs/perf-notes.md, section 24).
+                if (SA_LOADER_WARP) __syncwarp();
                 if (CLUSTER_N == 1) {
                     if (lane == 0) ptx::mbarrier_arrive(&smem.empty[stage]);
                 } else if (lane < CLUSTER_N) {
@@ -624,8 +645,9 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
 extern "C" __global__ void __launch_bounds__(gemm::kNumThreads, 1)
     deep_gemm_fp8_gemm(const __grid_constant__ TmaDescriptor tma_a, const __grid_constant__ TmaDescriptor tma_b,
                        const __grid_constant__ TmaDescriptor tma_sa, const __grid_constant__ TmaDescriptor tma_out,
+                       const __grid_constant__ TmaDescriptor tma_a_tail, const __grid_constant__ TmaDescriptor tma_sa_tail,
                        const float* sa, const float* sb, uint8_t* out,
-                       int32_t out_ld_bytes, int32_t shape_m, int32_t sa_rows, int32_t sa_ld,
+                       int32_t out_ld_bytes, int32_t shape_m, int32_t sa_rows, int32_t sa_ld, int32_t a_tail_rows,
                        const int32_t* group_info, float* workspace, int32_t* tile_counters) {
     using namespace gemm;
     extern __shared__ uint8_t smem_raw[];
@@ -635,6 +657,10 @@ extern "C" __global__ void __launch_bounds__(gemm::kNumThreads, 1)
         ptx::prefetch_tma_descriptor(&tma_b);
         if (!SA_LOADER_WARP) ptx::prefetch_tma_descriptor(&tma_sa);
         ptx::prefetch_tma_descriptor(&tma_out);
+        if (a_tail_rows > 0) {
+            ptx::prefetch_tma_descriptor(&tma_a_tail);
+            if (!SA_LOADER_WARP) ptx::prefetch_tma_descriptor(&tma_sa_tail);
+        }
         for (int s = 0; s < NUM_STAGES; ++s) {
             ptx::mbarrier_init(&smem.full[s], kFullArrivals);
             ptx::mbarrier_init(&smem.empty[s], kEmptyArrivals);  // one arrive per math warp of each block
@@ -647,7 +673,7 @@ extern "C" __global__ void __launch_bounds__(gemm::kNumThreads, 1)
     if (threadIdx.x < 128) {
         ptx::setmaxnreg_dec<kProducerRegs>();
         if (threadIdx.x == 0) {
-            produce(&tma_a, &tma_b, &tma_sa, smem, shape_m, group_info);
+            produce(&tma_a, &tma_b, &tma_sa, &tma_a_tail, &tma_sa_tail, smem, shape_m, a_tail_rows, group_info);
         } else if (SA_LOADER_WARP && ptx::warp_index() == 1) {
             load_a_scales(sa, sa_rows, sa_ld, smem, shape_m, group_info);
         }

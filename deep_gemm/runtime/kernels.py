@@ -8,16 +8,16 @@ import torch
 
 from ..jit import compile_kernel
 from ..jit.kernel_source import GEMM_KERNEL_NAME, gemm_source
-from ..plan import KernelConfig, store_chunk_cols, ceil_div, LAYOUT_MASKED
+from ..plan import KernelConfig, store_chunk_cols, ceil_div, LAYOUT_DENSE, LAYOUT_MASKED
 from .driver import TMA_DESCRIPTOR, LoadedKernel
 from .launch import GEMM_PARAM_OFFSETS, PreparedLaunch, current_raw_stream, pack_gemm_params
 from .tma import SWIZZLE_128B, tensor_map_2d
 from .workspace import split_k_workspace
 
 # Kernel parameters, in order (kernels/gemm.cuh: deep_gemm_fp8_gemm).
-GEMM_PARAM_TYPES = (TMA_DESCRIPTOR, TMA_DESCRIPTOR, TMA_DESCRIPTOR, TMA_DESCRIPTOR,
+GEMM_PARAM_TYPES = (TMA_DESCRIPTOR, TMA_DESCRIPTOR, TMA_DESCRIPTOR, TMA_DESCRIPTOR, TMA_DESCRIPTOR, TMA_DESCRIPTOR,
                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                    ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+                    ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
 
 _NO_MAP = bytes(128)   # an unused tensor-map parameter
@@ -56,6 +56,16 @@ def gemm_kernel(config: KernelConfig, device_index: int) -> LoadedKernel:
     return kernel
 
 
+def a_tail_rows(config: KernelConfig, shape_m: int) -> int:
+    """Rows of a dense M's last block when it is partial (0 when it is whole, or for grouped
+    layouts and clusters): the kernel loads that block's A and A's scales through tensor maps
+    whose boxes hold just those rows. TMA fills a box's rows past the tensor's end with zeros,
+    and that cost the tiles of a partial block up to 1.6x (docs/perf-notes.md, section 24)."""
+    if config.layout != LAYOUT_DENSE or config.cluster_n != 1:
+        return 0
+    return shape_m % config.block_m
+
+
 def prepare_gemm(config: KernelConfig, a: torch.Tensor, a_rows: int, sa: torch.Tensor, sa_rows: int,
                  b: torch.Tensor, b_rows: int, sb: torch.Tensor, out: torch.Tensor, out_rows: int,
                  shape_m: int, group_info, num_sms: int) -> PreparedLaunch:
@@ -72,16 +82,26 @@ def prepare_gemm(config: KernelConfig, a: torch.Tensor, a_rows: int, sa: torch.T
     chunk = store_chunk_cols(config.block_n)
     # With one K block the scales' K stride is meaningless to torch; the kernel needs the real one.
     sa_stride = sa.stride(-1) if sa.shape[-1] > 1 else (sa_rows + 3) // 4 * 4
-    maps = (
-        tensor_map_2d(a.data_ptr(), "u8", k, a_rows, a.stride(-2), config.block_k,
-                     config.block_m // config.cluster_n, SWIZZLE_128B),
-        tensor_map_2d(b.data_ptr(), "u8", k, b_rows, b.stride(-2), config.block_k, config.block_n, SWIZZLE_128B),
+    tail_rows = a_tail_rows(config, shape_m)
+
+    def map_a(rows):
+        return tensor_map_2d(a.data_ptr(), "u8", k, a_rows, a.stride(-2), config.block_k, rows, SWIZZLE_128B)
+
+    def map_sa(rows):
         # A's scales as rows of sa_rows, one per K block (and group): read by TMA unless a
-        # loader warp copies them from the pointer (config.sa_loader_warp).
-        _NO_MAP if config.sa_loader_warp else
-        tensor_map_2d(sa.data_ptr(), "f32", sa_rows, sa.shape[-1] * (sa.shape[0] if sa.dim() == 3 else 1),
-                      sa_stride * 4, config.block_m, 1, 0),
+        # loader warp copies them from the pointer (config.sa_loader_warp); 16-byte boxes.
+        if config.sa_loader_warp:
+            return _NO_MAP
+        return tensor_map_2d(sa.data_ptr(), "f32", sa_rows, sa.shape[-1] * (sa.shape[0] if sa.dim() == 3 else 1),
+                             sa_stride * 4, ceil_div(rows, 4) * 4, 1, 0)
+
+    maps = (
+        map_a(config.block_m // config.cluster_n),
+        tensor_map_2d(b.data_ptr(), "u8", k, b_rows, b.stride(-2), config.block_k, config.block_n, SWIZZLE_128B),
+        map_sa(config.block_m),
         tensor_map_2d(out.data_ptr(), "bf16", n, out_rows, out.stride(-2) * 2, chunk, 64, chunk * 2),
+        map_a(tail_rows) if tail_rows else _NO_MAP,
+        map_sa(tail_rows) if tail_rows else _NO_MAP,
     )
     # Persistent grid: one block per SM at most, whole clusters only.
     clusters = num_sms // config.cluster_size
@@ -96,7 +116,7 @@ def prepare_gemm(config: KernelConfig, a: torch.Tensor, a_rows: int, sa: torch.T
     if config.split_k > 1:   # split tail tiles: at most one counter and one partial tile per block
         counters_ptr, partials_ptr = split_k_workspace(a.device, stream, grid, config.split_k_workspace_floats(grid))
     params = pack_gemm_params(maps, sa.data_ptr(), sb.data_ptr(), out.data_ptr(), out.stride(-2) * 2, shape_m,
-                              sa_rows, sa_stride, group_info.data_ptr() if group_info is not None else 0,
+                              sa_rows, sa_stride, tail_rows, group_info.data_ptr() if group_info is not None else 0,
                               partials_ptr, counters_ptr)
     return PreparedLaunch(kernel, grid, params, GEMM_PARAM_OFFSETS, stream, device_index)
 

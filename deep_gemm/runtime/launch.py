@@ -220,26 +220,28 @@ def _pointer_struct(count: int) -> struct.Struct:
 # ---------------------------------------------------------------------------------------------
 # GEMM kernel parameters (kernels/gemm.cuh: deep_gemm_fp8_gemm), packed once per launch.
 # ---------------------------------------------------------------------------------------------
-# tma_a, tma_b, tma_sa, tma_out: CUtensorMap (128 bytes each, passed by value); sa, sb, out:
-# pointers; out row stride in bytes, shape_m, sa_rows, sa_ld: int32; group info, split-K
-# workspace (partial tiles, tile counters): pointers.
-GEMM_PARAM_OFFSETS = (0, 128, 256, 384, 512, 520, 528, 536, 540, 544, 548, 552, 560, 568)
-GEMM_PARAM_NAMES = ("tma_a", "tma_b", "tma_sa", "tma_out", "sa", "sb", "out", "out_ld_bytes", "shape_m", "sa_rows",
-                    "sa_ld", "group_info", "workspace", "tile_counters")
-_GEMM_SCALARS = struct.Struct("<QQQiiiiQQQ")
+# tma_a, tma_b, tma_sa, tma_out, tma_a_tail, tma_sa_tail: CUtensorMap (128 bytes each, passed
+# by value); sa, sb, out: pointers; out row stride in bytes, shape_m, sa_rows, sa_ld, a_tail_rows:
+# int32; group info, split-K workspace (partial tiles, tile counters): pointers.
+GEMM_PARAM_OFFSETS = (0, 128, 256, 384, 512, 640, 768, 776, 784, 792, 796, 800, 804, 808, 816, 824, 832)
+GEMM_PARAM_NAMES = ("tma_a", "tma_b", "tma_sa", "tma_out", "tma_a_tail", "tma_sa_tail", "sa", "sb", "out",
+                    "out_ld_bytes", "shape_m", "sa_rows", "sa_ld", "a_tail_rows", "group_info", "workspace",
+                    "tile_counters")
+_GEMM_SCALARS = struct.Struct("<QQQiiiii4xQQQ")   # 4x: the next pointer's 8-byte alignment
 
 
 def pack_gemm_params(maps, sa_ptr: int, sb_ptr: int, out_ptr: int, out_row_bytes: int, shape_m: int,
-                     sa_rows: int, sa_ld: int, group_ptr: int, partials_ptr: int = 0,
+                     sa_rows: int, sa_ld: int, a_tail_rows: int, group_ptr: int, partials_ptr: int = 0,
                      counters_ptr: int = 0) -> bytes:
     """The GEMM kernel's parameters as one byte string laid out at GEMM_PARAM_OFFSETS.
 
     struct raises on an int32 overflow instead of silently wrapping the value.
     """
-    if len(maps) != 4 or any(len(m) != 128 for m in maps):
-        raise ValueError("pack_gemm_params needs four 128-byte tensor maps (A, B, A's scales, out)")
+    if len(maps) != 6 or any(len(m) != 128 for m in maps):
+        raise ValueError("pack_gemm_params needs six 128-byte tensor maps (A, B, A's scales, out, and A's and "
+                         "its scales' for a partial last M block)")
     return b"".join(maps) + _GEMM_SCALARS.pack(sa_ptr, sb_ptr, out_ptr, out_row_bytes, shape_m, sa_rows, sa_ld,
-                                               group_ptr, partials_ptr, counters_ptr)
+                                               a_tail_rows, group_ptr, partials_ptr, counters_ptr)
 
 
 # ---------------------------------------------------------------------------------------------
