@@ -27,8 +27,10 @@ def main():
     # deep-ring pipelined decode tile, one on the pipelined 128 x 128 tile.
     # N = 1001: the last N block is stored row by row, its last columns one at a time.
     # 5 x 1000 x 4352: the planner's tiny-M plan (64 x 64 tiles, each split 4 ways over K).
+    # M % BLOCK_M != 0 (most of them): the last M block loads through the short tail boxes.
+    # K = 1000: A and B padded to K = 1008 by the padding kernel first.
     for m, n, k in [(1, 256, 512), (65, 576, 896), (200, 2112, 576), (300, 384, 1024), (64, 256, 8320),
-                    (300, 256, 4352), (77, 1001, 640), (5, 1000, 4352)]:
+                    (300, 256, 4352), (77, 1001, 640), (5, 1000, 4352), (200, 384, 1000)]:
         lhs = deep_gemm.per_token_cast_to_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
         rhs = deep_gemm.per_block_cast_to_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
         out = deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs)

@@ -81,7 +81,23 @@ def test_sweep_covers_every_tile_choice():
         assert wider <= seen, (n, k, wider - seen)
 
 
+def test_loader_warp_with_a_cluster_does_not_compile(tmp_cache_dir):
+    # It hung on the GPU (docs/perf-notes.md, section 24): refused at compile time instead.
+    from deep_gemm.jit import compile_kernel
+    from deep_gemm.jit.compiler import CompilationError
+    config = dataclasses.replace(plan_dense(64, 2112, 7168, NUM_SMS), cluster_n=2, sa_loader_warp=True)
+    with pytest.raises(CompilationError, match="loader warp runs without clusters"):
+        compile_kernel(gemm_source(config), GEMM_KERNEL_NAME, arch="sm_90a", name=config.name)
+
+
 # ---- the precompile CLI ------------------------------------------------------------------
+def test_precompile_plans_k_as_the_calls_run_it():
+    # A call with K % 16 != 0 runs the kernel planned for K rounded up to 16 (ops/pad.py).
+    from deep_gemm.plan import plan_dense
+    configs = plan_all([Request(LAYOUT_DENSE, 3000, 1000, 1, (1, 64, 4097))], NUM_SMS)
+    assert configs == list(dict.fromkeys(plan_dense(m, 3000, 1008, NUM_SMS) for m in (1, 64, 4097)))
+
+
 
 def _run_cli(argv, capsys):
     rc = precompile_cli.main(argv)

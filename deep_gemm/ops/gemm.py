@@ -15,18 +15,56 @@ from . import library as _library
 _is_compiling = _library.is_compiling
 
 
-def pad_k_to_16(pair):
-    """TMA needs 16-byte row strides: a contiguous fp8 operand whose K is not a
-    multiple of 16 gets zero columns appended (zeros add nothing to the sums and
-    the scale blocks are unchanged).  Anything else is left to validation."""
+def _needs_k_pad(pair) -> bool:
+    """TMA needs 16-byte row strides: a contiguous fp8 operand whose K is not a multiple of 16
+    gets zero columns appended (zeros add nothing to the sums and the scale blocks are
+    unchanged). Anything else is left to validation."""
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        return False
+    x = pair[0]
+    return (isinstance(x, torch.Tensor) and x.dtype == torch.float8_e4m3fn and x.dim() >= 2
+            and x.shape[-1] % 16 != 0 and x.is_contiguous())
+
+
+def pad_k_to_16(pair):
+    """The operand padded along K if _needs_k_pad, in torch (the reference of ops/pad.py)."""
+    if not _needs_k_pad(pair):
         return pair
     x = pair[0]
-    if (not isinstance(x, torch.Tensor) or x.dtype != torch.float8_e4m3fn or x.dim() < 2
-            or x.shape[-1] % 16 == 0 or not x.is_contiguous()):
-        return pair
     padded = F.pad(x.view(torch.uint8), (0, (-x.shape[-1]) % 16)).view(torch.float8_e4m3fn)
     return padded, pair[1]
+
+
+def _last_dim(pair):
+    """K of an operand (its tensor's last dimension), or None for anything validation rejects."""
+    if isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], torch.Tensor) and pair[0].dim():
+        return pair[0].shape[-1]
+    return None
+
+
+_pad_ops = None
+
+
+def pad_operands_k_to_16(lhs, rhs):
+    """(lhs, rhs) with each operand padded along K as pad_k_to_16 does; on a Hopper GPU both by
+    one launch of ops/pad.py's kernel. Operands whose K differ are left alone: padding would hide
+    the mismatch that validation must report."""
+    global _pad_ops
+    pads = [_needs_k_pad(lhs), _needs_k_pad(rhs)]
+    if not any(pads):
+        return lhs, rhs
+    k_lhs, k_rhs = _last_dim(lhs), _last_dim(rhs)
+    if k_lhs is not None and k_rhs is not None and k_lhs != k_rhs:
+        return lhs, rhs
+    xs = [pair[0] for pair, pad in zip((lhs, rhs), pads) if pad]
+    device = xs[0].device
+    if not (xs[0].is_cuda and all(x.device == device for x in xs) and runs_on_hopper(device)):
+        return pad_k_to_16(lhs), pad_k_to_16(rhs)
+    if _pad_ops is None:   # imported on first use: it pulls in the JIT
+        from . import pad
+        _pad_ops = pad
+    padded = iter(_pad_ops.pad_k16(*xs))
+    return tuple((next(padded), pair[1]) if pad else pair for pair, pad in zip((lhs, rhs), pads))
 
 
 # ---- launch cache ---------------------------------------------------------------------------
@@ -117,7 +155,7 @@ def gemm_fp8_fp8_bf16_nt(lhs, rhs, out=None):
             launch.fire()
             return out
 
-    args = check_dense(pad_k_to_16(lhs), pad_k_to_16(rhs), out)
+    args = check_dense(*pad_operands_k_to_16(lhs, rhs), out)
     result = out if out is not None else args.out
     if args.m == 0:
         return result

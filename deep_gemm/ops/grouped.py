@@ -21,7 +21,7 @@ from ..plan import LAYOUT_CONTIGUOUS, LAYOUT_MASKED, M_ALIGNMENT_CONTIGUOUS, pla
 from ..runtime.launch import LaunchCache, current_raw_stream
 from ..validation import check_contiguous, check_masked
 from .device import runs_on_hopper
-from .gemm import _PLAIN, _device, _ptr, _runtime_kernels, _sms_for_key, pad_k_to_16
+from .gemm import _PLAIN, _device, _ptr, _runtime_kernels, _sms_for_key, pad_operands_k_to_16
 from . import library as _library
 
 _is_compiling = _library.is_compiling
@@ -93,7 +93,7 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices, check_in
             launch.fire()
             return out
 
-    args = check_contiguous(pad_k_to_16(lhs), pad_k_to_16(rhs), out, m_indices)
+    args = check_contiguous(*pad_operands_k_to_16(lhs, rhs), out, m_indices)
     if check_indices:
         check_m_indices(args.m_indices, args.num_groups)
     if args.m == 0:
@@ -136,7 +136,7 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m):
             launch.fire()
             return out
 
-    args = check_masked(pad_k_to_16(lhs), pad_k_to_16(rhs), out, masked_m, expected_m)
+    args = check_masked(*pad_operands_k_to_16(lhs, rhs), out, masked_m, expected_m)
     if args.max_m == 0:
         return out
     if not runs_on_hopper(args.a.device):
