@@ -149,9 +149,9 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
     tiles where they take (almost) no more rounds over a long (or very short) K.
     Memory-bound M: the BLOCK_N that finishes in the fewest waves, weighting each tile by
     its columns plus a fixed share (A's loads, promotion, epilogue) worth about 48 columns; narrow
-    tiles over a long K get a deeper ring and pipelined promotion; at most 16 rows over a long K
-    take 64 x 64 tiles split over K instead (tiny_m_splits); dense 16-column tiles copy A's
-    scales with a loader warp.  The rasterisation band narrows to 8 M blocks when N has few tiles.
+    tiles over a long K get a deeper ring and pipelined promotion; every M up to 64 gets M = 64's
+    plan (a dense M's partial block loads only its rows, so fewer rows are never slower:
+    docs/perf-notes.md, section 24); dense 16-column tiles copy A's scales with a loader warp.  The rasterisation band narrows to 8 M blocks when N has few tiles.
     Deterministic; DG_PRINT_CONFIGS=1 prints the choice.
     """
     block_m = 64 if m <= 64 else 128
@@ -179,7 +179,7 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
     # -> 185 us with no tile split) and a split tile pays a reduction, so it is used only where
     # the last wave saves at least 10% of the rounds: 4096x2112x7168 -7%, 1000x2112x7168 -15%,
     # 300x2112x7168 -9%; with K = 2048 it lost 9-10% (docs/perf-notes.md, section 13). Decode
-    # tiles are not split (split tied at best there, section 12), except for tiny M below.
+    # tiles are not split (split tied at best there, section 12).
     # A masked call's real group sizes stay on the GPU (m is only the expected rows per group),
     # so whether its last wave is partial depends on the draw: its kernel can split, and the
     # device splits whatever tail the real sizes leave. Over six draws each of the 1x1024,
@@ -198,8 +198,6 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
             rounds = full_waves + 1 / splits
     if tall_tiles_pay(m, n, k, num_sms, layout, rounds):
         block_m, split_k = 256, 1
-    if tiny_m_splits(m, n, k, num_sms, layout):
-        block_n, split_k, long_narrow = TINY_M_BLOCK_N, MAX_SPLIT_K, True
     # Decode (one M block): every B tile is read exactly once, so B's loads mark their L2 lines
     # evict-first. They then recycle each other's lines instead of evicting what earlier kernels
     # left in L2, which costs a write-back when that data is dirty: 3-14% on every dense decode
@@ -250,24 +248,6 @@ def tall_tiles_pay(m: int, n: int, k: int, num_sms: int, layout: int, rounds_128
     rounds_256 = ceil_div(ceil_div(m, 256) * ceil_div(n, 128), num_sms)
     # A few % more rounds are paid back (each 256-row tile is 5-10% cheaper per flop).
     return 2 * rounds_256 <= rounds_128 * TALL_TILE_ROUND_SLACK
-
-
-# A handful of tokens over a long K: with the decode plan (64 x 16 tiles, every SM walking all of
-# K) M = 1 ran 25-45% slower than M = 64 on the same kernel (H200, `bench --suite odd`:
-# 1x2112x7168 16.3 against 11.3 µs, 1x4096x7168 17.0 against 11.9), where M < 64 must be no
-# slower than M = 64. Wider tiles split over K walk a share of K each: 1x2112x7168 11.1 µs,
-# 7x2112x7168 13.9 -> 10.2, 1x4096x7168 14.4. With K <= 2048 the split lost (1x7168x2048 9.9 ->
-# 10.9, 1x24576x1536 16.9 -> 21.8); at M = 64 it won on N = 2112 and lost on N = 4096 there, and
-# tied at best on the H100 (docs/perf-notes.md, sections 12 and 22). Measured on an H200 only.
-TINY_M = 16
-TINY_M_BLOCK_N = 64
-
-
-def tiny_m_splits(m: int, n: int, k: int, num_sms: int, layout: int) -> bool:
-    """Whether a dense problem of at most TINY_M rows runs on 64 x 64 tiles split over K (only
-    where the tiles do get split: at most half as many as SMs)."""
-    return (layout == LAYOUT_DENSE and m <= TINY_M and ceil_div(k, BLOCK_K) >= MIN_TAIL_SPLIT_K_BLOCKS
-            and tail_splits(m, n, k, 64, TINY_M_BLOCK_N, num_sms) > 1)
 
 
 MAX_SPLIT_K = 4            # a split tile's last unit reads the others' partials one at a time

@@ -26,7 +26,7 @@ def main():
     # The last two walk more than 32 K blocks (B's scales come in 32-block chunks), one on the
     # deep-ring pipelined decode tile, one on the pipelined 128 x 128 tile.
     # N = 1001: the last N block is stored row by row, its last columns one at a time.
-    # 5 x 1000 x 4352: the planner's tiny-M plan (64 x 64 tiles, each split 4 ways over K).
+    # 5 x 1000 x 4352: 5 rows through short boxes on a deep-ring decode tile.
     # M % BLOCK_M != 0 (most of them): the last M block loads through the short tail boxes.
     # K = 1000: A and B padded to K = 1008 by the padding kernel first.
     for m, n, k in [(1, 256, 512), (65, 576, 896), (200, 2112, 576), (300, 384, 1024), (64, 256, 8320),
