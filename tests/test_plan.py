@@ -134,7 +134,9 @@ def test_narrow_long_k_decode_tiles_get_a_deep_pipelined_ring(m, n, k):
     (64, 2112, 7168, LAYOUT_DENSE),         # decode: split-K tied at best (perf-notes section 12)
     (1, 2112, 7168, LAYOUT_DENSE),          # M < 64: M = 64's plan (perf-notes section 24)
     (7, 4096, 7168, LAYOUT_DENSE),
+    (17, 2112, 7168, LAYOUT_DENSE),
     (1, 7168, 2048, LAYOUT_DENSE),
+    (1, 7168, 16384, LAYOUT_DENSE),
     (128, 2112, 7168, LAYOUT_DENSE),
     (64, 2112, 7168, LAYOUT_MASKED),        # masked decode-sized groups: memory-bound
     (512, 7168, 2048, LAYOUT_MASKED),       # masked, K = 2048

@@ -14,6 +14,11 @@ CHUNKS_PER_THREAD = 4
 CHUNKS_PER_CTA = THREADS * CHUNKS_PER_THREAD
 
 
+def padded_k(k: int) -> int:
+    """K rounded up to a multiple of 16: the K a GEMM with K % 16 != 0 runs with."""
+    return (k + 15) // 16 * 16
+
+
 def pad_source() -> str:
     return (f"// deep_gemm K-padding kernel\n#define PAD_THREADS {THREADS}\n"
             f"#define PAD_CHUNKS_PER_THREAD {CHUNKS_PER_THREAD}\n#include \"pad.cuh\"\n")

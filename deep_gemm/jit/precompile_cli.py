@@ -26,6 +26,7 @@ import time
 from typing import Iterable, List, NamedTuple, Sequence
 
 from ..plan import LAYOUT_CONTIGUOUS, LAYOUT_DENSE, LAYOUT_MASKED, LAYOUT_NAMES, KernelConfig, plan_dense
+from .pad_source import pad_job, padded_k
 
 DEFAULT_MAX_M = 16384
 SUPPORTED_ARCHS = ("sm_90a",)   # the kernel uses wgmma/setmaxnreg: arch-specific sm_90a only
@@ -82,8 +83,7 @@ def plan_all(requests: Iterable[Request], num_sms: int) -> List[KernelConfig]:
         for r in requests:
             for m in r.m_values:
                 # A call with K % 16 != 0 runs on operands padded to a multiple of 16 (ops/pad.py).
-                k = (r.k + 15) // 16 * 16
-                config = plan_dense(m, r.n, k, num_sms, layout=r.layout, num_groups=r.num_groups)
+                config = plan_dense(m, r.n, padded_k(r.k), num_sms, layout=r.layout, num_groups=r.num_groups)
                 seen.setdefault(config, None)
         return list(seen)
     finally:
@@ -236,7 +236,6 @@ def main(argv: Sequence[str] = ()) -> int:
     jobs = [(c.name, gemm_source(c), GEMM_KERNEL_NAME, arch) for c in configs]
     owners: list = list(configs)
     if any(r.k % 16 for r in requests):   # such calls pad A and B along K first (ops/pad.py)
-        from .pad_source import pad_job
         owners.append(None)
         jobs.append(pad_job(arch))
     more_configs, more_jobs = cast_jobs({r.k for r in requests}, arch)

@@ -172,6 +172,7 @@ DG_DEVICE void produce(const TmaDescriptor* tma_a, const TmaDescriptor* tma_b, c
     // previous kernels left in L2 (see ptx::l2_evict_first_policy and plan.py).
     const uint64_t b_policy = STREAM_B ? ptx::l2_evict_first_policy() : 0;
     while (scheduler.next(tile)) {
+        // (The compile-time terms drop this from kernels the host never gives a tail.)
         const bool tail = LAYOUT == kDense && CLUSTER_N == 1 && a_tail_rows > 0 && tile.row_begin + BLOCK_M > shape_m;
         const TmaDescriptor* map_a = tail ? tma_a_tail : tma_a;
         const TmaDescriptor* map_sa = tail ? tma_sa_tail : tma_sa;

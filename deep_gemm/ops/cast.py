@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import ctypes
 import struct
-import threading
 
 import torch
 
 from .. import reference
-from ..jit import compile_kernel
 from ..jit.cast_source import PER_BLOCK, PER_TOKEN, PER_TOKEN_THREADS, CastConfig, cast_source
 from ..runtime.driver import LoadedKernel
-from ..runtime.kernels import KernelNotReadyError, device_arch
+from ..runtime.kernels import load_once
 from ..runtime.launch import LaunchCache, PreparedLaunch, current_raw_stream
 from .gemm import _PLAIN
 
@@ -47,7 +45,6 @@ _SEEN_ONCE_SIZE = 4096     # when full it starts over: a forgotten key pays one 
 _current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 
 _loaded: dict = {}          # (kind, K, dtype name, vec, device index) -> LoadedKernel
-_lock = threading.Lock()
 launch_count = 0            # kernels launched by this module (tests check the GPU path ran)
 
 
@@ -58,24 +55,11 @@ def _key(config: CastConfig, device_index: int) -> tuple:
 
 def cast_kernel(config: CastConfig, device_index: int) -> LoadedKernel:
     """The loaded kernel for `config` on a device, compiling and loading it on first use."""
-    kernel = _loaded.get(_key(config, device_index))
-    if kernel is not None:
-        return kernel
-    if torch.cuda.is_current_stream_capturing():
-        raise KernelNotReadyError(
-            f"deep_gemm: cast kernel {config.name} is not loaded yet and the current stream is "
-            "capturing a CUDA graph, where loading a module is not permitted. Run the same cast once "
-            "before capture (warm-up), or compile it ahead with deep_gemm.ops.cast.precompile_casts.")
-    with _lock:
-        kernel = _loaded.get(_key(config, device_index))
-        if kernel is None:
-            compiled = compile_kernel(cast_source(config), config.kernel_name,
-                                      arch=device_arch(torch.device("cuda", device_index)), name=config.name)
-            with torch.cuda.device(device_index):
-                kernel = LoadedKernel(compiled.cubin, config.kernel_name, config.num_threads, 0,
-                                      _PARAM_TYPES[config.kind])
-            _loaded[_key(config, device_index)] = kernel
-    return kernel
+    return load_once(_loaded, _key(config, device_index), device_index, source=cast_source(config),
+                     kernel_name=config.kernel_name, label=config.name, what=f"cast kernel {config.name}",
+                     preload_hint="Run the same cast once before capture (warm-up), or compile it ahead "
+                                  "with deep_gemm.ops.cast.precompile_casts.",
+                     num_threads=config.num_threads, param_types=_PARAM_TYPES[config.kind])
 
 
 def precompile_casts(ks, dtypes=(torch.bfloat16,), device=None) -> None:

@@ -8,14 +8,12 @@ routes CUDA tensors on Hopper here; its F.pad path (pad_k_to_16) is the referenc
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 
-from ..jit import compile_kernel
-from ..jit.pad_source import CHUNKS_PER_CTA, KERNEL_NAME, NAME, THREADS, pad_source
+from ..jit.pad_source import CHUNKS_PER_CTA, KERNEL_NAME, NAME, THREADS, pad_source, padded_k
 from ..runtime.driver import LoadedKernel
-from ..runtime.kernels import KernelNotReadyError, device_arch
+from ..runtime.kernels import load_once
 from ..runtime.launch import current_raw_stream
 
 _FP8 = torch.float8_e4m3fn
@@ -27,29 +25,16 @@ _PARAM_TYPES = _OPERAND_TYPES * 2 + (ctypes.c_int32,)
 _current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 
 _loaded: dict = {}          # device index -> LoadedKernel
-_lock = threading.Lock()
 launch_count = 0            # kernels launched by this module (tests count them per GEMM call)
 
 
 def pad_kernel(device_index: int) -> LoadedKernel:
     """The loaded padding kernel of a device, compiling and loading it on first use."""
-    kernel = _loaded.get(device_index)
-    if kernel is not None:
-        return kernel
-    if torch.cuda.is_current_stream_capturing():
-        raise KernelNotReadyError(
-            "deep_gemm: the K-padding kernel (for K % 16 != 0) is not loaded yet and the current stream "
-            "is capturing a CUDA graph, where loading a module is not permitted. Run the same call once "
-            "before capture (warm-up), or load it ahead with deep_gemm.ops.pad.precompile_pad.")
-    with _lock:
-        kernel = _loaded.get(device_index)
-        if kernel is None:
-            compiled = compile_kernel(pad_source(), KERNEL_NAME,
-                                      arch=device_arch(torch.device("cuda", device_index)), name=NAME)
-            with torch.cuda.device(device_index):
-                kernel = LoadedKernel(compiled.cubin, KERNEL_NAME, THREADS, 0, _PARAM_TYPES)
-            _loaded[device_index] = kernel
-    return kernel
+    return load_once(_loaded, device_index, device_index, source=pad_source(), kernel_name=KERNEL_NAME,
+                     label=NAME, what="the K-padding kernel (for K % 16 != 0)",
+                     preload_hint="Run the same call once before capture (warm-up), or load it ahead with "
+                                  "deep_gemm.ops.pad.precompile_pad.",
+                     num_threads=THREADS, param_types=_PARAM_TYPES)
 
 
 def precompile_pad(device=None) -> None:
@@ -61,7 +46,7 @@ def precompile_pad(device=None) -> None:
 
 def padded_shape(x: torch.Tensor) -> tuple:
     """x's shape with the last dimension rounded up to a multiple of 16."""
-    return (*x.shape[:-1], (x.shape[-1] + 15) // 16 * 16)
+    return (*x.shape[:-1], padded_k(x.shape[-1]))
 
 
 def _check_pair(src, dst, name: str) -> None:

@@ -34,26 +34,40 @@ def device_arch(device: torch.device) -> str:
     return f"sm_{major}{minor}a" if major == 9 else f"sm_{major}{minor}"
 
 
-def gemm_kernel(config: KernelConfig, device_index: int) -> LoadedKernel:
-    """The loaded kernel for `config` on a device, compiling and loading it on first use."""
-    kernel = _loaded.get((config, device_index))
+def load_once(cache: dict, key, device_index: int, *, source: str, kernel_name: str, label: str, what: str,
+              preload_hint: str, num_threads: int, param_types, smem_bytes: int = 0,
+              cluster_size: int = 1) -> LoadedKernel:
+    """cache[key]: the kernel compiled from `source` and loaded on a device on first use (one
+    lock for every kernel family: loading is rare). Loading a module is not permitted while
+    the current stream captures a CUDA graph, so a kernel first needed then is an error that
+    names it (`what`) and says how to load it before capture (`preload_hint`)."""
+    kernel = cache.get(key)
     if kernel is not None:
         return kernel
     if torch.cuda.is_current_stream_capturing():
         raise KernelNotReadyError(
-            f"deep_gemm: kernel {config.name} is not loaded yet and the current stream is capturing a CUDA "
-            "graph, where loading a module is not permitted. Run the same call once before capture "
-            "(warm-up), or precompile with `python -m deep_gemm precompile`.")
+            f"deep_gemm: {what} is not loaded yet and the current stream is capturing a CUDA graph, where "
+            f"loading a module is not permitted. {preload_hint}")
     with _lock:
-        kernel = _loaded.get((config, device_index))
+        kernel = cache.get(key)
         if kernel is None:
-            compiled = compile_kernel(gemm_source(config), GEMM_KERNEL_NAME,
-                                      arch=device_arch(torch.device("cuda", device_index)), name=config.name)
+            compiled = compile_kernel(source, kernel_name, arch=device_arch(torch.device("cuda", device_index)),
+                                      name=label)
             with torch.cuda.device(device_index):
-                kernel = LoadedKernel(compiled.cubin, GEMM_KERNEL_NAME, config.num_threads,
-                                      config.smem_bytes, GEMM_PARAM_TYPES, config.cluster_size)
-            _loaded[(config, device_index)] = kernel
+                kernel = LoadedKernel(compiled.cubin, kernel_name, num_threads, smem_bytes, param_types,
+                                      cluster_size)
+            cache[key] = kernel
     return kernel
+
+
+def gemm_kernel(config: KernelConfig, device_index: int) -> LoadedKernel:
+    """The loaded kernel for `config` on a device, compiling and loading it on first use."""
+    return load_once(_loaded, (config, device_index), device_index, source=gemm_source(config),
+                     kernel_name=GEMM_KERNEL_NAME, label=config.name, what=f"kernel {config.name}",
+                     preload_hint="Run the same call once before capture (warm-up), or precompile with "
+                                  "`python -m deep_gemm precompile`.",
+                     num_threads=config.num_threads, param_types=GEMM_PARAM_TYPES,
+                     smem_bytes=config.smem_bytes, cluster_size=config.cluster_size)
 
 
 def a_tail_rows(config: KernelConfig, shape_m: int) -> int:
