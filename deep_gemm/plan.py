@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 BLOCK_K = 128                      # one scale block of K; a 128B-swizzled fp8 row
 SMEM_CAPACITY = 232448             # bytes of dynamic shared memory per block on sm_90
@@ -35,6 +35,7 @@ class KernelConfig:
     block_m: int                # 64 (one math warpgroup), 128 (two) or 256 (two, two waves each)
     block_n: int                # multiple of 16, <= 256
     num_stages: int             # depth of the shared-memory ring
+    stage_k_blocks: int = 1     # 128-K blocks a stage, loaded by one TMA operation per operand
     layout: int = LAYOUT_DENSE
     num_groups: int = 1
     raster_group: int = 16      # tiles of this many M blocks sweep N together (L2 reuse)
@@ -63,7 +64,7 @@ class KernelConfig:
 
     @property
     def smem_bytes(self) -> int:
-        return smem_bytes(self.block_m, self.block_n, self.num_stages)
+        return smem_bytes(self.block_m, self.block_n, self.num_stages, self.stage_k_blocks)
 
     def split_k_workspace_floats(self, grid: int) -> int:
         """fp32 partial results a split-K launch on `grid` blocks may write: at most one tile per
@@ -79,6 +80,7 @@ class KernelConfig:
             "BLOCK_N": self.block_n,
             "BLOCK_K": self.block_k,
             "NUM_STAGES": self.num_stages,
+            "STAGE_K_BLOCKS": self.stage_k_blocks,
             "LAYOUT": self.layout,
             "NUM_GROUPS": self.num_groups,
             "RASTER_GROUP": self.raster_group,
@@ -92,7 +94,8 @@ class KernelConfig:
     @property
     def name(self) -> str:
         return (f"gemm_{LAYOUT_NAMES[self.layout]}_n{self.n}_k{self.k}_g{self.num_groups}"
-                f"_bm{self.block_m}_bn{self.block_n}_s{self.num_stages}_r{self.raster_group}"
+                f"_bm{self.block_m}_bn{self.block_n}_s{self.num_stages}"
+                + (f"x{self.stage_k_blocks}" if self.stage_k_blocks > 1 else "") + f"_r{self.raster_group}"
                 f"_c{self.cluster_n}_sk{self.split_k}_p{int(self.pipeline)}" + ("_sb" if self.stream_b else "")
                 + ("_sl" if self.sa_loader_warp else ""))
 
@@ -105,8 +108,8 @@ def store_chunk_cols(block_n: int) -> int:
     raise ValueError(f"block_n={block_n} must be a multiple of 16")
 
 
-def smem_bytes(block_m: int, block_n: int, num_stages: int) -> int:
-    per_stage = block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4   # A, B, A's scales
+def smem_bytes(block_m: int, block_n: int, num_stages: int, stage_k_blocks: int = 1) -> int:
+    per_stage = (block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4) * stage_k_blocks   # A, B, A's scales
     out_tile = block_m * block_n * 2                                   # bf16 epilogue buffer
     barriers = (num_stages * 2 + 2) * 8                                # full, empty; split-K's flag
     return SMEM_RESERVED + out_tile + num_stages * per_stage + barriers
@@ -129,11 +132,21 @@ MAX_BLOCK_N = {64: 160, 128: 160, 256: 128}
 BLOCK_N_CANDIDATES = tuple(bn for bn in range(16, 257, 16) if valid_block_n(bn))
 
 
-def max_stages(block_m: int, block_n: int, capacity: int = SMEM_CAPACITY, cap: int = 8) -> int:
+def max_stages(block_m: int, block_n: int, capacity: int = SMEM_CAPACITY, cap: int = 8,
+               stage_k_blocks: int = 1) -> int:
+    """Most stages (of stage_k_blocks K blocks each) that fit, at most `cap` stages."""
     stages = cap
-    while stages > 1 and smem_bytes(block_m, block_n, stages) > capacity:
+    while stages > 1 and smem_bytes(block_m, block_n, stages, stage_k_blocks) > capacity:
         stages -= 1
     return stages
+
+
+def with_stage_k_blocks(config: KernelConfig, stage_k_blocks: int) -> KernelConfig:
+    """config with stage_k_blocks K blocks a stage, and as many stages as keep about the same
+    number of K blocks in flight (as shared memory allows)."""
+    cap = max(1, ceil_div(config.num_stages * config.stage_k_blocks, stage_k_blocks))
+    return replace(config, stage_k_blocks=stage_k_blocks,
+                   num_stages=max_stages(config.block_m, config.block_n, cap=cap, stage_k_blocks=stage_k_blocks))
 
 
 # Above this many rows per M block the GEMM is compute-bound and the measured
@@ -151,7 +164,9 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
     its columns plus a fixed share (A's loads, promotion, epilogue) worth about 48 columns; narrow
     tiles over a long K get a deeper ring and pipelined promotion; every M up to 64 gets M = 64's
     plan (a dense M's partial block loads only its rows, so fewer rows are never slower:
-    docs/perf-notes.md, section 24); dense 16-column tiles copy A's scales with a loader warp.  The rasterisation band narrows to 8 M blocks when N has few tiles.
+    docs/perf-notes.md, section 24); dense 16-column tiles copy A's scales with a loader warp, and
+    narrow dense tiles over a long K load two K blocks a stage. The rasterisation band narrows to 8
+    M blocks when N has few tiles.
     Deterministic; DG_PRINT_CONFIGS=1 prints the choice.
     """
     block_m = 64 if m <= 64 else 128
@@ -215,8 +230,16 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
     # with it; grouped calls rarely get 16-column tiles and were not measured on them
     # (docs/perf-notes.md, section 23).
     sa_loader_warp = layout == LAYOUT_DENSE and block_n <= SA_LOADER_MAX_BLOCK_N
+    # The same narrow dense tiles take two K blocks a stage (one 3-D TMA load per operand, half
+    # the operations and barrier rounds per byte): 64x2112x7168 10.3 -> 9.6 us, 128x4096x7168
+    # 14.3 -> 13.7, 1x2112x7168 10.1 -> 9.6; ties on 128x2112x7168 and 64x4096x7168, 1x4096x7168
+    # 11.8 -> 12.1 (its tail box grows from 1 to 8 rows). Four a stage and wider or grouped tiles
+    # lost (2-30%: fewer, coarser stages); K must be whole 128-blocks (docs/perf-notes.md, section 25).
+    stage_k_blocks = 2 if long_narrow and layout == LAYOUT_DENSE and k % BLOCK_K == 0 else 1
     config = KernelConfig(n=n, k=k, block_m=block_m, block_n=block_n,
-                          num_stages=max_stages(block_m, block_n, cap=32 if long_narrow else 8),
+                          num_stages=max_stages(block_m, block_n, cap=(32 if long_narrow else 8) // stage_k_blocks,
+                                                stage_k_blocks=stage_k_blocks),
+                          stage_k_blocks=stage_k_blocks,
                           layout=layout, num_groups=num_groups, raster_group=raster_group, split_k=split_k,
                           pipeline=(m > COMPUTE_BOUND_M or long_narrow) and block_m != 256, stream_b=stream_b,
                           sa_loader_warp=sa_loader_warp)

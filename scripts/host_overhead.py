@@ -221,7 +221,7 @@ def _clear_all_caches() -> None:
     from deep_gemm import plan
     from deep_gemm.runtime import tma
     _clear_launch_caches()
-    tma.tensor_map_2d.cache_clear()
+    tma.tensor_map.cache_clear()
     if hasattr(plan, "clear_plan_cache"):
         plan.clear_plan_cache()
 

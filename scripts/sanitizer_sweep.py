@@ -39,17 +39,22 @@ def main():
 
     # Forced variants. Split-K: partial tiles through the workspace, and shares with no K block
     # at all. 256-row tiles (two waves per warpgroup): a partial second M block, > 32 K blocks.
-    # The last two copy A's scales with the loader warp (cp.async, zero-filled past M).
+    # Two copy A's scales with the loader warp (cp.async, zero-filled past M).
     for m, n, k, changes in [(64, 2112, 1024, dict(block_n=64, split_k=4)), (77, 512, 384, dict(block_n=32, split_k=5)),
                              (1000, 2112, 2048, dict(block_n=128, split_k=4)),
                              (300, 384, 4352, dict(block_m=256, block_n=128, pipeline=False)),
                              (77, 512, 4352, dict(block_n=16, sa_loader_warp=True)),
-                             (300, 384, 1024, dict(block_m=256, block_n=128, pipeline=False, sa_loader_warp=True))]:
+                             (300, 384, 1024, dict(block_m=256, block_n=128, pipeline=False, sa_loader_warp=True)),
+                             # Several K blocks a stage (3-D boxes): tail rows rounded up to 8, an
+                             # odd K-block count, split shares ending inside a stage.
+                             (5, 1000, 4480, dict(block_n=16, pipeline=True, sa_loader_warp=True, stage_k_blocks=2)),
+                             (77, 512, 4352, dict(block_n=32, split_k=5, stage_k_blocks=4))]:
         lhs = deep_gemm.per_token_cast_to_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
         rhs = deep_gemm.per_block_cast_to_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
         base = plan.plan_dense(m, n, k, deep_gemm.get_num_sms())
-        config = dataclasses.replace(base, **{"split_k": 1, **changes})
-        config = dataclasses.replace(config, num_stages=plan.max_stages(config.block_m, config.block_n))
+        config = dataclasses.replace(base, **{"split_k": 1, "stage_k_blocks": 1, **changes})
+        config = dataclasses.replace(config, num_stages=plan.max_stages(
+            config.block_m, config.block_n, cap=8 // config.stage_k_blocks, stage_k_blocks=config.stage_k_blocks))
         out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
         launch_gemm(config, a=lhs[0], a_rows=m, sa=lhs[1], sa_rows=m, b=rhs[0],
                     b_rows=n, sb=rhs[1], out=out, out_rows=m, shape_m=m, group_info=None,

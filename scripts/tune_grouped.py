@@ -18,7 +18,7 @@ import torch
 
 from deep_gemm import bench, plan
 from deep_gemm.ops import grouped
-from tune_sweep import parse_configs
+from tune_sweep import exact, parse_configs
 
 
 def variants(base):
@@ -27,7 +27,7 @@ def variants(base):
         return
     if os.environ.get("GROUPED_CONFIGS"):   # explicit variants, as tune_sweep's SWEEP_CONFIGS
         for name, changes in parse_configs(os.environ["GROUPED_CONFIGS"]):
-            yield name, dataclasses.replace(base, **changes)
+            yield name, exact(base, **changes)
         return
     yield ("normal B" if base.stream_b else "stream B"), dataclasses.replace(base, stream_b=not base.stream_b)
     if os.environ.get("GROUPED_STREAM_ONLY"):   # just the L2 policy of B's loads, both ways

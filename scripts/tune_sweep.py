@@ -6,7 +6,7 @@ timing is the bench's (profiler kernel time, L2 flushed, median).
 Environment: SWEEP_SHAPES="64x2112x7168,..." other shapes; SWEEP_CONFIGS="split_k=1;block_n=64,
 split_k=4" explicit variants instead of the built-in list; SWEEP_FLUSH=read a clean-L2 flush
 (bench.Timer); SWEEP_PLANNER_ONLY=1 the planner's choice alone; SWEEP_EXACT=1 applies SWEEP_CONFIGS
-without deepening the ring.
+without deepening the ring (a new stage_k_blocks keeps the planner's K blocks in flight).
 """
 import dataclasses
 import itertools
@@ -26,9 +26,17 @@ SHAPES = [(m, n, k) for m in (64, 128, 4096) for n, k in (
 
 
 def deep(cfg, **changes):
-    """cfg with `changes` and as many ring stages as shared memory holds (up to 32)."""
+    """cfg with `changes` and as many ring stages as shared memory holds (up to 32 K blocks)."""
     cfg = dataclasses.replace(cfg, **changes)
-    return dataclasses.replace(cfg, num_stages=plan.max_stages(cfg.block_m, cfg.block_n, cap=32))
+    kbs = cfg.stage_k_blocks
+    return dataclasses.replace(cfg, num_stages=plan.max_stages(cfg.block_m, cfg.block_n, cap=-(-32 // kbs),
+                                                               stage_k_blocks=kbs))
+
+
+def exact(cfg, **changes):
+    """cfg with `changes`; a new stage_k_blocks keeps about as many K blocks in flight."""
+    kbs = changes.pop("stage_k_blocks", cfg.stage_k_blocks)
+    return plan.with_stage_k_blocks(dataclasses.replace(cfg, **changes), kbs)
 
 
 def parse_configs(text):
@@ -44,9 +52,10 @@ def variants(m, n, k):
         return
     if os.environ.get("SWEEP_CONFIGS"):
         # SWEEP_EXACT=1: the fields replaced as given, the ring depth left as the planner chose.
-        change = (lambda cfg, **kw: dataclasses.replace(cfg, **kw)) if os.environ.get("SWEEP_EXACT") else deep
+        change = exact if os.environ.get("SWEEP_EXACT") else deep
         for name, changes in parse_configs(os.environ["SWEEP_CONFIGS"]):
-            yield name.replace("block_n=", "bn").replace("split_k=", "sk"), change(base, **changes)
+            name = name.replace("block_n=", "bn").replace("split_k=", "sk").replace("stage_k_blocks=", "kb")
+            yield name, change(base, **changes)
         return
     if m > plan.COMPUTE_BOUND_M:
         yield "c2", dataclasses.replace(base, cluster_n=2)

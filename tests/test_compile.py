@@ -90,6 +90,18 @@ def test_loader_warp_with_a_cluster_does_not_compile(tmp_cache_dir):
         compile_kernel(gemm_source(config), GEMM_KERNEL_NAME, arch="sm_90a", name=config.name)
 
 
+@pytest.mark.parametrize("changes, needle", [
+    (dict(k=576), "K % 128 == 0"),                         # the 3-D view needs whole K blocks
+    (dict(cluster_n=2, sa_loader_warp=False), "no cluster"),
+], ids=["k576", "cluster"])
+def test_several_k_blocks_a_stage_is_refused_where_boxes_cannot_hold_them(tmp_cache_dir, changes, needle):
+    from deep_gemm.jit import compile_kernel
+    from deep_gemm.jit.compiler import CompilationError
+    config = dataclasses.replace(plan_dense(64, 2112, 7168, NUM_SMS), stage_k_blocks=2, num_stages=8, **changes)
+    with pytest.raises(CompilationError, match=needle):
+        compile_kernel(gemm_source(config), GEMM_KERNEL_NAME, arch="sm_90a", name=config.name)
+
+
 # ---- the precompile CLI ------------------------------------------------------------------
 def test_precompile_plans_k_as_the_calls_run_it():
     # A call with K % 16 != 0 runs the kernel planned for K rounded up to 16 (ops/pad.py).
@@ -245,6 +257,17 @@ FEATURE_VARIANTS = [
     KernelConfig(n=7168, k=576, block_m=64, block_n=32, num_stages=8, split_k=8, pipeline=False),
     KernelConfig(n=4096, k=7168, block_m=128, block_n=128, num_stages=4, layout=LAYOUT_CONTIGUOUS,
                  num_groups=8, split_k=2),
+    # Several K blocks a stage (3-D TMA boxes): decode tiles with and without the scale loader
+    # warp, split-K, 256-row tiles, both grouped layouts.
+    KernelConfig(n=2112, k=7168, block_m=64, block_n=16, num_stages=10, stage_k_blocks=2, sa_loader_warp=True,
+                 stream_b=True),
+    KernelConfig(n=4096, k=7168, block_m=128, block_n=32, num_stages=2, stage_k_blocks=4, stream_b=True),
+    KernelConfig(n=2112, k=7168, block_m=128, block_n=128, num_stages=2, stage_k_blocks=2, split_k=4),
+    KernelConfig(n=7168, k=16384, block_m=256, block_n=128, num_stages=1, stage_k_blocks=2, pipeline=False),
+    KernelConfig(n=4096, k=7168, block_m=128, block_n=128, num_stages=3, stage_k_blocks=2, layout=LAYOUT_MASKED,
+                 num_groups=4, split_k=4),
+    KernelConfig(n=4096, k=7168, block_m=128, block_n=128, num_stages=3, stage_k_blocks=2,
+                 layout=LAYOUT_CONTIGUOUS, num_groups=8),
 ]
 
 

@@ -48,12 +48,23 @@ def _launch(config, lhs, rhs, out, num_sms=None):
     (77, 512, 576, dict(block_n=32, split_k=8, sa_loader_warp=True)),  # M % 4 = 1, empty shares
     (300, 4000, 7168, dict(block_m=256, block_n=128, sa_loader_warp=True)),  # two pieces per lane
     (1000, 2112, 7168, dict(block_n=128, split_k=4, pipeline=True, sa_loader_warp=True)),
+    # Several K blocks a stage (3-D boxes): tail boxes of M rounded up to 8 rows, an odd number
+    # of K blocks (the last stage half past K), split shares that end inside a stage, two waves.
+    (64, 2112, 7168, dict(block_n=16, pipeline=True, sa_loader_warp=True, stage_k_blocks=2)),
+    (1, 2112, 7168, dict(block_n=16, pipeline=True, sa_loader_warp=True, stage_k_blocks=4)),
+    (7, 4096, 4480, dict(block_n=32, pipeline=True, stage_k_blocks=2)),        # 35 K blocks
+    (100, 1040, 12800, dict(block_n=32, split_k=3, pipeline=True, stage_k_blocks=4)),
+    (77, 512, 4352, dict(block_n=32, split_k=5, stage_k_blocks=4, sa_loader_warp=True)),
+    (1000, 2112, 7168, dict(block_n=128, split_k=4, pipeline=True, stage_k_blocks=2)),
+    (300, 4000, 7168, dict(block_m=256, block_n=128, stage_k_blocks=2)),      # 2nd M block: 44 rows -> 48
 ], ids=str)
 def test_forced_variant_matches_float64(m, n, k, changes):
     base = plan.plan_dense(m, n, k, 132)
-    changes = {"pipeline": False, "split_k": 1, "sa_loader_warp": False, **changes}
+    changes = {"pipeline": False, "split_k": 1, "sa_loader_warp": False, "stage_k_blocks": 1, **changes}
     block_m = changes.get("block_m", base.block_m)
-    config = dataclasses.replace(base, **changes, num_stages=plan.max_stages(block_m, changes["block_n"]))
+    config = dataclasses.replace(base, **changes, num_stages=plan.max_stages(
+        block_m, changes["block_n"], cap=max(1, 8 // changes["stage_k_blocks"]),
+        stage_k_blocks=changes["stage_k_blocks"]))
     lhs, rhs, ref = _inputs(m, n, k)
     # Rows 16-byte aligned, as the public function stages them for odd N; the padding columns
     # must stay untouched.

@@ -121,19 +121,28 @@ def test_masked_matches_per_group_dense(g, max_m, expected_m, n, k):
     check_masked(lhs, rhs, out, masked_m)
 
 
-def _force_loader_warp(monkeypatch, **changes):
-    """The grouped ops plan as usual, then copy A's scales with the loader warp (the planner keeps
-    it to dense 16-column tiles); returns the configs used, to show the patch took effect."""
+def _force(monkeypatch, stage_k_blocks=1, **changes):
+    """The grouped ops plan as usual, then take `changes` (and stage_k_blocks K blocks a stage);
+    returns the configs used, to show the patch took effect."""
     from deep_gemm.ops import grouped
     planned = grouped.plan_cached
     used = []
+    # A call with the same pointers and shapes as an earlier one skips planning (launch cache).
+    grouped._contiguous_launches.clear()
+    grouped._masked_launches.clear()
 
     def patched(*args):
-        config = dataclasses.replace(planned(*args), sa_loader_warp=True, **changes)
+        config = plan.with_stage_k_blocks(dataclasses.replace(planned(*args), **changes), stage_k_blocks)
         used.append(config)
         return config
     monkeypatch.setattr(grouped, "plan_cached", patched)
     return used
+
+
+def _force_loader_warp(monkeypatch, **changes):
+    """Grouped calls copying A's scales with the loader warp (the planner keeps it to dense
+    16-column tiles)."""
+    return _force(monkeypatch, sa_loader_warp=True, **changes)
 
 
 def test_contiguous_scales_by_loader_warp(monkeypatch):
@@ -160,6 +169,35 @@ def test_masked_scales_by_loader_warp(monkeypatch):
     out = torch.full((g, max_m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
     deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, 100)
     assert used and used[0].sa_loader_warp
+    check_masked(lhs, rhs, out, masked_m)
+
+
+def test_contiguous_with_several_k_blocks_a_stage(monkeypatch):
+    used = _force(monkeypatch, stage_k_blocks=2)
+    sizes, n, k = [130, 7, 0, 250], 528, 1152     # 9 K blocks: the last stage half past K
+    lhs, m_indices = contiguous_inputs(sizes, n, k)
+    rhs = weights(len(sizes), n, k)
+    out = torch.full((lhs[0].shape[0], n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices)
+    assert used and used[0].stage_k_blocks == 2
+    a = dequantize_lhs(*lhs, dtype=torch.float64)
+    for g in range(len(sizes)):
+        rows = (m_indices == g).nonzero().flatten()
+        if rows.numel():
+            check_close(out[rows], a[rows] @ dequantize_rhs(rhs[0][g], rhs[1][g], dtype=torch.float64).T)
+
+
+@pytest.mark.parametrize("loader_warp", [False, True], ids=["tma_scales", "loader_warp"])
+def test_masked_with_several_k_blocks_a_stage(monkeypatch, loader_warp):
+    """7 K blocks in stages of 4: a group's last stage reaches into the next group's scale rows
+    (and, for the last group, past them), which the kernel must never use."""
+    used = _force(monkeypatch, stage_k_blocks=4, sa_loader_warp=loader_warp)
+    g, max_m, n, k = 3, 198, 592, 896
+    lhs, rhs = masked_inputs(g, max_m, n, k)
+    masked_m = torch.tensor([198, 61, 0], device="cuda", dtype=torch.int32)
+    out = torch.full((g, max_m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, 100)
+    assert used and used[0].stage_k_blocks == 4
     check_masked(lhs, rhs, out, masked_m)
 
 

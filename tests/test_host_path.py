@@ -188,9 +188,9 @@ def fake(monkeypatch):
     monkeypatch.setattr(grouped_ops, "_masked_launches", launch.LaunchCache())
     monkeypatch.setattr(workspace, "_workspaces", {})
     monkeypatch.setattr(workspace, "_outgrown", [])
-    tma.tensor_map_2d.cache_clear()
+    tma.tensor_map.cache_clear()
     yield cu
-    tma.tensor_map_2d.cache_clear()
+    tma.tensor_map.cache_clear()
 
 
 def dense_inputs(m=128, n=256, k=384):
@@ -202,7 +202,7 @@ def dense_inputs(m=128, n=256, k=384):
 def uncached_dense_params(lhs, rhs, out, num_sms=132):
     """The packed parameters of a dense launch built from scratch: no plan, tensor-map or launch
     cache involved."""
-    tma.tensor_map_2d.cache_clear()
+    tma.tensor_map.cache_clear()
     args = validation.check_dense(lhs, rhs, out)
     assert args.a is lhs[0] and args.sa is lhs[1] and args.out is out, "inputs must be kernel-ready"
     (a, sa), (b, sb) = lhs, rhs

@@ -125,9 +125,21 @@ def test_print_configs(monkeypatch, capsys):
 
 @pytest.mark.parametrize("m,n,k", [(64, 2112, 7168), (24, 4096, 7168), (128, 2112, 4096)])
 def test_narrow_long_k_decode_tiles_get_a_deep_pipelined_ring(m, n, k):
+    # Two K blocks a stage (perf-notes section 25): more than 8 K blocks in flight, as many
+    # stages as shared memory holds up to 32 K blocks.
     c = plan_dense(m, n, k, 132)
-    assert c.block_n <= 32 and c.pipeline
-    assert c.num_stages > 8 and c.num_stages == plan.max_stages(c.block_m, c.block_n, cap=32)
+    assert c.block_n <= 32 and c.pipeline and c.stage_k_blocks == 2
+    assert c.num_stages * 2 > 8 and c.num_stages == plan.max_stages(c.block_m, c.block_n, cap=16, stage_k_blocks=2)
+
+
+@pytest.mark.parametrize("m,n,k,layout", [
+    (64, 7168, 16384, LAYOUT_DENSE),      # 64-column tiles: one K block a stage won
+    (4096, 4096, 7168, LAYOUT_DENSE),
+    (64, 4096, 7168, LAYOUT_MASKED),      # grouped tiles: lost 2-30%
+    (24, 4096, 4160, LAYOUT_DENSE),       # K not whole 128-blocks: no 3-D view
+])
+def test_one_k_block_a_stage_elsewhere(m, n, k, layout):
+    assert plan_dense(m, n, k, 132, layout=layout, num_groups=4 if layout == LAYOUT_MASKED else 1).stage_k_blocks == 1
 
 
 @pytest.mark.parametrize("m,n,k,layout", [

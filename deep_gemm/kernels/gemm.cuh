@@ -1,8 +1,9 @@
 // The FP8 GEMM: out[m, n] = sum_k A[m, k] B[n, k] sa[m, k/128] sb[n/128, k/128].
 //
 // Persistent and warp-specialised.  Warpgroup 0 produces: one thread issues
-// TMA loads of A, B and A's scales into a NUM_STAGES ring of shared memory
-// (with SA_LOADER_WARP, a second warp copies A's scales: see load_a_scales).
+// TMA loads of A, B and A's scales into a NUM_STAGES ring of shared memory,
+// STAGE_K_BLOCKS 128-K blocks a stage (with SA_LOADER_WARP, a second warp
+// copies A's scales: see load_a_scales).
 // Warpgroups 1..BLOCK_M/64 consume (two for BLOCK_M = 256, each taking two
 // 64-row slices in turn): each multiplies 64 rows of the tile with wgmma (fp8
 // in, fp32 out) one 128-K block at a time, then promotes the block's result
@@ -21,7 +22,7 @@
 // stores the tile and resets the counter to zero.
 //
 // Compile-time constants (SHAPE_N, SHAPE_K, BLOCK_M, BLOCK_N, BLOCK_K,
-// NUM_STAGES, LAYOUT, NUM_GROUPS, RASTER_GROUP, CLUSTER_N, SPLIT_K,
+// NUM_STAGES, STAGE_K_BLOCKS, LAYOUT, NUM_GROUPS, RASTER_GROUP, CLUSTER_N, SPLIT_K,
 // PIPELINE_PROMOTION, STREAM_B, SA_LOADER_WARP, STORE_CHUNK_COLS) and the
 // function `wgmma_m64k32<BLOCK_N>` are defined by the generated source before
 // this header is included (see deep_gemm/jit/kernel_source.py).
@@ -39,13 +40,22 @@ constexpr int kMWaves = BLOCK_M / (64 * kNumMathWarpgroups);
 constexpr int kNumThreads = 128 * (1 + kNumMathWarpgroups);
 constexpr int kNumKBlocks = (SHAPE_K + BLOCK_K - 1) / BLOCK_K;
 constexpr int kAccRegs = BLOCK_N / 2;                  // fp32 accumulators per thread
-constexpr int kTileBytesA = BLOCK_M * BLOCK_K;         // fp8
+constexpr int kTileBytesA = BLOCK_M * BLOCK_K;         // fp8, one K block ("slot" of a stage)
 constexpr int kTileBytesB = BLOCK_N * BLOCK_K;
-// What a stage's TMA loads bring: A's box of rows_a rows (BLOCK_M, or fewer on a dense
-// M's last, partial block: see produce), B and (unless the loader warp copies them) A's
-// scales, rounded up to 16 bytes as their box is.
+// A stage holds kStageKBlocks K blocks of A, B and A's scales, each operand's blocks one
+// after the other, and is filled by one TMA load per operand: on narrow decode tiles the
+// TMA operations per stage set the pace (docs/perf-notes.md, sections 22-23 and 25). With
+// more than one block a stage, A and B are read through 3-D tensor maps [K / 128][rows][128]
+// (K a multiple of 128), whose box of kStageKBlocks blocks lands as consecutive slots.
+constexpr int kStageKBlocks = STAGE_K_BLOCKS;
+constexpr int kStageBytesA = kStageKBlocks * kTileBytesA;
+constexpr int kStageBytesB = kStageKBlocks * kTileBytesB;
+constexpr int kStageScales = kStageKBlocks * BLOCK_M;  // floats
+// What a stage's TMA loads bring: A's box of rows_a rows a K block (BLOCK_M, or fewer on
+// a dense M's last, partial block: see produce), B and (unless the loader warp copies them)
+// A's scales, rounded up to 16 bytes as their box is. Boxes past K count in full.
 DG_DEVICE uint32_t stage_tma_bytes(int32_t rows_a) {
-    return rows_a * BLOCK_K + kTileBytesB + (SA_LOADER_WARP ? 0 : (rows_a + 3) / 4 * 16);
+    return kStageKBlocks * (rows_a * BLOCK_K + kTileBytesB + (SA_LOADER_WARP ? 0 : (rows_a + 3) / 4 * 16));
 }
 // The loader warp's share: BLOCK_M floats in 16-byte cp.async pieces, at most two per lane.
 constexpr int kScalePieces = BLOCK_M / 4;
@@ -87,6 +97,9 @@ static_assert(SPLIT_K == 1 || CLUSTER_N == 1, "split-K and multicast clusters ar
 // The loader warp with a cluster of two hung on the GPU (64x2112x7168, 16-column tiles; cause
 // not found, docs/perf-notes.md, section 24); the planner never combines them.
 static_assert(!SA_LOADER_WARP || CLUSTER_N == 1, "the A-scale loader warp runs without clusters only");
+// A multicast half-box of several K blocks would land as [blocks][half rows], not in the slots.
+static_assert(kStageKBlocks == 1 || (SHAPE_K % BLOCK_K == 0 && CLUSTER_N == 1),
+              "several K blocks a stage need K % 128 == 0 and no cluster");
 
 // With CLUSTER_N == 2 the two blocks of a cluster compute neighbouring N tiles
 // of one M block: each loads half of the A tile and multicasts it to both, so
@@ -134,34 +147,68 @@ struct SharedStorage {
         // 128-byte swizzle works on absolute address bits: 1024-byte align.
         out = reinterpret_cast<uint8_t*>((reinterpret_cast<uint64_t>(raw) + 1023) & ~uint64_t(1023));
         ring_a = out + kTileBytesOut;
-        ring_b = ring_a + NUM_STAGES * kTileBytesA;
-        ring_sa = reinterpret_cast<float*>(ring_b + NUM_STAGES * kTileBytesB);
-        full = reinterpret_cast<uint64_t*>(ring_sa + NUM_STAGES * BLOCK_M);
+        ring_b = ring_a + NUM_STAGES * kStageBytesA;
+        ring_sa = reinterpret_cast<float*>(ring_b + NUM_STAGES * kStageBytesB);
+        full = reinterpret_cast<uint64_t*>(ring_sa + NUM_STAGES * kStageScales);
         empty = full + NUM_STAGES;
         last_unit = reinterpret_cast<int32_t*>(empty + NUM_STAGES);
     }
-    DG_DEVICE uint8_t* a(int32_t stage) const { return ring_a + stage * kTileBytesA; }
-    DG_DEVICE uint8_t* b(int32_t stage) const { return ring_b + stage * kTileBytesB; }
-    DG_DEVICE float* sa(int32_t stage) const { return ring_sa + stage * BLOCK_M; }
+    DG_DEVICE uint8_t* a(int32_t stage) const { return ring_a + stage * kStageBytesA; }
+    DG_DEVICE uint8_t* b(int32_t stage) const { return ring_b + stage * kStageBytesB; }
+    DG_DEVICE float* sa(int32_t stage) const { return ring_sa + stage * kStageScales; }
 };
 
-// Position in the ring: stage index and the parity of its current fill.
+// Position in the ring: stage index, the parity of its current fill and, for the
+// consumers, the K block inside the stage. A tile's K blocks fill its stages from slot 0,
+// so its last stage may be partly used; the next tile starts a new stage.
 struct RingCursor {
     int32_t stage = 0;
     uint32_t phase = 0;
+    int32_t slot = 0;
     DG_DEVICE void advance() {
         if (++stage == NUM_STAGES) {
             stage = 0;
             phase ^= 1;
         }
     }
+    DG_DEVICE void advance_k_block() {
+        if (++slot == kStageKBlocks) {
+            slot = 0;
+            advance();
+        }
+    }
+    DG_DEVICE void end_tile() {
+        if (kStageKBlocks > 1 && slot != 0) {
+            slot = 0;
+            advance();
+        }
+    }
 };
 
-// a_tail_rows > 0 (dense, no cluster): M's last block is partial, with that many rows, and
-// its tiles load A and A's scales through tma_a_tail / tma_sa_tail, whose boxes hold just
-// those rows. A box of BLOCK_M rows would be filled with zeros past M by TMA, which made
-// such tiles up to 1.6x slower (docs/perf-notes.md, section 24). The rows past the short
-// box keep stale shared memory; they only feed output rows past M, which are never stored.
+// One stage's K blocks [kb, kb + kStageKBlocks) of a K-major operand from row `row` on.
+DG_DEVICE void load_k_blocks(void* dst, const TmaDescriptor* map, uint64_t* bar, int32_t kb, int32_t row) {
+    if (kStageKBlocks == 1) {
+        ptx::tma_load_2d(dst, map, bar, kb * BLOCK_K, row);
+    } else {
+        ptx::tma_load_3d(dst, map, bar, 0, row, kb);
+    }
+}
+DG_DEVICE void load_k_blocks_hinted(void* dst, const TmaDescriptor* map, uint64_t* bar, int32_t kb, int32_t row,
+                                    uint64_t policy) {
+    if (kStageKBlocks == 1) {
+        ptx::tma_load_2d_hinted(dst, map, bar, kb * BLOCK_K, row, policy);
+    } else {
+        ptx::tma_load_3d_hinted(dst, map, bar, 0, row, kb, policy);
+    }
+}
+
+// a_tail_rows > 0 (dense, no cluster): M's last block is partial, and its tiles load A and
+// A's scales through tma_a_tail / tma_sa_tail, whose boxes hold a_tail_rows rows: the rows
+// there are (rounded up to 8 with several K blocks a stage, so that every slot of the box
+// starts 1024-byte aligned, as the swizzle needs). A box of BLOCK_M rows would be filled
+// with zeros past M by TMA, which made such tiles up to 1.6x slower (docs/perf-notes.md,
+// section 24). The rows past the short box keep stale shared memory; they only feed output
+// rows past M, which are never stored.
 DG_DEVICE void produce(const TmaDescriptor* tma_a, const TmaDescriptor* tma_b, const TmaDescriptor* tma_sa,
                        const TmaDescriptor* tma_a_tail, const TmaDescriptor* tma_sa_tail, SharedStorage& smem,
                        int32_t shape_m, int32_t a_tail_rows, const int32_t* group_info) {
@@ -183,13 +230,13 @@ DG_DEVICE void produce(const TmaDescriptor* tma_a, const TmaDescriptor* tma_b, c
         // Not unrolled: the producer runs on few registers and gains nothing from it.
         const int32_t kb_end = ptx::opaque(k_block_end(tile));
 #pragma unroll 1
-        for (int32_t kb = k_block_begin(tile); kb < kb_end; ++kb) {
+        for (int32_t kb = k_block_begin(tile); kb < kb_end; kb += kStageKBlocks) {
             // First pass over the ring: the parity trick makes this wait return at once.
             ptx::mbarrier_wait(&smem.empty[ring.stage], ring.phase ^ 1);
             uint64_t* full = &smem.full[ring.stage];
             ptx::mbarrier_arrive_expect_tx(full, stage_bytes);
             if (CLUSTER_N == 1) {
-                ptx::tma_load_2d(smem.a(ring.stage), map_a, full, kb * BLOCK_K, tile.row_begin);
+                load_k_blocks(smem.a(ring.stage), map_a, full, kb, tile.row_begin);
             } else {
                 const int32_t half = scheduler.cluster_rank * kRowsLoadedA;
                 ptx::tma_load_2d_multicast(smem.a(ring.stage) + half * BLOCK_K, tma_a, full, kb * BLOCK_K,
@@ -197,9 +244,9 @@ DG_DEVICE void produce(const TmaDescriptor* tma_a, const TmaDescriptor* tma_b, c
             }
             if (!SA_LOADER_WARP) ptx::tma_load_2d(smem.sa(ring.stage), map_sa, full, sa_row, sa_kb_base + kb);
             if (STREAM_B) {
-                ptx::tma_load_2d_hinted(smem.b(ring.stage), tma_b, full, kb * BLOCK_K, b_row, b_policy);
+                load_k_blocks_hinted(smem.b(ring.stage), tma_b, full, kb, b_row, b_policy);
             } else {
-                ptx::tma_load_2d(smem.b(ring.stage), tma_b, full, kb * BLOCK_K, b_row);
+                load_k_blocks(smem.b(ring.stage), tma_b, full, kb, b_row);
             }
             ring.advance();
         }
@@ -229,14 +276,19 @@ DG_DEVICE void load_a_scales(const float* sa, int32_t sa_rows, int32_t sa_ld, Sh
         const float* kb_row = sa + int64_t(a_scale_kb_base(tile)) * sa_ld;
         const int32_t kb_end = ptx::opaque(k_block_end(tile));
 #pragma unroll 1
-        for (int32_t kb = k_block_begin(tile); kb < kb_end; ++kb) {
+        for (int32_t kb = k_block_begin(tile); kb < kb_end; kb += kStageKBlocks) {
             ptx::mbarrier_wait(&smem.empty[ring.stage], ring.phase ^ 1);
 #pragma unroll
-            for (int32_t piece = lane; piece < kScalePieces; piece += kScaleLanes) {
-                const int32_t row = row0 + piece * 4;
-                const int32_t bytes = max(0, min(16, (sa_rows - row) * 4));
-                const float* src = kb_row + int64_t(kb) * sa_ld + (bytes > 0 ? row : 0);
-                ptx::cp_async_16(ptx::smem_addr(smem.sa(ring.stage) + piece * 4), src, bytes);
+            for (int32_t slot = 0; slot < kStageKBlocks; ++slot) {
+                // A stage's blocks past K (an odd number of K blocks) read as zeros.
+                const bool in_k = kStageKBlocks == 1 || kb + slot < kNumKBlocks;
+#pragma unroll
+                for (int32_t piece = lane; piece < kScalePieces; piece += kScaleLanes) {
+                    const int32_t row = row0 + piece * 4;
+                    const int32_t bytes = in_k ? max(0, min(16, (sa_rows - row) * 4)) : 0;
+                    const float* src = kb_row + (in_k ? int64_t(kb + slot) * sa_ld : 0) + (bytes > 0 ? row : 0);
+                    ptx::cp_async_16(ptx::smem_addr(smem.sa(ring.stage) + slot * BLOCK_M + piece * 4), src, bytes);
+                }
             }
             ptx::cp_async_mbarrier_arrive_noinc(&smem.full[ring.stage]);
             ring.advance();
@@ -371,8 +423,8 @@ DG_DEVICE bool reduce_split_k(float (&acc)[kAccRegs], const Tile& tile, SharedSt
 }
 
 DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const float* sb, uint8_t* out,
-                       int32_t out_ld_bytes, int32_t shape_m, const int32_t* group_info, float* workspace,
-                       int32_t* tile_counters) {
+                       int32_t out_ld_bytes, int32_t shape_m, int32_t a_tail_rows, const int32_t* group_info,
+                       float* workspace, int32_t* tile_counters) {
     const uint32_t wg = threadIdx.x / 128 - 1;
     const uint32_t warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
     // This thread's accumulators cover tile rows r and r + 8 (wgmma's layout).
@@ -470,6 +522,13 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
             const int32_t split = sb_rows.split;
             const int32_t kb_begin = kWhole ? 0 : k_block_begin(tile);
             const int32_t kb_end = kWhole ? kNumKBlocks : k_block_end(tile);
+            // Several K blocks a stage: the distance between a stage's slots of A (and of A's
+            // scales, when TMA brings them) is the rows of its box, fewer for a tail tile.
+            const bool tail = kStageKBlocks > 1 && LAYOUT == kDense && a_tail_rows > 0 &&
+                              tile.row_begin + BLOCK_M > shape_m;
+            const uint32_t a_slot_rows = tail ? a_tail_rows : BLOCK_M;
+            const uint32_t a_slot_desc = a_slot_rows * BLOCK_K >> 4;
+            const uint32_t sa_slot_bytes = (SA_LOADER_WARP ? BLOCK_M : a_slot_rows) * 4;
 
 #pragma unroll
             for (int w = 0; w < kMWaves; ++w)
@@ -481,7 +540,8 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
             // and promote `part` into `acc` with sa * sb.
             struct BlockScales {
                 float sa0, sa1, sb0, sb1;  // A's rows r / r + 8; B's scale block 0 / 1
-                int32_t stage;
+                int32_t stage, slot;       // where the block is in the ring
+                bool last_of_stage;        // retiring it frees the stage
             };
             float sb0_chunk = sb0_first_chunk, sb1_chunk = sb1_first_chunk;
             float sb0_next_chunk = 0.f, sb1_next_chunk = 0.f;
@@ -492,12 +552,14 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
             }
             // The wgmmas of one 64-row slice of a stage (wave 1: the second 128 rows of
             // a 256-row tile), after reading that slice's A scales into `scales`.
-            auto issue_slice = [&](float(&part)[kAccRegs], BlockScales& scales, int32_t stage, int wave) {
-                const uint32_t sa_addr = sa_ring_addr + stage * (BLOCK_M * 4) + wave * (128 * 4);
+            auto issue_slice = [&](float(&part)[kAccRegs], BlockScales& scales, int wave) {
+                const int32_t stage = scales.stage, slot = scales.slot;
+                const uint32_t sa_addr = sa_ring_addr + stage * (kStageScales * 4) + slot * sa_slot_bytes + wave * (128 * 4);
                 scales.sa0 = ptx::lds_float(sa_addr);
                 scales.sa1 = ptx::lds_float(sa_addr + 8 * 4);
-                const uint32_t desc_a = desc_a_ring + stage * (kTileBytesA >> 4) + wave * (128 * BLOCK_K >> 4);
-                const uint32_t desc_b = desc_b_ring + stage * (kTileBytesB >> 4);
+                const uint32_t desc_a =
+                    desc_a_ring + stage * (kStageBytesA >> 4) + slot * a_slot_desc + wave * (128 * BLOCK_K >> 4);
+                const uint32_t desc_b = desc_b_ring + stage * (kStageBytesB >> 4) + slot * (kTileBytesB >> 4);
 #pragma unroll
                 for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
                 ptx::wgmma_fence();
@@ -518,10 +580,12 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
                 }
                 scales.sb0 = __shfl_sync(0xffffffffu, sb0_chunk, step % 32);
                 scales.sb1 = kOneScaleB ? scales.sb0 : __shfl_sync(0xffffffffu, sb1_chunk, step % 32);
-                ptx::mbarrier_wait(&smem.full[ring.stage], ring.phase);
+                if (kStageKBlocks == 1 || ring.slot == 0) ptx::mbarrier_wait(&smem.full[ring.stage], ring.phase);
                 scales.stage = ring.stage;
-                issue_slice(part, scales, ring.stage, 0);
-                ring.advance();
+                scales.slot = ring.slot;
+                scales.last_of_stage = ring.slot == kStageKBlocks - 1 || kb == kb_end - 1;
+                issue_slice(part, scales, 0);
+                ring.advance_k_block();
             };
             auto release = [&](int32_t stage) {
                 // The loader warp's cp.async writes come from threads, so every lane's read of
@@ -553,7 +617,7 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
             auto retire = [&](float(&part)[kAccRegs], const BlockScales& scales) {
 #pragma unroll
                 for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
-                release(scales.stage);
+                if (scales.last_of_stage) release(scales.stage);
                 promote(acc[0], part, scales);
             };
 
@@ -612,11 +676,11 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
                     promote(acc[0], part, scales);
 #pragma unroll
                     for (int w = 1; w < kMWaves; ++w) {
-                        issue_slice(part, scales, scales.stage, w);
+                        issue_slice(part, scales, w);
                         ptx::wgmma_wait<0>();
 #pragma unroll
                         for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
-                        if (w == kMWaves - 1) release(scales.stage);
+                        if (w == kMWaves - 1 && scales.last_of_stage) release(scales.stage);
                         promote(acc[w], part, scales);
                     }
                 }
@@ -627,6 +691,7 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
         } else {
             main_loop(ptx::Constant<false>());
         }
+        ring.end_tile();
         if (kFetchBeforeEpilogue) look_ahead();
         if (SPLIT_K == 1 || tile.num_splits == 1 || reduce_split_k(acc[0], tile, smem, workspace, tile_counters)) {
 #pragma unroll
@@ -680,7 +745,7 @@ extern "C" __global__ void __launch_bounds__(gemm::kNumThreads, 1)
         }
     } else {
         ptx::setmaxnreg_inc<kConsumerRegs>();
-        consume(&tma_out, smem, sb, out, out_ld_bytes, shape_m, group_info, workspace, tile_counters);
+        consume(&tma_out, smem, sb, out, out_ld_bytes, shape_m, a_tail_rows, group_info, workspace, tile_counters);
     }
     // Neither block may exit while its peer can still arrive on its barriers.
     if (CLUSTER_N > 1) ptx::cluster_sync();

@@ -123,6 +123,15 @@ DG_DEVICE void tma_load_2d(void* dst, const TmaDescriptor* desc, uint64_t* bar, 
         : "memory");
 }
 
+// 3-D tile load: the same, over a tensor map of three dimensions (c0 innermost).
+DG_DEVICE void tma_load_3d(void* dst, const TmaDescriptor* desc, uint64_t* bar, int32_t c0, int32_t c1, int32_t c2) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(smem_addr(dst)),
+        "l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2)
+        : "memory");
+}
+
 // An L2 policy that marks the lines an access brings in as the first to evict: for data
 // read exactly once (decode weights), which then recycle their own lines instead of
 // evicting (and, if dirty, writing back) whatever the previous kernels left in L2.
@@ -139,6 +148,16 @@ DG_DEVICE void tma_load_2d_hinted(void* dst, const TmaDescriptor* desc, uint64_t
         "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
         " [%0], [%1, {%3, %4}], [%2], %5;\n" ::"r"(smem_addr(dst)),
         "l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "l"(policy)
+        : "memory");
+}
+
+// tma_load_3d under an L2 cache policy.
+DG_DEVICE void tma_load_3d_hinted(void* dst, const TmaDescriptor* desc, uint64_t* bar, int32_t c0, int32_t c1,
+                                  int32_t c2, uint64_t policy) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+        " [%0], [%1, {%3, %4, %5}], [%2], %6;\n" ::"r"(smem_addr(dst)),
+        "l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2), "l"(policy)
         : "memory");
 }
 

@@ -11,7 +11,7 @@ from ..jit.kernel_source import GEMM_KERNEL_NAME, gemm_source
 from ..plan import KernelConfig, store_chunk_cols, ceil_div, LAYOUT_DENSE, LAYOUT_MASKED
 from .driver import TMA_DESCRIPTOR, LoadedKernel
 from .launch import GEMM_PARAM_OFFSETS, PreparedLaunch, current_raw_stream, pack_gemm_params
-from .tma import SWIZZLE_128B, tensor_map_2d
+from .tma import SWIZZLE_128B, tensor_map, tensor_map_2d
 from .workspace import split_k_workspace
 
 # Kernel parameters, in order (kernels/gemm.cuh: deep_gemm_fp8_gemm).
@@ -71,13 +71,18 @@ def gemm_kernel(config: KernelConfig, device_index: int) -> LoadedKernel:
 
 
 def a_tail_rows(config: KernelConfig, shape_m: int) -> int:
-    """Rows of a dense M's last block when it is partial (0 when it is whole, or for grouped
-    layouts and clusters): the kernel loads that block's A and A's scales through tensor maps
-    whose boxes hold just those rows. TMA fills a box's rows past the tensor's end with zeros,
-    and that cost the tiles of a partial block up to 1.6x (docs/perf-notes.md, section 24)."""
+    """Rows of the boxes through which the kernel loads A and A's scales for a dense M's last
+    block when it is partial (0 when it is whole, or for grouped layouts and clusters): the
+    block's rows, rounded up to 8 with several K blocks a stage (each block's slot of the box
+    must start 1024-byte aligned for the swizzle). TMA fills a box's rows past the tensor's end
+    with zeros, and that cost the tiles of a partial block up to 1.6x (docs/perf-notes.md,
+    section 24)."""
     if config.layout != LAYOUT_DENSE or config.cluster_n != 1:
         return 0
-    return shape_m % config.block_m
+    rows = shape_m % config.block_m
+    if config.stage_k_blocks > 1:
+        rows = ceil_div(rows, 8) * 8
+    return rows if rows < config.block_m else 0
 
 
 def prepare_gemm(config: KernelConfig, a: torch.Tensor, a_rows: int, sa: torch.Tensor, sa_rows: int,
@@ -98,8 +103,17 @@ def prepare_gemm(config: KernelConfig, a: torch.Tensor, a_rows: int, sa: torch.T
     sa_stride = sa.stride(-1) if sa.shape[-1] > 1 else (sa_rows + 3) // 4 * 4
     tail_rows = a_tail_rows(config, shape_m)
 
+    def map_k_major(t, rows, box_rows):
+        # Rows of K fp8. Several K blocks a stage: a 3-D view [K / 128][rows][128] (K blocks
+        # 128 bytes apart), whose box of stage_k_blocks blocks lands as consecutive slots.
+        if config.stage_k_blocks == 1:
+            return tensor_map_2d(t.data_ptr(), "u8", k, rows, t.stride(-2), config.block_k, box_rows, SWIZZLE_128B)
+        return tensor_map(t.data_ptr(), "u8", (config.block_k, rows, k // config.block_k),
+                          (t.stride(-2), config.block_k), (config.block_k, box_rows, config.stage_k_blocks),
+                          SWIZZLE_128B)
+
     def map_a(rows):
-        return tensor_map_2d(a.data_ptr(), "u8", k, a_rows, a.stride(-2), config.block_k, rows, SWIZZLE_128B)
+        return map_k_major(a, a_rows, rows)
 
     def map_sa(rows):
         # A's scales as rows of sa_rows, one per K block (and group): read by TMA unless a
@@ -107,11 +121,11 @@ def prepare_gemm(config: KernelConfig, a: torch.Tensor, a_rows: int, sa: torch.T
         if config.sa_loader_warp:
             return _NO_MAP
         return tensor_map_2d(sa.data_ptr(), "f32", sa_rows, sa.shape[-1] * (sa.shape[0] if sa.dim() == 3 else 1),
-                             sa_stride * 4, ceil_div(rows, 4) * 4, 1, 0)
+                             sa_stride * 4, ceil_div(rows, 4) * 4, config.stage_k_blocks, 0)
 
     maps = (
         map_a(config.block_m // config.cluster_n),
-        tensor_map_2d(b.data_ptr(), "u8", k, b_rows, b.stride(-2), config.block_k, config.block_n, SWIZZLE_128B),
+        map_k_major(b, b_rows, config.block_n),
         map_sa(config.block_m),
         tensor_map_2d(out.data_ptr(), "bf16", n, out_rows, out.stride(-2) * 2, chunk, 64, chunk * 2),
         map_a(tail_rows) if tail_rows else _NO_MAP,

@@ -1,4 +1,4 @@
-"""TMA tensor maps (CUtensorMap) for 2-D views, cached by everything they encode.
+"""TMA tensor maps (CUtensorMap), cached by everything they encode.
 
 Encoding through cuda-bindings costs tens of microseconds, so maps are kept in
 an LRU cache keyed by (address, dims, strides, box, swizzle); serving reuses
@@ -29,9 +29,9 @@ _SWIZZLES = {
 
 
 @lru_cache(maxsize=4096)
-def tensor_map_2d(address: int, dtype: str, inner: int, outer: int, row_stride_bytes: int,
-                  box_inner: int, box_outer: int, swizzle: int) -> bytes:
-    """128 bytes of a CUtensorMap over a row-major [outer][inner] view.
+def tensor_map(address: int, dtype: str, dims: tuple, strides_bytes: tuple, box: tuple, swizzle: int) -> bytes:
+    """128 bytes of a CUtensorMap: dims innermost first, the byte strides of dims[1:], a box
+    of box[i] elements along each.
 
     Out-of-bounds boxes read zeros and stores past the edges are dropped, which
     is how partial tiles at the M, N and K edges are handled.
@@ -39,18 +39,24 @@ def tensor_map_2d(address: int, dtype: str, inner: int, outer: int, row_stride_b
     cu = driver()
     tensor_map = check(cu.cuTensorMapEncodeTiled(
         getattr(cu.CUtensorMapDataType, _DTYPES[dtype]),
-        2,
+        len(dims),
         address,
-        [cu.cuuint64_t(inner), cu.cuuint64_t(outer)],
-        [cu.cuuint64_t(row_stride_bytes)],
-        [cu.cuuint32_t(box_inner), cu.cuuint32_t(box_outer)],
-        [cu.cuuint32_t(1), cu.cuuint32_t(1)],
+        [cu.cuuint64_t(d) for d in dims],
+        [cu.cuuint64_t(s) for s in strides_bytes],
+        [cu.cuuint32_t(b) for b in box],
+        [cu.cuuint32_t(1)] * len(dims),
         cu.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
         getattr(cu.CUtensorMapSwizzle, _SWIZZLES[swizzle]),
         cu.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
         cu.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
     ))
     return ctypes.string_at(tensor_map.getPtr(), 128)
+
+
+def tensor_map_2d(address: int, dtype: str, inner: int, outer: int, row_stride_bytes: int,
+                  box_inner: int, box_outer: int, swizzle: int) -> bytes:
+    """tensor_map over a row-major [outer][inner] view."""
+    return tensor_map(address, dtype, (inner, outer), (row_stride_bytes,), (box_inner, box_outer), swizzle)
 
 
 def element_bytes(dtype: str) -> int:
