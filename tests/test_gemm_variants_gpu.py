@@ -84,7 +84,7 @@ def test_split_k_is_deterministic_and_reusable(num_sms):
     whole tiles, then the 33rd tile in 4 units."""
     m, n, k = 64, 2112, 7168
     config = dataclasses.replace(plan.plan_dense(m, n, k, 132), block_n=64, split_k=4, pipeline=True,
-                                 num_stages=plan.max_stages(64, 64))
+                                 num_stages=plan.max_stages(64, 64), stage_k_blocks=1)
     lhs, rhs, ref = _inputs(m, n, k)
     results = []
     for _ in range(3):
@@ -100,7 +100,7 @@ def test_split_k_on_two_streams_at_once():
     """Two split-K GEMMs in flight on two streams use separate workspaces."""
     m, n, k = 64, 2112, 7168
     config = dataclasses.replace(plan.plan_dense(m, n, k, 132), block_n=64, split_k=4,
-                                 num_stages=plan.max_stages(64, 64))
+                                 num_stages=plan.max_stages(64, 64), stage_k_blocks=1)
     problems = [_inputs(m, n, k) for _ in range(2)]
     outs = [torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16) for _ in problems]
     streams = [torch.cuda.Stream() for _ in problems]
@@ -120,7 +120,7 @@ def test_split_k_workspace_made_during_capture_also_serves_eager_calls():
     must find its counters at zero."""
     m, n, k = 64, 2112, 7168
     config = dataclasses.replace(plan.plan_dense(m, n, k, 132), block_n=64, split_k=4,
-                                 num_stages=plan.max_stages(64, 64))
+                                 num_stages=plan.max_stages(64, 64), stage_k_blocks=1)
     lhs, rhs, ref = _inputs(m, n, k)
     out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
     _launch(config, lhs, rhs, out)                      # loads the kernel (capture cannot)

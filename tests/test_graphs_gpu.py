@@ -66,7 +66,7 @@ def split_k_case():
     first allocated during capture, and every replay must find the tile counters back at zero."""
     m, n, k = 64, 2112, 7168
     config = dataclasses.replace(plan.plan_dense(m, n, k, 132), block_n=32, split_k=2,
-                                 num_stages=plan.max_stages(64, 32, cap=32))
+                                 num_stages=plan.max_stages(64, 32, cap=32), stage_k_blocks=1)
     return dense_case(True, m, n, k, config)
 
 

@@ -316,7 +316,7 @@ def test_split_k_launches_are_keyed_on_the_stream(fake, monkeypatch):
     not reuse it (two streams running at once would share tile counters)."""
     # The planner does not choose split-K today: force it.
     monkeypatch.setattr(gemm_ops, "plan_cached", lambda *args: dataclasses.replace(
-        plan.plan_dense(*args), block_n=32, split_k=2, num_stages=plan.max_stages(64, 32)))
+        plan.plan_dense(*args), block_n=32, split_k=2, num_stages=plan.max_stages(64, 32), stage_k_blocks=1))
     lhs, rhs, out = dense_inputs(64, 2112, 7168)
     deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
     first = fake.launches[-1]

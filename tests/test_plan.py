@@ -1,6 +1,8 @@
 """CPU unit tests of the planner (deep_gemm/plan.py): pure Python, no torch, no CUDA."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from deep_gemm import plan
@@ -284,3 +286,13 @@ def test_tall_tiles_where_they_need_no_more_rounds(m, n, k):
 ])
 def test_tall_tiles_not_used(m, n, k, layout):
     assert plan_dense(m, n, k, 132, layout=layout, num_groups=4).block_m <= 128
+
+
+def test_a_config_over_the_shared_memory_budget_is_a_clear_error():
+    # The driver would refuse the launch attribute with a bare "invalid argument".
+    from deep_gemm.runtime.kernels import gemm_kernel
+    too_deep = plan.with_stage_k_blocks(plan_dense(64, 2112, 7168, 132), 1)
+    too_deep = dataclasses.replace(too_deep, stage_k_blocks=2)
+    assert too_deep.smem_bytes > plan.SMEM_CAPACITY
+    with pytest.raises(ValueError, match="shared memory"):
+        gemm_kernel(too_deep, 0)

@@ -8,7 +8,7 @@ import torch
 
 from ..jit import compile_kernel
 from ..jit.kernel_source import GEMM_KERNEL_NAME, gemm_source
-from ..plan import KernelConfig, store_chunk_cols, ceil_div, LAYOUT_DENSE, LAYOUT_MASKED
+from ..plan import SMEM_CAPACITY, KernelConfig, store_chunk_cols, ceil_div, LAYOUT_DENSE, LAYOUT_MASKED
 from .driver import TMA_DESCRIPTOR, LoadedKernel
 from .launch import GEMM_PARAM_OFFSETS, PreparedLaunch, current_raw_stream, pack_gemm_params
 from .tma import SWIZZLE_128B, tensor_map, tensor_map_2d
@@ -62,6 +62,9 @@ def load_once(cache: dict, key, device_index: int, *, source: str, kernel_name: 
 
 def gemm_kernel(config: KernelConfig, device_index: int) -> LoadedKernel:
     """The loaded kernel for `config` on a device, compiling and loading it on first use."""
+    if config.smem_bytes > SMEM_CAPACITY:   # the driver would only say "invalid argument"
+        raise ValueError(f"deep_gemm: kernel {config.name} needs {config.smem_bytes} bytes of shared memory, more "
+                         f"than the {SMEM_CAPACITY} a block can have: fewer stages (num_stages) or smaller tiles")
     return load_once(_loaded, (config, device_index), device_index, source=gemm_source(config),
                      kernel_name=GEMM_KERNEL_NAME, label=config.name, what=f"kernel {config.name}",
                      preload_hint="Run the same call once before capture (warm-up), or precompile with "
