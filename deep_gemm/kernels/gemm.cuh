@@ -172,7 +172,9 @@ struct RingCursor {
         }
     }
     DG_DEVICE void advance_k_block() {
-        if (++slot == kStageKBlocks) {
+        if (kStageKBlocks == 1) {  // (touching `slot` here changed ptxas' schedule of the main loop)
+            advance();
+        } else if (++slot == kStageKBlocks) {
             slot = 0;
             advance();
         }
@@ -552,8 +554,7 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
             }
             // The wgmmas of one 64-row slice of a stage (wave 1: the second 128 rows of
             // a 256-row tile), after reading that slice's A scales into `scales`.
-            auto issue_slice = [&](float(&part)[kAccRegs], BlockScales& scales, int wave) {
-                const int32_t stage = scales.stage, slot = scales.slot;
+            auto issue_slice = [&](float(&part)[kAccRegs], BlockScales& scales, int32_t stage, int32_t slot, int wave) {
                 const uint32_t sa_addr = sa_ring_addr + stage * (kStageScales * 4) + slot * sa_slot_bytes + wave * (128 * 4);
                 scales.sa0 = ptx::lds_float(sa_addr);
                 scales.sa1 = ptx::lds_float(sa_addr + 8 * 4);
@@ -582,9 +583,9 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
                 scales.sb1 = kOneScaleB ? scales.sb0 : __shfl_sync(0xffffffffu, sb1_chunk, step % 32);
                 if (kStageKBlocks == 1 || ring.slot == 0) ptx::mbarrier_wait(&smem.full[ring.stage], ring.phase);
                 scales.stage = ring.stage;
-                scales.slot = ring.slot;
-                scales.last_of_stage = ring.slot == kStageKBlocks - 1 || kb == kb_end - 1;
-                issue_slice(part, scales, 0);
+                scales.slot = kStageKBlocks == 1 ? 0 : ring.slot;
+                scales.last_of_stage = kStageKBlocks == 1 || ring.slot == kStageKBlocks - 1 || kb == kb_end - 1;
+                issue_slice(part, scales, ring.stage, kStageKBlocks == 1 ? 0 : ring.slot, 0);
                 ring.advance_k_block();
             };
             auto release = [&](int32_t stage) {
@@ -676,7 +677,7 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
                     promote(acc[0], part, scales);
 #pragma unroll
                     for (int w = 1; w < kMWaves; ++w) {
-                        issue_slice(part, scales, w);
+                        issue_slice(part, scales, scales.stage, scales.slot, w);
                         ptx::wgmma_wait<0>();
 #pragma unroll
                         for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
@@ -745,7 +746,9 @@ extern "C" __global__ void __launch_bounds__(gemm::kNumThreads, 1)
         }
     } else {
         ptx::setmaxnreg_inc<kConsumerRegs>();
-        consume(&tma_out, smem, sb, out, out_ld_bytes, shape_m, a_tail_rows, group_info, workspace, tile_counters);
+        // (The consumers need the tail's box rows only to find a stage's slots.)
+        consume(&tma_out, smem, sb, out, out_ld_bytes, shape_m, kStageKBlocks > 1 ? a_tail_rows : 0, group_info,
+                workspace, tile_counters);
     }
     // Neither block may exit while its peer can still arrive on its barriers.
     if (CLUSTER_N > 1) ptx::cluster_sync();
