@@ -61,6 +61,7 @@ def test_every_dense_variant_compiles_clean(tmp_cache_dir):
     assert len({(c.block_m, c.block_n) for c in configs}) >= 4  # the sweep really varies tiles
     assert {c.stream_b for c in configs} == {False, True}          # both L2 policies of B's loads
     assert {c.sa_loader_warp for c in configs} == {False, True}    # A's scales by TMA and by a warp
+    assert {c.stage_k_blocks for c in configs} == {1, 2}           # one and two K blocks a stage
     kernels = _compile_and_check(configs)
     assert all(k.cubin.startswith(b"\x7fELF") for k in kernels)
 

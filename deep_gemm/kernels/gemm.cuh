@@ -43,8 +43,8 @@ constexpr int kAccRegs = BLOCK_N / 2;                  // fp32 accumulators per 
 constexpr int kTileBytesA = BLOCK_M * BLOCK_K;         // fp8, one K block ("slot" of a stage)
 constexpr int kTileBytesB = BLOCK_N * BLOCK_K;
 // A stage holds kStageKBlocks K blocks of A, B and A's scales, each operand's blocks one
-// after the other, and is filled by one TMA load per operand: on narrow decode tiles the
-// TMA operations per stage set the pace (docs/perf-notes.md, sections 22-23 and 25). With
+// after the other, and is filled by one TMA load per operand: on narrow decode tiles each
+// TMA operation per stage costs time (docs/perf-notes.md, sections 22-23 and 25). With
 // more than one block a stage, A and B are read through 3-D tensor maps [K / 128][rows][128]
 // (K a multiple of 128), whose box of kStageKBlocks blocks lands as consecutive slots.
 constexpr int kStageKBlocks = STAGE_K_BLOCKS;
@@ -205,9 +205,9 @@ DG_DEVICE void load_k_blocks_hinted(void* dst, const TmaDescriptor* map, uint64_
 }
 
 // a_tail_rows > 0 (dense, no cluster): M's last block is partial, and its tiles load A and
-// A's scales through tma_a_tail / tma_sa_tail, whose boxes hold a_tail_rows rows: the rows
-// there are (rounded up to 8 with several K blocks a stage, so that every slot of the box
-// starts 1024-byte aligned, as the swizzle needs). A box of BLOCK_M rows would be filled
+// A's scales through tma_a_tail / tma_sa_tail, boxes of a_tail_rows rows: the block's rows,
+// rounded up to 8 with several K blocks a stage (so that every slot of the box starts
+// 1024-byte aligned, as the swizzle needs). A box of BLOCK_M rows would be filled
 // with zeros past M by TMA, which made such tiles up to 1.6x slower (docs/perf-notes.md,
 // section 24). The rows past the short box keep stale shared memory; they only feed output
 // rows past M, which are never stored.
@@ -583,9 +583,9 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
                 scales.sb1 = kOneScaleB ? scales.sb0 : __shfl_sync(0xffffffffu, sb1_chunk, step % 32);
                 if (kStageKBlocks == 1 || ring.slot == 0) ptx::mbarrier_wait(&smem.full[ring.stage], ring.phase);
                 scales.stage = ring.stage;
-                scales.slot = kStageKBlocks == 1 ? 0 : ring.slot;
-                scales.last_of_stage = kStageKBlocks == 1 || ring.slot == kStageKBlocks - 1 || kb == kb_end - 1;
-                issue_slice(part, scales, ring.stage, kStageKBlocks == 1 ? 0 : ring.slot, 0);
+                scales.slot = ring.slot;
+                scales.last_of_stage = ring.slot == kStageKBlocks - 1 || kb == kb_end - 1;
+                issue_slice(part, scales, ring.stage, ring.slot, 0);
                 ring.advance_k_block();
             };
             auto release = [&](int32_t stage) {
@@ -746,9 +746,7 @@ extern "C" __global__ void __launch_bounds__(gemm::kNumThreads, 1)
         }
     } else {
         ptx::setmaxnreg_inc<kConsumerRegs>();
-        // (The consumers need the tail's box rows only to find a stage's slots.)
-        consume(&tma_out, smem, sb, out, out_ld_bytes, shape_m, kStageKBlocks > 1 ? a_tail_rows : 0, group_info,
-                workspace, tile_counters);
+        consume(&tma_out, smem, sb, out, out_ld_bytes, shape_m, a_tail_rows, group_info, workspace, tile_counters);
     }
     // Neither block may exit while its peer can still arrive on its barriers.
     if (CLUSTER_N > 1) ptx::cluster_sync();
