@@ -552,9 +552,10 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
                 sb0_next_chunk = ptx::ldg_float(sb_first + kb_next);
                 sb1_next_chunk = kOneScaleB ? sb0_next_chunk : ptx::ldg_float(sb_second + kb_next);
             }
-            // The wgmmas of one 64-row slice of a stage (wave 1: the second 128 rows of
-            // a 256-row tile), after reading that slice's A scales into `scales`.
-            auto issue_slice = [&](float(&part)[kAccRegs], BlockScales& scales, int32_t stage, int32_t slot, int wave) {
+            // The wgmmas of one 64-row slice of the block at scales.stage / slot (wave 1: the
+            // second 128 rows of a 256-row tile), after reading that slice's A scales into `scales`.
+            auto issue_slice = [&](float(&part)[kAccRegs], BlockScales& scales, int wave) {
+                const int32_t stage = scales.stage, slot = scales.slot;
                 const uint32_t sa_addr = sa_ring_addr + stage * (kStageScales * 4) + slot * sa_slot_bytes + wave * (128 * 4);
                 scales.sa0 = ptx::lds_float(sa_addr);
                 scales.sa1 = ptx::lds_float(sa_addr + 8 * 4);
@@ -585,7 +586,7 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
                 scales.stage = ring.stage;
                 scales.slot = ring.slot;
                 scales.last_of_stage = ring.slot == kStageKBlocks - 1 || kb == kb_end - 1;
-                issue_slice(part, scales, ring.stage, ring.slot, 0);
+                issue_slice(part, scales, 0);
                 ring.advance_k_block();
             };
             auto release = [&](int32_t stage) {
@@ -677,7 +678,7 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
                     promote(acc[0], part, scales);
 #pragma unroll
                     for (int w = 1; w < kMWaves; ++w) {
-                        issue_slice(part, scales, scales.stage, scales.slot, w);
+                        issue_slice(part, scales, w);
                         ptx::wgmma_wait<0>();
 #pragma unroll
                         for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
