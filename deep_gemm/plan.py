@@ -149,6 +149,12 @@ def with_stage_k_blocks(config: KernelConfig, stage_k_blocks: int) -> KernelConf
                    num_stages=max_stages(config.block_m, config.block_n, cap=cap, stage_k_blocks=stage_k_blocks))
 
 
+# Masked calls of at most COMPUTE_BOUND_M expected rows over at least MASKED_TALL_MIN_K_BLOCKS
+# K blocks take 128-row blocks from MASKED_TALL_FROM_ROWS expected rows on; every masked call of
+# at most COMPUTE_BOUND_M expected rows pipelines its promotion. See plan_dense.
+MASKED_TALL_FROM_ROWS = 49
+MASKED_TALL_MIN_K_BLOCKS = 32
+
 # Above this many rows per M block the GEMM is compute-bound and the measured
 # best tile is 128 x 128 with pipelined promotion (docs/perf-notes.md, "tile sweep").
 COMPUTE_BOUND_M = 128
@@ -165,11 +171,20 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
     tiles over a long K get a deeper ring and pipelined promotion; every M up to 64 gets M = 64's
     plan (a dense M's partial block loads only its rows, so fewer rows are never slower:
     docs/perf-notes.md, section 24); dense 16-column tiles copy A's scales with a loader warp, and
-    narrow dense tiles over a long K load two K blocks a stage. The rasterisation band narrows to 8
-    M blocks when N has few tiles.
+    narrow dense tiles over a long K load two K blocks a stage. Masked calls of at most 128
+    expected rows pipeline their promotion, on 128-row blocks from 49 expected rows over a long K.
+    The rasterisation band narrows to 8 M blocks when N has few tiles.
     Deterministic; DG_PRINT_CONFIGS=1 prints the choice.
     """
-    block_m = 64 if m <= 64 else 128
+    # Masked groups of up to 128 expected rows are memory-bound. Their real sizes spread around
+    # expected_m, so with 64-row blocks every group past 64 rows gets a second tile that streams
+    # its weights again (16 x 64 expected rows: 26 M blocks of 64 rows against 16 of 128). Over a
+    # long K such calls take 128-row blocks from MASKED_TALL_FROM_ROWS expected rows on (16x64
+    # 4096x7168: 147 -> 133 us); over a short K the 128-row tile's own costs weigh more (16x64
+    # 7168x2048: 72.5 against 70.4 us with 64-row blocks). docs/perf-notes.md, section 26.
+    masked_small = layout == LAYOUT_MASKED and m <= COMPUTE_BOUND_M
+    masked_tall = masked_small and m >= MASKED_TALL_FROM_ROWS and ceil_div(k, BLOCK_K) >= MASKED_TALL_MIN_K_BLOCKS
+    block_m = 128 if m > 64 or masked_tall else 64
     if m > COMPUTE_BOUND_M:
         block_n = 128
     else:
@@ -236,12 +251,15 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: int = LAYOUT_DENSE,
     # 11.8 -> 12.1 (its tail box grows from 1 to 8 rows). Four a stage and wider or grouped tiles
     # lost (2-30%: fewer, coarser stages); K must be whole 128-blocks (docs/perf-notes.md, section 25).
     stage_k_blocks = 2 if long_narrow and layout == LAYOUT_DENSE and k % BLOCK_K == 0 else 1
+    # Small masked groups pipeline their promotion too: 16x64 4096x7168 on 64-row blocks 147 ->
+    # 144 us, 16x64 7168x2048 71.9 -> 70.4; 32x32 rows tied (docs/perf-notes.md, section 26).
     config = KernelConfig(n=n, k=k, block_m=block_m, block_n=block_n,
                           num_stages=max_stages(block_m, block_n, cap=(32 if long_narrow else 8) // stage_k_blocks,
                                                 stage_k_blocks=stage_k_blocks),
                           stage_k_blocks=stage_k_blocks,
                           layout=layout, num_groups=num_groups, raster_group=raster_group, split_k=split_k,
-                          pipeline=(m > COMPUTE_BOUND_M or long_narrow) and block_m != 256, stream_b=stream_b,
+                          pipeline=(m > COMPUTE_BOUND_M or long_narrow or masked_small) and block_m != 256,
+                          stream_b=stream_b,
                           sa_loader_warp=sa_loader_warp)
     if os.environ.get("DG_PRINT_CONFIGS"):
         print(f"deep_gemm: M={m} N={n} K={k} -> {config.name} ({config.smem_bytes} B smem)")

@@ -75,13 +75,14 @@ def main():
     ok &= check("contiguous g2", out[128:256],
                 a64[128:256] @ dequantize_rhs(rhs[0][2], rhs[1][2], dtype=torch.float64).T)
 
-    # Masked, expected M 100 (whole tiles) and 150 (compute-bound over K = 4096: the split-
-    # capable kernel, whose 6 tiles all fall in the last wave and are split over K).
+    # Masked, expected M 40 (64-row blocks), 64 and 100 (128-row blocks, pipelined, partial tiles
+    # stored row by row) and 150 (compute-bound over K = 4096: the split-capable kernel, whose 6
+    # tiles all fall in the last wave and are split over K).
     max_m = 192
     lhs = deep_gemm.per_token_cast_to_fp8(torch.randn(g, max_m, k, device="cuda", dtype=torch.bfloat16))
     masked_m = torch.tensor([0, 70, 192], device="cuda", dtype=torch.int32)
     a64 = dequantize_lhs(*lhs, dtype=torch.float64)
-    for expected_m in (100, 150):
+    for expected_m in (40, 64, 100, 150):
         out = torch.zeros(g, max_m, n, device="cuda", dtype=torch.bfloat16)
         deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m)
         for gi, rows in enumerate(masked_m.tolist()):

@@ -198,6 +198,21 @@ def test_masked_long_k_compute_bound_kernels_can_split(expected_m, groups):
     assert c.block_m == 128
 
 
+@pytest.mark.parametrize("expected_m,groups,block_m", [(1, 8, 64), (32, 32, 64), (48, 4, 64), (49, 4, 128),
+                                                       (64, 16, 128), (100, 8, 128), (128, 2, 128)])
+@pytest.mark.parametrize("n,k", [(4096, 7168), (7168, 2048), (7168, 4096)])
+def test_memory_bound_masked_tiles_fit_the_groups_and_pipeline(expected_m, groups, block_m, n, k):
+    """Masked groups spread around expected_m: over a long K (>= 32 blocks), from 49 expected rows
+    on, one 128-row block holds a group where 64-row blocks would stream its weights twice; a
+    short K keeps 64-row blocks up to 64 rows. Every such tile is pipelined."""
+    c = plan_dense(expected_m, n, k, 132, layout=LAYOUT_MASKED, num_groups=groups)
+    assert c.block_m == (block_m if k >= 32 * 128 or expected_m > 64 else 64) and c.split_k == 1
+    assert c.pipeline and c.constants()["PIPELINE_PROMOTION"] == int(c.block_n <= plan.MAX_PIPELINED_BLOCK_N)
+    # The dense decode plan of the same rows is not touched by the rule.
+    dense = plan_dense(expected_m, n, k, 132)
+    assert dense.block_m == (64 if expected_m <= 64 else 128)
+
+
 def test_tail_splits_matches_the_device_scheduler():
     """Simulate kernels/scheduler.cuh: every tile is covered exactly once (whole, or by all its
     splits), split tiles fit the workspace (one slot per block), and the planner's count agrees."""

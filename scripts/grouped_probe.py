@@ -1,0 +1,88 @@
+"""Development A/B of tile configs on the grouped bench cases, each side timed twice, interleaved.
+
+    PYTHONPATH=. python3 scripts/grouped_probe.py [label-prefix ...]
+
+Each case is built exactly as `python -m deep_gemm bench` builds it (same group sizes); every
+variant is the planner's config with some fields replaced (a changed tile gets the deepest ring
+that fits, at most 8 stages; BLOCK_N > 128 runs unpipelined), compiled up front in a process pool,
+checked against float64 once and timed the bench's way (write flush, profiler, median of 20) in
+rounds A B C .. A B C .., so that drift along the run shows as a spread, not as a difference.
+"""
+import dataclasses
+import sys
+
+import torch
+
+from deep_gemm import bench, plan
+from deep_gemm.jit import precompile
+from deep_gemm.jit.kernel_source import GEMM_KERNEL_NAME, gemm_source
+from deep_gemm.ops import grouped
+from tune_grouped import _plan_args, timed_with_plan
+
+# The planner's config is the first side of every case; these are the others.
+SESSION_15 = dict(block_m=64, pipeline=0)    # what the planner chose for 16 x 64 before section 26
+CASES = [
+    (bench.make_masked, (16, 64, 4096, 7168), [SESSION_15, dict(block_m=64)]),
+    (bench.make_masked, (16, 64, 7168, 2048), [SESSION_15, dict(block_m=128), dict(block_n=160, pipeline=0),
+                                               dict(block_n=96, pipeline=0), dict(block_n=64)]),
+]
+ROUNDS = 2
+
+
+def variant(base, changes):
+    cfg = dataclasses.replace(base, **changes)
+    if "block_n" in changes or "block_m" in changes:
+        cfg = dataclasses.replace(cfg, pipeline=cfg.pipeline and cfg.block_n <= plan.MAX_PIPELINED_BLOCK_N,
+                                  num_stages=plan.max_stages(cfg.block_m, cfg.block_n))
+    return cfg
+
+
+def main():
+    keep = sys.argv[1:]
+    timer = bench.Timer("cuda", 20)
+    # Compile every variant first, in parallel.
+    plans = []
+    for make, shape, changes in CASES:
+        groups, m, n, k = shape
+        label = f"{groups}x{m} {n}x{k}"
+        if keep and not any(label.startswith(p) for p in keep):
+            continue
+        plans.append((make, shape, changes))
+    jobs = []
+    for make, shape, changes in plans:
+        problem = make(*shape, "cuda")
+        base = grouped.plan_cached(*_plan_args(problem))
+        del problem
+        for cfg in [base] + [variant(base, c) for c in changes]:
+            jobs.append((cfg.name, gemm_source(cfg), GEMM_KERNEL_NAME, "sm_90a"))
+    precompile(jobs, progress=False)
+    torch.cuda.empty_cache()
+
+    print(f"{'case':>28} {'variant':>26} {'us (rounds)':>22} {'TFLOPS':>7} {'diff':>9}  config", flush=True)
+    for make, shape, changes in plans:
+        problem = make(*shape, "cuda")
+        base = grouped.plan_cached(*_plan_args(problem))
+        sides = [("planner", base)] + [(",".join(f"{k}={v}" for k, v in c.items()), variant(base, c)) for c in changes]
+        times = {name: [] for name, _ in sides}
+        diffs = {}
+        for _ in range(ROUNDS):
+            for name, cfg in sides:
+                try:
+                    us, diff = timed_with_plan(problem, timer, lambda *args, cfg=cfg: cfg)
+                except Exception as e:  # report and keep sweeping
+                    times[name].append(float("nan"))
+                    diffs[name] = str(e)[:60]
+                    continue
+                times[name].append(us)
+                diffs[name] = f"{diff:9.1e}"
+        for name, cfg in sides:
+            ts = times[name]
+            best = min(ts)
+            print(f"{problem.label:>28} {name:>26} {' / '.join(f'{t:.1f}' for t in ts):>22} "
+                  f"{problem.flops / best / 1e6:7.0f} {diffs[name]}  {cfg.name}", flush=True)
+        del problem
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
