@@ -19,7 +19,9 @@ from deep_gemm.jit.kernel_source import GEMM_KERNEL_NAME, gemm_source
 from deep_gemm.ops import grouped
 from tune_grouped import _plan_args, timed_with_plan
 
-# The planner's config is the first side of every case; these are the others.
+# The planner's config is the first side of every case; these are the others (the A/B planned
+# after perf-notes section 26, not yet run; that section's run also had the 32x32, 2x512, 4x256
+# and contiguous cases).
 SESSION_15 = dict(block_m=64, pipeline=0)    # what the planner chose for 16 x 64 before section 26
 CASES = [
     (bench.make_masked, (16, 64, 4096, 7168), [SESSION_15, dict(block_m=64)]),
