@@ -3,21 +3,21 @@
     PYTHONPATH=. python3 scripts/grouped_probe.py [label-prefix ...]
 
 Each case is built exactly as `python -m deep_gemm bench` builds it (same group sizes); every
-variant is the planner's config with some fields replaced (a changed tile gets the deepest ring
-that fits, at most 8 stages; BLOCK_N > 128 runs unpipelined), compiled up front in a process pool,
+variant is the planner's config with some fields replaced (tune_sweep.deep: the deepest ring that
+fits; the kernel pipelines only BLOCK_N <= 128), all of a case's compiled up front in a process pool,
 checked against float64 once and timed the bench's way (write flush, profiler, median of 20) in
 rounds A B C .. A B C .., so that drift along the run shows as a spread, not as a difference.
 """
-import dataclasses
 import sys
 
 import torch
 
-from deep_gemm import bench, plan
+from deep_gemm import bench
 from deep_gemm.jit import precompile
 from deep_gemm.jit.kernel_source import GEMM_KERNEL_NAME, gemm_source
 from deep_gemm.ops import grouped
 from tune_grouped import _plan_args, timed_with_plan
+from tune_sweep import deep
 
 # The planner's config is the first side of every case; these are the others (the A/B planned
 # after perf-notes section 26, not yet run; that section's run also had the 32x32, 2x512, 4x256
@@ -31,40 +31,19 @@ CASES = [
 ROUNDS = 2
 
 
-def variant(base, changes):
-    cfg = dataclasses.replace(base, **changes)
-    if "block_n" in changes or "block_m" in changes:
-        cfg = dataclasses.replace(cfg, pipeline=cfg.pipeline and cfg.block_n <= plan.MAX_PIPELINED_BLOCK_N,
-                                  num_stages=plan.max_stages(cfg.block_m, cfg.block_n))
-    return cfg
-
-
 def main():
     keep = sys.argv[1:]
     timer = bench.Timer("cuda", 20)
-    # Compile every variant first, in parallel.
-    plans = []
+    print(f"{'case':>28} {'variant':>26} {'us (rounds)':>22} {'TFLOPS':>7} {'diff':>9}  config", flush=True)
     for make, shape, changes in CASES:
         groups, m, n, k = shape
-        label = f"{groups}x{m} {n}x{k}"
-        if keep and not any(label.startswith(p) for p in keep):
+        if keep and not any(f"{groups}x{m} {n}x{k}".startswith(p) for p in keep):
             continue
-        plans.append((make, shape, changes))
-    jobs = []
-    for make, shape, changes in plans:
         problem = make(*shape, "cuda")
         base = grouped.plan_cached(*_plan_args(problem))
-        del problem
-        for cfg in [base] + [variant(base, c) for c in changes]:
-            jobs.append((cfg.name, gemm_source(cfg), GEMM_KERNEL_NAME, "sm_90a"))
-    precompile(jobs, progress=False)
-    torch.cuda.empty_cache()
-
-    print(f"{'case':>28} {'variant':>26} {'us (rounds)':>22} {'TFLOPS':>7} {'diff':>9}  config", flush=True)
-    for make, shape, changes in plans:
-        problem = make(*shape, "cuda")
-        base = grouped.plan_cached(*_plan_args(problem))
-        sides = [("planner", base)] + [(",".join(f"{k}={v}" for k, v in c.items()), variant(base, c)) for c in changes]
+        # tune_sweep.deep: the changed tile with the deepest ring that fits.
+        sides = [("planner", base)] + [(",".join(f"{k}={v}" for k, v in c.items()), deep(base, **c)) for c in changes]
+        precompile([(cfg.name, gemm_source(cfg), GEMM_KERNEL_NAME, "sm_90a") for _, cfg in sides], progress=False)
         times = {name: [] for name, _ in sides}
         diffs = {}
         for _ in range(ROUNDS):
@@ -79,9 +58,8 @@ def main():
                 diffs[name] = f"{diff:9.1e}"
         for name, cfg in sides:
             ts = times[name]
-            best = min(ts)
             print(f"{problem.label:>28} {name:>26} {' / '.join(f'{t:.1f}' for t in ts):>22} "
-                  f"{problem.flops / best / 1e6:7.0f} {diffs[name]}  {cfg.name}", flush=True)
+                  f"{problem.flops / min(ts) / 1e6:7.0f} {diffs[name]}  {cfg.name}", flush=True)
         del problem
         torch.cuda.empty_cache()
 
