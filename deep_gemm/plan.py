@@ -44,6 +44,7 @@ class KernelConfig:
     pipeline: bool = True       # overlap block k+1's wgmma with block k's promotion (BLOCK_N <= 128)
     stream_b: bool = False      # B is read once: load it with an L2 evict-first policy
     sa_loader_warp: bool = False  # A's scales copied by a producer warp (cp.async), not by TMA
+    fixed_scale_split: bool = False  # tiles over two scale blocks of B: a main loop per boundary
     block_k: int = field(default=BLOCK_K)
 
     @property
@@ -89,6 +90,7 @@ class KernelConfig:
             "PIPELINE_PROMOTION": int(self.pipeline and self.block_n <= MAX_PIPELINED_BLOCK_N),
             "STREAM_B": int(self.stream_b),
             "SA_LOADER_WARP": int(self.sa_loader_warp),
+            "FIXED_SCALE_SPLIT": int(self.fixed_scale_split),
         }
 
     @property
@@ -97,7 +99,7 @@ class KernelConfig:
                 f"_bm{self.block_m}_bn{self.block_n}_s{self.num_stages}"
                 + (f"x{self.stage_k_blocks}" if self.stage_k_blocks > 1 else "") + f"_r{self.raster_group}"
                 f"_c{self.cluster_n}_sk{self.split_k}_p{int(self.pipeline)}" + ("_sb" if self.stream_b else "")
-                + ("_sl" if self.sa_loader_warp else ""))
+                + ("_sl" if self.sa_loader_warp else "") + ("_fs" if self.fixed_scale_split else ""))
 
 
 def store_chunk_cols(block_n: int) -> int:

@@ -19,14 +19,25 @@ from deep_gemm.ops import grouped
 from tune_grouped import _plan_args, timed_with_plan
 from tune_sweep import deep
 
-# The planner's config is the first side of every case; these are the others (the A/B planned
-# after perf-notes section 26, not yet run; that section's run also had the 32x32, 2x512, 4x256
-# and contiguous cases).
+# The planner's config is the first side of every case; these are the others.
+# WIDE: 128 x 160 / 128 x 192 tiles, DeepGEMM's choice for the large grouped cases (its heuristic
+# picks the tile with the fewest waves), unpipelined as theirs, with a main loop per scale split
+# (FIXED_SCALE_SPLIT: the split known at compile time, ~100 fewer instructions per K block and
+# warp at BLOCK_N = 192). Not yet run (written in session 17, which had no device); bn192 without
+# the fixed split separates the tile from the instruction count.
+WIDE = dict(pipeline=0, split_k=1, fixed_scale_split=1)
 SESSION_15 = dict(block_m=64, pipeline=0)    # what the planner chose for 16 x 64 before section 26
 CASES = [
-    (bench.make_masked, (16, 64, 4096, 7168), [SESSION_15, dict(block_m=64)]),
-    (bench.make_masked, (16, 64, 7168, 2048), [SESSION_15, dict(block_m=128), dict(block_n=160, pipeline=0),
-                                               dict(block_n=96, pipeline=0), dict(block_n=64)]),
+    (bench.make_contiguous, (4, 8192, 4096, 7168), [dict(WIDE, block_n=192), dict(WIDE, block_n=192, fixed_scale_split=0),
+                                                    dict(WIDE, block_n=160), dict(WIDE, block_n=192, cluster_n=2)]),
+    (bench.make_contiguous, (8, 4096, 4096, 7168), [dict(WIDE, block_n=192), dict(WIDE, block_n=160)]),
+    (bench.make_contiguous, (4, 8192, 7168, 2048), [dict(WIDE, block_n=192), dict(WIDE, block_n=160)]),
+    (bench.make_contiguous, (8, 4096, 7168, 2048), [dict(WIDE, block_n=192), dict(WIDE, block_n=160)]),
+    (bench.make_masked, (2, 512, 4096, 7168), [dict(WIDE, block_n=192), dict(WIDE, block_n=160), dict(WIDE, block_n=144)]),
+    # Memory-bound: the draw's 26 M blocks x 56 N blocks are 11 rounds and 4 tiles, and those 4
+    # run alone (one 64-row tile is ~2.3 us of one SM's tensor work at K = 2048): split them.
+    (bench.make_masked, (16, 64, 7168, 2048), [SESSION_15, dict(split_k=4), dict(split_k=2),
+                                               dict(block_n=160, pipeline=0, fixed_scale_split=1)]),
 ]
 ROUNDS = 2
 

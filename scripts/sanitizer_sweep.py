@@ -48,7 +48,13 @@ def main():
                              # Several K blocks a stage (3-D boxes): tail rows rounded up to 8, an
                              # odd K-block count, split shares ending inside a stage.
                              (5, 1000, 4480, dict(block_n=16, pipeline=True, sa_loader_warp=True, stage_k_blocks=2)),
-                             (77, 512, 4352, dict(block_n=32, split_k=5, stage_k_blocks=4))]:
+                             (77, 512, 4352, dict(block_n=32, split_k=5, stage_k_blocks=4)),
+                             # A main loop per scale split of B (FIXED_SCALE_SPLIT): 192-column
+                             # tiles split at 128 / 64, 160-column ones at 128 / 96 / 64 / 32.
+                             (333, 2112, 896, dict(block_n=192, pipeline=False, fixed_scale_split=True)),
+                             (200, 1000, 1408, dict(block_n=160, pipeline=False, fixed_scale_split=True)),
+                             # 11 K blocks (odd) in the pipelined loop, whole tiles and split shares.
+                             (1000, 2112, 1408, dict(block_n=128, pipeline=True, split_k=2))]:
         lhs = deep_gemm.per_token_cast_to_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
         rhs = deep_gemm.per_block_cast_to_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
         base = plan.plan_dense(m, n, k, deep_gemm.get_num_sms())

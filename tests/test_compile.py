@@ -21,7 +21,7 @@ import pytest
 from deep_gemm.jit import clear_memory_cache, precompile, precompile_cli
 from deep_gemm.jit.kernel_source import GEMM_KERNEL_NAME, gemm_source
 from deep_gemm.jit.precompile_cli import ANCHOR_NK, DSV3_MOE_NK, Request, plan_all
-from deep_gemm.plan import LAYOUT_CONTIGUOUS, LAYOUT_DENSE, LAYOUT_MASKED, KernelConfig, plan_dense
+from deep_gemm.plan import LAYOUT_CONTIGUOUS, LAYOUT_DENSE, LAYOUT_MASKED, KernelConfig, max_stages, plan_dense
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_SMS = 132
@@ -48,10 +48,11 @@ def _compile_and_check(configs):
     bad = []
     for c, k in zip(configs, kernels):
         r = k.resources
-        if r.spill_store_bytes or r.spill_load_bytes or r.stack_bytes or r.setmaxnreg_ignored:
+        if (r.spill_store_bytes or r.spill_load_bytes or r.stack_bytes or r.setmaxnreg_ignored
+                or r.wgmma_serialized):
             bad.append(f"{c.name}: {r.registers} regs, spills {r.spill_store_bytes}/"
                        f"{r.spill_load_bytes} B, stack {r.stack_bytes} B, "
-                       f"setmaxnreg ignored: {r.setmaxnreg_ignored}")
+                       f"setmaxnreg ignored: {r.setmaxnreg_ignored}, wgmmas serialised: {r.wgmma_serialized}")
     assert not bad, f"{len(bad)} of {len(configs)} kernels fail ptxas limits:\n" + "\n".join(bad)
     return kernels
 
@@ -70,6 +71,40 @@ def test_every_grouped_variant_compiles_clean(tmp_cache_dir):
     configs = plan_all(_requests_grouped(), NUM_SMS)
     assert {c.layout for c in configs} == {LAYOUT_CONTIGUOUS, LAYOUT_MASKED}
     _compile_and_check(configs)
+
+
+def _forced(layout, n, k, **changes):
+    base = plan_dense(4096, n, k, NUM_SMS, layout=layout, num_groups=1 if layout == LAYOUT_DENSE else 4)
+    changes = {"split_k": 1, "block_m": 128, "pipeline": True, "stage_k_blocks": 1, **changes}
+    return dataclasses.replace(base, **changes, num_stages=max_stages(
+        changes.get("block_m", base.block_m), changes.get("block_n", base.block_n)))
+
+
+def test_odd_k_block_counts_and_fixed_scale_splits_compile_clean(tmp_cache_dir):
+    # An odd number of K blocks once made ptxas serialise the pipelined loop's wgmmas (C7514),
+    # which the planner sweep above would only catch for K = 576; FIXED_SCALE_SPLIT compiles a
+    # main loop per scale split (2 for BLOCK_N = 192, 4 for 160 and 96, 8 for 144) and is not
+    # chosen by the planner yet, so its kernels are listed here.
+    configs = [
+        _forced(LAYOUT_DENSE, 7168, 1408),                                    # 11 K blocks
+        _forced(LAYOUT_DENSE, 7168, 4224, split_k=4),                         # 33, split-capable
+        _forced(LAYOUT_CONTIGUOUS, 2048, 1408),
+        _forced(LAYOUT_MASKED, 2048, 1408, block_m=64),
+        _forced(LAYOUT_DENSE, 7168, 640, block_m=64, block_n=32, stage_k_blocks=2),
+    ]
+    for layout in (LAYOUT_DENSE, LAYOUT_CONTIGUOUS, LAYOUT_MASKED):
+        for block_n in (144, 160, 192):
+            configs.append(_forced(layout, 4096, 7168, block_n=block_n, pipeline=False, fixed_scale_split=True))
+    configs += [
+        _forced(LAYOUT_DENSE, 2112, 896, block_n=192, pipeline=False, fixed_scale_split=True, cluster_n=2),
+        _forced(LAYOUT_DENSE, 24576, 1536, block_m=64, block_n=96, pipeline=False, fixed_scale_split=True),
+        _forced(LAYOUT_DENSE, 2112, 7168, block_m=64, block_n=96, pipeline=True, fixed_scale_split=True),
+        _forced(LAYOUT_MASKED, 7168, 2048, block_m=64, block_n=160, pipeline=False, fixed_scale_split=True),
+    ]
+    kernels = _compile_and_check(configs)
+    # The split copies are really there: a fixed-split kernel is larger than its run-time twin.
+    plain = _compile_and_check([dataclasses.replace(configs[5], fixed_scale_split=False)])[0]
+    assert len(kernels[5].cubin) > len(plain.cubin)
 
 
 def test_sweep_covers_every_tile_choice():

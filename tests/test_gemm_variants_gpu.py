@@ -57,10 +57,21 @@ def _launch(config, lhs, rhs, out, num_sms=None):
     (77, 512, 4352, dict(block_n=32, split_k=5, stage_k_blocks=4, sa_loader_warp=True)),
     (1000, 2112, 7168, dict(block_n=128, split_k=4, pipeline=True, stage_k_blocks=2)),
     (300, 4000, 7168, dict(block_m=256, block_n=128, stage_k_blocks=2)),      # 2nd M block: 44 rows -> 48
+    # An odd number of K blocks in the pipelined loop (its bound hidden from the compiler).
+    (1000, 2112, 1408, dict(block_n=128, pipeline=True)),
+    (200, 1040, 4224, dict(block_n=64, split_k=3, pipeline=True)),          # 33 K blocks, split shares
+    # A main loop per scale split (FIXED_SCALE_SPLIT): N blocks at every split, partial last ones.
+    (333, 2112, 896, dict(block_n=192, fixed_scale_split=True)),            # splits 128 and 64
+    (300, 1000, 2048, dict(block_n=160, fixed_scale_split=True)),           # 128, 96, 64, 32
+    (200, 2112, 1408, dict(block_n=144, fixed_scale_split=True)),           # all eight
+    (64, 1001, 576, dict(block_m=64, block_n=96, fixed_scale_split=True)),  # 96, 64, 32; odd N
+    (77, 2112, 576, dict(block_m=64, block_n=96, pipeline=True, fixed_scale_split=True)),
+    (333, 2112, 896, dict(block_n=192, cluster_n=2, fixed_scale_split=True)),  # 11 N blocks: phantom tile
 ], ids=str)
 def test_forced_variant_matches_float64(m, n, k, changes):
     base = plan.plan_dense(m, n, k, 132)
-    changes = {"pipeline": False, "split_k": 1, "sa_loader_warp": False, "stage_k_blocks": 1, **changes}
+    changes = {"pipeline": False, "split_k": 1, "sa_loader_warp": False, "stage_k_blocks": 1,
+               "fixed_scale_split": False, **changes}
     block_m = changes.get("block_m", base.block_m)
     config = dataclasses.replace(base, **changes, num_stages=plan.max_stages(
         block_m, changes["block_n"], cap=max(1, 8 // changes["stage_k_blocks"]),

@@ -37,23 +37,28 @@ def contiguous_inputs(sizes, n, k):
     return deep_gemm.per_token_cast_to_fp8(a), m_indices
 
 
+def check_contiguous(lhs, rhs, out, m_indices, num_groups):
+    """Every expert's rows against that expert's dense product in float64."""
+    a = dequantize_lhs(*lhs, dtype=torch.float64)
+    for g in range(num_groups):
+        rows = (m_indices == g).nonzero().flatten()
+        if rows.numel():
+            check_close(out[rows], a[rows] @ dequantize_rhs(rhs[0][g], rhs[1][g], dtype=torch.float64).T)
+
+
 @pytest.mark.parametrize("sizes,n,k", [
     ([300, 0, 1, 128, 77], 512, 1024),
     ([random.randint(0, 400) for _ in range(8)], 4096, 7168),
     ([256] * 4, 7168, 2048),
     ([5, 129], 576, 576),
+    ([200, 5, 300], 640, 1408),     # 11 K blocks: an odd count in the pipelined loop
 ])
 def test_contiguous_matches_per_group_dense(sizes, n, k):
     lhs, m_indices = contiguous_inputs(sizes, n, k)
     rhs = weights(len(sizes), n, k)
     out = torch.full((lhs[0].shape[0], n), float("nan"), device="cuda", dtype=torch.bfloat16)
     deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices)
-    a = dequantize_lhs(*lhs, dtype=torch.float64)
-    for g in range(len(sizes)):
-        rows = (m_indices == g).nonzero().flatten()
-        if rows.numel():
-            ref = a[rows] @ dequantize_rhs(rhs[0][g], rhs[1][g], dtype=torch.float64).T
-            check_close(out[rows], ref)
+    check_contiguous(lhs, rhs, out, m_indices, len(sizes))
     # Whole padding blocks are skipped: their rows keep the poison.
     starts = torch.arange(0, m_indices.numel(), ALIGN, device="cuda")
     skipped = starts[m_indices[starts] < 0]
@@ -153,11 +158,7 @@ def test_contiguous_scales_by_loader_warp(monkeypatch):
     out = torch.full((lhs[0].shape[0], n), float("nan"), device="cuda", dtype=torch.bfloat16)
     deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices)
     assert used and used[0].sa_loader_warp
-    a = dequantize_lhs(*lhs, dtype=torch.float64)
-    for g in range(len(sizes)):
-        rows = (m_indices == g).nonzero().flatten()
-        if rows.numel():
-            check_close(out[rows], a[rows] @ dequantize_rhs(rhs[0][g], rhs[1][g], dtype=torch.float64).T)
+    check_contiguous(lhs, rhs, out, m_indices, len(sizes))
 
 
 def test_masked_scales_by_loader_warp(monkeypatch):
@@ -180,11 +181,34 @@ def test_contiguous_with_several_k_blocks_a_stage(monkeypatch):
     out = torch.full((lhs[0].shape[0], n), float("nan"), device="cuda", dtype=torch.bfloat16)
     deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices)
     assert used and used[0].stage_k_blocks == 2
-    a = dequantize_lhs(*lhs, dtype=torch.float64)
-    for g in range(len(sizes)):
-        rows = (m_indices == g).nonzero().flatten()
-        if rows.numel():
-            check_close(out[rows], a[rows] @ dequantize_rhs(rhs[0][g], rhs[1][g], dtype=torch.float64).T)
+    check_contiguous(lhs, rhs, out, m_indices, len(sizes))
+
+
+@pytest.mark.parametrize("block_n", [192, 160])
+def test_contiguous_wide_tiles_with_a_main_loop_per_scale_split(monkeypatch, block_n):
+    """128 x 192 / 128 x 160 tiles (the widths DeepGEMM picks for the large contiguous cases), one
+    main loop per scale split; N = 1000 has N blocks at every split and a partial last one."""
+    used = _force(monkeypatch, block_n=block_n, pipeline=False, split_k=1, fixed_scale_split=True,
+                  num_stages=plan.max_stages(128, block_n))
+    sizes, n, k = [130, 7, 0, 250], 1000, 1408
+    lhs, m_indices = contiguous_inputs(sizes, n, k)
+    rhs = weights(len(sizes), n, k)
+    out = torch.full((lhs[0].shape[0], n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices)
+    assert used and used[0].fixed_scale_split and used[0].block_n == block_n
+    check_contiguous(lhs, rhs, out, m_indices, len(sizes))
+
+
+def test_masked_wide_tiles_with_a_main_loop_per_scale_split(monkeypatch):
+    used = _force(monkeypatch, block_n=160, pipeline=False, split_k=1, fixed_scale_split=True,
+                  num_stages=plan.max_stages(128, 160))
+    g, max_m, n, k = 3, 198, 1000, 1408
+    lhs, rhs = masked_inputs(g, max_m, n, k)
+    masked_m = torch.tensor([198, 61, 0], device="cuda", dtype=torch.int32)
+    out = torch.full((g, max_m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, 100)
+    assert used and used[0].fixed_scale_split and used[0].block_n == 160
+    check_masked(lhs, rhs, out, masked_m)
 
 
 @pytest.mark.parametrize("loader_warp", [False, True], ids=["tma_scales", "loader_warp"])

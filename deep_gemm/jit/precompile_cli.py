@@ -184,7 +184,8 @@ def _record(name: str, config, kernel) -> dict:
     return {"kernel": name, "config": dataclasses.asdict(config) if config is not None else {},
             "registers": r.registers, "spill_bytes": r.spill_store_bytes + r.spill_load_bytes,
             "stack_bytes": r.stack_bytes, "compile_s": round(kernel.compile_s, 4),
-            "from_cache": kernel.from_cache, "setmaxnreg_ignored": r.setmaxnreg_ignored}
+            "from_cache": kernel.from_cache, "setmaxnreg_ignored": r.setmaxnreg_ignored,
+            "wgmma_serialized": r.wgmma_serialized}
 
 
 def _problem(rec: dict) -> str:
@@ -195,6 +196,8 @@ def _problem(rec: dict) -> str:
         why.append(f"stack frame {rec['stack_bytes']} B")
     if rec["setmaxnreg_ignored"]:
         why.append("setmaxnreg ignored (C7508)")
+    if rec.get("wgmma_serialized"):
+        why.append("wgmmas serialised (C7514)")
     return ", ".join(why)
 
 

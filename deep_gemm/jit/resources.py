@@ -49,6 +49,12 @@ class KernelResources:
         return self.spill_store_bytes > 0 or self.spill_load_bytes > 0
 
     @property
+    def wgmma_serialized(self) -> bool:
+        """True if ptxas serialised the kernel's wgmmas (C7514: it found registers of an
+        in-flight wgmma read too early and waits after every wgmma instead)."""
+        return any("C7514" in line for line in self.warnings)
+
+    @property
     def setmaxnreg_ignored(self) -> bool:
         """True if ptxas dropped ``setmaxnreg`` (C7508): the register split between
         producer and consumer warpgroups silently did not happen."""

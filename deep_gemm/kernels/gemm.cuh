@@ -23,7 +23,7 @@
 //
 // Compile-time constants (SHAPE_N, SHAPE_K, BLOCK_M, BLOCK_N, BLOCK_K,
 // NUM_STAGES, STAGE_K_BLOCKS, LAYOUT, NUM_GROUPS, RASTER_GROUP, CLUSTER_N, SPLIT_K,
-// PIPELINE_PROMOTION, STREAM_B, SA_LOADER_WARP, STORE_CHUNK_COLS) and the
+// PIPELINE_PROMOTION, STREAM_B, SA_LOADER_WARP, FIXED_SCALE_SPLIT, STORE_CHUNK_COLS) and the
 // function `wgmma_m64k32<BLOCK_N>` are defined by the generated source before
 // this header is included (see deep_gemm/jit/kernel_source.py).
 #pragma once
@@ -74,6 +74,50 @@ constexpr uint32_t kSplitKBarrier = 3;
 // BLOCK_N <= 128 + gcd(BLOCK_N, 128)); when BLOCK_N divides 128 it spans one.
 constexpr bool kOneScaleB = (128 % BLOCK_N) == 0;
 constexpr int kNumScaleBRows = (SHAPE_N + 127) / 128;
+
+// Where B's second scale block starts in a tile: column split = min(128 - n0 % 128, BLOCK_N),
+// n0 = n_block * BLOCK_N. n0 % 128 is a multiple of g = gcd(BLOCK_N, 128), so split takes one
+// of a few values: 2 for BLOCK_N = 192, 4 for 160, 3 for 96, 8 for 144. With the split known
+// only at run time, promotion picks the scale of every 8-column group per K block (a compare, a
+// select and two multiplies per group: about 100 of the ~200 instructions per K block and warp
+// of a 192-column tile, SASS). FIXED_SCALE_SPLIT compiles the main loop once per value instead,
+// and each tile runs the copy of its own split.
+constexpr int32_t gcd_int(int32_t a, int32_t b) { return b == 0 ? a : gcd_int(b, a % b); }
+constexpr int32_t kScaleSplitStep = gcd_int(BLOCK_N, 128);
+// Cases c = kFirstSplitCase .. 128 / g - 1 have n0 % 128 = c * g; below the first, split = BLOCK_N
+// as in the first (a narrow tile that ends inside its scale block has one scale).
+constexpr int32_t kFirstSplitCase = BLOCK_N >= 128 ? 0 : (128 - BLOCK_N + kScaleSplitStep - 1) / kScaleSplitStep;
+constexpr int32_t kNumSplitCases = kOneScaleB ? 1 : 128 / kScaleSplitStep - kFirstSplitCase;
+constexpr bool kFixedScaleSplit = FIXED_SCALE_SPLIT && !kOneScaleB;
+constexpr int32_t split_case_value(int32_t c) {
+    return 128 - (kFirstSplitCase + c) * kScaleSplitStep < BLOCK_N ? 128 - (kFirstSplitCase + c) * kScaleSplitStep
+                                                                   : BLOCK_N;
+}
+// Every N block's split is one of the cases (n0 % 128 repeats within 128 N blocks): the last
+// case of with_fixed_split takes whatever the others did not, without comparing.
+constexpr bool split_cases_cover_every_tile() {
+    for (int32_t j = 0; j < 128; ++j) {
+        const int32_t room = 128 - j * BLOCK_N % 128;
+        const int32_t split = room < BLOCK_N ? room : BLOCK_N;
+        bool found = false;
+        for (int32_t c = 0; c < kNumSplitCases; ++c) found = found || split_case_value(c) == split;
+        if (!found) return false;
+    }
+    return true;
+}
+static_assert(kOneScaleB || split_cases_cover_every_tile(), "a tile's scale split has no main loop");
+// Calls f(IntConstant<split>) with the tile's run-time split as a compile-time value.
+template <int32_t kCase, typename F>
+DG_DEVICE void with_fixed_split(int32_t split, F& f) {
+    constexpr int32_t kValue = split_case_value(kCase);
+    if constexpr (kCase + 1 >= kNumSplitCases) {
+        f(ptx::IntConstant<kValue>());
+    } else if (split == kValue) {
+        f(ptx::IntConstant<kValue>());
+    } else {
+        with_fixed_split<kCase + 1>(split, f);
+    }
+}
 
 // Registers: the producer needs few; the consumers hold two fp32 tiles, or
 // three when promotion is pipelined (a second wgmma result tile in flight
@@ -516,14 +560,21 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
         // with compile-time K bounds, exactly like a kernel without split-K, and split
         // units with run-time ones (run-time bounds everywhere made whole tiles of such
         // kernels a few % slower: docs/perf-notes.md, sections 13 and 17).
-        auto main_loop = [&](auto whole_tile) {
+        // fixed_split: the tile's split as a compile-time value (FIXED_SCALE_SPLIT), or 0.
+        auto main_loop = [&](auto whole_tile, auto fixed_split) {
             constexpr bool kWhole = decltype(whole_tile)::value;
+            constexpr int32_t kSplit = decltype(fixed_split)::value;
             const BScaleRows sb_rows = b_scale_rows(tile);
             const float* sb_first = sb_rows.first;
             const float* sb_second = sb_rows.second;
-            const int32_t split = sb_rows.split;
+            const int32_t split = kSplit > 0 ? kSplit : sb_rows.split;
             const int32_t kb_begin = kWhole ? 0 : k_block_begin(tile);
-            const int32_t kb_end = kWhole ? kNumKBlocks : k_block_end(tile);
+            // An odd number of K blocks known at compile time (K = 576, 1408, 4224, ..., five
+            // blocks or more) made ptxas serialise every wgmma of the pipelined loop (C7514: a wait
+            // after each k32 step); hidden from the compiler, the count gives the loop that even
+            // counts get (SASS; every other kernel is unchanged).
+            constexpr bool kHideCount = kPipelinePromotion && kNumKBlocks % 2 == 1;
+            const int32_t kb_end = kWhole ? (kHideCount ? ptx::opaque(kNumKBlocks) : kNumKBlocks) : k_block_end(tile);
             // Several K blocks a stage: the distance between a stage's slots of A (and of A's
             // scales, when TMA brings them) is the rows of its box, fewer for a tail tile.
             const bool tail = kStageKBlocks > 1 && LAYOUT == kDense && a_tail_rows > 0 &&
@@ -688,10 +739,20 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
                 }
             }
         };
-        if (SPLIT_K == 1 || tile.num_splits == 1) {
-            main_loop(ptx::Constant<true>());
+        if constexpr (kFixedScaleSplit) {
+            auto run_tile = [&](auto whole_tile) {
+                auto loop = [&](auto fixed_split) { main_loop(whole_tile, fixed_split); };
+                with_fixed_split<0>(b_scale_rows(tile).split, loop);
+            };
+            if (SPLIT_K == 1 || tile.num_splits == 1) {
+                run_tile(ptx::Constant<true>());
+            } else {
+                run_tile(ptx::Constant<false>());
+            }
+        } else if (SPLIT_K == 1 || tile.num_splits == 1) {
+            main_loop(ptx::Constant<true>(), ptx::IntConstant<0>());
         } else {
-            main_loop(ptx::Constant<false>());
+            main_loop(ptx::Constant<false>(), ptx::IntConstant<0>());
         }
         ring.end_tile();
         if (kFetchBeforeEpilogue) look_ahead();

@@ -44,10 +44,13 @@ DG_DEVICE int32_t opaque(int32_t x) {
     return x;
 }
 
-// A bool as a type, to instantiate one generic lambda per value (no <type_traits>
-// under NVRTC).
+// A bool (an int) as a type, to instantiate one generic lambda per value (no
+// <type_traits> under NVRTC).
 template <bool kValue> struct Constant {
     static constexpr bool value = kValue;
+};
+template <int32_t kValue> struct IntConstant {
+    static constexpr int32_t value = kValue;
 };
 
 // ---- registers -----------------------------------------------------------------
