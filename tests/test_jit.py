@@ -468,3 +468,22 @@ def test_parse_picks_the_named_entry():
     assert (second.registers, second.stack_bytes, second.shared_bytes) == (40, 0, 0)
     assert not second.spills and len(second.warnings) == 1
     assert parse_ptxas_report(log, "third") is None
+
+
+def test_serialised_wgmmas_are_reported():
+    # ptxas' C7514 (the log line of a pipelined kernel over an odd number of K blocks before
+    # session 17's fix): the kernel runs, but every wgmma waits for the one before it.
+    log = textwrap.dedent("""\
+        ptxas info    : (C7514) Potential Performance Loss: wgmma.mma_async instructions are serialized due to non wgmma instructions reading accumulator registers of  a wgmma between start and end of the pipeline stage in the function 'k' in line 0
+        ptxas info    : Compiling entry function 'k' for 'sm_90a'
+        ptxas info    : Function properties for k
+            0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+        ptxas info    : Used 168 registers
+        """)
+    r = parse_ptxas_report(log, "k")
+    assert r.wgmma_serialized and not r.setmaxnreg_ignored and not r.spills
+    without_warning = "".join(log.splitlines(True)[1:])
+    assert not parse_ptxas_report(without_warning, "k").wgmma_serialized
+    from deep_gemm.jit.precompile_cli import _problem
+    record = {"spill_bytes": 0, "stack_bytes": 0, "setmaxnreg_ignored": False, "wgmma_serialized": True}
+    assert "C7514" in _problem(record)
