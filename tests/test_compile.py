@@ -95,6 +95,10 @@ def test_odd_k_block_counts_and_fixed_scale_splits_compile_clean(tmp_cache_dir):
     for layout in (LAYOUT_DENSE, LAYOUT_CONTIGUOUS, LAYOUT_MASKED):
         for block_n in (144, 160, 192):
             configs.append(_forced(layout, 4096, 7168, block_n=block_n, pipeline=False, fixed_scale_split=True))
+            # Split-capable too: wide tiles sum their splits into the accumulators (3 x 80
+            # registers spilled before).
+            configs.append(_forced(layout, 4096, 7168, block_n=block_n, pipeline=False, fixed_scale_split=True,
+                                   split_k=4))
     configs += [
         _forced(LAYOUT_DENSE, 2112, 896, block_n=192, pipeline=False, fixed_scale_split=True, cluster_n=2),
         _forced(LAYOUT_DENSE, 24576, 1536, block_m=64, block_n=96, pipeline=False, fixed_scale_split=True),
@@ -103,6 +107,7 @@ def test_odd_k_block_counts_and_fixed_scale_splits_compile_clean(tmp_cache_dir):
     ]
     kernels = _compile_and_check(configs)
     # The split copies are really there: a fixed-split kernel is larger than its run-time twin.
+    assert configs[5].fixed_scale_split and configs[5].split_k == 1
     plain = _compile_and_check([dataclasses.replace(configs[5], fixed_scale_split=False)])[0]
     assert len(kernels[5].cubin) > len(plain.cubin)
 

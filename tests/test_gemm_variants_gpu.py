@@ -67,6 +67,8 @@ def _launch(config, lhs, rhs, out, num_sms=None):
     (64, 1001, 576, dict(block_m=64, block_n=96, fixed_scale_split=True)),  # 96, 64, 32; odd N
     (77, 2112, 576, dict(block_m=64, block_n=96, pipeline=True, fixed_scale_split=True)),
     (333, 2112, 896, dict(block_n=192, cluster_n=2, fixed_scale_split=True)),  # 11 N blocks: phantom tile
+    # 140 tiles of 128 x 160: 132 whole, 8 split in 4 units of 8-9 K blocks (a wide tile's reduction).
+    (1200, 2112, 4224, dict(block_n=160, split_k=4, fixed_scale_split=True)),
 ], ids=str)
 def test_forced_variant_matches_float64(m, n, k, changes):
     base = plan.plan_dense(m, n, k, 132)

@@ -248,6 +248,21 @@ def test_masked_split_tail_matches_per_group_dense(counts):
     check_masked(lhs, rhs, out, masked_m)
 
 
+def test_masked_wide_tiles_split_their_tail(monkeypatch):
+    """160-column tiles, one main loop per scale split, split-capable: 6 M blocks x 26 N blocks =
+    132 whole tiles, then 24 tail tiles in 4 units each, summed into the accumulators (the wide
+    tiles' reduction reads a unit's own partial back from the workspace)."""
+    used = _force(monkeypatch, block_n=160, pipeline=False, fixed_scale_split=True,
+                  num_stages=plan.max_stages(128, 160))
+    g, max_m, n, k, expected_m = 2, 640, 4096, 4352, 300
+    lhs, rhs = masked_inputs(g, max_m, n, k)
+    masked_m = torch.tensor([512, 129], device="cuda", dtype=torch.int32)
+    out = torch.full((g, max_m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m)
+    assert used and used[0].split_k > 1 and used[0].block_n == 160
+    check_masked(lhs, rhs, out, masked_m)
+
+
 def test_masked_split_tail_in_a_cuda_graph_with_changing_counts():
     """The split count follows masked_m on every replay; each split tile's arrival counter is
     reset by its last unit, so replays with other tails stay right."""

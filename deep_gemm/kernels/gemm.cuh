@@ -444,27 +444,38 @@ DG_DEVICE bool reduce_split_k(float (&acc)[kAccRegs], const Tile& tile, SharedSt
     // tiles' wgmma descriptors left the uniform registers: perf-notes 13).
     if (!__shfl_sync(0xffffffffu, *reinterpret_cast<volatile int32_t*>(smem.last_unit), 0)) return false;
     // One split at a time, all of its loads in flight at once (a load per group
-    // of four would wait out an L2 round trip each).
-    float sum[kAccRegs];
+    // of four would wait out an L2 round trip each). Tiles wider than 128 columns
+    // have no room for a third register tile (acc, the sum and a split's values:
+    // 3 x 80 registers at BLOCK_N = 160 spilled), so they read their own partial back
+    // from the workspace too and sum into acc.
+    constexpr bool kSumIntoAcc = kAccRegs > 64;
+    auto sum_splits = [&](float(&sum)[kAccRegs]) {
 #pragma unroll 1
-    for (int32_t s = 0; s < tile.num_splits; ++s) {
-        float part[kAccRegs];
-        if (s == tile.split) {
+        for (int32_t s = 0; s < tile.num_splits; ++s) {
+            float part[kAccRegs];
+            if (!kSumIntoAcc && s == tile.split) {
 #pragma unroll
-            for (int i = 0; i < kAccRegs; ++i) part[i] = acc[i];
-        } else {
-            const float4* slot = slots + s * (kSlotFloats / 4);
+                for (int i = 0; i < kAccRegs; ++i) part[i] = acc[i];
+            } else {
+                const float4* slot = slots + s * (kSlotFloats / 4);
 #pragma unroll
-            for (int i = 0; i < kAccRegs / 4; ++i) {
-                const float4 v = __ldcg(slot + i * kNumMathThreads + t);
-                part[4 * i] = v.x, part[4 * i + 1] = v.y, part[4 * i + 2] = v.z, part[4 * i + 3] = v.w;
+                for (int i = 0; i < kAccRegs / 4; ++i) {
+                    const float4 v = __ldcg(slot + i * kNumMathThreads + t);
+                    part[4 * i] = v.x, part[4 * i + 1] = v.y, part[4 * i + 2] = v.z, part[4 * i + 3] = v.w;
+                }
             }
+#pragma unroll
+            for (int i = 0; i < kAccRegs; ++i) sum[i] = s == 0 ? part[i] : sum[i] + part[i];
         }
+    };
+    if constexpr (kSumIntoAcc) {
+        sum_splits(acc);
+    } else {
+        float sum[kAccRegs];
+        sum_splits(sum);
 #pragma unroll
-        for (int i = 0; i < kAccRegs; ++i) sum[i] = s == 0 ? part[i] : sum[i] + part[i];
+        for (int i = 0; i < kAccRegs; ++i) acc[i] = sum[i];
     }
-#pragma unroll
-    for (int i = 0; i < kAccRegs; ++i) acc[i] = sum[i];
     return true;
 }
 
