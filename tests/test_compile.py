@@ -77,13 +77,13 @@ def _forced(layout, n, k, **changes):
     base = plan_dense(4096, n, k, NUM_SMS, layout=layout, num_groups=1 if layout == LAYOUT_DENSE else 4)
     changes = {"split_k": 1, "block_m": 128, "pipeline": True, "stage_k_blocks": 1, **changes}
     return dataclasses.replace(base, **changes, num_stages=max_stages(
-        changes.get("block_m", base.block_m), changes.get("block_n", base.block_n)))
+        changes["block_m"], changes.get("block_n", base.block_n)))
 
 
 def test_odd_k_block_counts_and_fixed_scale_splits_compile_clean(tmp_cache_dir):
     # An odd number of K blocks once made ptxas serialise the pipelined loop's wgmmas (C7514),
     # which the planner sweep above would only catch for K = 576; FIXED_SCALE_SPLIT compiles a
-    # main loop per scale split (2 for BLOCK_N = 192, 4 for 160 and 96, 8 for 144) and is not
+    # main loop per scale split (2 for BLOCK_N = 192, 4 for 160, 3 for 96, 8 for 144) and is not
     # chosen by the planner yet, so its kernels are listed here.
     configs = [
         _forced(LAYOUT_DENSE, 7168, 1408),                                    # 11 K blocks
