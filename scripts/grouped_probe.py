@@ -48,36 +48,51 @@ CASES = [
 ROUNDS = 2
 
 
+SHORT = {"block_m": "bm", "block_n": "bn", "pipeline": "p", "split_k": "sk", "fixed_scale_split": "fs",
+         "cluster_n": "c"}
+
+
+def label(changes):
+    return " ".join(f"{SHORT.get(k, k)}{int(v)}" for k, v in changes.items())
+
+
+def probe(make, shape, changes, timer):
+    problem = make(*shape, "cuda")
+    base = grouped.plan_cached(*_plan_args(problem))
+    # tune_sweep.deep: the changed tile with the deepest ring that fits.
+    sides = [("planner", base)] + [(label(c), deep(base, **c)) for c in changes]
+    precompile([(cfg.name, gemm_source(cfg), GEMM_KERNEL_NAME, "sm_90a") for _, cfg in sides], progress=False)
+    times = {name: [] for name, _ in sides}
+    diffs = {}
+    for _ in range(ROUNDS):
+        for name, cfg in sides:
+            try:
+                us, diff = timed_with_plan(problem, timer, lambda *args, cfg=cfg: cfg)
+            except Exception as e:  # report and keep sweeping
+                times[name].append(float("nan"))
+                diffs[name] = str(e)[:60]
+                continue
+            times[name].append(us)
+            diffs[name] = f"{diff:9.1e}"
+    for name, cfg in sides:
+        ts = times[name]
+        best = min((t for t in ts if t == t), default=float("nan"))
+        print(f"{problem.label:>24} {name:>22} {' / '.join(f'{t:.1f}' for t in ts):>17} "
+              f"{problem.flops / best / 1e6:7.0f} {diffs[name]}  {cfg.name}", flush=True)
+
+
 def main():
     keep = sys.argv[1:]
     timer = bench.Timer("cuda", 20)
-    print(f"{'case':>28} {'variant':>26} {'us (rounds)':>22} {'TFLOPS':>7} {'diff':>9}  config", flush=True)
+    print(f"{'case':>24} {'variant':>22} {'us (rounds)':>17} {'TFLOPS':>7} {'diff':>9}  config", flush=True)
     for make, shape, changes in CASES:
         groups, m, n, k = shape
         if keep and not any(f"{groups}x{m} {n}x{k}".startswith(p) for p in keep):
             continue
-        problem = make(*shape, "cuda")
-        base = grouped.plan_cached(*_plan_args(problem))
-        # tune_sweep.deep: the changed tile with the deepest ring that fits.
-        sides = [("planner", base)] + [(",".join(f"{k}={v}" for k, v in c.items()), deep(base, **c)) for c in changes]
-        precompile([(cfg.name, gemm_source(cfg), GEMM_KERNEL_NAME, "sm_90a") for _, cfg in sides], progress=False)
-        times = {name: [] for name, _ in sides}
-        diffs = {}
-        for _ in range(ROUNDS):
-            for name, cfg in sides:
-                try:
-                    us, diff = timed_with_plan(problem, timer, lambda *args, cfg=cfg: cfg)
-                except Exception as e:  # report and keep sweeping
-                    times[name].append(float("nan"))
-                    diffs[name] = str(e)[:60]
-                    continue
-                times[name].append(us)
-                diffs[name] = f"{diff:9.1e}"
-        for name, cfg in sides:
-            ts = times[name]
-            print(f"{problem.label:>28} {name:>26} {' / '.join(f'{t:.1f}' for t in ts):>22} "
-                  f"{problem.flops / min(ts) / 1e6:7.0f} {diffs[name]}  {cfg.name}", flush=True)
-        del problem
+        try:
+            probe(make, shape, changes, timer)
+        except Exception as e:  # a case that cannot be built or compiled: say so, go on
+            print(f"{groups}x{m} {n}x{k}: failed ({type(e).__name__}: {str(e)[:100]})", flush=True)
         torch.cuda.empty_cache()
 
 
