@@ -45,6 +45,7 @@ class KernelConfig:
     stream_b: bool = False      # B is read once: load it with an L2 evict-first policy
     sa_loader_warp: bool = False  # A's scales copied by a producer warp (cp.async), not by TMA
     fixed_scale_split: bool = False  # tiles over two scale blocks of B: a main loop per boundary
+    pipeline_halves: bool = False  # pipelined promotion over two N halves of each block (any BLOCK_N)
     block_k: int = field(default=BLOCK_K)
 
     @property
@@ -87,10 +88,12 @@ class KernelConfig:
             "RASTER_GROUP": self.raster_group,
             "CLUSTER_N": self.cluster_n,
             "SPLIT_K": self.split_k,
-            "PIPELINE_PROMOTION": int(self.pipeline and self.block_n <= MAX_PIPELINED_BLOCK_N),
+            "PIPELINE_PROMOTION": int(self.pipeline and self.block_n <= MAX_PIPELINED_BLOCK_N
+                                      and not self.pipeline_halves),
             "STREAM_B": int(self.stream_b),
             "SA_LOADER_WARP": int(self.sa_loader_warp),
             "FIXED_SCALE_SPLIT": int(self.fixed_scale_split),
+            "PIPELINE_HALVES": int(self.pipeline_halves),
         }
 
     @property
@@ -99,7 +102,7 @@ class KernelConfig:
                 f"_bm{self.block_m}_bn{self.block_n}_s{self.num_stages}"
                 + (f"x{self.stage_k_blocks}" if self.stage_k_blocks > 1 else "") + f"_r{self.raster_group}"
                 f"_c{self.cluster_n}_sk{self.split_k}_p{int(self.pipeline)}" + ("_sb" if self.stream_b else "")
-                + ("_sl" if self.sa_loader_warp else "") + ("_fs" if self.fixed_scale_split else ""))
+                + ("_sl" if self.sa_loader_warp else "") + ("_fs" if self.fixed_scale_split else "") + ("_ph" if self.pipeline_halves else ""))
 
 
 def store_chunk_cols(block_n: int) -> int:

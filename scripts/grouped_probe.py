@@ -19,37 +19,45 @@ from deep_gemm.ops import grouped
 from tune_grouped import _plan_args, timed_with_plan
 from tune_sweep import deep
 
-# The planner's config is the first side of every case; these are the others.
+# The planner's config is the first side of every case; these are the others. Not yet run
+# (written in session 17, which had no device; docs/perf-notes.md, section 27).
 # WIDE: 128 x 160 / 128 x 192 tiles, DeepGEMM's choice for the large grouped cases (its heuristic
 # picks the tile with the fewest waves), unpipelined as theirs, with a main loop per scale split
-# (FIXED_SCALE_SPLIT: the split known at compile time, ~100 fewer instructions per K block and
-# warp at BLOCK_N = 192). Not yet run (written in session 17, which had no device); bn192 without
-# the fixed split separates the tile from the instruction count.
+# (fs: the split known at compile time, ~100 fewer instructions per K block and warp at
+# BLOCK_N = 192; bn192 without it separates the tile from the instruction count).
+# HALVES: promotion pipelined over the two N halves of each block (ph), at the registers of the
+# unpipelined loop, so wide tiles pipeline too; on the planner's 128 x 128 tile it is an A/B of
+# the two ways to pipeline.
 WIDE = dict(pipeline=0, split_k=1, fixed_scale_split=1)
+HALVES = dict(pipeline=0, split_k=1, pipeline_halves=1)
 SESSION_15 = dict(block_m=64, pipeline=0)    # what the planner chose for 16 x 64 before section 26
+LARGE = [HALVES, dict(WIDE, block_n=160), dict(HALVES, block_n=160, fixed_scale_split=1),
+         dict(HALVES, block_n=192, fixed_scale_split=1)]
 CASES = [
     # DeepGEMM's own config here: 128 x 160 with A multicast to two N neighbours.
-    (bench.make_contiguous, (4, 8192, 4096, 7168), [dict(WIDE, block_n=192), dict(WIDE, block_n=192, fixed_scale_split=0),
-                                                    dict(WIDE, block_n=160), dict(WIDE, block_n=160, cluster_n=2)]),
-    (bench.make_contiguous, (8, 4096, 4096, 7168), [dict(WIDE, block_n=192), dict(WIDE, block_n=160)]),
-    (bench.make_contiguous, (4, 8192, 7168, 2048), [dict(WIDE, block_n=192), dict(WIDE, block_n=160)]),
-    (bench.make_contiguous, (8, 4096, 7168, 2048), [dict(WIDE, block_n=192), dict(WIDE, block_n=160)]),
+    (bench.make_contiguous, (4, 8192, 4096, 7168), LARGE + [dict(WIDE, block_n=192), dict(WIDE, block_n=192, fixed_scale_split=0),
+                                                            dict(WIDE, block_n=160, cluster_n=2)]),
+    (bench.make_contiguous, (8, 4096, 4096, 7168), LARGE),
+    (bench.make_contiguous, (4, 8192, 7168, 2048), LARGE),
+    (bench.make_contiguous, (8, 4096, 7168, 2048), LARGE),
     # Masked calls over a long K would deploy these split-capable (the tail is known on the device
-    # only); on this draw (9 M blocks) none of them splits: 198 / 234 / 261 tiles.
-    (bench.make_masked, (2, 512, 4096, 7168), [dict(WIDE, block_n=192, split_k=4), dict(WIDE, block_n=160, split_k=4),
-                                               dict(WIDE, block_n=144, split_k=4), dict(WIDE, block_n=144)]),
+    # only); on this draw (9 M blocks) 128 x 144-192 tiles do not split: 198 / 234 / 261 tiles.
+    (bench.make_masked, (2, 512, 4096, 7168), [dict(HALVES, split_k=4), dict(WIDE, block_n=144, split_k=4),
+                                               dict(HALVES, block_n=144, fixed_scale_split=1, split_k=4),
+                                               dict(WIDE, block_n=160, split_k=4),
+                                               dict(HALVES, block_n=160, fixed_scale_split=1, split_k=4)]),
     # Memory-bound: the draw's 26 M blocks x 56 N blocks are 11 rounds and 4 tiles, and those 4
     # run alone (one 64-row tile is ~2.3 us of one SM's tensor work at K = 2048): split them.
     (bench.make_masked, (16, 64, 7168, 2048), [SESSION_15, dict(split_k=4), dict(split_k=2),
-                                               dict(block_n=160, pipeline=0, fixed_scale_split=1)]),
+                                               dict(block_n=160, pipeline=0, fixed_scale_split=1), dict(HALVES)]),
     # The planner's 160-column tiles here pick their scales at run time (memory-bound: 89%).
-    (bench.make_masked, (32, 32, 7168, 2048), [dict(fixed_scale_split=1)]),
+    (bench.make_masked, (32, 32, 7168, 2048), [dict(fixed_scale_split=1), dict(HALVES, fixed_scale_split=1)]),
 ]
 ROUNDS = 2
 
 
 SHORT = {"block_m": "bm", "block_n": "bn", "pipeline": "p", "split_k": "sk", "fixed_scale_split": "fs",
-         "cluster_n": "c"}
+         "cluster_n": "c", "pipeline_halves": "ph"}
 
 
 def label(changes):

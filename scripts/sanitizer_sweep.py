@@ -56,6 +56,11 @@ def main():
                              # ... split-capable: 140 tiles, 8 of them in 4 units summed into acc.
                              (1200, 2112, 4224, dict(block_n=160, pipeline=False, fixed_scale_split=True,
                                                      split_k=4)),
+                             # Pipelined halves: wide tiles, and split-capable ones summing into acc.
+                             (333, 2112, 896, dict(block_n=192, pipeline=False, fixed_scale_split=True,
+                                                   pipeline_halves=True)),
+                             (1200, 2112, 4224, dict(block_n=160, pipeline=False, fixed_scale_split=True,
+                                                     split_k=4, pipeline_halves=True)),
                              # 11 K blocks (odd) in the pipelined loop, whole tiles and split shares.
                              (1000, 2112, 1408, dict(block_n=128, pipeline=True, split_k=2))]:
         lhs = deep_gemm.per_token_cast_to_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))

@@ -77,14 +77,15 @@ def _forced(layout, n, k, **changes):
     base = plan_dense(4096, n, k, NUM_SMS, layout=layout, num_groups=1 if layout == LAYOUT_DENSE else 4)
     changes = {"split_k": 1, "block_m": 128, "pipeline": True, "stage_k_blocks": 1, **changes}
     return dataclasses.replace(base, **changes, num_stages=max_stages(
-        changes["block_m"], changes.get("block_n", base.block_n)))
+        changes["block_m"], changes.get("block_n", base.block_n), stage_k_blocks=changes["stage_k_blocks"]))
 
 
-def test_odd_k_block_counts_and_fixed_scale_splits_compile_clean(tmp_cache_dir):
-    # An odd number of K blocks once made ptxas serialise the pipelined loop's wgmmas (C7514),
-    # which the planner sweep above would only catch for K = 576; FIXED_SCALE_SPLIT compiles a
-    # main loop per scale split (2 for BLOCK_N = 192, 4 for 160, 3 for 96, 8 for 144) and is not
-    # chosen by the planner yet, so its kernels are listed here.
+def test_prepared_kernel_variants_compile_clean(tmp_cache_dir):
+    # Variants the planner does not choose (yet), so the sweeps above miss them. An odd number
+    # of K blocks once made ptxas serialise the pipelined loop's wgmmas (C7514), which the planner
+    # sweep above would only catch for K = 576; FIXED_SCALE_SPLIT compiles a main loop per scale
+    # split (2 for BLOCK_N = 192, 4 for 160, 3 for 96, 8 for 144); PIPELINE_HALVES pipelines
+    # promotion over the two N halves of each block, a loop shape ptxas is particular about.
     configs = [
         _forced(LAYOUT_DENSE, 7168, 1408),                                    # 11 K blocks
         _forced(LAYOUT_DENSE, 7168, 4224, split_k=4),                         # 33, split-capable
@@ -99,6 +100,21 @@ def test_odd_k_block_counts_and_fixed_scale_splits_compile_clean(tmp_cache_dir):
             # registers spilled before).
             configs.append(_forced(layout, 4096, 7168, block_n=block_n, pipeline=False, fixed_scale_split=True,
                                    split_k=4))
+    # Pipelined halves (PIPELINE_HALVES): every tile width, with and without the fixed split,
+    # split-capable, clustered, on 64-row tiles, over an odd number of K blocks.
+    for block_n in (128, 144, 160, 192):
+        configs.append(_forced(LAYOUT_CONTIGUOUS, 4096, 7168, block_n=block_n, pipeline=False,
+                               fixed_scale_split=block_n > 128, pipeline_halves=True))
+    configs += [
+        _forced(LAYOUT_MASKED, 4096, 7168, block_n=160, pipeline=False, fixed_scale_split=True, pipeline_halves=True,
+                split_k=4),
+        _forced(LAYOUT_DENSE, 2112, 896, block_n=192, pipeline=False, fixed_scale_split=True, pipeline_halves=True,
+                cluster_n=2),
+        _forced(LAYOUT_MASKED, 7168, 2048, block_m=64, block_n=128, pipeline=False, pipeline_halves=True),
+        _forced(LAYOUT_DENSE, 7168, 1408, block_n=192, pipeline=False, pipeline_halves=True),
+        _forced(LAYOUT_DENSE, 4096, 7168, block_m=64, block_n=32, pipeline=False, pipeline_halves=True,
+                stage_k_blocks=2, sa_loader_warp=True),
+    ]
     configs += [
         _forced(LAYOUT_DENSE, 2112, 896, block_n=192, pipeline=False, fixed_scale_split=True, cluster_n=2),
         _forced(LAYOUT_DENSE, 24576, 1536, block_m=64, block_n=96, pipeline=False, fixed_scale_split=True),

@@ -69,11 +69,20 @@ def _launch(config, lhs, rhs, out, num_sms=None):
     (333, 2112, 896, dict(block_n=192, cluster_n=2, fixed_scale_split=True)),  # 11 N blocks: phantom tile
     # 140 tiles of 128 x 160: 132 whole, 8 split in 4 units of 8-9 K blocks (a wide tile's reduction).
     (1200, 2112, 4224, dict(block_n=160, split_k=4, fixed_scale_split=True)),
+    # Pipelined halves (each block's wgmmas in two N halves, one promoted while the other runs).
+    (1000, 2112, 7168, dict(block_n=128, pipeline_halves=True)),
+    (333, 2112, 896, dict(block_n=192, fixed_scale_split=True, pipeline_halves=True)),   # 7 K blocks
+    (300, 1000, 2048, dict(block_n=160, fixed_scale_split=True, pipeline_halves=True)),
+    (200, 2112, 1408, dict(block_n=144, pipeline_halves=True)),                          # run-time split
+    (1200, 2112, 4224, dict(block_n=160, split_k=4, fixed_scale_split=True, pipeline_halves=True)),
+    (64, 1001, 576, dict(block_m=64, block_n=96, fixed_scale_split=True, pipeline_halves=True)),
+    (333, 2112, 896, dict(block_n=192, cluster_n=2, fixed_scale_split=True, pipeline_halves=True)),
+    (7, 4096, 4480, dict(block_n=32, pipeline_halves=True, stage_k_blocks=2, sa_loader_warp=True)),
 ], ids=str)
 def test_forced_variant_matches_float64(m, n, k, changes):
     base = plan.plan_dense(m, n, k, 132)
     changes = {"pipeline": False, "split_k": 1, "sa_loader_warp": False, "stage_k_blocks": 1,
-               "fixed_scale_split": False, **changes}
+               "fixed_scale_split": False, "pipeline_halves": False, **changes}
     block_m = changes.get("block_m", base.block_m)
     config = dataclasses.replace(base, **changes, num_stages=plan.max_stages(
         block_m, changes["block_n"], cap=max(1, 8 // changes["stage_k_blocks"]),

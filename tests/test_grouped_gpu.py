@@ -184,18 +184,20 @@ def test_contiguous_with_several_k_blocks_a_stage(monkeypatch):
     check_contiguous(lhs, rhs, out, m_indices, len(sizes))
 
 
+@pytest.mark.parametrize("halves", [False, True], ids=["unpipelined", "pipelined_halves"])
 @pytest.mark.parametrize("block_n", [192, 160])
-def test_contiguous_wide_tiles_with_a_main_loop_per_scale_split(monkeypatch, block_n):
+def test_contiguous_wide_tiles_with_a_main_loop_per_scale_split(monkeypatch, block_n, halves):
     """128 x 192 / 128 x 160 tiles (the widths DeepGEMM picks for the large contiguous cases), one
-    main loop per scale split; N = 1000 has N blocks at every split and a partial last one."""
+    main loop per scale split, unpipelined or pipelined over the two N halves of each block;
+    N = 1000 has N blocks at every split and a partial last one."""
     used = _force(monkeypatch, block_n=block_n, pipeline=False, split_k=1, fixed_scale_split=True,
-                  num_stages=plan.max_stages(128, block_n))
+                  pipeline_halves=halves, num_stages=plan.max_stages(128, block_n))
     sizes, n, k = [130, 7, 0, 250], 1000, 1408
     lhs, m_indices = contiguous_inputs(sizes, n, k)
     rhs = weights(len(sizes), n, k)
     out = torch.full((lhs[0].shape[0], n), float("nan"), device="cuda", dtype=torch.bfloat16)
     deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices)
-    assert used and used[0].fixed_scale_split and used[0].block_n == block_n
+    assert used and used[0].fixed_scale_split and used[0].block_n == block_n and used[0].pipeline_halves == halves
     check_contiguous(lhs, rhs, out, m_indices, len(sizes))
 
 
@@ -248,11 +250,12 @@ def test_masked_split_tail_matches_per_group_dense(counts):
     check_masked(lhs, rhs, out, masked_m)
 
 
-def test_masked_wide_tiles_split_their_tail(monkeypatch):
+@pytest.mark.parametrize("halves", [False, True], ids=["unpipelined", "pipelined_halves"])
+def test_masked_wide_tiles_split_their_tail(monkeypatch, halves):
     """160-column tiles, one main loop per scale split, split-capable: 6 M blocks x 26 N blocks =
     132 whole tiles, then 24 tail tiles in 4 units each, summed into the accumulators (the wide
     tiles' reduction reads a unit's own partial back from the workspace)."""
-    used = _force(monkeypatch, block_n=160, pipeline=False, fixed_scale_split=True,
+    used = _force(monkeypatch, block_n=160, pipeline=False, fixed_scale_split=True, pipeline_halves=halves,
                   num_stages=plan.max_stages(128, 160))
     g, max_m, n, k, expected_m = 2, 640, 4096, 4352, 300
     lhs, rhs = masked_inputs(g, max_m, n, k)

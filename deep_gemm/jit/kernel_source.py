@@ -37,5 +37,7 @@ def gemm_source(config: KernelConfig) -> str:
     constants["STORE_CHUNK_COLS"] = store_chunk_cols(config.block_n)
     lines += [f"#define {key} {value}" for key, value in constants.items()]
     lines.append(wgmma_fp8_source(config.block_n))
+    if config.pipeline_halves:   # an overload for the two N halves of a block (its own array size)
+        lines.append(wgmma_fp8_source(config.block_n // 2))
     lines.append('#include "gemm.cuh"')
     return "\n".join(lines) + "\n"

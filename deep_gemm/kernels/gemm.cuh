@@ -23,8 +23,9 @@
 //
 // Compile-time constants (SHAPE_N, SHAPE_K, BLOCK_M, BLOCK_N, BLOCK_K,
 // NUM_STAGES, STAGE_K_BLOCKS, LAYOUT, NUM_GROUPS, RASTER_GROUP, CLUSTER_N, SPLIT_K,
-// PIPELINE_PROMOTION, STREAM_B, SA_LOADER_WARP, FIXED_SCALE_SPLIT, STORE_CHUNK_COLS) and the
-// function `wgmma_m64k32<BLOCK_N>` are defined by the generated source before
+// PIPELINE_PROMOTION, PIPELINE_HALVES, STREAM_B, SA_LOADER_WARP, FIXED_SCALE_SPLIT, STORE_CHUNK_COLS)
+// and the function `wgmma_m64k32` (for BLOCK_N columns, and with PIPELINE_HALVES also for
+// BLOCK_N / 2) are defined by the generated source before
 // this header is included (see deep_gemm/jit/kernel_source.py).
 #pragma once
 #include "ptx.cuh"
@@ -82,20 +83,20 @@ constexpr int kNumScaleBRows = (SHAPE_N + 127) / 128;
 // select and two multiplies per group: about 100 of the ~200 instructions per K block and warp
 // of a 192-column tile, SASS). FIXED_SCALE_SPLIT compiles the main loop once per value instead,
 // and each tile runs the copy of its own split.
-constexpr int32_t gcd_int(int32_t a, int32_t b) { return b == 0 ? a : gcd_int(b, a % b); }
+__host__ __device__ constexpr int32_t gcd_int(int32_t a, int32_t b) { return b == 0 ? a : gcd_int(b, a % b); }
 constexpr int32_t kScaleSplitStep = gcd_int(BLOCK_N, 128);
 // Cases c = kFirstSplitCase .. 128 / g - 1 have n0 % 128 = c * g; below the first, split = BLOCK_N
 // as in the first (a narrow tile that ends inside its scale block has one scale).
 constexpr int32_t kFirstSplitCase = BLOCK_N >= 128 ? 0 : (128 - BLOCK_N + kScaleSplitStep - 1) / kScaleSplitStep;
 constexpr int32_t kNumSplitCases = kOneScaleB ? 1 : 128 / kScaleSplitStep - kFirstSplitCase;
 constexpr bool kFixedScaleSplit = FIXED_SCALE_SPLIT && !kOneScaleB;
-constexpr int32_t split_case_value(int32_t c) {
+__host__ __device__ constexpr int32_t split_case_value(int32_t c) {
     return 128 - (kFirstSplitCase + c) * kScaleSplitStep < BLOCK_N ? 128 - (kFirstSplitCase + c) * kScaleSplitStep
                                                                    : BLOCK_N;
 }
 // Every N block's split is one of the cases (n0 % 128 repeats within 128 N blocks): the last
 // case of with_fixed_split takes whatever the others did not, without comparing.
-constexpr bool split_cases_cover_every_tile() {
+__host__ __device__ constexpr bool split_cases_cover_every_tile() {
     for (int32_t j = 0; j < 128; ++j) {
         const int32_t room = 128 - j * BLOCK_N % 128;
         const int32_t split = room < BLOCK_N ? room : BLOCK_N;
@@ -123,6 +124,11 @@ DG_DEVICE void with_fixed_split(int32_t split, F& f) {
 // three when promotion is pipelined (a second wgmma result tile in flight
 // while the first is promoted), which fits up to BLOCK_N = 128.
 constexpr bool kPipelinePromotion = PIPELINE_PROMOTION;
+// PIPELINE_HALVES: each K block's wgmmas run as two N halves, each into its own register tile
+// of BLOCK_N / 4 registers, and the tensor cores work on one half while the other is promoted.
+// Pipelined at the registers of the unpipelined loop (acc plus one block's results), so tiles
+// wider than 128 columns pipeline too.
+constexpr bool kPipelineHalves = PIPELINE_HALVES;
 constexpr uint32_t kProducerRegs = 40;
 constexpr uint32_t kConsumerRegs = kNumMathWarpgroups == 2 ? 232 : 248;
 
@@ -130,6 +136,7 @@ static_assert(BLOCK_M == 64 || BLOCK_M == 128 || BLOCK_M == 256, "BLOCK_M must b
 // Two waves hold two fp32 result tiles plus the wgmma tile: no room for pipelining,
 // and the split-K and multicast paths are written for one wave. Grouped layouts
 // assign groups per 128 rows (contiguous) or need row-exact stores (masked).
+static_assert(!PIPELINE_HALVES || kMWaves == 1, "pipelined halves are written for one wave");
 static_assert(kMWaves == 1 || (!PIPELINE_PROMOTION && SPLIT_K == 1 && CLUSTER_N == 1 && LAYOUT == kDense),
               "BLOCK_M = 256 runs dense GEMMs only, unpipelined, unsplit, without clusters");
 static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "BLOCK_N must be a multiple of 16 up to 256");
@@ -685,7 +692,111 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
                 promote(acc[0], part, scales);
             };
 
-            if (kPipelinePromotion) {
+            if constexpr (kPipelineHalves) {
+                // half h: columns [h * BLOCK_N / 2, (h + 1) * BLOCK_N / 2) of the block at
+                // scales.stage / slot; the first half reads the block's A scales.
+                // (half is `auto&` so that kernels without the halves never resolve the call of the
+                // half-width wgmma, which only their generated source defines.)
+                auto issue_half = [&](auto& half, BlockScales& scales, auto h) {
+                    constexpr int32_t kHalf = decltype(h)::value;
+                    const int32_t stage = scales.stage, slot = scales.slot;
+                    if (kHalf == 0) {
+                        const uint32_t sa_addr = sa_ring_addr + stage * (kStageScales * 4) + slot * sa_slot_bytes;
+                        scales.sa0 = ptx::lds_float(sa_addr);
+                        scales.sa1 = ptx::lds_float(sa_addr + 8 * 4);
+                    }
+                    const uint32_t desc_a = desc_a_ring + stage * (kStageBytesA >> 4) + slot * a_slot_desc;
+                    const uint32_t desc_b = desc_b_ring + stage * (kStageBytesB >> 4) + slot * (kTileBytesB >> 4) +
+                                            kHalf * ((BLOCK_N / 2) * BLOCK_K >> 4);
+#pragma unroll
+                    for (int i = 0; i < kAccRegs / 2; ++i) ptx::fence_register(half[i]);
+                    ptx::wgmma_fence();
+#pragma unroll
+                    for (int kk = 0; kk < BLOCK_K / 32; ++kk)
+                        wgmma_m64k32(half, ptx::smem_desc(desc_a + kk * (32 >> 4)),
+                                     ptx::smem_desc(desc_b + kk * (32 >> 4)), kk > 0);
+                    ptx::wgmma_commit();
+                };
+                // The block's scales, its stage (waited for) and its place in the ring, as issue()
+                // does. (A copy: calling one such lambda from issue() too changed the register
+                // allocation of the contiguous and split-capable kernels, SASS.)
+                auto begin_block = [&](int32_t kb, BlockScales& scales) {
+                    const int32_t step = kb - kb_begin;
+                    if (kManyChunks && step % 32 == 0 && step > 0) {
+                        sb0_chunk = sb0_next_chunk;
+                        sb1_chunk = sb1_next_chunk;
+                        const int32_t kb_next = chunk_kb(kb_begin, kb_end, step / 32 + 1);
+                        sb0_next_chunk = ptx::ldg_float(sb_first + kb_next);
+                        sb1_next_chunk = kOneScaleB ? sb0_next_chunk : ptx::ldg_float(sb_second + kb_next);
+                    }
+                    scales.sb0 = __shfl_sync(0xffffffffu, sb0_chunk, step % 32);
+                    scales.sb1 = kOneScaleB ? scales.sb0 : __shfl_sync(0xffffffffu, sb1_chunk, step % 32);
+                    if (kStageKBlocks == 1 || ring.slot == 0) ptx::mbarrier_wait(&smem.full[ring.stage], ring.phase);
+                    scales.stage = ring.stage;
+                    scales.slot = ring.slot;
+                    scales.last_of_stage = ring.slot == kStageKBlocks - 1 || kb == kb_end - 1;
+                    ring.advance_k_block();
+                };
+                // The second half's retirement releases the block's stage (both halves have read it).
+                auto retire_half = [&](float(&half)[kAccRegs / 2], const BlockScales& scales, auto h) {
+                    constexpr int32_t kHalf = decltype(h)::value;
+#pragma unroll
+                    for (int i = 0; i < kAccRegs / 2; ++i) ptx::fence_register(half[i]);
+                    if (kHalf == 1 && scales.last_of_stage) release(scales.stage);
+                    const float top0 = scales.sa0 * scales.sb0, top1 = scales.sa0 * scales.sb1;
+                    const float bottom0 = scales.sa1 * scales.sb0, bottom1 = scales.sa1 * scales.sb1;
+#pragma unroll
+                    for (int i = 0; i < BLOCK_N / 16; ++i) {
+                        const bool second = !kOneScaleB && kHalf * (BLOCK_N / 2) + i * 8 >= split;
+                        const float top = second ? top1 : top0;
+                        const float bottom = second ? bottom1 : bottom0;
+                        constexpr int32_t kBase = kHalf * (kAccRegs / 2);
+                        acc[0][kBase + 4 * i + 0] += half[4 * i + 0] * top;
+                        acc[0][kBase + 4 * i + 1] += half[4 * i + 1] * top;
+                        acc[0][kBase + 4 * i + 2] += half[4 * i + 2] * bottom;
+                        acc[0][kBase + 4 * i + 3] += half[4 * i + 3] * bottom;
+                    }
+                };
+                constexpr ptx::IntConstant<0> kFirst;
+                constexpr ptx::IntConstant<1> kSecond;
+                float half0[kAccRegs / 2], half1[kAccRegs / 2];
+                BlockScales scales, next;
+                // Units 2 kb (half 0 of block kb) and 2 kb + 1 (half 1), in the shape of the
+                // two-tile loop below: each half of the loop body either issues the next unit and
+                // retires this one, or waits for everything, retires and leaves. Shorter forms
+                // (a body issuing both halves of a block, with or without the first half's
+                // condition, which is always true) made ptxas serialise every wgmma (C7514).
+                const int32_t u_end = 2 * (kb_end - kb_begin);
+                int32_t u = 0;
+                if (u < u_end) {
+                    begin_block(kb_begin, scales);
+                    issue_half(half0, scales, kFirst);
+                    while (true) {
+                        if (u + 1 < u_end) {
+                            issue_half(half1, scales, kSecond);
+                            ptx::wgmma_wait<1>();
+                            retire_half(half0, scales, kFirst);
+                        } else {
+                            ptx::wgmma_wait<0>();
+                            retire_half(half0, scales, kFirst);
+                            break;
+                        }
+                        ++u;
+                        if (u + 1 < u_end) {
+                            begin_block(kb_begin + (u + 1) / 2, next);
+                            issue_half(half0, next, kFirst);
+                            ptx::wgmma_wait<1>();
+                            retire_half(half1, scales, kSecond);
+                            scales = next;
+                        } else {
+                            ptx::wgmma_wait<0>();
+                            retire_half(half1, scales, kSecond);
+                            break;
+                        }
+                        ++u;
+                    }
+                }
+            } else if (kPipelinePromotion) {
                 // Two register tiles: block kb + 1's wgmmas run while block kb is promoted.
                 // Each half of the loop either issues the next block and retires this
                 // one, or (last block) waits for everything and leaves: with no path
