@@ -128,6 +128,26 @@ def test_prepared_kernel_variants_compile_clean(tmp_cache_dir):
     assert len(kernels[5].cubin) > len(plain.cubin)
 
 
+def test_nvcc_compiles_the_kernel_families(tmp_cache_dir, monkeypatch):
+    # The optional nvcc back end is stricter than NVRTC in places (a constexpr helper that device
+    # code calls must be __host__ __device__ there): one kernel of each family through it.
+    from deep_gemm.jit.compiler import find_nvcc
+    try:
+        find_nvcc()
+    except RuntimeError as e:
+        pytest.skip(f"nvcc not found: {e}")
+    monkeypatch.setenv("DG_JIT_USE_NVCC", "1")
+    configs = [
+        plan_dense(4096, 4096, 7168, NUM_SMS, layout=LAYOUT_CONTIGUOUS, num_groups=4),
+        plan_dense(64, 2112, 7168, NUM_SMS),
+        _forced(LAYOUT_MASKED, 4096, 7168, block_n=160, pipeline=False, fixed_scale_split=True, split_k=4),
+        _forced(LAYOUT_CONTIGUOUS, 4096, 7168, block_n=192, pipeline=False, fixed_scale_split=True,
+                pipeline_halves=True),
+    ]
+    kernels = _compile_and_check(configs)
+    assert all(k.compiler.startswith("nvcc ") for k in kernels)
+
+
 def test_sweep_covers_every_tile_choice():
     # Every (block_m, block_n) the planner picks for M up to 16384 already shows up in the
     # 1..8192 sweep above, so the compile tests miss no tile shape.
