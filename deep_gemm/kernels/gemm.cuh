@@ -623,16 +623,23 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
             }
             // The wgmmas of one 64-row slice of the block at scales.stage / slot (wave 1: the
             // second 128 rows of a 256-row tile), after reading that slice's A scales into `scales`.
-            auto issue_slice = [&](float(&part)[kAccRegs], BlockScales& scales, int wave) {
+            // With PIPELINE_HALVES, part is half a tile: the first N half (through issue()), or the
+            // second one (second_half: B's rows from BLOCK_N / 2 on; the A scales are read already).
+            auto issue_slice = [&](auto& part, BlockScales& scales, int wave, bool second_half = false) {
+                constexpr int kRegs = sizeof(part) / sizeof(float);
                 const int32_t stage = scales.stage, slot = scales.slot;
-                const uint32_t sa_addr = sa_ring_addr + stage * (kStageScales * 4) + slot * sa_slot_bytes + wave * (128 * 4);
-                scales.sa0 = ptx::lds_float(sa_addr);
-                scales.sa1 = ptx::lds_float(sa_addr + 8 * 4);
+                if (!second_half) {
+                    const uint32_t sa_addr =
+                        sa_ring_addr + stage * (kStageScales * 4) + slot * sa_slot_bytes + wave * (128 * 4);
+                    scales.sa0 = ptx::lds_float(sa_addr);
+                    scales.sa1 = ptx::lds_float(sa_addr + 8 * 4);
+                }
                 const uint32_t desc_a =
                     desc_a_ring + stage * (kStageBytesA >> 4) + slot * a_slot_desc + wave * (128 * BLOCK_K >> 4);
-                const uint32_t desc_b = desc_b_ring + stage * (kStageBytesB >> 4) + slot * (kTileBytesB >> 4);
+                const uint32_t desc_b = desc_b_ring + stage * (kStageBytesB >> 4) + slot * (kTileBytesB >> 4) +
+                                        (second_half ? (BLOCK_N / 2) * BLOCK_K >> 4 : 0);
 #pragma unroll
-                for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
+                for (int i = 0; i < kRegs; ++i) ptx::fence_register(part[i]);
                 ptx::wgmma_fence();
 #pragma unroll
                 for (int kk = 0; kk < BLOCK_K / 32; ++kk)  // 32 fp8 = 32 bytes of the swizzled row
@@ -640,7 +647,7 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
                                  kk > 0);
                 ptx::wgmma_commit();
             };
-            auto issue = [&](float(&part)[kAccRegs], int32_t kb, BlockScales& scales) {
+            auto issue = [&](auto& part, int32_t kb, BlockScales& scales) {
                 const int32_t step = kb - kb_begin;
                 if (kManyChunks && step % 32 == 0 && step > 0) {  // a new chunk: rotate, load the one after
                     sb0_chunk = sb0_next_chunk;
@@ -693,50 +700,6 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
             };
 
             if constexpr (kPipelineHalves) {
-                // half h: columns [h * BLOCK_N / 2, (h + 1) * BLOCK_N / 2) of the block at
-                // scales.stage / slot; the first half reads the block's A scales.
-                // (half is `auto&` so that kernels without the halves never resolve the call of the
-                // half-width wgmma, which only their generated source defines.)
-                auto issue_half = [&](auto& half, BlockScales& scales, auto h) {
-                    constexpr int32_t kHalf = decltype(h)::value;
-                    const int32_t stage = scales.stage, slot = scales.slot;
-                    if (kHalf == 0) {
-                        const uint32_t sa_addr = sa_ring_addr + stage * (kStageScales * 4) + slot * sa_slot_bytes;
-                        scales.sa0 = ptx::lds_float(sa_addr);
-                        scales.sa1 = ptx::lds_float(sa_addr + 8 * 4);
-                    }
-                    const uint32_t desc_a = desc_a_ring + stage * (kStageBytesA >> 4) + slot * a_slot_desc;
-                    const uint32_t desc_b = desc_b_ring + stage * (kStageBytesB >> 4) + slot * (kTileBytesB >> 4) +
-                                            kHalf * ((BLOCK_N / 2) * BLOCK_K >> 4);
-#pragma unroll
-                    for (int i = 0; i < kAccRegs / 2; ++i) ptx::fence_register(half[i]);
-                    ptx::wgmma_fence();
-#pragma unroll
-                    for (int kk = 0; kk < BLOCK_K / 32; ++kk)
-                        wgmma_m64k32(half, ptx::smem_desc(desc_a + kk * (32 >> 4)),
-                                     ptx::smem_desc(desc_b + kk * (32 >> 4)), kk > 0);
-                    ptx::wgmma_commit();
-                };
-                // The block's scales, its stage (waited for) and its place in the ring, as issue()
-                // does. (A copy: calling one such lambda from issue() too changed the register
-                // allocation of the contiguous and split-capable kernels, SASS.)
-                auto begin_block = [&](int32_t kb, BlockScales& scales) {
-                    const int32_t step = kb - kb_begin;
-                    if (kManyChunks && step % 32 == 0 && step > 0) {
-                        sb0_chunk = sb0_next_chunk;
-                        sb1_chunk = sb1_next_chunk;
-                        const int32_t kb_next = chunk_kb(kb_begin, kb_end, step / 32 + 1);
-                        sb0_next_chunk = ptx::ldg_float(sb_first + kb_next);
-                        sb1_next_chunk = kOneScaleB ? sb0_next_chunk : ptx::ldg_float(sb_second + kb_next);
-                    }
-                    scales.sb0 = __shfl_sync(0xffffffffu, sb0_chunk, step % 32);
-                    scales.sb1 = kOneScaleB ? scales.sb0 : __shfl_sync(0xffffffffu, sb1_chunk, step % 32);
-                    if (kStageKBlocks == 1 || ring.slot == 0) ptx::mbarrier_wait(&smem.full[ring.stage], ring.phase);
-                    scales.stage = ring.stage;
-                    scales.slot = ring.slot;
-                    scales.last_of_stage = ring.slot == kStageKBlocks - 1 || kb == kb_end - 1;
-                    ring.advance_k_block();
-                };
                 // The second half's retirement releases the block's stage (both halves have read it).
                 auto retire_half = [&](float(&half)[kAccRegs / 2], const BlockScales& scales, auto h) {
                     constexpr int32_t kHalf = decltype(h)::value;
@@ -769,11 +732,10 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
                 const int32_t u_end = 2 * (kb_end - kb_begin);
                 int32_t u = 0;
                 if (u < u_end) {
-                    begin_block(kb_begin, scales);
-                    issue_half(half0, scales, kFirst);
+                    issue(half0, kb_begin, scales);
                     while (true) {
                         if (u + 1 < u_end) {
-                            issue_half(half1, scales, kSecond);
+                            issue_slice(half1, scales, 0, true);  // issue() put in the first half
                             ptx::wgmma_wait<1>();
                             retire_half(half0, scales, kFirst);
                         } else {
@@ -783,8 +745,7 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
                         }
                         ++u;
                         if (u + 1 < u_end) {
-                            begin_block(kb_begin + (u + 1) / 2, next);
-                            issue_half(half0, next, kFirst);
+                            issue(half0, kb_begin + (u + 1) / 2, next);
                             ptx::wgmma_wait<1>();
                             retire_half(half1, scales, kSecond);
                             scales = next;
