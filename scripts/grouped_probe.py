@@ -1,10 +1,11 @@
-"""Development A/B of tile configs on the grouped bench cases, each side timed twice, interleaved.
+"""Development A/B of tile configs on the grouped bench cases, each side timed ROUNDS times, interleaved.
 
     PYTHONPATH=. python3 scripts/grouped_probe.py [label-prefix ...]
 
 Each case is built exactly as `python -m deep_gemm bench` builds it (same group sizes); every
 variant is the planner's config with some fields replaced (tune_sweep.deep: the deepest ring that
-fits; the kernel pipelines only BLOCK_N <= 128), all of a case's compiled up front in a process pool,
+fits; the two-tile pipeline only up to BLOCK_N = 128, the halves at any width), all of a case's
+compiled up front in a process pool,
 checked against float64 once and timed the bench's way (write flush, profiler, median of 20) in
 rounds A B C .. A B C .., so that drift along the run shows as a spread, not as a difference.
 """
@@ -53,7 +54,7 @@ CASES = [
     # The planner's 160-column tiles here pick their scales at run time (memory-bound: 89%).
     (bench.make_masked, (32, 32, 7168, 2048), [dict(fixed_scale_split=1), dict(HALVES, fixed_scale_split=1)]),
 ]
-ROUNDS = 2
+ROUNDS = 3
 
 
 SHORT = {"block_m": "bm", "block_n": "bn", "pipeline": "p", "split_k": "sk", "fixed_scale_split": "fs",
