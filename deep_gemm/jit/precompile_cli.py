@@ -196,7 +196,7 @@ def _problem(rec: dict) -> str:
         why.append(f"stack frame {rec['stack_bytes']} B")
     if rec["setmaxnreg_ignored"]:
         why.append("setmaxnreg ignored (C7508)")
-    if rec.get("wgmma_serialized"):
+    if rec["wgmma_serialized"]:
         why.append("wgmmas serialised (C7514)")
     return ", ".join(why)
 

@@ -91,8 +91,8 @@ constexpr int32_t kFirstSplitCase = BLOCK_N >= 128 ? 0 : (128 - BLOCK_N + kScale
 constexpr int32_t kNumSplitCases = kOneScaleB ? 1 : 128 / kScaleSplitStep - kFirstSplitCase;
 constexpr bool kFixedScaleSplit = FIXED_SCALE_SPLIT && !kOneScaleB;
 __host__ __device__ constexpr int32_t split_case_value(int32_t c) {
-    return 128 - (kFirstSplitCase + c) * kScaleSplitStep < BLOCK_N ? 128 - (kFirstSplitCase + c) * kScaleSplitStep
-                                                                   : BLOCK_N;
+    const int32_t room = 128 - (kFirstSplitCase + c) * kScaleSplitStep;  // columns left in the scale block
+    return room < BLOCK_N ? room : BLOCK_N;
 }
 // Every N block's split is one of the cases (n0 % 128 repeats within 128 N blocks): the last
 // case of with_fixed_split takes whatever the others did not, without comparing.
@@ -677,26 +677,32 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
                     ptx::mbarrier_signal_cluster(&smem.empty[stage], lane);
                 }
             };
-            auto promote = [&](float(&acc)[kAccRegs], const float(&part)[kAccRegs], const BlockScales& scales) {
+            // part: the block's results for the tile's columns [first_col, first_col + its width)
+            // (all of them, or one N half with PIPELINE_HALVES).
+            constexpr ptx::IntConstant<0> kAllColumns;
+            auto promote = [&](float(&acc)[kAccRegs], const auto& part, const BlockScales& scales, auto first_col) {
+                constexpr int kFirstCol = decltype(first_col)::value;
+                constexpr int kRegs = sizeof(part) / sizeof(float);
                 const float top0 = scales.sa0 * scales.sb0, top1 = scales.sa0 * scales.sb1;
                 const float bottom0 = scales.sa1 * scales.sb0, bottom1 = scales.sa1 * scales.sb1;
 #pragma unroll
-                for (int i = 0; i < BLOCK_N / 8; ++i) {
+                for (int i = 0; i < kRegs / 4; ++i) {
                     // split is a multiple of 16, so a whole 8-column group shares one scale.
-                    const bool second = !kOneScaleB && i * 8 >= split;
+                    const bool second = !kOneScaleB && kFirstCol + i * 8 >= split;
                     const float top = second ? top1 : top0;
                     const float bottom = second ? bottom1 : bottom0;
-                    acc[4 * i + 0] += part[4 * i + 0] * top;
-                    acc[4 * i + 1] += part[4 * i + 1] * top;
-                    acc[4 * i + 2] += part[4 * i + 2] * bottom;
-                    acc[4 * i + 3] += part[4 * i + 3] * bottom;
+                    constexpr int kBase = kFirstCol / 2;  // two registers a column pair per row pair
+                    acc[kBase + 4 * i + 0] += part[4 * i + 0] * top;
+                    acc[kBase + 4 * i + 1] += part[4 * i + 1] * top;
+                    acc[kBase + 4 * i + 2] += part[4 * i + 2] * bottom;
+                    acc[kBase + 4 * i + 3] += part[4 * i + 3] * bottom;
                 }
             };
             auto retire = [&](float(&part)[kAccRegs], const BlockScales& scales) {
 #pragma unroll
                 for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
                 if (scales.last_of_stage) release(scales.stage);
-                promote(acc[0], part, scales);
+                promote(acc[0], part, scales, kAllColumns);
             };
 
             if constexpr (kPipelineHalves) {
@@ -706,19 +712,7 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
 #pragma unroll
                     for (int i = 0; i < kAccRegs / 2; ++i) ptx::fence_register(half[i]);
                     if (kHalf == 1 && scales.last_of_stage) release(scales.stage);
-                    const float top0 = scales.sa0 * scales.sb0, top1 = scales.sa0 * scales.sb1;
-                    const float bottom0 = scales.sa1 * scales.sb0, bottom1 = scales.sa1 * scales.sb1;
-#pragma unroll
-                    for (int i = 0; i < BLOCK_N / 16; ++i) {
-                        const bool second = !kOneScaleB && kHalf * (BLOCK_N / 2) + i * 8 >= split;
-                        const float top = second ? top1 : top0;
-                        const float bottom = second ? bottom1 : bottom0;
-                        constexpr int32_t kBase = kHalf * (kAccRegs / 2);
-                        acc[0][kBase + 4 * i + 0] += half[4 * i + 0] * top;
-                        acc[0][kBase + 4 * i + 1] += half[4 * i + 1] * top;
-                        acc[0][kBase + 4 * i + 2] += half[4 * i + 2] * bottom;
-                        acc[0][kBase + 4 * i + 3] += half[4 * i + 3] * bottom;
-                    }
+                    promote(acc[0], half, scales, ptx::IntConstant<kHalf * (BLOCK_N / 2)>());
                 };
                 constexpr ptx::IntConstant<0> kFirst;
                 constexpr ptx::IntConstant<1> kSecond;
@@ -809,7 +803,7 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
                     ptx::wgmma_wait<0>();
 #pragma unroll
                     for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
-                    promote(acc[0], part, scales);
+                    promote(acc[0], part, scales, kAllColumns);
 #pragma unroll
                     for (int w = 1; w < kMWaves; ++w) {
                         issue_slice(part, scales, w);
@@ -817,7 +811,7 @@ DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const 
 #pragma unroll
                         for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
                         if (w == kMWaves - 1 && scales.last_of_stage) release(scales.stage);
-                        promote(acc[w], part, scales);
+                        promote(acc[w], part, scales, kAllColumns);
                     }
                 }
             }
