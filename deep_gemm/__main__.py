@@ -53,10 +53,9 @@ def _cuda_bindings(module: str):
 
 
 def _nvrtc_version() -> str:
-    err, major, minor = _cuda_bindings("nvrtc").nvrtcVersion()
-    if int(err) != 0:
-        raise RuntimeError(f"nvrtcVersion returned {err}")
-    return f"{major}.{minor}"
+    # With the wheel's full version: patch releases change the kernels' SASS (perf-notes 28).
+    from .jit.compiler import NvrtcCompiler
+    return NvrtcCompiler().identity.removeprefix("nvrtc ")
 
 
 def _driver_cuda_version() -> str:

@@ -679,6 +679,14 @@ def _device_info() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    # The kernels' code depends on the compiler's version (NVRTC 13.0.88 and 13.5.37 give
+    # different SASS for every planner kernel: docs/perf-notes.md, section 28), so the
+    # timings name it.
+    from .jit.compiler import get_compiler
+    try:
+        info["jit_compiler"] = get_compiler().identity
+    except (RuntimeError, ImportError, OSError) as exc:  # no NVRTC: every row says so too
+        info["jit_compiler"] = f"unavailable ({_short(exc)})"
     return info
 
 
@@ -708,8 +716,8 @@ def main(argv=None) -> int:
     from .baselines import cublas_form, triton_available
     form, probe_log = cublas_form(device)
     print(f"{info['gpu']} ({info['sms']} SMs), torch {info['torch']}, CUDA {info['cuda']}, "
-          f"triton {info['triton'] or 'missing'}; {iters} timed calls per shape, L2 flushed by "
-          f"{'writing' if args.flush == 'write' else 'reading'} {FLUSH_BYTES >> 20} MB before each")
+          f"triton {info['triton'] or 'missing'}, JIT {info['jit_compiler']}; {iters} timed calls per shape, "
+          f"L2 flushed by {'writing' if args.flush == 'write' else 'reading'} {FLUSH_BYTES >> 20} MB before each")
     print(f"cuBLASLt call: {form or 'n/a'}")
     for line in probe_log:
         print(f"  probe: {line}")

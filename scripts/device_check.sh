@@ -9,7 +9,8 @@ export DG_JIT_CACHE_DIR=${DG_JIT_CACHE_DIR:-/tmp/dg_cache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LIMIT=${STEP_TIMEOUT:-240}
 steps=${*:-tests sanitizer host bench}
-summary=()
+# GPU, driver and the JIT compiler's version (the kernels' SASS depends on it: perf-notes 28).
+summary=("$(python3 -m deep_gemm info 2>&1 | grep -E '^(GPU|driver|NVRTC|torch)' | tr -s ' ')")
 start=$(date +%s)
 for step in $steps; do
   case $step in

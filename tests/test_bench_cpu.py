@@ -128,3 +128,24 @@ def test_odd_rows_stay_out_of_the_anchors_geomeans(capsys):
     assert summary["odd"]["ours"]["geomean_pct_floor"] == pytest.approx(odd["peers"]["ours"]["pct_floor"])
     bench.print_summary(summary)
     assert "odd shapes, geomean" in capsys.readouterr().out
+
+
+def test_device_record_names_the_jit_compiler(monkeypatch):
+    # The kernels' SASS depends on the NVRTC version (perf-notes section 28): every bench run
+    # records which compiler made them, or why there is none.
+    import types
+
+    import torch
+
+    from deep_gemm.jit import compiler
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", multi_processor_count=132))
+    monkeypatch.setattr(compiler, "get_compiler", lambda: types.SimpleNamespace(identity="nvrtc 13.0 (wheel x)"))
+    info = bench._device_info()
+    assert info["jit_compiler"] == "nvrtc 13.0 (wheel x)" and info["sms"] == 132
+
+    def missing():
+        raise RuntimeError("cannot load libnvrtc: not found")
+    monkeypatch.setattr(compiler, "get_compiler", missing)
+    assert bench._device_info()["jit_compiler"] == "unavailable (RuntimeError: cannot load libnvrtc: not found)"

@@ -73,6 +73,34 @@ def test_every_grouped_variant_compiles_clean(tmp_cache_dir):
     _compile_and_check(configs)
 
 
+# (N, K) of other models than the ANCHORS ones, so that a shape-dependent ptxas problem (an odd
+# number of K blocks serialised every wgmma until perf-notes section 27) shows up before a user's
+# model hits it. Dense projections: Llama-3 8B / 70B / 405B, Qwen2.5-72B, DeepSeek-V3's attention
+# and vocabulary. MoE experts (gate+up fused, down): Mixtral 8x7B, Qwen3-30B-A3B, Qwen3-235B,
+# Qwen2-57B, DeepSeek-V2-Lite, gpt-oss, GLM-4.5.
+MODEL_DENSE_NK = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (10240, 8192),
+                  (8192, 8192), (57344, 8192), (8192, 28672), (18432, 16384), (16384, 16384),
+                  (106496, 16384), (16384, 53248), (29568, 8192), (8192, 29568), (1536, 7168),
+                  (4608, 7168), (7168, 4608), (129280, 7168))
+MODEL_MOE_NK = ((28672, 4096), (4096, 14336), (1536, 2048), (2048, 768), (3072, 4096), (4096, 1536),
+                (5120, 3584), (3584, 2560), (2816, 2048), (2048, 1408), (5760, 2880), (2880, 2880),
+                (2816, 5120), (5120, 1408))
+
+
+def test_popular_model_shapes_compile_clean(tmp_cache_dir):
+    # Ms at which the planner's choices change (decode, tile widths, 128 / 256-row tiles,
+    # split last waves); grouped: few and many experts a rank.
+    reqs = [Request(LAYOUT_DENSE, n, k, 1, (1, 16, 64, 128, 200, 512, 1000, 2048, 4096, 8192, 16384))
+            for n, k in MODEL_DENSE_NK]
+    for n, k in MODEL_MOE_NK:
+        for g in (8, 128):
+            reqs.append(Request(LAYOUT_CONTIGUOUS, n, k, g, (128, 1024, 4096, 16384, 65536)))
+            reqs.append(Request(LAYOUT_MASKED, n, k, g, (1, 8, 32, 64, 128, 256, 512, 1024)))
+    configs = plan_all(reqs, NUM_SMS)
+    assert any(c.num_k_blocks % 2 == 1 and c.num_k_blocks >= 5 and c.pipeline for c in configs)
+    _compile_and_check(configs)
+
+
 def _forced(layout, n, k, **changes):
     base = plan_dense(4096, n, k, NUM_SMS, layout=layout, num_groups=1 if layout == LAYOUT_DENSE else 4)
     changes = {"split_k": 1, "block_m": 128, "pipeline": True, "stage_k_blocks": 1, **changes}
