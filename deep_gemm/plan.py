@@ -102,7 +102,8 @@ class KernelConfig:
                 f"_bm{self.block_m}_bn{self.block_n}_s{self.num_stages}"
                 + (f"x{self.stage_k_blocks}" if self.stage_k_blocks > 1 else "") + f"_r{self.raster_group}"
                 f"_c{self.cluster_n}_sk{self.split_k}_p{int(self.pipeline)}" + ("_sb" if self.stream_b else "")
-                + ("_sl" if self.sa_loader_warp else "") + ("_fs" if self.fixed_scale_split else "") + ("_ph" if self.pipeline_halves else ""))
+                + ("_sl" if self.sa_loader_warp else "") + ("_fs" if self.fixed_scale_split else "")
+                + ("_ph" if self.pipeline_halves else ""))
 
 
 def store_chunk_cols(block_n: int) -> int:

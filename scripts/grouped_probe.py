@@ -4,10 +4,10 @@
 
 Each case is built exactly as `python -m deep_gemm bench` builds it (same group sizes); every
 variant is the planner's config with some fields replaced (tune_sweep.deep: the deepest ring that
-fits; the two-tile pipeline only up to BLOCK_N = 128, the halves at any width), all of a case's
-compiled up front in a process pool,
-checked against float64 once and timed the bench's way (write flush, profiler, median of 20) in
-rounds A B C .. A B C .., so that drift along the run shows as a spread, not as a difference.
+fits; the two-tile pipeline only up to BLOCK_N = 128, the halves at any width). A case's variants
+are compiled up front in a process pool, checked against float64 and timed the bench's way (write
+flush, profiler, median of 20) in rounds A B C .. A B C .., so that drift along the run shows as a
+spread, not as a difference.
 """
 import sys
 
@@ -36,8 +36,8 @@ LARGE = [HALVES, dict(WIDE, block_n=160), dict(HALVES, block_n=160, fixed_scale_
          dict(HALVES, block_n=192, fixed_scale_split=1)]
 CASES = [
     # DeepGEMM's own config here: 128 x 160 with A multicast to two N neighbours.
-    (bench.make_contiguous, (4, 8192, 4096, 7168), LARGE + [dict(WIDE, block_n=192), dict(WIDE, block_n=192, fixed_scale_split=0),
-                                                            dict(WIDE, block_n=160, cluster_n=2)]),
+    (bench.make_contiguous, (4, 8192, 4096, 7168),
+     LARGE + [dict(WIDE, block_n=192), dict(WIDE, block_n=192, fixed_scale_split=0), dict(WIDE, block_n=160, cluster_n=2)]),
     (bench.make_contiguous, (8, 4096, 4096, 7168), LARGE),
     (bench.make_contiguous, (4, 8192, 7168, 2048), LARGE),
     (bench.make_contiguous, (8, 4096, 7168, 2048), LARGE),

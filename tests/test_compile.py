@@ -76,8 +76,8 @@ def test_every_grouped_variant_compiles_clean(tmp_cache_dir):
 # (N, K) of other models than the ANCHORS ones, so that a shape-dependent ptxas problem (an odd
 # number of K blocks serialised every wgmma until perf-notes section 27) shows up before a user's
 # model hits it. Dense projections: Llama-3 8B / 70B / 405B, Qwen2.5-72B (unfused gate and down),
-# DeepSeek-V3's q_a projection and vocabulary head, and a 4608-wide pair. MoE experts (gate+up fused, down): Mixtral 8x7B, Qwen3-30B-A3B, Qwen3-235B,
-# Qwen2-57B, DeepSeek-V2-Lite, gpt-oss, GLM-4.5.
+# DeepSeek-V3's q_a projection and vocabulary head, and a 4608-wide pair. MoE experts (gate+up
+# fused, down): Mixtral 8x7B, Qwen3-30B-A3B, Qwen3-235B, Qwen2-57B, DeepSeek-V2-Lite, gpt-oss, GLM-4.5.
 MODEL_DENSE_NK = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (10240, 8192),
                   (8192, 8192), (57344, 8192), (8192, 28672), (18432, 16384), (16384, 16384),
                   (106496, 16384), (16384, 53248), (29568, 8192), (8192, 29568), (1536, 7168),
