@@ -138,7 +138,7 @@ def _public(name: str):
 
 
 def _cast_pair(x_a: torch.Tensor, x_b: torch.Tensor):
-    from .utils import per_block_cast_to_fp8, per_token_cast_to_fp8
+    from .api import per_block_cast_to_fp8, per_token_cast_to_fp8
     return per_token_cast_to_fp8(x_a), per_block_cast_to_fp8(x_b)
 
 
@@ -217,7 +217,7 @@ def _draw_counts(groups: int, expected: int, seed: int) -> List[int]:
 
 def make_contiguous(groups: int, m_per_group: int, n: int, k: int, device, seed=None) -> Problem:
     """seed: of the random group sizes (None: the case's own, as in every bench run)."""
-    from .utils import get_m_alignment_for_contiguous_layout
+    from .api import get_m_alignment_for_contiguous_layout
     align = get_m_alignment_for_contiguous_layout()
     seed = groups * 7919 + m_per_group * 31 + n + k if seed is None else seed
     torch.manual_seed(seed)
@@ -664,6 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="where to write the results (default bench.json)")
     p.add_argument("--plot", default="bench.png", help="where to write the plot (default bench.png)")
     p.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
+    p.add_argument("--peers", default=",".join(PEERS),
+                   help=f"comma-separated implementations to time, of {', '.join(PEERS)} (default: all)")
     p.add_argument("--flush", choices=("write", "read"), default="write",
                    help="how L2 is flushed before each call: overwrite 256 MB (default, ANCHORS.md's method) "
                         "or read it (clean L2, closer to a serving step); see bench.Timer")
@@ -690,12 +692,87 @@ def _device_info() -> dict:
     return info
 
 
+# ---- the FP8 casts: GPU time and achieved bandwidth ---------------------------------------------
+# Each case: median over `iters` calls of the GPU time between two CUDA events around one call (the
+# inputs are hundreds of MB, far past L2, so no flush is needed), and the bandwidth counting the
+# fewest bytes a cast must move: x read once, q and the scales written once. Host overhead is
+# measured apart, on a small input. Every output is compared bit for bit with the torch reference.
+CAST_CASES = (
+    # name, kind, shape, dtype
+    ("per_token [16384, 7168]", "per_token", (16384, 7168), torch.bfloat16),
+    ("per_token masked [32, 4096, 7168]", "per_token", (32, 4096, 7168), torch.bfloat16),
+    ("per_block [7168, 16384]", "per_block", (7168, 16384), torch.bfloat16),
+    ("per_block [7168, 16384] fp32", "per_block", (7168, 16384), torch.float32),
+)
+CAST_HOST_SHAPE = (128, 7168)
+CAST_HOST_CALLS = 200
+
+
+def _moved_bytes(kind: str, x: torch.Tensor) -> int:
+    k = x.shape[-1]
+    kb = -(-k // 128)
+    rows = x.numel() // k
+    if kind == "per_token":
+        num_scales = rows * kb
+    else:
+        groups = x.shape[0] if x.dim() == 3 else 1
+        num_scales = groups * -(-x.shape[-2] // 128) * kb
+    return x.numel() * x.element_size() + x.numel() + 4 * num_scales
+
+
+def bench_casts(iters: int = 50, warmup: int = 3, verbose: bool = True,
+                hbm_bytes_per_s: float = HBM_BYTES_PER_S) -> list:
+    """Time every case in CASES on the current GPU; return rows of
+    {name, kind, shape, dtype, us, gbps, pct_of_hbm, host_us}."""
+    import deep_gemm
+    from . import reference
+
+    casts = {"per_token": (deep_gemm.per_token_cast_to_fp8, reference.per_token_cast_to_fp8),
+             "per_block": (deep_gemm.per_block_cast_to_fp8, reference.per_block_cast_to_fp8)}
+    rows = []
+    for name, kind, shape, dtype in CAST_CASES:
+        x = torch.randn(shape, device="cuda", dtype=dtype)
+        fn, ref = casts[kind]
+        q, s = fn(x)                 # compile and load; checked against the reference
+        q_ref, s_ref = ref(x)
+        exact = torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+        del q, s, q_ref, s_ref
+        for _ in range(warmup):      # settle the allocator
+            fn(x)
+        us = gpu_event_us(lambda: fn(x), iters)
+        small = torch.randn(CAST_HOST_SHAPE, device="cuda", dtype=dtype)
+        fn(small)
+        host = host_overhead_us(lambda: fn(small), CAST_HOST_CALLS)
+        moved = _moved_bytes(kind, x)
+        gbps = moved / (us * 1e-6) / 1e9
+        rows.append({"name": name, "kind": kind, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
+                     "us": round(us, 1), "gbps": round(gbps, 1),
+                     "pct_of_hbm": round(100 * gbps * 1e9 / hbm_bytes_per_s, 1), "host_us": round(host, 1),
+                     "bit_identical": exact})
+        del x
+        torch.cuda.empty_cache()
+    if verbose:
+        pct_head = f"% of {hbm_bytes_per_s / 1e12:.1f} TB/s"
+        print(f"{'cast':40} {'GPU us':>9} {'GB/s':>8} {pct_head:>14} {'host us':>8}  check"
+              f"   (host: CPU time per call on {list(CAST_HOST_SHAPE)})")
+        for r in rows:
+            check = "bit-identical" if r["bit_identical"] else "DIFFERS from the reference"
+            print(f"{r['name']:40} {r['us']:9.1f} {r['gbps']:8.1f} {r['pct_of_hbm']:14.1f} {r['host_us']:8.1f}  "
+                  f"{check}")
+    return rows
+
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.json_given = args.json is not None
     args.json = args.json or "bench.json"
     if args.shape and args.suite not in ("dense", "all"):
         print("--shape gives dense shapes; use it with --suite dense", file=sys.stderr)
+        return 2
+    peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
+    if not peers or any(p not in PEERS for p in peers) or "ours" not in peers:
+        print(f"--peers must list some of {', '.join(PEERS)}, ours included; got {args.peers!r}", file=sys.stderr)
         return 2
     iters = args.iters or (QUICK_ITERS if args.quick else DEFAULT_ITERS)
     if iters < 1:
@@ -735,7 +812,7 @@ def main(argv=None) -> int:
     for suite in suites:
         for build in suite_cases(suite, args.quick, args.shape):
             problem = build(device)
-            row = measure(problem, timer, hbm_bytes_per_s=hbm)
+            row = measure(problem, timer, peers=peers, hbm_bytes_per_s=hbm)
             rows.append(row)
             ours = row["peers"]["ours"]
             print(f"  {suite:<10} {problem.label:<24} ours {_fmt(ours.get('us'), '.1f', ours.get('status'))} µs",
@@ -751,7 +828,6 @@ def main(argv=None) -> int:
         print_summary(summary)
     cast_rows = []
     if run_casts:
-        from .bench_cast import bench_casts
         print()
         cast_rows = bench_casts(iters=iters, hbm_bytes_per_s=hbm)
     with open(args.json, "w") as f:

@@ -1,9 +1,6 @@
-"""Plain-torch semantics of every public operation (any device).
-
-This is the oracle for the tests and the path taken where no Hopper GPU is present. It favours
-clarity over speed; the only concession is computing in float32 (float64 where float32 matmul
-would silently drop to TF32/bf16 precision).
-"""
+"""Plain-torch semantics of every public operation (any device): the tests' oracle, and the path taken without a
+Hopper GPU. Clarity over speed; the only concession is computing in float32 (float64 where float32 matmul would
+silently drop to TF32/bf16 precision)."""
 from __future__ import annotations
 
 import torch
@@ -12,15 +9,14 @@ from .utils import get_col_major_tma_aligned_tensor
 
 BLOCK = 128                 # scale granularity along K (and along N for the weights)
 FP8_MAX = 448.0             # largest finite float8_e4m3fn value
-# scale = amax * fp32(1 / 448): torch on CUDA computes `amax / 448` exactly so (it multiplies by
-# the fp32 reciprocal of a scalar divisor) while on the CPU it divides; writing the product keeps
-# CPU, CUDA and the cast kernels bit-identical.
+# scale = amax * fp32(1 / 448): torch on CUDA computes `amax / 448` so (it multiplies by a scalar divisor's fp32
+# reciprocal) but divides on the CPU; writing the product keeps CPU, CUDA and the cast kernels bit-identical.
 INV_FP8_MAX = 1.0 / FP8_MAX
 AMAX_FLOOR = 1e-4           # keeps all-zero blocks from producing a zero (then inf) scale
 _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _check_cast_input(x, name: str) -> None:
+def check_cast_input(x, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _INPUT_DTYPES:
@@ -48,13 +44,10 @@ def _to_e4m3(x: torch.Tensor) -> torch.Tensor:
 
 
 def per_token_cast_to_fp8(x: torch.Tensor):
-    """Quantise activations per 1x128 block.
-
-    x: [M, K] or [G, M, K] (bf16/fp16/fp32), any K >= 1.
-    Returns (q, scales): q float8_e4m3fn of x's shape; scales float32 [..., M, ceil(K/128)] in the
-    column-major TMA-aligned layout, with x ~= q * scales (broadcast over each 128-wide block).
-    """
-    _check_cast_input(x, "x")
+    """Quantise activations per 1x128 block. x: [M, K] or [G, M, K] (bf16/fp16/fp32), any K >= 1.
+    Returns (q, scales): q float8_e4m3fn of x's shape; scales float32 [..., M, ceil(K/128)] in the column-major
+    TMA-aligned layout, with x ~= q * scales (broadcast over each 128-wide block)."""
+    check_cast_input(x, "x")
     k = x.shape[-1]
     xp = _pad_last(x.float(), -1)
     blocks = xp.unflatten(-1, (-1, BLOCK))                      # [..., M, KB, 128]
@@ -65,13 +58,9 @@ def per_token_cast_to_fp8(x: torch.Tensor):
 
 
 def per_block_cast_to_fp8(x: torch.Tensor):
-    """Quantise weights per 128x128 block.
-
-    x: [N, K] or [G, N, K] (bf16/fp16/fp32), any N, K >= 1.
-    Returns (q, scales): q float8_e4m3fn of x's shape; scales float32 [..., ceil(N/128), ceil(K/128)],
-    row-major contiguous.
-    """
-    _check_cast_input(x, "x")
+    """Quantise weights per 128x128 block. x: [N, K] or [G, N, K] (bf16/fp16/fp32), any N, K >= 1.
+    Returns (q, scales): q float8_e4m3fn of x's shape; scales float32 [..., ceil(N/128), ceil(K/128)], contiguous."""
+    check_cast_input(x, "x")
     n, k = x.shape[-2], x.shape[-1]
     xp = _pad_last(_pad_last(x.float(), -1), -2)
     lead = xp.shape[:-2]
@@ -82,9 +71,7 @@ def per_block_cast_to_fp8(x: torch.Tensor):
     return q[..., :n, :k].contiguous(), scales.contiguous()
 
 
-# ---------------------------------------------------------------------------------------------
-# Dequantisation.
-# ---------------------------------------------------------------------------------------------
+# Dequantisation --------------------------------------------------------------------------------
 def _expand(scales: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return scales.repeat_interleave(BLOCK, dim=dim).narrow(dim, 0, size)
 
@@ -119,9 +106,7 @@ def _pair(x, name: str):
     return x
 
 
-# ---------------------------------------------------------------------------------------------
-# GEMMs: out = (A * sa) @ (B * sb)^T, written as bf16.
-# ---------------------------------------------------------------------------------------------
+# GEMMs: out = (A * sa) @ (B * sb)^T, written as bf16 -------------------------------------------
 def gemm_fp8_fp8_bf16_nt(lhs, rhs, out=None) -> torch.Tensor:
     """Dense: A [M, K], sa [M, KB]; B [N, K], sb [NB, KB]; out bf16 [M, N] (allocated if None)."""
     a, sa = _pair(lhs, "lhs")
@@ -153,9 +138,7 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices) -> torch
 
 def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m=None) -> torch.Tensor:
     """Grouped, masked: group g computes rows [0, masked_m[g]) of A[g]/out[g]; later rows are untouched.
-
-    expected_m is only a planning hint for the GPU kernel and is ignored here.
-    """
+    expected_m is only a planning hint for the GPU kernel and is ignored here."""
     a, sa = _pair(lhs, "lhs")
     b, sb = _pair(rhs, "rhs")
     num_groups, max_m = a.shape[0], a.shape[1]
@@ -169,9 +152,7 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m=No
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Error metrics (float64).
-# ---------------------------------------------------------------------------------------------
+# Error metrics (float64) -----------------------------------------------------------------------
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     """DeepGEMM's similarity metric: 1 - 2<x,y> / (|x|^2 + |y|^2); 0 for identical inputs."""
     x, y = x.double(), y.double()

@@ -75,9 +75,43 @@ def test_bad_config_raises(kwargs, error):
         CastConfig(**kwargs)
 
 
-def test_cpu_tensors_take_the_reference():
-    from deep_gemm import reference, utils
+def test_cpu_tensors_take_the_reference(monkeypatch):
+    # ops/cast.py dispatches inside: CPU tensors (even where runs_on_hopper says yes, as the
+    # host-path tests fake it) run deep_gemm.reference, never a kernel; bad input is the
+    # reference's error.
+    import deep_gemm
+    from deep_gemm import reference
+    from deep_gemm.ops import cast
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a cast kernel was launched for a CPU tensor")
+    monkeypatch.setattr(cast, "_launch", no_kernel)
+    monkeypatch.setattr(cast, "runs_on_hopper", lambda device: True)
     x = torch.randn(3, 200)
-    assert utils._cast_impl("per_token", x) is reference.per_token_cast_to_fp8
-    assert utils._cast_impl("per_block", x) is reference.per_block_cast_to_fp8
-    assert utils._cast_impl("per_token", "not a tensor") is reference.per_token_cast_to_fp8
+    calls = []
+    for kind in ("per_token", "per_block"):
+        real = getattr(reference, f"{kind}_cast_to_fp8")
+
+        def spy(t, real=real, kind=kind):
+            calls.append(kind)
+            return real(t)
+        monkeypatch.setattr(reference, f"{kind}_cast_to_fp8", spy)
+        for fn in (getattr(cast, f"{kind}_cast_to_fp8"), getattr(deep_gemm, f"{kind}_cast_to_fp8")):
+            q, s = fn(x)
+            rq, rs = real(x)
+            assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)
+    assert calls == ["per_token"] * 2 + ["per_block"] * 2
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        cast.per_token_cast_to_fp8("not a tensor")
+
+
+@pytest.mark.parametrize("kind", [PER_TOKEN, PER_BLOCK])
+def test_cast_into_cpu_tensors_is_a_clear_error(kind):
+    # The casts into given outputs run only on a Hopper GPU: CPU tensors get a ValueError that says
+    # so, on any machine (no CUDA query may fail first).
+    from deep_gemm.ops import cast
+    x = torch.randn(3, 200)
+    q = torch.empty(3, 200, dtype=torch.float8_e4m3fn)
+    scales = torch.empty(3, 2) if kind == PER_TOKEN else torch.empty(1, 2)
+    with pytest.raises(ValueError, match="CUDA tensor on a Hopper GPU"):
+        getattr(cast, f"{kind}_cast_into")(x, q, scales)

@@ -8,6 +8,7 @@ import deep_gemm
 from deep_gemm import reference
 from deep_gemm.ops import cast
 from deep_gemm.runtime.kernels import KernelNotReadyError
+from deep_gemm.runtime.launch import LaunchCache
 from deep_gemm.utils import is_col_major_tma_aligned
 
 pytestmark = pytest.mark.gpu
@@ -185,17 +186,16 @@ def test_division_matches_div_rn():
     """Every bf16 value (and a million random fp32 values) against 4096 block amaxes: the kernel's
     reciprocal-based division gives the same e4m3 byte as div.rn.f32 everywhere, and the same
     fp32 quotient wherever |x / s| >= 2^-24."""
+    import struct
+
     from deep_gemm.jit import compile_kernel
     from deep_gemm.jit.cast_source import AMAX_FLOOR, f32_bits, _f32
     from deep_gemm.runtime.driver import LoadedKernel
-    import ctypes
+    from deep_gemm.runtime.kernels import device_arch
 
-    source = DIV_CHECK % {"floor": f32_bits(AMAX_FLOOR), "inv": f32_bits(_f32(1.0) / _f32(448.0))}
-    compiled = compile_kernel(source, "cast_div_check", name="cast_div_check")
     index = torch.cuda.current_device()
-    kernel = LoadedKernel(compiled.cubin, "cast_div_check", 256, 0,
-                          (ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32,
-                           ctypes.c_void_p, ctypes.c_void_p))
+    source = DIV_CHECK % {"floor": f32_bits(AMAX_FLOOR), "inv": f32_bits(_f32(1.0) / _f32(448.0))}
+    compiled = compile_kernel(source, "cast_div_check", arch=device_arch(index), name="cast_div_check")
     gen = torch.Generator(device="cuda")
     gen.manual_seed(1)
     every_bf16 = (torch.arange(65536, dtype=torch.int32, device="cuda") - 32768).to(torch.int16).view(torch.bfloat16).float()
@@ -208,11 +208,14 @@ def test_division_matches_div_rn():
     amaxes = torch.cat([log_uniform, bf16_values, special]).contiguous()
     counts = torch.zeros(2, dtype=torch.int64, device="cuda")
     example = torch.zeros(3, dtype=torch.int32, device="cuda")
-    pack = kernel.args()
-    for buf, value in zip(pack.buffers, (xs.data_ptr(), xs.numel(), amaxes.data_ptr(), amaxes.numel(),
-                                         counts.data_ptr(), example.data_ptr())):
-        buf.value = value
-    kernel.launch((xs.numel() + 255) // 256, torch.cuda.current_stream(index).cuda_stream, pack)
+    with torch.cuda.device(index):   # the module is loaded into the current device's context
+        kernel = LoadedKernel(compiled.cubin, compiled.symbol or "cast_div_check", 256)
+    # The parameters as the C ABI lays them out: pointer, int (padded to 8), pointer, int
+    # (padded), pointer, pointer.
+    params = struct.pack("<Qi4xQi4xQQ", xs.data_ptr(), xs.numel(), amaxes.data_ptr(), amaxes.numel(),
+                         counts.data_ptr(), example.data_ptr())
+    kernel.launch((xs.numel() + 255) // 256, torch.cuda.current_stream(index).cuda_stream, params,
+                  (0, 8, 16, 24, 32, 40))
     torch.cuda.synchronize()
     bits = example.tolist()
     assert counts.tolist() == [0, 0], (f"{counts.tolist()} mismatches, e.g. x bits 0x{bits[1] & 0xFFFFFFFF:08x}, "
@@ -243,6 +246,7 @@ def test_cuda_graph_capture_and_replay():
 
 def test_capture_without_warmup_says_how_to_fix(monkeypatch):
     monkeypatch.setattr(cast, "_loaded", {})
+    monkeypatch.setattr(cast, "_launches", LaunchCache())   # no cached launch to fall back on
     x = make_x((16, 256), torch.bfloat16)
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(KernelNotReadyError, match="before capture"):
@@ -286,11 +290,15 @@ def test_empty_and_bad_inputs():
 
 
 @pytest.mark.parametrize("kind", ["per_token", "per_block"])
-def test_repeated_casts_through_the_launch_cache_then_capture(kind):
-    """Casts of the same x into the same outputs on the same stream hit the launch cache, and from
-    the third on go out as a one-kernel CUDA graph (runtime/launch.py): each must still read x's
-    current contents. A capture of the same cast on that stream then launches the kernel itself
-    (a graph cannot be launched into a capturing stream), and its replays read new data too."""
+def test_repeated_casts_through_the_launch_cache_then_capture(kind, monkeypatch):
+    """Casts of the same x into the same outputs on the same stream hit the launch cache (the
+    first one's launch is cached), the second builds a one-kernel CUDA graph of it and the later
+    ones go out as that graph (runtime/launch.py): each must still read x's current contents. A
+    capture of the same cast on that stream then launches the kernel itself (a graph cannot be
+    launched into a capturing stream), and its replays read new data too."""
+    # An empty launch cache for this test: what it holds afterwards was made here (torch hands out
+    # pooled streams, so an earlier test's launch may carry the same stream handle).
+    monkeypatch.setattr(cast, "_launches", LaunchCache())
     shape = (333, 7168) if kind == "per_token" else (3, 256, 1024)
     into = cast.per_token_cast_into if kind == "per_token" else cast.per_block_cast_into
     ref = reference.per_token_cast_to_fp8 if kind == "per_token" else reference.per_block_cast_to_fp8

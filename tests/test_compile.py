@@ -1,6 +1,8 @@
 """Compile, with NVRTC for sm_90a and no GPU, every GEMM variant the planner can pick for
 the ANCHORS shapes, and hold ptxas' report to zero spills, zero stack and a working
-setmaxnreg.  Also drives `python -m deep_gemm precompile` end to end.
+setmaxnreg.  Also compiles kernels/gemm.cuh on its own (one and two instantiations of
+deep_gemm::gemm_kernel<GemmConfig<...>> in a translation unit), checks that the C++ static_asserts
+refuse what KernelConfig refuses, and drives `python -m deep_gemm precompile` end to end.
 
 A spill or a stack frame in the main loop costs far more than it looks (local memory
 traffic inside the wgmma pipeline), and an ignored setmaxnreg silently leaves the
@@ -18,10 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from deep_gemm.jit import clear_memory_cache, precompile, precompile_cli
-from deep_gemm.jit.kernel_source import GEMM_KERNEL_NAME, gemm_source
+from deep_gemm.config import KernelConfig, Layout, max_stages
+from deep_gemm.jit import clear_memory_cache, compile_kernel, precompile, precompile_cli
+from deep_gemm.jit.compiler import CompilationError, entry_functions
+from deep_gemm.jit.kernel_source import gemm_job, gemm_kernel_name, gemm_source
 from deep_gemm.jit.precompile_cli import ANCHOR_NK, DSV3_MOE_NK, Request, plan_all
-from deep_gemm.plan import LAYOUT_CONTIGUOUS, LAYOUT_DENSE, LAYOUT_MASKED, KernelConfig, max_stages, plan_dense
+from deep_gemm.plan import plan_dense
+
+LAYOUT_DENSE, LAYOUT_CONTIGUOUS, LAYOUT_MASKED = Layout.DENSE, Layout.CONTIGUOUS, Layout.MASKED
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_SMS = 132
@@ -43,10 +49,14 @@ def _requests_grouped():
 
 
 def _compile_and_check(configs):
-    jobs = [(c.name, gemm_source(c), GEMM_KERNEL_NAME, "sm_90a") for c in configs]
+    jobs = [gemm_job(c, "sm_90a") for c in configs]
+    assert all(job[2] == gemm_kernel_name(c) for job, c in zip(jobs, configs))
     kernels = precompile(jobs, workers=WORKERS, progress=False)
     bad = []
     for c, k in zip(configs, kernels):
+        # The kernel is the instantiation asked for: its mangled name (all the template arguments
+        # are in it) is the one entry function ptxas compiled.
+        assert k.symbol.startswith("_Z") and entry_functions(k.log) == [k.symbol], (c.name, k.symbol)
         r = k.resources
         if (r.spill_store_bytes or r.spill_load_bytes or r.stack_bytes or r.setmaxnreg_ignored
                 or r.wgmma_serialized):
@@ -61,8 +71,10 @@ def test_every_dense_variant_compiles_clean(tmp_cache_dir):
     configs = plan_all(_requests_dense(), NUM_SMS)
     assert len({(c.block_m, c.block_n) for c in configs}) >= 4  # the sweep really varies tiles
     assert {c.stream_b for c in configs} == {False, True}          # both L2 policies of B's loads
-    assert {c.sa_loader_warp for c in configs} == {False, True}    # A's scales by TMA and by a warp
+    assert {c.scale_loader_warp for c in configs} == {False, True}  # A's scales by TMA and by a warp
     assert {c.stage_k_blocks for c in configs} == {1, 2}           # one and two K blocks a stage
+    assert {c.pipelined for c in configs} == {False, True}
+    assert {c.block_m for c in configs} == {64, 128, 256}
     kernels = _compile_and_check(configs)
     assert all(k.cubin.startswith(b"\x7fELF") for k in kernels)
 
@@ -97,13 +109,13 @@ def test_popular_model_shapes_compile_clean(tmp_cache_dir):
             reqs.append(Request(LAYOUT_CONTIGUOUS, n, k, g, (128, 1024, 4096, 16384, 65536)))
             reqs.append(Request(LAYOUT_MASKED, n, k, g, (1, 8, 32, 64, 128, 256, 512, 1024)))
     configs = plan_all(reqs, NUM_SMS)
-    assert any(c.num_k_blocks % 2 == 1 and c.num_k_blocks >= 5 and c.pipeline for c in configs)
+    assert any(c.num_k_blocks % 2 == 1 and c.num_k_blocks >= 5 and c.pipelined for c in configs)
     _compile_and_check(configs)
 
 
 def _forced(layout, n, k, **changes):
     base = plan_dense(4096, n, k, NUM_SMS, layout=layout, num_groups=1 if layout == LAYOUT_DENSE else 4)
-    changes = {"split_k": 1, "block_m": 128, "pipeline": True, "stage_k_blocks": 1, **changes}
+    changes = {"split_k": 1, "block_m": 128, "pipelined": True, "stage_k_blocks": 1, **changes}
     return dataclasses.replace(base, **changes, num_stages=max_stages(
         changes["block_m"], changes.get("block_n", base.block_n), stage_k_blocks=changes["stage_k_blocks"]))
 
@@ -111,49 +123,28 @@ def _forced(layout, n, k, **changes):
 def test_prepared_kernel_variants_compile_clean(tmp_cache_dir):
     # Variants the planner does not choose (yet), so the sweeps above miss them. An odd number
     # of K blocks once made ptxas serialise the pipelined loop's wgmmas (C7514), which the planner
-    # sweep above would only catch for K = 576; FIXED_SCALE_SPLIT compiles a main loop per scale
-    # split (2 for BLOCK_N = 192, 4 for 160, 3 for 96, 8 for 144); PIPELINE_HALVES pipelines
-    # promotion over the two N halves of each block, a loop shape ptxas is particular about.
+    # sweep above would only catch for K = 576; tiles over two scale blocks of B (144, 160 wide)
+    # run unpipelined, whole or split-capable (wide tiles sum their splits into the accumulators:
+    # 3 x 80 registers spilled before).
     configs = [
         _forced(LAYOUT_DENSE, 7168, 1408),                                    # 11 K blocks
         _forced(LAYOUT_DENSE, 7168, 4224, split_k=4),                         # 33, split-capable
         _forced(LAYOUT_CONTIGUOUS, 2048, 1408),
         _forced(LAYOUT_MASKED, 2048, 1408, block_m=64),
         _forced(LAYOUT_DENSE, 7168, 640, block_m=64, block_n=32, stage_k_blocks=2),
+        _forced(LAYOUT_DENSE, 2112, 7168, block_m=64, block_n=32, stage_k_blocks=4),
     ]
     for layout in (LAYOUT_DENSE, LAYOUT_CONTIGUOUS, LAYOUT_MASKED):
-        for block_n in (144, 160, 192):
-            configs.append(_forced(layout, 4096, 7168, block_n=block_n, pipeline=False, fixed_scale_split=True))
-            # Split-capable too: wide tiles sum their splits into the accumulators (3 x 80
-            # registers spilled before).
-            configs.append(_forced(layout, 4096, 7168, block_n=block_n, pipeline=False, fixed_scale_split=True,
-                                   split_k=4))
-    # Pipelined halves (PIPELINE_HALVES): every tile width, with and without the fixed split,
-    # split-capable, clustered, on 64-row tiles, over an odd number of K blocks.
-    for block_n in (128, 144, 160, 192):
-        configs.append(_forced(LAYOUT_CONTIGUOUS, 4096, 7168, block_n=block_n, pipeline=False,
-                               fixed_scale_split=block_n > 128, pipeline_halves=True))
+        for block_n in (144, 160):
+            configs.append(_forced(layout, 4096, 7168, block_n=block_n, pipelined=False))
+            configs.append(_forced(layout, 4096, 7168, block_n=block_n, pipelined=False, split_k=4))
     configs += [
-        _forced(LAYOUT_MASKED, 4096, 7168, block_n=160, pipeline=False, fixed_scale_split=True, pipeline_halves=True,
-                split_k=4),
-        _forced(LAYOUT_DENSE, 2112, 896, block_n=192, pipeline=False, fixed_scale_split=True, pipeline_halves=True,
-                cluster_n=2),
-        _forced(LAYOUT_MASKED, 7168, 2048, block_m=64, block_n=128, pipeline=False, pipeline_halves=True),
-        _forced(LAYOUT_DENSE, 7168, 1408, block_n=192, pipeline=False, pipeline_halves=True),
-        _forced(LAYOUT_DENSE, 4096, 7168, block_m=64, block_n=32, pipeline=False, pipeline_halves=True,
-                stage_k_blocks=2, sa_loader_warp=True),
+        _forced(LAYOUT_DENSE, 24576, 1536, block_m=64, block_n=144, pipelined=False),
+        _forced(LAYOUT_MASKED, 7168, 2048, block_m=64, block_n=160, pipelined=False),
+        _forced(LAYOUT_DENSE, 7168, 1408, block_n=144, pipelined=False),   # 11 K blocks, two scale blocks
     ]
-    configs += [
-        _forced(LAYOUT_DENSE, 2112, 896, block_n=192, pipeline=False, fixed_scale_split=True, cluster_n=2),
-        _forced(LAYOUT_DENSE, 24576, 1536, block_m=64, block_n=96, pipeline=False, fixed_scale_split=True),
-        _forced(LAYOUT_DENSE, 2112, 7168, block_m=64, block_n=96, pipeline=True, fixed_scale_split=True),
-        _forced(LAYOUT_MASKED, 7168, 2048, block_m=64, block_n=160, pipeline=False, fixed_scale_split=True),
-    ]
-    kernels = _compile_and_check(configs)
-    # The split copies are really there: a fixed-split kernel is larger than its run-time twin.
-    assert configs[5].fixed_scale_split and configs[5].split_k == 1
-    plain = _compile_and_check([dataclasses.replace(configs[5], fixed_scale_split=False)])[0]
-    assert len(kernels[5].cubin) > len(plain.cubin)
+    assert all(c.block_n <= 128 or not c.pipelined for c in configs)
+    _compile_and_check(configs)
 
 
 def test_nvcc_compiles_the_kernel_families(tmp_cache_dir, monkeypatch):
@@ -168,12 +159,16 @@ def test_nvcc_compiles_the_kernel_families(tmp_cache_dir, monkeypatch):
     configs = [
         plan_dense(4096, 4096, 7168, NUM_SMS, layout=LAYOUT_CONTIGUOUS, num_groups=4),
         plan_dense(64, 2112, 7168, NUM_SMS),
-        _forced(LAYOUT_MASKED, 4096, 7168, block_n=160, pipeline=False, fixed_scale_split=True, split_k=4),
-        _forced(LAYOUT_CONTIGUOUS, 4096, 7168, block_n=192, pipeline=False, fixed_scale_split=True,
-                pipeline_halves=True),
+        plan_dense(4096, 7168, 16384, NUM_SMS),
+        _forced(LAYOUT_MASKED, 4096, 7168, block_n=160, pipelined=False, split_k=4),
+        _forced(LAYOUT_CONTIGUOUS, 4096, 7168, block_n=144, pipelined=False),
     ]
     kernels = _compile_and_check(configs)
     assert all(k.compiler.startswith("nvcc ") for k in kernels)
+    # nvcc finds the symbol in ptxas' report, NVRTC asks for the lowered name: the same name.
+    monkeypatch.delenv("DG_JIT_USE_NVCC")
+    source, name = gemm_source(configs[1])
+    assert compile_kernel(source, name, name=configs[1].name).symbol == kernels[1].symbol
 
 
 def test_sweep_covers_every_tile_choice():
@@ -186,25 +181,86 @@ def test_sweep_covers_every_tile_choice():
         assert wider <= seen, (n, k, wider - seen)
 
 
-def test_loader_warp_with_a_cluster_does_not_compile(tmp_cache_dir):
-    # It hung on the GPU (docs/perf-notes.md, section 24): refused at compile time instead.
-    from deep_gemm.jit import compile_kernel
-    from deep_gemm.jit.compiler import CompilationError
-    config = dataclasses.replace(plan_dense(64, 2112, 7168, NUM_SMS), cluster_n=2, sa_loader_warp=True)
-    with pytest.raises(CompilationError, match="loader warp runs without clusters"):
-        compile_kernel(gemm_source(config), GEMM_KERNEL_NAME, arch="sm_90a", name=config.name)
+# ---- kernels/gemm.cuh as a library of its own -------------------------------------------------
+SMALL_CONFIG_ARGS = "256, 512, 64, 64, 2, 1, 0, 1, 8, 1, false, false, false"
+SMALL_NAME = f"deep_gemm::gemm_kernel<deep_gemm::GemmConfig<{SMALL_CONFIG_ARGS}>>"
+OTHER_CONFIG_ARGS = "384, 1024, 128, 128, 3, 1, 1, 4, 16, 1, true, false, false"
+OTHER_NAME = f"deep_gemm::gemm_kernel<deep_gemm::GemmConfig<{OTHER_CONFIG_ARGS}>>"
 
 
-@pytest.mark.parametrize("changes, needle", [
-    (dict(k=576), "K % 128 == 0"),                         # the 3-D view needs whole K blocks
-    (dict(cluster_n=2, sa_loader_warp=False), "no cluster"),
-], ids=["k576", "cluster"])
-def test_several_k_blocks_a_stage_is_refused_where_boxes_cannot_hold_them(tmp_cache_dir, changes, needle):
-    from deep_gemm.jit import compile_kernel
-    from deep_gemm.jit.compiler import CompilationError
-    config = dataclasses.replace(plan_dense(64, 2112, 7168, NUM_SMS), stage_k_blocks=2, num_stages=8, **changes)
+def _instantiation(name: str) -> str:
+    return f"template __global__ void {name}(const __grid_constant__ deep_gemm::GemmParams);\n"
+
+
+@pytest.fixture
+def nvrtc(monkeypatch, tmp_cache_dir):
+    monkeypatch.delenv("DG_JIT_USE_NVCC", raising=False)
+    return tmp_cache_dir
+
+
+def test_gemm_header_compiles_on_its_own(nvrtc):
+    # Nothing but the header and one explicit instantiation: no generated defines, no checks.
+    source = '#include "gemm.cuh"\n' + _instantiation(SMALL_NAME)
+    kernel = compile_kernel(source, SMALL_NAME, arch="sm_90a", name="header_only")
+    assert kernel.cubin[:4] == b"\x7fELF" and kernel.kernel_name == SMALL_NAME
+    assert kernel.symbol.startswith("_Z") and "gemm_kernel" in kernel.symbol and "GemmConfig" in kernel.symbol
+    assert f"Compiling entry function '{kernel.symbol}'" in kernel.log
+    assert entry_functions(kernel.log) == [kernel.symbol]
+    r = kernel.resources
+    assert r.registers > 0 and not r.spills and not r.stack_bytes and not r.setmaxnreg_ignored, kernel.log
+    # The generated source of the same config is this header plus checks: the same kernel.
+    same = KernelConfig(shape_n=256, shape_k=512, block_m=64, block_n=64, num_stages=2, raster_group=8)
+    assert gemm_kernel_name(same) == SMALL_NAME
+    generated = compile_kernel(*gemm_source(same), name=same.name)
+    assert generated.symbol == kernel.symbol and generated.resources.registers == r.registers
+
+
+def test_two_configs_in_one_translation_unit(nvrtc):
+    source = '#include "gemm.cuh"\n' + _instantiation(SMALL_NAME) + _instantiation(OTHER_NAME)
+    first = compile_kernel(source, SMALL_NAME, arch="sm_90a", name="two_configs")
+    entries = entry_functions(first.log)
+    assert len(entries) == 2 and len(set(entries)) == 2 and first.symbol in entries
+    second = compile_kernel(source, OTHER_NAME, arch="sm_90a", name="two_configs")
+    assert second.symbol in entries and second.symbol != first.symbol
+    # Each kernel's report is its own block of the same ptxas log.
+    from deep_gemm.jit.resources import parse_ptxas_report
+    assert parse_ptxas_report(first.log, second.symbol) == second.resources
+    assert not first.resources.spills and not second.resources.spills
+    # Both names are what KernelConfig writes for valid configs.
+    other = KernelConfig(shape_n=384, shape_k=1024, block_m=128, block_n=128, num_stages=3,
+                         layout=LAYOUT_CONTIGUOUS, num_groups=4, pipelined=True)
+    assert gemm_kernel_name(other) == OTHER_NAME
+
+
+def _unchecked(**fields) -> KernelConfig:
+    """A KernelConfig that skips __post_init__'s checks, to hand the C++ compiler what the host refuses."""
+    config = object.__new__(KernelConfig)
+    defaults = {f.name: f.default for f in dataclasses.fields(KernelConfig) if f.default is not dataclasses.MISSING}
+    for key, value in {**defaults, **fields}.items():
+        object.__setattr__(config, key, value)
+    return config
+
+
+# Each invalid config: KernelConfig refuses it with a ValueError naming the field, and the kernel's
+# static_assert refuses it in the compiler too (the host checks mirror the device's).
+REFUSED = [
+    (dict(block_m=96), "block_m", "BLOCK_M must be 64, 128 or 256"),
+    (dict(block_n=176), "block_n", "at most two scale blocks"),
+    (dict(block_n=160, pipelined=True), "pipelined", "three fp32 register tiles"),
+    (dict(block_m=256, split_k=2), "block_m = 256", "BLOCK_M = 256 runs dense GEMMs only"),
+    (dict(shape_k=576, stage_k_blocks=2, block_m=64, block_n=16), "stage_k_blocks", "K % 128 == 0"),
+]
+
+
+@pytest.mark.parametrize("changes, field, needle", REFUSED, ids=[r[1] for r in REFUSED])
+def test_invalid_configs_are_refused_by_host_and_kernel(nvrtc, changes, field, needle):
+    fields = {**dict(shape_n=2112, shape_k=7168, block_m=128, block_n=128, num_stages=2), **changes}
+    with pytest.raises(ValueError, match="invalid KernelConfig") as info:
+        KernelConfig(**fields)
+    assert field in str(info.value)
+    config = _unchecked(**fields)
     with pytest.raises(CompilationError, match=needle):
-        compile_kernel(gemm_source(config), GEMM_KERNEL_NAME, arch="sm_90a", name=config.name)
+        compile_kernel(*gemm_source(config), arch="sm_90a", name=config.name)
 
 
 # ---- the precompile CLI ------------------------------------------------------------------
@@ -283,7 +339,7 @@ def test_cli_bad_arguments(argv, needle, capsys):
 def test_cli_fails_on_spilling_kernel(tmp_cache_dir, capsys, monkeypatch):
     # BLOCK_N = 256 with two math warpgroups needs 2 x 128 fp32 accumulators a thread: it
     # spills today (which is why the planner caps BLOCK_N); the CLI must say so and fail.
-    spilling = KernelConfig(n=4096, k=7168, block_m=128, block_n=256, num_stages=3)
+    spilling = KernelConfig(shape_n=4096, shape_k=7168, block_m=128, block_n=256, num_stages=3)
     monkeypatch.setattr(precompile_cli, "plan_dense", lambda *a, **kw: spilling)
     rc, out, err = _run_cli(["--arch", "sm_90a", "--shape", "4096x4096x7168", "--json",
                              "--workers", "1", "--no-progress"], capsys)
@@ -350,31 +406,39 @@ def test_python_m_deep_gemm_precompile(tmp_cache_dir):
     assert any(p.name.startswith(record["kernel"]) for p in (tmp_cache_dir / "cache").iterdir())
 
 
-# Kernel features the planner does not pick today (docs/perf-notes.md sections 2 and 4) but
-# which stay supported: multicast clusters of 2 and split-K clusters of 2, 4 and 8.
+# Kernel features the planner does not pick today (docs/perf-notes.md section 4) but which stay
+# supported: split-K over other tiles and counts, several K blocks a stage, the scale loader warp
+# on other tiles.
 FEATURE_VARIANTS = [
-    KernelConfig(n=7168, k=2048, block_m=128, block_n=128, num_stages=5, cluster_n=2),
-    KernelConfig(n=2112, k=7168, block_m=64, block_n=16, num_stages=8, cluster_n=2, pipeline=False),
-    KernelConfig(n=4096, k=7168, block_m=128, block_n=128, num_stages=5, layout=LAYOUT_MASKED,
-                 num_groups=4, cluster_n=2),
-    KernelConfig(n=2112, k=7168, block_m=64, block_n=128, num_stages=7, split_k=4, pipeline=False),
-    KernelConfig(n=2112, k=7168, block_m=128, block_n=64, num_stages=7, split_k=2),
-    KernelConfig(n=7168, k=576, block_m=64, block_n=32, num_stages=8, split_k=8, pipeline=False),
-    KernelConfig(n=4096, k=7168, block_m=128, block_n=128, num_stages=4, layout=LAYOUT_CONTIGUOUS,
-                 num_groups=8, split_k=2),
+    KernelConfig(shape_n=2112, shape_k=7168, block_m=64, block_n=128, num_stages=7, split_k=4),
+    KernelConfig(shape_n=2112, shape_k=7168, block_m=128, block_n=64, num_stages=7, split_k=2, pipelined=True),
+    KernelConfig(shape_n=7168, shape_k=576, block_m=64, block_n=32, num_stages=8, split_k=8),
+    KernelConfig(shape_n=4096, shape_k=7168, block_m=128, block_n=128, num_stages=4, layout=LAYOUT_CONTIGUOUS,
+                 num_groups=8, split_k=2, pipelined=True),
     # Several K blocks a stage (3-D TMA boxes): decode tiles with and without the scale loader
-    # warp, split-K, 256-row tiles, both grouped layouts.
-    KernelConfig(n=2112, k=7168, block_m=64, block_n=16, num_stages=10, stage_k_blocks=2, sa_loader_warp=True,
-                 stream_b=True),
-    KernelConfig(n=4096, k=7168, block_m=128, block_n=32, num_stages=2, stage_k_blocks=4, stream_b=True),
-    KernelConfig(n=2112, k=7168, block_m=128, block_n=128, num_stages=2, stage_k_blocks=2, split_k=4),
-    KernelConfig(n=7168, k=16384, block_m=256, block_n=128, num_stages=1, stage_k_blocks=2, pipeline=False),
-    KernelConfig(n=4096, k=7168, block_m=128, block_n=128, num_stages=3, stage_k_blocks=2, layout=LAYOUT_MASKED,
-                 num_groups=4, split_k=4),
-    KernelConfig(n=4096, k=7168, block_m=128, block_n=128, num_stages=3, stage_k_blocks=2,
-                 layout=LAYOUT_CONTIGUOUS, num_groups=8),
+    # warp, split-K, 256-row tiles, both grouped layouts (128 x 128 tiles: two stages of two K
+    # blocks fit in shared memory, three do not).
+    KernelConfig(shape_n=2112, shape_k=7168, block_m=64, block_n=16, num_stages=10, stage_k_blocks=2,
+                 pipelined=True, stream_b=True, scale_loader_warp=True),
+    KernelConfig(shape_n=4096, shape_k=7168, block_m=128, block_n=32, num_stages=2, stage_k_blocks=4,
+                 pipelined=True, stream_b=True),
+    KernelConfig(shape_n=2112, shape_k=7168, block_m=128, block_n=128, num_stages=2, stage_k_blocks=2, split_k=4,
+                 pipelined=True),
+    KernelConfig(shape_n=7168, shape_k=16384, block_m=256, block_n=128, num_stages=1, stage_k_blocks=2),
+    KernelConfig(shape_n=4096, shape_k=7168, block_m=128, block_n=128, num_stages=2, stage_k_blocks=2,
+                 layout=LAYOUT_MASKED, num_groups=4, split_k=4, pipelined=True),
+    KernelConfig(shape_n=4096, shape_k=7168, block_m=128, block_n=128, num_stages=2, stage_k_blocks=2,
+                 layout=LAYOUT_CONTIGUOUS, num_groups=8, pipelined=True),
+    # The scale loader warp on 256-row tiles (two waves: two 16-byte pieces a lane) and on wider tiles.
+    KernelConfig(shape_n=7168, shape_k=16384, block_m=256, block_n=128, num_stages=3, scale_loader_warp=True),
+    KernelConfig(shape_n=2112, shape_k=7168, block_m=256, block_n=16, num_stages=max_stages(256, 16), stream_b=True,
+                 scale_loader_warp=True),
+    KernelConfig(shape_n=7168, shape_k=2048, block_m=128, block_n=64, num_stages=6, pipelined=True,
+                 scale_loader_warp=True),
 ]
 
 
-def test_cluster_and_split_k_variants_compile_clean(tmp_cache_dir):
+def test_split_k_stage_and_loader_variants_compile_clean(tmp_cache_dir):
+    assert any(c.block_m == 256 and c.scale_loader_warp for c in FEATURE_VARIANTS)
+    assert {c.stage_k_blocks for c in FEATURE_VARIANTS} >= {1, 2, 4}
     _compile_and_check(FEATURE_VARIANTS)

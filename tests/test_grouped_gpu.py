@@ -7,7 +7,10 @@ import torch
 
 import deep_gemm
 from deep_gemm import plan
+from deep_gemm.config import Layout, ceil_div, max_stages
+from deep_gemm.ops import gemm as gemm_ops
 from deep_gemm.reference import calc_diff, dequantize_lhs, dequantize_rhs, rel_error
+from deep_gemm.runtime.launch import LaunchCache
 
 pytestmark = pytest.mark.gpu
 ALIGN = deep_gemm.get_m_alignment_for_contiguous_layout()
@@ -115,9 +118,14 @@ def check_masked(lhs, rhs, out, masked_m):
         assert torch.isnan(out[g, m:]).all(), f"group {g}: rows past masked_m were written"
 
 
-@pytest.mark.parametrize("g,max_m,expected_m,n,k", [
-    (4, 256, 100, 4096, 7168), (16, 256, 64, 7168, 2048), (3, 200, 50, 576, 896), (2, 4096, 1024, 2112, 1024)])
-def test_masked_matches_per_group_dense(g, max_m, expected_m, n, k):
+@pytest.mark.parametrize("g,max_m,expected_m,n,k,block_m", [
+    (4, 256, 100, 4096, 7168, 128), (16, 256, 64, 7168, 2048, 64), (3, 200, 50, 576, 896, 64),
+    (2, 4096, 1024, 2112, 1024, 128),
+    (4, 256, 56, 4096, 7168, 128),      # few expected rows over a long K: 128-row blocks from 49 rows on
+])
+def test_masked_matches_per_group_dense(g, max_m, expected_m, n, k, block_m):
+    # Both block heights of the masked kernel (as planned for 132 SMs).
+    assert plan.plan_dense(expected_m, n, k, 132, layout=Layout.MASKED, num_groups=g).block_m == block_m
     lhs, rhs = masked_inputs(g, max_m, n, k)
     masked_m = torch.tensor([random.randint(0, max_m) for _ in range(g)], device="cuda", dtype=torch.int32)
     masked_m[0] = max_m
@@ -126,38 +134,46 @@ def test_masked_matches_per_group_dense(g, max_m, expected_m, n, k):
     check_masked(lhs, rhs, out, masked_m)
 
 
-def _force(monkeypatch, stage_k_blocks=1, **changes):
-    """The grouped ops plan as usual, then take `changes` (and stage_k_blocks K blocks a stage);
-    returns the configs used, to show the patch took effect."""
-    from deep_gemm.ops import grouped
-    planned = grouped.plan_cached
-    used = []
-    # A call with the same pointers and shapes as an earlier one skips planning (launch cache).
-    grouped._contiguous_launches.clear()
-    grouped._masked_launches.clear()
+def with_stage_k_blocks(config, stage_k_blocks):
+    """config with stage_k_blocks K blocks a stage, and as many stages as keep about the same
+    number of K blocks in flight (as shared memory allows)."""
+    cap = max(1, ceil_div(config.num_stages * config.stage_k_blocks, stage_k_blocks))
+    return dataclasses.replace(config, stage_k_blocks=stage_k_blocks, num_stages=max_stages(
+        config.block_m, config.block_n, cap=cap, stage_k_blocks=stage_k_blocks))
 
-    def patched(*args):
-        config = plan.with_stage_k_blocks(dataclasses.replace(planned(*args), **changes), stage_k_blocks)
+
+def _force(monkeypatch, stage_k_blocks=1, **changes):
+    """The GEMM pipeline (ops/gemm.run) plans as usual, then takes `changes` (and stage_k_blocks
+    K blocks a stage); returns the configs used, to show the patch took effect."""
+    planned = gemm_ops.plan_cached
+    used = []
+    # A call with the same pointers and shapes as an earlier one skips planning (the launch
+    # cache): the test gets an empty cache of its own, dropped with the patch, so that it finds
+    # no earlier launch and leaves no forced one behind.
+    monkeypatch.setattr(gemm_ops, "_launches", LaunchCache())
+
+    def patched(*args, **kwargs):
+        config = with_stage_k_blocks(dataclasses.replace(planned(*args, **kwargs), **changes), stage_k_blocks)
         used.append(config)
         return config
-    monkeypatch.setattr(grouped, "plan_cached", patched)
+    monkeypatch.setattr(gemm_ops, "plan_cached", patched)
     return used
 
 
 def _force_loader_warp(monkeypatch, **changes):
     """Grouped calls copying A's scales with the loader warp (the planner keeps it to dense
     16-column tiles)."""
-    return _force(monkeypatch, sa_loader_warp=True, **changes)
+    return _force(monkeypatch, scale_loader_warp=True, **changes)
 
 
 def test_contiguous_scales_by_loader_warp(monkeypatch):
-    used = _force_loader_warp(monkeypatch, block_n=16, num_stages=plan.max_stages(128, 16))
+    used = _force_loader_warp(monkeypatch, block_n=16, num_stages=max_stages(128, 16))
     sizes, n, k = [130, 7, 0, 250], 528, 1152
     lhs, m_indices = contiguous_inputs(sizes, n, k)
     rhs = weights(len(sizes), n, k)
     out = torch.full((lhs[0].shape[0], n), float("nan"), device="cuda", dtype=torch.bfloat16)
     deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices)
-    assert used and used[0].sa_loader_warp
+    assert used and used[0].scale_loader_warp
     check_contiguous(lhs, rhs, out, m_indices, len(sizes))
 
 
@@ -169,7 +185,7 @@ def test_masked_scales_by_loader_warp(monkeypatch):
     masked_m = torch.tensor([198, 61, 0], device="cuda", dtype=torch.int32)
     out = torch.full((g, max_m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
     deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, 100)
-    assert used and used[0].sa_loader_warp
+    assert used and used[0].scale_loader_warp
     check_masked(lhs, rhs, out, masked_m)
 
 
@@ -184,32 +200,29 @@ def test_contiguous_with_several_k_blocks_a_stage(monkeypatch):
     check_contiguous(lhs, rhs, out, m_indices, len(sizes))
 
 
-@pytest.mark.parametrize("halves", [False, True], ids=["unpipelined", "pipelined_halves"])
 @pytest.mark.parametrize("block_n", [192, 160])
-def test_contiguous_wide_tiles_with_a_main_loop_per_scale_split(monkeypatch, block_n, halves):
-    """128 x 192 / 128 x 160 tiles (the widths DeepGEMM picks for the large contiguous cases), one
-    main loop per scale split, unpipelined or pipelined over the two N halves of each block;
-    N = 1000 has N blocks at every split and a partial last one."""
-    used = _force(monkeypatch, block_n=block_n, pipeline=False, split_k=1, fixed_scale_split=True,
-                  pipeline_halves=halves, num_stages=plan.max_stages(128, block_n))
+def test_contiguous_wide_tiles_over_two_scale_blocks(monkeypatch, block_n):
+    """128 x 192 / 128 x 160 tiles (the widths DeepGEMM picks for the large contiguous cases),
+    unpipelined, whose columns straddle two scale blocks of B at a run-time split; N = 1000 has
+    N blocks at every split and a partial last one."""
+    used = _force(monkeypatch, block_n=block_n, pipelined=False, split_k=1, num_stages=max_stages(128, block_n))
     sizes, n, k = [130, 7, 0, 250], 1000, 1408
     lhs, m_indices = contiguous_inputs(sizes, n, k)
     rhs = weights(len(sizes), n, k)
     out = torch.full((lhs[0].shape[0], n), float("nan"), device="cuda", dtype=torch.bfloat16)
     deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices)
-    assert used and used[0].fixed_scale_split and used[0].block_n == block_n and used[0].pipeline_halves == halves
+    assert used and used[0].block_n == block_n and not used[0].pipelined
     check_contiguous(lhs, rhs, out, m_indices, len(sizes))
 
 
-def test_masked_wide_tiles_with_a_main_loop_per_scale_split(monkeypatch):
-    used = _force(monkeypatch, block_n=160, pipeline=False, split_k=1, fixed_scale_split=True,
-                  num_stages=plan.max_stages(128, 160))
+def test_masked_wide_tiles_over_two_scale_blocks(monkeypatch):
+    used = _force(monkeypatch, block_n=160, pipelined=False, split_k=1, num_stages=max_stages(128, 160))
     g, max_m, n, k = 3, 198, 1000, 1408
     lhs, rhs = masked_inputs(g, max_m, n, k)
     masked_m = torch.tensor([198, 61, 0], device="cuda", dtype=torch.int32)
     out = torch.full((g, max_m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
     deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, 100)
-    assert used and used[0].fixed_scale_split and used[0].block_n == 160
+    assert used and used[0].block_n == 160 and used[0].block_m == 128
     check_masked(lhs, rhs, out, masked_m)
 
 
@@ -217,13 +230,13 @@ def test_masked_wide_tiles_with_a_main_loop_per_scale_split(monkeypatch):
 def test_masked_with_several_k_blocks_a_stage(monkeypatch, loader_warp):
     """7 K blocks in stages of 4: a group's last stage reaches into the next group's scale rows
     (and, for the last group, past them), which the kernel must never use."""
-    used = _force(monkeypatch, stage_k_blocks=4, sa_loader_warp=loader_warp)
+    used = _force(monkeypatch, stage_k_blocks=4, scale_loader_warp=loader_warp)
     g, max_m, n, k = 3, 198, 592, 896
     lhs, rhs = masked_inputs(g, max_m, n, k)
     masked_m = torch.tensor([198, 61, 0], device="cuda", dtype=torch.int32)
     out = torch.full((g, max_m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
     deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, 100)
-    assert used and used[0].stage_k_blocks == 4
+    assert used and used[0].stage_k_blocks == 4 and used[0].scale_loader_warp == loader_warp
     check_masked(lhs, rhs, out, masked_m)
 
 
@@ -242,7 +255,7 @@ MASKED_TAILS = [
 @pytest.mark.parametrize("counts", MASKED_TAILS, ids=str)
 def test_masked_split_tail_matches_per_group_dense(counts):
     g, max_m, n, k, expected_m = len(counts), 640, 4096, 4352, 300
-    assert plan.plan_dense(expected_m, n, k, 132, layout=plan.LAYOUT_MASKED, num_groups=g).split_k > 1
+    assert plan.plan_dense(expected_m, n, k, 132, layout=Layout.MASKED, num_groups=g).split_k > 1
     lhs, rhs = masked_inputs(g, max_m, n, k)
     masked_m = torch.tensor(counts, device="cuda", dtype=torch.int32)
     out = torch.full((g, max_m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
@@ -250,13 +263,11 @@ def test_masked_split_tail_matches_per_group_dense(counts):
     check_masked(lhs, rhs, out, masked_m)
 
 
-@pytest.mark.parametrize("halves", [False, True], ids=["unpipelined", "pipelined_halves"])
-def test_masked_wide_tiles_split_their_tail(monkeypatch, halves):
-    """160-column tiles, one main loop per scale split, split-capable: 6 M blocks x 26 N blocks =
+def test_masked_wide_tiles_split_their_tail(monkeypatch):
+    """160-column tiles over two scale blocks of B, split-capable: 6 M blocks x 26 N blocks =
     132 whole tiles, then 24 tail tiles in 4 units each, summed into the accumulators (the wide
     tiles' reduction reads a unit's own partial back from the workspace)."""
-    used = _force(monkeypatch, block_n=160, pipeline=False, fixed_scale_split=True, pipeline_halves=halves,
-                  num_stages=plan.max_stages(128, 160))
+    used = _force(monkeypatch, block_n=160, pipelined=False, num_stages=max_stages(128, 160))
     g, max_m, n, k, expected_m = 2, 640, 4096, 4352, 300
     lhs, rhs = masked_inputs(g, max_m, n, k)
     masked_m = torch.tensor([512, 129], device="cuda", dtype=torch.int32)

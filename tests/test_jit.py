@@ -18,7 +18,8 @@ from deep_gemm import jit
 from deep_gemm.jit import CompilationError, compile_kernel, precompile
 from deep_gemm.jit import build as jit_build
 from deep_gemm.jit import cache as jit_cache
-from deep_gemm.jit.compiler import find_nvcc
+from deep_gemm.jit import compiler as jit_compiler
+from deep_gemm.jit.compiler import entry_functions, find_nvcc, is_symbol
 from deep_gemm.jit.resources import parse_ptxas_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +47,19 @@ PROBE = textwrap.dedent("""\
 
 EM_CUDA = 190  # ELF e_machine of a cubin
 
+# A C++ template kernel in a namespace, instantiated twice: compile_kernel takes the C++ name of
+# one instantiation (a "name expression") and finds its mangled symbol.
+TEMPLATE = textwrap.dedent("""\
+    namespace jit_ns {
+    template <int kScale, typename T>
+    __global__ void __launch_bounds__(128, 1) scaled(T* out) {
+        out[blockIdx.x * blockDim.x + threadIdx.x] = static_cast<T>(threadIdx.x * kScale);
+    }
+    }  // namespace jit_ns
+    template __global__ void jit_ns::scaled<3, float>(float*);
+    """)
+TEMPLATE_TWO = TEMPLATE + "template __global__ void jit_ns::scaled<5, int>(int*);\n"
+
 
 def _nvrtc_only(monkeypatch):
     monkeypatch.delenv("DG_JIT_USE_NVCC", raising=False)
@@ -70,12 +84,14 @@ def test_compiles_sm90a_without_gpu(tmp_cache_dir, monkeypatch):
     assert not k.from_cache and k.compile_s > 0
     assert k.compiler.startswith("nvrtc ")
     assert len(k.key) == 64 and k.kernel_name == "jit_probe" and k.name == "probe"
+    assert k.symbol == "jit_probe"  # an extern "C" kernel: its name is its symbol
     entry = Path(k.cache_dir)
     assert entry.parent.parent == tmp_cache_dir and entry.name == f"probe-{k.key[:16]}"
     assert Path(k.source_path).read_text() == PROBE
     assert (entry / "kernel.cubin").read_bytes() == k.cubin
     meta = json.loads((entry / "meta.json").read_text())
     assert meta["kernel_name"] == "jit_probe" and meta["cubin_size"] == len(k.cubin)
+    assert meta["format"] == jit_cache.FORMAT == 2 and meta["symbol"] == "jit_probe"
     assert "ptxas" in k.log
 
 
@@ -109,7 +125,9 @@ def test_unknown_kernel_name_is_an_error(tmp_cache_dir, monkeypatch):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(source="", kernel_name="k"), "source"),
-    (dict(source=PROBE, kernel_name="not a symbol"), "kernel_name"),
+    (dict(source=PROBE, kernel_name="two\nlines"), "kernel_name"),
+    (dict(source=PROBE, kernel_name="   "), "kernel_name"),
+    (dict(source=PROBE, kernel_name=None), "kernel_name"),
     (dict(source=PROBE, kernel_name="jit_probe", arch="sm90"), "arch"),
     (dict(source=PROBE, kernel_name="jit_probe", name=""), "name"),
 ])
@@ -129,6 +147,7 @@ def test_memo_and_disk_cache_hit(tmp_cache_dir, monkeypatch):
     assert again.from_cache and again.compile_s == 0.0
     assert again.cubin == first.cubin and again.key == first.key
     assert again.resources == first.resources and again.log == first.log
+    assert again.symbol == first.symbol == "jit_probe"
 
 
 def test_debug_prints_times_and_path(tmp_cache_dir, monkeypatch, capsys):
@@ -172,7 +191,7 @@ def test_corrupt_cubin_is_rebuilt(tmp_cache_dir, monkeypatch, how):
 
 @pytest.mark.parametrize("content", [
     None, b"", b"{not json", b"[1, 2]", b"\xff\xfe\x00",
-    "truncate", "no_resources", "bad_resources", "other_key",
+    "truncate", "no_resources", "bad_resources", "other_key", "no_symbol", "old_format",
 ])
 def test_corrupt_meta_is_rebuilt(tmp_cache_dir, monkeypatch, content):
     _nvrtc_only(monkeypatch)
@@ -191,6 +210,12 @@ def test_corrupt_meta_is_rebuilt(tmp_cache_dir, monkeypatch, content):
         meta_path.write_text(json.dumps(meta))
     elif content == "other_key":  # a 16-hex-digit prefix collision must not be trusted
         meta["key"] = "0" * 64
+        meta_path.write_text(json.dumps(meta))
+    elif content == "no_symbol":  # an entry that cannot say which function to load
+        del meta["symbol"]
+        meta_path.write_text(json.dumps(meta))
+    elif content == "old_format":  # FORMAT 1 entries had no symbol
+        meta["format"] = 1
         meta_path.write_text(json.dumps(meta))
     else:
         meta_path.write_bytes(content)
@@ -487,3 +512,95 @@ def test_serialised_wgmmas_are_reported():
     from deep_gemm.jit.precompile_cli import _problem
     record = {"spill_bytes": 0, "stack_bytes": 0, "setmaxnreg_ignored": False, "wgmma_serialized": True}
     assert "C7514" in _problem(record)
+
+
+# ---- C++ name expressions (template kernels) ------------------------------------------------------
+def test_is_symbol():
+    for name in ("jit_probe", "_k", "K9"):
+        assert is_symbol(name), name
+    for name in ("jit_ns::scaled<3, float>", "deep_gemm::gemm_kernel<deep_gemm::GemmConfig<1, 2>>", "k<1>",
+                 "9k", "a b", ""):
+        assert not is_symbol(name), name
+
+
+def test_entry_functions_lists_each_kernel_once_in_order():
+    log = textwrap.dedent("""\
+        ptxas info    : Compiling entry function '_Z1aPf' for 'sm_90a'
+        ptxas info    : Function properties for _Z1aPf
+        ptxas info    : Compiling entry function 'b' for 'sm_90a'
+        ptxas info    : Compiling entry function '_Z1aPf' for 'sm_90a'
+        """)
+    assert entry_functions(log) == ["_Z1aPf", "b"]
+    assert entry_functions("") == []
+
+
+def test_template_kernel_by_name_expression(tmp_cache_dir, monkeypatch):
+    _nvrtc_only(monkeypatch)
+    k = compile_kernel(TEMPLATE, "jit_ns::scaled<3, float>", name="template")
+    assert k.kernel_name == "jit_ns::scaled<3, float>"
+    assert k.symbol.startswith("_Z") and "scaled" in k.symbol and k.symbol != k.kernel_name
+    assert entry_functions(k.log) == [k.symbol]
+    assert parse_ptxas_report(k.log, k.symbol) == k.resources and k.resources.registers > 0
+    meta = json.loads((Path(k.cache_dir) / "meta.json").read_text())
+    assert meta["symbol"] == k.symbol and meta["kernel_name"] == k.kernel_name
+    # Read back from disk, as by a new process: the mangled symbol comes back with the cubin.
+    jit.clear_memory_cache()
+    _forbid_compiling(monkeypatch)
+    again = compile_kernel(TEMPLATE, "jit_ns::scaled<3, float>", name="template")
+    assert again.from_cache and again.symbol == k.symbol and again.cubin == k.cubin
+
+
+def test_two_instantiations_in_one_translation_unit(tmp_cache_dir, monkeypatch):
+    _nvrtc_only(monkeypatch)
+    first = compile_kernel(TEMPLATE_TWO, "jit_ns::scaled<3, float>", name="two")
+    second = compile_kernel(TEMPLATE_TWO, "jit_ns::scaled<5, int>", name="two")
+    entries = entry_functions(first.log)
+    assert len(entries) == 2 and len(set(entries)) == 2
+    assert first.symbol in entries and second.symbol in entries and first.symbol != second.symbol
+    assert first.key != second.key   # the name is part of the key: each its own cache entry
+    # Each kernel's resources are its own block of the report.
+    assert first.resources == parse_ptxas_report(first.log, first.symbol)
+    assert second.resources == parse_ptxas_report(second.log, second.symbol)
+
+
+def test_extern_c_kernel_keeps_its_name_as_symbol(tmp_cache_dir, monkeypatch):
+    _nvrtc_only(monkeypatch)
+    source = PROBE + TEMPLATE   # a C symbol beside a template in one unit
+    k = compile_kernel(source, "jit_probe", name="mixed")
+    assert k.symbol == "jit_probe" and "jit_probe" in entry_functions(k.log)
+    assert len(entry_functions(k.log)) == 2
+    jit.clear_memory_cache()
+    again = compile_kernel(source, "jit_probe", name="mixed")
+    assert again.from_cache and again.symbol == "jit_probe"
+
+
+def test_unknown_name_expression_is_an_error(tmp_cache_dir, monkeypatch):
+    _nvrtc_only(monkeypatch)
+    with pytest.raises(CompilationError):
+        compile_kernel(TEMPLATE, "jit_ns::not_there<3, float>", name="missing")
+
+
+def test_compiler_returns_the_symbol(tmp_path, monkeypatch):
+    # compiler.compile(...) -> (cubin, log, symbol), straight from the back end.
+    _nvrtc_only(monkeypatch)
+    compiler = jit_compiler.get_compiler()
+    cubin, log, symbol = compiler.compile(TEMPLATE, str(tmp_path / "t.cu"), str(jit_build.KERNELS_DIR), "sm_90a",
+                                          "jit_ns::scaled<3, float>")
+    assert cubin[:4] == b"\x7fELF" and symbol.startswith("_Z") and entry_functions(log) == [symbol]
+    cubin, log, symbol = compiler.compile(PROBE, str(tmp_path / "p.cu"), str(jit_build.KERNELS_DIR), "sm_90a",
+                                          "jit_probe")
+    assert symbol == "jit_probe"
+
+
+def test_nvcc_template_kernel(tmp_cache_dir, monkeypatch, tmp_path):
+    _nvcc_or_skip()
+    monkeypatch.setenv("DG_JIT_USE_NVCC", "1")
+    k = compile_kernel(TEMPLATE, "jit_ns::scaled<3, float>", name="template")
+    assert k.compiler.startswith("nvcc ") and k.symbol.startswith("_Z") and entry_functions(k.log) == [k.symbol]
+    # The same mangled name as NVRTC's nvrtcGetLoweredName.
+    monkeypatch.delenv("DG_JIT_USE_NVCC")
+    assert compile_kernel(TEMPLATE, "jit_ns::scaled<3, float>", name="template").symbol == k.symbol
+    # nvcc cannot tell which of several kernels a name expression means: refused, not guessed.
+    monkeypatch.setenv("DG_JIT_USE_NVCC", "1")
+    with pytest.raises(CompilationError, match="only kernel of its translation unit"):
+        compile_kernel(TEMPLATE_TWO, "jit_ns::scaled<3, float>", name="two")

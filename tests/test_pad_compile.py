@@ -46,16 +46,17 @@ def test_cli_lists_the_pad_kernel_only_for_unaligned_k(capsys):
     assert NAME not in json.loads(capsys.readouterr().out)
 
 
-class _NoKernel:
-    def pad_k16(self, *xs):
-        raise AssertionError("the padding kernel ran on CPU tensors")
+def _no_kernel(*xs):
+    raise AssertionError("the padding kernel ran on CPU tensors")
 
 
 @pytest.mark.parametrize("a_shape,b_shape", [((7, 1000), (300, 1000)), ((3, 5, 17), (3, 9, 17)), ((4, 1), (2, 4, 1))])
 def test_cpu_tensors_keep_torch_padding(monkeypatch, a_shape, b_shape):
-    # Even where runs_on_hopper says yes (as the host-path tests fake it), CPU tensors take F.pad.
-    monkeypatch.setattr(gemm_ops, "_pad_ops", _NoKernel())
-    monkeypatch.setattr(gemm_ops, "runs_on_hopper", lambda device: True)
+    # CPU tensors take F.pad, never the kernel: the route is chosen by runs_on_hopper(device) alone
+    # (tests/test_host_path.py fakes it to say yes for CPU tensors and so drives the kernel path with
+    # them). ops/gemm.py imports pad_k16 from ops/pad.py at the call, so the stand-in is seen there.
+    monkeypatch.setattr(pad, "pad_k16", _no_kernel)
+    assert not gemm_ops.runs_on_hopper(torch.device("cpu"))
     lhs, rhs = (fp8(*a_shape), torch.ones(1)), (fp8(*b_shape), torch.ones(1))
     (a, sa), (b, sb) = gemm_ops.pad_operands_k_to_16(lhs, rhs)
     for padded, (x, scales), s in ((a, lhs, sa), (b, rhs, sb)):
@@ -65,12 +66,17 @@ def test_cpu_tensors_keep_torch_padding(monkeypatch, a_shape, b_shape):
         assert not padded[..., k:].view(torch.uint8).any()
 
 
-def test_aligned_or_non_contiguous_operands_are_left_alone():
+def test_aligned_or_strided_operands_are_left_alone_unless_a_partner_is_padded():
     aligned = (fp8(8, 1024), torch.ones(1))
-    strided = (fp8(8, 2000)[:, :1000], torch.ones(1))
+    strided = (fp8(8, 2000)[:, :1000], torch.ones(1))   # K = 1000 on 16-byte aligned rows: TMA reads it
     assert gemm_ops.pad_operands_k_to_16(aligned, aligned) == (aligned, aligned)
-    lhs, rhs = gemm_ops.pad_operands_k_to_16(strided, (fp8(4, 1000), torch.ones(1)))
-    assert lhs is strided and rhs[0].shape == (4, 1008)
+    assert gemm_ops.pad_operands_k_to_16(strided, strided) == (strided, strided)
+    # A contiguous partner with K = 1000 is padded to 1008: the strided one must follow (same K).
+    partner = (fp8(4, 1000), torch.ones(1))
+    lhs, rhs = gemm_ops.pad_operands_k_to_16(strided, partner)
+    assert lhs[0].shape == (8, 1008) and rhs[0].shape == (4, 1008)
+    assert torch.equal(lhs[0][:, :1000].view(torch.uint8), strided[0].view(torch.uint8))
+    assert not lhs[0][:, 1000:].view(torch.uint8).any() and lhs[1] is strided[1]
 
 
 def test_k_mismatch_is_reported_not_padded_away():

@@ -1,21 +1,25 @@
-"""CPU unit tests of the planner (deep_gemm/plan.py): pure Python, no torch, no CUDA."""
+"""CPU unit tests of the planner (deep_gemm/plan.py) and of the kernel configuration it returns
+(deep_gemm/config.py): pure Python, no torch, no CUDA."""
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
 
+from deep_gemm import config as cfg
 from deep_gemm import plan
-from deep_gemm.plan import (
-    LAYOUT_CONTIGUOUS,
-    LAYOUT_DENSE,
-    LAYOUT_MASKED,
+from deep_gemm.config import (
+    BLOCK_K,
+    MAX_PIPELINED_BLOCK_N,
     SMEM_CAPACITY,
     KernelConfig,
+    Layout,
     ceil_div,
-    plan_dense,
     valid_block_n,
 )
+from deep_gemm.plan import plan_dense
+
+LAYOUT_DENSE, LAYOUT_CONTIGUOUS, LAYOUT_MASKED = Layout.DENSE, Layout.CONTIGUOUS, Layout.MASKED
 
 ANCHOR_NK = ((7168, 576), (2112, 7168), (24576, 1536), (32768, 512),
              (7168, 16384), (4096, 7168), (7168, 2048))
@@ -41,12 +45,18 @@ def _all_plans():
 def _problems(args, c: KernelConfig) -> list:
     m, n, k, sms, layout, groups = args
     bad = []
-    if (c.n, c.k, c.layout, c.num_groups) != (n, k, layout, groups):
+    if (c.shape_n, c.shape_k, c.layout, c.num_groups) != (n, k, layout, groups):
         bad.append("does not describe the requested problem")
+    if not isinstance(c.layout, Layout):
+        bad.append(f"layout {c.layout!r} is not a config.Layout")
     if c.block_m not in (64, 128, 256):
         bad.append(f"block_m {c.block_m} not 64/128/256")
-    if c.block_m == 256 and (layout != plan.LAYOUT_DENSE or c.pipeline or c.split_k != 1 or c.cluster_n != 1):
-        bad.append("256-row tiles outside their kernel's limits (dense, unpipelined, unsplit, no cluster)")
+    if c.block_m == 256 and (layout != Layout.DENSE or c.pipelined or c.split_k != 1):
+        bad.append("256-row tiles outside their kernel's limits (dense, unpipelined, unsplit)")
+    if c.pipelined and c.block_n > MAX_PIPELINED_BLOCK_N:
+        bad.append(f"pipelined with block_n {c.block_n} > {MAX_PIPELINED_BLOCK_N}")
+    if c.stage_k_blocks > 1 and c.shape_k % BLOCK_K:
+        bad.append(f"{c.stage_k_blocks} K blocks a stage with K % {BLOCK_K} != 0")
     if not valid_block_n(c.block_n) or c.block_n > plan.MAX_BLOCK_N[c.block_m]:
         bad.append(f"block_n {c.block_n} invalid for block_m {c.block_m}")
     if c.block_n not in plan.BLOCK_N_CANDIDATES:
@@ -55,14 +65,12 @@ def _problems(args, c: KernelConfig) -> list:
         bad.append(f"{c.num_stages} stages: no load/compute overlap")
     if c.smem_bytes > SMEM_CAPACITY:
         bad.append(f"{c.smem_bytes} B of shared memory > {SMEM_CAPACITY}")
-    if c.block_k != 128:
-        bad.append(f"block_k {c.block_k} (scales are per 128 K)")
-    # Fields newer planners add are checked where present: clusters are 1..8 blocks on sm_90.
-    cluster_n, split_k = getattr(c, "cluster_n", 1), getattr(c, "split_k", 1)
-    if cluster_n not in (1, 2) or split_k < 1 or cluster_n * split_k > 8:
-        bad.append(f"cluster_n {cluster_n} x split_k {split_k}")
-    if split_k > c.num_k_blocks:
-        bad.append(f"split_k {split_k} > {c.num_k_blocks} K blocks")
+    if c.num_k_blocks != ceil_div(k, BLOCK_K):
+        bad.append(f"{c.num_k_blocks} K blocks for K = {k} (scales are per 128 K)")
+    if not 1 <= c.split_k <= plan.MAX_SPLIT_K:
+        bad.append(f"split_k {c.split_k}")
+    if c.split_k > c.num_k_blocks:
+        bad.append(f"split_k {c.split_k} > {c.num_k_blocks} K blocks")
     if c.num_threads != 128 * (1 + min(c.block_m // 64, 2)):
         bad.append(f"{c.num_threads} threads")
     return bad
@@ -91,10 +99,85 @@ def test_config_is_a_value():
     assert c.name.startswith("gemm_dense_n7168_k2048_g1_")
     with pytest.raises(Exception):  # frozen: a shared config must never change under a cache
         c.block_n = 16
-    constants = c.constants()
-    assert constants["SHAPE_N"] == 7168 and constants["SHAPE_K"] == 2048
-    assert constants["BLOCK_M"] == c.block_m and constants["BLOCK_N"] == c.block_n
-    assert constants["NUM_STAGES"] == c.num_stages
+    # The C++ template arguments (deep_gemm::GemmConfig<...>) are the fields, in field order.
+    args = [a.strip() for a in c.template_args().split(",")]
+    assert len(args) == len(dataclasses.fields(KernelConfig))
+    assert args[:5] == [str(v) for v in (7168, 2048, c.block_m, c.block_n, c.num_stages)]
+    assert args[6] == str(int(Layout.DENSE)) and args[-3:] == [str(v).lower() for v in
+                                                            (c.pipelined, c.stream_b, c.scale_loader_warp)]
+    assert KernelConfig(**{f.name: getattr(c, f.name) for f in dataclasses.fields(c)}) == c
+
+
+def test_config_names_are_distinct():
+    # The name labels cache folders and logs: every field that changes the kernel changes it.
+    base = KernelConfig(shape_n=4096, shape_k=7168, block_m=128, block_n=64, num_stages=4)
+    variants = [base, dataclasses.replace(base, shape_n=4097), dataclasses.replace(base, shape_k=7040),
+                dataclasses.replace(base, block_m=64), dataclasses.replace(base, block_n=96),
+                dataclasses.replace(base, num_stages=3), dataclasses.replace(base, stage_k_blocks=2, num_stages=2),
+                dataclasses.replace(base, layout=Layout.MASKED), dataclasses.replace(base, num_groups=2),
+                dataclasses.replace(base, raster_group=8), dataclasses.replace(base, split_k=2),
+                dataclasses.replace(base, pipelined=True), dataclasses.replace(base, stream_b=True),
+                dataclasses.replace(base, scale_loader_warp=True)]
+    assert len({v.name for v in variants}) == len(variants)
+    assert len({v.template_args() for v in variants}) == len(variants)
+
+
+def test_config_geometry():
+    c = KernelConfig(shape_n=2112, shape_k=7168, block_m=64, block_n=16, num_stages=10, stage_k_blocks=2)
+    assert (c.num_math_warpgroups, c.num_threads, c.num_k_blocks) == (1, 256, 56)
+    assert c.smem_bytes == cfg.smem_bytes(64, 16, 10, 2) <= SMEM_CAPACITY
+    assert c.split_k_workspace_floats(132) == 0
+    tall = KernelConfig(shape_n=7168, shape_k=16384, block_m=256, block_n=128, num_stages=3)
+    assert (tall.num_math_warpgroups, tall.num_threads) == (2, 384)
+    split = dataclasses.replace(plan_dense(4096, 2112, 7168, 132))
+    assert split.split_k > 1 and split.split_k_workspace_floats(132) == 132 * split.block_m * split.block_n
+    assert [cfg.store_chunk_cols(bn) for bn in (16, 32, 48, 64, 96, 128, 144, 160)] == [16, 32, 16, 64, 32, 64, 16, 32]
+
+
+# (changes to a valid config, field the error must name)
+INVALID_CONFIGS = [
+    (dict(block_m=96), "block_m"),
+    (dict(block_m=32), "block_m"),
+    (dict(block_n=176), "block_n"),
+    (dict(block_n=8), "block_n"),
+    (dict(block_n=160, pipelined=True), "pipelined"),
+    (dict(block_m=256, split_k=2), "block_m = 256"),
+    (dict(block_m=256, pipelined=True), "block_m = 256"),
+    (dict(block_m=256, layout=Layout.CONTIGUOUS, num_groups=4), "block_m = 256"),
+    (dict(stage_k_blocks=2, shape_k=7000), "stage_k_blocks"),
+    (dict(num_stages=12), ("shared memory", "stages")),
+    (dict(block_m=64, block_n=16, stage_k_blocks=4, num_stages=16), ("shared memory", "stages")),
+    (dict(num_stages=0), ">= 1"),
+    (dict(split_k=0), ">= 1"),
+]
+
+
+@pytest.mark.parametrize("changes, needle", INVALID_CONFIGS,
+                         ids=[",".join(f"{k}={v}" for k, v in c.items()) for c, _ in INVALID_CONFIGS])
+def test_invalid_config_is_a_value_error_naming_the_field(changes, needle):
+    # The kernel's static_asserts, raised on the host with the field's name (a forced config of a
+    # tuning run or a test fails here, not in the compiler).
+    valid = KernelConfig(shape_n=4096, shape_k=7168, block_m=128, block_n=128, num_stages=3)
+    with pytest.raises(ValueError, match="invalid KernelConfig") as info:
+        dataclasses.replace(valid, **changes)
+    for word in (needle,) if isinstance(needle, str) else needle:
+        assert word in str(info.value)
+
+
+def test_config_checks_match_the_planner_limits():
+    # Every candidate tile the planner may pick is a valid config at its planned depth; the
+    # deepest ring that fits is accepted and one more stage is refused.
+    for block_m in (64, 128, 256):
+        for block_n in plan.BLOCK_N_CANDIDATES:
+            if block_n > plan.MAX_BLOCK_N[block_m]:
+                continue
+            for skb in (1, 2):
+                stages = cfg.max_stages(block_m, block_n, cap=32, stage_k_blocks=skb)
+                KernelConfig(shape_n=4096, shape_k=7168, block_m=block_m, block_n=block_n, num_stages=stages,
+                             stage_k_blocks=skb)
+                with pytest.raises(ValueError, match="shared memory"):
+                    KernelConfig(shape_n=4096, shape_k=7168, block_m=block_m, block_n=block_n,
+                                 num_stages=stages + 1, stage_k_blocks=skb)
 
 
 def test_valid_block_n():
@@ -106,12 +189,12 @@ def test_valid_block_n():
 
 
 def test_max_stages_fits_capacity():
-    for block_m in (64, 128):
+    for block_m in (64, 128, 256):
         for block_n in plan.BLOCK_N_CANDIDATES:
-            s = plan.max_stages(block_m, block_n)
-            assert plan.smem_bytes(block_m, block_n, s) <= SMEM_CAPACITY
+            s = cfg.max_stages(block_m, block_n)
+            assert cfg.smem_bytes(block_m, block_n, s) <= SMEM_CAPACITY
             if s < 8:  # one more stage would not fit
-                assert plan.smem_bytes(block_m, block_n, s + 1) > SMEM_CAPACITY
+                assert cfg.smem_bytes(block_m, block_n, s + 1) > SMEM_CAPACITY
 
 
 def test_print_configs(monkeypatch, capsys):
@@ -130,8 +213,8 @@ def test_narrow_long_k_decode_tiles_get_a_deep_pipelined_ring(m, n, k):
     # Two K blocks a stage (perf-notes section 25): more than 8 K blocks in flight, as many
     # stages as shared memory holds up to 32 K blocks.
     c = plan_dense(m, n, k, 132)
-    assert c.block_n <= 32 and c.pipeline and c.stage_k_blocks == 2
-    assert c.num_stages * 2 > 8 and c.num_stages == plan.max_stages(c.block_m, c.block_n, cap=16, stage_k_blocks=2)
+    assert c.block_n <= 32 and c.pipelined and c.stage_k_blocks == 2
+    assert c.num_stages * 2 > 8 and c.num_stages == cfg.max_stages(c.block_m, c.block_n, cap=16, stage_k_blocks=2)
 
 
 @pytest.mark.parametrize("m,n,k,layout", [
@@ -207,7 +290,8 @@ def test_memory_bound_masked_tiles_fit_the_groups_and_pipeline(expected_m, group
     short K keeps 64-row blocks up to 64 rows. Every such tile is pipelined."""
     c = plan_dense(expected_m, n, k, 132, layout=LAYOUT_MASKED, num_groups=groups)
     assert c.block_m == (block_m if k >= 32 * 128 or expected_m > 64 else 64) and c.split_k == 1
-    assert c.pipeline and c.constants()["PIPELINE_PROMOTION"] == int(c.block_n <= plan.MAX_PIPELINED_BLOCK_N)
+    # Pipelined wherever the kernel can pipeline (tiles up to MAX_PIPELINED_BLOCK_N wide).
+    assert c.pipelined == (c.block_n <= MAX_PIPELINED_BLOCK_N)
     # The dense decode plan of the same rows is not touched by the rule.
     dense = plan_dense(expected_m, n, k, 132)
     assert dense.block_m == (64 if expected_m <= 64 else 128)
@@ -239,7 +323,7 @@ def test_tail_splits_matches_the_device_scheduler():
 @pytest.mark.parametrize("m,n,k", [(64, 7168, 16384), (64, 2112, 2048), (128, 32768, 512)])
 def test_other_decode_tiles_keep_the_default_ring(m, n, k):
     c = plan_dense(m, n, k, 132)
-    assert not c.pipeline and c.num_stages == plan.max_stages(c.block_m, c.block_n)
+    assert not c.pipelined and c.num_stages == cfg.max_stages(c.block_m, c.block_n)
 
 
 @pytest.mark.parametrize("n,raster", [(2112, 8), (4096, 8), (7168, 8), (8192, 8), (8320, 16), (24576, 16),
@@ -247,67 +331,122 @@ def test_other_decode_tiles_keep_the_default_ring(m, n, k):
 def test_raster_band_narrows_when_n_has_few_tiles(n, raster):
     c = plan_dense(4096, n, 7168, 132)
     assert c.block_m in (128, 256) and c.block_n == 128
-    assert c.pipeline == (c.block_m == 128)   # 256-row tiles run unpipelined
+    assert c.pipelined == (c.block_m == 128)   # 256-row tiles run unpipelined
     assert c.raster_group == raster
 
 
 @pytest.mark.parametrize("m", [1, 7, 64, 65, 100, 128])
 def test_dense_decode_streams_b_through_l2(m):
     c = plan_dense(m, 7168, 2048, 132)
-    assert c.stream_b and c.constants()["STREAM_B"] == 1 and c.name.endswith("_sb")
+    assert c.stream_b and "_sb" in c.name
+    assert c.template_args().split(", ")[-2] == "true"   # kStreamB_
 
 
-@pytest.mark.parametrize("m,layout,groups", [(129, plan.LAYOUT_DENSE, 1), (4096, plan.LAYOUT_DENSE, 1),
-                                             (64, plan.LAYOUT_MASKED, 16), (32, plan.LAYOUT_MASKED, 32),
-                                             (512, plan.LAYOUT_MASKED, 2), (8192, plan.LAYOUT_CONTIGUOUS, 4)])
+@pytest.mark.parametrize("m,layout,groups", [(129, LAYOUT_DENSE, 1), (4096, LAYOUT_DENSE, 1),
+                                             (64, LAYOUT_MASKED, 16), (32, LAYOUT_MASKED, 32),
+                                             (512, LAYOUT_MASKED, 2), (8192, LAYOUT_CONTIGUOUS, 4)])
 def test_b_tiles_read_more_than_once_keep_the_normal_l2_policy(m, layout, groups):
     c = plan_dense(m, 4096, 7168, 132, layout=layout, num_groups=groups)
-    assert not c.stream_b and c.constants()["STREAM_B"] == 0 and not c.name.endswith("_sb")
+    assert not c.stream_b and "_sb" not in c.name
+    assert c.template_args().split(", ")[-2] == "false"   # kStreamB_
 
 
 @pytest.mark.parametrize("m,n,k", [(64, 2112, 7168), (128, 2112, 7168), (64, 4096, 7168), (128, 4096, 7168),
                                    (4096, 7168, 2048), (7, 4096, 7168), (64, 7168, 576)])
 def test_only_the_narrowest_tiles_load_a_scales_by_warp(m, n, k):
     c = plan_dense(m, n, k, 132)
-    assert c.sa_loader_warp == (c.block_n <= plan.SA_LOADER_MAX_BLOCK_N)
-    assert c.constants()["SA_LOADER_WARP"] == int(c.sa_loader_warp) and c.name.endswith("_sl") == c.sa_loader_warp
+    assert c.scale_loader_warp == (c.block_n <= plan.SCALE_LOADER_MAX_BLOCK_N)
+    assert c.template_args().split(", ")[-1] == str(c.scale_loader_warp).lower()   # kScaleLoaderWarp_
+    assert c.name.endswith("_sl") == c.scale_loader_warp
     if (m, n) in ((64, 2112), (128, 2112)):   # the decode rows it was measured to help (section 23)
-        assert c.block_n == 16 and c.sa_loader_warp
+        assert c.block_n == 16 and c.scale_loader_warp
 
 
-@pytest.mark.parametrize("layout,groups", [(plan.LAYOUT_MASKED, 1), (plan.LAYOUT_CONTIGUOUS, 1)])
+@pytest.mark.parametrize("layout,groups", [(LAYOUT_MASKED, 1), (LAYOUT_CONTIGUOUS, 1)])
 def test_grouped_calls_keep_tma_for_a_scales(layout, groups):
     c = plan_dense(64, 2112, 7168, 132, layout=layout, num_groups=groups)
-    assert c.block_n == 16 and not c.sa_loader_warp    # not measured there (section 23)
+    assert c.block_n == 16 and not c.scale_loader_warp    # not measured there (section 23)
 
 
 @pytest.mark.parametrize("m,n,k", [(4096, 7168, 16384), (4096, 4096, 7168), (1000, 4096, 7168), (8192, 7168, 7168),
                                    (4096, 32768, 512)])
 def test_tall_tiles_where_they_need_no_more_rounds(m, n, k):
     c = plan_dense(m, n, k, 132)
-    assert (c.block_m, c.block_n, c.pipeline, c.split_k) == (256, 128, False, 1)
-    assert c.num_stages == plan.max_stages(256, 128) == 3 and c.num_threads == 384
+    assert (c.block_m, c.block_n, c.pipelined, c.split_k) == (256, 128, False, 1)
+    assert c.num_stages == cfg.max_stages(256, 128) == 3 and c.num_threads == 384
 
 
 @pytest.mark.parametrize("m,n,k,layout", [
-    (4096, 2112, 7168, plan.LAYOUT_DENSE),    # 272 tall tiles: 3 rounds of 2 against 4 + a split one
-    (257, 7168, 7168, plan.LAYOUT_DENSE),     # the 128-row plan splits its last wave
-    (4097, 7168, 16384, plan.LAYOUT_DENSE),   # 17 tall M blocks: 8 rounds of 2 against 14
-    (4096, 7168, 2048, plan.LAYOUT_DENSE),    # 16 K blocks: measured a tie
-    (4096, 24576, 1536, plan.LAYOUT_DENSE),
-    (128, 7168, 16384, plan.LAYOUT_DENSE),    # decode
-    (8192, 4096, 7168, plan.LAYOUT_CONTIGUOUS),
-    (1024, 4096, 7168, plan.LAYOUT_MASKED),
+    (4096, 2112, 7168, LAYOUT_DENSE),    # 272 tall tiles: 3 rounds of 2 against 4 + a split one
+    (257, 7168, 7168, LAYOUT_DENSE),     # the 128-row plan splits its last wave
+    (4097, 7168, 16384, LAYOUT_DENSE),   # 17 tall M blocks: 8 rounds of 2 against 14
+    (4096, 7168, 2048, LAYOUT_DENSE),    # 16 K blocks: measured a tie
+    (4096, 24576, 1536, LAYOUT_DENSE),
+    (128, 7168, 16384, LAYOUT_DENSE),    # decode
+    (8192, 4096, 7168, LAYOUT_CONTIGUOUS),
+    (1024, 4096, 7168, LAYOUT_MASKED),
 ])
 def test_tall_tiles_not_used(m, n, k, layout):
     assert plan_dense(m, n, k, 132, layout=layout, num_groups=4).block_m <= 128
 
 
 def test_a_config_over_the_shared_memory_budget_is_a_clear_error():
-    # The driver would refuse the launch attribute with a bare "invalid argument".
-    from deep_gemm.runtime.kernels import gemm_kernel
-    too_deep = plan.with_stage_k_blocks(plan_dense(64, 2112, 7168, 132), 1)
-    too_deep = dataclasses.replace(too_deep, stage_k_blocks=2)
-    assert too_deep.smem_bytes > plan.SMEM_CAPACITY
+    # The driver would refuse the launch attribute with a bare "invalid argument": the config
+    # itself refuses to exist (before any compile or load).
+    decode = plan_dense(64, 2112, 7168, 132)
+    assert decode.stage_k_blocks == 2 and decode.smem_bytes <= SMEM_CAPACITY
+    assert cfg.smem_bytes(decode.block_m, decode.block_n, decode.num_stages, 4) > SMEM_CAPACITY
     with pytest.raises(ValueError, match="shared memory"):
-        gemm_kernel(too_deep, 0)
+        dataclasses.replace(decode, stage_k_blocks=4)
+
+
+def test_plan_cached_is_plan_dense():
+    plan.clear_plan_cache()
+    args = [(64, 2112, 7168, 132, LAYOUT_DENSE, 1), (4096, 4096, 7168, 132, LAYOUT_CONTIGUOUS, 8),
+            (64, 7168, 2048, 78, LAYOUT_MASKED, 32)]
+    first = [plan.plan_cached(*a) for a in args]
+    assert first == [plan_dense(m, n, k, sms, layout=layout, num_groups=g) for m, n, k, sms, layout, g in args]
+    assert all(plan.plan_cached(*a) is c for a, c in zip(args, first))   # memoised
+    plan.clear_plan_cache()
+    assert plan.plan_cached(*args[0]) == first[0]
+
+
+def _bench_suite_plans(num_sms=132):
+    """The config the public GEMMs plan for every case of the benchmark's dense, odd, contiguous and
+    masked suites (deep_gemm/bench.py): K padded to 16 as ops/gemm.py runs it; a contiguous case's
+    M is its groups x M per group rows, a masked case's its expected M."""
+    from deep_gemm import bench
+    from deep_gemm.jit.pad_source import padded_k
+    plans = [plan_dense(m, n, k, num_sms) for m in bench.DENSE_MS for n, k in bench.DENSE_NKS]
+    plans += [plan_dense(m, n, padded_k(k), num_sms) for m in bench.ODD_MS for n, k in bench.ODD_NKS]
+    plans += [plan_dense(g * m, n, k, num_sms, layout=LAYOUT_CONTIGUOUS, num_groups=g)
+              for g, m, n, k in bench.DEEPGEMM_CONTIGUOUS]
+    plans += [plan_dense(m, n, k, num_sms, layout=LAYOUT_MASKED, num_groups=g)
+              for g, m, n, k in bench.DEEPGEMM_MASKED]
+    return plans
+
+
+def test_every_compile_time_option_is_chosen_for_some_benchmark_shape():
+    """Each kernel option the planner can choose does get chosen by the shapes the benchmark
+    measures (both ways for flags, every value for enumerations): an option the planner never picks
+    for a benchmarked shape is dead code, or a rule nobody measures any more."""
+    plans = _bench_suite_plans()
+    assert len(plans) == 21 + 14 + 6 + 10
+    seen = {
+        "pipelined": {c.pipelined for c in plans},
+        "stream_b": {c.stream_b for c in plans},
+        "scale_loader_warp": {c.scale_loader_warp for c in plans},
+        "stage_k_blocks > 1": {c.stage_k_blocks > 1 for c in plans},
+        "split_k > 1": {c.split_k > 1 for c in plans},
+        "block_m": {c.block_m for c in plans},
+        "layout": {c.layout for c in plans},
+    }
+    want = {
+        "pipelined": {False, True}, "stream_b": {False, True}, "scale_loader_warp": {False, True},
+        "stage_k_blocks > 1": {False, True}, "split_k > 1": {False, True}, "block_m": {64, 128, 256},
+        "layout": set(Layout),
+    }
+    assert seen == want
+    # The boolean fields of the config are exactly the flags above: a new one must be added here.
+    flags = {f.name for f in dataclasses.fields(KernelConfig) if f.type in ("bool", bool)}
+    assert flags == {"pipelined", "stream_b", "scale_loader_warp"}

@@ -1,8 +1,10 @@
-"""torch.compile / torch.library support (deep_gemm/ops/library.py).
+"""torch.compile / torch.library support (deep_gemm/ops/library.py, routed from deep_gemm/api.py).
 
 CPU: the public functions trace to torch.ops.deep_gemm.* under torch.compile(fullgraph=True)
 (the reference path runs inside), outputs equal eager, the fake kernels give the real shapes
-and strides, and torch.library.opcheck accepts every op. GPU: the same on Hopper kernels.
+and strides, and torch.library.opcheck accepts every op. Eager calls never go through the ops,
+and the ops' real kernels (ops.gemm.run / ops.cast) never route back to them. GPU: the same on
+Hopper kernels.
 """
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import deep_gemm
-from deep_gemm import reference
+from deep_gemm import api, reference
+from deep_gemm.config import Layout
+from deep_gemm.ops import gemm as gemm_ops
 from deep_gemm.ops import library
 
 OPS = ("gemm_fp8_fp8_bf16_nt", "gemm_fp8_fp8_bf16_nt_out", "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
@@ -56,9 +60,13 @@ def _targets(gm) -> set:
 
 
 def test_ops_registered():
-    assert library.REGISTERED
+    assert library.REGISTERED and set(library.OPS) == set(OPS)
+    assert api._ops is torch.ops.deep_gemm
     for name in OPS:
         assert hasattr(torch.ops.deep_gemm, name), name
+        schema, mutated, real, fake = library.OPS[name]
+        assert callable(real) and callable(fake)
+        assert set(mutated) == ({"out"} if "Tensor(a!) out" in schema else set()), name
 
 
 def test_mlp_traces_to_custom_ops_without_breaks():
@@ -232,19 +240,122 @@ def test_op_schema_claims(name):
         assert result is None and mutated == {4}
 
 
-def test_eager_calls_never_route():
+class _NoRouting:
+    """Stands in for torch.ops.deep_gemm in deep_gemm.api: any use is a failure."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"routed to torch.ops.deep_gemm.{name}")
+
+
+def _count_runs(monkeypatch):
+    """Record the layout of every ops.gemm.run call (the one GEMM pipeline)."""
+    runs = []
+    real = gemm_ops.run
+
+    def counted(layout, *args, **kwargs):
+        runs.append(Layout(layout))
+        return real(layout, *args, **kwargs)
+    monkeypatch.setattr(gemm_ops, "run", counted)
+    return runs
+
+
+def _small_calls():
+    """(x, w, grouped inputs): small CPU operands of every public GEMM."""
+    x = deep_gemm.per_token_cast_to_fp8(torch.randn(4, 128, dtype=torch.bfloat16))
+    w = deep_gemm.per_block_cast_to_fp8(torch.randn(16, 128, dtype=torch.bfloat16))
+    return x, w, _grouped_inputs(g=2, m_per=128, n=64, k=128)
+
+
+def test_eager_calls_never_route(monkeypatch):
     # Outside tracing the public functions run their own path (no dispatcher round trip).
     assert not library.is_compiling()
-    calls = []
-    real = library.gemm_fp8_fp8_bf16_nt
-    try:
-        library.gemm_fp8_fp8_bf16_nt = lambda *a: calls.append(a)
-        x = deep_gemm.per_token_cast_to_fp8(torch.randn(4, 128, dtype=torch.bfloat16))
-        w = deep_gemm.per_block_cast_to_fp8(torch.randn(16, 128, dtype=torch.bfloat16))
-        assert deep_gemm.gemm_fp8_fp8_bf16_nt(x, w).shape == (4, 16)
-    finally:
-        library.gemm_fp8_fp8_bf16_nt = real
-    assert not calls
+    runs = _count_runs(monkeypatch)
+    monkeypatch.setattr(api, "_ops", _NoRouting())
+    x, w, (a, b, m_indices, am, masked_m) = _small_calls()
+    assert deep_gemm.gemm_fp8_fp8_bf16_nt(x, w).shape == (4, 16)
+    out = torch.empty(4, 16, dtype=torch.bfloat16)
+    assert deep_gemm.fp8_gemm_nt(x, w, out) is out
+    out_c = torch.zeros(a[0].shape[0], 64, dtype=torch.bfloat16)
+    assert deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, b, out_c, m_indices) is out_c
+    out_m = torch.zeros(2, 128, 64, dtype=torch.bfloat16)
+    assert deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(am, b, out_m, masked_m[:2], 64) is out_m
+    assert runs == [Layout.DENSE, Layout.DENSE, Layout.CONTIGUOUS, Layout.MASKED]
+
+
+def _force_compiling(monkeypatch):
+    # Inductor may run a real kernel (constant folding) while newer torch keeps is_compiling()
+    # True; here the flag is raised by hand.
+    if not isinstance(getattr(torch.compiler, "_is_compiling_flag", None), bool):
+        pytest.skip("this torch has no is_compiling flag")
+    monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True)
+    assert library.is_compiling() and api._is_compiling()
+
+
+def test_real_kernels_run_while_compiling_flag_is_up(monkeypatch):
+    """The ops' real kernels call ops.gemm.run / ops.cast directly: with is_compiling() True they
+    still compute, once, and never route back through the public functions to their own op."""
+    x = torch.randn(4, 128, dtype=torch.bfloat16)
+    want_q, want_s = deep_gemm.per_token_cast_to_fp8(x)
+    want_bq, want_bs = deep_gemm.per_block_cast_to_fp8(x)
+    w = reference.per_block_cast_to_fp8(torch.randn(16, 128, dtype=torch.bfloat16))
+    want = deep_gemm.gemm_fp8_fp8_bf16_nt((want_q, want_s), w)
+    _, _, (a, b, m_indices, am, masked_m) = _small_calls()
+    want_c = torch.zeros(a[0].shape[0], 64, dtype=torch.bfloat16)
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, b, want_c, m_indices)
+    want_m = torch.zeros(2, 128, 64, dtype=torch.bfloat16)
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(am, b, want_m, masked_m[:2], 64)
+
+    runs = _count_runs(monkeypatch)
+    monkeypatch.setattr(api, "_ops", _NoRouting())   # a real kernel routing back would land here
+    _force_compiling(monkeypatch)
+    ops = torch.ops.deep_gemm
+    q, s = ops.per_token_cast_to_fp8(x)
+    assert torch.equal(s, want_s) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    bq, bs = ops.per_block_cast_to_fp8(x)
+    assert torch.equal(bs, want_bs) and torch.equal(bq.view(torch.uint8), want_bq.view(torch.uint8))
+    assert torch.equal(ops.gemm_fp8_fp8_bf16_nt(q, s, *w), want)
+    out = torch.empty(4, 16, dtype=torch.bfloat16)
+    ops.gemm_fp8_fp8_bf16_nt_out(q, s, *w, out)
+    assert torch.equal(out, want)
+    out_c = torch.zeros_like(want_c)
+    ops.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(*a, *b, out_c, m_indices, False)
+    out_m = torch.zeros_like(want_m)
+    ops.m_grouped_gemm_fp8_fp8_bf16_nt_masked(*am, *b, out_m, masked_m[:2], 64)
+    assert torch.equal(out_c, want_c) and torch.equal(out_m, want_m)
+    assert runs == [Layout.DENSE, Layout.DENSE, Layout.CONTIGUOUS, Layout.MASKED]
+    assert torch.compiler._is_compiling_flag is True
+
+
+def test_public_functions_route_to_one_op_while_compiling(monkeypatch):
+    """While tracing, each public function is one custom op call, whose real kernel runs the
+    pipeline exactly once (no recursion through the public function)."""
+    x, w, (a, b, m_indices, am, masked_m) = _small_calls()
+    want = deep_gemm.gemm_fp8_fp8_bf16_nt(x, w)
+    want_c = torch.zeros(a[0].shape[0], 64, dtype=torch.bfloat16)
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, b, want_c, m_indices)
+    runs = _count_runs(monkeypatch)
+    routed = []
+
+    class Recording:
+        def __getattr__(self, name):
+            routed.append(name)
+            return getattr(torch.ops.deep_gemm, name)
+    monkeypatch.setattr(api, "_ops", Recording())
+    _force_compiling(monkeypatch)
+    xb = torch.randn(4, 128, dtype=torch.bfloat16)
+    q, s = deep_gemm.per_token_cast_to_fp8(xb)
+    assert q.shape == (4, 128) and s.stride() == library.tma_scales_strides(s.shape)
+    assert torch.equal(deep_gemm.gemm_fp8_fp8_bf16_nt(x, w), want)
+    out = torch.empty(4, 16, dtype=torch.bfloat16)
+    assert deep_gemm.gemm_fp8_fp8_bf16_nt(x, w, out) is out and torch.equal(out, want)
+    out_c = torch.zeros_like(want_c)
+    assert deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, b, out_c, m_indices) is out_c
+    assert torch.equal(out_c, want_c)
+    with pytest.raises(TypeError, match="lhs must be a"):
+        deep_gemm.gemm_fp8_fp8_bf16_nt(x[0], w)
+    assert routed == ["per_token_cast_to_fp8", "gemm_fp8_fp8_bf16_nt", "gemm_fp8_fp8_bf16_nt_out",
+                      "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous"]
+    assert runs == [Layout.DENSE, Layout.DENSE, Layout.CONTIGUOUS]
 
 
 # ---- Hopper ---------------------------------------------------------------------------------
@@ -279,18 +390,3 @@ def test_grouped_compiled_on_gpu(tmp_cache_dir):
     got = torch.compile(fn, fullgraph=True)(a, b, m_indices, am, masked_m)
     for x, y in zip(got, want):
         assert torch.equal(x, y)
-
-
-def test_real_kernels_run_while_compiling_flag_is_up(monkeypatch):
-    # Inductor may run a real kernel (constant folding) while newer torch keeps is_compiling()
-    # True: the real kernel must take the eager path, not route back to its own op forever.
-    if not isinstance(getattr(torch.compiler, "_is_compiling_flag", None), bool):
-        pytest.skip("this torch has no is_compiling flag")
-    x = torch.randn(4, 128, dtype=torch.bfloat16)
-    want = deep_gemm.per_token_cast_to_fp8(x)
-    monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True)
-    assert library.is_compiling()
-    q, s = torch.ops.deep_gemm.per_token_cast_to_fp8(x)
-    assert torch.equal(s, want[1]) and torch.compiler._is_compiling_flag is True
-    w = deep_gemm.reference.per_block_cast_to_fp8(torch.randn(16, 128, dtype=torch.bfloat16))
-    assert torch.ops.deep_gemm.gemm_fp8_fp8_bf16_nt(q, s, *w).shape == (4, 16)

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from deep_gemm import plan, reference, utils
+import deep_gemm
+from deep_gemm import api, config, reference, utils
 
 
 def test_ceil_div():
@@ -23,8 +24,11 @@ def test_tma_aligned_size_rejects_element_size(bad):
         utils.get_tma_aligned_size(10, bad)
 
 
-def test_m_alignment_comes_from_the_planner():
-    assert utils.get_m_alignment_for_contiguous_layout() == plan.M_ALIGNMENT_CONTIGUOUS
+def test_m_alignment_comes_from_the_config():
+    assert api.get_m_alignment_for_contiguous_layout() == config.M_ALIGNMENT_CONTIGUOUS == 128
+    assert deep_gemm.get_m_alignment_for_contiguous_layout() == config.M_ALIGNMENT_CONTIGUOUS
+    # The helper moved to api.py: utils.py imports nothing of the package (tests/test_structure.py).
+    assert not hasattr(utils, "get_m_alignment_for_contiguous_layout")
 
 
 def _expected_strides(shape):
@@ -111,10 +115,10 @@ def test_num_sms(monkeypatch):
 
 def test_cast_wrappers_match_reference():
     x = torch.randn(40, 300, dtype=torch.bfloat16)
-    q, s = utils.per_token_cast_to_fp8(x)
+    q, s = deep_gemm.per_token_cast_to_fp8(x)
     rq, rs = reference.per_token_cast_to_fp8(x)
     assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)
     w = torch.randn(300, 200, dtype=torch.bfloat16)
-    q, s = utils.per_block_cast_to_fp8(w)
+    q, s = deep_gemm.per_block_cast_to_fp8(w)
     rq, rs = reference.per_block_cast_to_fp8(w)
     assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)

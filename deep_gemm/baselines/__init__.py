@@ -94,7 +94,7 @@ _chosen_form: dict = {}      # device -> (name or None, probe log lines)
 def _probe(device: torch.device):
     """Run every call form on small problems; pick the one right on the most of them."""
     from ..reference import calc_diff, dequantize_lhs, dequantize_rhs
-    from ..utils import per_block_cast_to_fp8, per_token_cast_to_fp8
+    from ..api import per_block_cast_to_fp8, per_token_cast_to_fp8
 
     gen = torch.Generator(device=device).manual_seed(1234)
     problems = []

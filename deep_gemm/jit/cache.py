@@ -1,17 +1,14 @@
-"""On-disk kernel cache: one folder per key, per-key lock, atomic writes, verified reads.
-
-Layout under ``$DG_JIT_CACHE_DIR`` (default ``~/.deep_gemm``)::
+"""On-disk kernel cache: one folder per key, per-key lock, atomic writes, verified reads. Layout under
+``$DG_JIT_CACHE_DIR`` (default ``~/.deep_gemm``)::
 
     cache/<name>-<key[:16]>/kernel.cu     the exact source compiled
     cache/<name>-<key[:16]>/kernel.cubin
     cache/<name>-<key[:16]>/meta.json     written last: a valid meta means a complete entry
     cache/<name>-<key[:16]>.lock          flock'ed while the entry is built
 
-Several processes (data-parallel ranks) start at once and ask for the same
-kernels: the first takes the lock and compiles, the rest wait, re-check and
-load. Nothing read from disk is trusted until its size, sha256 and ELF magic
-match meta.json, so a truncated or garbled entry is rebuilt, never loaded.
-"""
+When several processes (data-parallel ranks) ask for the same kernel at once, the first takes the lock and compiles,
+the rest wait, re-check and load. Nothing read from disk is trusted until its size, sha256 and ELF magic match
+meta.json, so a truncated or garbled entry is rebuilt, never loaded."""
 from __future__ import annotations
 
 import contextlib
@@ -25,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
-FORMAT = 1
+FORMAT = 2
 ELF_MAGIC = b"\x7fELF"
 SOURCE_FILE = "kernel.cu"
 CUBIN_FILE = "kernel.cubin"
@@ -46,8 +43,7 @@ def entry_dir(root: Path, name: str, key: str) -> Path:
 
 
 def load(entry: Path, key: str) -> Optional[dict]:
-    """Return meta (with the cubin under ``"cubin"``) if the entry is complete and
-    intact, else None. Never raises for a missing, unreadable or corrupt entry."""
+    """Meta (cubin under ``"cubin"``) if the entry is complete and intact, else None; never raises for a bad entry."""
     try:
         with open(entry / META_FILE, "rb") as f:
             meta = json.loads(f.read().decode())
@@ -67,11 +63,9 @@ def load(entry: Path, key: str) -> Optional[dict]:
 
 @contextlib.contextmanager
 def locked(entry: Path) -> Iterator[None]:
-    """Hold an exclusive lock for one key. Raises OSError if the cache folder
-    can't be created or the lock file can't be opened (read-only, full disk...)."""
+    """Exclusive lock for one key; OSError if the cache folder or lock file can't be made (read-only, full disk)."""
     entry.parent.mkdir(parents=True, exist_ok=True)
-    # The lock file sits beside the entry (not in it) and is never deleted:
-    # removing a lock file while another process waits on it breaks exclusion.
+    # Beside the entry and never deleted: removing a lock file while another process waits on it breaks exclusion.
     fd = os.open(str(entry) + ".lock", os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -81,8 +75,7 @@ def locked(entry: Path) -> Iterator[None]:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a unique temp name in the same folder, then rename over ``path``:
-    readers see the old file or the new one, never half of one."""
+    """Write a unique temp file in the same folder, then rename it over ``path``: readers never see half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -95,8 +88,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def write_source(entry: Path, source: str) -> Path:
-    """Put the source in the entry before compiling, so a failing compile can
-    point the user at it."""
+    """Put the source in the entry before compiling, so a failing compile can point the user at it."""
     entry.mkdir(parents=True, exist_ok=True)
     path = entry / SOURCE_FILE
     atomic_write(path, source.encode())
@@ -106,8 +98,7 @@ def write_source(entry: Path, source: str) -> Path:
 def store(entry: Path, key: str, cubin: bytes, meta: dict) -> None:
     """Write the cubin, then meta.json last (the entry's commit point)."""
     atomic_write(entry / CUBIN_FILE, cubin)
-    full = dict(meta, format=FORMAT, key=key, cubin_size=len(cubin),
-                cubin_sha256=hashlib.sha256(cubin).hexdigest())
+    full = dict(meta, format=FORMAT, key=key, cubin_size=len(cubin), cubin_sha256=hashlib.sha256(cubin).hexdigest())
     atomic_write(entry / META_FILE, json.dumps(full, indent=1, sort_keys=True).encode())
 
 
@@ -117,10 +108,9 @@ def warn_unwritable(root: Path, error: BaseException) -> None:
     if _warned_unwritable:
         return
     _warned_unwritable = True
-    warnings.warn(
-        f"deep_gemm: the JIT cache folder {root} cannot be written ({error}); kernels "
-        f"are compiled in memory and not kept. Set DG_JIT_CACHE_DIR to a writable folder.",
-        RuntimeWarning, stacklevel=3)
+    warnings.warn(f"deep_gemm: the JIT cache folder {root} cannot be written ({error}); kernels "
+                  f"are compiled in memory and not kept. Set DG_JIT_CACHE_DIR to a writable folder.",
+                  RuntimeWarning, stacklevel=3)
 
 
 def reset_warning() -> None:

@@ -1,8 +1,5 @@
-"""Generated translation units for the FP8 cast kernels (deep_gemm/kernels/cast.cuh).
-
-Everything but K, the input dtype, the access width and the kind (per-token or per-block) is a
-run-time argument, so one compiled kernel serves every M (and N, and number of groups).
-"""
+"""Generated translation units for the FP8 cast kernels (deep_gemm/kernels/cast.cuh). All but K, the input dtype,
+the access width and the kind (per-token or per-block) is a run-time argument: one kernel serves any M, N, groups."""
 from __future__ import annotations
 
 import struct
@@ -13,17 +10,15 @@ PER_BLOCK = "per_block"
 KERNEL_NAMES = {PER_TOKEN: "deep_gemm_per_token_cast", PER_BLOCK: "deep_gemm_per_block_cast"}
 DTYPES = ("bf16", "fp16", "fp32")      # cast.cuh's CAST_BF16 / CAST_FP16 / CAST_FP32, in order
 PER_TOKEN_THREADS = 256    # 32 (row, k-block) units of 8 lanes; 32 registers: full occupancy
-# Per-block holds its 128x128 block in registers (128 / (threads / 8) chunks of 16 per thread).
-# 16-bit inputs: 256 threads, 4 chunks, ~110 registers, 2 CTAs per SM. fp32 chunks are twice the
-# registers; 1024 threads of one chunk each keep 2 CTAs per SM at 32 registers.
+# Per-block holds its 128x128 block in registers, 128 / (threads / 8) chunks of 16 per thread. 16-bit inputs: 256
+# threads of 4 chunks give 2 CTAs/SM; fp32 chunks take twice the registers, so 1024 threads of 1 chunk keep 2 CTAs/SM.
 PER_BLOCK_THREADS = {"bf16": 256, "fp16": 256, "fp32": 1024}
 FP8_MAX = 448.0
 AMAX_FLOOR = 1e-4
 
 
 def f32_bits(value: float) -> str:
-    """The float32 nearest `value` as a hex bit pattern: exactly what torch converts a Python
-    scalar to, with no chance of the C++ literal parser rounding differently."""
+    """Hex bits of the float32 nearest `value` (as torch converts a Python scalar); no C++ literal rounding risk."""
     return f"0x{struct.unpack('<I', struct.pack('<f', value))[0]:08X}u"
 
 
@@ -64,18 +59,11 @@ class CastConfig:
 
 
 def cast_source(config: CastConfig) -> str:
-    # torch computes `amax / 448.0` on CUDA as amax * (1.0f / 448.0f) (a CPU-scalar divisor becomes
-    # a multiply by its fp32 reciprocal), so the kernel multiplies by the same fp32 constant.
+    # torch on CUDA computes `amax / 448.0` as amax * (1.0f / 448.0f) (scalar divisor -> fp32 reciprocal): match it.
     inv_fp8_max = _f32(_f32(1.0) / _f32(FP8_MAX))
-    constants = {
-        "CAST_K": config.k,
-        "CAST_IN_DTYPE": DTYPES.index(config.dtype),
-        "CAST_VEC": int(config.vec),
-        "CAST_PER_BLOCK": int(config.kind == PER_BLOCK),
-        "CAST_THREADS": config.num_threads,
-        "CAST_AMAX_FLOOR_BITS": f32_bits(AMAX_FLOOR),
-        "CAST_INV_FP8_MAX_BITS": f32_bits(inv_fp8_max),
-    }
+    constants = {"CAST_K": config.k, "CAST_IN_DTYPE": DTYPES.index(config.dtype), "CAST_VEC": int(config.vec),
+                 "CAST_PER_BLOCK": int(config.kind == PER_BLOCK), "CAST_THREADS": config.num_threads,
+                 "CAST_AMAX_FLOOR_BITS": f32_bits(AMAX_FLOOR), "CAST_INV_FP8_MAX_BITS": f32_bits(inv_fp8_max)}
     lines = [f"// deep_gemm cast kernel {config.name}"]
     lines += [f"#define {key} {value}" for key, value in constants.items()]
     lines.append('#include "cast.cuh"')

@@ -1,15 +1,11 @@
-"""Generated translation unit of the K-padding kernel (deep_gemm/kernels/pad.cuh).
-
-Pointers, rows and K are run-time arguments, so one compiled kernel serves every shape; only
-the CTA geometry below is fixed at compile time.
-"""
+"""Generated translation unit of the K-padding kernel (deep_gemm/kernels/pad.cuh). Pointers, rows and K are run-time
+arguments, so one compiled kernel serves every shape; only the CTA geometry below is fixed at compile time."""
 from __future__ import annotations
 
 KERNEL_NAME = "deep_gemm_pad_k16"
 NAME = "pad_k16"                # label for logs and cache folders
 THREADS = 256
-# 4 chunks of 16 bytes a thread: 16 KB a CTA, enough work to amortise the index arithmetic while
-# a 2112 x 1000 weight still spreads over more than 100 CTAs.
+# 4 16-byte chunks a thread, 16 KB a CTA: amortises the index arithmetic, yet a 2112 x 1000 weight spans 100+ CTAs.
 CHUNKS_PER_THREAD = 4
 CHUNKS_PER_CTA = THREADS * CHUNKS_PER_THREAD
 

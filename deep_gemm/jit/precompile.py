@@ -1,9 +1,5 @@
-"""precompile: build many kernels at once in a process pool, filling the disk cache.
-
-Processes rather than threads because an NVRTC compile may hold the GIL for
-its whole duration. Workers are spawned, not forked: forking a process that
-has already initialised CUDA is unsafe.
-"""
+"""precompile: build many kernels at once in a process pool, filling the disk cache. Processes, not threads: an
+NVRTC compile may hold the GIL throughout. Workers are spawned, not forked: forking after CUDA init is unsafe."""
 from __future__ import annotations
 
 import multiprocessing
@@ -26,8 +22,7 @@ def _compile_job(job: Job) -> CompiledKernel:
 def _check_jobs(jobs) -> List[Job]:
     checked = []
     for i, job in enumerate(jobs):
-        if not (isinstance(job, (tuple, list)) and len(job) == 4
-                and all(isinstance(x, str) for x in job)):
+        if not (isinstance(job, (tuple, list)) and len(job) == 4 and all(isinstance(x, str) for x in job)):
             raise TypeError(f"precompile: job {i} must be a tuple of 4 strings "
                             f"(name, source, kernel_name, arch), got {type(job).__name__}")
         checked.append(tuple(job))
@@ -55,17 +50,12 @@ class _Progress:
             sys.stderr.flush()
 
 
-def precompile(jobs: Sequence[Job], *, workers: Optional[int] = None,
-               progress: bool = True) -> List[CompiledKernel]:
-    """Compile every ``(name, source, kernel_name, arch)`` job, in parallel, and
-    return the kernels in job order.
+def precompile(jobs: Sequence[Job], *, workers: Optional[int] = None, progress: bool = True) -> List[CompiledKernel]:
+    """Compile every ``(name, source, kernel_name, arch)`` job, in parallel, and return the kernels in job order.
 
-    Identical jobs are compiled once; kernels already in the disk cache are
-    loaded without starting any worker. ``workers`` defaults to the CPU count,
-    at most 16 (each worker is a fresh Python process importing deep_gemm).
-    When some jobs fail, the others still finish (and are cached) before the
-    first failure is raised.
-    """
+    Identical jobs are compiled once; kernels already in the disk cache are loaded without starting any worker.
+    ``workers`` defaults to the CPU count, at most 16 (each worker is a fresh Python process importing deep_gemm).
+    When some jobs fail, the others still finish (and are cached) before the first failure is raised."""
     jobs = _check_jobs(jobs)
     unique = list(dict.fromkeys(jobs))
     results = {}
@@ -77,7 +67,6 @@ def precompile(jobs: Sequence[Job], *, workers: Optional[int] = None,
             results[job] = hit
         else:
             todo.append(job)
-
     bar = _Progress(len(unique), progress)
     for job in unique:
         if job in results:
@@ -109,13 +98,11 @@ def precompile(jobs: Sequence[Job], *, workers: Optional[int] = None,
                     bar.step(job[0])
     finally:
         bar.close()
-
     if errors:
         failed = [job for job in unique if job in errors]
         first = errors[failed[0]]
         names = ", ".join(job[0] for job in failed)
-        message = (f"precompile: {len(failed)} of {len(unique)} kernels failed ({names}); "
-                   f"first failure:\n{first}")
+        message = (f"precompile: {len(failed)} of {len(unique)} kernels failed ({names}); first failure:\n{first}")
         if isinstance(first, CompilationError):
             raise CompilationError(message, first.log, first.source_path) from first
         raise RuntimeError(message) from first

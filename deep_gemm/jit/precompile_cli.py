@@ -25,7 +25,8 @@ import sys
 import time
 from typing import Iterable, List, NamedTuple, Sequence
 
-from ..plan import LAYOUT_CONTIGUOUS, LAYOUT_DENSE, LAYOUT_MASKED, LAYOUT_NAMES, KernelConfig, plan_dense
+from ..config import KernelConfig, Layout
+from ..plan import plan_dense
 from .pad_source import pad_job, padded_k
 
 DEFAULT_MAX_M = 16384
@@ -59,13 +60,13 @@ class Request(NamedTuple):
 def preset_requests(name: str, max_m: int) -> List[Request]:
     every_m = range(1, max_m + 1)
     if name == "anchors":
-        return [Request(LAYOUT_DENSE, n, k, 1, ANCHOR_M) for n, k in ANCHOR_NK]
+        return [Request(Layout.DENSE, n, k, 1, ANCHOR_M) for n, k in ANCHOR_NK]
     if name == "deepseek-v3":
-        reqs = [Request(LAYOUT_DENSE, n, k, 1, every_m) for n, k in ANCHOR_NK]
+        reqs = [Request(Layout.DENSE, n, k, 1, every_m) for n, k in ANCHOR_NK]
         for g in DSV3_GROUPS:
             for n, k in DSV3_MOE_NK:
-                reqs.append(Request(LAYOUT_CONTIGUOUS, n, k, g, every_m))
-                reqs.append(Request(LAYOUT_MASKED, n, k, g,
+                reqs.append(Request(Layout.CONTIGUOUS, n, k, g, every_m))
+                reqs.append(Request(Layout.MASKED, n, k, g,
                                     range(1, min(max_m, DSV3_MASKED_EXPECTED_M) + 1)))
         return reqs
     raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
@@ -101,8 +102,8 @@ def _parse_shape(text: str, max_m: int) -> Request:
     if not m:
         raise ValueError(f"--shape must be MxNxK or NxK with positive integers, got {text!r}")
     if m.group(1):
-        return Request(LAYOUT_DENSE, int(m.group(2)), int(m.group(3)), 1, (int(m.group(1)),))
-    return Request(LAYOUT_DENSE, int(m.group(4)), int(m.group(5)), 1, range(1, max_m + 1))
+        return Request(Layout.DENSE, int(m.group(2)), int(m.group(3)), 1, (int(m.group(1)),))
+    return Request(Layout.DENSE, int(m.group(4)), int(m.group(5)), 1, range(1, max_m + 1))
 
 
 def _parse_grouped(text: str, max_m: int) -> Request:
@@ -110,7 +111,7 @@ def _parse_grouped(text: str, max_m: int) -> Request:
     if not m or (m.group(1) == "contiguous" and m.group(5)):
         raise ValueError(f"--grouped must be contiguous:G:NxK or masked:G:NxK[:expected_m] with "
                          f"positive integers, got {text!r}")
-    layout = LAYOUT_CONTIGUOUS if m.group(1) == "contiguous" else LAYOUT_MASKED
+    layout = Layout.CONTIGUOUS if m.group(1) == "contiguous" else Layout.MASKED
     ms = (int(m.group(5)),) if m.group(5) else range(1, max_m + 1)
     return Request(layout, int(m.group(3)), int(m.group(4)), int(m.group(2)), ms)
 
@@ -232,11 +233,11 @@ def main(argv: Sequence[str] = ()) -> int:
         print(f"precompile: error: {e}", file=sys.stderr)
         return 2
 
-    from .kernel_source import GEMM_KERNEL_NAME, gemm_source
+    from .kernel_source import gemm_job
     t0 = time.perf_counter()
     configs = plan_all(requests, args.num_sms)
     plan_s = time.perf_counter() - t0
-    jobs = [(c.name, gemm_source(c), GEMM_KERNEL_NAME, arch) for c in configs]
+    jobs = [gemm_job(c, arch) for c in configs]
     owners: list = list(configs)
     if any(r.k % 16 for r in requests):   # such calls pad A and B along K first (ops/pad.py)
         owners.append(None)

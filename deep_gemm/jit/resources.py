@@ -1,6 +1,5 @@
-"""Read ptxas' ``-v`` report: registers, spills, stack and static shared memory.
-
-NVRTC (``--ptxas-options=-v``) and nvcc (``-Xptxas -v``) print the same report,
+"""Read ptxas' ``-v`` report (registers, spills, stack, static shared memory), which CI uses to catch spills and
+ignored ``setmaxnreg`` without a GPU. NVRTC (``--ptxas-options=-v``) and nvcc (``-Xptxas -v``) print the same report,
 one block per entry function::
 
     ptxas info    : (C7508) Potential Performance Loss: 'setmaxnreg' ignored; ...
@@ -8,8 +7,6 @@ one block per entry function::
     ptxas info    : Function properties for k
     ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
     ptxas info    : Used 168 registers, used 0 barriers, 8 bytes smem
-
-CI reads these numbers to catch spills and ignored ``setmaxnreg`` without a GPU.
 """
 from __future__ import annotations
 
@@ -19,24 +16,18 @@ from typing import Optional
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)'")
 _PROPERTIES = re.compile(r"Function properties for (\S+)")
-_FRAME = re.compile(
-    r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGISTERS = re.compile(r"Used (\d+) registers")
 _SHARED = re.compile(r"(\d+) bytes smem")
-# ptxas reports some performance problems as "info" with a code, e.g. C7508
-# ("'setmaxnreg' ignored"), so a code in parentheses counts as a warning too.
+# Some performance problems come as "info" with a code in parentheses (C7508: setmaxnreg ignored): warnings too.
 _WARNING = re.compile(r"warning|\(C\d{4}\)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class KernelResources:
-    """What ptxas reported for one kernel.
-
-    ``shared_bytes`` is static shared memory only; the GEMM's tile ring is
-    dynamic shared memory, sized at launch. ``warnings`` holds every warning
-    line of the whole compiler log (ptxas does not say which function a
-    warning such as C7508 belongs to).
-    """
+    """What ptxas reported for one kernel. ``shared_bytes`` is static shared memory only (the GEMM's tile ring is
+    dynamic, sized at launch). ``warnings`` holds every warning line of the whole compiler log (ptxas does not say
+    which function a warning such as C7508 belongs to)."""
     registers: int
     spill_store_bytes: int
     spill_load_bytes: int
@@ -50,14 +41,12 @@ class KernelResources:
 
     @property
     def wgmma_serialized(self) -> bool:
-        """True if ptxas serialised the kernel's wgmmas (C7514: it found registers of an
-        in-flight wgmma read too early and waits after every wgmma instead)."""
+        """True if ptxas serialised the wgmmas (C7514: registers of an in-flight wgmma read too early)."""
         return any("C7514" in line for line in self.warnings)
 
     @property
     def setmaxnreg_ignored(self) -> bool:
-        """True if ptxas dropped ``setmaxnreg`` (C7508): the register split between
-        producer and consumer warpgroups silently did not happen."""
+        """True if ptxas dropped ``setmaxnreg`` (C7508): the producer/consumer register split silently didn't happen."""
         return any("C7508" in line for line in self.warnings)
 
     def to_dict(self) -> dict:
@@ -77,8 +66,7 @@ class KernelResources:
 
 
 def parse_ptxas_report(log: str, kernel_name: str) -> Optional[KernelResources]:
-    """Return the resources of entry function ``kernel_name``, or None when the
-    log has no report for it (wrong symbol name, or no ``-v``)."""
+    """The resources of entry function ``kernel_name``, or None if the log has no report for it (wrong name, no -v)."""
     lines = log.splitlines()
     start = None
     for i, line in enumerate(lines):
@@ -94,13 +82,11 @@ def parse_ptxas_report(log: str, kernel_name: str) -> Optional[KernelResources]:
             end = i
             break
     block = lines[start:end]
-
     registers = shared = None
     frame = None
     for i, line in enumerate(block):
         m = _PROPERTIES.search(line)
-        # Non-inlined device functions get their own "Function properties"
-        # block inside the entry's section; only the entry's own counts here.
+        # Non-inlined device functions get their own "Function properties" block here; only the entry's counts.
         if m and m.group(1) == kernel_name and frame is None:
             for follow in block[i + 1:i + 3]:
                 f = _FRAME.search(follow)
@@ -117,6 +103,5 @@ def parse_ptxas_report(log: str, kernel_name: str) -> Optional[KernelResources]:
         return None
     stack, spill_st, spill_ld = frame if frame is not None else (0, 0, 0)
     warnings = tuple(line.strip() for line in lines if _WARNING.search(line))
-    return KernelResources(registers=registers, spill_store_bytes=spill_st,
-                           spill_load_bytes=spill_ld, stack_bytes=stack,
-                           shared_bytes=shared, warnings=warnings)
+    return KernelResources(registers=registers, spill_store_bytes=spill_st, spill_load_bytes=spill_ld,
+                           stack_bytes=stack, shared_bytes=shared, warnings=warnings)

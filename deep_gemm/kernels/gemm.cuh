@@ -1,892 +1,665 @@
-// The FP8 GEMM: out[m, n] = sum_k A[m, k] B[n, k] sa[m, k/128] sb[n/128, k/128].
-//
-// Persistent and warp-specialised.  Warpgroup 0 produces: one thread issues
-// TMA loads of A, B and A's scales into a NUM_STAGES ring of shared memory,
-// STAGE_K_BLOCKS 128-K blocks a stage (with SA_LOADER_WARP, a second warp
-// copies A's scales: see load_a_scales).
-// Warpgroups 1..BLOCK_M/64 consume (two for BLOCK_M = 256, each taking two
-// 64-row slices in turn): each multiplies 64 rows of the tile with wgmma (fp8
-// in, fp32 out) one 128-K block at a time, then promotes the block's result
-// into fp32 accumulators with both scales applied ("promotion every 128 K").
-// The epilogue writes bf16 through shared memory and a TMA store that overlaps
-// the next tile's main loop.
-//
-// Split-K (SPLIT_K > 1: at most that many splits per tile): the tiles of the
-// last, partial wave are split into units over disjoint ranges of K blocks, so
-// that wave keeps every SM busy (scheduler.cuh says how many splits; with fewer
-// tiles than SMs, as in decode, every tile is split). Units are scheduled like
-// tiles (no cluster: clusters of 4 do not all fit on the GPU at once, and their
-// launch alone cost ~1.2 us). Every unit writes its fp32 partial tile to a
-// global workspace and counts itself in the tile's arrival counter; the last
-// to arrive sums the partials in split order (so results are deterministic),
-// stores the tile and resets the counter to zero.
-//
-// Compile-time constants (SHAPE_N, SHAPE_K, BLOCK_M, BLOCK_N, BLOCK_K,
-// NUM_STAGES, STAGE_K_BLOCKS, LAYOUT, NUM_GROUPS, RASTER_GROUP, CLUSTER_N, SPLIT_K,
-// PIPELINE_PROMOTION, PIPELINE_HALVES, STREAM_B, SA_LOADER_WARP, FIXED_SCALE_SPLIT, STORE_CHUNK_COLS)
-// and the function `wgmma_m64k32` (for BLOCK_N columns, and with PIPELINE_HALVES also for
-// BLOCK_N / 2) are defined by the generated source before
-// this header is included (see deep_gemm/jit/kernel_source.py).
+// The FP8 GEMM, D[m, n] = sum_k A[m, k] B[n, k] sa[m, k / 128] sb[n / 128, k / 128], every layout:
+// one persistent, warp-specialised kernel over a GemmConfig, in roles: Scheduler (work units),
+// Producer (TMA into a ring of stages), Fp8Math (wgmma, promotion with both scales), Bf16Epilogue
+// (stores, split-K). Math and epilogue are policies: a new GEMM kind is a new policy class.
 #pragma once
 #include "ptx.cuh"
 #include "scheduler.cuh"
+#include "wgmma.cuh"
 
-namespace gemm {
+namespace deep_gemm {
 
-// BLOCK_M = 256: still two math warpgroups, each covering two 64-row slices of the
-// tile ("waves", rows wave * 128 + wg * 64 ..) one after the other with the same
-// B tile in shared memory, so every byte of B read from L2 serves twice the rows.
-constexpr int kNumMathWarpgroups = BLOCK_M == 64 ? 1 : 2;
-constexpr int kMWaves = BLOCK_M / (64 * kNumMathWarpgroups);
-constexpr int kNumThreads = 128 * (1 + kNumMathWarpgroups);
-constexpr int kNumKBlocks = (SHAPE_K + BLOCK_K - 1) / BLOCK_K;
-constexpr int kAccRegs = BLOCK_N / 2;                  // fp32 accumulators per thread
-constexpr int kTileBytesA = BLOCK_M * BLOCK_K;         // fp8, one K block ("slot" of a stage)
-constexpr int kTileBytesB = BLOCK_N * BLOCK_K;
-// A stage holds kStageKBlocks K blocks of A, B and A's scales, each operand's blocks one
-// after the other, and is filled by one TMA load per operand: on narrow decode tiles each
-// TMA operation per stage costs time (docs/perf-notes.md, sections 22-23 and 25). With
-// more than one block a stage, A and B are read through 3-D tensor maps [K / 128][rows][128]
-// (K a multiple of 128), whose box of kStageKBlocks blocks lands as consecutive slots.
-constexpr int kStageKBlocks = STAGE_K_BLOCKS;
-constexpr int kStageBytesA = kStageKBlocks * kTileBytesA;
-constexpr int kStageBytesB = kStageKBlocks * kTileBytesB;
-constexpr int kStageScales = kStageKBlocks * BLOCK_M;  // floats
-// What a stage's TMA loads bring: A's box of rows_a rows a K block (BLOCK_M, or fewer on
-// a dense M's last, partial block: see produce), B and (unless the loader warp copies them)
-// A's scales, rounded up to 16 bytes as their box is. Boxes past K count in full.
-DG_DEVICE uint32_t stage_tma_bytes(int32_t rows_a) {
-    return kStageKBlocks * (rows_a * BLOCK_K + kTileBytesB + (SA_LOADER_WARP ? 0 : (rows_a + 3) / 4 * 16));
-}
-// The loader warp's share: BLOCK_M floats in 16-byte cp.async pieces, at most two per lane.
-constexpr int kScalePieces = BLOCK_M / 4;
-constexpr int kScaleLanes = kScalePieces < 32 ? kScalePieces : 32;
-// A stage is full once the TMA thread's arrive (with its bytes) and, with the loader warp,
-// every scale lane's cp.async arrive have landed.
-constexpr uint32_t kFullArrivals = SA_LOADER_WARP ? 1 + kScaleLanes : 1;
-constexpr int kOutChunkBytesPerRow = STORE_CHUNK_COLS * 2;
-constexpr int kNumOutChunks = BLOCK_N / STORE_CHUNK_COLS;
-constexpr int kTileBytesOut = BLOCK_M * BLOCK_N * 2;
-constexpr int kNumMathThreads = 128 * kNumMathWarpgroups;
-// Named barriers: 0 is __syncthreads, 1 + warpgroup is store_tile's, and this
-// one spans all math threads (split-K's reduction).
-constexpr uint32_t kSplitKBarrier = 3;
-// A tile spans at most two 128-column scale blocks of B (the planner keeps
-// BLOCK_N <= 128 + gcd(BLOCK_N, 128)); when BLOCK_N divides 128 it spans one.
-constexpr bool kOneScaleB = (128 % BLOCK_N) == 0;
-constexpr int kNumScaleBRows = (SHAPE_N + 127) / 128;
-
-// Where B's second scale block starts in a tile: column split = min(128 - n0 % 128, BLOCK_N),
-// n0 = n_block * BLOCK_N. n0 % 128 is a multiple of g = gcd(BLOCK_N, 128), so split takes one
-// of a few values: 2 for BLOCK_N = 192, 4 for 160, 3 for 96, 8 for 144. With the split known
-// only at run time, promotion picks the scale of every 8-column group per K block (a compare, a
-// select and two multiplies per group: about 100 of the ~200 instructions per K block and warp
-// of a 192-column tile, SASS). FIXED_SCALE_SPLIT compiles the main loop once per value instead,
-// and each tile runs the copy of its own split.
-__host__ __device__ constexpr int32_t gcd_int(int32_t a, int32_t b) { return b == 0 ? a : gcd_int(b, a % b); }
-constexpr int32_t kScaleSplitStep = gcd_int(BLOCK_N, 128);
-// Cases c = kFirstSplitCase .. 128 / g - 1 have n0 % 128 = c * g; below the first, split = BLOCK_N
-// as in the first (a narrow tile that ends inside its scale block has one scale).
-constexpr int32_t kFirstSplitCase = BLOCK_N >= 128 ? 0 : (128 - BLOCK_N + kScaleSplitStep - 1) / kScaleSplitStep;
-constexpr int32_t kNumSplitCases = kOneScaleB ? 1 : 128 / kScaleSplitStep - kFirstSplitCase;
-constexpr bool kFixedScaleSplit = FIXED_SCALE_SPLIT && !kOneScaleB;
-__host__ __device__ constexpr int32_t split_case_value(int32_t c) {
-    const int32_t room = 128 - (kFirstSplitCase + c) * kScaleSplitStep;  // columns left in the scale block
-    return room < BLOCK_N ? room : BLOCK_N;
-}
-// Every N block's split is one of the cases (n0 % 128 repeats within 128 N blocks): the last
-// case of with_fixed_split takes whatever the others did not, without comparing.
-__host__ __device__ constexpr bool split_cases_cover_every_tile() {
-    for (int32_t j = 0; j < 128; ++j) {
-        const int32_t room = 128 - j * BLOCK_N % 128;
-        const int32_t split = room < BLOCK_N ? room : BLOCK_N;
-        bool found = false;
-        for (int32_t c = 0; c < kNumSplitCases; ++c) found = found || split_case_value(c) == split;
-        if (!found) return false;
-    }
-    return true;
-}
-static_assert(kOneScaleB || split_cases_cover_every_tile(), "a tile's scale split has no main loop");
-// Calls f(IntConstant<split>) with the tile's run-time split as a compile-time value.
-template <int32_t kCase, typename F>
-DG_DEVICE void with_fixed_split(int32_t split, F& f) {
-    constexpr int32_t kValue = split_case_value(kCase);
-    if constexpr (kCase + 1 >= kNumSplitCases) {
-        f(ptx::IntConstant<kValue>());
-    } else if (split == kValue) {
-        f(ptx::IntConstant<kValue>());
-    } else {
-        with_fixed_split<kCase + 1>(split, f);
-    }
-}
-
-// Registers: the producer needs few; the consumers hold two fp32 tiles, or
-// three when promotion is pipelined (a second wgmma result tile in flight
-// while the first is promoted), which fits up to BLOCK_N = 128.
-constexpr bool kPipelinePromotion = PIPELINE_PROMOTION;
-// PIPELINE_HALVES: each K block's wgmmas run as two N halves, each into its own register tile
-// of BLOCK_N / 4 registers, and the tensor cores work on one half while the other is promoted.
-// Pipelined at the registers of the unpipelined loop (acc plus one block's results), so tiles
-// wider than 128 columns pipeline too.
-constexpr bool kPipelineHalves = PIPELINE_HALVES;
-constexpr uint32_t kProducerRegs = 40;
-constexpr uint32_t kConsumerRegs = kNumMathWarpgroups == 2 ? 232 : 248;
-
-static_assert(BLOCK_M == 64 || BLOCK_M == 128 || BLOCK_M == 256, "BLOCK_M must be 64, 128 or 256");
-// Two waves hold two fp32 result tiles plus the wgmma tile: no room for pipelining,
-// and the split-K and multicast paths are written for one wave. Grouped layouts
-// assign groups per 128 rows (contiguous) or need row-exact stores (masked).
-static_assert(!PIPELINE_HALVES || kMWaves == 1, "pipelined halves are written for one wave");
-static_assert(kMWaves == 1 || (!PIPELINE_PROMOTION && SPLIT_K == 1 && CLUSTER_N == 1 && LAYOUT == kDense),
-              "BLOCK_M = 256 runs dense GEMMs only, unpipelined, unsplit, without clusters");
-static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "BLOCK_N must be a multiple of 16 up to 256");
-static_assert(BLOCK_K == 128, "one 128-byte swizzled row per K block");
-static_assert(BLOCK_N % STORE_CHUNK_COLS == 0, "store chunks must tile BLOCK_N");
-
-static_assert(CLUSTER_N == 1 || CLUSTER_N == 2, "clusters of one or two blocks");
-static_assert(SPLIT_K == 1 || CLUSTER_N == 1, "split-K and multicast clusters are exclusive");
-// The loader warp with a cluster of two hung on the GPU (64x2112x7168, 16-column tiles; cause
-// not found, docs/perf-notes.md, section 24); the planner never combines them.
-static_assert(!SA_LOADER_WARP || CLUSTER_N == 1, "the A-scale loader warp runs without clusters only");
-// A multicast half-box of several K blocks would land as [blocks][half rows], not in the slots.
-static_assert(kStageKBlocks == 1 || (SHAPE_K % BLOCK_K == 0 && CLUSTER_N == 1),
-              "several K blocks a stage need K % 128 == 0 and no cluster");
-
-// With CLUSTER_N == 2 the two blocks of a cluster compute neighbouring N tiles
-// of one M block: each loads half of the A tile and multicasts it to both, so
-// every empty-barrier release must reach both producers.
-constexpr int kRowsLoadedA = BLOCK_M / CLUSTER_N;
-constexpr uint32_t kEmptyArrivals = kNumMathWarpgroups * 4 * CLUSTER_N;
-
-using Scheduler = TileScheduler<LAYOUT, BLOCK_M, BLOCK_N, SHAPE_N, NUM_GROUPS, RASTER_GROUP, CLUSTER_N, SPLIT_K>;
-
-// K blocks [begin, end) of a unit of work (all of K for a whole tile).
-DG_DEVICE int32_t k_block_begin(const Tile& t) { return SPLIT_K == 1 ? 0 : t.split * kNumKBlocks / t.num_splits; }
-DG_DEVICE int32_t k_block_end(const Tile& t) {
-    return SPLIT_K == 1 ? kNumKBlocks : (t.split + 1) * kNumKBlocks / t.num_splits;
-}
-
-// A's scales are [KB][aligned rows] per group (see runtime/kernels.py for the 2-D view): a
-// tile's first scale row, and the view's row of K block 0 of the tile's group.
-DG_DEVICE int32_t a_scale_row(const Tile& t) { return LAYOUT == kMasked ? t.m_block * BLOCK_M : t.row_begin; }
-DG_DEVICE int32_t a_scale_kb_base(const Tile& t) { return LAYOUT == kMasked ? t.group * kNumKBlocks : 0; }
-
-// Byte offset of (row, 16-byte column chunk) inside one output chunk buffer,
-// with the swizzle TMA applies for rows of kOutChunkBytesPerRow bytes: the
-// 16-byte unit index is XORed with the row's position in its 8-row group
-// (bits [4, 7) ^= bits [7, 10) of the offset, masked to the row width).
-DG_DEVICE uint32_t out_swizzled_offset(uint32_t row, uint32_t col16) {
-    constexpr uint32_t kUnitsPerRow = kOutChunkBytesPerRow / 16;
-    const uint32_t offset = row * kOutChunkBytesPerRow + col16 * 16;
-    return offset ^ (((offset >> 7) & (kUnitsPerRow - 1)) << 4);
-}
-
-// Shared memory: [out tile][A ring][B ring][A-scale ring][full barriers][empty barriers]
-// [split-K: the "last unit of its tile" flag].
-// Stage addresses are computed, not stored in arrays: a run-time index into a
-// pointer array would put it in local memory.
-struct SharedStorage {
-    uint8_t* out;  // kNumOutChunks x [BLOCK_M][STORE_CHUNK_COLS] bf16, swizzled
-    uint8_t* ring_a;
-    uint8_t* ring_b;
-    float* ring_sa;
-    uint64_t* full;
-    uint64_t* empty;
-    int32_t* last_unit;  // split-K: thread 0's verdict, read by every math thread
-
-    DG_DEVICE explicit SharedStorage(uint8_t* raw) {
-        // 128-byte swizzle works on absolute address bits: 1024-byte align.
-        out = reinterpret_cast<uint8_t*>((reinterpret_cast<uint64_t>(raw) + 1023) & ~uint64_t(1023));
-        ring_a = out + kTileBytesOut;
-        ring_b = ring_a + NUM_STAGES * kStageBytesA;
-        ring_sa = reinterpret_cast<float*>(ring_b + NUM_STAGES * kStageBytesB);
-        full = reinterpret_cast<uint64_t*>(ring_sa + NUM_STAGES * kStageScales);
-        empty = full + NUM_STAGES;
-        last_unit = reinterpret_cast<int32_t*>(empty + NUM_STAGES);
-    }
-    DG_DEVICE uint8_t* a(int32_t stage) const { return ring_a + stage * kStageBytesA; }
-    DG_DEVICE uint8_t* b(int32_t stage) const { return ring_b + stage * kStageBytesB; }
-    DG_DEVICE float* sa(int32_t stage) const { return ring_sa + stage * kStageScales; }
+// Every compile-time choice of a kernel; deep_gemm/config.py's KernelConfig lists the same fields
+// in the same order. M is always a run-time value.
+template <int kShapeN_, int kShapeK_, int kBlockM_, int kBlockN_, int kNumStages_, int kStageKBlocks_, int kLayout_,
+          int kNumGroups_, int kRasterGroup_, int kSplitK_, bool kPipelined_, bool kStreamB_, bool kScaleLoaderWarp_>
+struct GemmConfig {
+    static constexpr int kShapeN = kShapeN_, kShapeK = kShapeK_, kBlockM = kBlockM_, kBlockN = kBlockN_;
+    static constexpr int kBlockK = 128;  // one scale block of K: one 128-byte swizzled fp8 row
+    static constexpr int kNumStages = kNumStages_;
+    static constexpr int kStageKBlocks = kStageKBlocks_;  // K blocks a stage, one TMA load per operand
+    static constexpr int kLayout = kLayout_, kNumGroups = kNumGroups_;
+    static constexpr int kRasterGroup = kRasterGroup_;  // M blocks of a rasterisation band
+    static constexpr int kSplitK = kSplitK_;            // > 1: the last wave's tiles may be split over K
+    static constexpr bool kPipelined = kPipelined_;     // block k + 1's wgmmas run while block k is promoted
+    static constexpr bool kStreamB = kStreamB_;         // B is read once: its L2 lines are evicted first
+    static constexpr bool kScaleLoaderWarp = kScaleLoaderWarp_;  // A's scales copied by a warp, not TMA
+    // BLOCK_M = 256: each math warpgroup covers two 64-row slices ("waves") on one B tile.
+    static constexpr int kNumMathWarpgroups = kBlockM == 64 ? 1 : 2;
+    static constexpr int kMWaves = kBlockM / (64 * kNumMathWarpgroups);
+    static constexpr int kNumMathThreads = 128 * kNumMathWarpgroups;
+    static constexpr int kNumThreads = 128 + kNumMathThreads;
+    static constexpr int kNumKBlocks = (kShapeK + kBlockK - 1) / kBlockK;
+    static constexpr int kAccRegs = kBlockN / 2;  // fp32 accumulators per thread and wave
+    static constexpr int kTileBytesA = kBlockM * kBlockK, kTileBytesB = kBlockN * kBlockK;  // fp8, one K block
+    static constexpr int kStageBytesA = kStageKBlocks * kTileBytesA, kStageBytesB = kStageKBlocks * kTileBytesB;
+    static constexpr int kStageScales = kStageKBlocks * kBlockM;  // floats
+    static constexpr int kStoreChunkCols = kBlockN % 64 == 0 ? 64 : kBlockN % 32 == 0 ? 32 : 16;
+    static constexpr int kTileBytesOut = kBlockM * kBlockN * 2;
+    // A tile spans at most two 128-column scale blocks of B; when BLOCK_N divides 128, one.
+    static constexpr bool kOneScaleB = 128 % kBlockN == 0;
+    static constexpr int kNumScaleBRows = (kShapeN + 127) / 128;
+    // The loader warp's share: BLOCK_M floats in 16-byte cp.async pieces, at most two per lane.
+    static constexpr int kScalePieces = kBlockM / 4;
+    static constexpr int kScaleLanes = kScalePieces < 32 ? kScalePieces : 32;
+    // Full: the TMA thread's arrive (with its bytes) and each loader lane's; empty: one arrive per
+    // math warp (per math thread with the loader warp: KLoop::release).
+    static constexpr uint32_t kFullArrivals = kScaleLoaderWarp ? 1 + kScaleLanes : 1;
+    static constexpr uint32_t kEmptyArrivals = kScaleLoaderWarp ? kNumMathThreads : kNumMathWarpgroups * 4;
+    // Registers: the producer needs few; the math threads hold the accumulators and one or two tiles.
+    static constexpr uint32_t kProducerRegs = 40;
+    static constexpr uint32_t kMathRegs = kNumMathWarpgroups == 2 ? 232 : 248;
+    static_assert(kBlockM == 64 || kBlockM == 128 || kBlockM == 256, "BLOCK_M must be 64, 128 or 256");
+    static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "BLOCK_N must be a multiple of 16 up to 256");
+    static_assert(kBlockN <= 128 + (kBlockN & -kBlockN), "a tile may span at most two scale blocks of B");
+    static_assert(!kPipelined || kBlockN <= 128, "three fp32 register tiles fit up to BLOCK_N = 128");
+    static_assert(kMWaves == 1 || (!kPipelined && kSplitK == 1 && kLayout == kDense),
+                  "BLOCK_M = 256 runs dense GEMMs only, unpipelined and unsplit");
+    static_assert(kStageKBlocks == 1 || kShapeK % kBlockK == 0, "several K blocks a stage need K % 128 == 0");
 };
 
-// Position in the ring: stage index, the parity of its current fill and, for the
-// consumers, the K block inside the stage. A tile's K blocks fill its stages from slot 0,
-// so its last stage may be partly used; the next tile starts a new stage.
+// The kernel's one parameter; deep_gemm/config.py's GEMM_PARAMS describes it (the generated source
+// checks every offset). Tensor maps are passed by value (grid constants).
+struct GemmParams {
+    TmaDescriptor tma_a, tma_b, tma_sa, tma_out;  // A, B, A's scales, D
+    TmaDescriptor tma_a_tail, tma_sa_tail;        // A and its scales for a partial last M block
+    const float* sa;                              // A's scales (read by the loader warp)
+    const float* sb;                              // B's scales, [G][N / 128][K / 128]
+    uint8_t* out;                                 // D, for stores that TMA cannot make
+    int32_t out_ld_bytes, shape_m, sa_rows, sa_ld, a_tail_rows;
+    const int32_t* group_info;                    // m_indices (contiguous) or masked_m (masked)
+    float* workspace;                             // split-K: one fp32 partial tile per block
+    int32_t* tile_counters;                       // split-K: arrivals per split tile
+};
+
+// K blocks [begin, end) of a unit of work (all of K for a whole tile).
+template <class C>
+DG_DEVICE int32_t k_block_begin(const Tile& t) { return C::kSplitK == 1 ? 0 : t.split * C::kNumKBlocks / t.num_splits; }
+template <class C>
+DG_DEVICE int32_t k_block_end(const Tile& t) {
+    return C::kSplitK == 1 ? C::kNumKBlocks : (t.split + 1) * C::kNumKBlocks / t.num_splits;
+}
+
+// A dense M's partial last block loads A and its scales through boxes of p.a_tail_rows rows (full
+// boxes zero-filled past M cost time); rows past them only feed output rows that are not stored.
+template <class C>
+DG_DEVICE bool is_tail_tile(const Tile& t, const GemmParams& p) {
+    return C::kLayout == kDense && p.a_tail_rows > 0 && t.row_begin + C::kBlockM > p.shape_m;
+}
+
+// Shared memory: [D tile][A ring][B ring][A-scale ring][full barriers][empty barriers][split-K
+// flag]. Stage addresses are computed: a run-time index into a pointer array would be local memory.
+template <class C>
+struct SharedStorage {
+    uint8_t *out, *ring_a, *ring_b;  // out: kBlockN / kStoreChunkCols x [BLOCK_M][kStoreChunkCols] bf16
+    float* ring_sa;
+    uint64_t *full, *empty;
+    int32_t* last_unit;  // split-K: thread 0's verdict, read by every math thread
+    DG_DEVICE explicit SharedStorage(uint8_t* raw) {
+        // The 128-byte swizzle works on absolute address bits: 1024-byte alignment.
+        out = reinterpret_cast<uint8_t*>((reinterpret_cast<uint64_t>(raw) + 1023) & ~uint64_t(1023));
+        ring_a = out + C::kTileBytesOut;
+        ring_b = ring_a + C::kNumStages * C::kStageBytesA;
+        ring_sa = reinterpret_cast<float*>(ring_b + C::kNumStages * C::kStageBytesB);
+        full = reinterpret_cast<uint64_t*>(ring_sa + C::kNumStages * C::kStageScales);
+        empty = full + C::kNumStages;
+        last_unit = reinterpret_cast<int32_t*>(empty + C::kNumStages);
+    }
+    DG_DEVICE uint8_t* a(int32_t stage) const { return ring_a + stage * C::kStageBytesA; }
+    DG_DEVICE uint8_t* b(int32_t stage) const { return ring_b + stage * C::kStageBytesB; }
+    DG_DEVICE float* sa(int32_t stage) const { return ring_sa + stage * C::kStageScales; }
+};
+
+// Position in the ring: stage, the parity of its fill and (math role) the K block in the stage. A
+// tile's K blocks fill its stages from slot 0; the next tile starts a new stage.
+template <class C>
 struct RingCursor {
     int32_t stage = 0;
     uint32_t phase = 0;
     int32_t slot = 0;
     DG_DEVICE void advance() {
-        if (++stage == NUM_STAGES) {
-            stage = 0;
-            phase ^= 1;
-        }
+        if (++stage == C::kNumStages) stage = 0, phase ^= 1;
     }
     DG_DEVICE void advance_k_block() {
-        if (kStageKBlocks == 1) {  // (touching `slot` here changed ptxas' schedule of the main loop)
+        if (C::kStageKBlocks == 1) {  // (touching `slot` here changed ptxas' schedule of the main loop)
             advance();
-        } else if (++slot == kStageKBlocks) {
-            slot = 0;
-            advance();
+        } else if (++slot == C::kStageKBlocks) {
+            slot = 0, advance();
         }
     }
     DG_DEVICE void end_tile() {
-        if (kStageKBlocks > 1 && slot != 0) {
-            slot = 0;
-            advance();
+        if (C::kStageKBlocks > 1 && slot != 0) slot = 0, advance();
+    }
+};
+
+// ---- producer -------------------------------------------------------------------------------------
+template <class C>
+struct Producer {
+    // Bytes a stage's TMA loads bring (A's box of rows_a rows, B, A's scales in 16-byte boxes).
+    static DG_DEVICE uint32_t stage_bytes(int32_t rows_a) {
+        return C::kStageKBlocks *
+               (rows_a * C::kBlockK + C::kTileBytesB + (C::kScaleLoaderWarp ? 0 : (rows_a + 3) / 4 * 16));
+    }
+    // One stage's K blocks of a K-major operand from `row` on: a 2-D box, or a 3-D box over the view
+    // [K / 128][rows][128] with several blocks a stage; kHinted: under the L2 cache policy `policy`.
+    template <bool kHinted = false>
+    static DG_DEVICE void load_k_blocks(void* dst, const TmaDescriptor* map, uint64_t* bar, int32_t kb, int32_t row,
+                                        uint64_t policy = 0) {
+        if (C::kStageKBlocks == 1) {
+            if (kHinted) ptx::tma_load_2d_hinted(dst, map, bar, kb * C::kBlockK, row, policy);
+            else ptx::tma_load_2d(dst, map, bar, kb * C::kBlockK, row);
+        } else {
+            if (kHinted) ptx::tma_load_3d_hinted(dst, map, bar, 0, row, kb, policy);
+            else ptx::tma_load_3d(dst, map, bar, 0, row, kb);
+        }
+    }
+    // The TMA thread: for every unit of work, every stage of its K blocks.
+    static DG_DEVICE void load_tiles(const GemmParams& p, SharedStorage<C>& smem) {
+        Scheduler<C> scheduler(p.shape_m, p.group_info);
+        RingCursor<C> ring;
+        Tile tile;
+        const uint64_t b_policy = C::kStreamB ? ptx::l2_evict_first_policy() : 0;
+        while (scheduler.next(tile)) {
+            const bool tail = is_tail_tile<C>(tile, p);
+            const TmaDescriptor* map_a = tail ? &p.tma_a_tail : &p.tma_a;
+            const TmaDescriptor* map_sa = tail ? &p.tma_sa_tail : &p.tma_sa;
+            const uint32_t bytes = stage_bytes(tail ? p.a_tail_rows : C::kBlockM);
+            const int32_t b_row = tile.group * C::kShapeN + tile.n_block * C::kBlockN;
+            const int32_t sa_row = C::kLayout == kMasked ? tile.m_block * C::kBlockM : tile.row_begin;
+            const int32_t sa_kb_base = C::kLayout == kMasked ? tile.group * C::kNumKBlocks : 0;
+            // Not unrolled: the producer runs on few registers and gains nothing from it.
+            const int32_t kb_end = ptx::opaque(k_block_end<C>(tile));
+#pragma unroll 1
+            for (int32_t kb = k_block_begin<C>(tile); kb < kb_end; kb += C::kStageKBlocks) {
+                // First pass over the ring: the parity trick makes this wait return at once.
+                ptx::mbarrier_wait(&smem.empty[ring.stage], ring.phase ^ 1);
+                uint64_t* full = &smem.full[ring.stage];
+                ptx::mbarrier_arrive_expect_tx(full, bytes);
+                load_k_blocks(smem.a(ring.stage), map_a, full, kb, tile.row_begin);
+                if (!C::kScaleLoaderWarp) ptx::tma_load_2d(smem.sa(ring.stage), map_sa, full, sa_row, sa_kb_base + kb);
+                load_k_blocks<C::kStreamB>(smem.b(ring.stage), &p.tma_b, full, kb, b_row, b_policy);
+                ring.advance();
+            }
+        }
+    }
+    // The loader warp: A's scales by cp.async, sparing the TMA thread a third operation per stage
+    // (its pace on the narrowest tiles). p.sa: [groups x K blocks][p.sa_ld] floats, zeros from
+    // p.sa_rows on (as a TMA box).
+    static DG_DEVICE void load_a_scales(const GemmParams& p, SharedStorage<C>& smem) {
+        const int32_t lane = ptx::lane_index();
+        if (lane >= C::kScaleLanes) return;
+        Scheduler<C> scheduler(p.shape_m, p.group_info);
+        RingCursor<C> ring;
+        Tile tile;
+        while (scheduler.next(tile)) {
+            const int32_t row0 = C::kLayout == kMasked ? tile.m_block * C::kBlockM : tile.row_begin;
+            const float* kb_row = p.sa + int64_t(C::kLayout == kMasked ? tile.group * C::kNumKBlocks : 0) * p.sa_ld;
+            const int32_t kb_end = ptx::opaque(k_block_end<C>(tile));
+#pragma unroll 1
+            for (int32_t kb = k_block_begin<C>(tile); kb < kb_end; kb += C::kStageKBlocks) {
+                ptx::mbarrier_wait(&smem.empty[ring.stage], ring.phase ^ 1);
+#pragma unroll
+                for (int32_t slot = 0; slot < C::kStageKBlocks; ++slot) {
+                    // A stage's blocks past K (an odd number of K blocks) read as zeros.
+                    const bool in_k = C::kStageKBlocks == 1 || kb + slot < C::kNumKBlocks;
+#pragma unroll
+                    for (int32_t piece = lane; piece < C::kScalePieces; piece += C::kScaleLanes) {
+                        const int32_t row = row0 + piece * 4;
+                        const int32_t bytes = in_k ? max(0, min(16, (p.sa_rows - row) * 4)) : 0;
+                        const float* src = kb_row + (in_k ? int64_t(kb + slot) * p.sa_ld : 0) + (bytes > 0 ? row : 0);
+                        ptx::cp_async_16(ptx::smem_addr(smem.sa(ring.stage) + slot * C::kBlockM + piece * 4), src,
+                                         bytes);
+                    }
+                }
+                ptx::cp_async_mbarrier_arrive_noinc(&smem.full[ring.stage]);
+                ring.advance();
+            }
         }
     }
 };
 
-// One stage's K blocks [kb, kb + kStageKBlocks) of a K-major operand from row `row` on.
-DG_DEVICE void load_k_blocks(void* dst, const TmaDescriptor* map, uint64_t* bar, int32_t kb, int32_t row) {
-    if (kStageKBlocks == 1) {
-        ptx::tma_load_2d(dst, map, bar, kb * BLOCK_K, row);
-    } else {
-        ptx::tma_load_3d(dst, map, bar, 0, row, kb);
-    }
-}
-DG_DEVICE void load_k_blocks_hinted(void* dst, const TmaDescriptor* map, uint64_t* bar, int32_t kb, int32_t row,
-                                    uint64_t policy) {
-    if (kStageKBlocks == 1) {
-        ptx::tma_load_2d_hinted(dst, map, bar, kb * BLOCK_K, row, policy);
-    } else {
-        ptx::tma_load_3d_hinted(dst, map, bar, 0, row, kb, policy);
-    }
-}
-
-// a_tail_rows > 0 (dense, no cluster): M's last block is partial, and its tiles load A and
-// A's scales through tma_a_tail / tma_sa_tail, boxes of a_tail_rows rows: the block's rows,
-// rounded up to 8 with several K blocks a stage (so that every slot of the box starts
-// 1024-byte aligned, as the swizzle needs). A box of BLOCK_M rows would be filled
-// with zeros past M by TMA, which made such tiles up to 1.6x slower (docs/perf-notes.md,
-// section 24). The rows past the short box keep stale shared memory; they only feed output
-// rows past M, which are never stored.
-DG_DEVICE void produce(const TmaDescriptor* tma_a, const TmaDescriptor* tma_b, const TmaDescriptor* tma_sa,
-                       const TmaDescriptor* tma_a_tail, const TmaDescriptor* tma_sa_tail, SharedStorage& smem,
-                       int32_t shape_m, int32_t a_tail_rows, const int32_t* group_info) {
-    Scheduler scheduler(shape_m, group_info);
-    RingCursor ring;
-    Tile tile;
-    // Decode: B is read once, and its lines had better evict each other than what the
-    // previous kernels left in L2 (see ptx::l2_evict_first_policy and plan.py).
-    const uint64_t b_policy = STREAM_B ? ptx::l2_evict_first_policy() : 0;
-    while (scheduler.next(tile)) {
-        // (The compile-time terms drop this from kernels the host never gives a tail.)
-        const bool tail = LAYOUT == kDense && CLUSTER_N == 1 && a_tail_rows > 0 && tile.row_begin + BLOCK_M > shape_m;
-        const TmaDescriptor* map_a = tail ? tma_a_tail : tma_a;
-        const TmaDescriptor* map_sa = tail ? tma_sa_tail : tma_sa;
-        const uint32_t stage_bytes = stage_tma_bytes(tail ? a_tail_rows : BLOCK_M);
-        const int32_t b_row = tile.group * SHAPE_N + tile.n_block * BLOCK_N;
-        const int32_t sa_row = a_scale_row(tile);
-        const int32_t sa_kb_base = a_scale_kb_base(tile);
-        // Not unrolled: the producer runs on few registers and gains nothing from it.
-        const int32_t kb_end = ptx::opaque(k_block_end(tile));
-#pragma unroll 1
-        for (int32_t kb = k_block_begin(tile); kb < kb_end; kb += kStageKBlocks) {
-            // First pass over the ring: the parity trick makes this wait return at once.
-            ptx::mbarrier_wait(&smem.empty[ring.stage], ring.phase ^ 1);
-            uint64_t* full = &smem.full[ring.stage];
-            ptx::mbarrier_arrive_expect_tx(full, stage_bytes);
-            if (CLUSTER_N == 1) {
-                load_k_blocks(smem.a(ring.stage), map_a, full, kb, tile.row_begin);
-            } else {
-                const int32_t half = scheduler.cluster_rank * kRowsLoadedA;
-                ptx::tma_load_2d_multicast(smem.a(ring.stage) + half * BLOCK_K, tma_a, full, kb * BLOCK_K,
-                                           tile.row_begin + half, (1 << CLUSTER_N) - 1);
-            }
-            if (!SA_LOADER_WARP) ptx::tma_load_2d(smem.sa(ring.stage), map_sa, full, sa_row, sa_kb_base + kb);
-            if (STREAM_B) {
-                load_k_blocks_hinted(smem.b(ring.stage), tma_b, full, kb, b_row, b_policy);
-            } else {
-                load_k_blocks(smem.b(ring.stage), tma_b, full, kb, b_row);
-            }
-            ring.advance();
-        }
-    }
-}
-
-// SA_LOADER_WARP: A's scales of each stage, copied by warp 1 of the producer
-// warpgroup with cp.async (16-byte pieces through the load/store unit) rather
-// than by a third TMA operation per stage. On the narrowest decode tiles the TMA
-// thread's operations per stage set the pace: 64x2112x7168 11.3 -> 10.2 us and
-// 128x2112x7168 12.4 -> 11.9 on 64 x 16 / 128 x 16 tiles; on large tiles the
-// same warp cost 3-9% (docs/perf-notes.md, sections 22-23), so the planner
-// turns it on for dense BLOCK_N = 16 tiles only. Each lane's arrive fires on the
-// stage's full barrier once its pieces have landed (.noinc: counted in
-// kFullArrivals), which orders the copies before the consumers' reads.
-// sa holds [groups x KB][sa_ld] floats (column-major scales, see runtime/kernels.py);
-// rows at or past sa_rows read as zeros, as a TMA box would.
-DG_DEVICE void load_a_scales(const float* sa, int32_t sa_rows, int32_t sa_ld, SharedStorage& smem,
-                             int32_t shape_m, const int32_t* group_info) {
-    const int32_t lane = ptx::lane_index();
-    if (lane >= kScaleLanes) return;
-    Scheduler scheduler(shape_m, group_info);
-    RingCursor ring;
-    Tile tile;
-    while (scheduler.next(tile)) {
-        const int32_t row0 = a_scale_row(tile);
-        const float* kb_row = sa + int64_t(a_scale_kb_base(tile)) * sa_ld;
-        const int32_t kb_end = ptx::opaque(k_block_end(tile));
-#pragma unroll 1
-        for (int32_t kb = k_block_begin(tile); kb < kb_end; kb += kStageKBlocks) {
-            ptx::mbarrier_wait(&smem.empty[ring.stage], ring.phase ^ 1);
-#pragma unroll
-            for (int32_t slot = 0; slot < kStageKBlocks; ++slot) {
-                // A stage's blocks past K (an odd number of K blocks) read as zeros.
-                const bool in_k = kStageKBlocks == 1 || kb + slot < kNumKBlocks;
-#pragma unroll
-                for (int32_t piece = lane; piece < kScalePieces; piece += kScaleLanes) {
-                    const int32_t row = row0 + piece * 4;
-                    const int32_t bytes = in_k ? max(0, min(16, (sa_rows - row) * 4)) : 0;
-                    const float* src = kb_row + (in_k ? int64_t(kb + slot) * sa_ld : 0) + (bytes > 0 ? row : 0);
-                    ptx::cp_async_16(ptx::smem_addr(smem.sa(ring.stage) + slot * BLOCK_M + piece * 4), src, bytes);
-                }
-            }
-            ptx::cp_async_mbarrier_arrive_noinc(&smem.full[ring.stage]);
-            ring.advance();
-        }
-    }
-}
-
-// Writes this warpgroup's 64 rows of wave `wave` of the finished tile: fp32 registers ->
-// bf16 in swizzled shared memory (stmatrix) -> TMA store, which runs on while
-// the next tile's main loop starts.  A masked group's last tile has rows that
-// must stay untouched; it is copied row by row instead of with the TMA box. So is
-// the last N block when N is not a multiple of 8: TMA stores write whole 16-byte
-// chunks, so the box would also write the columns up to the next multiple of 8,
-// which belong to the caller when `out` is a view of a wider tensor.
-DG_DEVICE void store_tile(const float (&acc)[kAccRegs], const Tile& tile, const TmaDescriptor* tma_out,
-                          uint8_t* smem_out, uint8_t* out, int32_t out_ld_bytes, int32_t wave = 0) {
-    const uint32_t wg = threadIdx.x / 128 - 1;
-    const uint32_t slice = wave * 128 + wg * 64;  // first row of this warpgroup's slice
-    const uint32_t t = threadIdx.x % 128;
-    const uint32_t warp = t / 32, lane = t % 32;
-    const int32_t n0 = tile.n_block * BLOCK_N;
-    constexpr uint32_t kChunkBytes = BLOCK_M * kOutChunkBytesPerRow;
-
-    // The previous tile's store must have finished reading the buffer (a later
-    // wave writes rows that this tile's earlier waves' stores do not read).
-    if (t == 0 && wave == 0) ptx::tma_store_wait_read();
-    ptx::named_barrier(1 + wg, 128);
-
-    // stmatrix.x4 writes two 8-column groups of 16 rows: matrix j = lane / 8
-    // holds rows (j % 2) * 8 .. +8 of column group i + j / 2.
-    const uint32_t j = lane / 8;
-    const uint32_t row = wg * 64 + warp * 16 + (j % 2) * 8 + lane % 8 + wave * 128;
-#pragma unroll
-    for (int i = 0; i < BLOCK_N / 8; i += 2) {
-        const uint32_t col = (i + j / 2) * 8;
-        const uint32_t addr = ptx::smem_addr(smem_out) + (col / STORE_CHUNK_COLS) * kChunkBytes +
-                              out_swizzled_offset(row, (col % STORE_CHUNK_COLS) / 8);
-        ptx::stmatrix_x4(addr, ptx::pack_bf16x2(acc[4 * i + 0], acc[4 * i + 1]),
-                         ptx::pack_bf16x2(acc[4 * i + 2], acc[4 * i + 3]),
-                         ptx::pack_bf16x2(acc[4 * i + 4], acc[4 * i + 5]),
-                         ptx::pack_bf16x2(acc[4 * i + 6], acc[4 * i + 7]));
-    }
-    ptx::fence_proxy_async_shared();
-    ptx::named_barrier(1 + wg, 128);
-
-    const bool n_edge = SHAPE_N % 8 != 0 && n0 + BLOCK_N > SHAPE_N;
-    if ((LAYOUT != kMasked || tile.rows_valid >= BLOCK_M) && !n_edge) {
-        if (t == 0) {
-#pragma unroll
-            for (int c = 0; c < kNumOutChunks; ++c)
-                ptx::tma_store_2d(tma_out,
-                                  smem_out + c * kChunkBytes + (wg * 64 + wave * 128) * kOutChunkBytesPerRow,
-                                  n0 + c * STORE_CHUNK_COLS, tile.row_begin + wg * 64 + wave * 128);
-            ptx::tma_store_commit();
-        }
-        return;
-    }
-    const int32_t rows_here = min(64, tile.rows_valid - int32_t(slice));
-    constexpr int32_t kUnitsPerRow = BLOCK_N / 8;  // 16-byte units
-    for (int32_t idx = t; idx < rows_here * kUnitsPerRow; idx += 128) {
-        const int32_t r = idx / kUnitsPerRow, col = (idx % kUnitsPerRow) * 8;
-        if (n0 + col >= SHAPE_N) continue;
-        const uint8_t* src = smem_out + (col / STORE_CHUNK_COLS) * kChunkBytes +
-                             out_swizzled_offset(slice + r, (col % STORE_CHUNK_COLS) / 8);
-        uint8_t* dst = out + int64_t(tile.row_begin + slice + r) * out_ld_bytes + int64_t(n0 + col) * 2;
-        if (SHAPE_N % 8 == 0 || n0 + col + 8 <= SHAPE_N) {
-            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-        } else {  // the row's last columns, one bf16 at a time
-            for (int32_t e = 0; e < SHAPE_N - n0 - col; ++e)
-                reinterpret_cast<uint16_t*>(dst)[e] = reinterpret_cast<const uint16_t*>(src)[e];
-        }
-    }
-}
-
-// Split-K: sums the tile's partial results; true in the unit that must store
-// the tile (the last of its units to arrive), whose `acc` then holds
-// the sum. Each unit's partial tile is one workspace slot, laid out as each
-// thread's accumulators in groups of four, thread-minor, so that every write
-// and read is a coalesced 16-byte access and a thread only ever reads back the
-// values it holds itself. Ordering: the math threads' barrier orders every
-// thread's writes before one thread's acquire-release count (cumulativity of
-// the PTX memory model, the pattern CUTLASS's split-K semaphores use: one GPU
-// fence per unit instead of one per thread); in the last unit the same count
-// acquires the other units' partials, which every thread then reads through L2
-// (.cg: never stale L1 lines) after the second barrier. Summing in split order
-// 0, 1, ... makes the result independent of which unit comes last.
-DG_DEVICE bool reduce_split_k(float (&acc)[kAccRegs], const Tile& tile, SharedStorage& smem, float* workspace,
-                              int32_t* tile_counters) {
-    const uint32_t t = threadIdx.x - 128;  // 0 .. kNumMathThreads
-    constexpr int32_t kSlotFloats = BLOCK_M * BLOCK_N;
-    float4* slots = reinterpret_cast<float4*>(workspace + int64_t(tile.tail_index) * tile.num_splits * kSlotFloats);
-    float4* mine = slots + tile.split * (kSlotFloats / 4);
-#pragma unroll
-    for (int i = 0; i < kAccRegs / 4; ++i)
-        __stcg(mine + i * kNumMathThreads + t, make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]));
-    ptx::named_barrier(kSplitKBarrier, kNumMathThreads);
-    if (t == 0) {
-        const bool last = ptx::atomic_add_acq_rel_gpu(tile_counters + tile.tail_index, 1) == tile.num_splits - 1;
-        if (last) tile_counters[tile.tail_index] = 0;  // ready for the next launch (and CUDA graph replay)
-        *smem.last_unit = last;
-    }
-    ptx::named_barrier(kSplitKBarrier, kNumMathThreads);
-    // No thread writes the flag again before every thread has passed the first
-    // barrier of the next unit, i.e. after reading it here. Read through a
-    // shuffle from lane 0: ptxas then knows the branch is warp-uniform (a plain
-    // shared-memory value made everything after it divergent, and the next
-    // tiles' wgmma descriptors left the uniform registers: perf-notes 13).
-    if (!__shfl_sync(0xffffffffu, *reinterpret_cast<volatile int32_t*>(smem.last_unit), 0)) return false;
-    // One split at a time, all of its loads in flight at once (a load per group
-    // of four would wait out an L2 round trip each). Tiles wider than 128 columns
-    // have no room for a third register tile (acc, the sum and a split's values:
-    // 3 x 80 registers at BLOCK_N = 160 spilled), so they read their own partial back
-    // from the workspace too and sum into acc.
-    constexpr bool kSumIntoAcc = kAccRegs > 64;
-    auto sum_splits = [&](float(&sum)[kAccRegs]) {
-#pragma unroll 1
-        for (int32_t s = 0; s < tile.num_splits; ++s) {
-            float part[kAccRegs];
-            if (!kSumIntoAcc && s == tile.split) {
-#pragma unroll
-                for (int i = 0; i < kAccRegs; ++i) part[i] = acc[i];
-            } else {
-                const float4* slot = slots + s * (kSlotFloats / 4);
-#pragma unroll
-                for (int i = 0; i < kAccRegs / 4; ++i) {
-                    const float4 v = __ldcg(slot + i * kNumMathThreads + t);
-                    part[4 * i] = v.x, part[4 * i + 1] = v.y, part[4 * i + 2] = v.z, part[4 * i + 3] = v.w;
-                }
-            }
-#pragma unroll
-            for (int i = 0; i < kAccRegs; ++i) sum[i] = s == 0 ? part[i] : sum[i] + part[i];
-        }
+// ---- math -----------------------------------------------------------------------------------------
+// FP8 operands, A scaled per row and 128-K block, B per 128 x 128 block. Fp8Math holds what lives
+// across tiles (this thread's addresses, the accumulators); Fp8Math::KLoop one unit's main loop.
+template <class C>
+struct Fp8Math {
+    // Where one K block is in the ring, and the scales its promotion applies (A's rows r / r + 8,
+    // B's scale blocks 0 / 1); retiring the stage's last block frees the stage.
+    struct BlockScales {
+        float sa0, sa1, sb0, sb1;
+        int32_t stage, slot;
+        bool last_of_stage;
     };
-    if constexpr (kSumIntoAcc) {
-        sum_splits(acc);
-    } else {
-        float sum[kAccRegs];
-        sum_splits(sum);
-#pragma unroll
-        for (int i = 0; i < kAccRegs; ++i) acc[i] = sum[i];
-    }
-    return true;
-}
-
-DG_DEVICE void consume(const TmaDescriptor* tma_out, SharedStorage& smem, const float* sb, uint8_t* out,
-                       int32_t out_ld_bytes, int32_t shape_m, int32_t a_tail_rows, const int32_t* group_info,
-                       float* workspace, int32_t* tile_counters) {
-    const uint32_t wg = threadIdx.x / 128 - 1;
-    const uint32_t warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
-    // This thread's accumulators cover tile rows r and r + 8 (wgmma's layout).
-    const uint32_t r = wg * 64 + warp * 16 + lane / 4;
-    // Stage 0's addresses in the forms the loop uses: A's and B's wgmma
-    // descriptors (low words) and this thread's row r of A's scales.
-    // A's is computed from warp_index(), which the compiler knows is warp-uniform
-    // (wg is not), so the descriptors live in uniform registers.
-    const uint32_t wg_uniform = ptx::warp_index() / 4 - 1;
-    const uint32_t desc_a_ring = ptx::smem_desc_low(ptx::smem_addr(smem.a(0) + wg_uniform * 64 * BLOCK_K));
-    const uint32_t desc_b_ring = ptx::smem_desc_low(ptx::smem_addr(smem.b(0)));
-    const uint32_t sa_ring_addr = ptx::smem_addr(smem.sa(0) + r);
-
-    // B's scales come from global memory (L2), 32 K blocks at a time: lane i
-    // holds block chunk + i's scale, loaded a whole chunk ahead, and each K
-    // block takes its value with a shuffle. A scale loaded just before it is
-    // needed (one or two K blocks ahead) stalled the wgmma issue on L2 latency
-    // in Nsight Compute: ptxas moves such a warp-uniform value into a uniform
-    // register right after the load. Per-lane addresses keep the loads out of
-    // that path, and a chunk ahead hides the latency. With a short K a tile's
-    // first chunk is loaded during the previous tile (as is the next tile
-    // itself, whose scheduling may read group sizes or expert indices).
+    // B's scale rows of a tile: columns from `split` on take `second`'s scales.
     struct BScaleRows {
-        const float* first;   // row of the tile's first 128-column scale block
-        const float* second;  // the next block's row (= first when the tile has one)
-        int32_t split;        // columns from `split` on take `second`'s scales
+        const float *first, *second;
+        int32_t split;
     };
-    auto b_scale_rows = [&](const Tile& t) {
-        const int32_t n0 = t.n_block * BLOCK_N;
-        // A tile past N (the idle half of a cluster's last unit) reads the last
-        // scale row: its results are never stored.
-        const int32_t sb_row = min(n0 / 128, kNumScaleBRows - 1);
+    struct ScalePair {  // B's scales of blocks 0 and 1 of a tile, for one lane's K block
+        float b0 = 0.f, b1 = 0.f;
+    };
+    // B's scales come in chunks of 32 K blocks (lane i: block chunk + i), loaded a chunk ahead and
+    // shuffled out per block: a scale loaded just before its use stalled the wgmma issue on L2.
+    static constexpr bool kManyChunks = C::kNumKBlocks > 32;
+    const float* sb;
+    SharedStorage<C>& smem;
+    RingCursor<C>& ring;
+    uint32_t lane;
+    uint32_t desc_a_ring, desc_b_ring, sa_ring_addr;  // stage 0's wgmma descriptors and this row's scale
+    float acc[C::kMWaves][C::kAccRegs];
+    float part[C::kAccRegs];
+    float part_next[C::kAccRegs];  // pipelined promotion's second tile (free otherwise)
+    DG_DEVICE Fp8Math(const float* sb_, SharedStorage<C>& smem_, RingCursor<C>& ring_)
+        : sb(sb_), smem(smem_), ring(ring_) {
+        const uint32_t wg = threadIdx.x / 128 - 1, warp = (threadIdx.x % 128) / 32;
+        lane = threadIdx.x % 32;
+        // Rows r and r + 8 are this thread's (wgmma's layout); warp_index() keeps descriptors uniform.
+        const uint32_t r = wg * 64 + warp * 16 + lane / 4;
+        const uint32_t wg_uniform = ptx::warp_index() / 4 - 1;
+        desc_a_ring = ptx::smem_desc_low(ptx::smem_addr(smem.a(0) + wg_uniform * 64 * C::kBlockK));
+        desc_b_ring = ptx::smem_desc_low(ptx::smem_addr(smem.b(0)));
+        sa_ring_addr = ptx::smem_addr(smem.sa(0) + r);
+    }
+    DG_DEVICE BScaleRows b_scale_rows(const Tile& t) const {
+        const int32_t n0 = t.n_block * C::kBlockN;
+        const int32_t sb_row = min(n0 / 128, C::kNumScaleBRows - 1);
         BScaleRows rows;
-        rows.first = sb + (int64_t(t.group) * kNumScaleBRows + sb_row) * kNumKBlocks;
-        rows.split = kOneScaleB ? BLOCK_N : min(128 - n0 % 128, BLOCK_N);
-        rows.second = rows.split < BLOCK_N && sb_row + 1 < kNumScaleBRows ? rows.first + kNumKBlocks : rows.first;
+        rows.first = sb + (int64_t(t.group) * C::kNumScaleBRows + sb_row) * C::kNumKBlocks;
+        rows.split = C::kOneScaleB ? C::kBlockN : min(128 - n0 % 128, C::kBlockN);
+        rows.second = rows.split < C::kBlockN && sb_row + 1 < C::kNumScaleBRows ? rows.first + C::kNumKBlocks
+                                                                               : rows.first;
         return rows;
-    };
-    Scheduler scheduler(shape_m, group_info);
-    constexpr bool kManyChunks = kNumKBlocks > 32;
-    // Lane's K block in chunk c of K blocks [begin, end), a tile's share of K (clamped
-    // into the share; an empty split share: its begin, which is still a K block).
-    auto chunk_kb = [&](int32_t begin, int32_t end, int32_t c) {
+    }
+    // This lane's K block in chunk c of [begin, end), clamped into it (an empty share: begin).
+    DG_DEVICE int32_t chunk_kb(int32_t begin, int32_t end, int32_t c) const {
         return max(begin, min(begin + c * 32 + int32_t(lane), end - 1));
+    }
+    static DG_DEVICE ScalePair load_scales(const BScaleRows& rows, int32_t kb) {
+        ScalePair s;
+        s.b0 = ptx::ldg_float(rows.first + kb);
+        s.b1 = C::kOneScaleB ? s.b0 : ptx::ldg_float(rows.second + kb);
+        return s;
+    }
+    DG_DEVICE ScalePair first_chunk(const Tile& t) const {
+        return load_scales(b_scale_rows(t), chunk_kb(k_block_begin<C>(t), k_block_end<C>(t), 0));
+    }
+    // One unit's main loop into `acc`. kWholeTile: all of K, compile-time bounds (run-time ones were slower).
+    template <bool kWholeTile>
+    DG_DEVICE void run(const Tile& tile, const ScalePair& first, const GemmParams& p) {
+        KLoop loop(*this, tile, first, p, kWholeTile);
+#pragma unroll
+        for (int w = 0; w < C::kMWaves; ++w)
+#pragma unroll
+            for (int i = 0; i < C::kAccRegs; ++i) acc[w][i] = 0.f;
+        if constexpr (C::kPipelined) {
+            loop.pipelined();
+        } else if constexpr (C::kMWaves == 1) {
+            loop.serial();
+        } else {
+            loop.two_waves();
+        }
+    }
+    struct KLoop {
+        Fp8Math& m;
+        const BScaleRows rows;
+        const int32_t kb_begin, kb_end;
+        uint32_t a_slot_desc, sa_slot_bytes;
+        ScalePair chunk, next_chunk;
+        DG_DEVICE KLoop(Fp8Math& math, const Tile& tile, const ScalePair& first, const GemmParams& p, bool whole)
+            : m(math),
+              rows(math.b_scale_rows(tile)),
+              kb_begin(whole ? 0 : k_block_begin<C>(tile)),
+              kb_end(whole ? kNumKBlocksHidden() : k_block_end<C>(tile)),
+              chunk(first) {
+            // A stage's slots of A (and of its scales by TMA) are its box's rows apart.
+            const bool tail = C::kStageKBlocks > 1 && is_tail_tile<C>(tile, p);
+            const uint32_t a_slot_rows = tail ? p.a_tail_rows : C::kBlockM;
+            a_slot_desc = a_slot_rows * C::kBlockK >> 4;
+            sa_slot_bytes = (C::kScaleLoaderWarp ? C::kBlockM : a_slot_rows) * 4;
+            if (kManyChunks) next_chunk = load_scales(rows, m.chunk_kb(kb_begin, kb_end, 1));
+        }
+        // A compile-time odd count made ptxas serialise the pipelined loop's wgmmas (C7514).
+        static DG_DEVICE int32_t kNumKBlocksHidden() {
+            return C::kPipelined && C::kNumKBlocks % 2 == 1 ? ptx::opaque(C::kNumKBlocks) : C::kNumKBlocks;
+        }
+        // Waits for K block kb's stage, reads its scales and issues its 4 wgmmas into `tile`.
+        DG_DEVICE void issue(float (&tile)[C::kAccRegs], int32_t kb, BlockScales& scales) {
+            const int32_t step = kb - kb_begin;
+            if (kManyChunks && step % 32 == 0 && step > 0) {  // a new chunk: rotate, load the one after
+                chunk = next_chunk;
+                next_chunk = load_scales(rows, m.chunk_kb(kb_begin, kb_end, step / 32 + 1));
+            }
+            scales.sb0 = __shfl_sync(0xffffffffu, chunk.b0, step % 32);
+            scales.sb1 = C::kOneScaleB ? scales.sb0 : __shfl_sync(0xffffffffu, chunk.b1, step % 32);
+            RingCursor<C>& ring = m.ring;
+            if (C::kStageKBlocks == 1 || ring.slot == 0) ptx::mbarrier_wait(&m.smem.full[ring.stage], ring.phase);
+            scales.stage = ring.stage;
+            scales.slot = ring.slot;
+            scales.last_of_stage = ring.slot == C::kStageKBlocks - 1 || kb == kb_end - 1;
+            issue_slice(tile, scales, 0);
+            ring.advance_k_block();
+        }
+        // A 64-row slice's wgmmas (wave 1: rows 128.. of a 256-row tile), after its A scales.
+        DG_DEVICE void issue_slice(float (&tile)[C::kAccRegs], BlockScales& scales, int wave) {
+            const int32_t stage = scales.stage, slot = scales.slot;
+            const uint32_t sa_addr =
+                m.sa_ring_addr + stage * (C::kStageScales * 4) + slot * sa_slot_bytes + wave * (128 * 4);
+            scales.sa0 = ptx::lds_float(sa_addr);
+            scales.sa1 = ptx::lds_float(sa_addr + 8 * 4);
+            const uint32_t desc_a = m.desc_a_ring + stage * (C::kStageBytesA >> 4) + slot * a_slot_desc +
+                                    wave * (128 * C::kBlockK >> 4);
+            const uint32_t desc_b = m.desc_b_ring + stage * (C::kStageBytesB >> 4) + slot * (C::kTileBytesB >> 4);
+            ptx::fence_registers(tile);
+            ptx::wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < C::kBlockK / 32; ++kk)  // 32 fp8 = 32 bytes of the swizzled row
+                ptx::WgmmaFp8<C::kBlockN>::mma(tile, ptx::smem_desc(desc_a + kk * (32 >> 4)),
+                                               ptx::smem_desc(desc_b + kk * (32 >> 4)), kk > 0);
+            ptx::wgmma_commit();
+        }
+        // With the loader warp every thread releases its own reads of the scales that cp.async will
+        // overwrite (racecheck did not follow __syncwarp + one lane's arrive).
+        DG_DEVICE void release(int32_t stage) {
+            if (C::kScaleLoaderWarp || m.lane == 0) ptx::mbarrier_arrive(&m.smem.empty[stage]);
+        }
+        DG_DEVICE void promote(float (&into)[C::kAccRegs], const float (&tile)[C::kAccRegs], const BlockScales& s) {
+            const float top0 = s.sa0 * s.sb0, top1 = s.sa0 * s.sb1;
+            const float bottom0 = s.sa1 * s.sb0, bottom1 = s.sa1 * s.sb1;
+#pragma unroll
+            for (int i = 0; i < C::kAccRegs / 4; ++i) {
+                // split is a multiple of 16, so a whole 8-column group shares one scale.
+                const bool second = !C::kOneScaleB && i * 8 >= rows.split;
+                const float top = second ? top1 : top0;
+                const float bottom = second ? bottom1 : bottom0;
+                into[4 * i + 0] += tile[4 * i + 0] * top;
+                into[4 * i + 1] += tile[4 * i + 1] * top;
+                into[4 * i + 2] += tile[4 * i + 2] * bottom;
+                into[4 * i + 3] += tile[4 * i + 3] * bottom;
+            }
+        }
+        // A block's wgmmas have completed: free its stage if it was the stage's last, promote it.
+        DG_DEVICE void retire(float (&tile)[C::kAccRegs], const BlockScales& scales) {
+            ptx::fence_registers(tile);
+            if (scales.last_of_stage) release(scales.stage);
+            promote(m.acc[0], tile, scales);
+        }
+        // One block at a time: issue, wait, promote.
+        DG_DEVICE void serial() {
+            for (int32_t kb = kb_begin; kb < kb_end; ++kb) {
+                BlockScales scales;
+                issue(m.part, kb, scales);
+                ptx::wgmma_wait<0>();
+                retire(m.part, scales);
+            }
+        }
+        // Block kb + 1's wgmmas run while block kb is promoted. Each half issues the next block or
+        // waits for all and leaves, so ptxas keeps two groups in flight (other shapes: C7517,
+        // C7514); folded into one half, it scheduled worse.
+        DG_DEVICE void pipelined() {
+            BlockScales scales0, scales1;
+            int32_t kb = kb_begin;
+            if (kb < kb_end) {
+                issue(m.part, kb, scales0);
+                while (true) {
+                    if (kb + 1 < kb_end) {
+                        issue(m.part_next, kb + 1, scales1);
+                        ptx::wgmma_wait<1>();
+                        retire(m.part, scales0);
+                    } else {
+                        ptx::wgmma_wait<0>();
+                        retire(m.part, scales0);
+                        break;
+                    }
+                    ++kb;
+                    if (kb + 1 < kb_end) {
+                        issue(m.part, kb + 1, scales0);
+                        ptx::wgmma_wait<1>();
+                        retire(m.part_next, scales1);
+                    } else {
+                        ptx::wgmma_wait<0>();
+                        retire(m.part_next, scales1);
+                        break;
+                    }
+                    ++kb;
+                }
+            }
+        }
+        // 256-row tiles: two waves per K block on one stage, released once both have read it.
+        DG_DEVICE void two_waves() {
+            for (int32_t kb = kb_begin; kb < kb_end; ++kb) {
+                BlockScales scales;
+                issue(m.part, kb, scales);
+                ptx::wgmma_wait<0>();
+                ptx::fence_registers(m.part);
+                promote(m.acc[0], m.part, scales);
+#pragma unroll
+                for (int w = 1; w < C::kMWaves; ++w) {
+                    issue_slice(m.part, scales, w);
+                    ptx::wgmma_wait<0>();
+                    ptx::fence_registers(m.part);
+                    if (w == C::kMWaves - 1 && scales.last_of_stage) release(scales.stage);
+                    promote(m.acc[w], m.part, scales);
+                }
+            }
+        }
     };
+};
 
-    // Where the next tile (whose scheduling may read group sizes or expert indices)
-    // and its first scale chunk are fetched. With a short K, one tile ahead: that
-    // first load is then a large part of a tile's time (+3-5% at K <= 2048). With a
-    // long K, values live across the main loop cost more than they save (-4-7% at
-    // K = 7168/16384), so they are fetched after it: in contiguous kernels right
-    // after the main loop, where the chain of loads (the tile's expert index, then
-    // its B scales) overlaps the epilogue (+1.4-2.7% at K = 7168); in the others
-    // after the epilogue (the same move measured -1% to -1.5% on masked 4x256
-    // 4096x7168 and 64x7168x16384: docs/perf-notes.md, section 19).
-    constexpr bool kLookAhead = !kManyChunks;
-    constexpr bool kFetchBeforeEpilogue = kManyChunks && LAYOUT == kContiguous;
-    auto first_chunk = [&](const Tile& t, float& sb0, float& sb1) {
-        const BScaleRows rows = b_scale_rows(t);
-        const int32_t kb = chunk_kb(k_block_begin(t), k_block_end(t), 0);
-        sb0 = ptx::ldg_float(rows.first + kb);
-        sb1 = kOneScaleB ? sb0 : ptx::ldg_float(rows.second + kb);
-    };
+// ---- epilogue -------------------------------------------------------------------------------------
+// bf16 output: through swizzled shared memory and TMA stores; split-K through a global workspace.
+template <class C>
+struct Bf16Epilogue {
+    static constexpr int kChunkBytesPerRow = C::kStoreChunkCols * 2;
+    static constexpr int kNumChunks = C::kBlockN / C::kStoreChunkCols;
+    // Named barriers: 0 is __syncthreads, 1 + warpgroup store_tile's, this one all math threads.
+    static constexpr uint32_t kSplitKBarrier = 3;
+    // Byte offset of (row, 16-byte unit) in a chunk buffer, swizzled as TMA does for rows of
+    // kChunkBytesPerRow bytes: bits [4, 7) ^= bits [7, 10), masked to the row width.
+    static DG_DEVICE uint32_t swizzled_offset(uint32_t row, uint32_t col16) {
+        constexpr uint32_t kUnitsPerRow = kChunkBytesPerRow / 16;
+        const uint32_t offset = row * kChunkBytesPerRow + col16 * 16;
+        return offset ^ (((offset >> 7) & (kUnitsPerRow - 1)) << 4);
+    }
+    // This warpgroup's 64 rows of wave `wave`: bf16 into swizzled shared memory, then a TMA store
+    // that runs on under the next tile; row by row where a box would write too much (a masked
+    // group's last rows, the last N block when N % 8 != 0).
+    static DG_DEVICE void store_tile(const float (&acc)[C::kAccRegs], const Tile& tile, const GemmParams& p,
+                                     uint8_t* smem_out, int32_t wave) {
+        const uint32_t wg = threadIdx.x / 128 - 1;
+        const uint32_t slice = wave * 128 + wg * 64;  // first row of this warpgroup's slice
+        const uint32_t t = threadIdx.x % 128;
+        const uint32_t warp = t / 32, lane = t % 32;
+        const int32_t n0 = tile.n_block * C::kBlockN;
+        constexpr uint32_t kChunkBytes = C::kBlockM * kChunkBytesPerRow;
+        // The previous tile's store must have read the buffer (later waves write other rows).
+        if (t == 0 && wave == 0) ptx::tma_store_wait_read();
+        ptx::named_barrier(1 + wg, 128);
+        // stmatrix.x4: matrix j = lane / 8 holds rows (j % 2) * 8.. of column group i + j / 2.
+        const uint32_t j = lane / 8;
+        const uint32_t row = wg * 64 + warp * 16 + (j % 2) * 8 + lane % 8 + wave * 128;
+#pragma unroll
+        for (int i = 0; i < C::kBlockN / 8; i += 2) {
+            const uint32_t col = (i + j / 2) * 8;
+            const uint32_t addr = ptx::smem_addr(smem_out) + (col / C::kStoreChunkCols) * kChunkBytes +
+                                  swizzled_offset(row, (col % C::kStoreChunkCols) / 8);
+            ptx::stmatrix_x4(addr, ptx::pack_bf16x2(acc[4 * i + 0], acc[4 * i + 1]),
+                             ptx::pack_bf16x2(acc[4 * i + 2], acc[4 * i + 3]),
+                             ptx::pack_bf16x2(acc[4 * i + 4], acc[4 * i + 5]),
+                             ptx::pack_bf16x2(acc[4 * i + 6], acc[4 * i + 7]));
+        }
+        ptx::fence_proxy_async_shared();
+        ptx::named_barrier(1 + wg, 128);
+        const bool n_edge = C::kShapeN % 8 != 0 && n0 + C::kBlockN > C::kShapeN;
+        if ((C::kLayout != kMasked || tile.rows_valid >= C::kBlockM) && !n_edge) {
+            if (t == 0) {
+#pragma unroll
+                for (int c = 0; c < kNumChunks; ++c)
+                    ptx::tma_store_2d(&p.tma_out, smem_out + c * kChunkBytes + (wg * 64 + wave * 128) * kChunkBytesPerRow,
+                                      n0 + c * C::kStoreChunkCols, tile.row_begin + wg * 64 + wave * 128);
+                ptx::tma_store_commit();
+            }
+            return;
+        }
+        store_rows(tile, p, smem_out, slice, n0);
+    }
+    // The row-by-row copy of a slice: 16-byte units, the row's last columns one bf16 at a time.
+    static DG_DEVICE void store_rows(const Tile& tile, const GemmParams& p, const uint8_t* smem_out, uint32_t slice,
+                                     int32_t n0) {
+        constexpr uint32_t kChunkBytes = C::kBlockM * kChunkBytesPerRow;
+        const uint32_t t = threadIdx.x % 128;
+        const int32_t rows_here = min(64, tile.rows_valid - int32_t(slice));
+        constexpr int32_t kUnitsPerRow = C::kBlockN / 8;
+        for (int32_t idx = t; idx < rows_here * kUnitsPerRow; idx += 128) {
+            const int32_t r = idx / kUnitsPerRow, col = (idx % kUnitsPerRow) * 8;
+            if (n0 + col >= C::kShapeN) continue;
+            const uint8_t* src = smem_out + (col / C::kStoreChunkCols) * kChunkBytes +
+                                 swizzled_offset(slice + r, (col % C::kStoreChunkCols) / 8);
+            uint8_t* dst = p.out + int64_t(tile.row_begin + slice + r) * p.out_ld_bytes + int64_t(n0 + col) * 2;
+            if (C::kShapeN % 8 == 0 || n0 + col + 8 <= C::kShapeN) {
+                *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+            } else {
+                for (int32_t e = 0; e < C::kShapeN - n0 - col; ++e)
+                    reinterpret_cast<uint16_t*>(dst)[e] = reinterpret_cast<const uint16_t*>(src)[e];
+            }
+        }
+    }
+    // Split-K: true in the tile's last unit to arrive, whose `acc` then holds the sum (in split
+    // order: deterministic). Partials go to workspace slots, each thread's values in float4s,
+    // thread-minor; a barrier then one thread's acquire-release count publishes them (cumulativity),
+    // and the last unit reads them through L2 (.cg) after the second barrier.
+    static DG_DEVICE bool reduce_split_k(float (&acc)[C::kAccRegs], const Tile& tile, const GemmParams& p,
+                                         SharedStorage<C>& smem) {
+        const uint32_t t = threadIdx.x - 128;  // 0 .. kNumMathThreads
+        constexpr int32_t kSlotFloats = C::kBlockM * C::kBlockN;
+        float4* slots = reinterpret_cast<float4*>(p.workspace + int64_t(tile.tail_index) * tile.num_splits * kSlotFloats);
+        float4* mine = slots + tile.split * (kSlotFloats / 4);
+#pragma unroll
+        for (int i = 0; i < C::kAccRegs / 4; ++i)
+            __stcg(mine + i * C::kNumMathThreads + t, make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]));
+        ptx::named_barrier(kSplitKBarrier, C::kNumMathThreads);
+        if (t == 0) {
+            const bool last = ptx::atomic_add_acq_rel_gpu(p.tile_counters + tile.tail_index, 1) == tile.num_splits - 1;
+            if (last) p.tile_counters[tile.tail_index] = 0;  // ready for the next launch (and graph replay)
+            *smem.last_unit = last;
+        }
+        ptx::named_barrier(kSplitKBarrier, C::kNumMathThreads);
+        // Read through a shuffle so ptxas knows the branch is warp-uniform (else the descriptors left
+        // the uniform registers); rewritten only after every thread passed the next first barrier.
+        if (!__shfl_sync(0xffffffffu, *reinterpret_cast<volatile int32_t*>(smem.last_unit), 0)) return false;
+        // One split at a time; tiles over 128 columns (no room for a third tile) sum into acc.
+        constexpr bool kSumIntoAcc = C::kAccRegs > 64;
+        auto sum_splits = [&](float(&sum)[C::kAccRegs]) {
+#pragma unroll 1
+            for (int32_t s = 0; s < tile.num_splits; ++s) {
+                float part[C::kAccRegs];
+                if (!kSumIntoAcc && s == tile.split) {
+#pragma unroll
+                    for (int i = 0; i < C::kAccRegs; ++i) part[i] = acc[i];
+                } else {
+                    const float4* slot = slots + s * (kSlotFloats / 4);
+#pragma unroll
+                    for (int i = 0; i < C::kAccRegs / 4; ++i) {
+                        const float4 v = __ldcg(slot + i * C::kNumMathThreads + t);
+                        part[4 * i] = v.x, part[4 * i + 1] = v.y, part[4 * i + 2] = v.z, part[4 * i + 3] = v.w;
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < C::kAccRegs; ++i) sum[i] = s == 0 ? part[i] : sum[i] + part[i];
+            }
+        };
+        if constexpr (kSumIntoAcc) {
+            sum_splits(acc);
+        } else {
+            float sum[C::kAccRegs];
+            sum_splits(sum);
+#pragma unroll
+            for (int i = 0; i < C::kAccRegs; ++i) acc[i] = sum[i];
+        }
+        return true;
+    }
+};
 
-    RingCursor ring;
+// ---- the math warpgroups' loop over their units of work --------------------------------------------
+template <class C, class Math, class Epilogue>
+DG_DEVICE void consume(const GemmParams& p, SharedStorage<C>& smem) {
+    RingCursor<C> ring;
+    Math math(p.sb, smem, ring);
+    Scheduler<C> scheduler(p.shape_m, p.group_info);
+    // The next tile and its first B scales: one tile ahead with a short K; with a long K (values
+    // live across the main loop cost more) after the main loop (contiguous) or the epilogue.
+    constexpr bool kLookAhead = !Math::kManyChunks;
+    constexpr bool kFetchBeforeEpilogue = Math::kManyChunks && C::kLayout == kContiguous;
+    using ScalePair = typename Math::ScalePair;
     Tile tile;
     bool has_tile = scheduler.next(tile);
-    float sb0_first_chunk = 0.f, sb1_first_chunk = 0.f;
-    if ((kLookAhead || kFetchBeforeEpilogue) && has_tile) first_chunk(tile, sb0_first_chunk, sb1_first_chunk);
-    float acc[kMWaves][kAccRegs];
-    float part[kAccRegs];
-    float part_next[kAccRegs];  // unused (and free) without pipelined promotion
+    ScalePair first;
+    if ((kLookAhead || kFetchBeforeEpilogue) && has_tile) first = math.first_chunk(tile);
     while (has_tile) {
         Tile next_tile;
         bool has_next = false;
-        float sb0_next_tile = 0.f, sb1_next_tile = 0.f;
+        ScalePair next_first;
         auto look_ahead = [&]() {
             has_next = scheduler.next(next_tile);
-            if (has_next) first_chunk(next_tile, sb0_next_tile, sb1_next_tile);
+            if (has_next) next_first = math.first_chunk(next_tile);
         };
         if (kLookAhead) {
             look_ahead();
         } else if (!kFetchBeforeEpilogue) {
-            first_chunk(tile, sb0_first_chunk, sb1_first_chunk);
+            first = math.first_chunk(tile);
         }
-        // The tile's main loop. A split-capable kernel runs it in two forms: whole tiles
-        // with compile-time K bounds, exactly like a kernel without split-K, and split
-        // units with run-time ones (run-time bounds everywhere made whole tiles of such
-        // kernels a few % slower: docs/perf-notes.md, sections 13 and 17).
-        // fixed_split: the tile's split as a compile-time value (FIXED_SCALE_SPLIT), or 0.
-        auto main_loop = [&](auto whole_tile, auto fixed_split) {
-            constexpr bool kWhole = decltype(whole_tile)::value;
-            constexpr int32_t kSplit = decltype(fixed_split)::value;
-            const BScaleRows sb_rows = b_scale_rows(tile);
-            const float* sb_first = sb_rows.first;
-            const float* sb_second = sb_rows.second;
-            const int32_t split = kSplit > 0 ? kSplit : sb_rows.split;
-            const int32_t kb_begin = kWhole ? 0 : k_block_begin(tile);
-            // An odd number of K blocks known at compile time (K = 576, 1408, 4224, ..., five
-            // blocks or more) made ptxas serialise every wgmma of the pipelined loop (C7514: a wait
-            // after each k32 step); hidden from the compiler, the count gives the loop that even
-            // counts get (SASS; every other kernel is unchanged).
-            constexpr bool kHideCount = kPipelinePromotion && kNumKBlocks % 2 == 1;
-            const int32_t kb_end = kWhole ? (kHideCount ? ptx::opaque(kNumKBlocks) : kNumKBlocks) : k_block_end(tile);
-            // Several K blocks a stage: the distance between a stage's slots of A (and of A's
-            // scales, when TMA brings them) is the rows of its box, fewer for a tail tile.
-            const bool tail = kStageKBlocks > 1 && LAYOUT == kDense && a_tail_rows > 0 &&
-                              tile.row_begin + BLOCK_M > shape_m;
-            const uint32_t a_slot_rows = tail ? a_tail_rows : BLOCK_M;
-            const uint32_t a_slot_desc = a_slot_rows * BLOCK_K >> 4;
-            const uint32_t sa_slot_bytes = (SA_LOADER_WARP ? BLOCK_M : a_slot_rows) * 4;
-
-#pragma unroll
-            for (int w = 0; w < kMWaves; ++w)
-#pragma unroll
-                for (int i = 0; i < kAccRegs; ++i) acc[w][i] = 0.f;
-
-            // One K block: wait for its stage, read its scales, issue its 4 wgmmas
-            // into `part` (asynchronous), and later retire it: release the stage
-            // and promote `part` into `acc` with sa * sb.
-            struct BlockScales {
-                float sa0, sa1, sb0, sb1;  // A's rows r / r + 8; B's scale block 0 / 1
-                int32_t stage, slot;       // where the block is in the ring
-                bool last_of_stage;        // retiring it frees the stage
-            };
-            float sb0_chunk = sb0_first_chunk, sb1_chunk = sb1_first_chunk;
-            float sb0_next_chunk = 0.f, sb1_next_chunk = 0.f;
-            if (kManyChunks) {
-                const int32_t kb_next = chunk_kb(kb_begin, kb_end, 1);
-                sb0_next_chunk = ptx::ldg_float(sb_first + kb_next);
-                sb1_next_chunk = kOneScaleB ? sb0_next_chunk : ptx::ldg_float(sb_second + kb_next);
-            }
-            // The wgmmas of one 64-row slice of the block at scales.stage / slot (wave 1: the
-            // second 128 rows of a 256-row tile), after reading that slice's A scales into `scales`.
-            // With PIPELINE_HALVES, part is half a tile: the first N half (through issue()), or the
-            // second one (second_half: B's rows from BLOCK_N / 2 on; the A scales are read already).
-            auto issue_slice = [&](auto& part, BlockScales& scales, int wave, bool second_half = false) {
-                constexpr int kRegs = sizeof(part) / sizeof(float);
-                const int32_t stage = scales.stage, slot = scales.slot;
-                if (!second_half) {
-                    const uint32_t sa_addr =
-                        sa_ring_addr + stage * (kStageScales * 4) + slot * sa_slot_bytes + wave * (128 * 4);
-                    scales.sa0 = ptx::lds_float(sa_addr);
-                    scales.sa1 = ptx::lds_float(sa_addr + 8 * 4);
-                }
-                const uint32_t desc_a =
-                    desc_a_ring + stage * (kStageBytesA >> 4) + slot * a_slot_desc + wave * (128 * BLOCK_K >> 4);
-                const uint32_t desc_b = desc_b_ring + stage * (kStageBytesB >> 4) + slot * (kTileBytesB >> 4) +
-                                        (second_half ? (BLOCK_N / 2) * BLOCK_K >> 4 : 0);
-#pragma unroll
-                for (int i = 0; i < kRegs; ++i) ptx::fence_register(part[i]);
-                ptx::wgmma_fence();
-#pragma unroll
-                for (int kk = 0; kk < BLOCK_K / 32; ++kk)  // 32 fp8 = 32 bytes of the swizzled row
-                    wgmma_m64k32(part, ptx::smem_desc(desc_a + kk * (32 >> 4)), ptx::smem_desc(desc_b + kk * (32 >> 4)),
-                                 kk > 0);
-                ptx::wgmma_commit();
-            };
-            auto issue = [&](auto& part, int32_t kb, BlockScales& scales) {
-                const int32_t step = kb - kb_begin;
-                if (kManyChunks && step % 32 == 0 && step > 0) {  // a new chunk: rotate, load the one after
-                    sb0_chunk = sb0_next_chunk;
-                    sb1_chunk = sb1_next_chunk;
-                    const int32_t kb_next = chunk_kb(kb_begin, kb_end, step / 32 + 1);
-                    sb0_next_chunk = ptx::ldg_float(sb_first + kb_next);
-                    sb1_next_chunk = kOneScaleB ? sb0_next_chunk : ptx::ldg_float(sb_second + kb_next);
-                }
-                scales.sb0 = __shfl_sync(0xffffffffu, sb0_chunk, step % 32);
-                scales.sb1 = kOneScaleB ? scales.sb0 : __shfl_sync(0xffffffffu, sb1_chunk, step % 32);
-                if (kStageKBlocks == 1 || ring.slot == 0) ptx::mbarrier_wait(&smem.full[ring.stage], ring.phase);
-                scales.stage = ring.stage;
-                scales.slot = ring.slot;
-                scales.last_of_stage = ring.slot == kStageKBlocks - 1 || kb == kb_end - 1;
-                issue_slice(part, scales, 0);
-                ring.advance_k_block();
-            };
-            auto release = [&](int32_t stage) {
-                // The loader warp's cp.async writes come from threads, so every lane's read of
-                // the stage's A scales must be ordered before the one lane's release that lets
-                // them in: an mbarrier arrive releases only its own thread's accesses
-                // (docs/perf-notes.md, section 24).
-                if (SA_LOADER_WARP) __syncwarp();
-                if (CLUSTER_N == 1) {
-                    if (lane == 0) ptx::mbarrier_arrive(&smem.empty[stage]);
-                } else if (lane < CLUSTER_N) {
-                    ptx::mbarrier_signal_cluster(&smem.empty[stage], lane);
-                }
-            };
-            // part: the block's results for the tile's columns [first_col, first_col + its width)
-            // (all of them, or one N half with PIPELINE_HALVES).
-            constexpr ptx::IntConstant<0> kAllColumns;
-            auto promote = [&](float(&acc)[kAccRegs], const auto& part, const BlockScales& scales, auto first_col) {
-                constexpr int kFirstCol = decltype(first_col)::value;
-                constexpr int kRegs = sizeof(part) / sizeof(float);
-                const float top0 = scales.sa0 * scales.sb0, top1 = scales.sa0 * scales.sb1;
-                const float bottom0 = scales.sa1 * scales.sb0, bottom1 = scales.sa1 * scales.sb1;
-#pragma unroll
-                for (int i = 0; i < kRegs / 4; ++i) {
-                    // split is a multiple of 16, so a whole 8-column group shares one scale.
-                    const bool second = !kOneScaleB && kFirstCol + i * 8 >= split;
-                    const float top = second ? top1 : top0;
-                    const float bottom = second ? bottom1 : bottom0;
-                    constexpr int kBase = kFirstCol / 2;  // two registers a column pair per row pair
-                    acc[kBase + 4 * i + 0] += part[4 * i + 0] * top;
-                    acc[kBase + 4 * i + 1] += part[4 * i + 1] * top;
-                    acc[kBase + 4 * i + 2] += part[4 * i + 2] * bottom;
-                    acc[kBase + 4 * i + 3] += part[4 * i + 3] * bottom;
-                }
-            };
-            auto retire = [&](float(&part)[kAccRegs], const BlockScales& scales) {
-#pragma unroll
-                for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
-                if (scales.last_of_stage) release(scales.stage);
-                promote(acc[0], part, scales, kAllColumns);
-            };
-
-            if constexpr (kPipelineHalves) {
-                // The second half's retirement releases the block's stage (both halves have read it).
-                auto retire_half = [&](float(&half)[kAccRegs / 2], const BlockScales& scales, auto h) {
-                    constexpr int32_t kHalf = decltype(h)::value;
-#pragma unroll
-                    for (int i = 0; i < kAccRegs / 2; ++i) ptx::fence_register(half[i]);
-                    if (kHalf == 1 && scales.last_of_stage) release(scales.stage);
-                    promote(acc[0], half, scales, ptx::IntConstant<kHalf * (BLOCK_N / 2)>());
-                };
-                constexpr ptx::IntConstant<0> kFirst;
-                constexpr ptx::IntConstant<1> kSecond;
-                float half0[kAccRegs / 2], half1[kAccRegs / 2];
-                BlockScales scales, next;
-                // Units 2 kb (half 0 of block kb) and 2 kb + 1 (half 1), in the shape of the
-                // two-tile loop below: each half of the loop body either issues the next unit and
-                // retires this one, or waits for everything, retires and leaves. Shorter forms
-                // (a body issuing both halves of a block, with or without the first half's
-                // condition, which is always true) made ptxas serialise every wgmma (C7514).
-                const int32_t u_end = 2 * (kb_end - kb_begin);
-                int32_t u = 0;
-                if (u < u_end) {
-                    issue(half0, kb_begin, scales);
-                    while (true) {
-                        if (u + 1 < u_end) {
-                            issue_slice(half1, scales, 0, true);  // issue() put in the first half
-                            ptx::wgmma_wait<1>();
-                            retire_half(half0, scales, kFirst);
-                        } else {
-                            ptx::wgmma_wait<0>();
-                            retire_half(half0, scales, kFirst);
-                            break;
-                        }
-                        ++u;
-                        if (u + 1 < u_end) {
-                            issue(half0, kb_begin + (u + 1) / 2, next);
-                            ptx::wgmma_wait<1>();
-                            retire_half(half1, scales, kSecond);
-                            scales = next;
-                        } else {
-                            ptx::wgmma_wait<0>();
-                            retire_half(half1, scales, kSecond);
-                            break;
-                        }
-                        ++u;
-                    }
-                }
-            } else if (kPipelinePromotion) {
-                // Two register tiles: block kb + 1's wgmmas run while block kb is promoted.
-                // Each half of the loop either issues the next block and retires this
-                // one, or (last block) waits for everything and leaves: with no path
-                // that skips an issue and goes on, ptxas can tell which wgmma group
-                // each wait<1> completes and keeps two in flight (other shapes of
-                // this loop made it inject waits, C7517, or serialise, C7514). The two
-                // halves are written out: folding them into one lambda changed ptxas'
-                // schedule (4096x32768x512 measured 141 -> 164 us in the run that tried it).
-                BlockScales scales0, scales1;
-                int32_t kb = kb_begin;
-                if (kb < kb_end) {
-                    issue(part, kb, scales0);
-                    while (true) {
-                        if (kb + 1 < kb_end) {
-                            issue(part_next, kb + 1, scales1);
-                            ptx::wgmma_wait<1>();
-                            retire(part, scales0);
-                        } else {
-                            ptx::wgmma_wait<0>();
-                            retire(part, scales0);
-                            break;
-                        }
-                        ++kb;
-                        if (kb + 1 < kb_end) {
-                            issue(part, kb + 1, scales0);
-                            ptx::wgmma_wait<1>();
-                            retire(part_next, scales1);
-                        } else {
-                            ptx::wgmma_wait<0>();
-                            retire(part_next, scales1);
-                            break;
-                        }
-                        ++kb;
-                    }
-                }
-            } else if (kMWaves == 1) {
-                for (int32_t kb = kb_begin; kb < kb_end; ++kb) {
-                    BlockScales scales;
-                    issue(part, kb, scales);
-                    ptx::wgmma_wait<0>();
-                    retire(part, scales);
-                }
-            } else {
-                // Two waves per K block on one stage: wave 0's wgmmas are issued by issue(),
-                // wave 1's here; the stage is released once both have read it.
-                for (int32_t kb = kb_begin; kb < kb_end; ++kb) {
-                    BlockScales scales;
-                    issue(part, kb, scales);
-                    ptx::wgmma_wait<0>();
-#pragma unroll
-                    for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
-                    promote(acc[0], part, scales, kAllColumns);
-#pragma unroll
-                    for (int w = 1; w < kMWaves; ++w) {
-                        issue_slice(part, scales, w);
-                        ptx::wgmma_wait<0>();
-#pragma unroll
-                        for (int i = 0; i < kAccRegs; ++i) ptx::fence_register(part[i]);
-                        if (w == kMWaves - 1 && scales.last_of_stage) release(scales.stage);
-                        promote(acc[w], part, scales, kAllColumns);
-                    }
-                }
-            }
-        };
-        if constexpr (kFixedScaleSplit) {
-            auto run_tile = [&](auto whole_tile) {
-                auto loop = [&](auto fixed_split) { main_loop(whole_tile, fixed_split); };
-                with_fixed_split<0>(b_scale_rows(tile).split, loop);
-            };
-            if (SPLIT_K == 1 || tile.num_splits == 1) {
-                run_tile(ptx::Constant<true>());
-            } else {
-                run_tile(ptx::Constant<false>());
-            }
-        } else if (SPLIT_K == 1 || tile.num_splits == 1) {
-            main_loop(ptx::Constant<true>(), ptx::IntConstant<0>());
+        const bool whole = C::kSplitK == 1 || tile.num_splits == 1;
+        if (whole) {
+            math.template run<true>(tile, first, p);
         } else {
-            main_loop(ptx::Constant<false>(), ptx::IntConstant<0>());
+            math.template run<false>(tile, first, p);
         }
         ring.end_tile();
         if (kFetchBeforeEpilogue) look_ahead();
-        if (SPLIT_K == 1 || tile.num_splits == 1 || reduce_split_k(acc[0], tile, smem, workspace, tile_counters)) {
+        if (whole || Epilogue::reduce_split_k(math.acc[0], tile, p, smem)) {
 #pragma unroll
-            for (int w = 0; w < kMWaves; ++w) store_tile(acc[w], tile, tma_out, smem.out, out, out_ld_bytes, w);
+            for (int w = 0; w < C::kMWaves; ++w) Epilogue::store_tile(math.acc[w], tile, p, smem.out, w);
         }
         if (!kLookAhead && !kFetchBeforeEpilogue) has_next = scheduler.next(next_tile);
         tile = next_tile;
         has_tile = has_next;
-        sb0_first_chunk = sb0_next_tile;
-        sb1_first_chunk = sb1_next_tile;
+        first = next_first;
     }
     if (threadIdx.x % 128 == 0) ptx::tma_store_wait_all();
 }
 
-}  // namespace gemm
-
-extern "C" __global__ void __launch_bounds__(gemm::kNumThreads, 1)
-    deep_gemm_fp8_gemm(const __grid_constant__ TmaDescriptor tma_a, const __grid_constant__ TmaDescriptor tma_b,
-                       const __grid_constant__ TmaDescriptor tma_sa, const __grid_constant__ TmaDescriptor tma_out,
-                       const __grid_constant__ TmaDescriptor tma_a_tail, const __grid_constant__ TmaDescriptor tma_sa_tail,
-                       const float* sa, const float* sb, uint8_t* out,
-                       int32_t out_ld_bytes, int32_t shape_m, int32_t sa_rows, int32_t sa_ld, int32_t a_tail_rows,
-                       const int32_t* group_info, float* workspace, int32_t* tile_counters) {
-    using namespace gemm;
+template <class C>
+__global__ void __launch_bounds__(C::kNumThreads, 1) gemm_kernel(const __grid_constant__ GemmParams params) {
+    using Math = Fp8Math<C>;
+    using Epilogue = Bf16Epilogue<C>;
     extern __shared__ uint8_t smem_raw[];
-    SharedStorage smem(smem_raw);
+    SharedStorage<C> smem(smem_raw);
     if (threadIdx.x == 0) {
-        ptx::prefetch_tma_descriptor(&tma_a);
-        ptx::prefetch_tma_descriptor(&tma_b);
-        if (!SA_LOADER_WARP) ptx::prefetch_tma_descriptor(&tma_sa);
-        ptx::prefetch_tma_descriptor(&tma_out);
-        if (a_tail_rows > 0) {
-            ptx::prefetch_tma_descriptor(&tma_a_tail);
-            if (!SA_LOADER_WARP) ptx::prefetch_tma_descriptor(&tma_sa_tail);
+        ptx::prefetch_tma_descriptor(&params.tma_a);
+        ptx::prefetch_tma_descriptor(&params.tma_b);
+        if (!C::kScaleLoaderWarp) ptx::prefetch_tma_descriptor(&params.tma_sa);
+        ptx::prefetch_tma_descriptor(&params.tma_out);
+        if (params.a_tail_rows > 0) {
+            ptx::prefetch_tma_descriptor(&params.tma_a_tail);
+            if (!C::kScaleLoaderWarp) ptx::prefetch_tma_descriptor(&params.tma_sa_tail);
         }
-        for (int s = 0; s < NUM_STAGES; ++s) {
-            ptx::mbarrier_init(&smem.full[s], kFullArrivals);
-            ptx::mbarrier_init(&smem.empty[s], kEmptyArrivals);  // one arrive per math warp of each block
+        for (int s = 0; s < C::kNumStages; ++s) {
+            ptx::mbarrier_init(&smem.full[s], C::kFullArrivals);
+            ptx::mbarrier_init(&smem.empty[s], C::kEmptyArrivals);
         }
         ptx::fence_barrier_init();
     }
-    // The peer block multicasts into our barriers: they must be live cluster-wide.
-    if (CLUSTER_N > 1) ptx::cluster_sync(); else __syncthreads();
-
+    __syncthreads();
     if (threadIdx.x < 128) {
-        ptx::setmaxnreg_dec<kProducerRegs>();
+        ptx::setmaxnreg_dec<C::kProducerRegs>();
         if (threadIdx.x == 0) {
-            produce(&tma_a, &tma_b, &tma_sa, &tma_a_tail, &tma_sa_tail, smem, shape_m, a_tail_rows, group_info);
-        } else if (SA_LOADER_WARP && ptx::warp_index() == 1) {
-            load_a_scales(sa, sa_rows, sa_ld, smem, shape_m, group_info);
+            Producer<C>::load_tiles(params, smem);
+        } else if (C::kScaleLoaderWarp && ptx::warp_index() == 1) {
+            Producer<C>::load_a_scales(params, smem);
         }
     } else {
-        ptx::setmaxnreg_inc<kConsumerRegs>();
-        consume(&tma_out, smem, sb, out, out_ld_bytes, shape_m, a_tail_rows, group_info, workspace, tile_counters);
+        ptx::setmaxnreg_inc<C::kMathRegs>();
+        consume<C, Math, Epilogue>(params, smem);
     }
-    // Neither block may exit while its peer can still arrive on its barriers.
-    if (CLUSTER_N > 1) ptx::cluster_sync();
 }
+
+}  // namespace deep_gemm

@@ -1,95 +1,33 @@
-"""Dense FP8 GEMM: validate -> normalise layouts -> plan -> launch."""
+"""The one host pipeline of the GEMMs: cached launch, or validate -> plan -> prepare -> fire -> cache.
+
+Every public GEMM is `run` with a layout. A call whose tensors have the same data pointers, shapes,
+strides and dtypes as an earlier call that passed validation and launched on the caller's own
+tensors (nothing copied, padded or staged) fires the same prepared launch: the cache key holds the
+pointers, layout, planning hint, current stream and set_num_sms() value, and each entry's guard
+checks the rest (runtime/launch.py). Anything else goes the long way, which validates everything.
+"""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .. import reference
-from .. import utils as _utils
+from ..config import M_ALIGNMENT_CONTIGUOUS, Layout
 from ..plan import plan_cached
-from ..runtime.launch import LaunchCache, current_raw_stream
-from ..validation import check_dense
+from ..runtime.launch import LaunchCache, launch_key
+from ..utils import device_sm_count, num_sms_override
 from .device import runs_on_hopper
-from . import library as _library
+from .validation import GemmArgs, check_gemm
 
-_is_compiling = _library.is_compiling
-
-
-def _needs_k_pad(pair) -> bool:
-    """TMA needs 16-byte row strides: a contiguous fp8 operand whose K is not a multiple of 16
-    gets zero columns appended (zeros add nothing to the sums and the scale blocks are
-    unchanged). Anything else is left to validation."""
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-        return False
-    x = pair[0]
-    return (isinstance(x, torch.Tensor) and x.dtype == torch.float8_e4m3fn and x.dim() >= 2
-            and x.shape[-1] % 16 != 0 and x.is_contiguous())
-
-
-def pad_k_to_16(pair):
-    """The operand padded along K if _needs_k_pad, in torch (the reference of ops/pad.py)."""
-    if not _needs_k_pad(pair):
-        return pair
-    x = pair[0]
-    padded = F.pad(x.view(torch.uint8), (0, (-x.shape[-1]) % 16)).view(torch.float8_e4m3fn)
-    return padded, pair[1]
-
-
-def _last_dim(pair):
-    """K of an operand (its tensor's last dimension), or None for anything validation rejects."""
-    if isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], torch.Tensor) and pair[0].dim():
-        return pair[0].shape[-1]
-    return None
-
-
-_pad_ops = None
-
-
-def pad_operands_k_to_16(lhs, rhs):
-    """(lhs, rhs) with each operand padded along K as pad_k_to_16 does; on a Hopper GPU both by
-    one launch of ops/pad.py's kernel. Operands whose K differ are left alone: padding would hide
-    the mismatch that validation must report."""
-    global _pad_ops
-    pads = [_needs_k_pad(lhs), _needs_k_pad(rhs)]
-    if not any(pads):
-        return lhs, rhs
-    k_lhs, k_rhs = _last_dim(lhs), _last_dim(rhs)
-    if k_lhs is not None and k_rhs is not None and k_lhs != k_rhs:
-        return lhs, rhs
-    xs = [pair[0] for pair, pad in zip((lhs, rhs), pads) if pad]
-    device = xs[0].device
-    if not (xs[0].is_cuda and all(x.device == device for x in xs) and runs_on_hopper(device)):
-        return pad_k_to_16(lhs), pad_k_to_16(rhs)
-    if _pad_ops is None:   # imported on first use: it pulls in the JIT
-        from . import pad
-        _pad_ops = pad
-    padded = iter(_pad_ops.pad_k16(*xs))
-    return tuple((next(padded), pair[1]) if pad else pair for pair, pad in zip((lhs, rhs), pads))
-
-
-# ---- launch cache ---------------------------------------------------------------------------
-# A call whose tensors have the same data pointers, shapes, strides, dtypes and devices as an
-# earlier call that passed validation, was planned and launched as it came (no tensor copied,
-# padded or staged), launches exactly the same kernel with exactly the same parameters. The
-# cache's key holds the pointers, the current stream (a prepared launch fires on the stream it
-# was prepared for, whose split-K workspace it uses) and the set_num_sms() value; each launch
-# under a key carries a guard on the rest (runtime/launch.py: torch's C++ TensorGuards). So on
-# a hit the key and the guard are the validation, and the call is a lookup, one guard check and
-# one launch. Only plain tensors take part; any other input (and any miss) goes the long way,
-# which validates everything and names the culprit. Methods are called unbound (one lookup fewer).
-_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
-_BF16 = torch.bfloat16
-_dense_launches = LaunchCache()
-_ptr = torch.Tensor.data_ptr
-_device = torch.Tensor.get_device
-
-
+_launches = LaunchCache()
 _kernels = None
 
 
-def _runtime_kernels():
-    """deep_gemm.runtime.kernels, imported on the first launch (it pulls in the JIT) and then
-    kept here: a function-level import statement costs about a microsecond per call."""
+def _runtime():
+    """deep_gemm.runtime.kernels, imported on the first launch (it pulls in the JIT and the driver
+    bindings, which a CPU-only process never needs)."""
     global _kernels
     if _kernels is None:
         from ..runtime import kernels
@@ -97,88 +35,151 @@ def _runtime_kernels():
     return _kernels
 
 
-def _sms_for_key(key, device: torch.device) -> int:
-    """The SM count a launch is planned with: the set_num_sms() value captured in the key (so an
-    entry always matches its key even if set_num_sms runs meanwhile), else the device's count."""
-    override = key[-1] if key is not None else _utils._num_sms_override
-    return override if override is not None else _utils.device_sm_count(device.index)
+# ---- K padding: TMA needs 16-byte row strides -----------------------------------------------------
+def _unaligned_k(pair) -> bool:
+    """An fp8 operand whose K is not a multiple of 16: zero columns are appended (they add nothing to
+    the sums and leave the scale blocks unchanged). Anything else is left to validation."""
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        return False
+    x = pair[0]
+    return isinstance(x, torch.Tensor) and x.dtype == torch.float8_e4m3fn and x.dim() >= 2 and x.shape[-1] % 16 != 0
 
 
-def _dense_key(lhs, rhs, out):
-    """(cache key, the call's five tensors) of a dense call, or None for a call that must take
-    the long way."""
-    try:
-        if type(lhs) is not tuple or type(rhs) is not tuple or len(lhs) != 2 or len(rhs) != 2:
-            return None
-        a, sa = lhs
-        b, sb = rhs
-        if not (type(a) in _PLAIN and type(sa) in _PLAIN and type(b) in _PLAIN and type(sb) in _PLAIN
-                and type(out) in _PLAIN):
-            return None
-        return ((_ptr(a), _ptr(sa), _ptr(b), _ptr(sb), _ptr(out), current_raw_stream(_device(a)),
-                 _utils._num_sms_override), (a, sa, b, sb, out))
-    except Exception:  # exotic tensors whose pointers cannot be read: the long way
-        return None
+def pad_k_to_16(pair):
+    """The operand padded along K if it needs it, in torch (the reference of ops/pad.py)."""
+    if not _unaligned_k(pair):
+        return pair
+    x = pair[0]
+    padded = F.pad(x.view(torch.uint8), (0, (-x.shape[-1]) % 16)).view(torch.float8_e4m3fn)
+    return padded, pair[1]
 
 
-def _new_dense_out(lhs, rhs):
-    """out for out=None, allocated up front so that the call can use the launch cache (torch's
-    caching allocator tends to hand back the same block call after call). Only the plain CUDA
-    case whose rows need no padding (N % 8 == 0), where validation would allocate exactly this;
-    None otherwise, and validation allocates as before."""
-    if type(lhs) is tuple and type(rhs) is tuple and len(lhs) == 2 and len(rhs) == 2:
-        a, b = lhs[0], rhs[0]
-        if type(a) in _PLAIN and type(b) in _PLAIN and a.is_cuda:
-            a_shape, b_shape = a.shape, b.shape
-            if len(a_shape) == 2 and len(b_shape) == 2 and b_shape[0] % 8 == 0:
-                return torch.empty((a_shape[0], b_shape[0]), dtype=_BF16, device=a.device)
-    return None
+def pad_operands_k_to_16(lhs, rhs):
+    """(lhs, rhs) with K padded to a multiple of 16 when a contiguous operand needs it (a strided view
+    with aligned rows runs as it is, unless its partner is padded); on a Hopper GPU by one launch.
+    Operands whose K differ are left alone: padding would hide the mismatch validation reports."""
+    pads = [_unaligned_k(pair) for pair in (lhs, rhs)]
+    if not any(pad and pair[0].is_contiguous() for pad, pair in zip(pads, (lhs, rhs))):
+        return lhs, rhs
+    if pads != [True, True] or lhs[0].shape[-1] != rhs[0].shape[-1]:
+        return lhs, rhs
+    xs = [pair[0].contiguous() for pair in (lhs, rhs)]
+    if not (xs[0].device == xs[1].device and runs_on_hopper(xs[0].device)):
+        return pad_k_to_16(lhs), pad_k_to_16(rhs)
+    from .pad import pad_k16   # imported on first use: it pulls in the JIT
+    a, b = pad_k16(*xs)
+    return (a, lhs[1]), (b, rhs[1])
 
 
-def gemm_fp8_fp8_bf16_nt(lhs, rhs, out=None):
-    """out[M, N] (bf16) = A[M, K] @ B[N, K]^T with DeepSeek-V3 block scales.
+# ---- the pipeline ----------------------------------------------------------------------------------
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """[G, R, C] -> [G * R, C] without a copy when the groups are evenly spaced."""
+    if x.stride(0) != x.shape[1] * x.stride(1):
+        x = x.contiguous()
+    if x.is_contiguous():
+        return x.view(-1, x.shape[-1])
+    return x.as_strided((x.shape[0] * x.shape[1], x.shape[2]), (x.stride(1), x.stride(2)))
 
-    lhs = (A: float8_e4m3fn [M, K], sa: float32 [M, ceil(K/128)], row-major or
-    column-major TMA-aligned), rhs = (B: float8_e4m3fn [N, K], sb: float32
-    [ceil(N/128), ceil(K/128)]).  Returns `out` (allocated when None).
-    """
-    if _is_compiling():  # torch.compile / export: trace one custom op (ops/library.py)
-        return _library.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
-    if out is None:
+
+def _run_reference(args: GemmArgs) -> None:
+    lhs, rhs = (args.a, args.sa), (args.b, args.sb)
+    if args.layout == Layout.DENSE:
+        reference.gemm_fp8_fp8_bf16_nt(lhs, rhs, args.out)
+    elif args.layout == Layout.CONTIGUOUS:   # like the kernel, indices outside [0, G) are padding
+        idx = args.index
+        in_range = (idx >= 0) & (idx < args.num_groups)
+        reference.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, args.out,
+                                                           torch.where(in_range, idx, torch.full_like(idx, -1)))
+    else:
+        reference.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, args.out, args.index.clamp(0, args.m),
+                                                       args.expected_m)
+
+
+def _launch(args: GemmArgs, num_sms: int):
+    """(prepared launch, copy_back) of a validated call on a Hopper GPU. copy_back is None when the
+    launch writes the caller's out and reads the caller's operands in place; else what must run
+    after it (possibly nothing), and the launch must not be cached."""
+    a, b, out = args.a, args.b, args.out
+    copy_back = None
+    if args.layout == Layout.DENSE and (out.stride(0) % 8 or out.data_ptr() % 16):
+        # TMA stores need 16-byte rows: such an out is written through an aligned buffer.
+        out = torch.empty((args.m, (args.n + 7) // 8 * 8), dtype=torch.bfloat16, device=out.device)
+        copy_back = lambda: args.out.copy_(out[:, :args.n])  # noqa: E731
+    if args.layout != Layout.DENSE:   # groups as rows of one 2-D view (copied if unevenly spaced)
+        b = _as_rows(b)
+        if args.layout == Layout.MASKED:
+            a, out = _as_rows(a), _as_rows(out)
+        if out.data_ptr() != args.out.data_ptr():
+            copy_back = lambda: args.out.copy_(out.view_as(args.out))  # noqa: E731
+        elif a.data_ptr() != args.a.data_ptr() or b.data_ptr() != args.b.data_ptr():
+            copy_back = lambda: None  # noqa: E731
+    config = plan_cached(min(args.expected_m, args.m), args.n, args.k, num_sms, args.layout, args.num_groups)
+    rows = args.m * (args.num_groups if args.layout == Layout.MASKED else 1)
+    launch = _runtime().prepare_gemm(config, a=a, a_rows=rows, sa=args.sa, sa_rows=args.m, b=b, b_rows=b.shape[0],
+                                     sb=args.sb, out=out, out_rows=rows, shape_m=args.m, group_info=args.index,
+                                     num_sms=num_sms)
+    return launch, copy_back
+
+
+def run(layout: Layout, lhs, rhs, out: Optional[torch.Tensor] = None, index=None, expected_m=None,
+        check_indices: bool = False) -> torch.Tensor:
+    """One GEMM of `layout`; returns the output (allocated when a dense call's out is None).
+    check_indices (contiguous): validate m_indices on the host first (a device sync)."""
+    if out is None and layout == Layout.DENSE:
         out = _new_dense_out(lhs, rhs)
-    key = tensors = None
-    hit = _dense_key(lhs, rhs, out)
-    if hit is not None:
-        key, tensors = hit
-        launch = _dense_launches.find(key, tensors)
-        if launch is not None:
-            launch.fire()
-            return out
+    key = flat = None
+    if not check_indices:
+        key, flat = launch_key((lhs, rhs, out) if index is None else (lhs, rhs, out, index),
+                               int(layout), expected_m, num_sms_override())
+        if key is not None:
+            launch = _launches.find(key, flat)
+            if launch is not None:
+                launch.fire()
+                return out
 
-    args = check_dense(*pad_operands_k_to_16(lhs, rhs), out)
-    result = out if out is not None else args.out
+    args = check_gemm(layout, *pad_operands_k_to_16(lhs, rhs), out, index, expected_m)
+    result = out if out is not None else args.out   # validation may hand back a re-strided view
+    if check_indices:
+        check_m_indices(args.index, args.num_groups)
     if args.m == 0:
         return result
     if not runs_on_hopper(args.a.device):
-        reference.gemm_fp8_fp8_bf16_nt((args.a, args.sa), (args.b, args.sb), args.out)
+        _run_reference(args)
         return result
-
-    a, b, target = args.a, args.b, args.out
-    # TMA stores need 16-byte output rows; odd N goes through a padded buffer.
-    staged = target.stride(0) % 8 != 0 or target.data_ptr() % 16 != 0
-    if staged:
-        target = torch.empty((args.m, (args.n + 7) // 8 * 8), dtype=torch.bfloat16, device=target.device)
-
-    num_sms = _sms_for_key(key, a.device)
-    config = plan_cached(args.m, args.n, args.k, num_sms)
-    launch = _runtime_kernels().prepare_gemm(config, a, args.m, args.sa, args.m, b, args.n,
-                                             args.sb, target, args.m, args.m, None, num_sms)
+    override = num_sms_override() if key is None else key[-1]
+    launch, copy_back = _launch(args, override if override is not None else device_sm_count(args.a.device.index))
     launch.fire()
-    # Cached after a launch that worked, and only when it was made from the caller's own tensors
-    # (nothing padded, rebuilt or staged): then the key describes it fully.
-    if (key is not None and not staged and a is lhs[0] and args.sa is lhs[1] and b is rhs[0]
-            and args.sb is rhs[1] and args.out is out):
-        _dense_launches.put(key, tensors, launch)
-    if staged:
-        args.out.copy_(target[:, :args.n])
+    if copy_back is not None:
+        copy_back()
+    elif key is not None and all(x is y for x, y in zip((args.a, args.sa, args.b, args.sb, args.out, args.index), flat)):
+        _launches.put(key, flat, launch)   # made from the caller's own tensors: the key describes it fully
     return result
+
+
+def _new_dense_out(lhs, rhs) -> Optional[torch.Tensor]:
+    """A dense call's out for out=None, allocated up front so that the call can use the launch
+    cache (torch's caching allocator tends to hand back the same block call after call): only in
+    the plain CUDA case whose rows need no padding (N % 8 == 0); None otherwise, and validation
+    allocates."""
+    if type(lhs) is tuple and type(rhs) is tuple and len(lhs) == 2 and len(rhs) == 2:
+        a, b = lhs[0], rhs[0]
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.is_cuda and a.dim() == 2 \
+                and b.dim() == 2 and b.shape[0] % 8 == 0:
+            return torch.empty((a.shape[0], b.shape[0]), dtype=torch.bfloat16, device=a.device)
+    return None
+
+
+def check_m_indices(m_indices: torch.Tensor, num_groups: int, alignment: int = M_ALIGNMENT_CONTIGUOUS) -> None:
+    """Host-side check (synchronises): every block of `alignment` rows is one group or padding."""
+    idx = m_indices.to("cpu", torch.int64)
+    bad = ((idx < -1) | (idx >= num_groups)).nonzero()
+    if bad.numel():
+        row = int(bad[0])
+        raise ValueError(f"m_indices[{row}] = {int(idx[row])} is outside [-1, {num_groups})")
+    for start in range(0, idx.numel(), alignment):
+        block = idx[start:start + alignment]
+        experts = block[block >= 0].unique()
+        if experts.numel() > 1 or (experts.numel() == 1 and int(block[0]) < 0):
+            raise ValueError(
+                f"m_indices rows {start}..{start + block.numel() - 1} mix experts {experts.tolist()} or start "
+                f"with padding: each block of {alignment} rows must belong to one expert, padding (-1) at its end")

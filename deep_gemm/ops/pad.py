@@ -7,7 +7,7 @@ routes CUDA tensors on Hopper here; its F.pad path (pad_k_to_16) is the referenc
 """
 from __future__ import annotations
 
-import ctypes
+import struct
 
 import torch
 
@@ -20,8 +20,8 @@ _FP8 = torch.float8_e4m3fn
 _INT32_MAX = 2**31 - 1
 # Kernel parameters, in order (kernels/pad.cuh): (src, dst, rows, K) of each operand, then the
 # CTAs of the first.
-_OPERAND_TYPES = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32)
-_PARAM_TYPES = _OPERAND_TYPES * 2 + (ctypes.c_int32,)
+_PARAMS = struct.Struct("<QQqi4xQQqii")
+_OFFSETS = (0, 8, 16, 24, 32, 40, 48, 56, 60)
 _current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 
 _loaded: dict = {}          # device index -> LoadedKernel
@@ -30,11 +30,11 @@ launch_count = 0            # kernels launched by this module (tests count them 
 
 def pad_kernel(device_index: int) -> LoadedKernel:
     """The loaded padding kernel of a device, compiling and loading it on first use."""
-    return load_once(_loaded, device_index, device_index, source=pad_source(), kernel_name=KERNEL_NAME,
-                     label=NAME, what="the K-padding kernel (for K % 16 != 0)",
+    return load_once(_loaded, device_index, device_index, build=lambda: (pad_source(), KERNEL_NAME, NAME),
+                     what="the K-padding kernel (for K % 16 != 0)",
                      preload_hint="Run the same call once before capture (warm-up), or load it ahead with "
                                   "deep_gemm.ops.pad.precompile_pad.",
-                     num_threads=THREADS, param_types=_PARAM_TYPES)
+                     num_threads=THREADS)
 
 
 def precompile_pad(device=None) -> None:
@@ -102,15 +102,13 @@ def pad_k16_into(pairs) -> None:
         raise ValueError(f"too much to pad in one launch ({grid} thread blocks)")
     index = device.index
     kernel = _loaded.get(index) or pad_kernel(index)
-    pack = kernel.args()
-    for buffer, value in zip(pack.buffers, [*operands[0][:4], *operands[1][:4], operands[0][4]]):
-        buffer.value = value
+    params = _PARAMS.pack(*operands[0][:4], *operands[1][:4], operands[0][4])
     stream = current_raw_stream(index)
     if _current_device() == index:
-        kernel.launch(grid, stream, pack)
+        kernel.launch(grid, stream, params, _OFFSETS)
     else:   # the module lives in that device's context
         with torch.cuda.device(index):
-            kernel.launch(grid, stream, pack)
+            kernel.launch(grid, stream, params, _OFFSETS)
     launch_count += 1
 
 

@@ -1,12 +1,8 @@
-"""CUDA driver API through cuda-bindings: module loading and kernel launch.
-
-Arguments are packed once per kernel and thread into a `void*[]` of ctypes
-buffers, so a launch only overwrites a few buffers and calls cuLaunchKernel.
-"""
+"""CUDA driver API through cuda-bindings: module loading and kernel launch."""
 from __future__ import annotations
 
 import ctypes
-import threading
+import struct
 
 _driver = None
 
@@ -42,69 +38,45 @@ def check(result):
     return values[0] if len(values) == 1 else tuple(values)
 
 
-class ArgPack:
-    """A kernel's parameter buffers and the pointer array cuLaunchKernel reads."""
-
-    def __init__(self, ctypes_types):
-        self.buffers = [t() for t in ctypes_types]
-        self.pointers = (ctypes.c_void_p * len(self.buffers))(*[ctypes.addressof(b) for b in self.buffers])
-        self.address = ctypes.addressof(self.pointers)
-
-
-TMA_DESCRIPTOR = ctypes.c_uint8 * 128
+def param_buffer(params: bytes, offsets) -> tuple:
+    """(buffer, address): the kernel's parameters back to back in one ctypes buffer, then (8-byte aligned) the array
+    of pointers to each that the driver reads at `address`. The buffer must live as long as the address is used."""
+    size = (len(params) + 7) // 8 * 8
+    buffer = (ctypes.c_char * (size + 8 * len(offsets))).from_buffer_copy(params.ljust(size + 8 * len(offsets), b"\0"))
+    base = ctypes.addressof(buffer)
+    struct.pack_into(f"<{len(offsets)}Q", buffer, size, *[base + off for off in offsets])
+    return buffer, base + size
 
 
 class LoadedKernel:
-    """One cubin loaded on one device, with its launch geometry."""
+    """One cubin loaded on one device (the current one), with its launch geometry."""
 
-    def __init__(self, cubin: bytes, kernel_name: str, num_threads: int, smem_bytes: int,
-                 param_types, cluster_size: int = 1):
+    def __init__(self, cubin: bytes, symbol: str, num_threads: int, smem_bytes: int = 0):
         cu = driver()
         self.module = check(cu.cuModuleLoadData(cubin))
-        self.function = check(cu.cuModuleGetFunction(self.module, kernel_name.encode()))
+        self.function = check(cu.cuModuleGetFunction(self.module, symbol.encode()))
         check(cu.cuFuncSetAttribute(
             self.function, cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_bytes))
         self.num_threads = num_threads
         self.smem_bytes = smem_bytes
-        self._param_types = list(param_types)
-        self._local = threading.local()
-        self.cluster_size = cluster_size
-        self._launch = cu.cuLaunchKernel
-        # Clusters must fit in one GPC: fewer than SMs / cluster_size may be resident.
-        self.max_active_clusters = (check(cu.cuOccupancyMaxActiveClusters(
-            self.function, self.launch_config(cluster_size, 0))) if cluster_size > 1 else None)
 
     def launch_config(self, grid: int, stream: int):
-        """A CUlaunchConfig for cuLaunchKernelEx: this kernel on `grid` blocks (and its thread-block
-        clusters) on `stream`. A new object per call: nothing shared is written at launch time."""
+        """A new CUlaunchConfig (cuLaunchKernelEx) of `grid` blocks on `stream`; nothing shared is written at launch."""
         cu = driver()
         config = cu.CUlaunchConfig()
         config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
         config.blockDimX, config.blockDimY, config.blockDimZ = self.num_threads, 1, 1
         config.sharedMemBytes = self.smem_bytes
         config.hStream = cu.CUstream(stream)
-        if self.cluster_size > 1:
-            attr = cu.CUlaunchAttribute()
-            attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-            attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = self.cluster_size, 1, 1
-            config.attrs = [attr]
-            config.numAttrs = 1
-        else:
-            config.numAttrs = 0
+        config.numAttrs = 0
         return config
 
-    def args(self) -> ArgPack:
-        pack = getattr(self._local, "pack", None)
-        if pack is None:
-            pack = self._local.pack = ArgPack(self._param_types)
-        return pack
-
-    def launch(self, grid: int, stream: int, pack: ArgPack) -> None:
-        """Launch with parameters from `pack`: the cast kernels' path (no clusters). GEMM launches
-        go through runtime/launch.py's PreparedLaunch, which builds its config with launch_config."""
-        if self.cluster_size != 1:
-            raise ValueError("LoadedKernel.launch has no thread-block clusters: use a PreparedLaunch")
-        err, = self._launch(self.function, grid, 1, 1, self.num_threads, 1, 1, self.smem_bytes, stream,
-                            pack.address, 0)
-        if err != 0:
+    def launch(self, grid: int, stream: int, params: bytes, offsets) -> None:
+        """One launch with parameters packed as for param_buffer (kernels launched once per call,
+        such as the K-padding kernel; repeated launches go through runtime/launch.PreparedLaunch)."""
+        _, address = buffer = param_buffer(params, offsets)
+        err, = driver().cuLaunchKernel(self.function, grid, 1, 1, self.num_threads, 1, 1, self.smem_bytes, stream,
+                                       address, 0)
+        del buffer   # the driver has copied the parameters
+        if err:
             check((err,))

@@ -1,36 +1,25 @@
-"""Ready-to-fire kernel launches and the bounded caches that keep them per call site.
+"""Ready-to-fire kernel launches, and the bounded cache that keeps them per call site.
 
-Issuing a GEMM from Python costs far more CPU time than the driver call itself: validating
-the arguments, planning the tiles, encoding four TMA descriptors and packing the kernel
-parameters. Serving engines repeat the very same call (same weights, and thanks to torch's
-caching allocator often the same activation and output buffers) hundreds of times per step,
-so the public functions key a LaunchCache on the call's data pointers and stream, guard each
-launch under a key on the layout of the call's tensors (dtype, device, shape, strides), and
-on a hit only check that guard and launch with parameters packed long ago.
-
-A PreparedLaunch owns its packed parameters (bytes that never change after construction),
-so one entry may be fired from several threads at once: cuLaunchKernelEx copies the
-parameters before it returns. From its second launch on it also holds the same launch as a
-one-kernel CUDA graph, which the driver issues in about half the CPU time of the kernel
-launch itself. Nothing here imports the CUDA bindings at import time.
+Validating, planning, encoding tensor maps and packing parameters cost far more CPU time than the
+launch itself, while serving engines repeat the very same call (same weights and, thanks to
+torch's caching allocator, often the same buffers) hundreds of times per step. So the pipelines
+key a LaunchCache on a call's data pointers and stream, guard each entry on the layout of the
+call's tensors, and on a hit only check the guard and fire a PreparedLaunch. Nothing here imports
+the CUDA bindings at import time.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import struct
 import threading
 
 import torch
 
-from .driver import check, driver
+from ..config import GEMM_PARAMS, I32, MAP, PTR, param_layout
+from .driver import check, driver, param_buffer
 
-# ---------------------------------------------------------------------------------------------
-# The current stream, fast.
-# ---------------------------------------------------------------------------------------------
-# torch.cuda.current_stream(device) builds a torch.cuda.Stream object on every call (a few
-# microseconds); the raw cudaStream_t is all the driver needs. _cuda_getCurrentRawStream is
-# what torch's own generated code (inductor) uses for the same purpose.
+# torch.cuda.current_stream(device) builds a Stream object per call (a few microseconds); the raw
+# handle, as torch's own generated code reads it, is all the driver needs.
 _raw_stream_fn = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
@@ -41,17 +30,11 @@ def current_raw_stream(device_index: int) -> int:
     return torch.cuda.current_stream(device_index).cuda_stream
 
 
-# ---------------------------------------------------------------------------------------------
-# Launches.
-# ---------------------------------------------------------------------------------------------
-# Whether the current stream is capturing a CUDA graph (the C++ check behind
-# torch.cuda.is_current_stream_capturing, without its Python wrapper).
+# Whether the current stream is capturing a CUDA graph (the C++ check, without its Python wrapper).
 _stream_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
 
-# An instantiated graph holds ~117 KB of device memory (scripts/launch_probe.py, H100), so at most
-# this many cached launches hold one at a time (~60 MB at the default 512, which covers every GEMM
-# call site of a DeepSeek-V3-sized model); the others launch their kernel directly. A graph is
-# freed with its cache entry. DG_LAUNCH_GRAPHS=0 turns launch graphs off.
+# An instantiated graph holds ~117 KB of device memory, so at most DG_LAUNCH_GRAPHS cached launches
+# (default 512: every call site of a DeepSeek-V3-sized model) hold one; the others launch the kernel.
 def _launch_graphs_budget() -> int:
     value = os.environ.get("DG_LAUNCH_GRAPHS", "").strip()
     if not value:
@@ -92,21 +75,14 @@ def live_graphs() -> int:
 
 
 class PreparedLaunch:
-    """One kernel launch with every argument fixed, the stream included.
+    """One kernel launch with every argument fixed, the stream included (a split-K launch's
+    workspace belongs to its stream), so an entry is only fired on the stream it was made for.
 
-    `params` is the kernel's parameters laid out back to back; `offsets` says where each one
-    starts (the driver reads an array of pointers to them and copies each parameter's size,
-    known from the kernel image). The launch itself happens in fire(), on `stream`: the launch
-    caches key on the stream (a split-K launch's workspace belongs to it), so an entry is only
-    ever fired on the stream it was prepared for.
-
-    A launch fired a second time is also captured into a one-kernel CUDA graph: cuGraphLaunch
-    of that graph costs the CPU 1.6-2.5 µs where cuLaunchKernelEx costs 3.4-5.0 (scripts/
-    launch_probe.py on three H100 machines), the driver having checked and packed everything at
-    instantiation (19-26 µs, once; ~117 KB of device memory, within MAX_LAUNCH_GRAPHS). A graph
-    cannot be launched into a stream that is itself capturing a graph (the driver refuses, and
-    the capture is lost), so while the stream captures the kernel is launched as before, and so
-    it is when another thread is launching the same graph (graph objects are not thread-safe).
+    `params` holds the kernel's parameters back to back, `offsets` where each starts; they never
+    change, so threads may fire one entry at once (the driver copies the parameters). A launch
+    fired a second time is also captured into a one-kernel CUDA graph, whose launch costs the CPU
+    about half of cuLaunchKernelEx's (instantiating it costs ~25 µs once). A graph cannot be
+    launched into a capturing stream, nor by two threads at once: then the kernel is launched.
     """
 
     __slots__ = ("kernel", "function", "grid", "num_threads", "smem_bytes", "stream", "params",
@@ -122,16 +98,9 @@ class PreparedLaunch:
         self.stream = stream
         self.params = params
         self.device_index = device_index
-        # One buffer holds the parameters and, after them (8-byte aligned), the array of
-        # pointers to each one that the driver reads; the pointers are written with
-        # struct.pack_into, several times faster than building a ctypes c_void_p array. The
-        # buffer lives as long as this object, so the raw addresses stay valid.
-        size = (len(params) + 7) // 8 * 8
-        self._buffer = buffer = (ctypes.c_char * (size + 8 * len(offsets))).from_buffer_copy(
-            params.ljust(size + 8 * len(offsets), b"\0"))
-        base = ctypes.addressof(buffer)
-        _pointer_struct(len(offsets)).pack_into(buffer, size, *[base + off for off in offsets])
-        self.address = base + size
+        # The parameters and the array of pointers to them, written once (struct.pack_into, several
+        # times faster than a ctypes c_void_p array); the buffer lives as long as this object.
+        self._buffer, self.address = param_buffer(params, offsets)
         # cuLaunchKernelEx with a launch config built once (grid, block, shared memory, stream,
         # clusters): 0.35 µs less per launch than cuLaunchKernel's eleven converted arguments
         # (scripts/launch_probe.py), and the config is only read, so threads may share it.
@@ -206,42 +175,34 @@ class PreparedLaunch:
                 pass
 
 
-_pointer_structs: dict = {}
-
-
-def _pointer_struct(count: int) -> struct.Struct:
-    """struct.Struct of `count` little-endian 64-bit pointers, built once per count."""
-    packer = _pointer_structs.get(count)
-    if packer is None:
-        packer = _pointer_structs[count] = struct.Struct(f"<{count}Q")
-    return packer
-
-
 # ---------------------------------------------------------------------------------------------
-# GEMM kernel parameters (kernels/gemm.cuh: deep_gemm_fp8_gemm), packed once per launch.
+# The GEMM kernel's parameter block, packed as config.GEMM_PARAMS describes it.
 # ---------------------------------------------------------------------------------------------
-# tma_a, tma_b, tma_sa, tma_out, tma_a_tail, tma_sa_tail: CUtensorMap (128 bytes each, passed
-# by value); sa, sb, out: pointers; out row stride in bytes, shape_m, sa_rows, sa_ld, a_tail_rows:
-# int32; group info, split-K workspace (partial tiles, tile counters): pointers.
-GEMM_PARAM_OFFSETS = (0, 128, 256, 384, 512, 640, 768, 776, 784, 792, 796, 800, 804, 808, 816, 824, 832)
-GEMM_PARAM_NAMES = ("tma_a", "tma_b", "tma_sa", "tma_out", "tma_a_tail", "tma_sa_tail", "sa", "sb", "out",
-                    "out_ld_bytes", "shape_m", "sa_rows", "sa_ld", "a_tail_rows", "group_info", "workspace",
-                    "tile_counters")
-_GEMM_SCALARS = struct.Struct("<QQQiiiii4xQQQ")   # 4x: the next pointer's 8-byte alignment
+def _params_struct(params) -> tuple:
+    """(struct.Struct, field names) packing a parameter block at param_layout's offsets."""
+    offsets, size = param_layout(params)
+    codes = {MAP: "128s", PTR: "Q", I32: "i"}
+    widths = {MAP: 128, PTR: 8, I32: 4}
+    fmt, end = "<", 0
+    for name, kind in params:
+        fmt += f"{offsets[name] - end}x" if offsets[name] > end else ""
+        fmt += codes[kind]
+        end = offsets[name] + widths[kind]
+    fmt += f"{size - end}x" if size > end else ""
+    return struct.Struct(fmt), tuple(name for name, _ in params)
 
 
-def pack_gemm_params(maps, sa_ptr: int, sb_ptr: int, out_ptr: int, out_row_bytes: int, shape_m: int,
-                     sa_rows: int, sa_ld: int, a_tail_rows: int, group_ptr: int, partials_ptr: int = 0,
-                     counters_ptr: int = 0) -> bytes:
-    """The GEMM kernel's parameters as one byte string laid out at GEMM_PARAM_OFFSETS.
+_GEMM_STRUCT, GEMM_PARAM_NAMES = _params_struct(GEMM_PARAMS)
+GEMM_PARAM_OFFSETS = (0,)   # one parameter: the whole block
 
-    struct raises on an int32 overflow instead of silently wrapping the value.
-    """
-    if len(maps) != 6 or any(len(m) != 128 for m in maps):
-        raise ValueError("pack_gemm_params needs six 128-byte tensor maps (A, B, A's scales, out, and A's and "
-                         "its scales' for a partial last M block)")
-    return b"".join(maps) + _GEMM_SCALARS.pack(sa_ptr, sb_ptr, out_ptr, out_row_bytes, shape_m, sa_rows, sa_ld,
-                                               a_tail_rows, group_ptr, partials_ptr, counters_ptr)
+
+def pack_gemm_params(**values) -> bytes:
+    """The GEMM kernel's parameter block from one value per field of config.GEMM_PARAMS (tensor
+    maps as 128 bytes, pointers and int32 as ints). struct raises on an int32 overflow instead of
+    silently wrapping the value."""
+    if set(values) != set(GEMM_PARAM_NAMES):
+        raise ValueError(f"pack_gemm_params needs exactly {GEMM_PARAM_NAMES}, got {tuple(sorted(values))}")
+    return _GEMM_STRUCT.pack(*(values[name] for name in GEMM_PARAM_NAMES))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,6 +235,40 @@ def layout_guard(tensors):
             pass
     expected = _layout(tensors)
     return lambda *ts: _layout(ts) == expected
+
+
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+_ptr = torch.Tensor.data_ptr
+_device = torch.Tensor.get_device
+
+
+def launch_key(items, *extra):
+    """(key, tensors) of a call for a LaunchCache: `items` are tensors or (tensor, scales) pairs,
+    flattened into `tensors`; the key holds their data pointers, the current stream of the first
+    one's device and `extra` (what else the launch depends on: ints or None). (None, None) for a
+    call that must take the long way: anything but plain CUDA tensors, or an extra value of another
+    type (a bool or numpy int equal to a cached int must not hit: validation rejects them)."""
+    flat = []
+    for item in items:
+        if type(item) is tuple:
+            if len(item) != 2:
+                return None, None
+            flat += item
+        else:
+            flat.append(item)
+    for t in flat:
+        if type(t) not in _PLAIN:
+            return None, None
+    for value in extra:
+        if value is not None and type(value) is not int:
+            return None, None
+    try:
+        index = _device(flat[0])
+        if index < 0:   # a CPU tensor: the reference path, nothing to cache
+            return None, None
+        return tuple(map(_ptr, flat)) + (current_raw_stream(index),) + extra, flat
+    except Exception:  # exotic tensors whose pointers cannot be read: the long way
+        return None, None
 
 
 class LaunchCache:

@@ -1,23 +1,15 @@
-"""Split-K's global workspace: fp32 partial tiles and one arrival counter per tile.
+"""Split-K's global workspace: fp32 partial tiles and one arrival counter per tile. A split-K launch (kernels/gemm.cuh,
+reduce_split_k) needs its counters zero when it starts and leaves them zero when it ends, so a workspace is zeroed once,
+at allocation, then serves every launch and CUDA graph replay with no memset on the call path. One workspace per
+(device, stream): concurrent split-K GEMMs must not share counters or partial tiles, and launches on one stream never
+overlap. Buffers only grow (geometrically) and are never freed: an outgrown one may still be used by a cached launch or
+a captured graph, on its own stream, where it stays correct.
 
-A split-K launch (kernels/gemm.cuh, reduce_split_k) needs its counters at zero when it starts and
-leaves them at zero when it ends, so a workspace is zeroed once, when it is allocated, and then
-serves launch after launch (and CUDA graph replay after replay) with no memset on the call path.
-
-There is one workspace per (device, stream): two split-K GEMMs that run at the same time must not
-share counters or partial tiles, and launches on one stream never overlap. Buffers only grow
-(geometrically) and are never freed: an outgrown one may still be used by a cached launch or a
-captured CUDA graph, on its own stream, where it stays correct.
-
-The memory comes from the driver, not from torch: a buffer taken from a CUDA-graph memory pool
-(which is where torch allocates during capture, and during torch.compile's graph-tree warm-up)
-would be kept alive past the graph, which graph trees reject as a leaked live tensor. It is
-zeroed on a private stream and waited for, so it is zero before any launch, eager or captured,
-whatever the caller's stream is doing; both steps are outside any capture, hence relaxed
-capture mode around them.
-Limitation: one captured graph replayed on two streams at once, or two graphs captured on one
-stream replayed concurrently, would share a workspace.
-"""
+The memory comes from the driver, not torch: a buffer from a CUDA-graph memory pool (where torch allocates during
+capture and torch.compile's graph-tree warm-up) would outlive the graph, which graph trees reject as a leaked live
+tensor. It is zeroed on a private stream and waited for, so it is zero before any launch, eager or captured, whatever
+the caller's stream does; both steps are outside any capture, hence relaxed capture mode. Limitation: a graph replayed
+on two streams at once, or two graphs captured on one stream and replayed concurrently, share a workspace."""
 from __future__ import annotations
 
 import threading
@@ -35,8 +27,7 @@ _lock = threading.Lock()
 
 
 class _Buffer:
-    """`nbytes` of zeroed device memory at `ptr`, never freed. CPU devices only occur in the
-    host-path tests, which run the launch path on CPU tensors: a torch tensor stands in."""
+    """`nbytes` of zeroed device memory at `ptr`, never freed; on CPU (host-path tests) a torch tensor stands in."""
 
     def __init__(self, device: torch.device, nbytes: int):
         if device.type != "cuda":
@@ -60,8 +51,8 @@ class _Buffer:
 
 
 def split_k_workspace(device: torch.device, stream: int, num_counters: int, num_floats: int):
-    """(counters pointer, partials pointer) of the stream's workspace on `device`, grown to hold
-    `num_counters` counters and `num_floats` partial values."""
+    """(counters pointer, partials pointer) of the stream's workspace on `device`, holding at least `num_counters`
+    int32 counters and `num_floats` fp32 partial values."""
     key = (device, stream)
     entry = _workspaces.get(key)
     if entry is None or entry[1] < num_counters or entry[2] < num_floats:

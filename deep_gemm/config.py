@@ -1,0 +1,156 @@
+"""The GEMM kernel on the host side: its compile-time configuration, geometry and parameter block.
+
+KernelConfig lists the template parameters of `deep_gemm::GemmConfig` (kernels/gemm.cuh) in the
+same order (a CPU test checks it). Pure Python: no torch, no CUDA.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, fields
+
+BLOCK_K = 128                  # one scale block of K: one 128-byte swizzled row of fp8
+SMEM_CAPACITY = 232448         # bytes of dynamic shared memory per block on sm_90
+SMEM_RESERVED = 1024           # slack for aligning the tiles to 1024 bytes (128-byte swizzle)
+M_ALIGNMENT_CONTIGUOUS = 128   # rows of one expert's block in the contiguous layout
+MAX_PIPELINED_BLOCK_N = 128    # three fp32 register tiles fit the math threads' budget up to here
+
+
+class Layout(enum.IntEnum):
+    """How the rows of A (and D) map to groups of B (kernels/scheduler.cuh: deep_gemm::Layout)."""
+    DENSE = 0
+    CONTIGUOUS = 1
+    MASKED = 2
+
+
+def ceil_div(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def valid_block_n(block_n: int) -> bool:
+    """A tile may span at most two 128-column scale blocks of B: BLOCK_N <= 128 + gcd(BLOCK_N, 128)."""
+    return block_n % 16 == 0 and 16 <= block_n <= 256 and block_n <= 128 + math.gcd(block_n, 128)
+
+
+def store_chunk_cols(block_n: int) -> int:
+    """Width in columns of one swizzled TMA-store chunk of the output tile (gemm.cuh: kStoreChunkCols)."""
+    return 64 if block_n % 64 == 0 else 32 if block_n % 32 == 0 else 16
+
+
+def smem_bytes(block_m: int, block_n: int, num_stages: int, stage_k_blocks: int = 1) -> int:
+    """Dynamic shared memory of a kernel (gemm.cuh: SharedStorage)."""
+    per_stage = (block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4) * stage_k_blocks   # A, B, A's scales
+    out_tile = block_m * block_n * 2                                                     # bf16 D tile
+    barriers = (num_stages * 2 + 2) * 8                                                  # full, empty; split-K flag
+    return SMEM_RESERVED + out_tile + num_stages * per_stage + barriers
+
+
+def max_stages(block_m: int, block_n: int, cap: int = 8, stage_k_blocks: int = 1) -> int:
+    """Most stages (of stage_k_blocks K blocks each) that fit in shared memory, at most `cap`."""
+    stages = cap
+    while stages > 1 and smem_bytes(block_m, block_n, stages, stage_k_blocks) > SMEM_CAPACITY:
+        stages -= 1
+    return stages
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Compile-time description of one GEMM kernel; M is always a run-time value."""
+    shape_n: int                   # columns of D (rows of B)
+    shape_k: int                   # reduction length
+    block_m: int                   # 64 (one math warpgroup), 128 (two) or 256 (two, two waves each)
+    block_n: int                   # multiple of 16 (valid_block_n)
+    num_stages: int                # depth of the shared-memory ring
+    stage_k_blocks: int = 1        # 128-K blocks a stage, loaded by one TMA operation per operand
+    layout: Layout = Layout.DENSE
+    num_groups: int = 1
+    raster_group: int = 16         # tiles of this many M blocks sweep N together (L2 reuse)
+    split_k: int = 1               # > 1: tiles of the last wave may be split into this many units over K
+    pipelined: bool = False        # block k + 1's wgmmas run while block k is promoted
+    stream_b: bool = False         # B is read once: its loads mark L2 lines evict-first
+    scale_loader_warp: bool = False  # A's scales copied by a producer warp (cp.async), not by TMA
+
+    def __post_init__(self):
+        object.__setattr__(self, "layout", Layout(self.layout))   # an int from a JSON record, say
+        # The kernel's static_asserts, as errors that name the field, before any compiler runs.
+        problems = []
+        if self.block_m not in (64, 128, 256):
+            problems.append(f"block_m must be 64, 128 or 256, got {self.block_m}")
+        if not valid_block_n(self.block_n):
+            problems.append(f"block_n must be a multiple of 16 in 16..256 spanning at most two scale blocks of B "
+                            f"(block_n <= 128 + gcd(block_n, 128)), got {self.block_n}")
+        if self.pipelined and self.block_n > MAX_PIPELINED_BLOCK_N:
+            problems.append(f"pipelined needs block_n <= {MAX_PIPELINED_BLOCK_N}, got {self.block_n}")
+        if self.block_m == 256 and (self.pipelined or self.split_k > 1 or self.layout != Layout.DENSE):
+            problems.append("block_m = 256 runs dense GEMMs only, unpipelined and unsplit")
+        if self.stage_k_blocks > 1 and self.shape_k % BLOCK_K:
+            problems.append(f"stage_k_blocks > 1 needs K % {BLOCK_K} == 0, got K = {self.shape_k}")
+        if min(self.shape_n, self.shape_k, self.num_stages, self.stage_k_blocks, self.num_groups,
+               self.raster_group, self.split_k) < 1:
+            problems.append("every size must be >= 1")
+        if self.smem_bytes > SMEM_CAPACITY:
+            problems.append(f"{self.smem_bytes} bytes of shared memory, more than the {SMEM_CAPACITY} a block can "
+                            f"have: fewer num_stages or smaller tiles")
+        if problems:
+            raise ValueError("invalid KernelConfig: " + "; ".join(problems))
+
+    @property
+    def num_math_warpgroups(self) -> int:
+        return 1 if self.block_m == 64 else 2
+
+    @property
+    def num_threads(self) -> int:
+        return 128 * (1 + self.num_math_warpgroups)
+
+    @property
+    def num_k_blocks(self) -> int:
+        return ceil_div(self.shape_k, BLOCK_K)
+
+    @property
+    def smem_bytes(self) -> int:
+        return smem_bytes(self.block_m, self.block_n, self.num_stages, self.stage_k_blocks)
+
+    def split_k_workspace_floats(self, grid: int) -> int:
+        """fp32 partial results a split-K launch on `grid` blocks may write: at most one tile per
+        block, since only the last wave's tiles are split (0 without split-K)."""
+        return grid * self.block_m * self.block_n if self.split_k > 1 else 0
+
+    def template_args(self) -> str:
+        """The arguments of deep_gemm::GemmConfig<...>, in field order."""
+        return ", ".join(str(v).lower() if isinstance(v, bool) else str(int(v))
+                         for v in (getattr(self, f.name) for f in fields(self)))
+
+    @property
+    def name(self) -> str:
+        """A label for logs and cache folders."""
+        flags = "".join(tag for tag, on in (("_p", self.pipelined), ("_sb", self.stream_b),
+                                            ("_sl", self.scale_loader_warp)) if on)
+        return (f"gemm_{self.layout.name.lower()}_n{self.shape_n}_k{self.shape_k}_g{self.num_groups}"
+                f"_bm{self.block_m}_bn{self.block_n}_s{self.num_stages}"
+                + (f"x{self.stage_k_blocks}" if self.stage_k_blocks > 1 else "")
+                + f"_r{self.raster_group}_sk{self.split_k}{flags}")
+
+
+# The kernel's one parameter, `deep_gemm::GemmParams`, field by field: tensor maps (128 bytes,
+# 64-byte aligned), pointers, int32s. The launch packs it from this list (runtime/launch.py) and the
+# generated source checks every offset against the C++ struct (jit/kernel_source.py).
+MAP, PTR, I32 = "map", "ptr", "i32"
+GEMM_PARAMS = (
+    ("tma_a", MAP), ("tma_b", MAP), ("tma_sa", MAP), ("tma_out", MAP), ("tma_a_tail", MAP), ("tma_sa_tail", MAP),
+    ("sa", PTR), ("sb", PTR), ("out", PTR),
+    ("out_ld_bytes", I32), ("shape_m", I32), ("sa_rows", I32), ("sa_ld", I32), ("a_tail_rows", I32),
+    ("group_info", PTR), ("workspace", PTR), ("tile_counters", PTR),
+)
+PARAM_SIZE_ALIGN = {MAP: (128, 64), PTR: (8, 8), I32: (4, 4)}
+
+
+def param_layout(params=GEMM_PARAMS) -> tuple:
+    """({name: byte offset}, total size) of a parameter struct laid out by C++'s rules."""
+    offsets, end, align_max = {}, 0, 1
+    for name, kind in params:
+        size, align = PARAM_SIZE_ALIGN[kind]
+        end = ceil_div(end, align) * align
+        offsets[name] = end
+        end += size
+        align_max = max(align_max, align)
+    return offsets, ceil_div(end, align_max) * align_max

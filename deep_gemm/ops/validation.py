@@ -1,0 +1,205 @@
+"""Argument checks for the GEMMs, one rule per kind of operand, composed per layout by check_gemm.
+
+Every bad input raises TypeError (wrong kind or dtype) or ValueError (wrong shape, layout, device
+or alignment) naming the argument (`lhs[0]`, `rhs[1]`, `out`, ...) and what was expected; nothing
+relies on `assert`, so `python -O` behaves the same. The tensors handed back are the ones the
+kernels may use as they are: A and B with 16-byte aligned rows, A's scales in the column-major
+TMA-aligned layout, out allocated when None.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from ..config import Layout
+from ..utils import get_col_major_tma_aligned_tensor, get_tma_aligned_size, is_col_major_tma_aligned
+
+_FP8 = torch.float8_e4m3fn
+
+
+class GemmArgs(NamedTuple):
+    """A validated GEMM call. m: rows of A (dense, contiguous) or max_m (masked)."""
+    layout: Layout
+    a: torch.Tensor                 # e4m3 [M, K] or [G, max_m, K], rows 16-byte aligned
+    sa: torch.Tensor                # float32 [..., M, KB], column-major TMA-aligned
+    b: torch.Tensor                 # e4m3 [N, K] or [G, N, K]
+    sb: torch.Tensor                # float32 [..., NB, KB], contiguous
+    out: torch.Tensor               # bf16 [..., M, N] (a view of a padded buffer when allocated here)
+    index: Optional[torch.Tensor]   # int32 m_indices [M] (contiguous) or masked_m [G] (masked)
+    m: int
+    n: int
+    k: int
+    num_groups: int
+    expected_m: int                 # masked: the planning hint; else m
+
+
+# ---- one rule per kind of operand ------------------------------------------------------------------
+def fp8_operand(pair, name: str, dims: int, what: str):
+    """(x, scales) of an FP8 operand given as a (tensor, scales) pair, x of rank `dims`."""
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        got = f"{len(pair)} items" if isinstance(pair, (tuple, list)) else type(pair).__name__
+        raise TypeError(f"{name} must be a (tensor, scales) pair, got {got}")
+    x, s = pair
+    for suffix, t in (("[0]", x), ("[1]", s)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}{suffix} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dtype != _FP8:
+        raise TypeError(f"{name}[0] must be torch.float8_e4m3fn, got {x.dtype}")
+    if s.dtype != torch.float32:
+        raise TypeError(f"{name}[1] must be torch.float32 scales, got {s.dtype}")
+    if x.dim() != dims:
+        raise ValueError(f"{name}[0] must be {dims}-D {what}, got shape {tuple(x.shape)}")
+    return x, s
+
+
+def tma_rows(x: torch.Tensor, elem_bytes: int, name: str) -> torch.Tensor:
+    """x with a dense innermost dimension, every outer stride a positive multiple of 16 bytes and a
+    16-byte aligned start, as TMA addresses it. A dimension of size <= 1 never uses its stride,
+    but torch may report any value for it: such strides are rewritten to those of a dense tensor
+    (a view of the same storage, no copy)."""
+    shape, stride = x.shape, x.stride()
+    if stride[-1] != 1 and shape[-1] > 1:
+        raise ValueError(f"{name} must have contiguous rows (stride(-1) == 1), got strides {stride}")
+    fixed = list(stride)
+    fixed[-1] = 1
+    for d in range(x.dim() - 2, -1, -1):
+        s = stride[d]
+        if s > 0 and (s * elem_bytes) % 16 == 0:
+            continue
+        if shape[d] > 1:
+            raise ValueError(
+                f"{name} has stride {s} on dimension {d} ({s * elem_bytes} bytes) but TMA needs 16-byte aligned "
+                f"rows: every stride but the last must be a positive multiple of 16 bytes ({16 // elem_bytes} "
+                f"elements); pass a contiguous tensor whose last dimension is a multiple of {16 // elem_bytes}, "
+                f"or pad it")
+        fixed[d] = (get_tma_aligned_size(max(shape[-1], 1), elem_bytes) if d == x.dim() - 2
+                    else fixed[d + 1] * max(1, shape[d + 1]))
+    if tuple(fixed) != stride:
+        x = x.as_strided(tuple(shape), tuple(fixed))
+    aligned_start(x, name)
+    return x
+
+
+def aligned_start(x: torch.Tensor, name: str) -> None:
+    if x.data_ptr() % 16:
+        raise ValueError(f"{name} must start at a 16-byte aligned address (TMA requirement), got "
+                         f"0x{x.data_ptr():x} ({x.storage_offset()} elements into its storage): pass a .clone()")
+
+
+def token_scales(sa: torch.Tensor, lead: tuple, kb: int, name: str) -> torch.Tensor:
+    """A's scales [*lead, KB], one per row and 128-wide K block, row-major or column-major
+    TMA-aligned: returned in the latter layout (a copy only for the former)."""
+    if sa.shape != lead + (kb,):
+        raise ValueError(f"{name} must have shape {lead + (kb,)} (one scale per row and 128-wide K block), "
+                         f"got {tuple(sa.shape)}")
+    if is_col_major_tma_aligned(sa):
+        aligned_start(sa, name)
+        return sa
+    if not sa.is_contiguous():
+        aligned_m = get_tma_aligned_size(lead[-1], 4)
+        want = f"(1, {aligned_m})" if len(lead) == 1 else f"({aligned_m * kb}, 1, {aligned_m})"
+        raise ValueError(f"{name} has strides {sa.stride()}; accepted layouts are row-major contiguous, or "
+                         f"column-major TMA-aligned with strides {want} "
+                         f"(deep_gemm.get_col_major_tma_aligned_tensor builds it)")
+    return get_col_major_tma_aligned_tensor(sa)
+
+
+def block_scales(sb: torch.Tensor, want: tuple, name: str) -> None:
+    """B's scales, one per 128 x 128 block, row-major contiguous."""
+    if sb.shape != want:
+        raise ValueError(f"{name} must have shape {want} (one scale per 128x128 block), got {tuple(sb.shape)}")
+    if not sb.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (row-major), got strides {sb.stride()}")
+    aligned_start(sb, name)
+
+
+def same_device(device: torch.device, named) -> None:
+    for name, t in named:
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but lhs[0] is on {device}: all tensors must share one device")
+
+
+def bf16_output(out, want: tuple, device: torch.device, staged_ok: bool) -> torch.Tensor:
+    """A caller's output. staged_ok: the call can write through an aligned staging buffer, so any
+    row stride (and address) of a row-contiguous 2-D out is fine."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor (or None where allowed), got {type(out).__name__}")
+    if out.dtype != torch.bfloat16:
+        raise TypeError(f"out must be torch.bfloat16, got {out.dtype}")
+    if out.shape != want:
+        raise ValueError(f"out must have shape {want}, got {tuple(out.shape)}")
+    same_device(device, (("out", out),))
+    if staged_ok and len(want) == 2 and (out.stride(-1) == 1 or want[-1] <= 1) and out.stride(0) >= 0:
+        return out
+    return tma_rows(out, 2, "out")
+
+
+def new_bf16_output(shape: tuple, device: torch.device) -> torch.Tensor:
+    """An output whose rows are padded to 16 bytes for TMA (a view of the first n columns)."""
+    n = shape[-1]
+    padded = get_tma_aligned_size(n, 2)
+    buffer = torch.empty(shape[:-1] + (padded,), dtype=torch.bfloat16, device=device)
+    return buffer if padded == n else buffer[..., :n]
+
+
+def index_tensor(t, name: str, length: int, device: torch.device, what: str) -> None:
+    """m_indices or masked_m: int32 [length], contiguous, on the device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be torch.int32, got {t.dtype}")
+    if t.shape != (length,):
+        raise ValueError(f"{name} must have shape ({length},) ({what}), got {tuple(t.shape)}")
+    same_device(device, ((name, t),))
+    if length > 1 and t.stride(0) != 1:
+        raise ValueError(f"{name} must be contiguous, got stride {t.stride()}")
+
+
+def host_rows_hint(expected_m) -> int:
+    if isinstance(expected_m, bool) or not isinstance(expected_m, int):
+        raise TypeError(f"expected_m must be a Python int (a host-side hint), got {type(expected_m).__name__}")
+    if expected_m < 1:
+        raise ValueError(f"expected_m must be a positive int, got {expected_m}")
+    return expected_m
+
+
+# ---- the layouts, composed from the rules ---------------------------------------------------------
+def check_gemm(layout: Layout, lhs, rhs, out=None, index=None, expected_m=None) -> GemmArgs:
+    """Validate one GEMM call of `layout` (out may be None for dense calls only)."""
+    grouped = layout != Layout.DENSE
+    a, sa = fp8_operand(lhs, "lhs", 3 if layout == Layout.MASKED else 2,
+                        "[G, max_m, K]" if layout == Layout.MASKED else "[M, K]")
+    b, sb = fp8_operand(rhs, "rhs", 3 if grouped else 2, "[G, N, K]" if grouped else "[N, K]")
+    *lead, k = a.shape
+    n, k_b = b.shape[-2], b.shape[-1]
+    g = b.shape[0] if grouped else 1
+    if k_b != k:
+        raise ValueError(f"rhs[0] must have K = {k} columns like lhs[0], got shape {tuple(b.shape)}")
+    if k < 1:
+        raise ValueError(f"lhs[0] must have K >= 1 columns, got K = {k}")
+    if n < 1:
+        raise ValueError(f"rhs[0] must have N >= 1 rows, got N = {n}")
+    if grouped and g < 1:
+        raise ValueError(f"rhs[0] must hold at least one group, got shape {tuple(b.shape)}")
+    if layout == Layout.MASKED and lead[0] != g:
+        raise ValueError(f"lhs[0] must have G = {g} groups like rhs[0], got shape {tuple(a.shape)}")
+    device = a.device
+    same_device(device, (("lhs[1]", sa), ("rhs[0]", b), ("rhs[1]", sb)))
+    kb = (k + 127) // 128
+    a = tma_rows(a, 1, "lhs[0]")
+    b = tma_rows(b, 1, "rhs[0]")
+    sa = token_scales(sa, tuple(lead), kb, "lhs[1]")
+    block_scales(sb, ((g,) if grouped else ()) + ((n + 127) // 128, kb), "rhs[1]")
+    out_shape = (*lead, n)
+    if out is None and not grouped:
+        out = new_bf16_output(out_shape, device)
+    else:
+        out = bf16_output(out, out_shape, device, staged_ok=not grouped)
+    m = lead[-1]
+    if layout == Layout.CONTIGUOUS:
+        index_tensor(index, "m_indices", m, device, "the group of each row of lhs[0], -1 for padding")
+    elif layout == Layout.MASKED:
+        index_tensor(index, "masked_m", g, device, "valid rows of each group")
+        expected_m = host_rows_hint(expected_m)
+    return GemmArgs(layout, a, sa, b, sb, out, index, m, n, k, g, expected_m if layout == Layout.MASKED else m)

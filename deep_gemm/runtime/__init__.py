@@ -1,0 +1,1 @@
+"""CUDA driver API: module loading, tensor maps, prepared launches, split-K workspace."""
