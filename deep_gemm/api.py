@@ -2,16 +2,20 @@
 or, while torch.compile or torch.export traces, to its custom op (ops/library.py)."""
 from __future__ import annotations
 
+import re
 from typing import Optional, Tuple
 
 import torch
 
 from .config import M_ALIGNMENT_CONTIGUOUS, Layout
 from .ops import cast as _cast, gemm as _gemm, library as _library
+from .utils import ceil_div, get_col_major_tma_aligned_tensor
 
 Pair = Tuple[torch.Tensor, torch.Tensor]
 _is_compiling = _library.is_compiling
 _ops = torch.ops.deep_gemm if _library.REGISTERED else None
+# Layouts as plain ints on the per-call path (an enum member's lookup and hash cost microseconds).
+_DENSE, _CONTIGUOUS, _MASKED = int(Layout.DENSE), int(Layout.CONTIGUOUS), int(Layout.MASKED)
 
 
 def gemm_fp8_fp8_bf16_nt(lhs: Pair, rhs: Pair, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -27,7 +31,7 @@ def gemm_fp8_fp8_bf16_nt(lhs: Pair, rhs: Pair, out: Optional[torch.Tensor] = Non
             return _ops.gemm_fp8_fp8_bf16_nt(a, sa, b, sb)
         _ops.gemm_fp8_fp8_bf16_nt_out(a, sa, b, sb, out)
         return out
-    return _gemm.run(Layout.DENSE, lhs, rhs, out)
+    return _gemm.run(_DENSE, lhs, rhs, out)
 
 
 def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs: Pair, rhs: Pair, out: torch.Tensor, m_indices: torch.Tensor,
@@ -43,7 +47,7 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs: Pair, rhs: Pair, out: torch.T
     if _is_compiling():
         _ops.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(*_pairs(lhs, rhs), out, m_indices, check_indices)
         return out
-    return _gemm.run(Layout.CONTIGUOUS, lhs, rhs, out, m_indices, check_indices=check_indices)
+    return _gemm.run(_CONTIGUOUS, lhs, rhs, out, m_indices, check_indices=check_indices)
 
 
 def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs: Pair, rhs: Pair, out: torch.Tensor, masked_m: torch.Tensor,
@@ -57,7 +61,7 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs: Pair, rhs: Pair, out: torch.Tenso
     if _is_compiling():
         _ops.m_grouped_gemm_fp8_fp8_bf16_nt_masked(*_pairs(lhs, rhs), out, masked_m, expected_m)
         return out
-    return _gemm.run(Layout.MASKED, lhs, rhs, out, masked_m, expected_m)
+    return _gemm.run(_MASKED, lhs, rhs, out, masked_m, expected_m)
 
 
 def per_token_cast_to_fp8(x: torch.Tensor) -> Pair:
@@ -90,3 +94,370 @@ def _pairs(lhs, rhs):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise TypeError(f"{name} must be a (tensor, scales) pair, got {type(pair).__name__}")
     return (*lhs, *rhs)
+
+
+# ==== DeepGEMM 2.x call signatures ====================================================================
+# Thin adapters with DeepGEMM 2.x's positional order, keyword names and defaults (its pybind
+# registration, csrc/apis/gemm.hpp and csrc/apis/layout.hpp): they check what only the 2.x call has
+# (recipes, compiled_dims, the psum layout, features not built yet), translate the call and hand it
+# to the v1 public function above, which runs the pipeline, or while torch.compile traces, its
+# custom op. Like DeepGEMM they write d in place and return None. Bad input raises TypeError or
+# ValueError naming the 2.x argument (a, b, d, grouped_layout, ...).
+
+_TRAINING_GEMMS = 'the training GEMMs will add it (issue "Training GEMMs")'
+# v1 argument names in the pipeline's messages -> the 2.x names.
+_V1_NAMES = {"lhs": "a", "rhs": "b", "out": "d", "m_indices": "grouped_layout"}
+_V1_NAME_RE = re.compile(r"\b(lhs|rhs|out|m_indices)\b")
+
+
+def fp8_gemm_nt(a: Pair, b: Pair, d: torch.Tensor, c: Optional[torch.Tensor] = None,
+                recipe: Optional[Tuple[int, int, int]] = None, recipe_a: Optional[Tuple[int, int]] = None,
+                recipe_b: Optional[Tuple[int, int]] = None, compiled_dims: str = "nk",
+                disable_ue8m0_cast: bool = False) -> None:
+    """d[M, N] = A[M, K] @ B[N, K]^T with DeepSeek-V3 block scales (DeepGEMM 2.x); returns None.
+
+    a = (A: float8_e4m3fn [M, K], sa: float32 [M, ceil(K/128)], row-major or column-major
+    TMA-aligned); b = (B: float8_e4m3fn [N, K], sb: float32 [ceil(N/128), ceil(K/128)], row-major);
+    d: bf16 [M, N], written in place.
+
+    recipe: None or (1, 128, 128) (A scaled per 1x128 block, B per 128x128 block), or equally
+    recipe_a=(1, 128) with recipe_b=(128, 128); never both forms. Not built yet (ValueError): an
+    fp32 d, an addend c (D = C + A @ B^T) and per-row B scales (recipe (1, 1, 128) or
+    recipe_b (1, 128)). compiled_dims (letters of "mnk": the dims DeepGEMM fixes at compile time)
+    is accepted and has no effect: N and K are always compiled in, M is always a run-time value.
+    disable_ue8m0_cast is accepted and has no effect: on Hopper the fp32 scales are used as they
+    are (UE8M0 is Blackwell's packed scale format).
+    """
+    _check_pairs(a, b)
+    _check_d(d, dense=True)
+    if c is not None:
+        raise ValueError(f"c (an addend: D = C + A @ B^T) is not supported yet; {_TRAINING_GEMMS}")
+    _check_recipes(recipe, recipe_a, recipe_b, _TRAINING_GEMMS)
+    _check_compiled_dims(compiled_dims)
+    _check_flag(disable_ue8m0_cast, "disable_ue8m0_cast")
+    _call_v1(gemm_fp8_fp8_bf16_nt, a, b, d)
+
+
+def fp8_gemm_nn(a: Pair, b: Pair, d: torch.Tensor, c: Optional[torch.Tensor] = None,
+                recipe: Optional[Tuple[int, int, int]] = None, recipe_a: Optional[Tuple[int, int]] = None,
+                recipe_b: Optional[Tuple[int, int]] = None, compiled_dims: str = "nk",
+                disable_ue8m0_cast: bool = False) -> None:
+    """D = A[M, K] @ B[K, N]: always raises ValueError on Hopper (FP8 operands must be K-major)."""
+    _k_major_only("fp8_gemm_nn", "b is [K, N] (N-major)",
+                  "cast B from w.t().contiguous() ([N, K]) with per_block_cast_to_fp8")
+
+
+def fp8_gemm_tn(a: Pair, b: Pair, d: torch.Tensor, c: Optional[torch.Tensor] = None,
+                recipe: Optional[Tuple[int, int, int]] = None, recipe_a: Optional[Tuple[int, int]] = None,
+                recipe_b: Optional[Tuple[int, int]] = None, compiled_dims: str = "mn",
+                disable_ue8m0_cast: bool = False) -> None:
+    """D = A[K, M]^T @ B[K, N]: always raises ValueError on Hopper (FP8 operands must be K-major)."""
+    _k_major_only("fp8_gemm_tn", "a is [K, M] and b is [K, N] (both MN-major)",
+                  "cast A from x.t().contiguous() ([M, K]) with per_token_cast_to_fp8 and B from w.t().contiguous() "
+                  "([N, K]) with per_block_cast_to_fp8")
+
+
+def fp8_gemm_tt(a: Pair, b: Pair, d: torch.Tensor, c: Optional[torch.Tensor] = None,
+                recipe: Optional[Tuple[int, int, int]] = None, recipe_a: Optional[Tuple[int, int]] = None,
+                recipe_b: Optional[Tuple[int, int]] = None, compiled_dims: str = "mn",
+                disable_ue8m0_cast: bool = False) -> None:
+    """D = A[K, M]^T @ B[N, K]^T: always raises ValueError on Hopper (FP8 operands must be K-major)."""
+    _k_major_only("fp8_gemm_tt", "a is [K, M] (M-major)",
+                  "cast A from x.t().contiguous() ([M, K]) with per_token_cast_to_fp8")
+
+
+def m_grouped_fp8_gemm_nt_contiguous(a: Pair, b: Pair, d: torch.Tensor, grouped_layout: torch.Tensor,
+                                     recipe: Optional[Tuple[int, int, int]] = None,
+                                     recipe_a: Optional[Tuple[int, int]] = None,
+                                     recipe_b: Optional[Tuple[int, int]] = None, compiled_dims: str = "nk",
+                                     disable_ue8m0_cast: bool = False, use_psum_layout: bool = False,
+                                     expected_m_for_psum_layout: Optional[int] = None) -> None:
+    """d[m] = A[m] @ B[g(m)]^T for MoE experts' rows concatenated along M (DeepGEMM 2.x); returns None.
+
+    a = (A [M, K], sa [M, ceil(K/128)]), b = (B [G, N, K], sb [G, ceil(N/128), ceil(K/128)]),
+    d: bf16 [M, N], written in place. recipe, recipe_a, recipe_b, compiled_dims and
+    disable_ue8m0_cast as in fp8_gemm_nt (per-row B scales are not supported by the grouped GEMMs).
+
+    use_psum_layout=False: grouped_layout is m_indices, int32 [M], each row's group, -1 for
+    padding; every block of get_mk_alignment_for_contiguous_layout() rows belongs to one group
+    (padding at its end).
+
+    use_psum_layout=True: grouped_layout is int32 [G] on A's device, non-decreasing: group g's rows
+    end at grouped_layout[g] (exclusive) and group g + 1's start at that row rounded up to
+    get_mk_alignment_for_contiguous_layout() (group 0 starts at row 0); rows at or past M are
+    ignored. The rows' groups are worked out on the device by a few torch ops that never read
+    grouped_layout on the host (CUDA-graph capturable: a replay reads its current contents).
+    expected_m_for_psum_layout (DeepGEMM's planning hint for that layout) is accepted and checked;
+    the contiguous planner here plans from M.
+
+    Rows of d that belong to no group: those in an alignment block without any group's row (past
+    the last group) are left untouched; gap rows after a group's last row inside that group's
+    last alignment block are unspecified (the kernel may compute them with that group's weights
+    from whatever A holds there; the CPU reference leaves them untouched).
+    """
+    _check_pairs(a, b)
+    _check_d(d, dense=False)
+    _check_recipes(recipe, recipe_a, recipe_b, _GROUPED_PER_ROW_B)
+    _check_compiled_dims(compiled_dims)
+    _check_flag(disable_ue8m0_cast, "disable_ue8m0_cast")
+    _check_flag(use_psum_layout, "use_psum_layout")
+    if use_psum_layout:
+        if expected_m_for_psum_layout is not None:
+            _check_positive_int(expected_m_for_psum_layout, "expected_m_for_psum_layout")
+        grouped_layout = _psum_m_indices(a, b, grouped_layout)
+    elif expected_m_for_psum_layout is not None:
+        raise ValueError(f"expected_m_for_psum_layout is only meaningful with use_psum_layout=True, got "
+                         f"{expected_m_for_psum_layout!r} with use_psum_layout=False")
+    _call_v1(m_grouped_gemm_fp8_fp8_bf16_nt_contiguous, a, b, d, grouped_layout)
+
+
+def m_grouped_fp8_gemm_nt_masked(a: Pair, b: Pair, d: torch.Tensor, masked_m: torch.Tensor, expected_m: int,
+                                 recipe: Optional[Tuple[int, int, int]] = None,
+                                 recipe_a: Optional[Tuple[int, int]] = None,
+                                 recipe_b: Optional[Tuple[int, int]] = None, compiled_dims: str = "nk",
+                                 disable_ue8m0_cast: bool = False) -> None:
+    """d[g, :masked_m[g]] = A[g, :masked_m[g]] @ B[g]^T (DeepGEMM 2.x); returns None.
+
+    a = (A [G, max_m, K], sa [G, max_m, ceil(K/128)]), b = (B [G, N, K], sb), d: bf16
+    [G, max_m, N]. masked_m (int32 [G]) stays on the device (CUDA-graph safe); rows past it are not
+    written. expected_m (a host int) is the typical rows per group, used only to plan tiles.
+    recipe, recipe_a, recipe_b, compiled_dims and disable_ue8m0_cast as in fp8_gemm_nt.
+    """
+    _check_pairs(a, b)
+    _check_d(d, dense=False)
+    _check_recipes(recipe, recipe_a, recipe_b, _GROUPED_PER_ROW_B)
+    _check_compiled_dims(compiled_dims)
+    _check_flag(disable_ue8m0_cast, "disable_ue8m0_cast")
+    _call_v1(m_grouped_gemm_fp8_fp8_bf16_nt_masked, a, b, d, masked_m, expected_m)
+
+
+fp8_m_grouped_gemm_nt_masked = m_grouped_fp8_gemm_nt_masked   # DeepGEMM's older name, still used by engines
+
+
+def get_mk_alignment_for_contiguous_layout() -> int:
+    """Rows of one group's block in the contiguous grouped layout (DeepGEMM 2.x name): 128."""
+    return M_ALIGNMENT_CONTIGUOUS
+
+
+def set_mk_alignment_for_contiguous_layout(new_value: int) -> None:
+    """Accepts the one alignment the Hopper kernels are built for, 128 (DeepGEMM 2.x name)."""
+    if isinstance(new_value, bool) or not isinstance(new_value, int):
+        raise TypeError(f"new_value must be an int, got {type(new_value).__name__}")
+    if new_value != M_ALIGNMENT_CONTIGUOUS:
+        raise ValueError(f"the contiguous layout's alignment is fixed at {M_ALIGNMENT_CONTIGUOUS} rows on Hopper "
+                         f"(the only supported value), got {new_value}")
+
+
+def get_mn_major_tma_aligned_tensor(sf: torch.Tensor) -> torch.Tensor:
+    """float32 scales sf ([MN, SF_K] or [G, MN, SF_K]) in the MN-major (column-major) TMA-aligned
+    layout: sf itself when laid out so already, else a copy (DeepGEMM 2.x name of
+    get_col_major_tma_aligned_tensor)."""
+    _check_fp32_scales(sf, "sf")
+    if sf.dim() not in (2, 3):
+        raise ValueError(f"sf must be 2-D [MN, SF_K] or 3-D [G, MN, SF_K], got shape {tuple(sf.shape)}")
+    return get_col_major_tma_aligned_tensor(sf)
+
+
+def transform_sf_into_required_layout(sf: torch.Tensor, mn: int, k: int, recipe,
+                                      num_groups: Optional[int] = None, is_sfa: Optional[bool] = None,
+                                      disable_ue8m0_cast: bool = False) -> torch.Tensor:
+    """float32 scale factors in the layout the Hopper GEMMs read (DeepGEMM 2.x).
+
+    sf: [ceil(mn/gran_mn), ceil(k/gran_k)], with a leading [num_groups] when num_groups is given.
+    recipe: (gran_m_a, gran_n_b, gran_k) with is_sfa saying whose scales sf holds (A: True), or
+    one operand's (gran_mn, gran_k) with is_sfa None. Per-token scales (gran_mn 1, gran_k 128)
+    come back MN-major TMA-aligned (get_mn_major_tma_aligned_tensor); per-block scales
+    (128, 128) unchanged (a row-major copy if they are not row-major contiguous). Anything else
+    raises ValueError (per-row B scales are not built yet; packed UE8M0 int32 scales are
+    Blackwell's). disable_ue8m0_cast changes nothing on Hopper.
+    """
+    if not isinstance(sf, torch.Tensor):
+        raise TypeError(f"sf must be a torch.Tensor, got {type(sf).__name__}")
+    for name, value in (("mn", mn), ("k", k)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if num_groups is not None:
+        _check_positive_int(num_groups, "num_groups")
+    _check_flag(disable_ue8m0_cast, "disable_ue8m0_cast")
+    if isinstance(recipe, (tuple, list)) and len(recipe) == 3:
+        gran_m_a, gran_n_b, gran_k = _int_tuple(recipe, "recipe", 3)
+        if is_sfa is None or not isinstance(is_sfa, (bool, int)):
+            raise ValueError(f"is_sfa must be True (sf holds A's scales) or False (B's) with a 3-element recipe, "
+                             f"got {is_sfa!r}")
+        gran = (gran_m_a, gran_k) if is_sfa else (gran_n_b, gran_k)
+        if is_sfa and gran != (1, 128):
+            raise ValueError(f"recipe={tuple(recipe)} gives A's scales granularity {gran}; A's scales on Hopper are "
+                             f"per 1x128 block: recipe[0] must be 1 and recipe[2] 128")
+        if not is_sfa and gran == (1, 128):
+            raise ValueError(f"recipe={tuple(recipe)} gives per-row B scales, which are not supported yet; "
+                             f"{_TRAINING_GEMMS}")
+        if not is_sfa and gran != (128, 128):
+            raise ValueError(f"recipe={tuple(recipe)} gives B's scales granularity {gran}; B's scales on Hopper are "
+                             f"per 128x128 block: recipe[1] and recipe[2] must be 128")
+    elif isinstance(recipe, (tuple, list)) and len(recipe) == 2:
+        gran = _int_tuple(recipe, "recipe", 2)
+        if is_sfa is not None:
+            raise ValueError(f"is_sfa must be None with a 2-element (gran_mn, gran_k) recipe, got {is_sfa!r}")
+        if gran not in ((1, 128), (128, 128)):
+            raise ValueError(f"recipe={gran} is not a Hopper scale granularity: (1, 128) (per token) or (128, 128) "
+                             f"(per block)")
+    else:
+        raise TypeError(f"recipe must be a 3-tuple (gran_m_a, gran_n_b, gran_k) or a 2-tuple (gran_mn, gran_k), "
+                        f"got {recipe!r}")
+    if sf.dtype == torch.int32:
+        raise ValueError("sf holds packed UE8M0 scales (int32), Blackwell's format: the Hopper GEMMs read float32 "
+                         "scales, pass those")
+    _check_fp32_scales(sf, "sf")
+    want = ((num_groups,) if num_groups is not None else ()) + (ceil_div(mn, gran[0]), ceil_div(k, gran[1]))
+    if tuple(sf.shape) != want:
+        raise ValueError(f"sf must have shape {want} (mn={mn}, k={k}, granularity {gran}"
+                         f"{f', num_groups={num_groups}' if num_groups is not None else ''}), got {tuple(sf.shape)}")
+    if gran[0] == 1:
+        return get_col_major_tma_aligned_tensor(sf)
+    return sf if sf.is_contiguous() else sf.contiguous()
+
+
+def _psum_m_indices(a: Pair, b: Pair, grouped_layout: torch.Tensor) -> torch.Tensor:
+    """The psum layout's grouped_layout (int32 [G], each group's end row) as m_indices (int32 [M],
+    each row's group, -1 for gap rows and rows past the last group), built on the device without
+    reading grouped_layout on the host (see m_grouped_fp8_gemm_nt_contiguous)."""
+    _check_pairs(a, b)
+    x, w = a[0], b[0]
+    for name, t in (("a[0]", x), ("b[0]", w)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"a[0] must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if w.dim() != 3 or w.shape[0] < 1:
+        raise ValueError(f"b[0] must be 3-D [G, N, K] with at least one group, got shape {tuple(w.shape)}")
+    num_groups = w.shape[0]
+    if not isinstance(grouped_layout, torch.Tensor):
+        raise TypeError(f"grouped_layout must be a torch.Tensor, got {type(grouped_layout).__name__}")
+    if grouped_layout.dtype != torch.int32:
+        raise TypeError(f"grouped_layout must be torch.int32, got {grouped_layout.dtype}")
+    if grouped_layout.shape != (num_groups,):
+        raise ValueError(f"grouped_layout must have shape ({num_groups},) with use_psum_layout=True (each group's end "
+                         f"row), got {tuple(grouped_layout.shape)}")
+    if grouped_layout.device != x.device:
+        raise ValueError(f"grouped_layout is on {grouped_layout.device} but a[0] is on {x.device}: all tensors "
+                         f"must share one device")
+    if num_groups > 1 and grouped_layout.stride(0) != 1:
+        raise ValueError(f"grouped_layout must be contiguous, got stride {grouped_layout.stride()}")
+    ends = grouped_layout
+    step = M_ALIGNMENT_CONTIGUOUS
+    starts = torch.cat((ends.new_zeros(1), torch.div(ends[:-1] + (step - 1), step, rounding_mode="floor") * step))
+    rows = torch.arange(x.shape[0], dtype=torch.int32, device=ends.device)
+    group = torch.searchsorted(ends, rows, right=True)          # the first group whose end is past the row
+    clamped = group.clamp(max=num_groups - 1)
+    inside = (group < num_groups) & (rows >= starts.index_select(0, clamped)) & (rows < ends.index_select(0, clamped))
+    return clamped.to(torch.int32).masked_fill(~inside, -1)
+
+
+# ---- checks and translation of the 2.x arguments --------------------------------------------------
+_GROUPED_PER_ROW_B = ("the M-grouped GEMMs read B's scales per 128x128 block (DeepGEMM's Hopper M-grouped kernels "
+                      "do too): use recipe (1, 128, 128)")
+
+
+def _check_pairs(a, b) -> None:
+    if type(a) is tuple and type(b) is tuple and len(a) == 2 and len(b) == 2:   # the usual call, quickly
+        return
+    for name, pair in (("a", a), ("b", b)):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            got = f"{len(pair)} items" if isinstance(pair, (tuple, list)) else type(pair).__name__
+            raise TypeError(f"{name} must be a (tensor, scales) pair, got {got}")
+
+
+def _check_d(d, dense: bool) -> None:
+    if not isinstance(d, torch.Tensor):
+        raise TypeError(f"d must be a torch.Tensor (the output, allocated by the caller), got {type(d).__name__}")
+    if d.dtype == torch.float32:
+        if dense:
+            raise ValueError(f"d of torch.float32 is not supported yet (only torch.bfloat16); {_TRAINING_GEMMS}")
+        raise ValueError("d of torch.float32 is not supported by the M-grouped GEMMs (DeepGEMM's neither): "
+                         "pass a torch.bfloat16 d")
+
+
+def _int_tuple(value, name: str, length: int) -> tuple:
+    if not isinstance(value, (tuple, list)) or len(value) != length or \
+            any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+        raise TypeError(f"{name} must be a tuple of {length} ints, got {value!r}")
+    return tuple(value)
+
+
+def _check_recipes(recipe, recipe_a, recipe_b, per_row_b: str) -> None:
+    """recipe (gran_m_a, gran_n_b, gran_k), or recipe_a (gran_m, gran_k) with recipe_b (gran_n, gran_k)."""
+    if recipe is not None:
+        if recipe_a is not None or recipe_b is not None:
+            raise ValueError("pass either recipe or recipe_a with recipe_b, not both")
+        r = _int_tuple(recipe, "recipe", 3)
+        if r == (1, 128, 128):
+            return
+        if r == (1, 1, 128):
+            raise ValueError(f"recipe=(1, 1, 128) (per-row B scales) is not supported yet; {per_row_b}")
+        raise ValueError(f"recipe={r} is not supported on Hopper: recipe must be None or (1, 128, 128) (A's scales per "
+                         f"1x128 block, B's per 128x128 block)")
+    if recipe_a is None and recipe_b is None:
+        return
+    if recipe_a is None or recipe_b is None:
+        raise ValueError(f"recipe_a and recipe_b go together: {'recipe_a' if recipe_a is None else 'recipe_b'} is "
+                         f"missing")
+    ra, rb = _int_tuple(recipe_a, "recipe_a", 2), _int_tuple(recipe_b, "recipe_b", 2)
+    if ra != (1, 128):
+        raise ValueError(f"recipe_a={ra} is not supported on Hopper: A's scales are per 1x128 block, recipe_a=(1, 128)")
+    if rb == (1, 128):
+        raise ValueError(f"recipe_b=(1, 128) (per-row B scales) is not supported yet; {per_row_b}")
+    if rb != (128, 128):
+        raise ValueError(f"recipe_b={rb} is not supported on Hopper: B's scales are per 128x128 block, "
+                         f"recipe_b=(128, 128)")
+
+
+def _check_compiled_dims(compiled_dims) -> None:
+    if not isinstance(compiled_dims, str):
+        raise TypeError(f"compiled_dims must be a str, got {type(compiled_dims).__name__}")
+    if compiled_dims.strip("mnk"):
+        raise ValueError(f"compiled_dims must be made of the letters m, n and k (the dims fixed at compile time), got "
+                         f"{compiled_dims!r}")
+
+
+def _check_flag(value, name: str) -> None:
+    if value is False or value is True:
+        return
+    if not isinstance(value, (bool, int)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def _check_positive_int(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _check_fp32_scales(sf, name: str) -> None:
+    if not isinstance(sf, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(sf).__name__}")
+    if sf.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32 scales, got {sf.dtype}")
+
+
+def _k_major_only(name: str, layout: str, fix: str) -> None:
+    raise ValueError(f"{name}: {layout}, but FP8 operands must be K-major on Hopper (the FP8 wgmma reads A and B with "
+                     f"K contiguous; DeepGEMM rejects this layout on SM90 as well). Use fp8_gemm_nt with a transposed "
+                     f"cast: {fix}.")
+
+
+def _call_v1(fn, *args) -> None:
+    """fn (a v1 public function) on the translated arguments; its TypeError/ValueError messages
+    name the 2.x arguments. While tracing, the plain call (no exception handling to trace)."""
+    if _is_compiling():
+        fn(*args)
+        return
+    try:
+        fn(*args)
+    except (TypeError, ValueError) as e:
+        message = e.args[0] if type(e) in (TypeError, ValueError) and len(e.args) == 1 else None
+        if not isinstance(message, str) or not _V1_NAME_RE.search(message):
+            raise
+        raise type(e)(_V1_NAME_RE.sub(lambda m: _V1_NAMES[m.group(1)], message)) from None

@@ -141,7 +141,7 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m=No
     expected_m is only a planning hint for the GPU kernel and is ignored here."""
     a, sa = _pair(lhs, "lhs")
     b, sb = _pair(rhs, "rhs")
-    num_groups, max_m = a.shape[0], a.shape[1]
+    max_m = a.shape[1]
     counts = [int(v) for v in masked_m.tolist()]
     for g, m in enumerate(counts):
         if not 0 <= m <= max_m:

@@ -77,7 +77,7 @@ def main():
 
     # Contiguous, K = 4096: the call's 6 tiles are split over K by the planner (tail wave).
     g, n, k, align = 3, 256, 4096, deep_gemm.get_m_alignment_for_contiguous_layout()
-    lhs, rhs = operands(3 * align, n, k), operands(n, n, k, groups=g)[1]
+    lhs, rhs = operands(3 * align, n, k)[0], operands(n, n, k, groups=g)[1]
     m_indices = torch.tensor([0] * 100 + [-1] * 28 + [2] * align + [-1] * align, device="cuda", dtype=torch.int32)
     out = torch.zeros(3 * align, n, device="cuda", dtype=torch.bfloat16)
     deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices)

@@ -275,8 +275,8 @@ def masked_inputs(groups=3, max_m=64, n=256, k=384):
 
 def key_of(layout, lhs, rhs, out, index=None, expected_m=None):
     """(key, tensors) of a call, as ops.gemm.run builds them."""
-    items = (lhs, rhs, out) if index is None else (lhs, rhs, out, index)
-    return launch.launch_key(items, int(layout), expected_m, utils.num_sms_override())
+    flat = (*lhs, *rhs, out) + ((index,) if index is not None else ())
+    return launch.launch_key(flat, (int(layout), expected_m, utils.num_sms_override())), flat
 
 
 def dense_key(lhs, rhs, out):
@@ -1025,21 +1025,36 @@ def test_cheap_path_hits_and_misses(fake, monkeypatch, layout):
 
 def test_launch_key(fake):
     lhs, rhs, out = dense_inputs()
-    key, flat = launch.launch_key((lhs, rhs, out), 0, None, 5)
-    assert flat == [lhs[0], lhs[1], rhs[0], rhs[1], out]
+    flat = (*lhs, *rhs, out)
+    key = launch.launch_key(flat, (0, None, 5))
     assert key == tuple(t.data_ptr() for t in flat) + (7, 0, None, 5)
-    # Anything but plain tensors, tuple pairs and int (or None) extras: the long way.
+    # Anything but plain tensors: the long way.
+    for bad in ((*lhs, *rhs, None), (*lhs, *rhs, out.tolist()), (*lhs, rhs, out)):
+        assert launch.launch_key(bad, (0,)) is None, bad
+
+
+def test_run_keys_only_pairs_and_int_hints(fake):
+    """ops.gemm.run takes the cached path only for (tensor, scales) tuples and an int or no hint:
+    a list pair, a bool or float hint goes the long way (and is validated)."""
     np = pytest.importorskip("numpy")
-    for items, extra in (((list(lhs), rhs, out), (0,)), ((lhs, rhs, None), (0,)), ((lhs, rhs, out.tolist()), (0,)),
-                         ((lhs + (out,), rhs, out), (0,)), ((lhs, rhs, out), (True,)), ((lhs, rhs, out), (2.0,)),
-                         ((lhs, rhs, out), (np.int64(2),))):
-        assert launch.launch_key(items, *extra) == (None, None), (items, extra)
+    lhs, rhs, out, masked_m = masked_inputs()
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, EXPECTED_M)
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, EXPECTED_M)
+    before = fake.counts()
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, EXPECTED_M)
+    assert fake.counts()[0] == before[0]                       # a hit: no validation
+    for hint in (True, float(EXPECTED_M), np.int64(EXPECTED_M)):
+        with pytest.raises(TypeError, match="expected_m"):
+            deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, hint)
+    before = fake.counts()
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(list(lhs), rhs, out, masked_m, EXPECTED_M)
+    assert fake.counts()[0] == before[0] + 1                   # validated (and then launched)
 
 
 def test_cpu_tensors_are_never_keyed_or_cached():
     """Without the fake: CPU tensors take the reference path, and no launch is ever cached."""
     lhs, rhs, out = dense_inputs()
-    assert launch.launch_key((lhs, rhs, out), 0, None, None) == (None, None)
+    assert launch.launch_key((*lhs, *rhs, out), (0, None, None)) is None
     before = len(gemm_ops._launches)
     deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
     assert len(gemm_ops._launches) == before

@@ -129,7 +129,7 @@ def test_grouped_and_out_variants_compile():
         out_m = torch.zeros(g, am[0].shape[1], n, dtype=torch.bfloat16)
         deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(am, b, out_m, masked_m, 64)
         out_d = torch.empty(a[0].shape[0], n, dtype=torch.bfloat16)
-        deep_gemm.fp8_gemm_nt(a, w, out=out_d)
+        deep_gemm.fp8_gemm_nt(a, w, out_d)
         return out_c * 2, out_m, out_d
 
     graphs = []
@@ -274,7 +274,7 @@ def test_eager_calls_never_route(monkeypatch):
     x, w, (a, b, m_indices, am, masked_m) = _small_calls()
     assert deep_gemm.gemm_fp8_fp8_bf16_nt(x, w).shape == (4, 16)
     out = torch.empty(4, 16, dtype=torch.bfloat16)
-    assert deep_gemm.fp8_gemm_nt(x, w, out) is out
+    assert deep_gemm.fp8_gemm_nt(x, w, out) is None   # DeepGEMM 2.x: d is written in place
     out_c = torch.zeros(a[0].shape[0], 64, dtype=torch.bfloat16)
     assert deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, b, out_c, m_indices) is out_c
     out_m = torch.zeros(2, 128, 64, dtype=torch.bfloat16)

@@ -15,13 +15,16 @@ def gemm_kernel_name(config: KernelConfig) -> str:
 
 
 def _param_checks() -> str:
-    """static_asserts that deep_gemm::GemmParams is laid out as config.GEMM_PARAMS says."""
+    """static_asserts that deep_gemm::GemmParams is laid out as config.GEMM_PARAMS says: every field's
+    size, the total size and, where the compiler has __builtin_offsetof (NVRTC 13.0 has not), every
+    offset (the member order is also checked on the CPU, tests/test_structure.py)."""
     offsets, size = param_layout(GEMM_PARAMS)
-    checks = [f"static_assert(__builtin_offsetof(deep_gemm::GemmParams, {name}) == {offsets[name]} && "
-              f"sizeof(deep_gemm::GemmParams::{name}) == {PARAM_SIZE_ALIGN[kind][0]}, "
-              f"\"GemmParams.{name}: config.GEMM_PARAMS disagrees\");" for name, kind in GEMM_PARAMS]
-    checks.append(f"static_assert(sizeof(deep_gemm::GemmParams) == {size}, \"GemmParams' size\");")
-    return "\n".join(checks)
+    sizes = [f"static_assert(sizeof(deep_gemm::GemmParams::{name}) == {PARAM_SIZE_ALIGN[kind][0]}, "
+             f"\"GemmParams.{name}: config.GEMM_PARAMS disagrees\");" for name, kind in GEMM_PARAMS]
+    places = [f"static_assert(__builtin_offsetof(deep_gemm::GemmParams, {name}) == {offsets[name]}, "
+              f"\"GemmParams.{name}: config.GEMM_PARAMS disagrees\");" for name, _ in GEMM_PARAMS]
+    return "\n".join([*sizes, f"static_assert(sizeof(deep_gemm::GemmParams) == {size}, \"GemmParams' size\");",
+                      "#if defined(__has_builtin)", "#if __has_builtin(__builtin_offsetof)", *places, "#endif", "#endif"])
 
 
 def gemm_source(config: KernelConfig) -> tuple:

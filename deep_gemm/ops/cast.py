@@ -114,8 +114,9 @@ def _launch(kind: str, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, k
 def _cached(kind: str, x, q, scales):
     """(hit, key, tensors): fires the launch cached for these tensors if there is one (hit)."""
     global launch_count
+    flat = (x, q, scales)
     on_gpu = isinstance(x, torch.Tensor) and x.is_cuda   # (the current device is asked of CUDA only)
-    key, flat = launch_key((x, q, scales), int(kind == PER_TOKEN), _current_device()) if on_gpu else (None, None)
+    key = launch_key(flat, (kind, _current_device())) if on_gpu else None
     launch = _launches.find(key, flat) if key is not None else None
     if launch is not None:
         launch.fire()

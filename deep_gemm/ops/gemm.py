@@ -16,12 +16,14 @@ import torch.nn.functional as F
 from .. import reference
 from ..config import M_ALIGNMENT_CONTIGUOUS, Layout
 from ..plan import plan_cached
-from ..runtime.launch import LaunchCache, launch_key
-from ..utils import device_sm_count, num_sms_override
+from ..runtime.launch import LaunchCache
+from .. import utils as _utils
+from ..utils import device_sm_count
 from .device import runs_on_hopper
 from .validation import GemmArgs, check_gemm
 
 _launches = LaunchCache()
+_HINT_TYPES = frozenset((int, type(None)))
 _kernels = None
 
 
@@ -121,20 +123,25 @@ def _launch(args: GemmArgs, num_sms: int):
     return launch, copy_back
 
 
-def run(layout: Layout, lhs, rhs, out: Optional[torch.Tensor] = None, index=None, expected_m=None,
+def run(layout: int, lhs, rhs, out: Optional[torch.Tensor] = None, index=None, expected_m=None,
         check_indices: bool = False) -> torch.Tensor:
     """One GEMM of `layout`; returns the output (allocated when a dense call's out is None).
     check_indices (contiguous): validate m_indices on the host first (a device sync)."""
     if out is None and layout == Layout.DENSE:
         out = _new_dense_out(lhs, rhs)
     key = flat = None
-    if not check_indices:
-        key, flat = launch_key((lhs, rhs, out) if index is None else (lhs, rhs, out, index),
-                               int(layout), expected_m, num_sms_override())
-        if key is not None:
-            launch = _launches.find(key, flat)
-            if launch is not None:
-                launch.fire()
+    # A key only for (tensor, scales) tuples and an int (or no) hint: a bool or numpy int equal to a
+    # cached int must not hit, since validation rejects them.
+    if type(lhs) is tuple and type(rhs) is tuple and not check_indices and type(expected_m) in _HINT_TYPES:
+        try:
+            a, sa = lhs
+            b, sb = rhs
+        except ValueError:   # not pairs: validation says so
+            pass
+        else:
+            flat = (a, sa, b, sb, out) if index is None else (a, sa, b, sb, out, index)
+            fired, key = _launches.try_fire(flat, (layout, expected_m, _utils._num_sms_override))
+            if fired:
                 return out
 
     args = check_gemm(layout, *pad_operands_k_to_16(lhs, rhs), out, index, expected_m)
@@ -146,7 +153,7 @@ def run(layout: Layout, lhs, rhs, out: Optional[torch.Tensor] = None, index=None
     if not runs_on_hopper(args.a.device):
         _run_reference(args)
         return result
-    override = num_sms_override() if key is None else key[-1]
+    override = _utils._num_sms_override if key is None else key[-1]
     launch, copy_back = _launch(args, override if override is not None else device_sm_count(args.a.device.index))
     launch.fire()
     if copy_back is not None:

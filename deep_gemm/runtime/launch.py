@@ -242,33 +242,20 @@ _ptr = torch.Tensor.data_ptr
 _device = torch.Tensor.get_device
 
 
-def launch_key(items, *extra):
-    """(key, tensors) of a call for a LaunchCache: `items` are tensors or (tensor, scales) pairs,
-    flattened into `tensors`; the key holds their data pointers, the current stream of the first
-    one's device and `extra` (what else the launch depends on: ints or None). (None, None) for a
-    call that must take the long way: anything but plain CUDA tensors, or an extra value of another
-    type (a bool or numpy int equal to a cached int must not hit: validation rejects them)."""
-    flat = []
-    for item in items:
-        if type(item) is tuple:
-            if len(item) != 2:
-                return None, None
-            flat += item
-        else:
-            flat.append(item)
-    for t in flat:
-        if type(t) not in _PLAIN:
-            return None, None
-    for value in extra:
-        if value is not None and type(value) is not int:
-            return None, None
+def launch_key(tensors: tuple, extra: tuple):
+    """The LaunchCache key of a call on `tensors`: their data pointers, the current stream of the
+    first one's device and `extra` (what else the launch depends on, as values the caller trusts).
+    None for a call that must take the long way: anything but plain CUDA tensors. On the per-call
+    path: C-level steps only (a set test of the types, map over the pointers)."""
+    if not _PLAIN.issuperset(map(type, tensors)):
+        return None
     try:
-        index = _device(flat[0])
+        index = _device(tensors[0])
         if index < 0:   # a CPU tensor: the reference path, nothing to cache
-            return None, None
-        return tuple(map(_ptr, flat)) + (current_raw_stream(index),) + extra, flat
+            return None
+        return (*map(_ptr, tensors), _raw_stream_fn(index) if _raw_stream_fn else current_raw_stream(index), *extra)
     except Exception:  # exotic tensors whose pointers cannot be read: the long way
-        return None, None
+        return None
 
 
 class LaunchCache:
@@ -298,6 +285,17 @@ class LaunchCache:
             if guard(*tensors):
                 return launch
         return None
+
+    def try_fire(self, tensors: tuple, extra: tuple):
+        """(fired, key): fire the launch cached for a call on `tensors` (launch_key's arguments), if
+        any; key is None for a call that must take the long way. The per-call path in one call."""
+        key = launch_key(tensors, extra)
+        if key is not None:
+            for guard, launch in self._entries.get(key, ()):
+                if guard(*tensors):
+                    launch.fire()
+                    return True, key
+        return False, key
 
     def put(self, key, tensors, launch) -> None:
         entry = (layout_guard(tensors), launch)
