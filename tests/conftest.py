@@ -47,3 +47,19 @@ def tmp_cache_dir(tmp_path, monkeypatch):
     clear_memory_cache()
     yield cache_dir
     clear_memory_cache()
+
+
+@pytest.fixture
+def pipeline_runs(monkeypatch):
+    """The layout of every call of the one GEMM pipeline (deep_gemm.ops.gemm.run), in order."""
+    from deep_gemm.config import Layout
+    from deep_gemm.ops import gemm as gemm_ops
+
+    runs = []
+    real = gemm_ops.run
+
+    def counted(layout, *args, **kwargs):
+        runs.append(Layout(layout))
+        return real(layout, *args, **kwargs)
+    monkeypatch.setattr(gemm_ops, "run", counted)
+    return runs

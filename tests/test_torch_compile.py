@@ -15,7 +15,6 @@ import torch.nn.functional as F
 import deep_gemm
 from deep_gemm import api, reference
 from deep_gemm.config import Layout
-from deep_gemm.ops import gemm as gemm_ops
 from deep_gemm.ops import library
 
 OPS = ("gemm_fp8_fp8_bf16_nt", "gemm_fp8_fp8_bf16_nt_out", "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
@@ -247,16 +246,6 @@ class _NoRouting:
         raise AssertionError(f"routed to torch.ops.deep_gemm.{name}")
 
 
-def _count_runs(monkeypatch):
-    """Record the layout of every ops.gemm.run call (the one GEMM pipeline)."""
-    runs = []
-    real = gemm_ops.run
-
-    def counted(layout, *args, **kwargs):
-        runs.append(Layout(layout))
-        return real(layout, *args, **kwargs)
-    monkeypatch.setattr(gemm_ops, "run", counted)
-    return runs
 
 
 def _small_calls():
@@ -266,10 +255,11 @@ def _small_calls():
     return x, w, _grouped_inputs(g=2, m_per=128, n=64, k=128)
 
 
-def test_eager_calls_never_route(monkeypatch):
+def test_eager_calls_never_route(monkeypatch, pipeline_runs):
     # Outside tracing the public functions run their own path (no dispatcher round trip).
     assert not library.is_compiling()
-    runs = _count_runs(monkeypatch)
+    runs = pipeline_runs
+    runs.clear()   # count from here on
     monkeypatch.setattr(api, "_ops", _NoRouting())
     x, w, (a, b, m_indices, am, masked_m) = _small_calls()
     assert deep_gemm.gemm_fp8_fp8_bf16_nt(x, w).shape == (4, 16)
@@ -291,7 +281,7 @@ def _force_compiling(monkeypatch):
     assert library.is_compiling() and api._is_compiling()
 
 
-def test_real_kernels_run_while_compiling_flag_is_up(monkeypatch):
+def test_real_kernels_run_while_compiling_flag_is_up(monkeypatch, pipeline_runs):
     """The ops' real kernels call ops.gemm.run / ops.cast directly: with is_compiling() True they
     still compute, once, and never route back through the public functions to their own op."""
     x = torch.randn(4, 128, dtype=torch.bfloat16)
@@ -305,7 +295,8 @@ def test_real_kernels_run_while_compiling_flag_is_up(monkeypatch):
     want_m = torch.zeros(2, 128, 64, dtype=torch.bfloat16)
     deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(am, b, want_m, masked_m[:2], 64)
 
-    runs = _count_runs(monkeypatch)
+    runs = pipeline_runs
+    runs.clear()   # count from here on
     monkeypatch.setattr(api, "_ops", _NoRouting())   # a real kernel routing back would land here
     _force_compiling(monkeypatch)
     ops = torch.ops.deep_gemm
@@ -326,14 +317,15 @@ def test_real_kernels_run_while_compiling_flag_is_up(monkeypatch):
     assert torch.compiler._is_compiling_flag is True
 
 
-def test_public_functions_route_to_one_op_while_compiling(monkeypatch):
+def test_public_functions_route_to_one_op_while_compiling(monkeypatch, pipeline_runs):
     """While tracing, each public function is one custom op call, whose real kernel runs the
     pipeline exactly once (no recursion through the public function)."""
     x, w, (a, b, m_indices, am, masked_m) = _small_calls()
     want = deep_gemm.gemm_fp8_fp8_bf16_nt(x, w)
     want_c = torch.zeros(a[0].shape[0], 64, dtype=torch.bfloat16)
     deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, b, want_c, m_indices)
-    runs = _count_runs(monkeypatch)
+    runs = pipeline_runs
+    runs.clear()   # count from here on
     routed = []
 
     class Recording:
