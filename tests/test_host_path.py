@@ -276,7 +276,7 @@ def masked_inputs(groups=3, max_m=64, n=256, k=384):
 def key_of(layout, lhs, rhs, out, index=None, expected_m=None):
     """(key, tensors) of a call, as ops.gemm.run builds them."""
     flat = (*lhs, *rhs, out) + ((index,) if index is not None else ())
-    return launch.launch_key(flat, (int(layout), expected_m, utils.num_sms_override())), flat
+    return launch.LaunchCache().try_fire(flat, (int(layout), expected_m, utils.num_sms_override()))[1], flat
 
 
 def dense_key(lhs, rhs, out):
@@ -1023,14 +1023,14 @@ def test_cheap_path_hits_and_misses(fake, monkeypatch, layout):
         assert run(_call(layout, flat), hit=True) == first
 
 
-def test_launch_key(fake):
+def test_launch_cache_key(fake):
     lhs, rhs, out = dense_inputs()
     flat = (*lhs, *rhs, out)
-    key = launch.launch_key(flat, (0, None, 5))
+    key = launch.LaunchCache().try_fire(flat, (0, None, 5))[1]
     assert key == tuple(t.data_ptr() for t in flat) + (7, 0, None, 5)
     # Anything but plain tensors: the long way.
     for bad in ((*lhs, *rhs, None), (*lhs, *rhs, out.tolist()), (*lhs, rhs, out)):
-        assert launch.launch_key(bad, (0,)) is None, bad
+        assert launch.LaunchCache().try_fire(bad, (0,)) == (False, None), bad
 
 
 def test_run_keys_only_pairs_and_int_hints(fake):
@@ -1054,7 +1054,7 @@ def test_run_keys_only_pairs_and_int_hints(fake):
 def test_cpu_tensors_are_never_keyed_or_cached():
     """Without the fake: CPU tensors take the reference path, and no launch is ever cached."""
     lhs, rhs, out = dense_inputs()
-    assert launch.launch_key((*lhs, *rhs, out), (0, None, None)) is None
+    assert launch.LaunchCache().try_fire((*lhs, *rhs, out), (0, None, None)) == (False, None)
     before = len(gemm_ops._launches)
     deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
     assert len(gemm_ops._launches) == before

@@ -13,7 +13,7 @@ import torch
 from .. import reference
 from ..jit.cast_source import PER_BLOCK, PER_TOKEN, PER_TOKEN_THREADS, CastConfig, cast_source
 from ..runtime.kernels import load_once
-from ..runtime.launch import LaunchCache, PreparedLaunch, current_raw_stream, launch_key
+from ..runtime.launch import LaunchCache, PreparedLaunch, current_raw_stream
 from .device import runs_on_hopper
 
 BLOCK = 128
@@ -115,13 +115,11 @@ def _cached(kind: str, x, q, scales):
     """(hit, key, tensors): fires the launch cached for these tensors if there is one (hit)."""
     global launch_count
     flat = (x, q, scales)
-    on_gpu = isinstance(x, torch.Tensor) and x.is_cuda   # (the current device is asked of CUDA only)
-    key = launch_key(flat, (kind, _current_device())) if on_gpu else None
-    launch = _launches.find(key, flat) if key is not None else None
-    if launch is not None:
-        launch.fire()
-        launch_count += 1
-    return launch is not None, key, flat
+    if not (isinstance(x, torch.Tensor) and x.is_cuda):   # (the current device is asked of CUDA only)
+        return False, None, flat
+    fired, key = _launches.try_fire(flat, (kind, _current_device()))
+    launch_count += fired
+    return fired, key, flat
 
 
 def _cast(kind: str, x, q=None, scales=None):

@@ -242,22 +242,6 @@ _ptr = torch.Tensor.data_ptr
 _device = torch.Tensor.get_device
 
 
-def launch_key(tensors: tuple, extra: tuple):
-    """The LaunchCache key of a call on `tensors`: their data pointers, the current stream of the
-    first one's device and `extra` (what else the launch depends on, as values the caller trusts).
-    None for a call that must take the long way: anything but plain CUDA tensors. On the per-call
-    path: C-level steps only (a set test of the types, map over the pointers)."""
-    if not _PLAIN.issuperset(map(type, tensors)):
-        return None
-    try:
-        index = _device(tensors[0])
-        if index < 0:   # a CPU tensor: the reference path, nothing to cache
-            return None
-        return (*map(_ptr, tensors), _raw_stream_fn(index) if _raw_stream_fn else current_raw_stream(index), *extra)
-    except Exception:  # exotic tensors whose pointers cannot be read: the long way
-        return None
-
-
 class LaunchCache:
     """A bounded map from a call's key (data pointers, stream, set_num_sms value) to the launches
     made for it, each with a guard on the layout of the call's tensors (dtype, device, shape,
@@ -287,14 +271,24 @@ class LaunchCache:
         return None
 
     def try_fire(self, tensors: tuple, extra: tuple):
-        """(fired, key): fire the launch cached for a call on `tensors` (launch_key's arguments), if
-        any; key is None for a call that must take the long way. The per-call path in one call."""
-        key = launch_key(tensors, extra)
-        if key is not None:
-            for guard, launch in self._entries.get(key, ()):
-                if guard(*tensors):
-                    launch.fire()
-                    return True, key
+        """(fired, key) of a call on `tensors`: fire the launch cached for it, if any. The key holds
+        the tensors' data pointers, the current stream of the first one's device and `extra` (what
+        else the launch depends on, as values the caller trusts); it is None for a call that must
+        take the long way (anything but plain CUDA tensors). The whole per-call path, in C-level
+        steps where it can (a set test of the types, map over the pointers)."""
+        if not _PLAIN.issuperset(map(type, tensors)):
+            return False, None
+        try:
+            index = _device(tensors[0])
+            if index < 0:   # a CPU tensor: the reference path, nothing to cache
+                return False, None
+            key = (*map(_ptr, tensors), _raw_stream_fn(index) if _raw_stream_fn else current_raw_stream(index), *extra)
+        except Exception:  # exotic tensors whose pointers cannot be read: the long way
+            return False, None
+        for guard, launch in self._entries.get(key, ()):
+            if guard(*tensors):
+                launch.fire()
+                return True, key
         return False, key
 
     def put(self, key, tensors, launch) -> None:
