@@ -2,7 +2,6 @@
 or, while torch.compile or torch.export traces, to its custom op (ops/library.py)."""
 from __future__ import annotations
 
-import re
 from typing import Optional, Tuple
 
 import torch
@@ -106,8 +105,9 @@ def _pairs(lhs, rhs):
 
 _TRAINING_GEMMS = 'the training GEMMs will add it (issue "Training GEMMs")'
 # v1 argument names in the pipeline's messages -> the 2.x names.
-_V1_NAMES = {"lhs": "a", "rhs": "b", "out": "d", "m_indices": "grouped_layout"}
-_V1_NAME_RE = re.compile(r"\b(lhs|rhs|out|m_indices)\b")
+# The 2.x names of the arguments, for the pipeline's error messages.
+_V2_NAMES = {"lhs": "a", "rhs": "b", "out": "d", "m_indices": "grouped_layout", "masked_m": "masked_m",
+             "expected_m": "expected_m"}
 
 
 def fp8_gemm_nt(a: Pair, b: Pair, d: torch.Tensor, c: Optional[torch.Tensor] = None,
@@ -135,7 +135,7 @@ def fp8_gemm_nt(a: Pair, b: Pair, d: torch.Tensor, c: Optional[torch.Tensor] = N
     _check_recipes(recipe, recipe_a, recipe_b, _TRAINING_GEMMS)
     _check_compiled_dims(compiled_dims)
     _check_flag(disable_ue8m0_cast, "disable_ue8m0_cast")
-    _call_v1(gemm_fp8_fp8_bf16_nt, a, b, d)
+    _call_v1(gemm_fp8_fp8_bf16_nt, _DENSE, a, b, d)
 
 
 def fp8_gemm_nn(a: Pair, b: Pair, d: torch.Tensor, c: Optional[torch.Tensor] = None,
@@ -208,7 +208,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a: Pair, b: Pair, d: torch.Tensor, grouped_
     elif expected_m_for_psum_layout is not None:
         raise ValueError(f"expected_m_for_psum_layout is only meaningful with use_psum_layout=True, got "
                          f"{expected_m_for_psum_layout!r} with use_psum_layout=False")
-    _call_v1(m_grouped_gemm_fp8_fp8_bf16_nt_contiguous, a, b, d, grouped_layout)
+    _call_v1(m_grouped_gemm_fp8_fp8_bf16_nt_contiguous, _CONTIGUOUS, a, b, d, grouped_layout)
 
 
 def m_grouped_fp8_gemm_nt_masked(a: Pair, b: Pair, d: torch.Tensor, masked_m: torch.Tensor, expected_m: int,
@@ -228,7 +228,7 @@ def m_grouped_fp8_gemm_nt_masked(a: Pair, b: Pair, d: torch.Tensor, masked_m: to
     _check_recipes(recipe, recipe_a, recipe_b, _GROUPED_PER_ROW_B)
     _check_compiled_dims(compiled_dims)
     _check_flag(disable_ue8m0_cast, "disable_ue8m0_cast")
-    _call_v1(m_grouped_gemm_fp8_fp8_bf16_nt_masked, a, b, d, masked_m, expected_m)
+    _call_v1(m_grouped_gemm_fp8_fp8_bf16_nt_masked, _MASKED, a, b, d, masked_m, expected_m)
 
 
 fp8_m_grouped_gemm_nt_masked = m_grouped_fp8_gemm_nt_masked   # DeepGEMM's older name, still used by engines
@@ -448,16 +448,10 @@ def _k_major_only(name: str, layout: str, fix: str) -> None:
                      f"cast: {fix}.")
 
 
-def _call_v1(fn, *args) -> None:
-    """fn (a v1 public function) on the translated arguments; its TypeError/ValueError messages
-    name the 2.x arguments. While tracing, the plain call (no exception handling to trace)."""
+def _call_v1(fn, layout: int, *args) -> None:
+    """The v1 call of the translated arguments: the pipeline, whose messages name the 2.x arguments,
+    or while tracing the v1 public function (which becomes its custom op)."""
     if _is_compiling():
         fn(*args)
-        return
-    try:
-        fn(*args)
-    except (TypeError, ValueError) as e:
-        message = e.args[0] if type(e) in (TypeError, ValueError) and len(e.args) == 1 else None
-        if not isinstance(message, str) or not _V1_NAME_RE.search(message):
-            raise
-        raise type(e)(_V1_NAME_RE.sub(lambda m: _V1_NAMES[m.group(1)], message)) from None
+    else:
+        _gemm.run(layout, *args, names=_V2_NAMES)

@@ -20,7 +20,7 @@ from ..runtime.launch import LaunchCache
 from .. import utils as _utils
 from ..utils import device_sm_count
 from .device import runs_on_hopper
-from .validation import GemmArgs, check_gemm
+from .validation import V1_NAMES, GemmArgs, check_gemm
 
 _launches = LaunchCache()
 _HINT_TYPES = frozenset((int, type(None)))
@@ -124,9 +124,10 @@ def _launch(args: GemmArgs, num_sms: int):
 
 
 def run(layout: int, lhs, rhs, out: Optional[torch.Tensor] = None, index=None, expected_m=None,
-        check_indices: bool = False) -> torch.Tensor:
+        check_indices: bool = False, names=V1_NAMES) -> torch.Tensor:
     """One GEMM of `layout`; returns the output (allocated when a dense call's out is None).
-    check_indices (contiguous): validate m_indices on the host first (a device sync)."""
+    check_indices (contiguous): validate m_indices on the host first (a device sync). names: the
+    caller's names of the arguments, for error messages (ops/validation.check_gemm)."""
     if out is None and layout == Layout.DENSE:
         out = _new_dense_out(lhs, rhs)
     key = flat = None
@@ -144,7 +145,7 @@ def run(layout: int, lhs, rhs, out: Optional[torch.Tensor] = None, index=None, e
             if fired:
                 return out
 
-    args = check_gemm(layout, *pad_operands_k_to_16(lhs, rhs), out, index, expected_m)
+    args = check_gemm(layout, *pad_operands_k_to_16(lhs, rhs), out, index, expected_m, names)
     result = out if out is not None else args.out   # validation may hand back a re-strided view
     if check_indices:
         check_m_indices(args.index, args.num_groups)

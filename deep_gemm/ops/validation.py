@@ -114,25 +114,26 @@ def block_scales(sb: torch.Tensor, want: tuple, name: str) -> None:
     aligned_start(sb, name)
 
 
-def same_device(device: torch.device, named) -> None:
+def same_device(device: torch.device, named, first: str = "lhs[0]") -> None:
     for name, t in named:
         if t.device != device:
-            raise ValueError(f"{name} is on {t.device} but lhs[0] is on {device}: all tensors must share one device")
+            raise ValueError(f"{name} is on {t.device} but {first} is on {device}: all tensors must share one device")
 
 
-def bf16_output(out, want: tuple, device: torch.device, staged_ok: bool) -> torch.Tensor:
+def bf16_output(out, want: tuple, device: torch.device, staged_ok: bool, name: str = "out",
+                first: str = "lhs[0]") -> torch.Tensor:
     """A caller's output. staged_ok: the call can write through an aligned staging buffer, so any
     row stride (and address) of a row-contiguous 2-D out is fine."""
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor (or None where allowed), got {type(out).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor (or None where allowed), got {type(out).__name__}")
     if out.dtype != torch.bfloat16:
-        raise TypeError(f"out must be torch.bfloat16, got {out.dtype}")
+        raise TypeError(f"{name} must be torch.bfloat16, got {out.dtype}")
     if out.shape != want:
-        raise ValueError(f"out must have shape {want}, got {tuple(out.shape)}")
-    same_device(device, (("out", out),))
+        raise ValueError(f"{name} must have shape {want}, got {tuple(out.shape)}")
+    same_device(device, ((name, out),), first)
     if staged_ok and len(want) == 2 and (out.stride(-1) == 1 or want[-1] <= 1) and out.stride(0) >= 0:
         return out
-    return tma_rows(out, 2, "out")
+    return tma_rows(out, 2, name)
 
 
 def new_bf16_output(shape: tuple, device: torch.device) -> torch.Tensor:
@@ -143,7 +144,7 @@ def new_bf16_output(shape: tuple, device: torch.device) -> torch.Tensor:
     return buffer if padded == n else buffer[..., :n]
 
 
-def index_tensor(t, name: str, length: int, device: torch.device, what: str) -> None:
+def index_tensor(t, name: str, length: int, device: torch.device, what: str, first: str = "lhs[0]") -> None:
     """m_indices or masked_m: int32 [length], contiguous, on the device."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -151,55 +152,61 @@ def index_tensor(t, name: str, length: int, device: torch.device, what: str) -> 
         raise TypeError(f"{name} must be torch.int32, got {t.dtype}")
     if t.shape != (length,):
         raise ValueError(f"{name} must have shape ({length},) ({what}), got {tuple(t.shape)}")
-    same_device(device, ((name, t),))
+    same_device(device, ((name, t),), first)
     if length > 1 and t.stride(0) != 1:
         raise ValueError(f"{name} must be contiguous, got stride {t.stride()}")
 
 
-def host_rows_hint(expected_m) -> int:
+def host_rows_hint(expected_m, name: str = "expected_m") -> int:
     if isinstance(expected_m, bool) or not isinstance(expected_m, int):
-        raise TypeError(f"expected_m must be a Python int (a host-side hint), got {type(expected_m).__name__}")
+        raise TypeError(f"{name} must be a Python int (a host-side hint), got {type(expected_m).__name__}")
     if expected_m < 1:
-        raise ValueError(f"expected_m must be a positive int, got {expected_m}")
+        raise ValueError(f"{name} must be a positive int, got {expected_m}")
     return expected_m
 
 
 # ---- the layouts, composed from the rules ---------------------------------------------------------
-def check_gemm(layout: Layout, lhs, rhs, out=None, index=None, expected_m=None) -> GemmArgs:
-    """Validate one GEMM call of `layout` (out may be None for dense calls only)."""
+V1_NAMES = {"lhs": "lhs", "rhs": "rhs", "out": "out", "m_indices": "m_indices", "masked_m": "masked_m",
+            "expected_m": "expected_m"}
+
+
+def check_gemm(layout: Layout, lhs, rhs, out=None, index=None, expected_m=None, names=V1_NAMES) -> GemmArgs:
+    """Validate one GEMM call of `layout` (out may be None for dense calls only). `names`: what the
+    caller calls each argument, for the messages (the v1 names, or DeepGEMM 2.x's a, b, d, ...)."""
     grouped = layout != Layout.DENSE
-    a, sa = fp8_operand(lhs, "lhs", 3 if layout == Layout.MASKED else 2,
+    lhs_, rhs_ = names["lhs"], names["rhs"]
+    a, sa = fp8_operand(lhs, lhs_, 3 if layout == Layout.MASKED else 2,
                         "[G, max_m, K]" if layout == Layout.MASKED else "[M, K]")
-    b, sb = fp8_operand(rhs, "rhs", 3 if grouped else 2, "[G, N, K]" if grouped else "[N, K]")
+    b, sb = fp8_operand(rhs, rhs_, 3 if grouped else 2, "[G, N, K]" if grouped else "[N, K]")
     *lead, k = a.shape
     n, k_b = b.shape[-2], b.shape[-1]
     g = b.shape[0] if grouped else 1
     if k_b != k:
-        raise ValueError(f"rhs[0] must have K = {k} columns like lhs[0], got shape {tuple(b.shape)}")
+        raise ValueError(f"{rhs_}[0] must have K = {k} columns like {lhs_}[0], got shape {tuple(b.shape)}")
     if k < 1:
-        raise ValueError(f"lhs[0] must have K >= 1 columns, got K = {k}")
+        raise ValueError(f"{lhs_}[0] must have K >= 1 columns, got K = {k}")
     if n < 1:
-        raise ValueError(f"rhs[0] must have N >= 1 rows, got N = {n}")
+        raise ValueError(f"{rhs_}[0] must have N >= 1 rows, got N = {n}")
     if grouped and g < 1:
-        raise ValueError(f"rhs[0] must hold at least one group, got shape {tuple(b.shape)}")
+        raise ValueError(f"{rhs_}[0] must hold at least one group, got shape {tuple(b.shape)}")
     if layout == Layout.MASKED and lead[0] != g:
-        raise ValueError(f"lhs[0] must have G = {g} groups like rhs[0], got shape {tuple(a.shape)}")
-    device = a.device
-    same_device(device, (("lhs[1]", sa), ("rhs[0]", b), ("rhs[1]", sb)))
+        raise ValueError(f"{lhs_}[0] must have G = {g} groups like {rhs_}[0], got shape {tuple(a.shape)}")
+    device, first = a.device, f"{lhs_}[0]"
+    same_device(device, ((f"{lhs_}[1]", sa), (f"{rhs_}[0]", b), (f"{rhs_}[1]", sb)), first)
     kb = (k + 127) // 128
-    a = tma_rows(a, 1, "lhs[0]")
-    b = tma_rows(b, 1, "rhs[0]")
-    sa = token_scales(sa, tuple(lead), kb, "lhs[1]")
-    block_scales(sb, ((g,) if grouped else ()) + ((n + 127) // 128, kb), "rhs[1]")
+    a = tma_rows(a, 1, first)
+    b = tma_rows(b, 1, f"{rhs_}[0]")
+    sa = token_scales(sa, tuple(lead), kb, f"{lhs_}[1]")
+    block_scales(sb, ((g,) if grouped else ()) + ((n + 127) // 128, kb), f"{rhs_}[1]")
     out_shape = (*lead, n)
     if out is None and not grouped:
         out = new_bf16_output(out_shape, device)
     else:
-        out = bf16_output(out, out_shape, device, staged_ok=not grouped)
+        out = bf16_output(out, out_shape, device, not grouped, names["out"], first)
     m = lead[-1]
     if layout == Layout.CONTIGUOUS:
-        index_tensor(index, "m_indices", m, device, "the group of each row of lhs[0], -1 for padding")
+        index_tensor(index, names["m_indices"], m, device, f"the group of each row of {first}, -1 for padding", first)
     elif layout == Layout.MASKED:
-        index_tensor(index, "masked_m", g, device, "valid rows of each group")
-        expected_m = host_rows_hint(expected_m)
+        index_tensor(index, names["masked_m"], g, device, "valid rows of each group", first)
+        expected_m = host_rows_hint(expected_m, names["expected_m"])
     return GemmArgs(layout, a, sa, b, sb, out, index, m, n, k, g, expected_m if layout == Layout.MASKED else m)
