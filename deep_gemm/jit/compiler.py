@@ -109,8 +109,9 @@ class NvrtcCompiler(Compiler):
         try:
             from cuda.bindings import nvrtc
         except ImportError as e:
-            raise RuntimeError("deep_gemm's JIT needs the 'cuda-bindings' package (pip install "
-                               "'cuda-bindings>=12.8'), or set DG_JIT_USE_NVCC=1 to use nvcc") from e
+            raise RuntimeError("deep_gemm's GPU kernels need cuda-bindings and NVRTC: pip install 'deep_gemm[cu13]' "
+                               "(CUDA 13 driver, R580+) or 'deep_gemm[cu12]' (CUDA 12), or set DG_JIT_USE_NVCC=1 to "
+                               "use nvcc") from e
         return nvrtc
 
     @property
@@ -123,7 +124,8 @@ class NvrtcCompiler(Compiler):
                 raise RuntimeError(
                     "cannot load libnvrtc: install the NVRTC wheel matching cuda-bindings' "
                     "major version ('nvidia-cuda-nvrtc' for CUDA 13, "
-                    f"'nvidia-cuda-nvrtc-cu12>=12.8' for CUDA 12), or set DG_JIT_USE_NVCC=1 ({e})") from e
+                    f"'nvidia-cuda-nvrtc-cu12>=12.4' for CUDA 12: the cu13 / cu12 extras of deep_gemm), or set "
+                    f"DG_JIT_USE_NVCC=1 ({e})") from e
             self._check(err, "nvrtcVersion")
             ident = f"nvrtc {major}.{minor}"
             # nvrtcVersion() is only major.minor and a patch release can change code generation: add the wheel version.
