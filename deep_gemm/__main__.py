@@ -42,7 +42,7 @@ def _try(fn, default="n/a"):
         value = fn()
         return default if value is None else value
     except Exception as exc:              # info must never fail: report what went wrong instead
-        return f"n/a ({type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''})"
+        return f"n/a ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
 
 
 def _cuda_bindings(module: str):
