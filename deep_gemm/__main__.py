@@ -53,7 +53,7 @@ def _cuda_bindings(module: str):
 
 
 def _nvrtc_version() -> str:
-    # With the wheel's full version: patch releases change the kernels' SASS (perf-notes 28).
+    # With the wheel's full version: patch releases change the kernels' SASS.
     from .jit.compiler import NvrtcCompiler
     return NvrtcCompiler().identity.removeprefix("nvrtc ")
 

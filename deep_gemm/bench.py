@@ -682,8 +682,7 @@ def _device_info() -> dict:
     except ImportError:
         info["triton"] = None
     # The kernels' code depends on the compiler's version (NVRTC 13.0.88 and 13.5.37 give
-    # different SASS for every planner kernel: docs/perf-notes.md, section 28), so the
-    # timings name it.
+    # different SASS for every planner kernel), so the timings name it.
     from .jit.compiler import get_compiler
     try:
         info["jit_compiler"] = get_compiler().identity

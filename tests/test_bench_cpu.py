@@ -131,7 +131,7 @@ def test_odd_rows_stay_out_of_the_anchors_geomeans(capsys):
 
 
 def test_device_record_names_the_jit_compiler(monkeypatch):
-    # The kernels' SASS depends on the NVRTC version (perf-notes section 28): every bench run
+    # The kernels' SASS depends on the NVRTC version (patch releases too): every bench run
     # records which compiler made them, or why there is none.
     import types
 

@@ -86,7 +86,7 @@ def test_every_grouped_variant_compiles_clean(tmp_cache_dir):
 
 
 # (N, K) of other models than the ANCHORS ones, so that a shape-dependent ptxas problem (an odd
-# number of K blocks serialised every wgmma until perf-notes section 27) shows up before a user's
+# number of K blocks once made ptxas serialise every wgmma) shows up before a user's
 # model hits it. Dense projections: Llama-3 8B / 70B / 405B, Qwen2.5-72B (unfused gate and down),
 # DeepSeek-V3's q_a projection and vocabulary head, and a 4608-wide pair. MoE experts (gate+up
 # fused, down): Mixtral 8x7B, Qwen3-30B-A3B, Qwen3-235B, Qwen2-57B, DeepSeek-V2-Lite, gpt-oss, GLM-4.5.
@@ -406,7 +406,7 @@ def test_python_m_deep_gemm_precompile(tmp_cache_dir):
     assert any(p.name.startswith(record["kernel"]) for p in (tmp_cache_dir / "cache").iterdir())
 
 
-# Kernel features the planner does not pick today (docs/perf-notes.md section 4) but which stay
+# Kernel features the planner does not pick for these shapes but which stay
 # supported: split-K over other tiles and counts, several K blocks a stage, the scale loader warp
 # on other tiles.
 FEATURE_VARIANTS = [

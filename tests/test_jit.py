@@ -497,7 +497,7 @@ def test_parse_picks_the_named_entry():
 
 def test_serialised_wgmmas_are_reported():
     # ptxas' C7514 (the log line of a pipelined kernel over an odd number of K blocks before
-    # session 17's fix): the kernel runs, but every wgmma waits for the one before it.
+    # the odd count was hidden from ptxas): the kernel runs, but every wgmma waits for the one before it.
     log = textwrap.dedent("""\
         ptxas info    : (C7514) Potential Performance Loss: wgmma.mma_async instructions are serialized due to non wgmma instructions reading accumulator registers of  a wgmma between start and end of the pipeline stage in the function 'k' in line 0
         ptxas info    : Compiling entry function 'k' for 'sm_90a'

@@ -210,7 +210,7 @@ def test_print_configs(monkeypatch, capsys):
 
 @pytest.mark.parametrize("m,n,k", [(64, 2112, 7168), (24, 4096, 7168), (128, 2112, 4096)])
 def test_narrow_long_k_decode_tiles_get_a_deep_pipelined_ring(m, n, k):
-    # Two K blocks a stage (perf-notes section 25): more than 8 K blocks in flight, as many
+    # Two K blocks a stage (docs/design.md, planner rules): more than 8 K blocks in flight, as many
     # stages as shared memory holds up to 32 K blocks.
     c = plan_dense(m, n, k, 132)
     assert c.block_n <= 32 and c.pipelined and c.stage_k_blocks == 2
@@ -228,8 +228,8 @@ def test_one_k_block_a_stage_elsewhere(m, n, k, layout):
 
 
 @pytest.mark.parametrize("m,n,k,layout", [
-    (64, 2112, 7168, LAYOUT_DENSE),         # decode: split-K tied at best (perf-notes section 12)
-    (1, 2112, 7168, LAYOUT_DENSE),          # M < 64: M = 64's plan (perf-notes section 24)
+    (64, 2112, 7168, LAYOUT_DENSE),         # decode: split-K tied at best
+    (1, 2112, 7168, LAYOUT_DENSE),          # M < 64: M = 64's plan
     (7, 4096, 7168, LAYOUT_DENSE),
     (17, 2112, 7168, LAYOUT_DENSE),
     (1, 7168, 2048, LAYOUT_DENSE),
@@ -252,7 +252,7 @@ def test_planner_does_not_split_k(m, n, k, layout):
 @pytest.mark.parametrize("n,k", [(2112, 7168), (4096, 7168), (4096, 4096), (7168, 2048), (24576, 1536), (576, 16384)])
 def test_every_dense_m_up_to_64_gets_the_m64_plan(n, k):
     # With short boxes for a partial M block, M = 64's plan ran M = 1, 7, 16 as fast as M = 64
-    # or faster than any other measured plan (docs/perf-notes.md, section 24).
+    # or faster than any other measured plan (docs/design.md, planner rules).
     want = plan_dense(64, n, k, 132)
     assert all(plan_dense(m, n, k, 132) == want for m in range(1, 64))
 
@@ -358,14 +358,14 @@ def test_only_the_narrowest_tiles_load_a_scales_by_warp(m, n, k):
     assert c.scale_loader_warp == (c.block_n <= plan.SCALE_LOADER_MAX_BLOCK_N)
     assert c.template_args().split(", ")[-1] == str(c.scale_loader_warp).lower()   # kScaleLoaderWarp_
     assert c.name.endswith("_sl") == c.scale_loader_warp
-    if (m, n) in ((64, 2112), (128, 2112)):   # the decode rows it was measured to help (section 23)
+    if (m, n) in ((64, 2112), (128, 2112)):   # the decode rows it was measured to help
         assert c.block_n == 16 and c.scale_loader_warp
 
 
 @pytest.mark.parametrize("layout,groups", [(LAYOUT_MASKED, 1), (LAYOUT_CONTIGUOUS, 1)])
 def test_grouped_calls_keep_tma_for_a_scales(layout, groups):
     c = plan_dense(64, 2112, 7168, 132, layout=layout, num_groups=groups)
-    assert c.block_n == 16 and not c.scale_loader_warp    # not measured there (section 23)
+    assert c.block_n == 16 and not c.scale_loader_warp    # the loader warp was not measured on grouped calls
 
 
 @pytest.mark.parametrize("m,n,k", [(4096, 7168, 16384), (4096, 4096, 7168), (1000, 4096, 7168), (8192, 7168, 7168),
