@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 
 from .config import M_ALIGNMENT_CONTIGUOUS, Layout
-from .ops import cast as _cast, gemm as _gemm, library as _library
+from .ops import cast as _cast, gemm as _gemm, library as _library, validation as _validation
 from .utils import ceil_div, get_col_major_tma_aligned_tensor
 
 Pair = Tuple[torch.Tensor, torch.Tensor]
@@ -333,18 +333,8 @@ def _psum_m_indices(a: Pair, b: Pair, grouped_layout: torch.Tensor) -> torch.Ten
     if w.dim() != 3 or w.shape[0] < 1:
         raise ValueError(f"b[0] must be 3-D [G, N, K] with at least one group, got shape {tuple(w.shape)}")
     num_groups = w.shape[0]
-    if not isinstance(grouped_layout, torch.Tensor):
-        raise TypeError(f"grouped_layout must be a torch.Tensor, got {type(grouped_layout).__name__}")
-    if grouped_layout.dtype != torch.int32:
-        raise TypeError(f"grouped_layout must be torch.int32, got {grouped_layout.dtype}")
-    if grouped_layout.shape != (num_groups,):
-        raise ValueError(f"grouped_layout must have shape ({num_groups},) with use_psum_layout=True (each group's end "
-                         f"row), got {tuple(grouped_layout.shape)}")
-    if grouped_layout.device != x.device:
-        raise ValueError(f"grouped_layout is on {grouped_layout.device} but a[0] is on {x.device}: all tensors "
-                         f"must share one device")
-    if num_groups > 1 and grouped_layout.stride(0) != 1:
-        raise ValueError(f"grouped_layout must be contiguous, got stride {grouped_layout.stride()}")
+    _validation.index_tensor(grouped_layout, "grouped_layout", num_groups, x.device,
+                             "with use_psum_layout=True (each group's end row)", "a[0]")
     ends = grouped_layout
     step = M_ALIGNMENT_CONTIGUOUS
     starts = torch.cat((ends.new_zeros(1), torch.div(ends[:-1] + (step - 1), step, rounding_mode="floor") * step))

@@ -33,6 +33,9 @@ launch_count = 0            # kernels launched by this module (tests check the G
 
 def cast_kernel(config: CastConfig, device_index: int):
     """The loaded kernel for `config` on a device, compiled and loaded on first use."""
+    kernel = _loaded.get((config, device_index))
+    if kernel is not None:   # the per-call path: no closure or message strings built
+        return kernel
     return load_once(_loaded, (config, device_index), device_index,
                      build=lambda: (cast_source(config), config.kernel_name, config.name),
                      what=f"cast kernel {config.name}",
@@ -99,7 +102,7 @@ def _launch(kind: str, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, k
            and (rows.numel() <= k or row_stride * rows.element_size() % 16 == 0))
     index = rows.device.index
     config = CastConfig(kind, k, _DTYPE_NAMES[rows.dtype], vec)
-    kernel = _loaded.get((config, index)) or cast_kernel(config, index)
+    kernel = cast_kernel(config, index)
     params = _PARAMS[kind].pack(rows.data_ptr(), q.data_ptr(), scales.data_ptr(), row_stride, *tail)
     with torch.cuda.device(index):   # the module lives in that device's context
         launch = PreparedLaunch(kernel, grid, params, _OFFSETS[kind], current_raw_stream(index), index)

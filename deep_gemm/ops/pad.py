@@ -30,6 +30,9 @@ launch_count = 0            # kernels launched by this module (tests count them 
 
 def pad_kernel(device_index: int) -> LoadedKernel:
     """The loaded padding kernel of a device, compiling and loading it on first use."""
+    kernel = _loaded.get(device_index)
+    if kernel is not None:   # the per-call path: no closure built
+        return kernel
     return load_once(_loaded, device_index, device_index, build=lambda: (pad_source(), KERNEL_NAME, NAME),
                      what="the K-padding kernel (for K % 16 != 0)",
                      preload_hint="Run the same call once before capture (warm-up), or load it ahead with "
@@ -101,7 +104,7 @@ def pad_k16_into(pairs) -> None:
     if grid > _INT32_MAX:
         raise ValueError(f"too much to pad in one launch ({grid} thread blocks)")
     index = device.index
-    kernel = _loaded.get(index) or pad_kernel(index)
+    kernel = pad_kernel(index)
     params = _PARAMS.pack(*operands[0][:4], *operands[1][:4], operands[0][4])
     stream = current_raw_stream(index)
     if _current_device() == index:

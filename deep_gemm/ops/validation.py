@@ -145,13 +145,14 @@ def new_bf16_output(shape: tuple, device: torch.device) -> torch.Tensor:
 
 
 def index_tensor(t, name: str, length: int, device: torch.device, what: str, first: str = "lhs[0]") -> None:
-    """m_indices or masked_m: int32 [length], contiguous, on the device."""
+    """An index tensor (m_indices, masked_m, a psum grouped_layout): int32 [length], contiguous, on
+    the device; `what` follows the expected shape in the message."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype != torch.int32:
         raise TypeError(f"{name} must be torch.int32, got {t.dtype}")
     if t.shape != (length,):
-        raise ValueError(f"{name} must have shape ({length},) ({what}), got {tuple(t.shape)}")
+        raise ValueError(f"{name} must have shape ({length},) {what}, got {tuple(t.shape)}")
     same_device(device, ((name, t),), first)
     if length > 1 and t.stride(0) != 1:
         raise ValueError(f"{name} must be contiguous, got stride {t.stride()}")
@@ -205,8 +206,8 @@ def check_gemm(layout: Layout, lhs, rhs, out=None, index=None, expected_m=None, 
         out = bf16_output(out, out_shape, device, not grouped, names["out"], first)
     m = lead[-1]
     if layout == Layout.CONTIGUOUS:
-        index_tensor(index, names["m_indices"], m, device, f"the group of each row of {first}, -1 for padding", first)
+        index_tensor(index, names["m_indices"], m, device, f"(the group of each row of {first}, -1 for padding)", first)
     elif layout == Layout.MASKED:
-        index_tensor(index, names["masked_m"], g, device, "valid rows of each group", first)
+        index_tensor(index, names["masked_m"], g, device, "(valid rows of each group)", first)
         expected_m = host_rows_hint(expected_m, names["expected_m"])
     return GemmArgs(layout, a, sa, b, sb, out, index, m, n, k, g, expected_m if layout == Layout.MASKED else m)

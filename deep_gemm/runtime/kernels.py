@@ -54,7 +54,7 @@ def load_once(cache: dict, key, device_index: int, *, build, what: str, preload_
 def gemm_kernel(config: KernelConfig, device_index: int) -> LoadedKernel:
     """The loaded kernel for `config` on a device, compiled and loaded on first use."""
     kernel = _loaded.get((config, device_index))
-    if kernel is not None:
+    if kernel is not None:   # the per-call path: no closure or message strings built
         return kernel
     return load_once(_loaded, (config, device_index), device_index,
                      build=lambda: (*gemm_source(config), config.name), what=f"kernel {config.name}",

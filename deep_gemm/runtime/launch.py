@@ -15,7 +15,7 @@ import threading
 
 import torch
 
-from ..config import GEMM_PARAMS, I32, MAP, PTR, param_layout
+from ..config import GEMM_PARAMS, I32, MAP, PARAM_SIZE_ALIGN, PTR, param_layout
 from .driver import check, driver, param_buffer
 
 # torch.cuda.current_stream(device) builds a Stream object per call (a few microseconds); the raw
@@ -182,12 +182,11 @@ def _params_struct(params) -> tuple:
     """(struct.Struct, field names) packing a parameter block at param_layout's offsets."""
     offsets, size = param_layout(params)
     codes = {MAP: "128s", PTR: "Q", I32: "i"}
-    widths = {MAP: 128, PTR: 8, I32: 4}
     fmt, end = "<", 0
     for name, kind in params:
         fmt += f"{offsets[name] - end}x" if offsets[name] > end else ""
         fmt += codes[kind]
-        end = offsets[name] + widths[kind]
+        end = offsets[name] + PARAM_SIZE_ALIGN[kind][0]
     fmt += f"{size - end}x" if size > end else ""
     return struct.Struct(fmt), tuple(name for name, _ in params)
 
