@@ -16,6 +16,8 @@ from .api import (
     fp8_gemm_tt,
     fp8_m_grouped_gemm_nt_masked,
     gemm_fp8_fp8_bf16_nt,
+    k_grouped_fp8_gemm_nt_contiguous,
+    k_grouped_wgrad_gemm_fp8_fp8_fp32_nt,
     get_m_alignment_for_contiguous_layout,
     get_mk_alignment_for_contiguous_layout,
     get_mn_major_tma_aligned_tensor,
@@ -25,10 +27,14 @@ from .api import (
     m_grouped_gemm_fp8_fp8_bf16_nt_masked,
     per_block_cast_to_fp8,
     per_token_cast_to_fp8,
+    per_token_cast_to_fp8_transposed,
+    k_grouped_per_token_cast_to_fp8_transposed,
     set_mk_alignment_for_contiguous_layout,
     transform_sf_into_required_layout,
+    wgrad_gemm_fp8_fp8_fp32_nt,
 )
-from .utils import ceil_div, get_col_major_tma_aligned_tensor, get_num_sms, get_tma_aligned_size, set_num_sms
+from .utils import (ceil_div, get_col_major_tma_aligned_tensor, get_num_sms, get_pdl, get_tma_aligned_size,
+                    set_num_sms, set_pdl)
 
 __version__ = "0.1.0"
 
@@ -37,6 +43,8 @@ __all__ = [
     "gemm_fp8_fp8_bf16_nt",
     "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
     "m_grouped_gemm_fp8_fp8_bf16_nt_masked",
+    "wgrad_gemm_fp8_fp8_fp32_nt",
+    "k_grouped_wgrad_gemm_fp8_fp8_fp32_nt",
     "check_m_indices",
     "get_col_major_tma_aligned_tensor",
     "get_m_alignment_for_contiguous_layout",
@@ -48,16 +56,21 @@ __all__ = [
     "m_grouped_fp8_gemm_nt_contiguous",
     "m_grouped_fp8_gemm_nt_masked",
     "fp8_m_grouped_gemm_nt_masked",
+    "k_grouped_fp8_gemm_nt_contiguous",
     "get_mk_alignment_for_contiguous_layout",
     "set_mk_alignment_for_contiguous_layout",
     "get_mn_major_tma_aligned_tensor",
     "transform_sf_into_required_layout",
+    "set_pdl",
+    "get_pdl",
     # both
     "ceil_div",
     "get_num_sms",
     "get_tma_aligned_size",
     "per_block_cast_to_fp8",
     "per_token_cast_to_fp8",
+    "per_token_cast_to_fp8_transposed",
+    "k_grouped_per_token_cast_to_fp8_transposed",
     "set_num_sms",
     # modules
     "reference",

@@ -102,7 +102,8 @@ def cmd_info(argv) -> int:
     argparse.ArgumentParser(prog="python -m deep_gemm info",
                             description="Report GPU, toolchain and kernel cache.").parse_args(argv)
     import torch
-    lines = [("torch", f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})")]
+    from . import __version__
+    lines = [("deep_gemm", __version__), ("torch", f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})")]
     gpus = _try(_gpu_lines)
     lines += gpus if isinstance(gpus, list) else [("GPU", gpus)]
     lines.append(("driver", f"{_try(_driver_release)} (CUDA {_try(_driver_cuda_version)})"))
@@ -142,6 +143,8 @@ COMMANDS = {"info": cmd_info, "bench": cmd_bench, "precompile": cmd_precompile}
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deep_gemm",
                                      description="FP8 GEMMs with fine-grained scaling for Hopper GPUs.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"deep_gemm {__version__}")
     parser.add_argument("command", choices=sorted(COMMANDS), help="info | bench | precompile")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the command (see COMMAND -h)")
     ns = parser.parse_args(argv)

@@ -15,6 +15,7 @@ _is_compiling = _library.is_compiling
 _ops = torch.ops.deep_gemm if _library.REGISTERED else None
 # Layouts as plain ints on the per-call path (an enum member's lookup and hash cost microseconds).
 _DENSE, _CONTIGUOUS, _MASKED = int(Layout.DENSE), int(Layout.CONTIGUOUS), int(Layout.MASKED)
+_K_GROUPED = int(Layout.K_GROUPED)
 
 
 def gemm_fp8_fp8_bf16_nt(lhs: Pair, rhs: Pair, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -63,6 +64,39 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs: Pair, rhs: Pair, out: torch.Tenso
     return _gemm.run(_MASKED, lhs, rhs, out, masked_m, expected_m)
 
 
+def wgrad_gemm_fp8_fp8_fp32_nt(lhs: Pair, rhs: Pair, out: torch.Tensor) -> torch.Tensor:
+    """out[M, N] (fp32) += A[M, K] @ B[N, K]^T, both operands scaled per row and 128-K block (the
+    weight gradient of an FP8 training step); returns out.
+
+    lhs = (A: float8_e4m3fn [M, K], sa: float32 [M, ceil(K/128)]), rhs = (B: float8_e4m3fn [N, K],
+    sb: float32 [N, ceil(K/128)]); each scale tensor row-major or column-major TMA-aligned (the
+    latter, what per_token_cast_to_fp8 returns, costs nothing). out: float32 [M, N] with rows
+    16-byte aligned, updated in place (each element gets one fp32 addition of the product).
+    """
+    if _is_compiling():
+        _ops.fp8_gemm_nt_training(*_pairs(lhs, rhs), out, True, True)
+        return out
+    return _gemm.run(_DENSE, lhs, rhs, out, row_scales_b=True, accumulate=True)
+
+
+def k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(lhs: Pair, rhs: Pair, out: torch.Tensor, k_sizes) -> torch.Tensor:
+    """out[g] (fp32 [M, N]) += A_g @ B_g^T for the G groups of a MoE layer's weight gradient, group g
+    over its own K = k_sizes[g] (the tokens routed to expert g); returns out.
+
+    lhs = (A: flat float8_e4m3fn holding each group's [M, k_g] row-major block in turn, sa: float32
+    [sum ceil(k_g/128), M], K-block-major, group after group); rhs likewise with N; out: float32
+    [G, M, N] contiguous, accumulated in place. k_sizes: a list of Python ints, each >= 0 and a
+    multiple of 16 (0: the group adds nothing); M and N multiples of 4. Graph capture replays
+    the k_sizes of the captured call.
+    """
+    if _is_compiling():
+        _ops.k_grouped_fp8_gemm_nt(*_pairs(lhs, rhs), out, list(k_sizes), True)
+        return out
+    return _gemm.run(_K_GROUPED, lhs, rhs, out, row_scales_b=True, accumulate=True,
+                     k_sizes=tuple(k_sizes) if type(k_sizes) is list else k_sizes,
+                     names=_validation.K_GROUPED_NAMES)
+
+
 def per_token_cast_to_fp8(x: torch.Tensor) -> Pair:
     """[M, K] or [G, M, K] -> (e4m3, float32 scales per 1x128 block in the column-major TMA-aligned
     layout the GEMMs read)."""
@@ -76,6 +110,24 @@ def per_block_cast_to_fp8(x: torch.Tensor) -> Pair:
     if _is_compiling():
         return _ops.per_block_cast_to_fp8(x)
     return _cast.per_block_cast_to_fp8(x)
+
+
+def per_token_cast_to_fp8_transposed(x: torch.Tensor) -> Pair:
+    """x [T, H] -> per_token_cast_to_fp8(x.T) without materialising x.T: (e4m3 [H, T] row-major, float32
+    scales [H, ceil(T/128)] per 1x128 block along T, column-major TMA-aligned), the K-major operand
+    (K = tokens) of a weight-gradient GEMM."""
+    if _is_compiling():
+        return _ops.per_token_cast_to_fp8_transposed(x)
+    return _cast.per_token_cast_to_fp8_transposed(x)
+
+
+def k_grouped_per_token_cast_to_fp8_transposed(x: torch.Tensor, k_sizes) -> Pair:
+    """x [T, H] of G groups of k_sizes[g] consecutive rows (each a multiple of 16, 0 allowed) ->
+    (e4m3 [T * H]: group after group x_g.T [H, k_g] row-major; float32 scales
+    [sum of ceil(k_g/128), H] row-major), the layout of K-grouped weight-gradient GEMMs."""
+    if _is_compiling():
+        return _ops.k_grouped_per_token_cast_to_fp8_transposed(x, list(k_sizes))
+    return _cast.k_grouped_per_token_cast_to_fp8_transposed(x, k_sizes)
 
 
 def get_m_alignment_for_contiguous_layout() -> int:
@@ -103,8 +155,6 @@ def _pairs(lhs, rhs):
 # custom op. Like DeepGEMM they write d in place and return None. Bad input raises TypeError or
 # ValueError naming the 2.x argument (a, b, d, grouped_layout, ...).
 
-_TRAINING_GEMMS = 'the training GEMMs will add it (issue "Training GEMMs")'
-# v1 argument names in the pipeline's messages -> the 2.x names.
 # The 2.x names of the arguments, for the pipeline's error messages.
 _V2_NAMES = {"lhs": "a", "rhs": "b", "out": "d", "m_indices": "grouped_layout", "masked_m": "masked_m",
              "expected_m": "expected_m"}
@@ -114,28 +164,68 @@ def fp8_gemm_nt(a: Pair, b: Pair, d: torch.Tensor, c: Optional[torch.Tensor] = N
                 recipe: Optional[Tuple[int, int, int]] = None, recipe_a: Optional[Tuple[int, int]] = None,
                 recipe_b: Optional[Tuple[int, int]] = None, compiled_dims: str = "nk",
                 disable_ue8m0_cast: bool = False) -> None:
-    """d[M, N] = A[M, K] @ B[N, K]^T with DeepSeek-V3 block scales (DeepGEMM 2.x); returns None.
+    """d[M, N] = c + A[M, K] @ B[N, K]^T with DeepSeek-V3 scales (DeepGEMM 2.x); returns None.
 
     a = (A: float8_e4m3fn [M, K], sa: float32 [M, ceil(K/128)], row-major or column-major
-    TMA-aligned); b = (B: float8_e4m3fn [N, K], sb: float32 [ceil(N/128), ceil(K/128)], row-major);
-    d: bf16 [M, N], written in place.
+    TMA-aligned); b = (B: float8_e4m3fn [N, K], sb); d: bf16 or fp32 [M, N], written in place.
+    c: None, or an fp32 [M, N] addend with an fp32 d: d itself (accumulated in place) or a tensor
+    that shares no memory with d (copied into d first).
 
-    recipe: None or (1, 128, 128) (A scaled per 1x128 block, B per 128x128 block), or equally
-    recipe_a=(1, 128) with recipe_b=(128, 128); never both forms. Not built yet (ValueError): an
-    fp32 d, an addend c (D = C + A @ B^T) and per-row B scales (recipe (1, 1, 128) or
-    recipe_b (1, 128)). compiled_dims (letters of "mnk": the dims DeepGEMM fixes at compile time)
-    is accepted and has no effect: N and K are always compiled in, M is always a run-time value.
-    disable_ue8m0_cast is accepted and has no effect: on Hopper the fp32 scales are used as they
-    are (UE8M0 is Blackwell's packed scale format).
+    recipe: None or (1, 128, 128): B's scales per 128x128 block, sb float32 [ceil(N/128),
+    ceil(K/128)]; (1, 1, 128): B scaled per row and 128-K block like A, sb float32 [N, ceil(K/128)]
+    (row-major or column-major TMA-aligned). Equally recipe_a=(1, 128) with recipe_b=(128, 128) or
+    (1, 128); never both forms. compiled_dims (letters of "mnk": the dims DeepGEMM fixes at
+    compile time) is accepted and has no effect: N and K are always compiled in, M is always a
+    run-time value. disable_ue8m0_cast is accepted and has no effect: on Hopper the fp32 scales
+    are used as they are (UE8M0 is Blackwell's packed scale format).
     """
     _check_pairs(a, b)
     _check_d(d, dense=True)
-    if c is not None:
-        raise ValueError(f"c (an addend: D = C + A @ B^T) is not supported yet; {_TRAINING_GEMMS}")
-    _check_recipes(recipe, recipe_a, recipe_b, _TRAINING_GEMMS)
+    row_scales_b = _check_recipes(recipe, recipe_a, recipe_b)
     _check_compiled_dims(compiled_dims)
     _check_flag(disable_ue8m0_cast, "disable_ue8m0_cast")
-    _call_v1(gemm_fp8_fp8_bf16_nt, _DENSE, a, b, d)
+    addend = _check_addend(c, d)
+    if d.dtype == torch.bfloat16 and not row_scales_b and c is None:
+        _call_v1(gemm_fp8_fp8_bf16_nt, _DENSE, a, b, d)
+    elif _is_compiling():
+        if addend is not None:
+            d.copy_(addend)
+        _ops.fp8_gemm_nt_training(*_pairs(a, b), d, row_scales_b, c is not None)
+    else:
+        _gemm.run(_DENSE, a, b, d, names=_V2_NAMES, row_scales_b=row_scales_b, accumulate=c is not None,
+                  addend=addend, fp32_out_ok=True)
+
+
+def k_grouped_fp8_gemm_nt_contiguous(a: Pair, b: Pair, d: torch.Tensor, ks_cpu, grouped_layout: torch.Tensor,
+                                     c: Optional[torch.Tensor] = None,
+                                     recipe: Optional[Tuple[int, int, int]] = (1, 1, 128)) -> None:
+    """d[g] = c[g] + A_g @ B_g^T for G groups of K = ks_cpu[g] (DeepGEMM 2.x); returns None.
+
+    The layout of k_grouped_wgrad_gemm_fp8_fp8_fp32_nt: a = (flat e4m3 holding each group's
+    [M, k_g] block in turn, float32 [sum ceil(k_g/128), M]), b likewise with N, d float32
+    [G, M, N]. ks_cpu: the groups' K as Python ints (read on the host, multiples of 16);
+    grouped_layout: the same sizes as an int32 [G] tensor on the device (checked, not read). c:
+    None (d = A_g B_g^T), d itself (accumulated) or an fp32 [G, M, N] tensor sharing no memory
+    with d (copied into d first). recipe: (1, 1, 128) only (both operands scaled per row).
+    """
+    _check_pairs(a, b)
+    if _int_tuple(recipe, "recipe", 3) != (1, 1, 128):
+        raise ValueError(f"recipe={recipe} is not supported for K-grouped GEMMs: both operands are scaled per row "
+                         f"and 128-K block, recipe=(1, 1, 128)")
+    if not isinstance(d, torch.Tensor):
+        raise TypeError(f"d must be a torch.Tensor (the output), got {type(d).__name__}")
+    if not isinstance(ks_cpu, (list, tuple)):
+        raise TypeError(f"ks_cpu must be a list of Python ints (each group's K), got {type(ks_cpu).__name__}")
+    _validation.index_tensor(grouped_layout, "grouped_layout", len(ks_cpu), d.device, "(each group's K)", "d")
+    addend = _check_addend(c, d)
+    names = {"lhs": "a", "rhs": "b", "out": "d", "k_sizes": "ks_cpu"}
+    if _is_compiling():
+        if addend is not None:
+            d.copy_(addend)
+        _ops.k_grouped_fp8_gemm_nt(*_pairs(a, b), d, list(ks_cpu), c is not None)
+    else:
+        _gemm.run(_K_GROUPED, a, b, d, row_scales_b=True, accumulate=c is not None, k_sizes=tuple(ks_cpu),
+                  names=names, addend=addend)
 
 
 def fp8_gemm_nn(a: Pair, b: Pair, d: torch.Tensor, c: Optional[torch.Tensor] = None,
@@ -197,7 +287,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a: Pair, b: Pair, d: torch.Tensor, grouped_
     """
     _check_pairs(a, b)
     _check_d(d, dense=False)
-    _check_recipes(recipe, recipe_a, recipe_b, _GROUPED_PER_ROW_B)
+    _check_recipes(recipe, recipe_a, recipe_b, allow_row_b=False)
     _check_compiled_dims(compiled_dims)
     _check_flag(disable_ue8m0_cast, "disable_ue8m0_cast")
     _check_flag(use_psum_layout, "use_psum_layout")
@@ -225,7 +315,7 @@ def m_grouped_fp8_gemm_nt_masked(a: Pair, b: Pair, d: torch.Tensor, masked_m: to
     """
     _check_pairs(a, b)
     _check_d(d, dense=False)
-    _check_recipes(recipe, recipe_a, recipe_b, _GROUPED_PER_ROW_B)
+    _check_recipes(recipe, recipe_a, recipe_b, allow_row_b=False)
     _check_compiled_dims(compiled_dims)
     _check_flag(disable_ue8m0_cast, "disable_ue8m0_cast")
     _call_v1(m_grouped_gemm_fp8_fp8_bf16_nt_masked, _MASKED, a, b, d, masked_m, expected_m)
@@ -267,9 +357,9 @@ def transform_sf_into_required_layout(sf: torch.Tensor, mn: int, k: int, recipe,
     recipe: (gran_m_a, gran_n_b, gran_k) with is_sfa saying whose scales sf holds (A: True), or
     one operand's (gran_mn, gran_k) with is_sfa None. Per-token scales (gran_mn 1, gran_k 128)
     come back MN-major TMA-aligned (get_mn_major_tma_aligned_tensor); per-block scales
-    (128, 128) unchanged (a row-major copy if they are not row-major contiguous). Anything else
-    raises ValueError (per-row B scales are not built yet; packed UE8M0 int32 scales are
-    Blackwell's). disable_ue8m0_cast changes nothing on Hopper.
+    (128, 128) unchanged (a row-major copy if they are not row-major contiguous); per-row B scales
+    (recipe (1, 1, 128)) like per-token ones. Anything else raises ValueError (packed UE8M0 int32
+    scales are Blackwell's). disable_ue8m0_cast changes nothing on Hopper.
     """
     if not isinstance(sf, torch.Tensor):
         raise TypeError(f"sf must be a torch.Tensor, got {type(sf).__name__}")
@@ -290,12 +380,9 @@ def transform_sf_into_required_layout(sf: torch.Tensor, mn: int, k: int, recipe,
         if is_sfa and gran != (1, 128):
             raise ValueError(f"recipe={tuple(recipe)} gives A's scales granularity {gran}; A's scales on Hopper are "
                              f"per 1x128 block: recipe[0] must be 1 and recipe[2] 128")
-        if not is_sfa and gran == (1, 128):
-            raise ValueError(f"recipe={tuple(recipe)} gives per-row B scales, which are not supported yet; "
-                             f"{_TRAINING_GEMMS}")
-        if not is_sfa and gran != (128, 128):
+        if not is_sfa and gran not in ((1, 128), (128, 128)):
             raise ValueError(f"recipe={tuple(recipe)} gives B's scales granularity {gran}; B's scales on Hopper are "
-                             f"per 128x128 block: recipe[1] and recipe[2] must be 128")
+                             f"per 128x128 block or per row: recipe[1] 128 or 1, recipe[2] 128")
     elif isinstance(recipe, (tuple, list)) and len(recipe) == 2:
         gran = _int_tuple(recipe, "recipe", 2)
         if is_sfa is not None:
@@ -346,8 +433,6 @@ def _psum_m_indices(a: Pair, b: Pair, grouped_layout: torch.Tensor) -> torch.Ten
 
 
 # ---- checks and translation of the 2.x arguments --------------------------------------------------
-_GROUPED_PER_ROW_B = ("the M-grouped GEMMs read B's scales per 128x128 block (DeepGEMM's Hopper M-grouped kernels "
-                      "do too): use recipe (1, 128, 128)")
 
 
 def _check_pairs(a, b) -> None:
@@ -362,11 +447,34 @@ def _check_pairs(a, b) -> None:
 def _check_d(d, dense: bool) -> None:
     if not isinstance(d, torch.Tensor):
         raise TypeError(f"d must be a torch.Tensor (the output, allocated by the caller), got {type(d).__name__}")
-    if d.dtype == torch.float32:
-        if dense:
-            raise ValueError(f"d of torch.float32 is not supported yet (only torch.bfloat16); {_TRAINING_GEMMS}")
+    if d.dtype == torch.float32 and not dense:
         raise ValueError("d of torch.float32 is not supported by the M-grouped GEMMs (DeepGEMM's neither): "
                          "pass a torch.bfloat16 d")
+    if d.dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"d must be torch.bfloat16{' or torch.float32' if dense else ''}, got {d.dtype}")
+
+
+def _check_addend(c, d: torch.Tensor) -> Optional[torch.Tensor]:
+    """The addend c of D = C + A B: None (no addend), d itself (D accumulates in place: None
+    returned) or an fp32 tensor of d's shape sharing no memory with d, returned to be copied into
+    d once the call is validated. d is then fp32."""
+    if c is None:
+        return None
+    if not isinstance(c, torch.Tensor):
+        raise TypeError(f"c must be a torch.Tensor or None, got {type(c).__name__}")
+    if c.dtype != torch.float32 or d.dtype != torch.float32:
+        raise TypeError(f"c (the addend) and d must both be torch.float32 to accumulate, got c {c.dtype} and "
+                        f"d {d.dtype}")
+    if c.shape != d.shape or c.device != d.device:
+        raise ValueError(f"c must have d's shape {tuple(d.shape)} and device {d.device}, got {tuple(c.shape)} on "
+                         f"{c.device}")
+    same_view = c.data_ptr() == d.data_ptr() and c.stride() == d.stride()
+    if not same_view:
+        if c.untyped_storage().data_ptr() == d.untyped_storage().data_ptr():
+            raise ValueError("c shares memory with d without being d itself: pass c=d to accumulate in place, or a "
+                             "separate tensor")
+        return c
+    return None
 
 
 def _int_tuple(value, name: str, length: int) -> tuple:
@@ -376,31 +484,37 @@ def _int_tuple(value, name: str, length: int) -> tuple:
     return tuple(value)
 
 
-def _check_recipes(recipe, recipe_a, recipe_b, per_row_b: str) -> None:
-    """recipe (gran_m_a, gran_n_b, gran_k), or recipe_a (gran_m, gran_k) with recipe_b (gran_n, gran_k)."""
+def _check_recipes(recipe, recipe_a, recipe_b, allow_row_b: bool = True) -> bool:
+    """recipe (gran_m_a, gran_n_b, gran_k), or recipe_a (gran_m, gran_k) with recipe_b (gran_n, gran_k):
+    whether B is scaled per row (else per 128 x 128 block)."""
     if recipe is not None:
         if recipe_a is not None or recipe_b is not None:
             raise ValueError("pass either recipe or recipe_a with recipe_b, not both")
         r = _int_tuple(recipe, "recipe", 3)
-        if r == (1, 128, 128):
-            return
+        if r == (1, 128, 128) or (allow_row_b and r == (1, 1, 128)):
+            return r == (1, 1, 128)
         if r == (1, 1, 128):
-            raise ValueError(f"recipe=(1, 1, 128) (per-row B scales) is not supported yet; {per_row_b}")
-        raise ValueError(f"recipe={r} is not supported on Hopper: recipe must be None or (1, 128, 128) (A's scales per "
-                         f"1x128 block, B's per 128x128 block)")
+            raise ValueError(f"recipe=(1, 1, 128) (per-row B scales) {_M_GROUPED_PER_BLOCK}")
+        raise ValueError(f"recipe={r} is not supported on Hopper: recipe must be None, (1, 128, 128) (A's scales per "
+                         f"1x128 block, B's per 128x128 block){' or (1, 1, 128) (B per row)' if allow_row_b else ''}")
     if recipe_a is None and recipe_b is None:
-        return
+        return False
     if recipe_a is None or recipe_b is None:
         raise ValueError(f"recipe_a and recipe_b go together: {'recipe_a' if recipe_a is None else 'recipe_b'} is "
                          f"missing")
     ra, rb = _int_tuple(recipe_a, "recipe_a", 2), _int_tuple(recipe_b, "recipe_b", 2)
     if ra != (1, 128):
         raise ValueError(f"recipe_a={ra} is not supported on Hopper: A's scales are per 1x128 block, recipe_a=(1, 128)")
+    if rb == (128, 128) or (allow_row_b and rb == (1, 128)):
+        return rb == (1, 128)
     if rb == (1, 128):
-        raise ValueError(f"recipe_b=(1, 128) (per-row B scales) is not supported yet; {per_row_b}")
-    if rb != (128, 128):
-        raise ValueError(f"recipe_b={rb} is not supported on Hopper: B's scales are per 128x128 block, "
-                         f"recipe_b=(128, 128)")
+        raise ValueError(f"recipe_b=(1, 128) (per-row B scales) {_M_GROUPED_PER_BLOCK}")
+    raise ValueError(f"recipe_b={rb} is not supported on Hopper: B's scales are per 128x128 block, recipe_b=(128, 128)"
+                     + (", or per row, recipe_b=(1, 128)" if allow_row_b else ""))
+
+
+_M_GROUPED_PER_BLOCK = ("is not supported by the M-grouped GEMMs: they read B's scales per 128x128 block (DeepGEMM's "
+                        "Hopper M-grouped kernels do too); use recipe (1, 128, 128)")
 
 
 def _check_compiled_dims(compiled_dims) -> None:

@@ -75,6 +75,17 @@ DEEPGEMM_MASKED = {
     (16, 64, 4096, 7168): (230.5, 284), (16, 64, 7168, 2048): (103.2, 294),
     (32, 32, 4096, 7168): (333.0, 179), (32, 32, 7168, 2048): (178.7, 178),
 }
+# Weight gradients (DeepGEMM's own harness, same H100): (M, N, K) -> DeepGEMM µs of
+# wgrad_gemm_fp8_fp8_fp32_nt, and (groups, M, N, average K) -> µs of the K-grouped one.
+DEEPGEMM_WGRAD_US = {
+    (7168, 2112, 4096): 139, (7168, 2112, 8192): 248, (1536, 24576, 4096): 323, (1536, 24576, 8192): 603,
+    (512, 32768, 4096): 162, (512, 32768, 8192): 285, (16384, 7168, 4096): 1011, (16384, 7168, 8192): 1897,
+    (7168, 4096, 4096): 261, (7168, 4096, 8192): 479, (2048, 7168, 4096): 135, (2048, 7168, 8192): 243,
+}
+DEEPGEMM_K_GROUPED_US = {
+    (4, 7168, 4096, 4096): 1059, (4, 2048, 7168, 4096): 538, (4, 7168, 4096, 8192): 1928,
+    (4, 2048, 7168, 8192): 978, (8, 7168, 4096, 4096): 2138, (8, 2048, 7168, 4096): 1092,
+}
 
 
 def roofline_floor_s(flops: float, nbytes: float, hbm_bytes_per_s: float = HBM_BYTES_PER_S) -> float:
@@ -279,6 +290,75 @@ def make_masked(groups: int, expected_m: int, n: int, k: int, device, seed=None)
                             DEEPGEMM_MASKED.get((groups, expected_m, n, k)))
 
 
+def _only_ours(kind: str) -> Callable:
+    def unavailable():
+        raise NotImplementedError(f"no {kind} kernel with per-row scales on both operands")
+    return unavailable
+
+
+def _wgrad_operands(rows_a: int, rows_b: int, k: int, device):
+    from .api import per_token_cast_to_fp8
+    return (per_token_cast_to_fp8(torch.randn(rows_a, k, device=device, dtype=torch.bfloat16)),
+            per_token_cast_to_fp8(torch.randn(rows_b, k, device=device, dtype=torch.bfloat16)))
+
+
+def make_wgrad(m: int, n: int, k: int, device) -> Problem:
+    """out [M, N] fp32 += A [M, K] B [N, K]^T, both scaled per row (a weight gradient, K the tokens)."""
+    from .reference import dequantize_lhs
+    torch.manual_seed(m * 1_000_003 + n * 1009 + k)
+    lhs, rhs = _wgrad_operands(m, n, k, device)
+    ref = dequantize_lhs(*lhs, dtype=torch.float64) @ dequantize_lhs(*rhs, dtype=torch.float64).T
+    out = torch.zeros((m, n), dtype=torch.float32, device=device)
+
+    def ours():
+        fn = _public("wgrad_gemm_fp8_fp8_fp32_nt")
+
+        def call():
+            fn(lhs, rhs, out)
+            return out
+        return call
+
+    return Problem(
+        suite="wgrad", label=f"{m}x{n}x{k}", shape={"m": m, "n": n, "k": k},
+        flops=2.0 * m * n * k, nbytes=float(m * k + n * k + 8 * m * n),   # out read and written in fp32
+        deepgemm_us=DEEPGEMM_WGRAD_US.get((m, n, k)), deepgemm_tflops=None,
+        peers={"ours": ours, "cublaslt": _only_ours("cuBLASLt"), "triton": _only_ours("Triton")},
+        check=lambda result: _diff(result, ref), poison=lambda: out.zero_())
+
+
+def make_k_grouped(groups: int, m: int, n: int, avg_k: int, device) -> Problem:
+    """out [G, M, N] fp32 += A_g B_g^T over each group's K (0.97-1.03 x avg_k in steps of 128)."""
+    from .reference import dequantize_lhs
+    seed = groups * 7901 + m * 31 + n + avg_k
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    ks = [int(avg_k * rng.uniform(0.97, 1.03)) // 128 * 128 for _ in range(groups)]
+    parts = [_wgrad_operands(m, n, k, device) for k in ks]
+    lhs = (torch.cat([a.reshape(-1) for (a, _), _ in parts]), torch.cat([s.T for (_, s), _ in parts]).contiguous())
+    rhs = (torch.cat([b.reshape(-1) for _, (b, _) in parts]), torch.cat([s.T for _, (_, s) in parts]).contiguous())
+    ref = torch.stack([dequantize_lhs(*p, dtype=torch.float64) @ dequantize_lhs(*q, dtype=torch.float64).T
+                       for p, q in parts])
+    del parts
+    out = torch.zeros((groups, m, n), dtype=torch.float32, device=device)
+
+    def ours():
+        fn = _public("k_grouped_wgrad_gemm_fp8_fp8_fp32_nt")
+
+        def call():
+            fn(lhs, rhs, out, ks)
+            return out
+        return call
+
+    total_k = sum(ks)
+    return Problem(
+        suite="k_grouped", label=f"{groups}x{m}x{n} k~{avg_k}", shape={"groups": groups, "m": m, "n": n,
+                                                                      "avg_k": avg_k, "ks": ks},
+        flops=2.0 * m * n * total_k, nbytes=float((m + n) * total_k + 8 * groups * m * n),
+        deepgemm_us=DEEPGEMM_K_GROUPED_US.get((groups, m, n, avg_k)), deepgemm_tflops=None,
+        peers={"ours": ours, "cublaslt": _only_ours("cuBLASLt"), "triton": _only_ours("Triton")},
+        check=lambda result: _diff(result, ref), poison=lambda: out.zero_())
+
+
 def suite_cases(suite: str, quick: bool, shapes: List[tuple]) -> List[Callable]:
     """Deferred problem builders for one suite (built one at a time to bound memory)."""
     if suite == "dense":
@@ -292,6 +372,11 @@ def suite_cases(suite: str, quick: bool, shapes: List[tuple]) -> List[Callable]:
     if suite == "odd":
         mnks = [(m, n, k) for n, k in ODD_NKS for m in (ODD_MS[::3] if quick else ODD_MS)]
         return [lambda dev, s=s: make_dense(*s, dev, suite="odd") for s in mnks]
+    if suite == "wgrad":
+        dense = list(DEEPGEMM_WGRAD_US)[:2] if quick else list(DEEPGEMM_WGRAD_US)
+        grouped = list(DEEPGEMM_K_GROUPED_US)[:1] if quick else list(DEEPGEMM_K_GROUPED_US)
+        return ([lambda dev, s=s: make_wgrad(*s, dev) for s in dense] +
+                [lambda dev, s=s: make_k_grouped(*s, dev) for s in grouped])
     table = {"contiguous": (DEEPGEMM_CONTIGUOUS, make_contiguous), "masked": (DEEPGEMM_MASKED, make_masked)}
     keys, make = table[suite]
     keys = list(keys)[:2] if quick else list(keys)
@@ -457,15 +542,24 @@ def _floor_geomeans(rows: List[dict]) -> dict:
 
 
 def summarise(rows: List[dict]) -> dict:
-    """Geomeans over the ANCHORS.md suites; the odd shapes get their own (summary["odd"])."""
-    anchors = [r for r in rows if r["suite"] != "odd"]
+    """Geomeans over the ANCHORS.md inference suites; the odd shapes and the weight gradients get
+    their own (summary["odd"], summary["wgrad"])."""
+    anchors = [r for r in rows if r["suite"] not in ("odd", "wgrad", "k_grouped")]
     summary = _floor_geomeans(anchors)
-    summary["ours"]["geomean_speedup_vs_deepgemm"] = _geomean(
-        r.get("speedup_vs_deepgemm") for r in anchors if r["peers"].get("ours", {}).get("status") == "ok")
+    summary["ours"]["geomean_speedup_vs_deepgemm"] = _speedup(anchors)
     odd = [r for r in rows if r["suite"] == "odd"]
     if odd:
         summary["odd"] = _floor_geomeans(odd)
+    wgrad = [r for r in rows if r["suite"] in ("wgrad", "k_grouped")]
+    if wgrad:
+        summary["wgrad"] = {**_floor_geomeans(wgrad)["ours"], "geomean_speedup_vs_deepgemm": _speedup(wgrad),
+                            "min_speedup_vs_deepgemm": min((r["speedup_vs_deepgemm"] for r in wgrad
+                                                            if r.get("speedup_vs_deepgemm")), default=None)}
     return summary
+
+
+def _speedup(rows: List[dict]) -> Optional[float]:
+    return _geomean(r.get("speedup_vs_deepgemm") for r in rows if r["peers"].get("ours", {}).get("status") == "ok")
 
 
 def _fmt(v, spec: str, na: str = "n/a") -> str:
@@ -517,6 +611,11 @@ def print_summary(summary: dict, out=None) -> None:
         print("odd shapes, geomean: " + "; ".join(
             f"{PEER_TITLES[peer]} {_fmt(summary['odd'][peer]['geomean_pct_floor'], '.0f')}% of floor "
             f"({summary['odd'][peer]['rows']} correct rows)" for peer in PEERS), file=out)
+    if "wgrad" in summary:
+        w = summary["wgrad"]
+        print(f"weight gradients, geomean: ours {_fmt(w['geomean_pct_floor'], '.0f')}% of floor ({w['rows']} correct "
+              f"rows); vs DeepGEMM {_fmt(w['geomean_speedup_vs_deepgemm'], '.2f')}x (lowest "
+              f"{_fmt(w['min_speedup_vs_deepgemm'], '.2f')}x)", file=out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,13 +701,34 @@ def run_reference_only(args) -> int:
         rows.append({"label": label, "ms": ms, "diff": diff, "rel_error": rel, "ok": ok})
         print(f"  {label:<34} {ms:8.1f} ms  calc_diff {diff:.1e}  rel_error {rel:.1e}  {'ok' if ok else 'WRONG'}")
 
-    dense = [(64, 256, 384), (33, 130, 200)] + ([] if args.quick else [(128, 512, 576)])
+    # --shape: those shapes only; else the suite's small shapes ('all': every layout).
+    suites = {"dense", "odd", "contiguous", "masked", "wgrad"} if args.suite == "all" else {args.suite}
+    dense = [s for suite, shapes in (("dense", [(64, 256, 384)] + ([] if args.quick else [(128, 512, 576)])),
+                                     ("odd", [(33, 130, 200)] + ([] if args.quick else [(7, 300, 1000)])))
+             if suite in suites for s in shapes]
+    if args.shape:
+        dense, suites = args.shape, set()
     for m, n, k in dense:
         a, sa = ref.per_token_cast_to_fp8(torch.randn(m, k, generator=gen))
         b, sb = ref.per_block_cast_to_fp8(torch.randn(n, k, generator=gen))
         record(f"dense {m}x{n}x{k}", lambda: ref.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb)), _ref64(a, sa, b, sb))
 
     groups, n, k, align = 3, 192, 256, 128
+    if "contiguous" in suites:
+        _reference_contiguous(record, gen, groups, n, k, align)
+    if "masked" in suites:
+        _reference_masked(record, gen, groups, n, k)
+    if "wgrad" in suites:
+        _reference_wgrad(record, gen, n, k)
+
+    with open(args.json, "w") as f:
+        json.dump({"mode": "reference-only", "reason": args.no_hopper, "rows": rows}, f, indent=1)
+    print(f"wrote {args.json} (no plot: the reference path is not timed)")
+    return 1 if bad else 0
+
+
+def _reference_contiguous(record, gen, groups, n, k, align) -> None:
+    from . import reference as ref
     counts = [int(torch.randint(1, align + 1, (1,), generator=gen)) for _ in range(groups)]
     a, sa = ref.per_token_cast_to_fp8(torch.randn(groups * align, k, generator=gen))
     b, sb = ref.per_block_cast_to_fp8(torch.randn(groups, n, k, generator=gen))
@@ -622,6 +742,26 @@ def run_reference_only(args) -> int:
     record(f"contiguous {groups}x{align} {n}x{k}",
            lambda: ref.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (b, sb), out, m_indices)[valid], expect)
 
+
+def _reference_wgrad(record, gen, n, k) -> None:
+    from . import reference as ref
+    m, ks = 160, [256, 128, 384]
+    xs = [ref.per_token_cast_to_fp8(torch.randn(rows, kk, generator=gen)) for rows in (m, n) for kk in ks]
+    start = torch.randn(m, n, generator=gen)
+    a, b = xs[2], xs[5]
+    expect = start.double() + ref.dequantize_lhs(*a, dtype=torch.float64) @ ref.dequantize_lhs(*b, dtype=torch.float64).T
+    record(f"wgrad {m}x{n}x{ks[2]}", lambda: ref.gemm_fp8_fp8_nt(a, b, start.clone(), True, True), expect)
+    flat = [(torch.cat([q.reshape(-1) for q, _ in part]), torch.cat([s.T for _, s in part]).contiguous())
+            for part in (xs[:3], xs[3:])]
+    expect = torch.stack([ref.dequantize_lhs(*p, dtype=torch.float64) @ ref.dequantize_lhs(*q, dtype=torch.float64).T
+                          for p, q in zip(xs[:3], xs[3:])])
+    record(f"k-grouped {len(ks)}x{m}x{n}", lambda: ref.k_grouped_gemm_fp8_fp8_nt(
+        flat[0], flat[1], torch.zeros(len(ks), m, n), ks, True), expect)
+
+
+def _reference_masked(record, gen, groups, n, k) -> None:
+    from . import reference as ref
+    b, sb = ref.per_block_cast_to_fp8(torch.randn(groups, n, k, generator=gen))
     max_m = 96
     a, sa = ref.per_token_cast_to_fp8(torch.randn(groups, max_m, k, generator=gen))
     masked = torch.tensor([int(torch.randint(0, max_m + 1, (1,), generator=gen)) for _ in range(groups)],
@@ -633,11 +773,135 @@ def run_reference_only(args) -> int:
            lambda: torch.cat([r[:c] for r, c in zip(
                ref.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (b, sb), out, masked, 64), cnt)]), expect)
 
-    if args.json_given:
-        with open(args.json, "w") as f:
-            json.dump({"mode": "reference-only", "reason": args.no_hopper, "rows": rows}, f, indent=1)
-        print(f"wrote {args.json}")
-    return 1 if bad else 0
+
+# ---------------------------------------------------------------------------------------------
+# PDL on a chain of dependent launches (--suite chain).
+# ---------------------------------------------------------------------------------------------
+# A model's MLP layers as decoding runs them: x [M, 7168] -> cast -> GEMM to 4096 -> cast -> GEMM
+# back to 7168, each kernel reading what the one before wrote, CHAIN_LAYERS layers (own weights)
+# back to back in one CUDA graph, captured once with set_pdl(False) and once with set_pdl(True).
+CHAIN_MS = (1, 16, 64, 128)
+CHAIN_HIDDEN, CHAIN_INTERMEDIATE, CHAIN_LAYERS = 7168, 4096, 4
+
+
+def _chain_graph(x: torch.Tensor, layers, pdl: bool) -> tuple:
+    """(graph, output) of the chain on x, captured on a side stream with set_pdl(pdl); two eager
+    runs first load every kernel and fill the launch caches (capture can do neither)."""
+    import deep_gemm
+
+    def chain():
+        h = x
+        for up, down in layers:
+            mid = deep_gemm.gemm_fp8_fp8_bf16_nt(deep_gemm.per_token_cast_to_fp8(h), up)
+            h = deep_gemm.gemm_fp8_fp8_bf16_nt(deep_gemm.per_token_cast_to_fp8(mid), down)
+        return h
+
+    previous = deep_gemm.get_pdl()
+    deep_gemm.set_pdl(pdl)
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):   # the capture's stream: its split-K workspace exists by then
+            chain()
+            chain()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = chain()
+    finally:
+        deep_gemm.set_pdl(previous)
+    return graph, out
+
+
+def _pdl_kernels() -> str:
+    """Which loaded kernel families are PDL-ready (launched with the attribute when PDL is on)."""
+    from .ops import cast
+    from .runtime import kernels
+    found = []
+    for family, loaded in (("GEMM", kernels._loaded), ("cast", cast._loaded)):
+        ready = {k.pdl_ready for k in loaded.values()}
+        found.append(f"{family} " + {frozenset({True}): "yes", frozenset({False}): "no",
+                                     frozenset(): "none loaded"}.get(frozenset(ready), "some"))
+    return ", ".join(found)
+
+
+def bench_chain(iters: int, flush: str = "write", ms=CHAIN_MS, verbose: bool = True) -> list:
+    """µs per replay of the chain's graph with PDL off and on, for each M (median of `iters` replays
+    of each, alternating, with the Timer's L2 flush before each); rows of {m, off_us, on_us,
+    ratio, identical}. identical: both graphs gave the same bits."""
+    import deep_gemm
+    device = torch.device("cuda", torch.cuda.current_device())
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def weight(n, k):   # scaled so that activations stay near 1 from layer to layer
+        return deep_gemm.per_block_cast_to_fp8(
+            torch.randn(n, k, device=device, generator=gen, dtype=torch.bfloat16) / math.sqrt(k))
+    layers = [(weight(CHAIN_INTERMEDIATE, CHAIN_HIDDEN), weight(CHAIN_HIDDEN, CHAIN_INTERMEDIATE))
+              for _ in range(CHAIN_LAYERS)]
+    flush_l2 = Timer(device, iters, flush=flush).flushes[0]
+    rows = []
+    for m in ms:
+        x = torch.randn(m, CHAIN_HIDDEN, device=device, generator=gen, dtype=torch.bfloat16)
+        graphs = [_chain_graph(x, layers, pdl) for pdl in (False, True)]
+        events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                   for _ in range(iters)] for _ in graphs]
+        for i in range(iters):
+            for (graph, _), pairs in zip(graphs, events):
+                flush_l2()
+                pairs[i][0].record()
+                graph.replay()
+                pairs[i][1].record()
+        torch.cuda.synchronize()
+        off, on = (statistics.median(s.elapsed_time(e) for s, e in pairs) * 1e3 for pairs in events)
+        same = torch.equal(graphs[0][1], graphs[1][1])
+        rows.append({"m": m, "off_us": round(off, 2), "on_us": round(on, 2), "ratio": round(on / off, 3),
+                     "identical": same})
+        del graphs, events
+    if verbose:
+        print(f"PDL on a chain of {CHAIN_LAYERS} MLP layers (cast -> GEMM {CHAIN_HIDDEN}->{CHAIN_INTERMEDIATE} -> "
+              f"cast -> GEMM {CHAIN_INTERMEDIATE}->{CHAIN_HIDDEN} each), one CUDA graph per setting, median of "
+              f"{iters} replays; PDL-ready kernels: {_pdl_kernels()}")
+        print(f"{'M':>6} {'PDL off us':>11} {'PDL on us':>10} {'on/off':>7}  results")
+        for r in rows:
+            print(f"{r['m']:>6} {r['off_us']:11.1f} {r['on_us']:10.1f} {r['ratio']:7.3f}  "
+                  f"{'identical' if r['identical'] else 'DIFFER'}")
+    return rows
+
+
+def run_chain(args, iters: int) -> int:
+    """--suite chain: bench_chain, its rows written to --json; fails if PDL changed a result."""
+    rows = bench_chain(iters, flush=args.flush)
+    with open(args.json, "w") as f:
+        json.dump({"device": _device_info(), "iters": iters, "flush": args.flush, "pdl_kernels": _pdl_kernels(),
+                   "chain": rows}, f, indent=1)
+    print(f"wrote {args.json}")
+    return 0 if all(r["identical"] for r in rows) else 1
+
+
+def run_host(args) -> int:
+    """--suite host (host time per call in issue #24's patterns, then the training step) or
+    --suite train_step (the step alone): tables printed, rows written to --json. Exits 0: the
+    timings are reported, not judged (the tables mark cells above their targets)."""
+    from . import bench_host
+    record = {"device": _device_info(), "suite": args.suite}
+    if args.suite == "host":
+        calls = bench_host.HOST_CALLS // (4 if args.quick else 1)
+        dense = bench_host.bench_dense_host(calls=calls)
+        other = bench_host.bench_other_host(calls=calls)
+        bench_host.print_host(dense, other, calls)
+        from .runtime import tma
+        record["tensor_maps"] = tma.patching()
+        print(f"tensor maps at new addresses: {record['tensor_maps']}")
+        print()
+        record.update(host_calls=calls, host=dense, host_other=other,
+                      host_summary=bench_host.host_summary(dense, other))
+    steps = bench_host.bench_train_step()
+    bench_host.print_train_step(steps)
+    record["train_step"] = steps
+    with open(args.json, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"wrote {args.json}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -655,18 +919,25 @@ def _parse_shape(text: str) -> tuple:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m deep_gemm bench", description=__doc__.splitlines()[0])
-    p.add_argument("--suite", choices=("dense", "odd", "contiguous", "masked", "casts", "all"), default="all",
-                   help="which layouts to run ('odd': dense shapes off the usual grid, M from 1 to 4097), "
-                        "or the FP8 cast kernels (default: all of them)")
+    p.add_argument("--suite", choices=("dense", "odd", "contiguous", "masked", "wgrad", "casts", "chain", "host",
+                                       "train_step", "all"),
+                   default="all",
+                   help="which layouts to run ('odd': dense shapes off the usual grid, M from 1 to 4097; 'wgrad': "
+                        "the weight-gradient GEMMs, dense and K-grouped, fp32 out accumulated), or the FP8 cast "
+                        "kernels, or 'chain': dependent cast/GEMM launches with PDL off and on, or 'host': CPU time "
+                        "per call on the same tensors, buffers in rotation, new addresses and changing M, beside "
+                        "cuBLASLt, then an MoE layer's training step, or 'train_step': that step alone (default: all "
+                        "of them but chain, host and train_step). Without a Hopper GPU: the layouts' reference path "
+                        "only")
     p.add_argument("--shape", type=_parse_shape, action="append", default=[], metavar="MxNxK",
                    help="a dense shape to run instead of the ANCHORS.md ones (repeatable)")
     p.add_argument("--iters", type=int, default=None, help=f"calls timed per shape (default {DEFAULT_ITERS})")
     p.add_argument("--json", default=None, help="where to write the results (default bench.json)")
-    p.add_argument("--plot", default="bench.png", help="where to write the plot (default bench.png)")
+    p.add_argument("--plot", default=None, help="where to write the plot (default bench.png; GPU only)")
     p.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
-    p.add_argument("--peers", default=",".join(PEERS),
+    p.add_argument("--peers", default=None,
                    help=f"comma-separated implementations to time, of {', '.join(PEERS)} (default: all)")
-    p.add_argument("--flush", choices=("write", "read"), default="write",
+    p.add_argument("--flush", choices=("write", "read"), default=None,
                    help="how L2 is flushed before each call: overwrite 256 MB (default, ANCHORS.md's method) "
                         "or read it (clean L2, closer to a serving step); see bench.Timer")
     return p
@@ -702,16 +973,34 @@ CAST_CASES = (
     ("per_token masked [32, 4096, 7168]", "per_token", (32, 4096, 7168), torch.bfloat16),
     ("per_block [7168, 16384]", "per_block", (7168, 16384), torch.bfloat16),
     ("per_block [7168, 16384] fp32", "per_block", (7168, 16384), torch.float32),
+    # x [T, H] -> e4m3 x.T per 1x128 along T (weight-gradient operands), dense and K-grouped
+    ("transposed [8192, 7168]", "transposed", (8192, 7168), torch.bfloat16),
+    ("transposed [16384, 4096]", "transposed", (16384, 4096), torch.bfloat16),
+    ("transposed [4096, 2048]", "transposed", (4096, 2048), torch.bfloat16),
+    ("k_grouped transposed [8x~1024, 7168]", "k_grouped_transposed", (8192, 7168), torch.bfloat16),
 )
+# Tokens per expert of the K-grouped case: ~1024 each, multiples of 16, most with a partial last 128-block.
+CAST_K_SIZES = (976, 1072, 1024, 1008, 1040, 960, 1088, 1024)
 CAST_HOST_SHAPE = (128, 7168)
 CAST_HOST_CALLS = 200
+
+
+def _cast_k_sizes(tokens: int) -> list:
+    """CAST_K_SIZES for its token count, else 8 equal groups (multiples of 16) of `tokens`."""
+    if tokens == sum(CAST_K_SIZES):
+        return list(CAST_K_SIZES)
+    return [tokens // 8] * 8
 
 
 def _moved_bytes(kind: str, x: torch.Tensor) -> int:
     k = x.shape[-1]
     kb = -(-k // 128)
     rows = x.numel() // k
-    if kind == "per_token":
+    if kind == "transposed":        # one scale per column and 128 tokens
+        num_scales = k * -(-rows // 128)
+    elif kind == "k_grouped_transposed":
+        num_scales = k * sum(-(-g // 128) for g in _cast_k_sizes(rows))
+    elif kind == "per_token":
         num_scales = rows * kb
     else:
         groups = x.shape[0] if x.dim() == 3 else 1
@@ -727,7 +1016,11 @@ def bench_casts(iters: int = 50, warmup: int = 3, verbose: bool = True,
     from . import reference
 
     casts = {"per_token": (deep_gemm.per_token_cast_to_fp8, reference.per_token_cast_to_fp8),
-             "per_block": (deep_gemm.per_block_cast_to_fp8, reference.per_block_cast_to_fp8)}
+             "per_block": (deep_gemm.per_block_cast_to_fp8, reference.per_block_cast_to_fp8),
+             "transposed": (deep_gemm.per_token_cast_to_fp8_transposed, reference.per_token_cast_to_fp8_transposed),
+             "k_grouped_transposed": (
+                 lambda x: deep_gemm.k_grouped_per_token_cast_to_fp8_transposed(x, _cast_k_sizes(x.shape[0])),
+                 lambda x: reference.k_grouped_per_token_cast_to_fp8_transposed(x, _cast_k_sizes(x.shape[0])))}
     rows = []
     for name, kind, shape, dtype in CAST_CASES:
         x = torch.randn(shape, device="cuda", dtype=dtype)
@@ -764,8 +1057,12 @@ def bench_casts(iters: int = 50, warmup: int = 3, verbose: bool = True,
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    args.json_given = args.json is not None
+    # Options that only time kernels: named when given without a GPU, which refuses them.
+    timing_given = [f"--{name}" for name in ("iters", "peers", "flush", "plot") if getattr(args, name) is not None]
     args.json = args.json or "bench.json"
+    args.plot = args.plot or "bench.png"
+    args.peers = args.peers or ",".join(PEERS)
+    args.flush = args.flush or "write"
     if args.shape and args.suite not in ("dense", "all"):
         print("--shape gives dense shapes; use it with --suite dense", file=sys.stderr)
         return 2
@@ -781,11 +1078,22 @@ def main(argv=None) -> int:
     args.no_hopper = hopper_missing_reason()
     if args.no_hopper:
         print(f"no Hopper GPU found ({args.no_hopper}): running the reference path on small shapes")
+        refused = timing_given + ([f"--suite {args.suite}"] if args.suite in ("casts", "chain", "host", "train_step")
+                                  else [])
+        if refused:
+            print(f"{', '.join(refused)}: time the kernels, which needs a Hopper GPU; without one the bench "
+                  f"checks the reference path of --suite dense|odd|contiguous|masked|wgrad|all or --shape, with "
+                  f"--quick and --json", file=sys.stderr)
+            return 2
         return run_reference_only(args)
+    if args.suite == "chain":
+        return run_chain(args, iters)
+    if args.suite in ("host", "train_step"):
+        return run_host(args)
 
     device = torch.device("cuda", torch.cuda.current_device())
     info = _device_info()
-    all_suites = ["dense", "odd", "contiguous", "masked", "casts"]
+    all_suites = ["dense", "odd", "contiguous", "masked", "wgrad", "casts"]
     suites = ["dense"] if args.shape else (all_suites if args.suite == "all" else [args.suite])
     run_casts = "casts" in suites
     suites = [s for s in suites if s != "casts"]

@@ -21,6 +21,7 @@ class Layout(enum.IntEnum):
     DENSE = 0
     CONTIGUOUS = 1
     MASKED = 2
+    K_GROUPED = 3     # G problems [M, K_g] x [N, K_g] -> [G, M, N], each group its own K
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -32,23 +33,27 @@ def valid_block_n(block_n: int) -> bool:
     return block_n % 16 == 0 and 16 <= block_n <= 256 and block_n <= 128 + math.gcd(block_n, 128)
 
 
-def store_chunk_cols(block_n: int) -> int:
-    """Width in columns of one swizzled TMA-store chunk of the output tile (gemm.cuh: kStoreChunkCols)."""
-    return 64 if block_n % 64 == 0 else 32 if block_n % 32 == 0 else 16
+def store_chunk_cols(block_n: int, out_bytes: int = 2) -> int:
+    """Width in columns of one swizzled TMA-store chunk of the output tile: up to a 128-byte row,
+    dividing block_n (gemm.cuh: kStoreChunkCols)."""
+    return next(cols for cols in (128 // out_bytes, 64 // out_bytes, 32 // out_bytes) if block_n % cols == 0)
 
 
-def smem_bytes(block_m: int, block_n: int, num_stages: int, stage_k_blocks: int = 1) -> int:
+def smem_bytes(block_m: int, block_n: int, num_stages: int, stage_k_blocks: int = 1, out_bytes: int = 2,
+               row_scales_b: bool = False) -> int:
     """Dynamic shared memory of a kernel (gemm.cuh: SharedStorage)."""
-    per_stage = (block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4) * stage_k_blocks   # A, B, A's scales
-    out_tile = block_m * block_n * 2                                                     # bf16 D tile
+    scales_b = ceil_div(stage_k_blocks * block_n, 32) * 32 * 4 if row_scales_b else 0       # 128-byte aligned
+    per_stage = (block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4) * stage_k_blocks + scales_b   # A, B, scales
+    out_tile = block_m * block_n * out_bytes                                             # D tile
     barriers = (num_stages * 2 + 2) * 8                                                  # full, empty; split-K flag
     return SMEM_RESERVED + out_tile + num_stages * per_stage + barriers
 
 
-def max_stages(block_m: int, block_n: int, cap: int = 8, stage_k_blocks: int = 1) -> int:
+def max_stages(block_m: int, block_n: int, cap: int = 8, stage_k_blocks: int = 1, out_bytes: int = 2,
+               row_scales_b: bool = False) -> int:
     """Most stages (of stage_k_blocks K blocks each) that fit in shared memory, at most `cap`."""
     stages = cap
-    while stages > 1 and smem_bytes(block_m, block_n, stages, stage_k_blocks) > SMEM_CAPACITY:
+    while stages > 1 and smem_bytes(block_m, block_n, stages, stage_k_blocks, out_bytes, row_scales_b) > SMEM_CAPACITY:
         stages -= 1
     return stages
 
@@ -69,6 +74,9 @@ class KernelConfig:
     pipelined: bool = False        # block k + 1's wgmmas run while block k is promoted
     stream_b: bool = False         # B is read once: its loads mark L2 lines evict-first
     scale_loader_warp: bool = False  # A's scales copied by a producer warp (cp.async), not by TMA
+    row_scales_b: bool = False     # B scaled per row and 128-K block (recipe (1, 1, 128)), not per 128 x 128
+    out_fp32: bool = False         # D is fp32 (else bf16)
+    accumulate: bool = False       # D += A B (fp32 D, by TMA reduce-add)
 
     def __post_init__(self):
         object.__setattr__(self, "layout", Layout(self.layout))   # an int from a JSON record, say
@@ -83,6 +91,15 @@ class KernelConfig:
             problems.append(f"pipelined needs block_n <= {MAX_PIPELINED_BLOCK_N}, got {self.block_n}")
         if self.block_m == 256 and (self.pipelined or self.split_k > 1 or self.layout != Layout.DENSE):
             problems.append("block_m = 256 runs dense GEMMs only, unpipelined and unsplit")
+        if self.accumulate and not self.out_fp32:
+            problems.append("accumulate needs out_fp32")
+        if self.out_fp32 and self.layout == Layout.MASKED:
+            problems.append("out_fp32 runs every layout but masked")
+        if self.row_scales_b and (self.scale_loader_warp or self.layout not in (Layout.DENSE, Layout.K_GROUPED)):
+            problems.append("row_scales_b runs dense and K-grouped GEMMs, without the scale loader warp")
+        if self.layout == Layout.K_GROUPED and not (self.row_scales_b and self.split_k == 1 and self.stage_k_blocks == 1
+                                                    and self.block_m != 256):
+            problems.append("K_GROUPED needs row_scales_b, split_k = 1, stage_k_blocks = 1 and block_m 64 or 128")
         if self.stage_k_blocks > 1 and self.shape_k % BLOCK_K:
             problems.append(f"stage_k_blocks > 1 needs K % {BLOCK_K} == 0, got K = {self.shape_k}")
         if min(self.shape_n, self.shape_k, self.num_stages, self.stage_k_blocks, self.num_groups,
@@ -107,8 +124,13 @@ class KernelConfig:
         return ceil_div(self.shape_k, BLOCK_K)
 
     @property
+    def out_bytes(self) -> int:
+        return 4 if self.out_fp32 else 2
+
+    @property
     def smem_bytes(self) -> int:
-        return smem_bytes(self.block_m, self.block_n, self.num_stages, self.stage_k_blocks)
+        return smem_bytes(self.block_m, self.block_n, self.num_stages, self.stage_k_blocks, self.out_bytes,
+                          self.row_scales_b)
 
     def split_k_workspace_floats(self, grid: int) -> int:
         """fp32 partial results a split-K launch on `grid` blocks may write: at most one tile per
@@ -124,7 +146,8 @@ class KernelConfig:
     def name(self) -> str:
         """A label for logs and cache folders."""
         flags = "".join(tag for tag, on in (("_p", self.pipelined), ("_sb", self.stream_b),
-                                            ("_sl", self.scale_loader_warp)) if on)
+                                            ("_sl", self.scale_loader_warp), ("_rb", self.row_scales_b),
+                                            ("_f32", self.out_fp32), ("_acc", self.accumulate)) if on)
         return (f"gemm_{self.layout.name.lower()}_n{self.shape_n}_k{self.shape_k}_g{self.num_groups}"
                 f"_bm{self.block_m}_bn{self.block_n}_s{self.num_stages}"
                 + (f"x{self.stage_k_blocks}" if self.stage_k_blocks > 1 else "")
@@ -137,7 +160,7 @@ class KernelConfig:
 MAP, PTR, I32 = "map", "ptr", "i32"
 GEMM_PARAMS = (
     ("tma_a", MAP), ("tma_b", MAP), ("tma_sa", MAP), ("tma_out", MAP), ("tma_a_tail", MAP), ("tma_sa_tail", MAP),
-    ("sa", PTR), ("sb", PTR), ("out", PTR),
+    ("tma_sb", MAP), ("sa", PTR), ("sb", PTR), ("out", PTR),
     ("out_ld_bytes", I32), ("shape_m", I32), ("sa_rows", I32), ("sa_ld", I32), ("a_tail_rows", I32),
     ("group_info", PTR), ("workspace", PTR), ("tile_counters", PTR),
 )
@@ -145,12 +168,26 @@ PARAM_SIZE_ALIGN = {MAP: (128, 64), PTR: (8, 8), I32: (4, 4)}
 
 
 def param_layout(params=GEMM_PARAMS) -> tuple:
-    """({name: byte offset}, total size) of a parameter struct laid out by C++'s rules."""
+    """({name: byte offset}, total size) of a parameter struct laid out by C++'s rules; a field
+    (name, kind, count) is an array of `count` elements."""
     offsets, end, align_max = {}, 0, 1
-    for name, kind in params:
+    for name, kind, *count in params:
         size, align = PARAM_SIZE_ALIGN[kind]
         end = ceil_div(end, align) * align
         offsets[name] = end
-        end += size
+        end += size * (count[0] if count else 1)
         align_max = max(align_max, align)
     return offsets, ceil_div(end, align_max) * align_max
+
+
+def k_grouped_params(num_groups: int) -> tuple:
+    """`deep_gemm::KGroupedParams<G>`, the K-grouped kernel's second parameter: each group's tensor
+    maps of A and B, its K blocks and its first row of the scale tensors."""
+    return (("tma_a", MAP, num_groups), ("tma_b", MAP, num_groups), ("k_blocks", I32, num_groups),
+            ("kb_offset", I32, num_groups))
+
+
+# A kernel's parameters may take 32,764 bytes (CUDA 12.1 and later): GemmParams and, K-grouped, a
+# group's 264 bytes each.
+MAX_PARAM_BYTES = 32764
+K_GROUPED_MAX_GROUPS = (MAX_PARAM_BYTES - param_layout()[1]) // (2 * 128 + 2 * 4) // 8 * 8

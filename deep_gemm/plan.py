@@ -63,10 +63,12 @@ def memory_bound_block_n(m: int, n: int, block_m: int, num_sms: int, layout: Lay
     return best[1]
 
 
-def tall_tiles_pay(m: int, n: int, k: int, num_sms: int, layout: Layout, rounds_128: float) -> bool:
+def tall_tiles_pay(m: int, n: int, k: int, num_sms: int, layout: Layout, rounds_128: float,
+                   out_fp32: bool = False) -> bool:
     """Whether a dense problem runs on 256 x 128 tiles rather than 128 x 128: long or very short K,
-    and at most 3% more rounds of work than the 128 x 128 plan's `rounds_128`."""
-    if layout != Layout.DENSE or m <= COMPUTE_BOUND_M:
+    and at most 3% more rounds of work than the 128 x 128 plan's `rounds_128`. Not with an fp32 D,
+    whose 128 KB tile would leave two stages."""
+    if layout != Layout.DENSE or m <= COMPUTE_BOUND_M or out_fp32:
         return False
     k_blocks = ceil_div(k, BLOCK_K)
     if TALL_TILE_MAX_SHORT_K_BLOCKS < k_blocks < TALL_TILE_MIN_K_BLOCKS:
@@ -91,10 +93,15 @@ def plan_split_k(m: int, n: int, k: int, block_m: int, block_n: int, num_sms: in
 
 
 def plan_dense(m: int, n: int, k: int, num_sms: int, layout: Layout = Layout.DENSE,
-               num_groups: int = 1) -> KernelConfig:
-    """The config for an (M, N, K) problem; M is the rows (dense, contiguous) or the expected rows
-    per group (masked). Every M up to 64 gets M = 64's plan (a partial block loads only its rows)."""
+               num_groups: int = 1, row_scales_b: bool = False, out_fp32: bool = False,
+               accumulate: bool = False) -> KernelConfig:
+    """The config for an (M, N, K) problem; M is the rows (dense, contiguous, K-grouped) or the
+    expected rows per group (masked). Every M up to 64 gets M = 64's plan (a partial block loads
+    only its rows). Per-row B scales, an fp32 D and accumulation change what fits in shared memory
+    and registers, not the tile rules; K-grouped problems plan like dense ones of the largest K."""
     layout = Layout(layout)
+    if layout == Layout.K_GROUPED:
+        return plan_k_grouped(m, n, num_sms, num_groups, accumulate)
     long_k = ceil_div(k, BLOCK_K) >= LONG_K_BLOCKS
     masked_small = layout == Layout.MASKED and m <= COMPUTE_BOUND_M
     masked_tall = masked_small and m >= MASKED_TALL_FROM_ROWS and long_k
@@ -105,23 +112,38 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: Layout = Layout.DEN
         block_n = memory_bound_block_n(m, n, block_m, num_sms, layout, num_groups)
     long_narrow = m <= COMPUTE_BOUND_M and block_n <= 32 and long_k
     split_k, rounds = plan_split_k(m, n, k, block_m, block_n, num_sms, layout)
-    if tall_tiles_pay(m, n, k, num_sms, layout, rounds):
+    if tall_tiles_pay(m, n, k, num_sms, layout, rounds, out_fp32):
         block_m, split_k = 256, 1
     stage_k_blocks = 2 if long_narrow and layout == Layout.DENSE and k % BLOCK_K == 0 else 1
     config = KernelConfig(
         shape_n=n, shape_k=k, block_m=block_m, block_n=block_n,
         num_stages=max_stages(block_m, block_n, cap=(32 if long_narrow else 8) // stage_k_blocks,
-                              stage_k_blocks=stage_k_blocks),
+                              stage_k_blocks=stage_k_blocks, out_bytes=4 if out_fp32 else 2,
+                              row_scales_b=row_scales_b),
         stage_k_blocks=stage_k_blocks, layout=layout, num_groups=num_groups,
         raster_group=8 if ceil_div(n, block_n) <= 64 else 16,
         split_k=split_k,
         pipelined=((m > COMPUTE_BOUND_M or long_narrow or masked_small) and block_m != 256
                    and block_n <= MAX_PIPELINED_BLOCK_N),
         stream_b=layout == Layout.DENSE and m <= block_m,
-        scale_loader_warp=layout == Layout.DENSE and block_n <= SCALE_LOADER_MAX_BLOCK_N)
+        scale_loader_warp=layout == Layout.DENSE and block_n <= SCALE_LOADER_MAX_BLOCK_N and not row_scales_b,
+        row_scales_b=row_scales_b, out_fp32=out_fp32, accumulate=accumulate)
     if os.environ.get("DG_PRINT_CONFIGS"):
         print(f"deep_gemm: M={m} N={n} K={k} -> {config.name} ({config.smem_bytes} B smem)")
     return config
+
+
+def plan_k_grouped(m: int, n: int, num_sms: int, num_groups: int, accumulate: bool) -> KernelConfig:
+    """K-grouped weight gradients: every group an [M, N] problem of its own K. The kernel takes the
+    groups' K at run time, so one kernel serves every k_sizes (shape_k is a placeholder); tiles
+    as a dense problem of M rows would take them."""
+    block_m = 128 if m > 64 else 64
+    block_n = 128 if m > COMPUTE_BOUND_M else memory_bound_block_n(m, n, block_m, num_sms, Layout.DENSE, 1)
+    return KernelConfig(
+        shape_n=n, shape_k=BLOCK_K, block_m=block_m, block_n=block_n,
+        num_stages=max_stages(block_m, block_n, out_bytes=4, row_scales_b=True),
+        layout=Layout.K_GROUPED, num_groups=num_groups, raster_group=8 if ceil_div(n, block_n) <= 64 else 16,
+        pipelined=block_n <= MAX_PIPELINED_BLOCK_N, row_scales_b=True, out_fp32=True, accumulate=accumulate)
 
 
 # plan_dense walks every tile candidate (about 10 µs of Python); the GEMMs ask the same few
@@ -132,11 +154,13 @@ _plan_lock = threading.Lock()
 
 
 def plan_cached(m: int, n: int, k: int, num_sms: int, layout: Layout = Layout.DENSE,
-                num_groups: int = 1) -> KernelConfig:
-    key = (m, n, k, num_sms, int(layout), num_groups)
+                num_groups: int = 1, row_scales_b: bool = False, out_fp32: bool = False,
+                accumulate: bool = False) -> KernelConfig:
+    key = (m, n, k, num_sms, int(layout), num_groups, row_scales_b, out_fp32, accumulate)
     config = _plan_cache.get(key)
     if config is None:
-        config = plan_dense(m, n, k, num_sms, layout=layout, num_groups=num_groups)
+        config = plan_dense(m, n, k, num_sms, layout=layout, num_groups=num_groups, row_scales_b=row_scales_b,
+                            out_fp32=out_fp32, accumulate=accumulate)
         with _plan_lock:   # eviction must not race with another thread's insert
             while len(_plan_cache) >= PLAN_CACHE_SIZE:
                 del _plan_cache[next(iter(_plan_cache))]

@@ -71,6 +71,71 @@ def per_block_cast_to_fp8(x: torch.Tensor):
     return q[..., :n, :k].contiguous(), scales.contiguous()
 
 
+# Transposed per-token casts (the operands of weight-gradient GEMMs: K = tokens) ----------------
+K_GROUP_ALIGNMENT = 16      # tokens of a K group: its [H, T_g] block's rows must start 16-byte aligned (TMA)
+
+
+def check_transposed_cast_input(x, name: str = "x") -> None:
+    """x [T, H] of bf16/fp16/fp32 whose columns are adjacent (any row stride): the casts read x.T without a copy."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _INPUT_DTYPES:
+        raise TypeError(f"{name} must be bfloat16, float16 or float32, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [T, H] (tokens, columns), got shape {tuple(x.shape)}")
+    if x.shape[1] > 1 and x.shape[0] > 0 and x.stride(1) != 1:
+        raise ValueError(f"{name} must have adjacent columns (stride 1 along H), got strides {x.stride()}; for a "
+                         f"transposed view {name} = y.t() of a row-major y, y itself is the operand: use "
+                         f"per_token_cast_to_fp8(y)")
+
+
+def check_k_sizes(k_sizes, num_tokens: int, name: str = "k_sizes") -> list:
+    """k_sizes: a list (or tuple) of ints >= 0, multiples of K_GROUP_ALIGNMENT, summing to num_tokens."""
+    if not isinstance(k_sizes, (list, tuple)):
+        raise TypeError(f"{name} must be a list of ints (tokens per group), got {type(k_sizes).__name__}")
+    for g, size in enumerate(k_sizes):
+        if isinstance(size, bool) or not isinstance(size, (int, torch.SymInt)):
+            raise TypeError(f"{name}[{g}] must be an int, got {type(size).__name__}")
+        if size < 0 or size % K_GROUP_ALIGNMENT:
+            raise ValueError(f"{name}[{g}] must be a non-negative multiple of {K_GROUP_ALIGNMENT} (each group's rows "
+                             f"of the transposed operand start 16-byte aligned), got {size}")
+    if sum(k_sizes) != num_tokens:
+        raise ValueError(f"{name} must sum to the {num_tokens} rows of x, got {sum(k_sizes)}")
+    return list(k_sizes)
+
+
+def per_token_cast_to_fp8_transposed(x: torch.Tensor):
+    """x [T, H] -> per_token_cast_to_fp8(x.T): (q float8_e4m3fn [H, T] contiguous, scales float32 [H, ceil(T/128)] in
+    the column-major TMA-aligned layout), each row of q quantised per 128 tokens. Any T >= 0, H >= 0."""
+    check_transposed_cast_input(x, "x")
+    t, h = x.shape
+    if t == 0 or h == 0:
+        blocks = -(-t // BLOCK)
+        scales = torch.empty((blocks, (h + 3) // 4 * 4), dtype=torch.float32, device=x.device).t()[:h]
+        return torch.empty((h, t), dtype=torch.float8_e4m3fn, device=x.device), scales
+    return per_token_cast_to_fp8(x.t())
+
+
+def k_grouped_per_token_cast_to_fp8_transposed(x: torch.Tensor, k_sizes):
+    """x [T, H] holding G groups of k_sizes[g] consecutive rows -> (q, scales) in the K-grouped GEMM's layout:
+    q flat float8_e4m3fn [T * H], group after group an [H, k_sizes[g]] row-major block (x_g.T quantised per 128 of
+    its tokens, blocks restarting at each group); scales float32 [sum of ceil(k_sizes[g] / 128), H] row-major, group
+    after group, one row per 128-token block."""
+    check_transposed_cast_input(x, "x")
+    sizes = check_k_sizes(k_sizes, x.shape[0])
+    h = x.shape[1]
+    q = torch.empty((x.shape[0] * h,), dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty((sum(-(-k // BLOCK) for k in sizes), h), dtype=torch.float32, device=x.device)
+    start = row = 0
+    for k in sizes:
+        if k and h:
+            q_g, s_g = per_token_cast_to_fp8(x[start:start + k].t())          # [H, k], [H, ceil(k / 128)]
+            q.view(torch.uint8)[start * h:(start + k) * h] = q_g.view(torch.uint8).flatten()
+            scales[row:row + s_g.shape[1]] = s_g.t()
+        start, row = start + k, row + -(-k // BLOCK)
+    return q, scales
+
+
 # Dequantisation --------------------------------------------------------------------------------
 def _expand(scales: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return scales.repeat_interleave(BLOCK, dim=dim).narrow(dim, 0, size)
@@ -149,6 +214,38 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m=No
         if m:
             result = _matmul_nt(dequantize_lhs(a[g, :m], sa[g, :m]), dequantize_rhs(b[g], sb[g]))
             out[g, :m] = result.to(out.dtype)
+    return out
+
+
+# Training GEMMs: fp32 out, D (+)= A @ B^T, B scaled per row --------------------------------------
+def gemm_fp8_fp8_nt(lhs, rhs, out: torch.Tensor, row_scales_b: bool = False, accumulate: bool = False) -> torch.Tensor:
+    """Dense, any output dtype: out (+)= (A * sa) @ (B * sb)^T, sb per 128x128 block or, with
+    row_scales_b, [N, ceil(K/128)] per row and 128-K block like sa; accumulate adds to out (an fp32
+    addition of the float32 product, as the kernel's reduce-add does)."""
+    a, sa = _pair(lhs, "lhs")
+    b, sb = _pair(rhs, "rhs")
+    b_deq = dequantize_lhs(b, sb) if row_scales_b else dequantize_rhs(b, sb)
+    result = _matmul_nt(dequantize_lhs(a, sa), b_deq)
+    out.copy_(out.float() + result if accumulate else result)
+    return out
+
+
+def k_grouped_gemm_fp8_fp8_nt(lhs, rhs, out: torch.Tensor, k_sizes, accumulate: bool = True) -> torch.Tensor:
+    """K-grouped: out[g] (+)= A_g @ B_g^T for G groups of K = k_sizes[g]. lhs = (A flat e4m3 holding
+    each group's [M, k_g] block in turn, sa float32 [sum ceil(k_g/128), M]); rhs likewise with N;
+    out float32 [G, M, N]. A group of K = 0 adds nothing (or writes zeros without accumulate)."""
+    a, sa = _pair(lhs, "lhs")
+    b, sb = _pair(rhs, "rhs")
+    m, n = out.shape[-2], out.shape[-1]
+    offset = first_kb = 0
+    for g, k in enumerate(k_sizes):
+        kb = -(-k // BLOCK)
+        a_g = a.reshape(-1)[offset * m:(offset + k) * m].view(m, k)
+        b_g = b.reshape(-1)[offset * n:(offset + k) * n].view(n, k)
+        result = _matmul_nt(dequantize_lhs(a_g, sa[first_kb:first_kb + kb].T),
+                            dequantize_lhs(b_g, sb[first_kb:first_kb + kb].T))
+        out[g] = out[g] + result if accumulate else result
+        offset, first_kb = offset + k, first_kb + kb
     return out
 
 

@@ -1,4 +1,4 @@
-"""Small public helpers: alignment arithmetic, the scale layout the kernels read, SM count.
+"""Small public helpers: alignment arithmetic, the scale layout the kernels read, SM count, PDL.
 
 Cheap and safe without a GPU. Imports nothing of the package.
 """
@@ -93,14 +93,16 @@ def num_sms_override() -> Optional[int]:
 
 
 def set_num_sms(num_sms: int) -> None:
-    """Limit the persistent kernels to num_sms SMs (e.g. to leave SMs to communication kernels)."""
+    """Limit the persistent kernels to num_sms SMs (e.g. to leave SMs to communication kernels), as
+    DeepGEMM 2.x does: 1 up to the current device's SM count, or 0 for all of them again (the
+    default). Takes effect from the next call (the launch cache keys on this value)."""
     global _num_sms_override
     if isinstance(num_sms, bool) or not isinstance(num_sms, int):
         raise TypeError(f"num_sms must be an int, got {type(num_sms).__name__}")
     limit = device_sm_count(torch.cuda.current_device()) if torch.cuda.is_available() else DEFAULT_NUM_SMS
-    if not 1 <= num_sms <= limit:
-        raise ValueError(f"num_sms must be in 1..{limit} (the device's SM count), got {num_sms}")
-    _num_sms_override = num_sms
+    if not 0 <= num_sms <= limit:
+        raise ValueError(f"num_sms must be in 0..{limit} (0: all of the device's {limit} SMs), got {num_sms}")
+    _num_sms_override = num_sms or None
 
 
 def get_num_sms() -> int:
@@ -108,3 +110,30 @@ def get_num_sms() -> int:
     if _num_sms_override is not None:
         return _num_sms_override
     return device_sm_count(torch.cuda.current_device()) if torch.cuda.is_available() else DEFAULT_NUM_SMS
+
+
+# ---- programmatic dependent launch (PDL) ----------------------------------------------------------
+# Read by runtime/launch.py on every launch (a module attribute, so toggling needs no cache flush).
+_pdl_enabled = False
+
+
+def set_pdl(enabled: bool) -> None:
+    """Launch the kernels with programmatic dependent launch (DeepGEMM 2.x's name; off by default).
+
+    With it, each launch carries CUDA's programmatic-stream-serialization attribute, so a kernel
+    may start while the previous kernel of its stream finishes: its prologue (barrier set-up,
+    descriptor prefetch, and the launch itself) overlaps that kernel's tail, and it waits on the
+    device (griddepcontrol.wait) before its first global memory access. Only kernels built to wait
+    so get the attribute; the others launch as before. Results are the same either way; what it
+    saves is the gap between dependent kernels, which shows on chains of short GEMMs (`python -m
+    deep_gemm bench --suite chain`). CUDA graphs captured while it is on keep the programmatic edges.
+    """
+    global _pdl_enabled
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _pdl_enabled = enabled
+
+
+def get_pdl() -> bool:
+    """Whether set_pdl(True) is in effect."""
+    return _pdl_enabled

@@ -48,6 +48,34 @@ def forced(m, n, k, **changes):
     return check(f"dense {config.name.split('_g1_')[1]} {m}x{n}x{k}", out, reference(lhs, rhs))
 
 
+def training():
+    """Weight gradients: per-row B scales from the stage, fp32 out added by TMA reduce-add (a
+    partial last M block and N block, a split last wave), and K-grouped (an empty group, a K that
+    is not a multiple of 128, a partial M block, each group's own tensor maps)."""
+    ok = True
+    for m, n, k in [(200, 260, 1000), (4096, 2112, 7168), (64, 384, 4096)]:
+        a = deep_gemm.per_token_cast_to_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+        b = deep_gemm.per_token_cast_to_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
+        out = torch.randn(m, n, device="cuda")
+        want = out.double() + dequantize_lhs(*a, dtype=torch.float64) @ dequantize_lhs(*b, dtype=torch.float64).T
+        deep_gemm.wgrad_gemm_fp8_fp8_fp32_nt(a, b, out)
+        ok &= check(f"wgrad {m}x{n}x{k}", out, want)
+    ks, m, n = [384, 0, 1040, 256], 200, 192
+    xs = [deep_gemm.per_token_cast_to_fp8(torch.randn(rows, kk, device="cuda", dtype=torch.bfloat16))
+          for rows in (m, n) for kk in ks if kk]
+    a_parts, b_parts = xs[:3], xs[3:]
+    lhs = (torch.cat([q.reshape(-1) for q, _ in a_parts]), torch.cat([s.T for _, s in a_parts]).contiguous())
+    rhs = (torch.cat([q.reshape(-1) for q, _ in b_parts]), torch.cat([s.T for _, s in b_parts]).contiguous())
+    out = torch.randn(len(ks), m, n, device="cuda")
+    before = out.clone()
+    deep_gemm.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(lhs, rhs, out, ks)
+    ok &= check("k-grouped empty group", out[1], before[1])
+    for g, (pa, pb) in zip((0, 2, 3), zip(a_parts, b_parts)):
+        want = before[g].double() + dequantize_lhs(*pa, dtype=torch.float64) @ dequantize_lhs(*pb, dtype=torch.float64).T
+        ok &= check(f"k-grouped g{g}", out[g], want)
+    return ok
+
+
 def main():
     ok = True
     # Planner kernels. Over 32 K blocks: B's scales in 32-block chunks, a deep-ring pipelined decode
@@ -99,6 +127,7 @@ def main():
             if rows:
                 ok &= check(f"masked e{expected_m} g{gi}", out[gi, :rows],
                             a64[gi, :rows] @ dequantize_rhs(rhs[0][gi], rhs[1][gi], dtype=torch.float64).T)
+    ok &= training()
     torch.cuda.synchronize()
     print("sanitizer sweep:", "ok" if ok else "WRONG")
     return 0 if ok else 1

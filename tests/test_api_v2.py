@@ -192,16 +192,15 @@ def _dense_args():
     return _lhs((8, 256), gen, "cpu"), _rhs((16, 256), gen, "cpu"), _poisoned((8, 16), "cpu")
 
 
-NOT_YET = 'not supported yet.*; the training GEMMs will add it \\(issue "Training GEMMs"\\)'
 DENSE_ERRORS = [
     # (call on (a, b, d), exception, message pattern)
-    (lambda a, b, d: deep_gemm.fp8_gemm_nt(a, b, d.float()), ValueError, rf"^d of torch.float32 is {NOT_YET}"),
-    (lambda a, b, d: deep_gemm.fp8_gemm_nt(a, b, d, c=d), ValueError, rf"^c \(an addend.*\) is {NOT_YET}"),
-    (lambda a, b, d: deep_gemm.fp8_gemm_nt(a, b, d, d), ValueError, r"^c \(an addend"),
+    (lambda a, b, d: deep_gemm.fp8_gemm_nt(a, b, d, c=d), TypeError,
+     r"^c \(the addend\) and d must both be torch.float32 to accumulate, got c torch.bfloat16"),
+    (lambda a, b, d: deep_gemm.fp8_gemm_nt(a, b, d.float(), d.float()[:4]), ValueError, r"^c must have d's shape"),
     (lambda a, b, d: deep_gemm.fp8_gemm_nt(a, b, d, recipe=(1, 1, 128)), ValueError,
-     rf"^recipe=\(1, 1, 128\) \(per-row B scales\) is {NOT_YET}"),
+     r"^b\[1\] must have shape \(16, 2\) \(one scale per row and 128-wide K block\)"),
     (lambda a, b, d: deep_gemm.fp8_gemm_nt(a, b, d, recipe_a=(1, 128), recipe_b=(1, 128)), ValueError,
-     rf"^recipe_b=\(1, 128\) \(per-row B scales\) is {NOT_YET}"),
+     r"^b\[1\] must have shape \(16, 2\)"),
     (lambda a, b, d: deep_gemm.fp8_gemm_nt(a, b, d, recipe=(128, 128, 128)), ValueError,
      r"^recipe=\(128, 128, 128\) is not supported on Hopper"),
     (lambda a, b, d: deep_gemm.fp8_gemm_nt(a, b, d, recipe=(1, 128)), TypeError, r"^recipe must be a tuple of 3"),
@@ -385,7 +384,7 @@ CONTIGUOUS_ERRORS = [
     (False, lambda a, b, d, gl: deep_gemm.m_grouped_fp8_gemm_nt_contiguous(a, (b[0][0], b[1][0]), d, gl),
      ValueError, r"^b\[0\] must be 3-D"),
     (False, lambda a, b, d, gl: deep_gemm.m_grouped_fp8_gemm_nt_contiguous(a, b, d, gl, recipe=(1, 1, 128)),
-     ValueError, r"^recipe=\(1, 1, 128\) \(per-row B scales\) is not supported yet; the M-grouped GEMMs"),
+     ValueError, r"^recipe=\(1, 1, 128\) \(per-row B scales\) is not supported by the M-grouped GEMMs"),
     (False, lambda a, b, d, gl: deep_gemm.m_grouped_fp8_gemm_nt_contiguous(a, b, d, gl, compiled_dims="kx"),
      ValueError, r"^compiled_dims"),
     (False, lambda a, b, d, gl: deep_gemm.m_grouped_fp8_gemm_nt_contiguous(a, b, d, gl, use_psum_layout="yes"),
@@ -482,7 +481,7 @@ MASKED_ERRORS = [
      r"^d of torch.float32 is not supported by the M-grouped GEMMs"),
     (lambda a, b, d, mm: deep_gemm.m_grouped_fp8_gemm_nt_masked(a, b, d, mm, 16, recipe_a=(1, 128),
                                                                 recipe_b=(1, 128)),
-     ValueError, r"^recipe_b=\(1, 128\) \(per-row B scales\) is not supported yet; the M-grouped GEMMs"),
+     ValueError, r"^recipe_b=\(1, 128\) \(per-row B scales\) is not supported by the M-grouped GEMMs"),
     (lambda a, b, d, mm: deep_gemm.m_grouped_fp8_gemm_nt_masked(a, b, d, mm, 16, compiled_dims=1), TypeError,
      r"^compiled_dims must be a str"),
     (lambda a, b, d, mm: deep_gemm.m_grouped_fp8_gemm_nt_masked((a[0][0], a[1][0]), b, d, mm, 16), ValueError,
@@ -555,8 +554,6 @@ TRANSFORM_ERRORS = [
      r"^is_sfa must be True \(sf holds A's scales\) or False"),
     (lambda sf: deep_gemm.transform_sf_into_required_layout(sf, 130, 1000, (1, 128), is_sfa=True), ValueError,
      r"^is_sfa must be None with a 2-element"),
-    (lambda sf: deep_gemm.transform_sf_into_required_layout(sf, 130, 1000, (1, 1, 128), is_sfa=False), ValueError,
-     r"per-row B scales, which are not supported yet; the training GEMMs will add it"),
     (lambda sf: deep_gemm.transform_sf_into_required_layout(sf, 130, 1000, (128, 128, 128), is_sfa=True), ValueError,
      r"A's scales on Hopper are per 1x128 block"),
     (lambda sf: deep_gemm.transform_sf_into_required_layout(sf, 130, 1000, (1, 64, 128), is_sfa=False), ValueError,
@@ -651,10 +648,10 @@ def test_errors_while_tracing_name_the_argument(_fresh_dynamo):
     a, w, *_ = _small_problem()
 
     def bad(a, w):
-        d = torch.zeros(a[0].shape[0], 64, dtype=torch.float32)
+        d = torch.zeros(a[0].shape[0], 64, dtype=torch.float16)
         deep_gemm.fp8_gemm_nt(a, w, d)
         return d
-    with pytest.raises(Exception, match=r"d of torch.float32 is not supported yet"):
+    with pytest.raises(Exception, match=r"d must be torch.bfloat16 or torch.float32"):
         torch.compile(bad, fullgraph=True, backend="aot_eager")(a, w)
 
 

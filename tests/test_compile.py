@@ -182,9 +182,9 @@ def test_sweep_covers_every_tile_choice():
 
 
 # ---- kernels/gemm.cuh as a library of its own -------------------------------------------------
-SMALL_CONFIG_ARGS = "256, 512, 64, 64, 2, 1, 0, 1, 8, 1, false, false, false"
+SMALL_CONFIG_ARGS = "256, 512, 64, 64, 2, 1, 0, 1, 8, 1, false, false, false, false, false, false"
 SMALL_NAME = f"deep_gemm::gemm_kernel<deep_gemm::GemmConfig<{SMALL_CONFIG_ARGS}>>"
-OTHER_CONFIG_ARGS = "384, 1024, 128, 128, 3, 1, 1, 4, 16, 1, true, false, false"
+OTHER_CONFIG_ARGS = "384, 1024, 128, 128, 3, 1, 1, 4, 16, 1, true, false, false, false, false, false"
 OTHER_NAME = f"deep_gemm::gemm_kernel<deep_gemm::GemmConfig<{OTHER_CONFIG_ARGS}>>"
 
 
@@ -249,6 +249,10 @@ REFUSED = [
     (dict(block_n=160, pipelined=True), "pipelined", "three fp32 register tiles"),
     (dict(block_m=256, split_k=2), "block_m = 256", "BLOCK_M = 256 runs dense GEMMs only"),
     (dict(shape_k=576, stage_k_blocks=2, block_m=64, block_n=16), "stage_k_blocks", "K % 128 == 0"),
+    (dict(accumulate=True), "accumulate needs out_fp32", r"D \+= A B accumulates in fp32"),
+    (dict(out_fp32=True, layout=Layout.MASKED), "out_fp32 runs every layout but masked", "fp32 D"),
+    (dict(row_scales_b=True, layout=Layout.CONTIGUOUS), "row_scales_b", "per-row B scales"),
+    (dict(layout=Layout.K_GROUPED, row_scales_b=True, split_k=2), "K_GROUPED needs", "K-grouped GEMMs scale B"),
 ]
 
 
@@ -442,3 +446,32 @@ def test_split_k_stage_and_loader_variants_compile_clean(tmp_cache_dir):
     assert any(c.block_m == 256 and c.scale_loader_warp for c in FEATURE_VARIANTS)
     assert {c.stage_k_blocks for c in FEATURE_VARIANTS} >= {1, 2, 4}
     _compile_and_check(FEATURE_VARIANTS)
+
+
+def _training_plans():
+    """The planner's kernels for the weight-gradient shapes of the benchmark, and the DeepGEMM 2.x
+    calls that reach other combinations: an fp32 d written (not accumulated), a bf16 d with per-row B
+    scales, an fp32 d from per-block B scales, split and 256-row tiles with per-row B scales, and
+    K-grouped decode-sized M."""
+    from deep_gemm import bench
+    plans = {plan_dense(m, n, k, NUM_SMS, row_scales_b=True, out_fp32=True, accumulate=True)
+             for m, n, k in bench.DEEPGEMM_WGRAD_US}
+    plans |= {plan_dense(m, n, k, NUM_SMS, layout=Layout.K_GROUPED, num_groups=g, row_scales_b=True, out_fp32=True,
+                         accumulate=True) for g, m, n, k in bench.DEEPGEMM_K_GROUPED_US}
+    plans |= {plan_dense(m, 7168, 2048, NUM_SMS, row_scales_b=rows, out_fp32=fp32)
+              for m in (64, 4096) for rows, fp32 in ((True, False), (False, True), (True, True))}
+    plans |= {plan_dense(4096, 4096, 7168, NUM_SMS, row_scales_b=True),    # 256-row tiles
+              plan_dense(4096, 2112, 7168, NUM_SMS, row_scales_b=True, out_fp32=True, accumulate=True),   # split-K
+              plan_dense(64, 4096, 1, NUM_SMS, layout=Layout.K_GROUPED, num_groups=8, row_scales_b=True,
+                         out_fp32=True, accumulate=True),
+              plan_dense(256, 512, 1, NUM_SMS, layout=Layout.K_GROUPED, num_groups=3, row_scales_b=True,
+                         out_fp32=True)}
+    return sorted(plans, key=lambda c: c.name)
+
+
+def test_training_kernels_compile_clean(tmp_cache_dir):
+    configs = _training_plans()
+    assert any(c.block_m == 256 and c.row_scales_b for c in configs)
+    assert any(c.split_k > 1 and c.accumulate for c in configs)
+    assert {c.layout for c in configs} == {Layout.DENSE, Layout.K_GROUPED}
+    _compile_and_check(configs)

@@ -67,8 +67,8 @@ def test_plan_cache_is_bounded(monkeypatch):
         assert plan.plan_cached(m * 64, 4096, 7168, 132) == plan.plan_dense(m * 64, 4096, 7168, 132)
         assert len(plan._plan_cache) <= 5
     # The newest entries survive, the oldest are gone.
-    assert (39 * 64, 4096, 7168, 132, int(DENSE), 1) in plan._plan_cache
-    assert (64, 4096, 7168, 132, int(DENSE), 1) not in plan._plan_cache
+    assert (39 * 64, 4096, 7168, 132, int(DENSE), 1, False, False, False) in plan._plan_cache
+    assert (64, 4096, 7168, 132, int(DENSE), 1, False, False, False) not in plan._plan_cache
     plan.clear_plan_cache()
     assert not plan._plan_cache
 
@@ -93,8 +93,15 @@ class FakeDriver:
     class CUlaunchConfig(types.SimpleNamespace):
         pass
 
+    class CUlaunchAttribute:
+        def __init__(self):
+            self.id = None
+            self.value = types.SimpleNamespace()
+
     def __init__(self):
         self.launches = []       # (grid, threads, smem, stream, parameter bytes)
+        self.launch_attrs = []   # per cuLaunchKernelEx call: ((attribute id, its value), ...)
+        self.pdl_ready = False   # whether loaded modules define the DG_PDL_READY symbol
         self.graph_launches = 0  # how many of them came from cuGraphLaunch
         self.encodes = 0
         self.loads = 0           # modules loaded
@@ -172,6 +179,10 @@ class FakeDriver:
     def cuFuncSetAttribute(self, *args):
         return (0,)
 
+    def cuModuleGetGlobal(self, module, name):
+        assert name == driver.PDL_READY_SYMBOL
+        return (0, 1234, 4) if self.pdl_ready else (500, 0, 0)   # 500: CUDA_ERROR_NOT_FOUND
+
     def cuLaunchKernel(self, *args):
         raise AssertionError("GEMM launches go through cuLaunchKernelEx")
 
@@ -181,6 +192,8 @@ class FakeDriver:
         pointer = ctypes.c_void_p.from_address(params).value
         data = ctypes.string_at(pointer, PARAM_SIZE)
         record = (config.gridDimX, config.blockDimX, config.sharedMemBytes, config.hStream, data)
+        attrs = config.attrs[:config.numAttrs] if config.numAttrs else ()
+        self.launch_attrs.append(tuple((a.id, a.value.programmaticStreamSerializationAllowed) for a in attrs))
         if config.hStream in self._capturing:
             self._capturing[config.hStream].append(record)
         else:
@@ -248,9 +261,9 @@ def fake(monkeypatch):
     monkeypatch.setattr(gemm_ops, "_launches", launch.LaunchCache())
     monkeypatch.setattr(workspace, "_workspaces", {})
     monkeypatch.setattr(workspace, "_outgrown", [])
-    tma.tensor_map.cache_clear()
+    tma.clear_caches()
     yield cu
-    tma.tensor_map.cache_clear()
+    tma.clear_caches()
 
 
 def dense_inputs(m=128, n=256, k=384):
@@ -276,7 +289,7 @@ def masked_inputs(groups=3, max_m=64, n=256, k=384):
 def key_of(layout, lhs, rhs, out, index=None, expected_m=None):
     """(key, tensors) of a call, as ops.gemm.run builds them."""
     flat = (*lhs, *rhs, out) + ((index,) if index is not None else ())
-    return launch.LaunchCache().try_fire(flat, (int(layout), expected_m, utils.num_sms_override()))[1], flat
+    return launch.LaunchCache().try_fire(flat, gemm_ops.launch_key_extra(int(layout), expected_m))[1], flat
 
 
 def dense_key(lhs, rhs, out):
@@ -286,7 +299,7 @@ def dense_key(lhs, rhs, out):
 def uncached_dense_params(lhs, rhs, out, num_sms=132):
     """The packed parameters of a dense launch built from scratch: no plan, tensor-map or launch
     cache involved."""
-    tma.tensor_map.cache_clear()
+    tma.clear_caches()
     args = REAL_CHECK(DENSE, lhs, rhs, out)
     assert args.a is lhs[0] and args.sa is lhs[1] and args.out is out, "inputs must be kernel-ready"
     (a, sa), (b, sb) = lhs, rhs
@@ -302,7 +315,7 @@ def uncached_params(fake, fn, *call):
     tensor map cached)."""
     saved = gemm_ops._launches
     gemm_ops._launches = launch.LaunchCache()
-    tma.tensor_map.cache_clear()
+    tma.clear_caches()
     try:
         fn(*call)
     finally:
@@ -911,7 +924,7 @@ def _variants(fake, t):
 NAMES = ("lhs[0]", "lhs[1]", "rhs[0]", "rhs[1]", "out", "index")
 
 
-@pytest.mark.parametrize("layout", list(Layout), ids=lambda layout: layout.name.lower())
+@pytest.mark.parametrize("layout", list(FUNCTIONS), ids=lambda layout: layout.name.lower())
 def test_a_cached_launch_is_never_used_for_tensors_of_another_layout(fake, layout):
     """What the per-layout fast validators guaranteed ("never accept what the full check
     rejects"), now a property of the launch cache: a call whose tensors have the cached
@@ -956,7 +969,7 @@ def test_a_cached_launch_is_never_used_for_tensors_of_another_layout(fake, layou
     assert rejected >= 3 * len(flat) and accepted >= len(flat)
 
 
-@pytest.mark.parametrize("layout", list(Layout), ids=lambda layout: layout.name.lower())
+@pytest.mark.parametrize("layout", list(FUNCTIONS), ids=lambda layout: layout.name.lower())
 def test_cheap_path_hits_and_misses(fake, monkeypatch, layout):
     fn = FUNCTIONS[layout]
     flat = _flat_inputs(layout)
@@ -1084,3 +1097,33 @@ def test_threads_share_the_cache_safely(fake, monkeypatch):
     assert len(fake.launches) == 600 and len(gemm_ops._launches) <= 3
     for *_, data in fake.launches:
         assert data == want[int_field(data, "out")]
+
+
+def test_out_of_range_masked_m_is_clamped_on_the_cpu_as_on_the_gpu():
+    """masked_m[g] outside [0, max_m]: the public call computes min(max(masked_m[g], 0), max_m)
+    rows of group g on the reference path, as the kernel's scheduler does on the GPU
+    (kernels/scheduler.cuh, masked_m_blocks): none for a negative count, all for one past max_m."""
+    (a, sa), (b, sb), out, _ = masked_inputs(groups=3, max_m=64)
+    out.fill_(float("nan"))
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (b, sb), out, torch.tensor([-5, 200, 30],
+                                                    dtype=torch.int32), 32)
+    want = torch.full_like(out, float("nan"))
+    reference.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (b, sb), want, torch.tensor([0, 64, 30],
+                                                    dtype=torch.int32))
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.nan_to_num(), want.nan_to_num())
+    assert out[0].isnan().all() and not out[1].isnan().any()
+
+
+@pytest.mark.gpu
+def test_out_of_range_masked_m_gives_the_same_rows_on_the_gpu():
+    """The same call on a Hopper GPU writes the same rows as on the CPU, with the same values."""
+    (a, sa), (b, sb), out, _ = masked_inputs(groups=3, max_m=64)
+    masked_m = torch.tensor([-5, 200, 30], dtype=torch.int32)
+    out.fill_(float("nan"))
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (b, sb), out, masked_m, 32)
+    gpu = out.cuda().fill_(float("nan"))
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a.cuda(), sa.cuda()), (b.cuda(), sb.cuda()), gpu,
+                                                    masked_m.cuda(), 32)
+    gpu = gpu.cpu()
+    assert torch.equal(gpu.isnan(), out.isnan())
+    assert reference.calc_diff(gpu.nan_to_num(), out.nan_to_num()) < 1e-5

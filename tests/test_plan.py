@@ -94,6 +94,11 @@ def test_deterministic():
         assert a == b and hash(a) == hash(b) and a.name == b.name, args
 
 
+def _template_args(c: KernelConfig) -> dict:
+    """The C++ template arguments of a config by field name."""
+    return dict(zip((f.name for f in dataclasses.fields(KernelConfig)), c.template_args().split(", ")))
+
+
 def test_config_is_a_value():
     c = plan_dense(4096, 7168, 2048, 132)
     assert c.name.startswith("gemm_dense_n7168_k2048_g1_")
@@ -103,8 +108,12 @@ def test_config_is_a_value():
     args = [a.strip() for a in c.template_args().split(",")]
     assert len(args) == len(dataclasses.fields(KernelConfig))
     assert args[:5] == [str(v) for v in (7168, 2048, c.block_m, c.block_n, c.num_stages)]
-    assert args[6] == str(int(Layout.DENSE)) and args[-3:] == [str(v).lower() for v in
-                                                            (c.pipelined, c.stream_b, c.scale_loader_warp)]
+    named = _template_args(c)
+    assert named["layout"] == str(int(Layout.DENSE))
+    assert [named[f] for f in ("pipelined", "stream_b", "scale_loader_warp", "row_scales_b", "out_fp32",
+                               "accumulate")] == [str(getattr(c, f)).lower() for f in
+                                                  ("pipelined", "stream_b", "scale_loader_warp", "row_scales_b",
+                                                   "out_fp32", "accumulate")]
     assert KernelConfig(**{f.name: getattr(c, f.name) for f in dataclasses.fields(c)}) == c
 
 
@@ -339,7 +348,7 @@ def test_raster_band_narrows_when_n_has_few_tiles(n, raster):
 def test_dense_decode_streams_b_through_l2(m):
     c = plan_dense(m, 7168, 2048, 132)
     assert c.stream_b and "_sb" in c.name
-    assert c.template_args().split(", ")[-2] == "true"   # kStreamB_
+    assert _template_args(c)["stream_b"] == "true"   # kStreamB_
 
 
 @pytest.mark.parametrize("m,layout,groups", [(129, LAYOUT_DENSE, 1), (4096, LAYOUT_DENSE, 1),
@@ -348,7 +357,7 @@ def test_dense_decode_streams_b_through_l2(m):
 def test_b_tiles_read_more_than_once_keep_the_normal_l2_policy(m, layout, groups):
     c = plan_dense(m, 4096, 7168, 132, layout=layout, num_groups=groups)
     assert not c.stream_b and "_sb" not in c.name
-    assert c.template_args().split(", ")[-2] == "false"   # kStreamB_
+    assert _template_args(c)["stream_b"] == "false"   # kStreamB_
 
 
 @pytest.mark.parametrize("m,n,k", [(64, 2112, 7168), (128, 2112, 7168), (64, 4096, 7168), (128, 4096, 7168),
@@ -356,7 +365,7 @@ def test_b_tiles_read_more_than_once_keep_the_normal_l2_policy(m, layout, groups
 def test_only_the_narrowest_tiles_load_a_scales_by_warp(m, n, k):
     c = plan_dense(m, n, k, 132)
     assert c.scale_loader_warp == (c.block_n <= plan.SCALE_LOADER_MAX_BLOCK_N)
-    assert c.template_args().split(", ")[-1] == str(c.scale_loader_warp).lower()   # kScaleLoaderWarp_
+    assert _template_args(c)["scale_loader_warp"] == str(c.scale_loader_warp).lower()   # kScaleLoaderWarp_
     assert c.name.endswith("_sl") == c.scale_loader_warp
     if (m, n) in ((64, 2112), (128, 2112)):   # the decode rows it was measured to help
         assert c.block_n == 16 and c.scale_loader_warp
@@ -423,6 +432,10 @@ def _bench_suite_plans(num_sms=132):
               for g, m, n, k in bench.DEEPGEMM_CONTIGUOUS]
     plans += [plan_dense(m, n, k, num_sms, layout=LAYOUT_MASKED, num_groups=g)
               for g, m, n, k in bench.DEEPGEMM_MASKED]
+    plans += [plan_dense(m, n, k, num_sms, row_scales_b=True, out_fp32=True, accumulate=True)
+              for m, n, k in bench.DEEPGEMM_WGRAD_US]
+    plans += [plan_dense(m, n, k, num_sms, layout=Layout.K_GROUPED, num_groups=g, row_scales_b=True, out_fp32=True,
+                         accumulate=True) for g, m, n, k in bench.DEEPGEMM_K_GROUPED_US]
     return plans
 
 
@@ -431,7 +444,7 @@ def test_every_compile_time_option_is_chosen_for_some_benchmark_shape():
     measures (both ways for flags, every value for enumerations): an option the planner never picks
     for a benchmarked shape is dead code, or a rule nobody measures any more."""
     plans = _bench_suite_plans()
-    assert len(plans) == 21 + 14 + 6 + 10
+    assert len(plans) == 21 + 14 + 6 + 10 + 12 + 6
     seen = {
         "pipelined": {c.pipelined for c in plans},
         "stream_b": {c.stream_b for c in plans},
@@ -440,13 +453,16 @@ def test_every_compile_time_option_is_chosen_for_some_benchmark_shape():
         "split_k > 1": {c.split_k > 1 for c in plans},
         "block_m": {c.block_m for c in plans},
         "layout": {c.layout for c in plans},
+        "row_scales_b": {c.row_scales_b for c in plans},
+        "out_fp32": {c.out_fp32 for c in plans},
+        "accumulate": {c.accumulate for c in plans},
     }
     want = {
         "pipelined": {False, True}, "stream_b": {False, True}, "scale_loader_warp": {False, True},
         "stage_k_blocks > 1": {False, True}, "split_k > 1": {False, True}, "block_m": {64, 128, 256},
-        "layout": set(Layout),
+        "layout": set(Layout), "row_scales_b": {False, True}, "out_fp32": {False, True}, "accumulate": {False, True},
     }
     assert seen == want
     # The boolean fields of the config are exactly the flags above: a new one must be added here.
     flags = {f.name for f in dataclasses.fields(KernelConfig) if f.type in ("bool", bool)}
-    assert flags == {"pipelined", "stream_b", "scale_loader_warp"}
+    assert flags == {"pipelined", "stream_b", "scale_loader_warp", "row_scales_b", "out_fp32", "accumulate"}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from deep_gemm import config as cfg
-from deep_gemm.config import GEMM_PARAMS, I32, MAP, PTR, KernelConfig, param_layout
+from deep_gemm.config import GEMM_PARAMS, I32, MAP, PTR, KernelConfig, k_grouped_params, param_layout
 
 PACKAGE = Path(cfg.__file__).resolve().parent
 GEMM_CUH = PACKAGE / "kernels" / "gemm.cuh"
@@ -67,7 +67,8 @@ def test_template_args_fill_every_parameter():
     assert len(args) == len(cpp)
     for (cpp_type, _), value in zip(cpp, args):
         assert (value in ("true", "false")) if cpp_type == "bool" else re.fullmatch(r"-?\d+", value), value
-    assert args == ["4096", "7168", "64", "16", "10", "2", "2", "8", "8", "1", "true", "false", "true"]
+    assert args == ["4096", "7168", "64", "16", "10", "2", "2", "8", "8", "1", "true", "false", "true", "false", "false",
+                    "false"]
 
 
 # ---- config.GEMM_PARAMS <-> deep_gemm::GemmParams ----------------------------------------------------
@@ -95,13 +96,17 @@ def test_gemm_params_list_matches_the_struct():
 def test_param_layout_follows_cpp_rules():
     offsets, size = param_layout()
     assert list(offsets) == [name for name, _ in GEMM_PARAMS]
-    # Six 128-byte maps, three pointers, five int32 (padded to 8 for the next pointer), three pointers.
-    assert [offsets[f"tma_{n}"] for n in ("a", "b", "sa", "out", "a_tail", "sa_tail")] == [0, 128, 256, 384, 512, 640]
-    assert (offsets["sa"], offsets["sb"], offsets["out"]) == (768, 776, 784)
-    assert [offsets[n] for n in ("out_ld_bytes", "shape_m", "sa_rows", "sa_ld", "a_tail_rows")] == [792, 796, 800,
-                                                                                                     804, 808]
-    assert (offsets["group_info"], offsets["workspace"], offsets["tile_counters"]) == (816, 824, 832)
-    assert size == 896   # rounded up to the maps' 64-byte alignment
+    # Seven 128-byte maps, three pointers, five int32 (padded to 8 for the next pointer), three pointers.
+    assert [offsets[f"tma_{n}"] for n in ("a", "b", "sa", "out", "a_tail", "sa_tail", "sb")] == \
+        [0, 128, 256, 384, 512, 640, 768]
+    assert (offsets["sa"], offsets["sb"], offsets["out"]) == (896, 904, 912)
+    assert [offsets[n] for n in ("out_ld_bytes", "shape_m", "sa_rows", "sa_ld", "a_tail_rows")] == [920, 924, 928,
+                                                                                                     932, 936]
+    assert (offsets["group_info"], offsets["workspace"], offsets["tile_counters"]) == (944, 952, 960)
+    assert size == 1024   # rounded up to the maps' 64-byte alignment
+    # Arrays (the K-grouped parameter): G maps of A, G of B, then G int32 twice, padded to 64.
+    offs, total = param_layout(k_grouped_params(3))
+    assert offs == {"tma_a": 0, "tma_b": 384, "k_blocks": 768, "kb_offset": 780} and total == 832
     # Generic rules on a made-up struct: alignment padding, and the size a multiple of the largest alignment.
     offs, total = param_layout((("x", I32), ("p", PTR), ("y", I32)))
     assert offs == {"x": 0, "p": 8, "y": 16} and total == 24

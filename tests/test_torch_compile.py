@@ -18,7 +18,9 @@ from deep_gemm.config import Layout
 from deep_gemm.ops import library
 
 OPS = ("gemm_fp8_fp8_bf16_nt", "gemm_fp8_fp8_bf16_nt_out", "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
-       "m_grouped_gemm_fp8_fp8_bf16_nt_masked", "per_token_cast_to_fp8", "per_block_cast_to_fp8")
+       "m_grouped_gemm_fp8_fp8_bf16_nt_masked", "per_token_cast_to_fp8", "per_block_cast_to_fp8",
+       "fp8_gemm_nt_training", "k_grouped_fp8_gemm_nt", "per_token_cast_to_fp8_transposed",
+       "k_grouped_per_token_cast_to_fp8_transposed")
 
 
 @pytest.fixture(autouse=True)
@@ -205,6 +207,13 @@ def _opcheck_cases():
                                                   masked_m[:2], 64),
         "per_token_cast_to_fp8": (x,),
         "per_block_cast_to_fp8": (x,),
+        "fp8_gemm_nt_training": (*a, *deep_gemm.per_token_cast_to_fp8(torch.randn(n, 128)),
+                                 torch.zeros(a[0].shape[0], n), True, True),
+        "per_token_cast_to_fp8_transposed": (x,),
+        "k_grouped_per_token_cast_to_fp8_transposed": (torch.randn(48, 200, dtype=torch.bfloat16), [16, 0, 32]),
+        "k_grouped_fp8_gemm_nt": (a[0].reshape(-1), a[1].T.contiguous(), w[0].reshape(-1),
+                                  deep_gemm.per_token_cast_to_fp8(torch.randn(n, 128))[1].T.contiguous(),
+                                  torch.zeros(1, a[0].shape[0], n), [128], True),
     }
 
 

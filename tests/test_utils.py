@@ -101,16 +101,43 @@ def test_num_sms(monkeypatch):
     if not torch.cuda.is_available():
         assert default == utils.DEFAULT_NUM_SMS == 132
     utils.set_num_sms(7)
-    assert utils.get_num_sms() == 7
+    assert utils.get_num_sms() == 7 and utils.num_sms_override() == 7
+    utils.set_num_sms(default)                # the whole device is a valid limit
+    assert utils.get_num_sms() == default
     with pytest.raises(ValueError, match="num_sms"):
-        utils.set_num_sms(0)
+        utils.set_num_sms(default + 1)        # above the device's count: an error, as in DeepGEMM
     with pytest.raises(ValueError, match="num_sms"):
-        utils.set_num_sms(default + 1)
+        utils.set_num_sms(-1)
     with pytest.raises(TypeError, match="num_sms"):
         utils.set_num_sms(8.0)
     with pytest.raises(TypeError, match="num_sms"):
         utils.set_num_sms(True)
-    assert utils.get_num_sms() == 7          # failed calls change nothing
+    assert utils.get_num_sms() == default     # failed calls change nothing
+
+
+def test_set_num_sms_zero_means_all_sms(monkeypatch):
+    """DeepGEMM 2.x: 0 is the default, every SM of the device (get_num_sms then reports the
+    device's count, and the launch cache's key goes back to the no-limit value)."""
+    monkeypatch.setattr(utils, "_num_sms_override", None)
+    default = utils.get_num_sms()
+    deep_gemm.set_num_sms(5)
+    assert deep_gemm.get_num_sms() == 5
+    deep_gemm.set_num_sms(0)
+    assert deep_gemm.get_num_sms() == default and utils.num_sms_override() is None
+
+
+def test_pdl_flag(monkeypatch):
+    monkeypatch.setattr(utils, "_pdl_enabled", False)
+    assert deep_gemm.get_pdl() is False                     # off by default, as in DeepGEMM
+    deep_gemm.set_pdl(True)
+    assert deep_gemm.get_pdl() is True and utils.get_pdl() is True
+    for bad in (1, None, "yes"):
+        with pytest.raises(TypeError, match="enabled"):
+            deep_gemm.set_pdl(bad)
+    assert deep_gemm.get_pdl() is True                      # failed calls change nothing
+    deep_gemm.set_pdl(False)
+    assert deep_gemm.get_pdl() is False
+    assert {"set_pdl", "get_pdl", "set_num_sms", "get_num_sms"} <= set(deep_gemm.__all__)
 
 
 def test_cast_wrappers_match_reference():

@@ -6,32 +6,42 @@ Everything else is in the headers (deep_gemm/kernels/*.cuh), which compile on th
 """
 from __future__ import annotations
 
-from ..config import GEMM_PARAMS, PARAM_SIZE_ALIGN, KernelConfig, param_layout
+from ..config import GEMM_PARAMS, PARAM_SIZE_ALIGN, KernelConfig, Layout, k_grouped_params, param_layout
+
+_GROUPS = "deep_gemm::KGroupedParams<{}>"
 
 
 def gemm_kernel_name(config: KernelConfig) -> str:
     """The kernel's C++ name expression (the JIT looks its symbol up by it)."""
-    return f"deep_gemm::gemm_kernel<deep_gemm::GemmConfig<{config.template_args()}>>"
+    kernel = "k_grouped_gemm_kernel" if config.layout == Layout.K_GROUPED else "gemm_kernel"
+    return f"deep_gemm::{kernel}<deep_gemm::GemmConfig<{config.template_args()}>>"
 
 
-def _param_checks() -> str:
-    """static_asserts that deep_gemm::GemmParams is laid out as config.GEMM_PARAMS says: every field's
-    size, the total size and, where the compiler has __builtin_offsetof (NVRTC 13.0 has not), every
-    offset (the member order is also checked on the CPU, tests/test_structure.py)."""
-    offsets, size = param_layout(GEMM_PARAMS)
-    sizes = [f"static_assert(sizeof(deep_gemm::GemmParams::{name}) == {PARAM_SIZE_ALIGN[kind][0]}, "
-             f"\"GemmParams.{name}: config.GEMM_PARAMS disagrees\");" for name, kind in GEMM_PARAMS]
-    places = [f"static_assert(__builtin_offsetof(deep_gemm::GemmParams, {name}) == {offsets[name]}, "
-              f"\"GemmParams.{name}: config.GEMM_PARAMS disagrees\");" for name, _ in GEMM_PARAMS]
-    return "\n".join([*sizes, f"static_assert(sizeof(deep_gemm::GemmParams) == {size}, \"GemmParams' size\");",
+def _param_checks(struct: str, params) -> str:
+    """static_asserts that a parameter struct is laid out as `params` (config.GEMM_PARAMS, ...) says:
+    every field's size, the total size and, where the compiler has __builtin_offsetof (NVRTC 13.0
+    has not), every offset (the member order is also checked on the CPU, tests/test_structure.py)."""
+    offsets, size = param_layout(params)
+    sizes = [f"static_assert(sizeof({struct}::{name}) == {PARAM_SIZE_ALIGN[kind][0] * (count[0] if count else 1)}, "
+             f"\"{struct}.{name}: config disagrees\");" for name, kind, *count in params]
+    places = [f"static_assert(__builtin_offsetof({struct}, {name}) == {offsets[name]}, "
+              f"\"{struct}.{name}: config disagrees\");" for name, *_ in params]
+    short = struct.split("::")[-1].split("<")[0]
+    return "\n".join([*sizes, f"static_assert(sizeof({struct}) == {size}, \"{short}' size\");",
                       "#if defined(__has_builtin)", "#if __has_builtin(__builtin_offsetof)", *places, "#endif", "#endif"])
 
 
 def gemm_source(config: KernelConfig) -> tuple:
     """(source, kernel name expression) of the kernel for `config`."""
     name = gemm_kernel_name(config)
-    source = (f"// deep_gemm kernel {config.name}\n#include \"gemm.cuh\"\n{_param_checks()}\n"
-              f"template __global__ void {name}(const __grid_constant__ deep_gemm::GemmParams);\n")
+    checks = [_param_checks("deep_gemm::GemmParams", GEMM_PARAMS)]
+    args = "const __grid_constant__ deep_gemm::GemmParams"
+    if config.layout == Layout.K_GROUPED:
+        groups = _GROUPS.format(config.num_groups)
+        checks.append(_param_checks(groups, k_grouped_params(config.num_groups)))
+        args += f", const __grid_constant__ {groups}"
+    source = (f"// deep_gemm kernel {config.name}\n#include \"gemm.cuh\"\n" + "\n".join(checks) +
+              f"\ntemplate __global__ void {name}({args});\n")
     return source, name
 
 

@@ -13,7 +13,8 @@
 //   CAST_VEC               1: K % 16 == 0 and every row of x starts 16-byte aligned, so a thread
 //                          moves its 16 elements with 16-byte loads and one 16-byte store;
 //                          0: element-wise accesses with bounds checks (odd K, misaligned x)
-//   CAST_PER_BLOCK         0: deep_gemm_per_token_cast, 1: deep_gemm_per_block_cast
+//   CAST_PER_BLOCK         0: deep_gemm_per_token_cast, 1: deep_gemm_per_block_cast (ignored where
+//                          cast_transposed.cuh includes this header for its helpers)
 //   CAST_THREADS           threads per CTA (a multiple of 32)
 //   CAST_AMAX_FLOOR_BITS   fp32 bits of the amax floor (1e-4 as torch converts it)
 //   CAST_INV_FP8_MAX_BITS  fp32 bits of 1.0f / 448.0f
@@ -238,7 +239,9 @@ DG_DEVICE float block_scale(float amax) {
 
 }  // namespace cast
 
-#if !CAST_PER_BLOCK
+#if defined(CAST_TRANSPOSED)
+// cast_transposed.cuh defines its own kernel on the helpers above: one kernel per translation unit.
+#elif !CAST_PER_BLOCK
 // Per-token: x is rows of K elements (row r of group g is x + (g * m + r) * x_row_stride elements).
 // Each group of 8 lanes quantises one 128-wide block of one row; a CTA takes CAST_THREADS / 8
 // consecutive (row, k-block) units of one group. The scale of (g, r, kb) goes straight to the

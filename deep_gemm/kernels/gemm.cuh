@@ -1,7 +1,8 @@
-// The FP8 GEMM, D[m, n] = sum_k A[m, k] B[n, k] sa[m, k / 128] sb[n / 128, k / 128], every layout:
-// one persistent, warp-specialised kernel over a GemmConfig, in roles: Scheduler (work units),
-// Producer (TMA into a ring of stages), Fp8Math (wgmma, promotion with both scales), Bf16Epilogue
-// (stores, split-K). Math and epilogue are policies: a new GEMM kind is a new policy class.
+// The FP8 GEMM, D[m, n] (+)= sum_k A[m, k] B[n, k] sa[m, k / 128] sb[n / 128 or n, k / 128], every
+// layout: one persistent, warp-specialised kernel over a GemmConfig, in roles: Scheduler (work
+// units), Producer (TMA into a ring of stages), Fp8Math (wgmma, promotion with both scales),
+// Epilogue (bf16 or fp32 stores, TMA reduce-add for D += A B, split-K). Math and epilogue are
+// policies: a new GEMM kind is a new policy class.
 #pragma once
 #include "ptx.cuh"
 #include "scheduler.cuh"
@@ -12,7 +13,8 @@ namespace deep_gemm {
 // Every compile-time choice of a kernel; deep_gemm/config.py's KernelConfig lists the same fields
 // in the same order. M is always a run-time value.
 template <int kShapeN_, int kShapeK_, int kBlockM_, int kBlockN_, int kNumStages_, int kStageKBlocks_, int kLayout_,
-          int kNumGroups_, int kRasterGroup_, int kSplitK_, bool kPipelined_, bool kStreamB_, bool kScaleLoaderWarp_>
+          int kNumGroups_, int kRasterGroup_, int kSplitK_, bool kPipelined_, bool kStreamB_, bool kScaleLoaderWarp_,
+          bool kRowScalesB_, bool kOutFp32_, bool kAccumulate_>
 struct GemmConfig {
     static constexpr int kShapeN = kShapeN_, kShapeK = kShapeK_, kBlockM = kBlockM_, kBlockN = kBlockN_;
     static constexpr int kBlockK = 128;  // one scale block of K: one 128-byte swizzled fp8 row
@@ -24,6 +26,9 @@ struct GemmConfig {
     static constexpr bool kPipelined = kPipelined_;     // block k + 1's wgmmas run while block k is promoted
     static constexpr bool kStreamB = kStreamB_;         // B is read once: its L2 lines are evicted first
     static constexpr bool kScaleLoaderWarp = kScaleLoaderWarp_;  // A's scales copied by a warp, not TMA
+    static constexpr bool kRowScalesB = kRowScalesB_;   // B scaled per row and 128-K block (not 128 x 128)
+    static constexpr bool kOutFp32 = kOutFp32_;         // D is fp32 (else bf16)
+    static constexpr bool kAccumulate = kAccumulate_;   // D += A B (fp32, by TMA reduce-add)
     // BLOCK_M = 256: each math warpgroup covers two 64-row slices ("waves") on one B tile.
     static constexpr int kNumMathWarpgroups = kBlockM == 64 ? 1 : 2;
     static constexpr int kMWaves = kBlockM / (64 * kNumMathWarpgroups);
@@ -34,8 +39,13 @@ struct GemmConfig {
     static constexpr int kTileBytesA = kBlockM * kBlockK, kTileBytesB = kBlockN * kBlockK;  // fp8, one K block
     static constexpr int kStageBytesA = kStageKBlocks * kTileBytesA, kStageBytesB = kStageKBlocks * kTileBytesB;
     static constexpr int kStageScales = kStageKBlocks * kBlockM;  // floats
-    static constexpr int kStoreChunkCols = kBlockN % 64 == 0 ? 64 : kBlockN % 32 == 0 ? 32 : 16;
-    static constexpr int kTileBytesOut = kBlockM * kBlockN * 2;
+    // B's per-row scales of a stage, rounded to 128 bytes (a TMA destination's alignment).
+    static constexpr int kStageScalesB = kRowScalesB ? (kStageKBlocks * kBlockN + 31) / 32 * 32 : 0;
+    static constexpr int kOutBytes = kOutFp32 ? 4 : 2;
+    // Columns of one TMA store: up to a 128-byte row, dividing BLOCK_N.
+    static constexpr int kStoreChunkCols = kBlockN % (128 / kOutBytes) == 0 ? 128 / kOutBytes
+                                           : kBlockN % (64 / kOutBytes) == 0 ? 64 / kOutBytes : 32 / kOutBytes;
+    static constexpr int kTileBytesOut = kBlockM * kBlockN * kOutBytes;
     // A tile spans at most two 128-column scale blocks of B; when BLOCK_N divides 128, one.
     static constexpr bool kOneScaleB = 128 % kBlockN == 0;
     static constexpr int kNumScaleBRows = (kShapeN + 127) / 128;
@@ -43,9 +53,10 @@ struct GemmConfig {
     static constexpr int kScalePieces = kBlockM / 4;
     static constexpr int kScaleLanes = kScalePieces < 32 ? kScalePieces : 32;
     // Full: the TMA thread's arrive (with its bytes) and each loader lane's; empty: one arrive per
-    // math warp (per math thread with the loader warp: KLoop::release).
+    // math warp, or per math thread where each reads a stage's scales itself (KLoop::release).
+    static constexpr bool kEveryThreadReleases = kScaleLoaderWarp || kRowScalesB;
     static constexpr uint32_t kFullArrivals = kScaleLoaderWarp ? 1 + kScaleLanes : 1;
-    static constexpr uint32_t kEmptyArrivals = kScaleLoaderWarp ? kNumMathThreads : kNumMathWarpgroups * 4;
+    static constexpr uint32_t kEmptyArrivals = kEveryThreadReleases ? kNumMathThreads : kNumMathWarpgroups * 4;
     // Registers: the producer needs few; the math threads hold the accumulators and one or two tiles.
     static constexpr uint32_t kProducerRegs = 40;
     static constexpr uint32_t kMathRegs = kNumMathWarpgroups == 2 ? 232 : 248;
@@ -56,6 +67,12 @@ struct GemmConfig {
     static_assert(kMWaves == 1 || (!kPipelined && kSplitK == 1 && kLayout == kDense),
                   "BLOCK_M = 256 runs dense GEMMs only, unpipelined and unsplit");
     static_assert(kStageKBlocks == 1 || kShapeK % kBlockK == 0, "several K blocks a stage need K % 128 == 0");
+    static_assert(!kAccumulate || kOutFp32, "D += A B accumulates in fp32");
+    static_assert(!kOutFp32 || kLayout != kMasked, "fp32 D: every layout but masked");
+    static_assert(!kRowScalesB || (!kScaleLoaderWarp && (kLayout == kDense || kLayout == kKGrouped)),
+                  "per-row B scales: dense or K-grouped, by TMA (A's scales with them)");
+    static_assert(kLayout != kKGrouped || (kRowScalesB && kSplitK == 1 && kStageKBlocks == 1 && kMWaves == 1),
+                  "K-grouped GEMMs scale B per row, unsplit, one K block a stage, 64 or 128 rows a tile");
 };
 
 // The kernel's one parameter; deep_gemm/config.py's GEMM_PARAMS describes it (the generated source
@@ -63,8 +80,9 @@ struct GemmConfig {
 struct GemmParams {
     TmaDescriptor tma_a, tma_b, tma_sa, tma_out;  // A, B, A's scales, D
     TmaDescriptor tma_a_tail, tma_sa_tail;        // A and its scales for a partial last M block
+    TmaDescriptor tma_sb;                         // B's per-row scales, [K / 128][N]
     const float* sa;                              // A's scales (read by the loader warp)
-    const float* sb;                              // B's scales, [G][N / 128][K / 128]
+    const float* sb;                              // B's block scales, [G][N / 128][K / 128]
     uint8_t* out;                                 // D, for stores that TMA cannot make
     int32_t out_ld_bytes, shape_m, sa_rows, sa_ld, a_tail_rows;
     const int32_t* group_info;                    // m_indices (contiguous) or masked_m (masked)
@@ -72,11 +90,30 @@ struct GemmParams {
     int32_t* tile_counters;                       // split-K: arrivals per split tile
 };
 
+// The K-grouped kernel's second parameter: each group's own tensor maps of A [M, K_g] and B
+// [N, K_g] (their row strides differ), its K blocks, and where its blocks start in the scales'
+// rows [sum of K blocks][M or N]. k_blocks and kb_offset are adjacent: the scheduler reads both
+// through one pointer.
+template <int kGroups>
+struct KGroupedParams {
+    TmaDescriptor tma_a[kGroups], tma_b[kGroups];
+    int32_t k_blocks[kGroups], kb_offset[kGroups];
+};
+
+// What the scheduler reads per group: m_indices or masked_m in global memory, or the K-grouped
+// parameter's K blocks and offsets.
+template <class C, class Groups>
+DG_DEVICE const int32_t* group_info(const GemmParams& p, const Groups* groups) {
+    if constexpr (C::kLayout == kKGrouped) return groups->k_blocks;
+    return p.group_info;
+}
+
 // K blocks [begin, end) of a unit of work (all of K for a whole tile).
 template <class C>
 DG_DEVICE int32_t k_block_begin(const Tile& t) { return C::kSplitK == 1 ? 0 : t.split * C::kNumKBlocks / t.num_splits; }
 template <class C>
 DG_DEVICE int32_t k_block_end(const Tile& t) {
+    if constexpr (C::kLayout == kKGrouped) return t.k_blocks;
     return C::kSplitK == 1 ? C::kNumKBlocks : (t.split + 1) * C::kNumKBlocks / t.num_splits;
 }
 
@@ -87,12 +124,13 @@ DG_DEVICE bool is_tail_tile(const Tile& t, const GemmParams& p) {
     return C::kLayout == kDense && p.a_tail_rows > 0 && t.row_begin + C::kBlockM > p.shape_m;
 }
 
-// Shared memory: [D tile][A ring][B ring][A-scale ring][full barriers][empty barriers][split-K
-// flag]. Stage addresses are computed: a run-time index into a pointer array would be local memory.
+// Shared memory: [D tile][A ring][B ring][A-scale ring][B-scale ring][full barriers][empty
+// barriers][split-K flag]. Stage addresses are computed: a run-time index into a pointer array
+// would be local memory.
 template <class C>
 struct SharedStorage {
-    uint8_t *out, *ring_a, *ring_b;  // out: kBlockN / kStoreChunkCols x [BLOCK_M][kStoreChunkCols] bf16
-    float* ring_sa;
+    uint8_t *out, *ring_a, *ring_b;  // out: kBlockN / kStoreChunkCols x [BLOCK_M][kStoreChunkCols] of D
+    float *ring_sa, *ring_sb;
     uint64_t *full, *empty;
     int32_t* last_unit;  // split-K: thread 0's verdict, read by every math thread
     DG_DEVICE explicit SharedStorage(uint8_t* raw) {
@@ -101,13 +139,15 @@ struct SharedStorage {
         ring_a = out + C::kTileBytesOut;
         ring_b = ring_a + C::kNumStages * C::kStageBytesA;
         ring_sa = reinterpret_cast<float*>(ring_b + C::kNumStages * C::kStageBytesB);
-        full = reinterpret_cast<uint64_t*>(ring_sa + C::kNumStages * C::kStageScales);
+        ring_sb = ring_sa + C::kNumStages * C::kStageScales;
+        full = reinterpret_cast<uint64_t*>(ring_sb + C::kNumStages * C::kStageScalesB);
         empty = full + C::kNumStages;
         last_unit = reinterpret_cast<int32_t*>(empty + C::kNumStages);
     }
     DG_DEVICE uint8_t* a(int32_t stage) const { return ring_a + stage * C::kStageBytesA; }
     DG_DEVICE uint8_t* b(int32_t stage) const { return ring_b + stage * C::kStageBytesB; }
     DG_DEVICE float* sa(int32_t stage) const { return ring_sa + stage * C::kStageScales; }
+    DG_DEVICE float* sb(int32_t stage) const { return ring_sb + stage * C::kStageScalesB; }
 };
 
 // Position in the ring: stage, the parity of its fill and (math role) the K block in the stage. A
@@ -137,8 +177,8 @@ template <class C>
 struct Producer {
     // Bytes a stage's TMA loads bring (A's box of rows_a rows, B, A's scales in 16-byte boxes).
     static DG_DEVICE uint32_t stage_bytes(int32_t rows_a) {
-        return C::kStageKBlocks *
-               (rows_a * C::kBlockK + C::kTileBytesB + (C::kScaleLoaderWarp ? 0 : (rows_a + 3) / 4 * 16));
+        return C::kStageKBlocks * (rows_a * C::kBlockK + C::kTileBytesB +
+                                   (C::kScaleLoaderWarp ? 0 : (rows_a + 3) / 4 * 16) + (C::kRowScalesB ? C::kBlockN * 4 : 0));
     }
     // One stage's K blocks of a K-major operand from `row` on: a 2-D box, or a 3-D box over the view
     // [K / 128][rows][128] with several blocks a stage; kHinted: under the L2 cache policy `policy`.
@@ -154,19 +194,23 @@ struct Producer {
         }
     }
     // The TMA thread: for every unit of work, every stage of its K blocks.
-    static DG_DEVICE void load_tiles(const GemmParams& p, SharedStorage<C>& smem) {
-        Scheduler<C> scheduler(p.shape_m, p.group_info);
+    template <class Groups>
+    static DG_DEVICE void load_tiles(const GemmParams& p, const Groups* groups, SharedStorage<C>& smem) {
+        Scheduler<C> scheduler(p.shape_m, group_info<C>(p, groups));
         RingCursor<C> ring;
         Tile tile;
         const uint64_t b_policy = C::kStreamB ? ptx::l2_evict_first_policy() : 0;
+        constexpr bool kGrouped = C::kLayout == kKGrouped;
         while (scheduler.next(tile)) {
             const bool tail = is_tail_tile<C>(tile, p);
-            const TmaDescriptor* map_a = tail ? &p.tma_a_tail : &p.tma_a;
+            const TmaDescriptor* map_a = kGrouped ? &groups->tma_a[tile.group] : tail ? &p.tma_a_tail : &p.tma_a;
+            const TmaDescriptor* map_b = kGrouped ? &groups->tma_b[tile.group] : &p.tma_b;
             const TmaDescriptor* map_sa = tail ? &p.tma_sa_tail : &p.tma_sa;
             const uint32_t bytes = stage_bytes(tail ? p.a_tail_rows : C::kBlockM);
-            const int32_t b_row = tile.group * C::kShapeN + tile.n_block * C::kBlockN;
+            const int32_t n0 = tile.n_block * C::kBlockN;
+            const int32_t b_row = kGrouped ? n0 : tile.group * C::kShapeN + n0;
             const int32_t sa_row = C::kLayout == kMasked ? tile.m_block * C::kBlockM : tile.row_begin;
-            const int32_t sa_kb_base = C::kLayout == kMasked ? tile.group * C::kNumKBlocks : 0;
+            const int32_t sa_kb_base = C::kLayout == kMasked ? tile.group * C::kNumKBlocks : kGrouped ? tile.kb_offset : 0;
             // Not unrolled: the producer runs on few registers and gains nothing from it.
             const int32_t kb_end = ptx::opaque(k_block_end<C>(tile));
 #pragma unroll 1
@@ -177,7 +221,8 @@ struct Producer {
                 ptx::mbarrier_arrive_expect_tx(full, bytes);
                 load_k_blocks(smem.a(ring.stage), map_a, full, kb, tile.row_begin);
                 if (!C::kScaleLoaderWarp) ptx::tma_load_2d(smem.sa(ring.stage), map_sa, full, sa_row, sa_kb_base + kb);
-                load_k_blocks<C::kStreamB>(smem.b(ring.stage), &p.tma_b, full, kb, b_row, b_policy);
+                if (C::kRowScalesB) ptx::tma_load_2d(smem.sb(ring.stage), &p.tma_sb, full, n0, sa_kb_base + kb);
+                load_k_blocks<C::kStreamB>(smem.b(ring.stage), map_b, full, kb, b_row, b_policy);
                 ring.advance();
             }
         }
@@ -188,7 +233,7 @@ struct Producer {
     static DG_DEVICE void load_a_scales(const GemmParams& p, SharedStorage<C>& smem) {
         const int32_t lane = ptx::lane_index();
         if (lane >= C::kScaleLanes) return;
-        Scheduler<C> scheduler(p.shape_m, p.group_info);
+        Scheduler<C> scheduler(p.shape_m, p.group_info);  // never K-grouped (no loader warp there)
         RingCursor<C> ring;
         Tile tile;
         while (scheduler.next(tile)) {
@@ -219,8 +264,10 @@ struct Producer {
 };
 
 // ---- math -----------------------------------------------------------------------------------------
-// FP8 operands, A scaled per row and 128-K block, B per 128 x 128 block. Fp8Math holds what lives
-// across tiles (this thread's addresses, the accumulators); Fp8Math::KLoop one unit's main loop.
+// FP8 operands, A scaled per row and 128-K block, B per 128 x 128 block (its scales read from
+// global memory a chunk ahead) or per row and 128-K block (kRowScalesB: from the stage, as TMA
+// lands them). Fp8Math holds what lives across tiles (this thread's addresses, the accumulators);
+// Fp8Math::KLoop one unit's main loop.
 template <class C>
 struct Fp8Math {
     // Where one K block is in the ring, and the scales its promotion applies (A's rows r / r + 8,
@@ -230,6 +277,8 @@ struct Fp8Math {
         int32_t stage, slot;
         bool last_of_stage;
     };
+    // Per-row B scales are read from the stage while promoting, so it is released after.
+    static constexpr bool kReleaseBeforePromote = !C::kRowScalesB;
     // B's scale rows of a tile: columns from `split` on take `second`'s scales.
     struct BScaleRows {
         const float *first, *second;
@@ -240,12 +289,13 @@ struct Fp8Math {
     };
     // B's scales come in chunks of 32 K blocks (lane i: block chunk + i), loaded a chunk ahead and
     // shuffled out per block: a scale loaded just before its use stalled the wgmma issue on L2.
-    static constexpr bool kManyChunks = C::kNumKBlocks > 32;
+    static constexpr bool kManyChunks = !C::kRowScalesB && C::kNumKBlocks > 32;
     const float* sb;
     SharedStorage<C>& smem;
     RingCursor<C>& ring;
     uint32_t lane;
     uint32_t desc_a_ring, desc_b_ring, sa_ring_addr;  // stage 0's wgmma descriptors and this row's scale
+    uint32_t sb_ring_addr;                            // kRowScalesB: stage 0's scale of this thread's column 0
     float acc[C::kMWaves][C::kAccRegs];
     float part[C::kAccRegs];
     float part_next[C::kAccRegs];  // pipelined promotion's second tile (free otherwise)
@@ -259,6 +309,7 @@ struct Fp8Math {
         desc_a_ring = ptx::smem_desc_low(ptx::smem_addr(smem.a(0) + wg_uniform * 64 * C::kBlockK));
         desc_b_ring = ptx::smem_desc_low(ptx::smem_addr(smem.b(0)));
         sa_ring_addr = ptx::smem_addr(smem.sa(0) + r);
+        sb_ring_addr = ptx::smem_addr(smem.sb(0) + (lane % 4) * 2);
     }
     DG_DEVICE BScaleRows b_scale_rows(const Tile& t) const {
         const int32_t n0 = t.n_block * C::kBlockN;
@@ -281,6 +332,7 @@ struct Fp8Math {
         return s;
     }
     DG_DEVICE ScalePair first_chunk(const Tile& t) const {
+        if constexpr (C::kRowScalesB) return ScalePair();
         return load_scales(b_scale_rows(t), chunk_kb(k_block_begin<C>(t), k_block_end<C>(t), 0));
     }
     // One unit's main loop into `acc`. kWholeTile: all of K, compile-time bounds (run-time ones were slower).
@@ -329,8 +381,10 @@ struct Fp8Math {
                 chunk = next_chunk;
                 next_chunk = load_scales(rows, m.chunk_kb(kb_begin, kb_end, step / 32 + 1));
             }
-            scales.sb0 = __shfl_sync(0xffffffffu, chunk.b0, step % 32);
-            scales.sb1 = C::kOneScaleB ? scales.sb0 : __shfl_sync(0xffffffffu, chunk.b1, step % 32);
+            if constexpr (!C::kRowScalesB) {
+                scales.sb0 = __shfl_sync(0xffffffffu, chunk.b0, step % 32);
+                scales.sb1 = C::kOneScaleB ? scales.sb0 : __shfl_sync(0xffffffffu, chunk.b1, step % 32);
+            }
             RingCursor<C>& ring = m.ring;
             if (C::kStageKBlocks == 1 || ring.slot == 0) ptx::mbarrier_wait(&m.smem.full[ring.stage], ring.phase);
             scales.stage = ring.stage;
@@ -357,12 +411,24 @@ struct Fp8Math {
                                                ptx::smem_desc(desc_b + kk * (32 >> 4)), kk > 0);
             ptx::wgmma_commit();
         }
-        // With the loader warp every thread releases its own reads of the scales that cp.async will
-        // overwrite (racecheck did not follow __syncwarp + one lane's arrive).
+        // With the loader warp (or B's per-row scales) every thread releases its own reads of the
+        // scales that the next fill overwrites (racecheck did not follow __syncwarp + one lane's arrive).
         DG_DEVICE void release(int32_t stage) {
-            if (C::kScaleLoaderWarp || m.lane == 0) ptx::mbarrier_arrive(&m.smem.empty[stage]);
+            if (C::kEveryThreadReleases || m.lane == 0) ptx::mbarrier_arrive(&m.smem.empty[stage]);
         }
         DG_DEVICE void promote(float (&into)[C::kAccRegs], const float (&tile)[C::kAccRegs], const BlockScales& s) {
+            if constexpr (C::kRowScalesB) {
+                // Column group i: this thread's columns 8 i + 2 (lane % 4) + {0, 1}, one scale each.
+#pragma unroll
+                for (int i = 0; i < C::kAccRegs / 4; ++i) {
+                    const float2 b = ptx::lds_float2(sb_addr(s) + i * 8 * 4);
+                    into[4 * i + 0] += tile[4 * i + 0] * (s.sa0 * b.x);
+                    into[4 * i + 1] += tile[4 * i + 1] * (s.sa0 * b.y);
+                    into[4 * i + 2] += tile[4 * i + 2] * (s.sa1 * b.x);
+                    into[4 * i + 3] += tile[4 * i + 3] * (s.sa1 * b.y);
+                }
+                return;
+            }
             const float top0 = s.sa0 * s.sb0, top1 = s.sa0 * s.sb1;
             const float bottom0 = s.sa1 * s.sb0, bottom1 = s.sa1 * s.sb1;
 #pragma unroll
@@ -377,11 +443,17 @@ struct Fp8Math {
                 into[4 * i + 3] += tile[4 * i + 3] * bottom;
             }
         }
-        // A block's wgmmas have completed: free its stage if it was the stage's last, promote it.
+        // A block's wgmmas have completed: free its stage if it was the stage's last, promote it
+        // (per-row B scales: after promoting, which reads them from the stage).
         DG_DEVICE void retire(float (&tile)[C::kAccRegs], const BlockScales& scales) {
             ptx::fence_registers(tile);
-            if (scales.last_of_stage) release(scales.stage);
+            if (kReleaseBeforePromote && scales.last_of_stage) release(scales.stage);
             promote(m.acc[0], tile, scales);
+            if (!kReleaseBeforePromote && scales.last_of_stage) release(scales.stage);
+        }
+        // This thread's first B scale of the block in the stage (per-row B scales).
+        DG_DEVICE uint32_t sb_addr(const BlockScales& s) const {
+            return m.sb_ring_addr + (s.stage * C::kStageScalesB + s.slot * C::kBlockN) * 4;
         }
         // One block at a time: issue, wait, promote.
         DG_DEVICE void serial() {
@@ -437,8 +509,10 @@ struct Fp8Math {
                     issue_slice(m.part, scales, w);
                     ptx::wgmma_wait<0>();
                     ptx::fence_registers(m.part);
-                    if (w == C::kMWaves - 1 && scales.last_of_stage) release(scales.stage);
+                    const bool release_now = w == C::kMWaves - 1 && scales.last_of_stage;
+                    if (kReleaseBeforePromote && release_now) release(scales.stage);
                     promote(m.acc[w], m.part, scales);
+                    if (!kReleaseBeforePromote && release_now) release(scales.stage);
                 }
             }
         }
@@ -446,10 +520,11 @@ struct Fp8Math {
 };
 
 // ---- epilogue -------------------------------------------------------------------------------------
-// bf16 output: through swizzled shared memory and TMA stores; split-K through a global workspace.
+// bf16 or fp32 output: through swizzled shared memory and TMA stores (reduce-adds for D += A B);
+// split-K through a global workspace.
 template <class C>
-struct Bf16Epilogue {
-    static constexpr int kChunkBytesPerRow = C::kStoreChunkCols * 2;
+struct Epilogue {
+    static constexpr int kChunkBytesPerRow = C::kStoreChunkCols * C::kOutBytes;
     static constexpr int kNumChunks = C::kBlockN / C::kStoreChunkCols;
     // Named barriers: 0 is __syncthreads, 1 + warpgroup store_tile's, this one all math threads.
     static constexpr uint32_t kSplitKBarrier = 3;
@@ -460,52 +535,79 @@ struct Bf16Epilogue {
         const uint32_t offset = row * kChunkBytesPerRow + col16 * 16;
         return offset ^ (((offset >> 7) & (kUnitsPerRow - 1)) << 4);
     }
-    // This warpgroup's 64 rows of wave `wave`: bf16 into swizzled shared memory, then a TMA store
-    // that runs on under the next tile; row by row where a box would write too much (a masked
-    // group's last rows, the last N block when N % 8 != 0).
+    static constexpr uint32_t kChunkBytes = C::kBlockM * kChunkBytesPerRow;
+    // The accumulators of rows `row` (this thread's first) into the swizzled chunks: bf16 through
+    // stmatrix.x4 (matrix j = lane / 8 holds rows (j % 2) * 8.. of column group i + j / 2), fp32
+    // as float pairs (columns 8 i + 2 (lane % 4), rows r and r + 8).
+    static DG_DEVICE void write_smem(const float (&acc)[C::kAccRegs], uint8_t* smem_out, uint32_t first_row,
+                                     uint32_t lane) {
+        const uint32_t base = ptx::smem_addr(smem_out);
+        if constexpr (C::kOutFp32) {
+            const uint32_t row = first_row + lane / 4;
+#pragma unroll
+            for (int i = 0; i < C::kBlockN / 8; ++i) {
+                const uint32_t col = i * 8 + (lane % 4) * 2, in_chunk = col % C::kStoreChunkCols;
+                const uint32_t chunk = base + (col / C::kStoreChunkCols) * kChunkBytes + (in_chunk % 4) * 4;
+                ptx::sts_float2(chunk + swizzled_offset(row, in_chunk / 4), acc[4 * i + 0], acc[4 * i + 1]);
+                ptx::sts_float2(chunk + swizzled_offset(row + 8, in_chunk / 4), acc[4 * i + 2], acc[4 * i + 3]);
+            }
+        } else {
+            const uint32_t j = lane / 8;
+            const uint32_t row = first_row + (j % 2) * 8 + lane % 8;
+#pragma unroll
+            for (int i = 0; i < C::kBlockN / 8; i += 2) {
+                const uint32_t col = (i + j / 2) * 8;
+                const uint32_t addr = base + (col / C::kStoreChunkCols) * kChunkBytes +
+                                      swizzled_offset(row, (col % C::kStoreChunkCols) / 8);
+                ptx::stmatrix_x4(addr, ptx::pack_bf16x2(acc[4 * i + 0], acc[4 * i + 1]),
+                                 ptx::pack_bf16x2(acc[4 * i + 2], acc[4 * i + 3]),
+                                 ptx::pack_bf16x2(acc[4 * i + 4], acc[4 * i + 5]),
+                                 ptx::pack_bf16x2(acc[4 * i + 6], acc[4 * i + 7]));
+            }
+        }
+    }
+    // One chunk's rows [row, row + 64) of D: stored, or added to D (kAccumulate); K-grouped D is
+    // [G][M][N], so a box stops at its group's last row.
+    static DG_DEVICE void store_chunk(const GemmParams& p, const uint8_t* src, int32_t col, int32_t row, int32_t group) {
+        if constexpr (C::kLayout == kKGrouped) {
+            if (C::kAccumulate) ptx::tma_reduce_add_3d(&p.tma_out, src, col, row, group);
+            else ptx::tma_store_3d(&p.tma_out, src, col, row, group);
+        } else {
+            if (C::kAccumulate) ptx::tma_reduce_add_2d(&p.tma_out, src, col, row);
+            else ptx::tma_store_2d(&p.tma_out, src, col, row);
+        }
+    }
+    // This warpgroup's 64 rows of wave `wave`: into swizzled shared memory, then TMA stores that run
+    // on under the next tile; bf16 row by row where a box would write too much (a masked group's
+    // last rows, the last N block when N % 8 != 0).
     static DG_DEVICE void store_tile(const float (&acc)[C::kAccRegs], const Tile& tile, const GemmParams& p,
                                      uint8_t* smem_out, int32_t wave) {
         const uint32_t wg = threadIdx.x / 128 - 1;
         const uint32_t slice = wave * 128 + wg * 64;  // first row of this warpgroup's slice
         const uint32_t t = threadIdx.x % 128;
-        const uint32_t warp = t / 32, lane = t % 32;
         const int32_t n0 = tile.n_block * C::kBlockN;
-        constexpr uint32_t kChunkBytes = C::kBlockM * kChunkBytesPerRow;
         // The previous tile's store must have read the buffer (later waves write other rows).
         if (t == 0 && wave == 0) ptx::tma_store_wait_read();
         ptx::named_barrier(1 + wg, 128);
-        // stmatrix.x4: matrix j = lane / 8 holds rows (j % 2) * 8.. of column group i + j / 2.
-        const uint32_t j = lane / 8;
-        const uint32_t row = wg * 64 + warp * 16 + (j % 2) * 8 + lane % 8 + wave * 128;
-#pragma unroll
-        for (int i = 0; i < C::kBlockN / 8; i += 2) {
-            const uint32_t col = (i + j / 2) * 8;
-            const uint32_t addr = ptx::smem_addr(smem_out) + (col / C::kStoreChunkCols) * kChunkBytes +
-                                  swizzled_offset(row, (col % C::kStoreChunkCols) / 8);
-            ptx::stmatrix_x4(addr, ptx::pack_bf16x2(acc[4 * i + 0], acc[4 * i + 1]),
-                             ptx::pack_bf16x2(acc[4 * i + 2], acc[4 * i + 3]),
-                             ptx::pack_bf16x2(acc[4 * i + 4], acc[4 * i + 5]),
-                             ptx::pack_bf16x2(acc[4 * i + 6], acc[4 * i + 7]));
-        }
+        write_smem(acc, smem_out, slice + (t / 32) * 16, t % 32);
         ptx::fence_proxy_async_shared();
         ptx::named_barrier(1 + wg, 128);
-        const bool n_edge = C::kShapeN % 8 != 0 && n0 + C::kBlockN > C::kShapeN;
+        const bool n_edge = !C::kOutFp32 && C::kShapeN % 8 != 0 && n0 + C::kBlockN > C::kShapeN;
         if ((C::kLayout != kMasked || tile.rows_valid >= C::kBlockM) && !n_edge) {
             if (t == 0) {
 #pragma unroll
                 for (int c = 0; c < kNumChunks; ++c)
-                    ptx::tma_store_2d(&p.tma_out, smem_out + c * kChunkBytes + (wg * 64 + wave * 128) * kChunkBytesPerRow,
-                                      n0 + c * C::kStoreChunkCols, tile.row_begin + wg * 64 + wave * 128);
+                    store_chunk(p, smem_out + c * kChunkBytes + slice * kChunkBytesPerRow, n0 + c * C::kStoreChunkCols,
+                                tile.row_begin + slice, tile.group);
                 ptx::tma_store_commit();
             }
             return;
         }
-        store_rows(tile, p, smem_out, slice, n0);
+        if constexpr (!C::kOutFp32) store_rows(tile, p, smem_out, slice, n0);
     }
     // The row-by-row copy of a slice: 16-byte units, the row's last columns one bf16 at a time.
     static DG_DEVICE void store_rows(const Tile& tile, const GemmParams& p, const uint8_t* smem_out, uint32_t slice,
                                      int32_t n0) {
-        constexpr uint32_t kChunkBytes = C::kBlockM * kChunkBytesPerRow;
         const uint32_t t = threadIdx.x % 128;
         const int32_t rows_here = min(64, tile.rows_valid - int32_t(slice));
         constexpr int32_t kUnitsPerRow = C::kBlockN / 8;
@@ -581,10 +683,10 @@ struct Bf16Epilogue {
 
 // ---- the math warpgroups' loop over their units of work --------------------------------------------
 template <class C, class Math, class Epilogue>
-DG_DEVICE void consume(const GemmParams& p, SharedStorage<C>& smem) {
+DG_DEVICE void consume(const GemmParams& p, const int32_t* group_info, SharedStorage<C>& smem) {
     RingCursor<C> ring;
     Math math(p.sb, smem, ring);
-    Scheduler<C> scheduler(p.shape_m, p.group_info);
+    Scheduler<C> scheduler(p.shape_m, group_info);
     // The next tile and its first B scales: one tile ahead with a short K; with a long K (values
     // live across the main loop cost more) after the main loop (contiguous) or the epilogue.
     constexpr bool kLookAhead = !Math::kManyChunks;
@@ -607,7 +709,9 @@ DG_DEVICE void consume(const GemmParams& p, SharedStorage<C>& smem) {
         } else if (!kFetchBeforeEpilogue) {
             first = math.first_chunk(tile);
         }
-        const bool whole = C::kSplitK == 1 || tile.num_splits == 1;
+        // Whole tiles of one K (every layout but K-grouped) run on compile-time bounds.
+        const bool whole = C::kLayout != kKGrouped && (C::kSplitK == 1 || tile.num_splits == 1);
+        const bool unsplit = C::kSplitK == 1 || tile.num_splits == 1;
         if (whole) {
             math.template run<true>(tile, first, p);
         } else {
@@ -615,7 +719,7 @@ DG_DEVICE void consume(const GemmParams& p, SharedStorage<C>& smem) {
         }
         ring.end_tile();
         if (kFetchBeforeEpilogue) look_ahead();
-        if (whole || Epilogue::reduce_split_k(math.acc[0], tile, p, smem)) {
+        if (unsplit || Epilogue::reduce_split_k(math.acc[0], tile, p, smem)) {
 #pragma unroll
             for (int w = 0; w < C::kMWaves; ++w) Epilogue::store_tile(math.acc[w], tile, p, smem.out, w);
         }
@@ -627,16 +731,19 @@ DG_DEVICE void consume(const GemmParams& p, SharedStorage<C>& smem) {
     if (threadIdx.x % 128 == 0) ptx::tma_store_wait_all();
 }
 
-template <class C>
-__global__ void __launch_bounds__(C::kNumThreads, 1) gemm_kernel(const __grid_constant__ GemmParams params) {
+// The kernel's body: barrier set-up, then the roles. `groups`: the K-grouped parameter (else null).
+template <class C, class Groups>
+DG_DEVICE void run_gemm(const GemmParams& params, const Groups* groups) {
     using Math = Fp8Math<C>;
-    using Epilogue = Bf16Epilogue<C>;
     extern __shared__ uint8_t smem_raw[];
     SharedStorage<C> smem(smem_raw);
     if (threadIdx.x == 0) {
-        ptx::prefetch_tma_descriptor(&params.tma_a);
-        ptx::prefetch_tma_descriptor(&params.tma_b);
+        if (C::kLayout != kKGrouped) {  // (K-grouped: one map of A and B per group)
+            ptx::prefetch_tma_descriptor(&params.tma_a);
+            ptx::prefetch_tma_descriptor(&params.tma_b);
+        }
         if (!C::kScaleLoaderWarp) ptx::prefetch_tma_descriptor(&params.tma_sa);
+        if (C::kRowScalesB) ptx::prefetch_tma_descriptor(&params.tma_sb);
         ptx::prefetch_tma_descriptor(&params.tma_out);
         if (params.a_tail_rows > 0) {
             ptx::prefetch_tma_descriptor(&params.tma_a_tail);
@@ -648,18 +755,42 @@ __global__ void __launch_bounds__(C::kNumThreads, 1) gemm_kernel(const __grid_co
         }
         ptx::fence_barrier_init();
     }
+    // PDL: the prologue reads only the parameters and shared memory; global memory waits for the
+    // previous grid of the stream (its writes visible, its reads done).
+    ptx::griddepcontrol_wait();
     __syncthreads();
     if (threadIdx.x < 128) {
         ptx::setmaxnreg_dec<C::kProducerRegs>();
         if (threadIdx.x == 0) {
-            Producer<C>::load_tiles(params, smem);
+            Producer<C>::load_tiles(params, groups, smem);
+            // The block's last load is issued: the next grid may be scheduled (its own wait still
+            // holds it until this grid completes).
+            ptx::griddepcontrol_launch_dependents();
         } else if (C::kScaleLoaderWarp && ptx::warp_index() == 1) {
             Producer<C>::load_a_scales(params, smem);
         }
     } else {
         ptx::setmaxnreg_inc<C::kMathRegs>();
-        consume<C, Math, Epilogue>(params, smem);
+        consume<C, Math, Epilogue<C>>(params, group_info<C>(params, groups), smem);
     }
 }
 
+template <class C>
+__global__ void __launch_bounds__(C::kNumThreads, 1) gemm_kernel(const __grid_constant__ GemmParams params) {
+    static_assert(C::kLayout != kKGrouped, "K-grouped GEMMs run k_grouped_gemm_kernel");
+    run_gemm<C>(params, static_cast<const KGroupedParams<1>*>(nullptr));
+}
+
+// K-grouped GEMMs: each group's tensor maps and K in a second parameter (up to the kernel parameter
+// space: G <= K_GROUPED_MAX_GROUPS on the host).
+template <class C>
+__global__ void __launch_bounds__(C::kNumThreads, 1)
+    k_grouped_gemm_kernel(const __grid_constant__ GemmParams params, const __grid_constant__ KGroupedParams<C::kNumGroups> groups) {
+    static_assert(C::kLayout == kKGrouped, "only K-grouped GEMMs take per-group tensor maps");
+    run_gemm<C>(params, &groups);
+}
+
 }  // namespace deep_gemm
+
+// Every kernel of this header waits (griddepcontrol_wait) before touching global memory.
+DG_PDL_READY

@@ -76,6 +76,8 @@ DG_DEVICE void pad_chunks(const Operand& op, int64_t first_chunk, int64_t row, i
             ++row;
         }
     }
+    // Every load of this block is issued: the next kernel (the GEMM) may be scheduled (PDL).
+    ptx::griddepcontrol_launch_dependents();
     // Plain stores: the GEMM reads these rows next, so they may stay in L2.
     uint4* dst = reinterpret_cast<uint4*>(op.dst) + first_chunk;
 #pragma unroll
@@ -84,6 +86,9 @@ DG_DEVICE void pad_chunks(const Operand& op, int64_t first_chunk, int64_t row, i
 }
 
 }  // namespace pad
+
+// The kernel below waits for the previous grid before touching memory: it may be launched with PDL.
+DG_PDL_READY
 
 extern "C" __global__ void __launch_bounds__(PAD_THREADS, 2048 / PAD_THREADS) deep_gemm_pad_k16(
     const uint8_t* __restrict__ src0, uint8_t* __restrict__ dst0, int64_t rows0, int32_t k0,
@@ -106,6 +111,10 @@ extern "C" __global__ void __launch_bounds__(PAD_THREADS, 2048 / PAD_THREADS) de
     const int64_t left = op.rows * row_chunks - start;
     const int mine = static_cast<int>(left < kChunksPerCta ? left : kChunksPerCta) - static_cast<int>(threadIdx.x);
     const int64_t first_chunk = start + threadIdx.x;
+
+    // Launched with PDL the previous kernel may still run (it may be writing src, or reading dst):
+    // everything above used only the parameters.
+    ptx::griddepcontrol_wait();
 
     // The widest word that divides K and the source address (uniform over the CTA).
     const uint32_t align = static_cast<uint32_t>(reinterpret_cast<uint64_t>(op.src)) | static_cast<uint32_t>(op.k);

@@ -113,6 +113,19 @@ DG_DEVICE void tma_store_2d(const TmaDescriptor* desc, const void* src, int32_t 
     asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n"
                  ::"l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(src)), "r"(c0), "r"(c1) : "memory");
 }
+DG_DEVICE void tma_store_3d(const TmaDescriptor* desc, const void* src, int32_t c0, int32_t c1, int32_t c2) {
+    asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];\n"
+                 ::"l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(src)), "r"(c0), "r"(c1), "r"(c2) : "memory");
+}
+// The same, adding the fp32 tile to what global memory holds (one add per element, in L2).
+DG_DEVICE void tma_reduce_add_2d(const TmaDescriptor* desc, const void* src, int32_t c0, int32_t c1) {
+    asm volatile("cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.bulk_group [%0, {%2, %3}], [%1];\n"
+                 ::"l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(src)), "r"(c0), "r"(c1) : "memory");
+}
+DG_DEVICE void tma_reduce_add_3d(const TmaDescriptor* desc, const void* src, int32_t c0, int32_t c1, int32_t c2) {
+    asm volatile("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.bulk_group [%0, {%2, %3, %4}], [%1];\n"
+                 ::"l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(src)), "r"(c0), "r"(c1), "r"(c2) : "memory");
+}
 DG_DEVICE void tma_store_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 // Until the committed stores have read shared memory / have completed (before the block exits).
 DG_DEVICE void tma_store_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
@@ -148,6 +161,14 @@ DG_DEVICE float lds_float(uint32_t smem_byte_addr) {
     asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(smem_byte_addr) : "memory");
     return v;
 }
+DG_DEVICE float2 lds_float2(uint32_t smem_byte_addr) {
+    float2 v;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(smem_byte_addr) : "memory");
+    return v;
+}
+DG_DEVICE void sts_float2(uint32_t smem_byte_addr, float x, float y) {
+    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(smem_byte_addr), "f"(x), "f"(y) : "memory");
+}
 DG_DEVICE float ldg_float(const float* p) {
     float v;
     asm volatile("ld.global.nc.f32 %0, [%1];\n" : "=f"(v) : "l"(p));
@@ -177,3 +198,23 @@ DG_DEVICE int32_t atomic_add_acq_rel_gpu(int32_t* p, int32_t v) {
 }
 
 }  // namespace ptx
+
+// ---- programmatic dependent launch (PDL) -------------------------------------------------------
+// Launched with programmatic stream serialization (deep_gemm.set_pdl(True)), a grid may start
+// while the previous grid of its stream still runs. Both instructions are no-ops otherwise.
+namespace ptx {
+// Returns once every prerequisite grid has completed and its writes are visible. Call it before
+// the first global read or write that may touch that grid's data: reads of its outputs, and
+// writes to buffers it may still read.
+DG_DEVICE void griddepcontrol_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+// Lets the next grid of the stream be scheduled once every block of this one has called it (or
+// exited). Only a hint: the next grid still waits for this one's completion in
+// griddepcontrol_wait, so calling it once a block has issued its last loads is always safe.
+DG_DEVICE void griddepcontrol_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;\n"); }
+}  // namespace ptx
+
+// A kernel header whose every kernel calls ptx::griddepcontrol_wait() before its first global
+// memory access says so by DG_PDL_READY; at file scope, once per module. The host looks the symbol
+// up (runtime/driver.py, PDL_READY_SYMBOL) and gives only such modules the PDL launch attribute:
+// a kernel without the wait could read a buffer the previous kernel has not written yet.
+#define DG_PDL_READY extern "C" __device__ const int deep_gemm_pdl_ready = 1;

@@ -11,6 +11,8 @@ enum Layout : int {
     kDense = 0,       // one [M, K] x [N, K] problem
     kContiguous = 1,  // experts' rows concatenated along M; group_info = the expert of each row
     kMasked = 2,      // [G, max_m, K] x [G, N, K]; group_info = the valid rows of each group
+    kKGrouped = 3,    // G problems [M, K_g] x [N, K_g] -> [G, M, N]; group_info = K blocks, then
+                      // first scale row, of each group (KGroupedParams)
 };
 
 struct Tile {
@@ -22,6 +24,8 @@ struct Tile {
     int32_t split;       // split-K: which share of K this unit of work covers (0 without)
     int32_t num_splits;  // split-K: how many units share this tile (1: a whole tile)
     int32_t tail_index;  // split-K: the tile's place among the split tiles (its counter and slot)
+    int32_t k_blocks;    // K-grouped: the group's K blocks
+    int32_t kb_offset;   // K-grouped: the group's first row of the scale tensors
 };
 
 // Split-K against wave quantisation: of T tiles on G blocks, each of the T % G tiles of the last
@@ -100,6 +104,11 @@ struct Scheduler {
                 t = whole_tiles + tile.tail_index;
             }
             if (C::kLayout == kMasked) return next_masked(t, tile);
+            if (C::kLayout == kKGrouped) {
+                if (next_k_grouped(t, tile)) return true;
+                if (tile.group >= C::kNumGroups) return false;
+                continue;
+            }
             const int32_t num_m_blocks = (shape_m + C::kBlockM - 1) / C::kBlockM;
             if (t >= num_m_blocks * kNumNBlocks) return false;
             raster(t, num_m_blocks, tile.m_block, tile.n_block);
@@ -113,6 +122,23 @@ struct Scheduler {
             }
             return true;
         }
+    }
+
+    // Every group has the same M and N, so the same tiles; a group with no K (nothing to add to
+    // D) is skipped when accumulating, and stores zeros otherwise. group_info is in parameter
+    // space: plain loads.
+    DG_DEVICE bool next_k_grouped(int32_t t, Tile& tile) {
+        const int32_t num_m_blocks = (shape_m + C::kBlockM - 1) / C::kBlockM;
+        const int32_t group_tiles = num_m_blocks * kNumNBlocks;
+        tile.group = t / group_tiles;
+        if (tile.group >= C::kNumGroups) return false;
+        tile.k_blocks = group_info[tile.group];
+        tile.kb_offset = group_info[C::kNumGroups + tile.group];
+        if (C::kAccumulate && tile.k_blocks == 0) return false;
+        raster(t - tile.group * group_tiles, num_m_blocks, tile.m_block, tile.n_block);
+        tile.row_begin = tile.m_block * C::kBlockM;
+        tile.rows_valid = min(C::kBlockM, shape_m - tile.row_begin);
+        return true;
     }
 
     DG_DEVICE bool next_masked(int32_t t, Tile& tile) {

@@ -3,8 +3,12 @@
 Every public GEMM is `run` with a layout. A call whose tensors have the same data pointers, shapes,
 strides and dtypes as an earlier call that passed validation and launched on the caller's own
 tensors (nothing copied, padded or staged) fires the same prepared launch: the cache key holds the
-pointers, layout, planning hint, current stream and set_num_sms() value, and each entry's guard
-checks the rest (runtime/launch.py). Anything else goes the long way, which validates everything.
+pointers, layout, flags, planning hint, current stream and set_num_sms() value, and each entry's
+guard checks the rest (runtime/launch.py). A call whose tensors sit elsewhere but whose layout is
+such a call's (same key but for the pointers, same guard, every pointer 16-byte aligned) binds that
+launch's template to its pointers instead: validation would establish the same facts and planning
+and preparing would give the same parameters but for the addresses. Anything else goes the long
+way, which validates everything.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from ..runtime.launch import LaunchCache
 from .. import utils as _utils
 from ..utils import device_sm_count
 from .device import runs_on_hopper
-from .validation import V1_NAMES, GemmArgs, check_gemm
+from .validation import V1_NAMES, GemmArgs, check_gemm, check_k_grouped
 
 _launches = LaunchCache()
 _HINT_TYPES = frozenset((int, type(None)))
@@ -85,7 +89,12 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
 
 def _run_reference(args: GemmArgs) -> None:
     lhs, rhs = (args.a, args.sa), (args.b, args.sb)
-    if args.layout == Layout.DENSE:
+    if args.layout == Layout.K_GROUPED:   # the scales as the caller gave them, [sum of K blocks, rows]
+        reference.k_grouped_gemm_fp8_fp8_nt((args.a, args.sa.T), (args.b, args.sb.T), args.out, args.k_sizes,
+                                            args.accumulate)
+    elif args.layout == Layout.DENSE and (args.row_scales_b or args.accumulate or args.out.dtype != torch.bfloat16):
+        reference.gemm_fp8_fp8_nt(lhs, rhs, args.out, args.row_scales_b, args.accumulate)
+    elif args.layout == Layout.DENSE:
         reference.gemm_fp8_fp8_bf16_nt(lhs, rhs, args.out)
     elif args.layout == Layout.CONTIGUOUS:   # like the kernel, indices outside [0, G) are padding
         idx = args.index
@@ -103,11 +112,11 @@ def _launch(args: GemmArgs, num_sms: int):
     after it (possibly nothing), and the launch must not be cached."""
     a, b, out = args.a, args.b, args.out
     copy_back = None
-    if args.layout == Layout.DENSE and (out.stride(0) % 8 or out.data_ptr() % 16):
+    if args.layout == Layout.DENSE and out.dtype == torch.bfloat16 and (out.stride(0) % 8 or out.data_ptr() % 16):
         # TMA stores need 16-byte rows: such an out is written through an aligned buffer.
         out = torch.empty((args.m, (args.n + 7) // 8 * 8), dtype=torch.bfloat16, device=out.device)
         copy_back = lambda: args.out.copy_(out[:, :args.n])  # noqa: E731
-    if args.layout != Layout.DENSE:   # groups as rows of one 2-D view (copied if unevenly spaced)
+    if args.layout in (Layout.CONTIGUOUS, Layout.MASKED):   # groups as rows of one 2-D view (copied if unevenly spaced)
         b = _as_rows(b)
         if args.layout == Layout.MASKED:
             a, out = _as_rows(a), _as_rows(out)
@@ -115,37 +124,58 @@ def _launch(args: GemmArgs, num_sms: int):
             copy_back = lambda: args.out.copy_(out.view_as(args.out))  # noqa: E731
         elif a.data_ptr() != args.a.data_ptr() or b.data_ptr() != args.b.data_ptr():
             copy_back = lambda: None  # noqa: E731
-    config = plan_cached(min(args.expected_m, args.m), args.n, args.k, num_sms, args.layout, args.num_groups)
+    config = plan_cached(min(args.expected_m, args.m), args.n, args.k, num_sms, args.layout, args.num_groups,
+                         args.row_scales_b, out.dtype == torch.float32, args.accumulate)
     rows = args.m * (args.num_groups if args.layout == Layout.MASKED else 1)
     launch = _runtime().prepare_gemm(config, a=a, a_rows=rows, sa=args.sa, sa_rows=args.m, b=b, b_rows=b.shape[0],
                                      sb=args.sb, out=out, out_rows=rows, shape_m=args.m, group_info=args.index,
-                                     num_sms=num_sms)
+                                     num_sms=num_sms, k_sizes=args.k_sizes)
     return launch, copy_back
 
 
 def run(layout: int, lhs, rhs, out: Optional[torch.Tensor] = None, index=None, expected_m=None,
-        check_indices: bool = False, names=V1_NAMES) -> torch.Tensor:
+        check_indices: bool = False, names=V1_NAMES, row_scales_b: bool = False, accumulate: bool = False,
+        k_sizes=None, addend: Optional[torch.Tensor] = None, fp32_out_ok: bool = False) -> torch.Tensor:
     """One GEMM of `layout`; returns the output (allocated when a dense call's out is None).
     check_indices (contiguous): validate m_indices on the host first (a device sync). names: the
-    caller's names of the arguments, for error messages (ops/validation.check_gemm)."""
+    caller's names of the arguments, for error messages (ops/validation.check_gemm).
+    row_scales_b: B scaled per row and 128-K block; accumulate: out += A B^T (fp32 out), after
+    `addend` (checked by the caller) is copied into out once the call is validated. K-grouped
+    (layout K_GROUPED): flat operands, k_sizes each group's K, out [G, M, N] fp32. fp32_out_ok: a
+    dense out may be fp32 (the training and DeepGEMM 2.x calls; the v1 bf16 call refuses it)."""
     if out is None and layout == Layout.DENSE:
         out = _new_dense_out(lhs, rhs)
     key = flat = None
     # A key only for (tensor, scales) tuples and an int (or no) hint: a bool or numpy int equal to a
-    # cached int must not hit, since validation rejects them.
-    if type(lhs) is tuple and type(rhs) is tuple and not check_indices and type(expected_m) in _HINT_TYPES:
+    # cached int must not hit, since validation rejects them. K-grouped: the group sizes are part
+    # of the key (a tuple of ints exactly: anything else is validated the long way).
+    extra_ok = type(k_sizes) is tuple and all(type(k) is int for k in k_sizes) if k_sizes is not None else True
+    if type(lhs) is tuple and type(rhs) is tuple and not check_indices and type(expected_m) in _HINT_TYPES \
+            and extra_ok and addend is None:
         try:
             a, sa = lhs
             b, sb = rhs
         except ValueError:   # not pairs: validation says so
             pass
         else:
+            # In the order runtime/kernels.prepare_gemm numbers the tensors of its relocations.
             flat = (a, sa, b, sb, out) if index is None else (a, sa, b, sb, out, index)
-            fired, key = _launches.try_fire(flat, (layout, expected_m, _utils._num_sms_override))
+            fired, key = _launches.try_fire(flat, launch_key_extra(layout, expected_m, row_scales_b, accumulate,
+                                                                   k_sizes, fp32_out_ok))
             if fired:
                 return out
 
-    args = check_gemm(layout, *pad_operands_k_to_16(lhs, rhs), out, index, expected_m, names)
+    if layout == Layout.K_GROUPED:
+        args = check_k_grouped(lhs, rhs, out, k_sizes, accumulate, names)
+    else:
+        args = check_gemm(layout, *pad_operands_k_to_16(lhs, rhs), out, index, expected_m, names, row_scales_b,
+                          accumulate, fp32_out_ok or accumulate)
+    if addend is not None:
+        out.copy_(addend)
+    if layout == Layout.K_GROUPED and not any(args.k_sizes):   # no K at all: nothing to add, or zeros
+        if not accumulate:
+            out.zero_()
+        return out
     result = out if out is not None else args.out   # validation may hand back a re-strided view
     if check_indices:
         check_m_indices(args.index, args.num_groups)
@@ -159,9 +189,27 @@ def run(layout: int, lhs, rhs, out: Optional[torch.Tensor] = None, index=None, e
     launch.fire()
     if copy_back is not None:
         copy_back()
-    elif key is not None and all(x is y for x, y in zip((args.a, args.sa, args.b, args.sb, args.out, args.index), flat)):
+    elif key is not None and _same_tensors(args, flat):
         _launches.put(key, flat, launch)   # made from the caller's own tensors: the key describes it fully
     return result
+
+
+def launch_key_extra(layout: int, expected_m=None, row_scales_b: bool = False, accumulate: bool = False,
+                     k_sizes=None, fp32_out_ok: bool = False) -> tuple:
+    """What a launch (and its validation) depends on besides its tensors' pointers, layouts and the
+    stream: the cache key's tail (set_num_sms()'s value last). fp32_out_ok is in it because the v1
+    bf16 call refuses the fp32 out that the training calls accept."""
+    return layout, expected_m, row_scales_b, accumulate, k_sizes, fp32_out_ok, _utils._num_sms_override
+
+
+def _same_tensors(args: GemmArgs, flat: tuple) -> bool:
+    """Whether validation handed back the caller's own tensors (K-grouped: the scales as transposed
+    views of the caller's, which validation never copies), so the cache key describes the launch
+    fully."""
+    if args.layout == Layout.K_GROUPED:
+        return all(x is y for x, y in zip((args.a, args.b, args.out), flat[::2])) and \
+            args.sa.data_ptr() == flat[1].data_ptr() and args.sb.data_ptr() == flat[3].data_ptr()
+    return all(x is y for x, y in zip((args.a, args.sa, args.b, args.sb, args.out, args.index), flat))
 
 
 def _new_dense_out(lhs, rhs) -> Optional[torch.Tensor]:

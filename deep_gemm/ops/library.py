@@ -13,7 +13,7 @@ from ..config import Layout
 from ..utils import is_col_major_tma_aligned
 from .. import reference
 from . import cast, gemm
-from .validation import fp8_operand
+from .validation import K_GROUPED_NAMES, fp8_operand
 
 _FP8 = torch.float8_e4m3fn
 _GEMM_ARGS = "Tensor a, Tensor sa, Tensor b, Tensor sb"
@@ -34,6 +34,15 @@ def _contiguous(a, sa, b, sb, out, m_indices, check_indices=False):
 
 def _masked(a, sa, b, sb, out, masked_m, expected_m):
     gemm.run(Layout.MASKED, (a, sa), (b, sb), out, masked_m, expected_m)
+
+
+def _training(a, sa, b, sb, out, row_scales_b, accumulate):
+    gemm.run(Layout.DENSE, (a, sa), (b, sb), out, row_scales_b=row_scales_b, accumulate=accumulate, fp32_out_ok=True)
+
+
+def _k_grouped(a, sa, b, sb, out, k_sizes, accumulate):
+    gemm.run(Layout.K_GROUPED, (a, sa), (b, sb), out, row_scales_b=True, accumulate=accumulate, k_sizes=tuple(k_sizes),
+             names=K_GROUPED_NAMES)
 
 
 def tma_scales_strides(shape) -> tuple:
@@ -66,6 +75,14 @@ def _per_token(x):
 def _per_block(x):
     q, s = cast.per_block_cast_to_fp8(x)
     return _contiguous_strides(q), _contiguous_strides(s)
+
+
+def _transposed(x):
+    return cast.per_token_cast_to_fp8_transposed(x)
+
+
+def _k_grouped_transposed(x, k_sizes):
+    return cast.k_grouped_per_token_cast_to_fp8_transposed(x, list(k_sizes))
 
 
 # ---- fake kernels: shapes, dtypes and strides only ------------------------------------------------
@@ -102,6 +119,14 @@ def _masked_fake(a, sa, b, sb, out, masked_m, expected_m):
     _check_out(out, (*a.shape[:2], _check_gemm(a, sa, b, sb, 3, 3)))
 
 
+def _training_fake(a, sa, b, sb, out, row_scales_b, accumulate):
+    _check_gemm(a, sa, b, sb, 2, 2)
+
+
+def _k_grouped_fake(a, sa, b, sb, out, k_sizes, accumulate):
+    pass   # out is written in place; the eager run validates
+
+
 def _new_tma_scales(like, shape):
     m, kb = shape[-2], shape[-1]
     return like.new_empty((*shape[:-2], kb, (m + 3) // 4 * 4), dtype=torch.float32).transpose(-1, -2)[..., :m, :]
@@ -110,6 +135,16 @@ def _new_tma_scales(like, shape):
 def _per_token_fake(x):
     reference.check_cast_input(x, "x")
     return x.new_empty(x.shape, dtype=_FP8), _new_tma_scales(x, (*x.shape[:-1], (x.shape[-1] + 127) // 128))
+
+
+def _transposed_fake(x):
+    reference.check_transposed_cast_input(x, "x")
+    return cast.dense_transposed_outputs(x)
+
+
+def _k_grouped_transposed_fake(x, k_sizes):
+    reference.check_transposed_cast_input(x, "x")
+    return cast.k_grouped_transposed_outputs(x, reference.check_k_sizes(list(k_sizes), x.shape[0]))
 
 
 def _per_block_fake(x):
@@ -127,8 +162,17 @@ OPS = {
         _contiguous, _contiguous_fake),
     "m_grouped_gemm_fp8_fp8_bf16_nt_masked": (
         f"({_GEMM_ARGS}, Tensor(a!) out, Tensor masked_m, int expected_m) -> ()", ("out",), _masked, _masked_fake),
+    "fp8_gemm_nt_training": (
+        f"({_GEMM_ARGS}, Tensor(a!) out, bool row_scales_b, bool accumulate) -> ()", ("out",), _training,
+        _training_fake),
+    "k_grouped_fp8_gemm_nt": (
+        f"({_GEMM_ARGS}, Tensor(a!) out, int[] k_sizes, bool accumulate) -> ()", ("out",), _k_grouped,
+        _k_grouped_fake),
     "per_token_cast_to_fp8": ("(Tensor x) -> (Tensor, Tensor)", (), _per_token, _per_token_fake),
     "per_block_cast_to_fp8": ("(Tensor x) -> (Tensor, Tensor)", (), _per_block, _per_block_fake),
+    "per_token_cast_to_fp8_transposed": ("(Tensor x) -> (Tensor, Tensor)", (), _transposed, _transposed_fake),
+    "k_grouped_per_token_cast_to_fp8_transposed": ("(Tensor x, int[] k_sizes) -> (Tensor, Tensor)", (),
+                                                   _k_grouped_transposed, _k_grouped_transposed_fake),
 }
 
 

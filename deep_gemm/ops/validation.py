@@ -12,26 +12,29 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..config import Layout
+from ..config import K_GROUPED_MAX_GROUPS, Layout
 from ..utils import get_col_major_tma_aligned_tensor, get_tma_aligned_size, is_col_major_tma_aligned
 
 _FP8 = torch.float8_e4m3fn
 
 
 class GemmArgs(NamedTuple):
-    """A validated GEMM call. m: rows of A (dense, contiguous) or max_m (masked)."""
+    """A validated GEMM call. m: rows of A (dense, contiguous, K-grouped) or max_m (masked)."""
     layout: Layout
-    a: torch.Tensor                 # e4m3 [M, K] or [G, max_m, K], rows 16-byte aligned
-    sa: torch.Tensor                # float32 [..., M, KB], column-major TMA-aligned
-    b: torch.Tensor                 # e4m3 [N, K] or [G, N, K]
-    sb: torch.Tensor                # float32 [..., NB, KB], contiguous
-    out: torch.Tensor               # bf16 [..., M, N] (a view of a padded buffer when allocated here)
+    a: torch.Tensor                 # e4m3 [M, K] or [G, max_m, K], rows 16-byte aligned; K-grouped: flat
+    sa: torch.Tensor                # float32 [..., M, KB], column-major TMA-aligned (K-grouped: [M, sum KB])
+    b: torch.Tensor                 # e4m3 [N, K] or [G, N, K]; K-grouped: flat
+    sb: torch.Tensor                # float32 [..., NB, KB], contiguous; per-row: [N, KB] as sa
+    out: torch.Tensor               # bf16 or fp32 [..., M, N] (a view of a padded buffer when allocated here)
     index: Optional[torch.Tensor]   # int32 m_indices [M] (contiguous) or masked_m [G] (masked)
     m: int
     n: int
-    k: int
+    k: int                          # K-grouped: the largest group's K
     num_groups: int
     expected_m: int                 # masked: the planning hint; else m
+    row_scales_b: bool = False      # sb per row and 128-K block (recipe (1, 1, 128))
+    accumulate: bool = False        # out += A B^T (fp32 out)
+    k_sizes: tuple = ()             # K-grouped: each group's K
 
 
 # ---- one rule per kind of operand ------------------------------------------------------------------
@@ -120,20 +123,21 @@ def same_device(device: torch.device, named, first: str = "lhs[0]") -> None:
             raise ValueError(f"{name} is on {t.device} but {first} is on {device}: all tensors must share one device")
 
 
-def bf16_output(out, want: tuple, device: torch.device, staged_ok: bool, name: str = "out",
-                first: str = "lhs[0]") -> torch.Tensor:
-    """A caller's output. staged_ok: the call can write through an aligned staging buffer, so any
-    row stride (and address) of a row-contiguous 2-D out is fine."""
+def gemm_output(out, want: tuple, device: torch.device, staged_ok: bool, name: str = "out",
+                first: str = "lhs[0]", fp32_ok: bool = False) -> torch.Tensor:
+    """A caller's output: bf16 (or fp32 where fp32_ok). staged_ok: a bf16 call can write through an
+    aligned staging buffer, so any row stride (and address) of a row-contiguous 2-D out is fine."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor (or None where allowed), got {type(out).__name__}")
-    if out.dtype != torch.bfloat16:
-        raise TypeError(f"{name} must be torch.bfloat16, got {out.dtype}")
+    if out.dtype != torch.bfloat16 and not (fp32_ok and out.dtype == torch.float32):
+        raise TypeError(f"{name} must be torch.bfloat16{' or torch.float32' if fp32_ok else ''}, got {out.dtype}")
     if out.shape != want:
         raise ValueError(f"{name} must have shape {want}, got {tuple(out.shape)}")
     same_device(device, ((name, out),), first)
-    if staged_ok and len(want) == 2 and (out.stride(-1) == 1 or want[-1] <= 1) and out.stride(0) >= 0:
+    if out.dtype == torch.bfloat16 and staged_ok and len(want) == 2 and (out.stride(-1) == 1 or want[-1] <= 1) \
+            and out.stride(0) >= 0:
         return out
-    return tma_rows(out, 2, name)
+    return tma_rows(out, out.element_size(), name)
 
 
 def new_bf16_output(shape: tuple, device: torch.device) -> torch.Tensor:
@@ -171,9 +175,12 @@ V1_NAMES = {"lhs": "lhs", "rhs": "rhs", "out": "out", "m_indices": "m_indices", 
             "expected_m": "expected_m"}
 
 
-def check_gemm(layout: Layout, lhs, rhs, out=None, index=None, expected_m=None, names=V1_NAMES) -> GemmArgs:
+def check_gemm(layout: Layout, lhs, rhs, out=None, index=None, expected_m=None, names=V1_NAMES,
+               row_scales_b: bool = False, accumulate: bool = False, fp32_ok: bool = False) -> GemmArgs:
     """Validate one GEMM call of `layout` (out may be None for dense calls only). `names`: what the
-    caller calls each argument, for the messages (the v1 names, or DeepGEMM 2.x's a, b, d, ...)."""
+    caller calls each argument, for the messages (the v1 names, or DeepGEMM 2.x's a, b, d, ...).
+    row_scales_b: B's scales per row and 128-K block (dense); accumulate: out += A B^T (fp32 out);
+    fp32_ok: a dense out may be fp32 (else bf16 only)."""
     grouped = layout != Layout.DENSE
     lhs_, rhs_ = names["lhs"], names["rhs"]
     a, sa = fp8_operand(lhs, lhs_, 3 if layout == Layout.MASKED else 2,
@@ -198,16 +205,86 @@ def check_gemm(layout: Layout, lhs, rhs, out=None, index=None, expected_m=None, 
     a = tma_rows(a, 1, first)
     b = tma_rows(b, 1, f"{rhs_}[0]")
     sa = token_scales(sa, tuple(lead), kb, f"{lhs_}[1]")
-    block_scales(sb, ((g,) if grouped else ()) + ((n + 127) // 128, kb), f"{rhs_}[1]")
+    if row_scales_b:
+        sb = token_scales(sb, (n,), kb, f"{rhs_}[1]")
+    else:
+        block_scales(sb, ((g,) if grouped else ()) + ((n + 127) // 128, kb), f"{rhs_}[1]")
     out_shape = (*lead, n)
     if out is None and not grouped:
         out = new_bf16_output(out_shape, device)
     else:
-        out = bf16_output(out, out_shape, device, not grouped, names["out"], first)
+        out = gemm_output(out, out_shape, device, not grouped, names["out"], first, fp32_ok=fp32_ok and not grouped)
+    if accumulate and out.dtype != torch.float32:
+        raise TypeError(f"{names['out']} must be torch.float32 to accumulate into, got {out.dtype}")
     m = lead[-1]
     if layout == Layout.CONTIGUOUS:
         index_tensor(index, names["m_indices"], m, device, f"(the group of each row of {first}, -1 for padding)", first)
     elif layout == Layout.MASKED:
         index_tensor(index, names["masked_m"], g, device, "(valid rows of each group)", first)
         expected_m = host_rows_hint(expected_m, names["expected_m"])
-    return GemmArgs(layout, a, sa, b, sb, out, index, m, n, k, g, expected_m if layout == Layout.MASKED else m)
+    return GemmArgs(layout, a, sa, b, sb, out, index, m, n, k, g, expected_m if layout == Layout.MASKED else m,
+                    row_scales_b, accumulate)
+
+
+K_GROUPED_NAMES = {"lhs": "lhs", "rhs": "rhs", "out": "out", "k_sizes": "k_sizes"}
+
+
+def group_sizes(k_sizes, name: str) -> tuple:
+    """Each group's K: Python ints >= 0, multiples of 16 (each group's block starts 16-byte aligned
+    for TMA; a K that is not a multiple of 128 ends in a partial, zero-padded scale block)."""
+    if not isinstance(k_sizes, (list, tuple)):
+        raise TypeError(f"{name} must be a list of Python ints (each group's K), got {type(k_sizes).__name__}")
+    for g, k in enumerate(k_sizes):
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"{name}[{g}] must be a Python int, got {type(k).__name__}")
+        if k < 0 or k % 16:
+            raise ValueError(f"{name}[{g}] must be a non-negative multiple of 16 (TMA needs 16-byte aligned rows), "
+                             f"got {k}")
+    if not k_sizes:
+        raise ValueError(f"{name} must name at least one group, got an empty list")
+    if len(k_sizes) > K_GROUPED_MAX_GROUPS:
+        raise ValueError(f"{name} has {len(k_sizes)} groups; one K-grouped call takes at most {K_GROUPED_MAX_GROUPS} "
+                         f"(their tensor maps are kernel parameters): split the groups over several calls")
+    return tuple(k_sizes)
+
+
+def check_k_grouped(lhs, rhs, out, k_sizes, accumulate: bool, names=K_GROUPED_NAMES) -> GemmArgs:
+    """Validate a K-grouped call: lhs = (A flat e4m3 holding each group's [M, k_g] block in turn,
+    sa float32 [sum ceil(k_g/128), M]), rhs likewise with N, out float32 [G, M, N] contiguous."""
+    lhs_, rhs_, out_ = names["lhs"], names["rhs"], names["out"]
+    ks = group_sizes(k_sizes, names["k_sizes"])
+    a, sa = fp8_operand(lhs, lhs_, 1, "(each group's [M, k_g] block in turn, flat)")
+    b, sb = fp8_operand(rhs, rhs_, 1, "(each group's [N, k_g] block in turn, flat)")
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{out_} must be a torch.Tensor, got {type(out).__name__}")
+    if out.dtype != torch.float32:
+        raise TypeError(f"{out_} must be torch.float32, got {out.dtype}")
+    if out.dim() != 3 or out.shape[0] != len(ks):
+        raise ValueError(f"{out_} must be [G, M, N] with G = {len(ks)} (one group per {names['k_sizes']} entry), "
+                         f"got shape {tuple(out.shape)}")
+    g, m, n = out.shape
+    if m % 4 or n % 4 or m < 1 or n < 1:
+        raise ValueError(f"{out_} must have M and N positive multiples of 4 (the scales' rows are read by TMA), "
+                         f"got M = {m}, N = {n}")
+    if not out.is_contiguous():
+        raise ValueError(f"{out_} must be contiguous, got strides {out.stride()}")
+    device, first = a.device, f"{lhs_}[0]"
+    same_device(device, ((f"{lhs_}[1]", sa), (f"{rhs_}[0]", b), (f"{rhs_}[1]", sb), (out_, out)), first)
+    total_k, total_kb = sum(ks), sum((k + 127) // 128 for k in ks)
+    for name, x, rows in ((first, a, m), (f"{rhs_}[0]", b, n)):
+        if x.numel() != rows * total_k:
+            raise ValueError(f"{name} must hold {rows} x sum({names['k_sizes']}) = {rows * total_k} elements, got "
+                             f"{x.numel()}")
+        if x.numel() and x.stride(0) != 1:
+            raise ValueError(f"{name} must be contiguous, got stride {x.stride()}")
+        aligned_start(x, name)
+    for name, s, rows in ((f"{lhs_}[1]", sa, m), (f"{rhs_}[1]", sb, n)):
+        if s.shape != (total_kb, rows):
+            raise ValueError(f"{name} must have shape {(total_kb, rows)} (one row per 128-K block of each group in "
+                             f"turn, one scale per row of the operand), got {tuple(s.shape)}")
+        if not s.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (row-major), got strides {s.stride()}")
+        aligned_start(s, name)
+    aligned_start(out, out_)
+    # Kernels see the scales as [rows, sum of K blocks] column-major, as every other layout's.
+    return GemmArgs(Layout.K_GROUPED, a, sa.T, b, sb.T, out, None, m, n, max(ks), g, m, True, accumulate, ks)

@@ -4,7 +4,12 @@ from __future__ import annotations
 import ctypes
 import struct
 
+from .. import utils
+
 _driver = None
+# The global that kernels/ptx.cuh's DG_PDL_READY defines in a module whose kernels wait for the
+# previous grid (griddepcontrol.wait) before touching memory: only those are launched with PDL.
+PDL_READY_SYMBOL = b"deep_gemm_pdl_ready"
 
 
 def driver():
@@ -49,7 +54,8 @@ def param_buffer(params: bytes, offsets) -> tuple:
 
 
 class LoadedKernel:
-    """One cubin loaded on one device (the current one), with its launch geometry."""
+    """One cubin loaded on one device (the current one), with its launch geometry. `pdl_ready`:
+    the module defines PDL_READY_SYMBOL, so its kernels may be launched with PDL."""
 
     def __init__(self, cubin: bytes, symbol: str, num_threads: int, smem_bytes: int = 0):
         cu = driver()
@@ -59,24 +65,39 @@ class LoadedKernel:
             self.function, cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_bytes))
         self.num_threads = num_threads
         self.smem_bytes = smem_bytes
+        # A missing global is CUDA_ERROR_NOT_FOUND: a kernel that does not wait, launched plainly.
+        self.pdl_ready = cu.cuModuleGetGlobal(self.module, PDL_READY_SYMBOL)[0] == cu.CUresult.CUDA_SUCCESS
 
-    def launch_config(self, grid: int, stream: int):
-        """A new CUlaunchConfig (cuLaunchKernelEx) of `grid` blocks on `stream`; nothing shared is written at launch."""
+    def launch_config(self, grid: int, stream: int, pdl: bool = False):
+        """A new CUlaunchConfig (cuLaunchKernelEx) of `grid` blocks on `stream`, with the
+        programmatic-stream-serialization attribute when `pdl`; nothing shared is written at launch."""
         cu = driver()
         config = cu.CUlaunchConfig()
         config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
         config.blockDimX, config.blockDimY, config.blockDimZ = self.num_threads, 1, 1
         config.sharedMemBytes = self.smem_bytes
         config.hStream = cu.CUstream(stream)
-        config.numAttrs = 0
+        if pdl:
+            attr = cu.CUlaunchAttribute()
+            attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+            attr.value.programmaticStreamSerializationAllowed = 1
+            config.attrs = [attr]   # copied into the config
+            config.numAttrs = 1
+        else:
+            config.numAttrs = 0
         return config
 
     def launch(self, grid: int, stream: int, params: bytes, offsets) -> None:
         """One launch with parameters packed as for param_buffer (kernels launched once per call,
-        such as the K-padding kernel; repeated launches go through runtime/launch.PreparedLaunch)."""
+        such as the K-padding kernel; repeated launches go through runtime/launch.PreparedLaunch).
+        With set_pdl(True) and a PDL-ready module, through cuLaunchKernelEx and a config made here."""
         _, address = buffer = param_buffer(params, offsets)
-        err, = driver().cuLaunchKernel(self.function, grid, 1, 1, self.num_threads, 1, 1, self.smem_bytes, stream,
-                                       address, 0)
+        cu = driver()
+        if utils._pdl_enabled and self.pdl_ready:
+            err, = cu.cuLaunchKernelEx(self.launch_config(grid, stream, pdl=True), self.function, address, 0)
+        else:
+            err, = cu.cuLaunchKernel(self.function, grid, 1, 1, self.num_threads, 1, 1, self.smem_bytes, stream,
+                                     address, 0)
         del buffer   # the driver has copied the parameters
         if err:
             check((err,))

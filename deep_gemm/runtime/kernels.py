@@ -1,11 +1,13 @@
 """Loaded kernels per (configuration, device), and the GEMM launch every layout prepares."""
 from __future__ import annotations
 
+import struct
 import threading
 
 import torch
 
-from ..config import BLOCK_K, KernelConfig, Layout, ceil_div, store_chunk_cols
+from ..config import (BLOCK_K, GEMM_PARAMS, MAP, KernelConfig, Layout, ceil_div, k_grouped_params, param_layout,
+                      store_chunk_cols)
 from ..jit import compile_kernel
 from ..jit.kernel_source import gemm_source
 from .driver import LoadedKernel
@@ -14,6 +16,14 @@ from .tma import SWIZZLE_128B, tensor_map, tensor_map_2d
 from .workspace import split_k_workspace
 
 _NO_MAP = bytes(128)   # an unused tensor-map parameter
+# The tensors whose addresses a GEMM launch holds, numbered as ops/gemm.run lists a call's tensors
+# (the launch cache's pointers): a, sa, b, sb, out, then the index tensor (m_indices or masked_m).
+A, SA, B, SB, OUT, INDEX = range(6)
+# Each address field of GemmParams and the tensor whose address it holds.
+_FIELD_SOURCES = (("tma_a", A), ("tma_b", B), ("tma_sa", SA), ("tma_out", OUT), ("tma_a_tail", A),
+                  ("tma_sa_tail", SA), ("tma_sb", SB), ("sa", SA), ("sb", SB), ("out", OUT), ("group_info", INDEX))
+_PARAM_OFFSETS = param_layout()[0]
+_PARAM_KINDS = dict(GEMM_PARAMS)
 _loaded: dict = {}
 _lock = threading.Lock()
 
@@ -75,22 +85,54 @@ def a_tail_rows(config: KernelConfig, shape_m: int) -> int:
     return rows if rows < config.block_m else 0
 
 
+def k_grouped_param_block(config: KernelConfig, a: torch.Tensor, b: torch.Tensor, k_sizes, m: int) -> tuple:
+    """(bytes, relocations) of the K-grouped kernel's second parameter: for each group g, tensor
+    maps of its [M, K_g] block of the flat `a` and [N, K_g] block of the flat `b` (group after
+    group), its K blocks and the first row of its K blocks in the scale tensors. A group without K
+    loads nothing: no maps. Relocations as PreparedLaunch's, offsets within this block."""
+    g, n = config.num_groups, config.shape_n
+    offsets, size = param_layout(k_grouped_params(g))
+    block = bytearray(size)
+    relocations = []
+    k_blocks, kb_offset = [], []
+    offset = first_kb = 0
+    for i, k in enumerate(k_sizes):
+        if k:
+            at_a, at_b = offsets["tma_a"] + 128 * i, offsets["tma_b"] + 128 * i
+            block[at_a:at_a + 128] = tensor_map_2d(a.data_ptr() + offset * m, "u8", k, m, k, BLOCK_K, config.block_m,
+                                                   SWIZZLE_128B)
+            block[at_b:at_b + 128] = tensor_map_2d(b.data_ptr() + offset * n, "u8", k, n, k, BLOCK_K, config.block_n,
+                                                   SWIZZLE_128B)
+            relocations += [(at_a, A, offset * m, MAP), (at_b, B, offset * n, MAP)]
+        k_blocks.append(ceil_div(k, BLOCK_K))
+        kb_offset.append(first_kb)
+        offset, first_kb = offset + k, first_kb + k_blocks[-1]
+    struct.pack_into(f"<{g}i", block, offsets["k_blocks"], *k_blocks)
+    struct.pack_into(f"<{g}i", block, offsets["kb_offset"], *kb_offset)
+    return bytes(block), relocations
+
+
 def prepare_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: torch.Tensor, sa_rows: int,
                  b: torch.Tensor, b_rows: int, sb: torch.Tensor, out: torch.Tensor, out_rows: int, shape_m: int,
-                 group_info, num_sms: int) -> PreparedLaunch:
+                 group_info, num_sms: int, k_sizes=None) -> PreparedLaunch:
     """The GEMM over 2-D views, packed and ready to fire on the current stream.
 
     a: rows of K fp8 (row stride a.stride(-2)); sa: fp32 rows of sa_rows scales, one row per K
     block (per group and K block, masked), sa.stride(-1) elements apart (column-major scales; the
-    kernel reads zeros past sa_rows); b: rows of K; out: bf16 rows of N. `shape_m` is M (dense,
-    contiguous) or max_m (masked). The result depends only on these arguments' values, pointers,
-    shapes and strides, the device and the current stream (whose split-K workspace it uses), which
-    lets callers cache it per call site.
+    kernel reads zeros past sa_rows); b: rows of K; sb: B's block scales, or with row_scales_b
+    [N, K blocks] in the same column-major layout as sa; out: bf16 or fp32 rows of N (K-grouped:
+    [G, M, N]). `shape_m` is M (dense, contiguous, K-grouped) or max_m (masked). K-grouped: a and
+    b are flat, k_sizes each group's K, sa [M, sum of K blocks] and sb likewise. The result depends
+    only on these arguments' values, pointers, shapes and strides, the device and the current
+    stream (whose split-K workspace it uses), which lets callers cache it per call site; its
+    relocations say where each tensor's address sits, which lets a call on tensors of the same
+    layout elsewhere in memory reuse it (runtime/launch.LaunchTemplate).
     """
     device_index = a.device.index
     kernel = gemm_kernel(config, device_index)
     k, n = config.shape_k, config.shape_n
-    chunk = store_chunk_cols(config.block_n)
+    chunk = store_chunk_cols(config.block_n, config.out_bytes)
+    grouped = config.layout == Layout.K_GROUPED
     # With one K block the scales' K stride is meaningless to torch; the kernel needs the real one.
     sa_stride = sa.stride(-1) if sa.shape[-1] > 1 else (sa_rows + 3) // 4 * 4
     tail_rows = a_tail_rows(config, shape_m)
@@ -111,23 +153,50 @@ def prepare_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: torc
         return tensor_map_2d(sa.data_ptr(), "f32", sa_rows, sa.shape[-1] * (sa.shape[0] if sa.dim() == 3 else 1),
                              sa_stride * 4, ceil_div(rows, 4) * 4, config.stage_k_blocks, 0)
 
+    def map_sb():
+        # B's per-row scales, as A's: rows of N, one per K block, a box of BLOCK_N.
+        if not config.row_scales_b:
+            return _NO_MAP
+        sb_stride = sb.stride(-1) if sb.shape[-1] > 1 else (n + 3) // 4 * 4
+        return tensor_map_2d(sb.data_ptr(), "f32", n, sb.shape[-1], sb_stride * 4, config.block_n,
+                             config.stage_k_blocks, 0)
+
+    def map_out():
+        # D in chunks of 128-byte (or narrower) rows, swizzled like the shared-memory tile; K-grouped:
+        # [G][M][N], so a box stops at its group's last row.
+        kind, swizzle = ("f32" if config.out_fp32 else "bf16"), chunk * config.out_bytes
+        if grouped:
+            return tensor_map(out.data_ptr(), kind, (n, shape_m, config.num_groups),
+                              (out.stride(-2) * 4, out.stride(0) * 4), (chunk, 64, 1), swizzle)
+        return tensor_map_2d(out.data_ptr(), kind, n, out_rows, out.stride(-2) * config.out_bytes, chunk, 64, swizzle)
+
     # Persistent grid: one block per SM at most, no more blocks than units of work.
     grid = num_sms
     if config.layout != Layout.MASKED:
-        units = ceil_div(shape_m, config.block_m) * ceil_div(n, config.block_n)
+        units = ceil_div(shape_m, config.block_m) * ceil_div(n, config.block_n) * (config.num_groups if grouped else 1)
         grid = max(1, min(grid, units * config.split_k))   # split-K: tail tiles may be split
     stream = current_raw_stream(device_index)
     counters = partials = 0
     if config.split_k > 1:   # split tail tiles: at most one counter and one partial tile per block
         counters, partials = split_k_workspace(a.device, stream, grid, config.split_k_workspace_floats(grid))
-    params = pack_gemm_params(
-        tma_a=map_k_major(a, a_rows, config.block_m), tma_b=map_k_major(b, b_rows, config.block_n),
-        tma_sa=map_sa(config.block_m),
-        tma_out=tensor_map_2d(out.data_ptr(), "bf16", n, out_rows, out.stride(-2) * 2, chunk, 64, chunk * 2),
+    fields = dict(
+        tma_a=_NO_MAP if grouped else map_k_major(a, a_rows, config.block_m),
+        tma_b=_NO_MAP if grouped else map_k_major(b, b_rows, config.block_n),
+        tma_sa=map_sa(config.block_m), tma_out=map_out(),
         tma_a_tail=map_k_major(a, a_rows, tail_rows) if tail_rows else _NO_MAP,
-        tma_sa_tail=map_sa(tail_rows) if tail_rows else _NO_MAP,
-        sa=sa.data_ptr(), sb=sb.data_ptr(), out=out.data_ptr(), out_ld_bytes=out.stride(-2) * 2, shape_m=shape_m,
-        sa_rows=sa_rows, sa_ld=sa_stride, a_tail_rows=tail_rows,
+        tma_sa_tail=map_sa(tail_rows) if tail_rows else _NO_MAP, tma_sb=map_sb(),
+        sa=sa.data_ptr(), sb=sb.data_ptr(), out=out.data_ptr(), out_ld_bytes=out.stride(-2) * config.out_bytes,
+        shape_m=shape_m, sa_rows=sa_rows, sa_ld=sa_stride, a_tail_rows=tail_rows,
         group_info=group_info.data_ptr() if group_info is not None else 0, workspace=partials,
         tile_counters=counters)
-    return PreparedLaunch(kernel, grid, params, GEMM_PARAM_OFFSETS, stream, device_index)
+    params = pack_gemm_params(**fields)
+    # Where the call's addresses sit (an unused map or a null pointer holds none).
+    relocations = [(_PARAM_OFFSETS[name], source, 0, _PARAM_KINDS[name]) for name, source in _FIELD_SOURCES
+                   if fields[name] not in (0, _NO_MAP)]
+    offsets = GEMM_PARAM_OFFSETS
+    if grouped:   # the per-group maps and K: a second kernel parameter
+        offsets = (0, len(params))
+        block, block_relocations = k_grouped_param_block(config, a, b, k_sizes, shape_m)
+        relocations += [(offsets[1] + at, source, delta, kind) for at, source, delta, kind in block_relocations]
+        params += block
+    return PreparedLaunch(kernel, grid, params, offsets, stream, device_index, tuple(relocations))

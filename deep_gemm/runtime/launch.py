@@ -4,19 +4,33 @@ Validating, planning, encoding tensor maps and packing parameters cost far more 
 launch itself, while serving engines repeat the very same call (same weights and, thanks to
 torch's caching allocator, often the same buffers) hundreds of times per step. So the pipelines
 key a LaunchCache on a call's data pointers and stream, guard each entry on the layout of the
-call's tensors, and on a hit only check the guard and fire a PreparedLaunch. Nothing here imports
-the CUDA bindings at import time.
+call's tensors, and on a hit only check the guard and fire a PreparedLaunch.
+
+A training step, or an eager serving loop whose allocator hands out other blocks, calls with tensors
+at new addresses but layouts seen before. For those the cache also keeps one LaunchTemplate per
+layout: the launch's parameter bytes with a list of where each tensor's address sits in them (a
+pointer, or the address field of a tensor map: runtime/tma.py). Re-addressing a template is a few
+8-byte writes and yields, byte for byte, the launch the long path would have built; a call on
+tensors at new addresses is launched from the template's own buffer so re-addressed, and tensors
+that come back get a PreparedLaunch of their own. Nothing here imports the CUDA bindings at import
+time.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 import threading
+from functools import reduce
+from operator import or_
+from typing import Optional
 
 import torch
 
+from .. import utils as _utils
 from ..config import GEMM_PARAMS, I32, MAP, PARAM_SIZE_ALIGN, PTR, param_layout
 from .driver import check, driver, param_buffer
+from .tma import MAP_BYTES, address_field
 
 # torch.cuda.current_stream(device) builds a Stream object per call (a few microseconds); the raw
 # handle, as torch's own generated code reads it, is all the driver needs.
@@ -83,39 +97,77 @@ class PreparedLaunch:
     fired a second time is also captured into a one-kernel CUDA graph, whose launch costs the CPU
     about half of cuLaunchKernelEx's (instantiating it costs ~25 µs once). A graph cannot be
     launched into a capturing stream, nor by two threads at once: then the kernel is launched.
+
+    With set_pdl(True), a kernel whose module is PDL-ready is launched with a second config that
+    carries the programmatic-stream-serialization attribute, never through the one-kernel graph (a
+    graph launch would serialise after the previous kernel). The flag is read at every fire, so
+    toggling it needs no new launch; a capture records the programmatic edge.
+
+    `relocations` say which parameter bytes hold which of the call's tensors' addresses, as
+    (byte offset, tensor number, delta, MAP or PTR): at that offset a tensor map or a pointer of
+    that tensor's data pointer + delta. A launch that has them can become a LaunchTemplate.
     """
 
-    __slots__ = ("kernel", "function", "grid", "num_threads", "smem_bytes", "stream", "params",
-                 "device_index", "_buffer", "address", "_config", "_launch", "_graph", "_graph_fires",
-                 "_graph_lock", "_graph_launch", "_cu_stream")
+    __slots__ = ("kernel", "function", "grid", "num_threads", "smem_bytes", "stream", "offsets", "device_index",
+                 "relocations", "_size", "_buffer", "address", "_config", "pdl_ready", "_pdl_config", "_launch",
+                 "_graph", "_graph_fires", "_graph_lock", "_graph_launch", "_cu_stream")
 
-    def __init__(self, kernel, grid: int, params: bytes, offsets, stream: int, device_index: int):
+    def __init__(self, kernel, grid: int, params: bytes, offsets, stream: int, device_index: int,
+                 relocations: tuple = ()):
+        # The parameters and the array of pointers to them, written once (struct.pack_into, several
+        # times faster than a ctypes c_void_p array); the buffer lives as long as this object.
+        buffer, address = param_buffer(params, offsets)
+        # cuLaunchKernelEx with a launch config built once (grid, block, shared memory, stream,
+        # clusters): 0.35 µs less per launch than cuLaunchKernel's eleven converted arguments
+        # (scripts/launch_probe.py), and the config is only read, so threads may share it (the
+        # launches a template binds share their template's).
+        self._setup(kernel, grid, offsets, stream, device_index, relocations, len(params), buffer, address,
+                    kernel.launch_config(grid, stream), None, driver().CUstream(stream))
+
+    @classmethod
+    def bound(cls, template: "LaunchTemplate", buffer, address: int) -> "PreparedLaunch":
+        """The launch of a template's kernel, grid and stream over a parameter buffer laid out as
+        param_buffer lays it out, sharing the template's launch configs and stream handle."""
+        self = cls.__new__(cls)
+        self._setup(template.kernel, template.grid, template.offsets, template.stream, template.device_index, (),
+                    template.size, buffer, address, template.config, template.pdl_config, template.cu_stream)
+        return self
+
+    def _setup(self, kernel, grid, offsets, stream, device_index, relocations, size, buffer, address, config,
+               pdl_config, cu_stream) -> None:
         self.kernel = kernel             # keeps the module (and so `function`) alive
         self.function = kernel.function
         self.grid = grid
         self.num_threads = kernel.num_threads
         self.smem_bytes = kernel.smem_bytes
         self.stream = stream
-        self.params = params
+        self.offsets = offsets
         self.device_index = device_index
-        # The parameters and the array of pointers to them, written once (struct.pack_into, several
-        # times faster than a ctypes c_void_p array); the buffer lives as long as this object.
-        self._buffer, self.address = param_buffer(params, offsets)
-        # cuLaunchKernelEx with a launch config built once (grid, block, shared memory, stream,
-        # clusters): 0.35 µs less per launch than cuLaunchKernel's eleven converted arguments
-        # (scripts/launch_probe.py), and the config is only read, so threads may share it.
-        self._config = kernel.launch_config(grid, stream)
+        self.relocations = relocations
+        self._size, self._buffer, self.address = size, buffer, address
+        self._config = config
+        # The PDL config: built by the first fire with PDL on (most launches never need it).
+        self.pdl_ready = kernel.pdl_ready
+        self._pdl_config = pdl_config
         cu = driver()
         self._launch = cu.cuLaunchKernelEx
         self._graph_launch = cu.cuGraphLaunch
-        self._cu_stream = cu.CUstream(stream)
+        self._cu_stream = cu_stream
         self._graph = None        # the graph exec, once built
         self._graph_fires = 0     # launches so far without a graph; -1: no graph will be built
         self._graph_lock = threading.Lock()
 
+    @property
+    def params(self) -> bytes:
+        """The parameter bytes (what the driver reads at `address`, through the pointer array)."""
+        return self._buffer.raw[:self._size]
+
     def fire(self) -> None:
         """Launch on the stream this launch was prepared for (also what a CUDA graph capture
         records, when that stream is capturing)."""
+        if _utils._pdl_enabled and self.pdl_ready:
+            self._fire_pdl()
+            return
         graph = self._graph
         # Stream 0 is the legacy default stream, on which no capture can run.
         if graph is not None and (self.stream == 0 or not _stream_capturing()) and self._graph_lock.acquire(False):
@@ -129,6 +181,16 @@ class PreparedLaunch:
                 self._graph_fires += 1
                 if self._graph_fires >= 2:   # a launch seen twice is worth a graph
                     self._build_graph()
+        if err:
+            check((err,))
+
+    def _fire_pdl(self) -> None:
+        """The launch with the programmatic-stream-serialization attribute. Two threads may both
+        build the config on a first fire: either result is right, and the config is only read."""
+        config = self._pdl_config
+        if config is None:
+            config = self._pdl_config = self.kernel.launch_config(self.grid, self.stream, pdl=True)
+        err, = self._launch(config, self.function, self.address, 0)
         if err:
             check((err,))
 
@@ -173,6 +235,91 @@ class PreparedLaunch:
                 driver().cuGraphExecDestroy(graph)
             except Exception:   # interpreter shutdown: the driver may be gone already
                 pass
+
+
+_put_u64 = struct.Struct("<Q").pack_into
+
+
+class LaunchTemplate:
+    """A PreparedLaunch with its addresses left open: kernel, grid, stream and parameter bytes for
+    every call on tensors of one layout, and `patches`, (byte offset, tensor number, delta, shift):
+    where `(pointer of that tensor + delta) >> shift` goes, as 8 little-endian bytes.
+
+    `bind` makes a launch of its own for some tensors (to be cached); `fire` launches for some
+    tensors from the template's own parameter buffer, re-addressed in place: the driver copies the
+    parameters when it launches, so the buffer is free again when the launch returns. One thread
+    at a time fires it; another thread meanwhile binds a launch of its own."""
+
+    __slots__ = ("kernel", "grid", "size", "offsets", "stream", "device_index", "patches", "config",
+                 "pdl_config", "cu_stream", "_image", "_buffer_type", "_pointers", "_own", "_own_lock")
+
+    def __init__(self, launch: PreparedLaunch, patches: tuple):
+        self.kernel, self.grid, self.offsets = launch.kernel, launch.grid, launch.offsets
+        self.stream, self.device_index = launch.stream, launch.device_index
+        self.size = launch._size   # of the parameters
+        self.patches = patches
+        self.config, self.pdl_config, self.cu_stream = launch._config, launch._pdl_config, launch._cu_stream
+        # The parameter buffer as param_buffer lays it out, to be copied whole: the parameters, then
+        # (8-byte aligned) the array of pointers to each, written per copy since it holds addresses.
+        self._image = launch._buffer.raw
+        self._buffer_type = type(launch._buffer)
+        self._pointers = (launch.address - ctypes.addressof(launch._buffer), struct.Struct(f"<{len(self.offsets)}Q"))
+        self._own = self._launch_over(self._buffer_type.from_buffer_copy(self._image))
+        self._own._graph_fires = -1   # its parameters change from fire to fire: never a graph
+        self._own_lock = threading.Lock()
+
+    @classmethod
+    def of(cls, launch: PreparedLaunch, pointers: tuple) -> Optional["LaunchTemplate"]:
+        """The template of a launch made for tensors at `pointers`, or None: when the launch has no
+        relocations, a pointer is not 16-byte aligned (the long path decides what such a call
+        needs, and templates serve aligned calls only), or any relocation does not hold what it
+        claims (a tensor map whose address runtime/tma.py cannot patch, a pointer of a copy)."""
+        if not launch.relocations or reduce(or_, pointers) & 15:
+            return None
+        params, patches = launch.params, []
+        for offset, source, delta, kind in launch.relocations:
+            if source >= len(pointers):
+                return None
+            address = pointers[source] + delta
+            if kind == MAP:
+                field = address_field(params[offset:offset + MAP_BYTES], address)
+                if field is None:
+                    return None
+                patches.append((offset + field[0], source, delta, field[1]))
+            elif int.from_bytes(params[offset:offset + 8], "little") == address:
+                patches.append((offset, source, delta, 0))
+            else:
+                return None
+        return cls(launch, tuple(patches))
+
+    def bind(self, pointers: tuple) -> PreparedLaunch:
+        """The launch of this layout for tensors at `pointers` (the call's data pointers in the
+        order the patches number them), byte for byte what preparing it from scratch gives."""
+        buffer = self._buffer_type.from_buffer_copy(self._image)
+        self._patch(buffer, pointers)
+        return self._launch_over(buffer)
+
+    def fire(self, pointers: tuple) -> None:
+        """Launch this layout for tensors at `pointers`, keeping nothing for them."""
+        if not self._own_lock.acquire(False):   # another thread is firing the template's launch
+            self.bind(pointers).fire()
+            return
+        try:
+            self._patch(self._own._buffer, pointers)
+            self._own.fire()
+        finally:
+            self._own_lock.release()
+
+    def _patch(self, buffer, pointers: tuple) -> None:
+        for offset, source, delta, shift in self.patches:
+            _put_u64(buffer, offset, (pointers[source] + delta) >> shift)
+
+    def _launch_over(self, buffer) -> PreparedLaunch:
+        """A launch over `buffer` (this template's image, patched or not), its pointer array written."""
+        base = ctypes.addressof(buffer)
+        at, pack = self._pointers
+        pack.pack_into(buffer, at, *[base + offset for offset in self.offsets])
+        return PreparedLaunch.bound(self, buffer, base + at)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,14 +389,22 @@ _device = torch.Tensor.get_device
 
 
 class LaunchCache:
-    """A bounded map from a call's key (data pointers, stream, set_num_sms value) to the launches
-    made for it, each with a guard on the layout of the call's tensors (dtype, device, shape,
-    strides): the same pointers may come back with another layout (a buffer viewed with another
-    M), and each layout gets its own launch, up to MAX_LAYOUTS_PER_KEY of them.
+    """A bounded map from a call's key (data pointers, stream, set_num_sms value; set_pdl is read
+    by each fire instead) to the launches made for it, each with a guard on the layout of the
+    call's tensors (dtype, device, shape, strides): the same pointers may come back with another
+    layout (a buffer viewed with another M), and each layout gets its own launch, up to
+    MAX_LAYOUTS_PER_KEY of them.
 
-    `find` is a dict read of an immutable tuple and its guards in order, with no lock. Inserts
-    take a lock and replace the tuple: they are rare (a miss already paid for validation and
-    packing), and eviction, oldest key first, must not race with another thread's insert.
+    Beside it, a bounded map from a call's layout key (shapes, the stream and the same extra values:
+    layout_key) to LaunchTemplates under the same kind of guard: a call on tensors at new
+    addresses whose layout passed validation before is launched from that layout's template (every
+    data pointer 16-byte aligned, as the template's were). Its key is remembered; seen a second
+    time, its tensors get a launch of their own in the first map, so that buffers in rotation hit
+    from their third call on while tensors used once (a training step's) leave nothing behind.
+
+    Reads are dict reads of immutable tuples and their guards in order, with no lock. Inserts take
+    a lock and replace the tuple: eviction, oldest key first, must not race with another thread's
+    insert.
     """
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY):
@@ -258,7 +413,9 @@ class LaunchCache:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
-        self._entries: dict = {}
+        self._entries: dict = {}      # key -> ((guard, PreparedLaunch), ...)
+        self._templates: dict = {}    # layout key -> ((guard, LaunchTemplate), ...)
+        self._seen: dict = {}         # keys launched once from a template -> True
         self._lock = threading.Lock()
         self.get = self._entries.get
 
@@ -270,11 +427,12 @@ class LaunchCache:
         return None
 
     def try_fire(self, tensors: tuple, extra: tuple):
-        """(fired, key) of a call on `tensors`: fire the launch cached for it, if any. The key holds
-        the tensors' data pointers, the current stream of the first one's device and `extra` (what
-        else the launch depends on, as values the caller trusts); it is None for a call that must
-        take the long way (anything but plain CUDA tensors). The whole per-call path, in C-level
-        steps where it can (a set test of the types, map over the pointers)."""
+        """(fired, key) of a call on `tensors`: fire the launch cached for it, or else bind and fire
+        the template of its layout, if any. The key holds the tensors' data pointers, the current
+        stream of the first one's device and `extra` (what else the launch depends on, as values the
+        caller trusts); it is None for a call that must take the long way (anything but plain CUDA
+        tensors). The per-call path, in C-level steps where it can (a set test of the types, map
+        over the pointers)."""
         if not _PLAIN.issuperset(map(type, tensors)):
             return False, None
         try:
@@ -288,23 +446,54 @@ class LaunchCache:
             if guard(*tensors):
                 launch.fire()
                 return True, key
-        return False, key
+        return self._fire_template(tensors, key), key
+
+    def _fire_template(self, tensors: tuple, key: tuple) -> bool:
+        """New addresses: the template of the call's layout fired for them; the second time, bound
+        to them and cached under the call's key with the template's guard (it has just accepted
+        these tensors)."""
+        pointers = key[:len(tensors)]
+        if reduce(or_, pointers) & 15:
+            return False
+        for guard, template in self._templates.get(layout_key(key, tensors), ()):
+            if guard(*tensors):
+                seen = self._seen
+                if seen.pop(key, False):
+                    launch = template.bind(pointers)
+                    launch.fire()
+                    self._insert(self._entries, key, (guard, launch))
+                else:
+                    template.fire(pointers)
+                    seen[key] = True
+                    if len(seen) > self.capacity:   # forgetting costs a key one more template launch
+                        seen.clear()
+                return True
+        return False
 
     def put(self, key, tensors, launch) -> None:
-        entry = (layout_guard(tensors), launch)
+        """Cache a launch made (and validated) for `tensors` under their key, and the template of
+        their layout when the launch can be one."""
+        guard = layout_guard(tensors)
+        self._insert(self._entries, key, (guard, launch))
+        template = LaunchTemplate.of(launch, key[:len(tensors)])
+        if template is not None:
+            self._insert(self._templates, layout_key(key, tensors), (guard, template))
+
+    def _insert(self, table: dict, key, entry) -> None:
         with self._lock:
-            entries = self._entries
-            old = entries.get(key)
+            old = table.get(key)
             if old is None:
-                while len(entries) >= self.capacity:
-                    del entries[next(iter(entries))]   # the oldest key
-                entries[key] = (entry,)
+                while len(table) >= self.capacity:
+                    del table[next(iter(table))]   # the oldest key
+                table[key] = (entry,)
             else:
-                entries[key] = (old + (entry,))[-MAX_LAYOUTS_PER_KEY:]
+                table[key] = (old + (entry,))[-MAX_LAYOUTS_PER_KEY:]
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._templates.clear()
+            self._seen.clear()
 
     def __len__(self) -> int:
         """Number of keys (pointer sets) cached."""
@@ -312,3 +501,10 @@ class LaunchCache:
 
     def __contains__(self, key) -> bool:
         return key in self._entries
+
+
+def layout_key(key: tuple, tensors: tuple) -> tuple:
+    """The templates' key of a call: its launch key with the data pointers replaced by the shapes
+    of the first and third tensors (A and B of a GEMM, x and the scales of a cast), which fix every
+    other shape of a call that passes validation; the guard checks the whole layout."""
+    return (tensors[0].shape, tensors[2].shape, *key[len(tensors):])
