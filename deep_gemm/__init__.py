@@ -9,6 +9,14 @@ which translate the call and hand it to the v1 function.
 """
 from . import reference, utils
 from .api import (
+    bf16_gemm_nn,
+    bf16_gemm_nt,
+    bf16_gemm_tn,
+    bf16_gemm_tt,
+    bf16_m_grouped_gemm_nt_masked,
+    k_grouped_bf16_gemm_tn_contiguous,
+    m_grouped_bf16_gemm_nt_contiguous,
+    m_grouped_bf16_gemm_nt_masked,
     check_m_indices,
     fp8_gemm_nn,
     fp8_gemm_nt,
@@ -63,6 +71,14 @@ __all__ = [
     "transform_sf_into_required_layout",
     "set_pdl",
     "get_pdl",
+    "bf16_gemm_nt",
+    "bf16_gemm_nn",
+    "bf16_gemm_tn",
+    "bf16_gemm_tt",
+    "m_grouped_bf16_gemm_nt_contiguous",
+    "m_grouped_bf16_gemm_nt_masked",
+    "bf16_m_grouped_gemm_nt_masked",
+    "k_grouped_bf16_gemm_tn_contiguous",
     # both
     "ceil_div",
     "get_num_sms",

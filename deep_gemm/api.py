@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 
 from .config import M_ALIGNMENT_CONTIGUOUS, Layout
-from .ops import cast as _cast, gemm as _gemm, library as _library, validation as _validation
+from .ops import bf16 as _bf16, cast as _cast, gemm as _gemm, library as _library, validation as _validation
 from .utils import ceil_div, get_col_major_tma_aligned_tensor
 
 Pair = Tuple[torch.Tensor, torch.Tensor]
@@ -559,3 +559,138 @@ def _call_v1(fn, layout: int, *args) -> None:
         fn(*args)
     else:
         _gemm.run(layout, *args, names=_V2_NAMES)
+
+# ==== BF16 GEMMs (DeepGEMM 2.x names, issue #22) ======================================================
+# Interim execution: no BF16 kernel yet. On CPU tensors and on any GPU these run plain torch
+# (ops/bf16.py: torch.matmul, i.e. cuBLAS on a GPU) until the BF16 kernel lands; the argument
+# rules are already the kernel's. While torch.compile traces they are one custom op each.
+_BF16_DENSE_DOC = """d = c + {op} (DeepGEMM 2.x); returns None.
+
+    a: bf16 {a_shape}, b: bf16 {b_shape}; each operand either contiguous along its last dimension
+    or a transposed view (stride(-2) == 1), the other stride a multiple of 8 elements (16 bytes);
+    K a multiple of 8 (zero-pad A and B along K otherwise). d: bf16 or fp32 [M, N], written in
+    place. c: None, d itself (fp32, accumulated in place), or an fp32 [M, N] tensor sharing no
+    memory with d (copied into d first). compiled_dims is checked and has no effect.
+    Runs cuBLAS through torch (torch.matmul, fp32 accumulation) until the BF16 kernel lands.
+    """
+
+
+def _bf16_dense(layout: str, a, b, d, c, compiled_dims) -> None:
+    _check_compiled_dims(compiled_dims)
+    a_mk, b_nk = _bf16.check_dense(layout, a, b, d)
+    addend = _check_addend(c, d)
+    _bf16.addend_into(d, addend)
+    if _is_compiling():
+        _ops.bf16_gemm_nt(a_mk, b_nk, d, c is not None)
+    else:
+        _bf16.run_dense(a_mk, b_nk, d, c is not None)
+
+
+def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: Optional[torch.Tensor] = None,
+                 compiled_dims: str = "nk") -> None:
+    _bf16_dense("nt", a, b, d, c, compiled_dims)
+
+
+def bf16_gemm_nn(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: Optional[torch.Tensor] = None,
+                 compiled_dims: str = "nk") -> None:
+    _bf16_dense("nn", a, b, d, c, compiled_dims)
+
+
+def bf16_gemm_tn(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: Optional[torch.Tensor] = None,
+                 compiled_dims: str = "mn") -> None:
+    _bf16_dense("tn", a, b, d, c, compiled_dims)
+
+
+def bf16_gemm_tt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: Optional[torch.Tensor] = None,
+                 compiled_dims: str = "mn") -> None:
+    _bf16_dense("tt", a, b, d, c, compiled_dims)
+
+
+bf16_gemm_nt.__doc__ = _BF16_DENSE_DOC.format(op="A[M, K] @ B[N, K]^T", a_shape="[M, K]", b_shape="[N, K]")
+bf16_gemm_nn.__doc__ = _BF16_DENSE_DOC.format(op="A[M, K] @ B[K, N]", a_shape="[M, K]", b_shape="[K, N]")
+bf16_gemm_tn.__doc__ = _BF16_DENSE_DOC.format(op="A[K, M]^T @ B[K, N]", a_shape="[K, M]", b_shape="[K, N]")
+bf16_gemm_tt.__doc__ = _BF16_DENSE_DOC.format(op="A[K, M]^T @ B[N, K]^T", a_shape="[K, M]", b_shape="[N, K]")
+
+
+def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor,
+                                      grouped_layout: torch.Tensor, compiled_dims: str = "nk",
+                                      use_psum_layout: bool = False,
+                                      expected_m_for_psum_layout: Optional[int] = None) -> None:
+    """d[m] = A[m] @ B[g(m)]^T for MoE experts' rows concatenated along M (DeepGEMM 2.x); returns None.
+
+    a: bf16 [M, K], b: bf16 [G, N, K] (both K-major, K a multiple of 8), d: bf16 [M, N].
+    grouped_layout as in m_grouped_fp8_gemm_nt_contiguous: m_indices (int32 [M], each row's
+    group, -1 for padding) or, with use_psum_layout=True, each group's end row (int32 [G]),
+    turned into row groups on the device. Rows of no group (-1 or outside [0, G)) are left
+    untouched; indices are never read on the host (CUDA-graph capturable).
+    Runs through torch (one torch.matmul per group, cuBLAS on a GPU) until the BF16 kernel lands.
+    """
+    _check_compiled_dims(compiled_dims)
+    _check_flag(use_psum_layout, "use_psum_layout")
+    _bf16.check_m_grouped(a, b, d, masked=False)
+    if use_psum_layout:
+        if expected_m_for_psum_layout is not None:
+            _check_positive_int(expected_m_for_psum_layout, "expected_m_for_psum_layout")
+        grouped_layout = _psum_m_indices((a, None), (b, None), grouped_layout)
+    elif expected_m_for_psum_layout is not None:
+        raise ValueError(f"expected_m_for_psum_layout is only meaningful with use_psum_layout=True, got "
+                         f"{expected_m_for_psum_layout!r} with use_psum_layout=False")
+    else:
+        _validation.index_tensor(grouped_layout, "grouped_layout", a.shape[0], a.device,
+                                 "(the group of each row of a, -1 for padding)", "a")
+    if _is_compiling():
+        _ops.m_grouped_bf16_gemm_nt_contiguous(a, b, d, grouped_layout)
+    else:
+        _bf16.run_contiguous(a, b, d, grouped_layout)
+
+
+def m_grouped_bf16_gemm_nt_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, masked_m: torch.Tensor,
+                                  expected_m: int, compiled_dims: str = "nk") -> None:
+    """d[g, :masked_m[g]] = A[g, :masked_m[g]] @ B[g]^T (DeepGEMM 2.x); returns None.
+
+    a: bf16 [G, max_m, K], b: bf16 [G, N, K] (K-major, K a multiple of 8), d: bf16 [G, max_m, N].
+    masked_m (int32 [G]) stays on the device and is never read on the host (CUDA-graph safe);
+    rows past it keep their values (a masked_m above max_m acts as max_m, below 0 as 0).
+    expected_m (a host int) is a planning hint, checked.
+    Runs through torch (a batched torch.matmul, cuBLAS on a GPU, then a device-side row mask)
+    until the BF16 kernel lands.
+    """
+    _check_compiled_dims(compiled_dims)
+    g = _bf16.check_m_grouped(a, b, d, masked=True)
+    _validation.index_tensor(masked_m, "masked_m", g, a.device, "(valid rows of each group)", "a")
+    _validation.host_rows_hint(expected_m)
+    if _is_compiling():
+        _ops.m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, expected_m)
+    else:
+        _bf16.run_masked(a, b, d, masked_m)
+
+
+bf16_m_grouped_gemm_nt_masked = m_grouped_bf16_gemm_nt_masked   # DeepGEMM's older name
+
+
+def k_grouped_bf16_gemm_tn_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, ks_cpu,
+                                      grouped_layout: torch.Tensor, c: Optional[torch.Tensor] = None,
+                                      compiled_dims: str = "mn", use_psum_layout: bool = False) -> None:
+    """d[g] = c[g] + A_g^T @ B_g for the G groups of a MoE layer's weight gradient (DeepGEMM 2.x);
+    returns None.
+
+    a: bf16 [sum(ks_cpu), M], b: bf16 [sum(ks_cpu), N]: each group's tokens in turn along dim 0
+    (MN-major operands, M and N multiples of 8). ks_cpu: each group's K as Python ints (>= 0,
+    multiples of 8, read on the host); grouped_layout: the same sizes as int32 [G] on the device
+    (checked, not read). d: fp32 [G, M, N]. c: None (d = A_g^T B_g; a group of K = 0 gives
+    zeros), d itself (accumulated) or an fp32 [G, M, N] tensor sharing no memory with d (copied
+    into d first). use_psum_layout=True is not supported.
+    Runs through torch (one torch.matmul per group, cuBLAS on a GPU) until the BF16 kernel lands.
+    """
+    _check_compiled_dims(compiled_dims)
+    _check_flag(use_psum_layout, "use_psum_layout")
+    if use_psum_layout:
+        raise ValueError("use_psum_layout=True is not supported by k_grouped_bf16_gemm_tn_contiguous: pass ks_cpu "
+                         "and grouped_layout as each group's K")
+    ks = _bf16.check_k_grouped(a, b, d, ks_cpu, grouped_layout)
+    addend = _check_addend(c, d)
+    _bf16.addend_into(d, addend)
+    if _is_compiling():
+        _ops.k_grouped_bf16_gemm_tn(a, b, d, list(ks), c is not None)
+    else:
+        _bf16.run_k_grouped(a, b, d, ks, c is not None)

@@ -24,6 +24,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from .bench_common import PEER_TITLES, PEERS, geomean
+
 # ---------------------------------------------------------------------------------------------
 # Ceilings, measured on the H100 of ANCHORS.md: device copy (read + write) and FP8 tensor cores.
 # On another GPU the copy is measured at the start of the run (hbm_ceiling); the FP8 rate is
@@ -38,8 +40,6 @@ DEFAULT_ITERS = 50
 QUICK_ITERS = 10
 HOST_CALLS = 30                 # "20+ calls back to back"
 WRONG_DIFF = 1e-5               # calc_diff above this is a wrong result (right ones sit near 1e-6)
-PEERS = ("ours", "cublaslt", "triton")
-PEER_TITLES = {"ours": "ours", "cublaslt": "cuBLASLt", "triton": "Triton"}
 
 # ---------------------------------------------------------------------------------------------
 # Shapes and DeepGEMM's numbers from ANCHORS.md (H100 80GB HBM3, torch 2.11, CUDA 13.0).
@@ -361,6 +361,9 @@ def make_k_grouped(groups: int, m: int, n: int, avg_k: int, device) -> Problem:
 
 def suite_cases(suite: str, quick: bool, shapes: List[tuple]) -> List[Callable]:
     """Deferred problem builders for one suite (built one at a time to bound memory)."""
+    if suite == "sweep":
+        from .bench_sweep import suite_cases as sweep_cases
+        return sweep_cases(quick, make_dense)
     if suite == "dense":
         if shapes:
             mnks = list(shapes)
@@ -528,23 +531,18 @@ def measure(problem: Problem, timer: Timer, peers=PEERS, hbm_bytes_per_s: float 
     return row
 
 
-def _geomean(values) -> Optional[float]:
-    values = [v for v in values if v and v > 0 and math.isfinite(v)]
-    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
-
-
 def _floor_geomeans(rows: List[dict]) -> dict:
     summary = {}
     for peer in PEERS:
         ok = [r["peers"][peer] for r in rows if r["peers"].get(peer, {}).get("status") == "ok"]
-        summary[peer] = {"rows": len(ok), "geomean_pct_floor": _geomean(e["pct_floor"] for e in ok)}
+        summary[peer] = {"rows": len(ok), "geomean_pct_floor": geomean(e["pct_floor"] for e in ok)}
     return summary
 
 
 def summarise(rows: List[dict]) -> dict:
     """Geomeans over the ANCHORS.md inference suites; the odd shapes and the weight gradients get
     their own (summary["odd"], summary["wgrad"])."""
-    anchors = [r for r in rows if r["suite"] not in ("odd", "wgrad", "k_grouped")]
+    anchors = [r for r in rows if r["suite"] not in ("odd", "wgrad", "k_grouped", "sweep")]
     summary = _floor_geomeans(anchors)
     summary["ours"]["geomean_speedup_vs_deepgemm"] = _speedup(anchors)
     odd = [r for r in rows if r["suite"] == "odd"]
@@ -555,11 +553,14 @@ def summarise(rows: List[dict]) -> dict:
         summary["wgrad"] = {**_floor_geomeans(wgrad)["ours"], "geomean_speedup_vs_deepgemm": _speedup(wgrad),
                             "min_speedup_vs_deepgemm": min((r["speedup_vs_deepgemm"] for r in wgrad
                                                             if r.get("speedup_vs_deepgemm")), default=None)}
+    if any(r["suite"] == "sweep" for r in rows):
+        from .bench_sweep import sweep_summary
+        summary["sweep"] = sweep_summary(rows)
     return summary
 
 
 def _speedup(rows: List[dict]) -> Optional[float]:
-    return _geomean(r.get("speedup_vs_deepgemm") for r in rows if r["peers"].get("ours", {}).get("status") == "ok")
+    return geomean(r.get("speedup_vs_deepgemm") for r in rows if r["peers"].get("ours", {}).get("status") == "ok")
 
 
 def _fmt(v, spec: str, na: str = "n/a") -> str:
@@ -601,12 +602,14 @@ def print_table(rows: List[dict], out=None) -> None:
 def print_summary(summary: dict, out=None) -> None:
     out = out or sys.stdout
     parts = []
-    for peer in PEERS:   # the ANCHORS.md suites
+    anchors_ran = summary["ours"]["rows"] or "sweep" not in summary     # (--suite sweep runs none of them)
+    for peer in PEERS if anchors_ran else ():   # the ANCHORS.md suites
         g = summary[peer]["geomean_pct_floor"]
         pct = "n/a" if g is None else f"{g:.0f}%"
         parts.append(f"{PEER_TITLES[peer]} {pct} of floor ({summary[peer]['rows']} correct rows)")
     sp = summary["ours"]["geomean_speedup_vs_deepgemm"]
-    print("geomean: " + "; ".join(parts) + f"; ours vs DeepGEMM {_fmt(sp, '.2f')}x", file=out)
+    if parts:
+        print("geomean: " + "; ".join(parts) + f"; ours vs DeepGEMM {_fmt(sp, '.2f')}x", file=out)
     if "odd" in summary:
         print("odd shapes, geomean: " + "; ".join(
             f"{PEER_TITLES[peer]} {_fmt(summary['odd'][peer]['geomean_pct_floor'], '.0f')}% of floor "
@@ -616,6 +619,9 @@ def print_summary(summary: dict, out=None) -> None:
         print(f"weight gradients, geomean: ours {_fmt(w['geomean_pct_floor'], '.0f')}% of floor ({w['rows']} correct "
               f"rows); vs DeepGEMM {_fmt(w['geomean_speedup_vs_deepgemm'], '.2f')}x (lowest "
               f"{_fmt(w['min_speedup_vs_deepgemm'], '.2f')}x)", file=out)
+    if "sweep" in summary:
+        from .bench_sweep import print_sweep_summary
+        print_sweep_summary(summary["sweep"], out=out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -920,15 +926,16 @@ def _parse_shape(text: str) -> tuple:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m deep_gemm bench", description=__doc__.splitlines()[0])
     p.add_argument("--suite", choices=("dense", "odd", "contiguous", "masked", "wgrad", "casts", "chain", "host",
-                                       "train_step", "all"),
+                                       "train_step", "sweep", "all"),
                    default="all",
                    help="which layouts to run ('odd': dense shapes off the usual grid, M from 1 to 4097; 'wgrad': "
                         "the weight-gradient GEMMs, dense and K-grouped, fp32 out accumulated), or the FP8 cast "
                         "kernels, or 'chain': dependent cast/GEMM launches with PDL off and on, or 'host': CPU time "
                         "per call on the same tensors, buffers in rotation, new addresses and changing M, beside "
-                        "cuBLASLt, then an MoE layer's training step, or 'train_step': that step alone (default: all "
-                        "of them but chain, host and train_step). Without a Hopper GPU: the layouts' reference path "
-                        "only")
+                        "cuBLASLt, then an MoE layer's training step, or 'train_step': that step alone, or 'sweep': "
+                        "popular models' linear layers, M from 1 to 8192, with a summary per M band (default: all "
+                        "of them but chain, host, train_step and sweep). Without a Hopper GPU: the layouts' "
+                        "reference path only")
     p.add_argument("--shape", type=_parse_shape, action="append", default=[], metavar="MxNxK",
                    help="a dense shape to run instead of the ANCHORS.md ones (repeatable)")
     p.add_argument("--iters", type=int, default=None, help=f"calls timed per shape (default {DEFAULT_ITERS})")
@@ -1071,6 +1078,9 @@ def main(argv=None) -> int:
         print(f"--peers must list some of {', '.join(PEERS)}, ours included; got {args.peers!r}", file=sys.stderr)
         return 2
     iters = args.iters or (QUICK_ITERS if args.quick else DEFAULT_ITERS)
+    if args.suite == "sweep" and not args.iters:
+        from .bench_sweep import SWEEP_ITERS
+        iters = min(iters, SWEEP_ITERS)
     if iters < 1:
         print("--iters must be >= 1", file=sys.stderr)
         return 2
@@ -1078,8 +1088,8 @@ def main(argv=None) -> int:
     args.no_hopper = hopper_missing_reason()
     if args.no_hopper:
         print(f"no Hopper GPU found ({args.no_hopper}): running the reference path on small shapes")
-        refused = timing_given + ([f"--suite {args.suite}"] if args.suite in ("casts", "chain", "host", "train_step")
-                                  else [])
+        refused = timing_given + ([f"--suite {args.suite}"] if args.suite in ("casts", "chain", "host", "train_step",
+                                                                                  "sweep") else [])
         if refused:
             print(f"{', '.join(refused)}: time the kernels, which needs a Hopper GPU; without one the bench "
                   f"checks the reference path of --suite dense|odd|contiguous|masked|wgrad|all or --shape, with "
@@ -1147,7 +1157,10 @@ def main(argv=None) -> int:
                    "rows": rows, "summary": summary, "casts": cast_rows}, f, indent=1)
     print(f"wrote {args.json}")
     if rows:
-        why = plot(rows, args.plot, f"{info['gpu']}: ours vs cuBLASLt vs Triton (FP8 1x128 / 128x128 scaling)")
+        draw = plot
+        if args.suite == "sweep":
+            from .bench_sweep import plot_sweep as draw
+        why = draw(rows, args.plot, f"{info['gpu']}: ours vs cuBLASLt vs Triton (FP8 1x128 / 128x128 scaling)")
         print(f"wrote {args.plot}" if why is None else f"no plot: {why}")
     # A wrong result of ours (or a cast that differs from the reference) fails the run.
     wrong = [r["label"] for r in rows if r["peers"].get("ours", {}).get("status") in ("WRONG", "error")]

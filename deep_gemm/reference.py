@@ -3,6 +3,8 @@ Hopper GPU. Clarity over speed; the only concession is computing in float32 (flo
 silently drop to TF32/bf16 precision)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .utils import get_col_major_tma_aligned_tensor
@@ -246,6 +248,62 @@ def k_grouped_gemm_fp8_fp8_nt(lhs, rhs, out: torch.Tensor, k_sizes, accumulate: 
                             dequantize_lhs(b_g, sb[first_kb:first_kb + kb].T))
         out[g] = out[g] + result if accumulate else result
         offset, first_kb = offset + k, first_kb + kb
+    return out
+
+
+# BF16 GEMMs (issue #22): float64 sums of the bf16 inputs, rounded once to out's dtype -------------
+def _bf16_input(x: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16:
+        raise TypeError(f"{name} must be a torch.bfloat16 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    return x.double()
+
+
+def bf16_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, layout: str = "nt",
+              c: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out = c + op(a) @ op(b) in DeepGEMM's layout letters: nt a [M, K], b [N, K]; nn a [M, K],
+    b [K, N]; tn a [K, M], b [K, N]; tt a [K, M], b [N, K]. c (any float dtype) or None."""
+    x, y = _bf16_input(a, "a"), _bf16_input(b, "b")
+    x = x.T if layout[0] == "t" else x
+    y = y if layout[1] == "n" else y.T
+    result = x @ y
+    if c is not None:
+        result = result + c.double()
+    out.copy_(result)
+    return out
+
+
+def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+                                      m_indices: torch.Tensor) -> torch.Tensor:
+    """Row m of out = a[m] @ b[m_indices[m]]^T; rows of index outside [0, G) are untouched."""
+    x, w = _bf16_input(a, "a"), _bf16_input(b, "b")
+    idx = m_indices.to(device=a.device, dtype=torch.int64)
+    for g in range(w.shape[0]):
+        rows = (idx == g).nonzero().flatten()
+        if rows.numel():
+            out[rows] = (x[rows] @ w[g].T).to(out.dtype)
+    return out
+
+
+def m_grouped_bf16_gemm_nt_masked(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+                                  masked_m: torch.Tensor) -> torch.Tensor:
+    """out[g, :masked_m[g]] = a[g, :masked_m[g]] @ b[g]^T (masked_m clamped to [0, max_m]); later rows
+    untouched."""
+    x, w = _bf16_input(a, "a"), _bf16_input(b, "b")
+    for g, m in enumerate(masked_m.clamp(0, a.shape[1]).tolist()):
+        if m:
+            out[g, :m] = (x[g, :m] @ w[g].T).to(out.dtype)
+    return out
+
+
+def k_grouped_bf16_gemm_tn(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, ks,
+                           c: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out[g] = c[g] + a_g^T @ b_g, a [sum ks, M] and b [sum ks, N] holding each group's rows in turn."""
+    x, y = _bf16_input(a, "a"), _bf16_input(b, "b")
+    start = 0
+    for g, k in enumerate(ks):
+        result = x[start:start + k].T @ y[start:start + k]
+        out[g] = (result + c[g].double() if c is not None else result).to(out.dtype)
+        start += k
     return out
 
 

@@ -535,9 +535,12 @@ def test_unpatchable_maps_keep_the_long_path(cheap, how):
     launches the long path's parameters."""
     setattr(cheap.maps, how, True)
     tma.clear_caches()
+    gemm_ops._launches.clear()
     fn, build = GEMMS["dense"]
+    kept = []   # every call's tensors stay alive: new addresses each time (a reused one could hit)
     for _ in range(3):
         args = build()
+        kept.append(args)
         fn(*args)
         took = cheap.take()
         assert took["validations"] == 1 and took["encodes"] >= 3

@@ -1,8 +1,8 @@
 // The FP8 GEMM, D[m, n] (+)= sum_k A[m, k] B[n, k] sa[m, k / 128] sb[n / 128 or n, k / 128], every
 // layout: one persistent, warp-specialised kernel over a GemmConfig, in roles: Scheduler (work
 // units), Producer (TMA into a ring of stages), Fp8Math (wgmma, promotion with both scales),
-// Epilogue (bf16 or fp32 stores, TMA reduce-add for D += A B, split-K). Math and epilogue are
-// policies: a new GEMM kind is a new policy class.
+// Epilogue (bf16 or fp32 stores, TMA reduce-add for D += A B, split-K). A GEMM kind is a set of
+// GemmConfig options, each read with `if constexpr` in the piece it concerns (docs/design.md).
 #pragma once
 #include "ptx.cuh"
 #include "scheduler.cuh"

@@ -12,7 +12,7 @@ import torch
 from ..config import Layout
 from ..utils import is_col_major_tma_aligned
 from .. import reference
-from . import cast, gemm
+from . import bf16, cast, gemm
 from .validation import K_GROUPED_NAMES, fp8_operand
 
 _FP8 = torch.float8_e4m3fn
@@ -43,6 +43,22 @@ def _training(a, sa, b, sb, out, row_scales_b, accumulate):
 def _k_grouped(a, sa, b, sb, out, k_sizes, accumulate):
     gemm.run(Layout.K_GROUPED, (a, sa), (b, sb), out, row_scales_b=True, accumulate=accumulate, k_sizes=tuple(k_sizes),
              names=K_GROUPED_NAMES)
+
+
+def _bf16_dense(a, b, out, accumulate):
+    bf16.run_dense(a, b, out, accumulate)
+
+
+def _bf16_contiguous(a, b, out, m_indices):
+    bf16.run_contiguous(a, b, out, m_indices)
+
+
+def _bf16_masked(a, b, out, masked_m, expected_m):
+    bf16.run_masked(a, b, out, masked_m)
+
+
+def _bf16_k_grouped(a, b, out, k_sizes, accumulate):
+    bf16.run_k_grouped(a, b, out, tuple(k_sizes), accumulate)
 
 
 def tma_scales_strides(shape) -> tuple:
@@ -127,6 +143,22 @@ def _k_grouped_fake(a, sa, b, sb, out, k_sizes, accumulate):
     pass   # out is written in place; the eager run validates
 
 
+def _bf16_dense_fake(a, b, out, accumulate):
+    bf16.output(out, (a.shape[0], b.shape[0]), a.device, "a", fp32_ok=True)
+
+
+def _bf16_contiguous_fake(a, b, out, m_indices):
+    bf16.output(out, (a.shape[0], b.shape[1]), a.device, "a", fp32_ok=False)
+
+
+def _bf16_masked_fake(a, b, out, masked_m, expected_m):
+    bf16.output(out, (*a.shape[:2], b.shape[1]), a.device, "a", fp32_ok=False)
+
+
+def _bf16_k_grouped_fake(a, b, out, k_sizes, accumulate):
+    bf16.output(out, (len(k_sizes), a.shape[1], b.shape[1]), a.device, "a", fp32_ok=True, fp32_only=True)
+
+
 def _new_tma_scales(like, shape):
     m, kb = shape[-2], shape[-1]
     return like.new_empty((*shape[:-2], kb, (m + 3) // 4 * 4), dtype=torch.float32).transpose(-1, -2)[..., :m, :]
@@ -168,6 +200,15 @@ OPS = {
     "k_grouped_fp8_gemm_nt": (
         f"({_GEMM_ARGS}, Tensor(a!) out, int[] k_sizes, bool accumulate) -> ()", ("out",), _k_grouped,
         _k_grouped_fake),
+    # BF16 (issue #22): a [M, K] / b [N, K] views in any layout (dense), as api.py hands them over
+    "bf16_gemm_nt": ("(Tensor a, Tensor b, Tensor(a!) out, bool accumulate) -> ()", ("out",), _bf16_dense,
+                     _bf16_dense_fake),
+    "m_grouped_bf16_gemm_nt_contiguous": ("(Tensor a, Tensor b, Tensor(a!) out, Tensor m_indices) -> ()", ("out",),
+                                          _bf16_contiguous, _bf16_contiguous_fake),
+    "m_grouped_bf16_gemm_nt_masked": ("(Tensor a, Tensor b, Tensor(a!) out, Tensor masked_m, int expected_m) -> ()",
+                                      ("out",), _bf16_masked, _bf16_masked_fake),
+    "k_grouped_bf16_gemm_tn": ("(Tensor a, Tensor b, Tensor(a!) out, int[] k_sizes, bool accumulate) -> ()", ("out",),
+                               _bf16_k_grouped, _bf16_k_grouped_fake),
     "per_token_cast_to_fp8": ("(Tensor x) -> (Tensor, Tensor)", (), _per_token, _per_token_fake),
     "per_block_cast_to_fp8": ("(Tensor x) -> (Tensor, Tensor)", (), _per_block, _per_block_fake),
     "per_token_cast_to_fp8_transposed": ("(Tensor x) -> (Tensor, Tensor)", (), _transposed, _transposed_fake),

@@ -1,0 +1,196 @@
+"""BF16 GEMMs (issue #22): argument rules and the interim torch execution.
+
+Rules, in ops/validation.py's style: every bad input raises TypeError (wrong kind or dtype) or
+ValueError (shape, layout, device, alignment) naming the DeepGEMM 2.x argument (a, b, d, c,
+grouped_layout, masked_m, ks_cpu, ...). The layout rules are those the BF16 kernel will need
+(TMA: 16-byte aligned rows, so K and every outer stride a multiple of 8 elements), enforced now
+so that code written today keeps working when the kernel lands.
+
+Execution: there is no BF16 kernel yet. On CPU tensors and on any GPU these functions run plain
+torch (torch.matmul: cuBLAS on a GPU) on the given views, writing d in place, without host
+syncs (CUDA-graph capturable): masked_m and m_indices are never read on the host. This is an
+interim path; it makes no performance claim.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .validation import index_tensor, same_device
+
+_BF16 = torch.bfloat16
+TMA_ELEMS = 8   # 16 bytes of bf16
+_tracing = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+
+
+# ---- rules -----------------------------------------------------------------------------------------
+def operand(x, name: str, dims: int, what: str, mn_major_ok: bool = False) -> None:
+    """A bf16 operand of rank `dims`: K-major (stride(-1) == 1) or, where mn_major_ok, the other of its
+    last two dimensions contiguous (stride(-2) == 1, e.g. a transposed view); the other stride a
+    positive multiple of 8 elements (16 bytes, TMA)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != _BF16:
+        raise TypeError(f"{name} must be torch.bfloat16, got {x.dtype}")
+    if x.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D {what}, got shape {tuple(x.shape)}")
+    if x.numel() == 0:   # nothing is read
+        return
+    rows, cols = x.shape[-2], x.shape[-1]
+    s_row, s_col = x.stride(-2), x.stride(-1)
+    if s_col == 1 or cols <= 1:
+        lead = s_row if rows > 1 else TMA_ELEMS
+    elif mn_major_ok and (s_row == 1 or rows <= 1):
+        lead = s_col
+    else:
+        allowed = "stride(-1) == 1" + (" or stride(-2) == 1 (a transposed view)" if mn_major_ok else "")
+        raise ValueError(f"{name} {what} must have one contiguous dimension ({allowed}), got strides {x.stride()}: "
+                         f"pass a contiguous tensor")
+    outer = [x.stride(d) for d in range(dims - 2) if x.shape[d] > 1]
+    if lead <= 0 or lead % TMA_ELEMS or any(s <= 0 or s % TMA_ELEMS for s in outer):
+        raise ValueError(f"{name} has strides {x.stride()} but TMA needs 16-byte aligned rows: every stride but the "
+                         f"contiguous one must be a positive multiple of {TMA_ELEMS} elements; pad the contiguous "
+                         f"dimension to a multiple of {TMA_ELEMS}")
+    if _tracing():   # fake tensors have no address
+        return
+    if x.data_ptr() % 16:
+        raise ValueError(f"{name} must start at a 16-byte aligned address (TMA requirement), got "
+                         f"{x.storage_offset()} elements into its storage: pass a .clone()")
+
+
+def k_multiple(k: int, what: str) -> None:
+    if k % TMA_ELEMS:
+        raise ValueError(f"K = {k} ({what}) must be a multiple of {TMA_ELEMS} (16-byte TMA rows of bf16); zero-pad "
+                         f"both operands along K to a multiple of {TMA_ELEMS} (zeros add nothing)")
+
+
+def output(d, want: tuple, device: torch.device, first: str, fp32_ok: bool, fp32_only: bool = False) -> None:
+    """d: bf16 (or fp32 where allowed) of shape `want` on the operands' device; any strides."""
+    if not isinstance(d, torch.Tensor):
+        raise TypeError(f"d must be a torch.Tensor (the output, allocated by the caller), got {type(d).__name__}")
+    if fp32_only and d.dtype != torch.float32:
+        raise TypeError(f"d must be torch.float32, got {d.dtype}")
+    if d.dtype != _BF16 and not (fp32_ok and d.dtype == torch.float32):
+        raise TypeError(f"d must be torch.bfloat16{' or torch.float32' if fp32_ok else ''}, got {d.dtype}")
+    if tuple(d.shape) != tuple(want):
+        raise ValueError(f"d must have shape {tuple(want)}, got {tuple(d.shape)}")
+    same_device(device, (("d", d),), first)
+
+
+# Each dense layout: (whether a is given [K, M], whether b is given [K, N]).
+DENSE_LAYOUTS = {"nt": (False, False), "nn": (False, True), "tn": (True, True), "tt": (True, False)}
+
+
+def check_dense(layout: str, a, b, d) -> tuple:
+    """(a as [M, K], b as [N, K]) views of a dense call in `layout` (DeepGEMM's letters)."""
+    a_t, b_t = DENSE_LAYOUTS[layout]
+    operand(a, "a", 2, "[K, M]" if a_t else "[M, K]", mn_major_ok=True)
+    operand(b, "b", 2, "[K, N]" if b_t else "[N, K]", mn_major_ok=True)
+    a_mk = a.T if a_t else a
+    b_nk = b.T if b_t else b
+    if a_mk.shape[1] != b_nk.shape[1]:
+        raise ValueError(f"a ({'[K, M]' if a_t else '[M, K]'}, shape {tuple(a.shape)}) and b "
+                         f"({'[K, N]' if b_t else '[N, K]'}, shape {tuple(b.shape)}) must agree on K")
+    same_device(a.device, (("b", b),), "a")
+    k_multiple(a_mk.shape[1], "a's and b's shared dimension")
+    output(d, (a_mk.shape[0], b_nk.shape[0]), a.device, "a", fp32_ok=True)
+    return a_mk, b_nk
+
+
+def check_m_grouped(a, b, d, masked: bool) -> int:
+    """The M-grouped calls (K-major operands): contiguous a [M, K] or masked a [G, max_m, K];
+    b [G, N, K]; d bf16 like a with N columns. Returns G."""
+    operand(a, "a", 3 if masked else 2, "[G, max_m, K]" if masked else "[M, K]")
+    operand(b, "b", 3, "[G, N, K]")
+    g, n, k = b.shape
+    if g < 1:
+        raise ValueError(f"b must hold at least one group, got shape {tuple(b.shape)}")
+    if a.shape[-1] != k:
+        raise ValueError(f"b must have K = {a.shape[-1]} columns like a, got shape {tuple(b.shape)}")
+    if masked and a.shape[0] != g:
+        raise ValueError(f"a must hold G = {g} groups like b, got shape {tuple(a.shape)}")
+    same_device(a.device, (("b", b),), "a")
+    k_multiple(k, "a's and b's last dimension")
+    output(d, (*a.shape[:-1], n), a.device, "a", fp32_ok=False)
+    return g
+
+
+def check_k_grouped(a, b, d, ks_cpu, grouped_layout=None) -> tuple:
+    """MoE weight gradient: a [sum k_g, M], b [sum k_g, N] (MN-major: tokens of each group in turn
+    along dim 0), d float32 [G, M, N]; ks_cpu Python ints >= 0 summing to the rows of a and b (each
+    a multiple of 8 for 16-byte aligned group starts); grouped_layout, when given, the same sizes
+    as int32 [G] on the device (checked, not read)."""
+    if not isinstance(ks_cpu, (list, tuple)):
+        raise TypeError(f"ks_cpu must be a list of Python ints (each group's K), got {type(ks_cpu).__name__}")
+    for g, k in enumerate(ks_cpu):
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"ks_cpu[{g}] must be a Python int, got {type(k).__name__}")
+        if k < 0 or k % TMA_ELEMS:
+            raise ValueError(f"ks_cpu[{g}] must be a non-negative multiple of {TMA_ELEMS} (each group's rows start "
+                             f"16-byte aligned for TMA), got {k}")
+    if not ks_cpu:
+        raise ValueError("ks_cpu must name at least one group, got an empty list")
+    operand(a, "a", 2, "[sum(ks_cpu), M]")
+    operand(b, "b", 2, "[sum(ks_cpu), N]")
+    total = sum(ks_cpu)
+    for name, x in (("a", a), ("b", b)):
+        if x.shape[0] != total:
+            raise ValueError(f"{name} must have sum(ks_cpu) = {total} rows (each group's tokens in turn), got shape "
+                             f"{tuple(x.shape)}")
+    same_device(a.device, (("b", b),), "a")
+    output(d, (len(ks_cpu), a.shape[1], b.shape[1]), a.device, "a", fp32_ok=True, fp32_only=True)
+    if grouped_layout is not None:
+        index_tensor(grouped_layout, "grouped_layout", len(ks_cpu), a.device, "(each group's K)", "a")
+    return tuple(ks_cpu)
+
+
+# ---- execution (interim: torch, until the BF16 kernel lands) -------------------------------------
+def _product(x: torch.Tensor, y: torch.Tensor, fp32: bool) -> torch.Tensor:
+    """x @ y with fp32 accumulation: on a GPU with a bf16 result, cuBLAS's bf16 GEMM; else the
+    operands widened to fp32 (exact products of bf16 values, fp32 sums), as the kernel will do."""
+    if x.is_cuda and not fp32:
+        return torch.matmul(x, y)
+    return torch.matmul(x.float(), y.float())
+
+
+def run_dense(a_mk: torch.Tensor, b_nk: torch.Tensor, d: torch.Tensor, accumulate: bool) -> None:
+    """d (+)= a_mk @ b_nk^T; an fp32 sum then rounded to d's dtype."""
+    fp32 = accumulate or d.dtype == torch.float32
+    result = _product(a_mk, b_nk.T, fp32)
+    if accumulate:
+        d.copy_(d.float() + result)
+    else:
+        d.copy_(result)
+
+
+def run_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, m_indices: torch.Tensor) -> None:
+    """Row m of d = a[m] @ b[m_indices[m]]^T; rows whose index is outside [0, G) are left as they are.
+    One product per group over every row, kept where the row is that group's (no host sync)."""
+    idx = m_indices.view(-1, 1)
+    for g in range(b.shape[0]):
+        result = _product(a, b[g].T, d.dtype == torch.float32).to(d.dtype)
+        d.copy_(torch.where(idx == g, result, d))
+
+
+def run_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, masked_m: torch.Tensor) -> None:
+    """d[g, :masked_m[g]] = a[g, :masked_m[g]] @ b[g]^T; later rows keep their values (masked_m read on
+    the device only; values outside [0, max_m] act as clamped)."""
+    result = _product(a, b.transpose(1, 2), d.dtype == torch.float32).to(d.dtype)
+    rows = torch.arange(a.shape[1], device=a.device, dtype=torch.int32).view(1, -1, 1)
+    keep = rows < masked_m.view(-1, 1, 1)
+    d.copy_(torch.where(keep, result, d))
+
+
+def run_k_grouped(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, ks, accumulate: bool) -> None:
+    """d[g] (+)= a_g^T @ b_g, a_g / b_g the rows of group g; a group of K = 0 adds nothing."""
+    start = 0
+    for g, k in enumerate(ks):
+        result = _product(a[start:start + k].T, b[start:start + k], True)
+        d[g].copy_(d[g] + result if accumulate else result)
+        start += k
+
+
+def addend_into(d: torch.Tensor, addend: Optional[torch.Tensor]) -> None:
+    if addend is not None:
+        d.copy_(addend)

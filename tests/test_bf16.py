@@ -1,0 +1,380 @@
+"""BF16 GEMMs (issue #22): the DeepGEMM 2.x API surface, run through torch until the BF16 kernel
+lands. CPU: results against a float64 reference, every validation error, the 2.x signatures and
+torch.compile tracing. GPU (`gpu` marker): the same on CUDA, CUDA-graph capture of the masked call."""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import deep_gemm
+from deep_gemm import reference
+from deep_gemm.reference import calc_diff
+
+TOL = 1e-5
+_OP_SHAPE = {"nt": ("mk", "nk"), "nn": ("mk", "kn"), "tn": ("km", "kn"), "tt": ("km", "nk")}
+
+
+def _rand(*shape, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device, torch.bfloat16)
+
+
+def _operand(spec: str, m: int, n: int, k: int, transposed_view: bool, device, seed):
+    sizes = {"m": m, "n": n, "k": k}
+    shape = (sizes[spec[0]], sizes[spec[1]])
+    if transposed_view:   # the same logical shape, held as the transpose of a contiguous tensor
+        return _rand(shape[1], shape[0], device=device, seed=seed).T
+    return _rand(*shape, device=device, seed=seed)
+
+
+def _poisoned(*shape, dtype, device="cpu"):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+# ---- signatures ------------------------------------------------------------------------------------
+SIGNATURES = {
+    "bf16_gemm_nt": ("a", "b", "d", ("c", None), ("compiled_dims", "nk")),
+    "bf16_gemm_nn": ("a", "b", "d", ("c", None), ("compiled_dims", "nk")),
+    "bf16_gemm_tn": ("a", "b", "d", ("c", None), ("compiled_dims", "mn")),
+    "bf16_gemm_tt": ("a", "b", "d", ("c", None), ("compiled_dims", "mn")),
+    "m_grouped_bf16_gemm_nt_contiguous": ("a", "b", "d", "grouped_layout", ("compiled_dims", "nk"),
+                                          ("use_psum_layout", False), ("expected_m_for_psum_layout", None)),
+    "m_grouped_bf16_gemm_nt_masked": ("a", "b", "d", "masked_m", "expected_m", ("compiled_dims", "nk")),
+    "k_grouped_bf16_gemm_tn_contiguous": ("a", "b", "d", "ks_cpu", "grouped_layout", ("c", None),
+                                          ("compiled_dims", "mn"), ("use_psum_layout", False)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIGNATURES))
+def test_signatures_match_deepgemm_2x(name):
+    fn = getattr(deep_gemm, name)
+    assert name in deep_gemm.__all__
+    got = []
+    for p in inspect.signature(fn).parameters.values():
+        got.append(p.name if p.default is inspect.Parameter.empty else (p.name, p.default))
+    assert tuple(got) == SIGNATURES[name]
+    assert fn.__doc__ and "until the BF16 kernel lands" in " ".join(fn.__doc__.split())
+
+
+def test_legacy_alias():
+    assert deep_gemm.bf16_m_grouped_gemm_nt_masked is deep_gemm.m_grouped_bf16_gemm_nt_masked
+
+
+# ---- dense ------------------------------------------------------------------------------------------
+def _dense_case(layout, m, n, k, views, out_dtype, addend, device="cpu"):
+    sa, sb = _OP_SHAPE[layout]
+    a = _operand(sa, m, n, k, views[0], device, 1)
+    b = _operand(sb, m, n, k, views[1], device, 2)
+    d = _poisoned(m, n, dtype=out_dtype, device=device)
+    c = None
+    if addend == "separate":
+        c = torch.randn(m, n, device=device)
+    elif addend == "d":
+        d = torch.randn(m, n, device=device)
+        c = d
+    want = reference.bf16_gemm(a, b, torch.empty(m, n, dtype=torch.float64, device=device), layout,
+                               None if c is None else c.clone())
+    getattr(deep_gemm, f"bf16_gemm_{layout}")(a, b, d, c)
+    return d, want
+
+
+@pytest.mark.parametrize("layout", ["nt", "nn", "tn", "tt"])
+@pytest.mark.parametrize("views", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("out_dtype, addend", [(torch.bfloat16, None), (torch.float32, None),
+                                               (torch.float32, "separate"), (torch.float32, "d")])
+def test_dense_layouts(layout, views, out_dtype, addend):
+    # Odd M and N; K a multiple of 8. M and N multiples of 8 only where they are a contiguous dimension.
+    m = 40 if (layout[0] == "t") != views[0] else 37
+    n = 48 if (layout[1] == "n") != views[1] else 53
+    d, want = _dense_case(layout, m, n, 200, views, out_dtype, addend)
+    assert d.dtype == out_dtype and not d.isnan().any()
+    assert calc_diff(d, want) <= TOL
+    if out_dtype == torch.float32:
+        assert torch.allclose(d.double(), want, rtol=1e-5, atol=1e-3)
+
+
+def test_dense_returns_none_and_writes_in_place():
+    a, b = _rand(5, 16, seed=1), _rand(8, 16, seed=2)
+    d = _poisoned(5, 8, dtype=torch.bfloat16)
+    assert deep_gemm.bf16_gemm_nt(a, b, d) is None
+    want = reference.bf16_gemm(a, b, torch.empty(5, 8, dtype=torch.float64))
+    assert calc_diff(d, want) <= TOL
+
+
+def test_dense_empty():
+    a, b = _rand(0, 16), _rand(8, 16)
+    d = torch.empty(0, 8, dtype=torch.bfloat16)
+    deep_gemm.bf16_gemm_nt(a, b, d)
+    a, b = _rand(4, 0), _rand(8, 0)
+    d = _poisoned(4, 8, dtype=torch.float32)
+    deep_gemm.bf16_gemm_nt(a, b, d)
+    assert torch.equal(d, torch.zeros(4, 8))
+
+
+# ---- M-grouped ---------------------------------------------------------------------------------------
+def _contiguous_inputs(device="cpu", g=3, n=72, k=136):
+    sizes = [128, 256, 0][:g]
+    m = sum(sizes) + 128
+    a, b = _rand(m, k, device=device, seed=3), _rand(g, n, k, device=device, seed=4)
+    idx = torch.cat([torch.full((s,), i, dtype=torch.int32) for i, s in enumerate(sizes)] +
+                    [torch.full((128,), -1, dtype=torch.int32)])
+    idx[120:128] = -1    # padding at the end of group 0's block
+    return a, b, idx.to(device)
+
+
+def test_m_grouped_contiguous():
+    a, b, idx = _contiguous_inputs()
+    d = _poisoned(a.shape[0], b.shape[1], dtype=torch.bfloat16)
+    deep_gemm.m_grouped_bf16_gemm_nt_contiguous(a, b, d, idx)
+    valid = idx >= 0
+    assert d[~valid].isnan().all()           # padding rows untouched
+    want = reference.m_grouped_bf16_gemm_nt_contiguous(a, b, torch.zeros(d.shape, dtype=torch.float64), idx)
+    assert calc_diff(d[valid], want[valid]) <= TOL
+
+
+def test_m_grouped_contiguous_psum_layout():
+    a, b, _ = _contiguous_inputs()
+    ends = torch.tensor([100, 356, 356], dtype=torch.int32)   # group 0: rows 0..99, group 1: 128..355
+    d = _poisoned(a.shape[0], b.shape[1], dtype=torch.bfloat16)
+    deep_gemm.m_grouped_bf16_gemm_nt_contiguous(a, b, d, ends, use_psum_layout=True)
+    idx = torch.full((a.shape[0],), -1, dtype=torch.int32)
+    idx[:100], idx[128:356] = 0, 1
+    want = reference.m_grouped_bf16_gemm_nt_contiguous(a, b, torch.zeros(d.shape, dtype=torch.float64), idx)
+    assert d[idx < 0].isnan().all() and calc_diff(d[idx >= 0], want[idx >= 0]) <= TOL
+
+
+@pytest.mark.parametrize("masked", [[64, 3, 0], [70, -5, 9]])
+def test_m_grouped_masked(masked):
+    g, max_m, n, k = 3, 64, 40, 96
+    a, b = _rand(g, max_m, k, seed=5), _rand(g, n, k, seed=6)
+    masked_m = torch.tensor(masked, dtype=torch.int32)
+    d = _poisoned(g, max_m, n, dtype=torch.bfloat16)
+    deep_gemm.m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, 32)
+    want = reference.m_grouped_bf16_gemm_nt_masked(a, b, torch.zeros(d.shape, dtype=torch.float64), masked_m)
+    for i, m in enumerate(masked_m.clamp(0, max_m).tolist()):
+        assert d[i, m:].isnan().all()
+        if m:
+            assert calc_diff(d[i, :m], want[i, :m]) <= TOL
+
+
+# ---- K-grouped ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("addend", [None, "separate", "d"])
+def test_k_grouped(addend):
+    ks, m, n = [24, 0, 136, 8], 40, 24
+    a, b = _rand(sum(ks), m, seed=7), _rand(sum(ks), n, seed=8)
+    d = _poisoned(len(ks), m, n, dtype=torch.float32)
+    c = None
+    if addend == "separate":
+        c = torch.randn(len(ks), m, n)
+    elif addend == "d":
+        d = torch.randn(len(ks), m, n)
+        c = d
+    want = reference.k_grouped_bf16_gemm_tn(a, b, torch.empty(d.shape, dtype=torch.float64), ks,
+                                            None if c is None else c.clone())
+    deep_gemm.k_grouped_bf16_gemm_tn_contiguous(a, b, d, ks, torch.tensor(ks, dtype=torch.int32), c)
+    assert not d.isnan().any()
+    assert calc_diff(d, want) <= TOL
+    assert torch.allclose(d.double(), want, rtol=1e-5, atol=1e-3)
+    if addend is None:
+        assert torch.equal(d[1], torch.zeros(m, n))    # the empty group
+
+
+# ---- validation ---------------------------------------------------------------------------------------
+def _dense_error(exc, match, a=None, b=None, d=None, c=None, fn=deep_gemm.bf16_gemm_nt, **kw):
+    a = _rand(8, 16) if a is None else a
+    b = _rand(24, 16) if b is None else b
+    d = torch.empty(8, 24, dtype=torch.bfloat16) if d is None else d
+    with pytest.raises(exc, match=match):
+        fn(a, b, d, c, **kw)
+
+
+def test_dense_errors():
+    _dense_error(TypeError, "a must be a torch.Tensor", a=[1])
+    _dense_error(TypeError, "a must be torch.bfloat16", a=torch.randn(8, 16))
+    _dense_error(TypeError, "b must be torch.bfloat16", b=torch.randn(24, 16, dtype=torch.float16))
+    _dense_error(ValueError, "a must be 2-D", a=_rand(2, 8, 16))
+    _dense_error(ValueError, "must agree on K", b=_rand(24, 24))
+    _dense_error(ValueError, "K = 12 .* multiple of 8", a=_rand(12, 8).T, b=_rand(12, 24).T)
+    _dense_error(ValueError, "a .* one contiguous dimension", a=_rand(16, 32)[::2, ::2])
+    _dense_error(ValueError, "b has strides .* 16-byte", b=_rand(24, 20)[:, :16])
+    _dense_error(ValueError, "a must start at a 16-byte aligned", a=_rand(8 * 16 + 1)[1:].view(8, 16))
+    _dense_error(TypeError, "d must be a torch.Tensor", d=3)
+    _dense_error(TypeError, "d must be torch.bfloat16 or torch.float32", d=torch.empty(8, 24, dtype=torch.float16))
+    _dense_error(ValueError, r"d must have shape \(8, 24\)", d=torch.empty(24, 8, dtype=torch.bfloat16))
+    _dense_error(ValueError, r"b \[K, N\] must have one contiguous", fn=deep_gemm.bf16_gemm_nn, b=_rand(16, 48)[:, ::2])
+    _dense_error(ValueError, "must agree on K", fn=deep_gemm.bf16_gemm_nn)   # b [24, 16] read as [K, N]
+    _dense_error(TypeError, "c must be a torch.Tensor", c=3, d=torch.empty(8, 24))
+    _dense_error(TypeError, "c .* and d must both be torch.float32", c=torch.zeros(8, 24))
+    _dense_error(ValueError, "c must have d's shape", c=torch.zeros(8, 23), d=torch.empty(8, 24))
+    d = torch.empty(8, 48)
+    _dense_error(ValueError, "c shares memory with d", c=d[:, 24:], d=d[:, :24])
+    _dense_error(TypeError, "compiled_dims must be a str", d=torch.empty(8, 24, dtype=torch.bfloat16), compiled_dims=1)
+    _dense_error(ValueError, "compiled_dims must be made of", compiled_dims="xy")
+
+
+def test_addend_copied_only_after_validation():
+    d, c = torch.full((8, 24), 7.0), torch.zeros(8, 24)
+    with pytest.raises(ValueError):
+        deep_gemm.bf16_gemm_nt(_rand(8, 16), _rand(24, 24), d, c)
+    assert (d == 7).all()
+
+
+def test_grouped_errors():
+    a, b, idx = _contiguous_inputs()
+    d = torch.empty(a.shape[0], b.shape[1], dtype=torch.bfloat16)
+    fn = deep_gemm.m_grouped_bf16_gemm_nt_contiguous
+    with pytest.raises(ValueError, match="b must be 3-D"):
+        fn(a, b[0], d, idx)
+    with pytest.raises(TypeError, match="d must be torch.bfloat16, got torch.float32"):
+        fn(a, b, d.float(), idx)
+    with pytest.raises(TypeError, match="grouped_layout must be torch.int32"):
+        fn(a, b, d, idx.long())
+    with pytest.raises(ValueError, match="grouped_layout must have shape"):
+        fn(a, b, d, idx[:-1])
+    with pytest.raises(ValueError, match="b must have K = 136"):
+        fn(a, b[:, :, :128], d, idx)
+    with pytest.raises(ValueError, match="expected_m_for_psum_layout is only meaningful"):
+        fn(a, b, d, idx, expected_m_for_psum_layout=4)
+    with pytest.raises(TypeError, match="use_psum_layout must be a bool"):
+        fn(a, b, d, idx, use_psum_layout="yes")
+    g, max_m, n, k = 2, 16, 16, 32
+    am, bm = _rand(g, max_m, k), _rand(g, n, k)
+    dm = torch.empty(g, max_m, n, dtype=torch.bfloat16)
+    masked_m = torch.tensor([3, 4], dtype=torch.int32)
+    fm = deep_gemm.m_grouped_bf16_gemm_nt_masked
+    with pytest.raises(ValueError, match="a must hold G = 2 groups"):
+        fm(am[:1], bm, dm[:1], masked_m, 4)
+    with pytest.raises(ValueError, match="masked_m must have shape"):
+        fm(am, bm, dm, masked_m[:1], 4)
+    with pytest.raises(TypeError, match="expected_m must be a Python int"):
+        fm(am, bm, dm, masked_m, 4.0)
+    with pytest.raises(ValueError, match="d must have shape"):
+        fm(am, bm, dm[:, :8], masked_m, 4)
+    with pytest.raises(ValueError, match="a .* one contiguous dimension"):
+        fm(am.transpose(1, 2).contiguous().transpose(1, 2), bm, dm, masked_m, 4)
+
+
+def test_k_grouped_errors():
+    ks, m, n = [16, 8], 16, 24
+    a, b = _rand(24, m), _rand(24, n)
+    d = torch.empty(2, m, n)
+    gl = torch.tensor(ks, dtype=torch.int32)
+    fn = deep_gemm.k_grouped_bf16_gemm_tn_contiguous
+    with pytest.raises(TypeError, match="ks_cpu must be a list"):
+        fn(a, b, d, gl, gl)
+    with pytest.raises(TypeError, match=r"ks_cpu\[1\] must be a Python int"):
+        fn(a, b, d, [16, 8.0], gl)
+    with pytest.raises(ValueError, match=r"ks_cpu\[0\] must be a non-negative multiple of 8"):
+        fn(a, b, d, [12, 12], gl)
+    with pytest.raises(ValueError, match="ks_cpu must name at least one group"):
+        fn(a, b, d[:0], [], gl[:0])
+    with pytest.raises(ValueError, match=r"a must have sum\(ks_cpu\) = 32 rows"):
+        fn(a, b, d, [16, 16], gl)
+    with pytest.raises(TypeError, match="d must be torch.float32"):
+        fn(a, b, d.bfloat16(), ks, gl)
+    with pytest.raises(ValueError, match=r"d must have shape \(2, 16, 24\)"):
+        fn(a, b, d[:, :8], ks, gl)
+    with pytest.raises(ValueError, match="grouped_layout must have shape"):
+        fn(a, b, d, ks, gl[:1])
+    with pytest.raises(ValueError, match="use_psum_layout=True is not supported"):
+        fn(a, b, d, ks, gl, use_psum_layout=True)
+    with pytest.raises(ValueError, match="b has strides"):
+        fn(a, _rand(24, 12), torch.empty(2, m, 12), ks, gl)
+    with pytest.raises(TypeError, match="c .* must both be torch.float32"):
+        fn(a, b, d, ks, gl, d.bfloat16())
+
+
+# ---- torch.compile ------------------------------------------------------------------------------------
+def test_compile_traces_custom_ops():
+    a, b = _rand(24, 64, seed=1), _rand(40, 64, seed=2)
+    ab, bb, idx = _contiguous_inputs(n=32, k=64)
+    am, bm = _rand(2, 16, 32, seed=3), _rand(2, 24, 32, seed=4)
+    masked_m = torch.tensor([5, 16], dtype=torch.int32)
+    ks = [16, 0, 8]
+    ka, kb = _rand(24, 16, seed=5), _rand(24, 8, seed=6)
+
+    def fn(a, b, ab, bb, idx, am, bm, masked_m, ka, kb):
+        d1 = torch.zeros(24, 40)
+        deep_gemm.bf16_gemm_nt(a, b, d1)
+        d2 = torch.zeros(24, 40, dtype=torch.bfloat16)
+        deep_gemm.bf16_gemm_tn(a.T, b.T, d2)
+        d3 = torch.zeros(ab.shape[0], 32, dtype=torch.bfloat16)
+        deep_gemm.m_grouped_bf16_gemm_nt_contiguous(ab, bb, d3, idx)
+        d4 = torch.zeros(2, 16, 24, dtype=torch.bfloat16)
+        deep_gemm.m_grouped_bf16_gemm_nt_masked(am, bm, d4, masked_m, 8)
+        d5 = torch.ones(3, 16, 8)
+        deep_gemm.k_grouped_bf16_gemm_tn_contiguous(ka, kb, d5, ks, torch.tensor(ks, dtype=torch.int32), d5)
+        return d1 * 2, d2, d3, d4, d5
+
+    args = (a, b, ab, bb, idx, am, bm, masked_m, ka, kb)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    got = torch.compile(fn, fullgraph=True, backend=backend)(*args)
+    targets = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
+    assert {"deep_gemm.bf16_gemm_nt", "deep_gemm.m_grouped_bf16_gemm_nt_contiguous",
+            "deep_gemm.m_grouped_bf16_gemm_nt_masked", "deep_gemm.k_grouped_bf16_gemm_tn"} <= targets
+    torch._dynamo.reset()
+    again = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
+    torch._dynamo.reset()
+    want = fn(*args)
+    for x, y, z in zip(got, want, again):
+        assert torch.equal(x, y) and torch.equal(z, y)
+
+
+# ---- GPU (any CUDA device: the interim torch path) -----------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["nt", "nn", "tn", "tt"])
+@pytest.mark.parametrize("out_dtype, addend", [(torch.bfloat16, None), (torch.float32, "separate"),
+                                               (torch.float32, "d")])
+def test_dense_gpu(layout, out_dtype, addend):
+    for views in ((False, False), (True, True)):
+        d, want = _dense_case(layout, 264, 520, 776, views, out_dtype, addend, device="cuda")
+        assert calc_diff(d, want) <= TOL
+
+
+@pytest.mark.gpu
+def test_grouped_gpu():
+    a, b, idx = _contiguous_inputs(device="cuda", n=256, k=512)
+    d = _poisoned(a.shape[0], 256, dtype=torch.bfloat16, device="cuda")
+    deep_gemm.m_grouped_bf16_gemm_nt_contiguous(a, b, d, idx)
+    want = reference.m_grouped_bf16_gemm_nt_contiguous(a, b, torch.zeros(d.shape, dtype=torch.float64,
+                                                                         device="cuda"), idx)
+    valid = idx >= 0
+    assert d[~valid].isnan().all() and calc_diff(d[valid], want[valid]) <= TOL
+    ks = [128, 0, 256]
+    ka, kb = _rand(384, 256, device="cuda"), _rand(384, 128, device="cuda")
+    dk = _poisoned(3, 256, 128, dtype=torch.float32, device="cuda")
+    deep_gemm.k_grouped_bf16_gemm_tn_contiguous(ka, kb, dk, ks, torch.tensor(ks, dtype=torch.int32, device="cuda"))
+    want = reference.k_grouped_bf16_gemm_tn(ka, kb, torch.empty(dk.shape, dtype=torch.float64, device="cuda"), ks)
+    assert calc_diff(dk, want) <= TOL
+
+
+@pytest.mark.gpu
+def test_masked_cuda_graph_capture():
+    g, max_m, n, k = 4, 128, 256, 512
+    a, b = _rand(g, max_m, k, device="cuda"), _rand(g, n, k, device="cuda")
+    masked_m = torch.tensor([128, 7, 0, 64], dtype=torch.int32, device="cuda")
+    d = _poisoned(g, max_m, n, dtype=torch.bfloat16, device="cuda")
+    deep_gemm.m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, 64)   # warm-up (cuBLAS handles)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        deep_gemm.m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, 64)
+    for counts in ([5, 128, 1, 0], [300, -1, 17, 99]):   # replays read masked_m's current contents
+        d.fill_(float("nan"))
+        masked_m.copy_(torch.tensor(counts, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = reference.m_grouped_bf16_gemm_nt_masked(a, b, torch.zeros(d.shape, dtype=torch.float64,
+                                                                         device="cuda"), masked_m)
+        for i, m in enumerate(masked_m.clamp(0, max_m).tolist()):
+            assert d[i, m:].isnan().all()
+            if m:
+                assert calc_diff(d[i, :m], want[i, :m]) <= TOL
