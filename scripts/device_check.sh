@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: GPU tests, compute-sanitizer, benchmark, A/B against another build;
 # a short summary last (the device tool returns the end of the output).
-# Usage (repo root): bash scripts/device_check.sh [tests|sanitizer|bench|ab ...]
+# Usage (repo root): bash scripts/device_check.sh [tests|sanitizer|bench|ab|suite:NAME ...]
 # Env: OUT (logs, default /tmp/out), TEST_WORKERS (pytest -n, default 8), SANITIZER_TOOLS (default
 # memcheck racecheck synccheck), STEP_TIMEOUT (seconds per step or sanitizer tool, default 240),
 # BASE (ab: the other build's repository root), AB_ROUNDS (ab: runs of each side, default 2),
@@ -36,6 +36,12 @@ for step in $steps; do
       PYTHONPATH=$HERE timeout "$LIMIT" python3 -m deep_gemm bench ${BENCH_ARGS:-} --json "$OUT/bench.json" \
         --plot "$OUT/bench.png" > "$OUT/bench.log" 2>&1
       summary+=("bench (exit $?):" "$(grep -E '^(dense|odd|contig|masked)|geomean|^per_' "$OUT/bench.log" | cut -c1-110)") ;;
+    suite:*)
+      # One bench suite by name (wgrad, host, train_step, chain, sweep, ...), ours and the peers.
+      name=${step#suite:}
+      PYTHONPATH=$HERE timeout "$LIMIT" python3 -m deep_gemm bench --suite "$name" ${BENCH_ARGS:-} \
+        --json "$OUT/$name.json" --plot "$OUT/$name.png" > "$OUT/$name.log" 2>&1
+      summary+=("bench --suite $name (exit $?):" "$(tail -25 "$OUT/$name.log" | cut -c1-140)") ;;
     ab)
       # Interleaved runs of each build's bench (ours only), then the row-by-row comparison.
       base_runs=() new_runs=()
