@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: GPU tests, compute-sanitizer, benchmark, A/B against another build;
 # a short summary last (the device tool returns the end of the output).
-# Usage (repo root): bash scripts/device_check.sh [tests|sanitizer|bench|ab|suite:NAME ...]
+# Usage (repo root): bash scripts/device_check.sh [tests|sanitizer|bench|ab|cu12|suite:NAME ...]
 # Env: OUT (logs, default /tmp/out), TEST_WORKERS (pytest -n, default 8), SANITIZER_TOOLS (default
 # memcheck racecheck synccheck), STEP_TIMEOUT (seconds per step or sanitizer tool, default 240),
 # BASE (ab: the other build's repository root), AB_ROUNDS (ab: runs of each side, default 2),
@@ -36,6 +36,24 @@ for step in $steps; do
       PYTHONPATH=$HERE timeout "$LIMIT" python3 -m deep_gemm bench ${BENCH_ARGS:-} --json "$OUT/bench.json" \
         --plot "$OUT/bench.png" > "$OUT/bench.log" 2>&1
       summary+=("bench (exit $?):" "$(grep -E '^(dense|odd|contig|masked)|geomean|^per_' "$OUT/bench.log" | cut -c1-110)") ;;
+    cu12)
+      # CUDA 12 stacks: cuda-bindings 12.x, cuda-pathfinder and NVRTC 12.4 wheels carried in .whl/
+      # (python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+      # --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "cuda-bindings==12.9.*"
+      # "nvidia-cuda-nvrtc-cu12==12.4.*" cuda-pathfinder), first on the path, with libnvrtc.so.12 loaded
+      # before the bindings look for an NVRTC (else they find the CUDA 13 one beside torch); the
+      # DeepGEMM 2.x, training and dense GPU tests, serially (xdist workers would not preload it).
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site12 .whl/*.whl > "$OUT/cu12.log" 2>&1
+      run12() {
+        PYTHONPATH=/tmp/site12:$HERE DG_JIT_CACHE_DIR=/tmp/dg_cache12 python3 -c "import ctypes, glob, runpy, sys
+ctypes.CDLL(glob.glob('/tmp/site12/nvidia/cuda_nvrtc/lib/libnvrtc.so.12*')[0], mode=ctypes.RTLD_GLOBAL)
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)" "$@"
+      }
+      run12 deep_gemm info 2>&1 | grep -E "^(NVRTC|driver)" >> "$OUT/cu12.log"
+      timeout "$LIMIT" bash -c "$(declare -f run12); HERE=$HERE run12 pytest -q -m gpu tests/test_api_v2.py \
+        tests/test_training.py tests/test_gemm_gpu.py -p no:cacheprovider" >> "$OUT/cu12.log" 2>&1
+      summary+=("cu12 gpu tests (exit $?): $(grep -E '^NVRTC' "$OUT/cu12.log" | tr -s ' ') / $(tail -1 "$OUT/cu12.log")") ;;
     suite:*)
       # One bench suite by name (wgrad, host, train_step, chain, sweep, ...), ours and the peers.
       name=${step#suite:}
