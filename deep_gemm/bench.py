@@ -328,14 +328,14 @@ def make_wgrad(m: int, n: int, k: int, device) -> Problem:
 
 def make_k_grouped(groups: int, m: int, n: int, avg_k: int, device) -> Problem:
     """out [G, M, N] fp32 += A_g B_g^T over each group's K (0.97-1.03 x avg_k in steps of 128)."""
-    from .reference import dequantize_lhs
+    from .reference import dequantize_lhs, k_grouped_operand
     seed = groups * 7901 + m * 31 + n + avg_k
     rng = random.Random(seed)
     torch.manual_seed(seed)
     ks = [int(avg_k * rng.uniform(0.97, 1.03)) // 128 * 128 for _ in range(groups)]
     parts = [_wgrad_operands(m, n, k, device) for k in ks]
-    lhs = (torch.cat([a.reshape(-1) for (a, _), _ in parts]), torch.cat([s.T for (_, s), _ in parts]).contiguous())
-    rhs = (torch.cat([b.reshape(-1) for _, (b, _) in parts]), torch.cat([s.T for _, (_, s) in parts]).contiguous())
+    lhs = k_grouped_operand([a for a, _ in parts])
+    rhs = k_grouped_operand([b for _, b in parts])
     ref = torch.stack([dequantize_lhs(*p, dtype=torch.float64) @ dequantize_lhs(*q, dtype=torch.float64).T
                        for p, q in parts])
     del parts
@@ -757,8 +757,7 @@ def _reference_wgrad(record, gen, n, k) -> None:
     a, b = xs[2], xs[5]
     expect = start.double() + ref.dequantize_lhs(*a, dtype=torch.float64) @ ref.dequantize_lhs(*b, dtype=torch.float64).T
     record(f"wgrad {m}x{n}x{ks[2]}", lambda: ref.gemm_fp8_fp8_nt(a, b, start.clone(), True, True), expect)
-    flat = [(torch.cat([q.reshape(-1) for q, _ in part]), torch.cat([s.T for _, s in part]).contiguous())
-            for part in (xs[:3], xs[3:])]
+    flat = [ref.k_grouped_operand(part) for part in (xs[:3], xs[3:])]
     expect = torch.stack([ref.dequantize_lhs(*p, dtype=torch.float64) @ ref.dequantize_lhs(*q, dtype=torch.float64).T
                           for p, q in zip(xs[:3], xs[3:])])
     record(f"k-grouped {len(ks)}x{m}x{n}", lambda: ref.k_grouped_gemm_fp8_fp8_nt(

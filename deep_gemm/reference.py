@@ -176,15 +176,14 @@ def _pair(x, name: str):
 # GEMMs: out = (A * sa) @ (B * sb)^T, written as bf16 -------------------------------------------
 def gemm_fp8_fp8_bf16_nt(lhs, rhs, out=None) -> torch.Tensor:
     """Dense: A [M, K], sa [M, KB]; B [N, K], sb [NB, KB]; out bf16 [M, N] (allocated if None)."""
-    a, sa = _pair(lhs, "lhs")
-    b, sb = _pair(rhs, "rhs")
-    result = _matmul_nt(dequantize_lhs(a, sa), dequantize_rhs(b, sb))
+    a, _ = _pair(lhs, "lhs")
+    b, _ = _pair(rhs, "rhs")
+    want = (a.shape[0], b.shape[0])
     if out is None:
-        return result.to(torch.bfloat16)
-    if tuple(out.shape) != tuple(result.shape):
-        raise ValueError(f"out must have shape {tuple(result.shape)}, got {tuple(out.shape)}")
-    out.copy_(result)
-    return out
+        out = torch.empty(want, dtype=torch.bfloat16, device=a.device)
+    if tuple(out.shape) != want:
+        raise ValueError(f"out must have shape {want}, got {tuple(out.shape)}")
+    return gemm_fp8_fp8_nt(lhs, rhs, out)
 
 
 def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices) -> torch.Tensor:
@@ -230,6 +229,12 @@ def gemm_fp8_fp8_nt(lhs, rhs, out: torch.Tensor, row_scales_b: bool = False, acc
     result = _matmul_nt(dequantize_lhs(a, sa), b_deq)
     out.copy_(out.float() + result if accumulate else result)
     return out
+
+
+def k_grouped_operand(pairs):
+    """The K-grouped layout of one operand from its groups' per-row casts [(q [rows, k_g] e4m3, s [rows,
+    ceil(k_g/128)]), ...]: (q flat, group after group; s [sum of ceil(k_g/128), rows], contiguous)."""
+    return (torch.cat([q.reshape(-1) for q, _ in pairs]), torch.cat([s.T for _, s in pairs]).contiguous())
 
 
 def k_grouped_gemm_fp8_fp8_nt(lhs, rhs, out: torch.Tensor, k_sizes, accumulate: bool = True) -> torch.Tensor:

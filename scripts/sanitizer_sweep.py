@@ -12,7 +12,7 @@ import torch
 import deep_gemm
 from deep_gemm import plan
 from deep_gemm.config import max_stages
-from deep_gemm.reference import calc_diff, dequantize_lhs, dequantize_rhs
+from deep_gemm.reference import calc_diff, dequantize_lhs, dequantize_rhs, k_grouped_operand
 from deep_gemm.runtime.kernels import prepare_gemm
 
 
@@ -64,8 +64,7 @@ def training():
     xs = [deep_gemm.per_token_cast_to_fp8(torch.randn(rows, kk, device="cuda", dtype=torch.bfloat16))
           for rows in (m, n) for kk in ks if kk]
     a_parts, b_parts = xs[:3], xs[3:]
-    lhs = (torch.cat([q.reshape(-1) for q, _ in a_parts]), torch.cat([s.T for _, s in a_parts]).contiguous())
-    rhs = (torch.cat([q.reshape(-1) for q, _ in b_parts]), torch.cat([s.T for _, s in b_parts]).contiguous())
+    lhs, rhs = k_grouped_operand(a_parts), k_grouped_operand(b_parts)
     out = torch.randn(len(ks), m, n, device="cuda")
     before = out.clone()
     deep_gemm.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(lhs, rhs, out, ks)

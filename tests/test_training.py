@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import deep_gemm
-from deep_gemm.reference import calc_diff, dequantize_lhs, dequantize_rhs
+from deep_gemm.reference import calc_diff, dequantize_lhs, dequantize_rhs, k_grouped_operand
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 FP8 = torch.float8_e4m3fn
@@ -100,8 +100,7 @@ def _k_grouped(ks, m, n, gen, device):
     ys = [torch.randn(n, k, generator=gen).to(device, torch.bfloat16) for k in ks]
     qa = [_cast_rows(x) if x.shape[1] else (x.to(FP8), torch.empty(m, 0, device=device)) for x in xs]
     qb = [_cast_rows(y) if y.shape[1] else (y.to(FP8), torch.empty(n, 0, device=device)) for y in ys]
-    a = (torch.cat([q.reshape(-1) for q, _ in qa]), torch.cat([s.T for _, s in qa]).contiguous())
-    b = (torch.cat([q.reshape(-1) for q, _ in qb]), torch.cat([s.T for _, s in qb]).contiguous())
+    a, b = k_grouped_operand(qa), k_grouped_operand(qb)
     refs = [_ref(x, y).cpu() for x, y in zip(qa, qb)]
     return a, b, refs
 

@@ -419,9 +419,10 @@ struct Fp8Math {
         DG_DEVICE void promote(float (&into)[C::kAccRegs], const float (&tile)[C::kAccRegs], const BlockScales& s) {
             if constexpr (C::kRowScalesB) {
                 // Column group i: this thread's columns 8 i + 2 (lane % 4) + {0, 1}, one scale each.
+                const uint32_t sb_addr = m.sb_ring_addr + (s.stage * C::kStageScalesB + s.slot * C::kBlockN) * 4;
 #pragma unroll
                 for (int i = 0; i < C::kAccRegs / 4; ++i) {
-                    const float2 b = ptx::lds_float2(sb_addr(s) + i * 8 * 4);
+                    const float2 b = ptx::lds_float2(sb_addr + i * 8 * 4);
                     into[4 * i + 0] += tile[4 * i + 0] * (s.sa0 * b.x);
                     into[4 * i + 1] += tile[4 * i + 1] * (s.sa0 * b.y);
                     into[4 * i + 2] += tile[4 * i + 2] * (s.sa1 * b.x);
@@ -450,10 +451,6 @@ struct Fp8Math {
             if (kReleaseBeforePromote && scales.last_of_stage) release(scales.stage);
             promote(m.acc[0], tile, scales);
             if (!kReleaseBeforePromote && scales.last_of_stage) release(scales.stage);
-        }
-        // This thread's first B scale of the block in the stage (per-row B scales).
-        DG_DEVICE uint32_t sb_addr(const BlockScales& s) const {
-            return m.sb_ring_addr + (s.stage * C::kStageScalesB + s.slot * C::kBlockN) * 4;
         }
         // One block at a time: issue, wait, promote.
         DG_DEVICE void serial() {
@@ -569,13 +566,8 @@ struct Epilogue {
     // One chunk's rows [row, row + 64) of D: stored, or added to D (kAccumulate); K-grouped D is
     // [G][M][N], so a box stops at its group's last row.
     static DG_DEVICE void store_chunk(const GemmParams& p, const uint8_t* src, int32_t col, int32_t row, int32_t group) {
-        if constexpr (C::kLayout == kKGrouped) {
-            if (C::kAccumulate) ptx::tma_reduce_add_3d(&p.tma_out, src, col, row, group);
-            else ptx::tma_store_3d(&p.tma_out, src, col, row, group);
-        } else {
-            if (C::kAccumulate) ptx::tma_reduce_add_2d(&p.tma_out, src, col, row);
-            else ptx::tma_store_2d(&p.tma_out, src, col, row);
-        }
+        if constexpr (C::kLayout == kKGrouped) ptx::tma_store_3d<C::kAccumulate>(&p.tma_out, src, col, row, group);
+        else ptx::tma_store_2d<C::kAccumulate>(&p.tma_out, src, col, row);
     }
     // This warpgroup's 64 rows of wave `wave`: into swizzled shared memory, then TMA stores that run
     // on under the next tile; bf16 row by row where a box would write too much (a masked group's

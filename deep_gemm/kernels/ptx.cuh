@@ -108,23 +108,27 @@ DG_DEVICE void cp_async_mbarrier_arrive_noinc(uint64_t* bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(bar)) : "memory");
 }
 
-// Tile store shared -> global; out-of-bounds parts of the box are clipped.
+// Tile store shared -> global; out-of-bounds parts of the box are clipped. kAdd: the tile is added
+// to what global memory holds instead (a reduce-add: one addition per element, in L2).
+template <bool kAdd = false>
 DG_DEVICE void tma_store_2d(const TmaDescriptor* desc, const void* src, int32_t c0, int32_t c1) {
-    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n"
-                 ::"l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(src)), "r"(c0), "r"(c1) : "memory");
+    if constexpr (kAdd) {
+        asm volatile("cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.bulk_group [%0, {%2, %3}], [%1];\n"
+                     ::"l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(src)), "r"(c0), "r"(c1) : "memory");
+    } else {
+        asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n"
+                     ::"l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(src)), "r"(c0), "r"(c1) : "memory");
+    }
 }
+template <bool kAdd = false>
 DG_DEVICE void tma_store_3d(const TmaDescriptor* desc, const void* src, int32_t c0, int32_t c1, int32_t c2) {
-    asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];\n"
-                 ::"l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(src)), "r"(c0), "r"(c1), "r"(c2) : "memory");
-}
-// The same, adding the fp32 tile to what global memory holds (one add per element, in L2).
-DG_DEVICE void tma_reduce_add_2d(const TmaDescriptor* desc, const void* src, int32_t c0, int32_t c1) {
-    asm volatile("cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.bulk_group [%0, {%2, %3}], [%1];\n"
-                 ::"l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(src)), "r"(c0), "r"(c1) : "memory");
-}
-DG_DEVICE void tma_reduce_add_3d(const TmaDescriptor* desc, const void* src, int32_t c0, int32_t c1, int32_t c2) {
-    asm volatile("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.bulk_group [%0, {%2, %3, %4}], [%1];\n"
-                 ::"l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(src)), "r"(c0), "r"(c1), "r"(c2) : "memory");
+    if constexpr (kAdd) {
+        asm volatile("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.bulk_group [%0, {%2, %3, %4}], [%1];\n"
+                     ::"l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(src)), "r"(c0), "r"(c1), "r"(c2) : "memory");
+    } else {
+        asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];\n"
+                     ::"l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(src)), "r"(c0), "r"(c1), "r"(c2) : "memory");
+    }
 }
 DG_DEVICE void tma_store_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 // Until the committed stores have read shared memory / have completed (before the block exits).

@@ -92,10 +92,8 @@ def _run_reference(args: GemmArgs) -> None:
     if args.layout == Layout.K_GROUPED:   # the scales as the caller gave them, [sum of K blocks, rows]
         reference.k_grouped_gemm_fp8_fp8_nt((args.a, args.sa.T), (args.b, args.sb.T), args.out, args.k_sizes,
                                             args.accumulate)
-    elif args.layout == Layout.DENSE and (args.row_scales_b or args.accumulate or args.out.dtype != torch.bfloat16):
-        reference.gemm_fp8_fp8_nt(lhs, rhs, args.out, args.row_scales_b, args.accumulate)
     elif args.layout == Layout.DENSE:
-        reference.gemm_fp8_fp8_bf16_nt(lhs, rhs, args.out)
+        reference.gemm_fp8_fp8_nt(lhs, rhs, args.out, args.row_scales_b, args.accumulate)
     elif args.layout == Layout.CONTIGUOUS:   # like the kernel, indices outside [0, G) are padding
         idx = args.index
         in_range = (idx >= 0) & (idx < args.num_groups)
