@@ -228,32 +228,26 @@ def k_grouped_fp8_gemm_nt_contiguous(a: Pair, b: Pair, d: torch.Tensor, ks_cpu, 
                   names=names, addend=addend)
 
 
-def fp8_gemm_nn(a: Pair, b: Pair, d: torch.Tensor, c: Optional[torch.Tensor] = None,
-                recipe: Optional[Tuple[int, int, int]] = None, recipe_a: Optional[Tuple[int, int]] = None,
-                recipe_b: Optional[Tuple[int, int]] = None, compiled_dims: str = "nk",
-                disable_ue8m0_cast: bool = False) -> None:
-    """D = A[M, K] @ B[K, N]: always raises ValueError on Hopper (FP8 operands must be K-major)."""
-    _k_major_only("fp8_gemm_nn", "b is [K, N] (N-major)",
-                  "cast B from w.t().contiguous() ([N, K]) with per_block_cast_to_fp8")
+def _k_major_only_gemm(name: str, product: str, layout: str, fix: str, dims: str):
+    """A DeepGEMM 2.x FP8 GEMM with an MN-major operand, which Hopper's FP8 wgmma cannot read."""
+    def gemm(a: Pair, b: Pair, d: torch.Tensor, c: Optional[torch.Tensor] = None,
+             recipe: Optional[Tuple[int, int, int]] = None, recipe_a: Optional[Tuple[int, int]] = None,
+             recipe_b: Optional[Tuple[int, int]] = None, compiled_dims: str = dims,
+             disable_ue8m0_cast: bool = False) -> None:
+        raise ValueError(f"{name}: {layout}, but FP8 operands must be K-major on Hopper (the FP8 wgmma reads A and B "
+                         f"with K contiguous; DeepGEMM rejects this layout on SM90 as well). Use fp8_gemm_nt with a "
+                         f"transposed cast: {fix}.")
+    gemm.__name__ = gemm.__qualname__ = name
+    gemm.__doc__ = f"D = {product}: always raises ValueError on Hopper (FP8 operands must be K-major)."
+    return gemm
 
 
-def fp8_gemm_tn(a: Pair, b: Pair, d: torch.Tensor, c: Optional[torch.Tensor] = None,
-                recipe: Optional[Tuple[int, int, int]] = None, recipe_a: Optional[Tuple[int, int]] = None,
-                recipe_b: Optional[Tuple[int, int]] = None, compiled_dims: str = "mn",
-                disable_ue8m0_cast: bool = False) -> None:
-    """D = A[K, M]^T @ B[K, N]: always raises ValueError on Hopper (FP8 operands must be K-major)."""
-    _k_major_only("fp8_gemm_tn", "a is [K, M] and b is [K, N] (both MN-major)",
-                  "cast A from x.t().contiguous() ([M, K]) with per_token_cast_to_fp8 and B from w.t().contiguous() "
-                  "([N, K]) with per_block_cast_to_fp8")
-
-
-def fp8_gemm_tt(a: Pair, b: Pair, d: torch.Tensor, c: Optional[torch.Tensor] = None,
-                recipe: Optional[Tuple[int, int, int]] = None, recipe_a: Optional[Tuple[int, int]] = None,
-                recipe_b: Optional[Tuple[int, int]] = None, compiled_dims: str = "mn",
-                disable_ue8m0_cast: bool = False) -> None:
-    """D = A[K, M]^T @ B[N, K]^T: always raises ValueError on Hopper (FP8 operands must be K-major)."""
-    _k_major_only("fp8_gemm_tt", "a is [K, M] (M-major)",
-                  "cast A from x.t().contiguous() ([M, K]) with per_token_cast_to_fp8")
+_CAST_A_T = "cast A from x.t().contiguous() ([M, K]) with per_token_cast_to_fp8"
+_CAST_B_T = "B from w.t().contiguous() ([N, K]) with per_block_cast_to_fp8"
+fp8_gemm_nn = _k_major_only_gemm("fp8_gemm_nn", "A[M, K] @ B[K, N]", "b is [K, N] (N-major)", "cast " + _CAST_B_T, "nk")
+fp8_gemm_tn = _k_major_only_gemm("fp8_gemm_tn", "A[K, M]^T @ B[K, N]", "a is [K, M] and b is [K, N] (both MN-major)",
+                                 f"{_CAST_A_T} and {_CAST_B_T}", "mn")
+fp8_gemm_tt = _k_major_only_gemm("fp8_gemm_tt", "A[K, M]^T @ B[N, K]^T", "a is [K, M] (M-major)", _CAST_A_T, "mn")
 
 
 def m_grouped_fp8_gemm_nt_contiguous(a: Pair, b: Pair, d: torch.Tensor, grouped_layout: torch.Tensor,
@@ -546,12 +540,6 @@ def _check_fp32_scales(sf, name: str) -> None:
         raise TypeError(f"{name} must be float32 scales, got {sf.dtype}")
 
 
-def _k_major_only(name: str, layout: str, fix: str) -> None:
-    raise ValueError(f"{name}: {layout}, but FP8 operands must be K-major on Hopper (the FP8 wgmma reads A and B with "
-                     f"K contiguous; DeepGEMM rejects this layout on SM90 as well). Use fp8_gemm_nt with a transposed "
-                     f"cast: {fix}.")
-
-
 def _call_v1(fn, layout: int, *args) -> None:
     """The v1 call of the translated arguments: the pipeline, whose messages name the 2.x arguments,
     or while tracing the v1 public function (which becomes its custom op)."""
@@ -586,30 +574,19 @@ def _bf16_dense(layout: str, a, b, d, c, compiled_dims) -> None:
         _bf16.run_dense(a_mk, b_nk, d, c is not None)
 
 
-def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: Optional[torch.Tensor] = None,
-                 compiled_dims: str = "nk") -> None:
-    _bf16_dense("nt", a, b, d, c, compiled_dims)
+def _bf16_dense_gemm(layout: str, op: str, a_shape: str, b_shape: str, dims: str):
+    def gemm(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: Optional[torch.Tensor] = None,
+             compiled_dims: str = dims) -> None:
+        _bf16_dense(layout, a, b, d, c, compiled_dims)
+    gemm.__name__ = gemm.__qualname__ = f"bf16_gemm_{layout}"
+    gemm.__doc__ = _BF16_DENSE_DOC.format(op=op, a_shape=a_shape, b_shape=b_shape)
+    return gemm
 
 
-def bf16_gemm_nn(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: Optional[torch.Tensor] = None,
-                 compiled_dims: str = "nk") -> None:
-    _bf16_dense("nn", a, b, d, c, compiled_dims)
-
-
-def bf16_gemm_tn(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: Optional[torch.Tensor] = None,
-                 compiled_dims: str = "mn") -> None:
-    _bf16_dense("tn", a, b, d, c, compiled_dims)
-
-
-def bf16_gemm_tt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: Optional[torch.Tensor] = None,
-                 compiled_dims: str = "mn") -> None:
-    _bf16_dense("tt", a, b, d, c, compiled_dims)
-
-
-bf16_gemm_nt.__doc__ = _BF16_DENSE_DOC.format(op="A[M, K] @ B[N, K]^T", a_shape="[M, K]", b_shape="[N, K]")
-bf16_gemm_nn.__doc__ = _BF16_DENSE_DOC.format(op="A[M, K] @ B[K, N]", a_shape="[M, K]", b_shape="[K, N]")
-bf16_gemm_tn.__doc__ = _BF16_DENSE_DOC.format(op="A[K, M]^T @ B[K, N]", a_shape="[K, M]", b_shape="[K, N]")
-bf16_gemm_tt.__doc__ = _BF16_DENSE_DOC.format(op="A[K, M]^T @ B[N, K]^T", a_shape="[K, M]", b_shape="[N, K]")
+bf16_gemm_nt = _bf16_dense_gemm("nt", "A[M, K] @ B[N, K]^T", "[M, K]", "[N, K]", "nk")
+bf16_gemm_nn = _bf16_dense_gemm("nn", "A[M, K] @ B[K, N]", "[M, K]", "[K, N]", "nk")
+bf16_gemm_tn = _bf16_dense_gemm("tn", "A[K, M]^T @ B[K, N]", "[K, M]", "[K, N]", "mn")
+bf16_gemm_tt = _bf16_dense_gemm("tt", "A[K, M]^T @ B[N, K]^T", "[K, M]", "[N, K]", "mn")
 
 
 def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor,

@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .bench_common import PEER_TITLES, PEERS, geomean
+from .bench_common import PEER_TITLES, PEERS, geomean, save_figure
 
 # ---------------------------------------------------------------------------------------------
 # Ceilings, measured on the H100 of ANCHORS.md: device copy (read + write) and FP8 tensor cores.
@@ -148,6 +148,18 @@ def _public(name: str):
     return fn
 
 
+def _ours(name: str, *args, out: torch.Tensor) -> Callable:
+    """Our peer's prepare(): deep_gemm.<name>(*args), returning `out`."""
+    def prepare():
+        fn = _public(name)
+
+        def call():
+            fn(*args)
+            return out
+        return call
+    return prepare
+
+
 def _cast_pair(x_a: torch.Tensor, x_b: torch.Tensor):
     from .api import per_block_cast_to_fp8, per_token_cast_to_fp8
     return per_token_cast_to_fp8(x_a), per_block_cast_to_fp8(x_b)
@@ -171,14 +183,7 @@ def make_dense(m: int, n: int, k: int, device, suite: str = "dense") -> Problem:
     ref = _ref64(a, sa, b, sb)
     out = torch.empty((m, n), dtype=torch.bfloat16, device=device)
 
-    def ours():
-        fn = _public("gemm_fp8_fp8_bf16_nt")
-        lhs, rhs = (a, sa), (b, sb)
-
-        def call():
-            fn(lhs, rhs, out)
-            return out
-        return call
+    ours = _ours("gemm_fp8_fp8_bf16_nt", (a, sa), (b, sb), out, out=out)
 
     return Problem(
         suite=suite, label=f"{m}x{n}x{k}", shape={"m": m, "n": n, "k": k},
@@ -246,14 +251,7 @@ def make_contiguous(groups: int, m_per_group: int, n: int, k: int, device, seed=
     m_indices = m_indices.to(device)
     out = torch.empty((m_total, n), dtype=torch.bfloat16, device=device)
 
-    def ours():
-        fn = _public("m_grouped_gemm_fp8_fp8_bf16_nt_contiguous")
-        lhs, rhs = (a, sa), (b, sb)
-
-        def call():
-            fn(lhs, rhs, out, m_indices)
-            return out
-        return call
+    ours = _ours("m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", (a, sa), (b, sb), out, m_indices, out=out)
 
     return _grouped_problem("contiguous", f"{groups}x{m_per_group} {n}x{k}",
                             {"groups": groups, "m_per_group": m_per_group, "n": n, "k": k,
@@ -274,14 +272,7 @@ def make_masked(groups: int, expected_m: int, n: int, k: int, device, seed=None)
     rows = [((g, slice(0, c)), c) for g, c in enumerate(counts)]
     out = torch.empty((groups, max_m, n), dtype=torch.bfloat16, device=device)
 
-    def ours():
-        fn = _public("m_grouped_gemm_fp8_fp8_bf16_nt_masked")
-        lhs, rhs = (a, sa), (b, sb)
-
-        def call():
-            fn(lhs, rhs, out, masked_m, expected_m)
-            return out
-        return call
+    ours = _ours("m_grouped_gemm_fp8_fp8_bf16_nt_masked", (a, sa), (b, sb), out, masked_m, expected_m, out=out)
 
     return _grouped_problem("masked", f"{groups}x{expected_m} {n}x{k}",
                             {"groups": groups, "expected_m": expected_m, "n": n, "k": k,
@@ -310,13 +301,7 @@ def make_wgrad(m: int, n: int, k: int, device) -> Problem:
     ref = dequantize_lhs(*lhs, dtype=torch.float64) @ dequantize_lhs(*rhs, dtype=torch.float64).T
     out = torch.zeros((m, n), dtype=torch.float32, device=device)
 
-    def ours():
-        fn = _public("wgrad_gemm_fp8_fp8_fp32_nt")
-
-        def call():
-            fn(lhs, rhs, out)
-            return out
-        return call
+    ours = _ours("wgrad_gemm_fp8_fp8_fp32_nt", lhs, rhs, out, out=out)
 
     return Problem(
         suite="wgrad", label=f"{m}x{n}x{k}", shape={"m": m, "n": n, "k": k},
@@ -341,13 +326,7 @@ def make_k_grouped(groups: int, m: int, n: int, avg_k: int, device) -> Problem:
     del parts
     out = torch.zeros((groups, m, n), dtype=torch.float32, device=device)
 
-    def ours():
-        fn = _public("k_grouped_wgrad_gemm_fp8_fp8_fp32_nt")
-
-        def call():
-            fn(lhs, rhs, out, ks)
-            return out
-        return call
+    ours = _ours("k_grouped_wgrad_gemm_fp8_fp8_fp32_nt", lhs, rhs, out, ks, out=out)
 
     total_k = sum(ks)
     return Problem(
@@ -669,10 +648,7 @@ def plot(rows: List[dict], path: str, title: str) -> Optional[str]:
     axes[0][0].set_ylabel("TFLOPS")
     axes[1][0].set_ylabel("% of roofline floor")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, title, path, dpi=110)
     return None
 
 

@@ -15,7 +15,7 @@ import math
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from .bench_common import PEER_TITLES, PEERS, geomean
+from .bench_common import PEER_TITLES, PEERS, geomean, save_figure
 
 # Each model's linear layers as N (output features) x K (input features), fused projections as
 # serving stacks run them, from the values of its config.json:
@@ -279,8 +279,5 @@ def plot_sweep(rows: List[dict], path: str, title: str, cols: int = 6) -> Option
     for ax in axes[-1]:
         ax.set_xlabel("M", fontsize=7)
     axes[0][0].legend(fontsize=6)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, title, path, dpi=100)
     return None

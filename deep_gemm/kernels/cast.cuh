@@ -137,11 +137,7 @@ DG_DEVICE uint32_t ld_u16(const void* p) {
     return v;
 }
 
-DG_DEVICE uint32_t ld_u32(const void* p) {
-    uint32_t v;
-    asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
-    return v;
-}
+DG_DEVICE uint32_t ld_u32(const void* p) { return ptx::ldg_int(static_cast<const int32_t*>(p)); }
 
 DG_DEVICE void st16(void* p, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
     asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(a), "r"(b), "r"(c), "r"(d)

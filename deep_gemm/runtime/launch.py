@@ -251,7 +251,8 @@ class LaunchTemplate:
     at a time fires it; another thread meanwhile binds a launch of its own."""
 
     __slots__ = ("kernel", "grid", "size", "offsets", "stream", "device_index", "patches", "config",
-                 "pdl_config", "cu_stream", "_image", "_buffer_type", "_pointers", "_own", "_own_lock")
+                 "pdl_config", "cu_stream", "_image", "_buffer_type", "_pointers", "_own", "_own_lock",
+                 "_own_words", "_plain_words", "_other_words")
 
     def __init__(self, launch: PreparedLaunch, patches: tuple):
         self.kernel, self.grid, self.offsets = launch.kernel, launch.grid, launch.offsets
@@ -266,6 +267,13 @@ class LaunchTemplate:
         self._pointers = (launch.address - ctypes.addressof(launch._buffer), struct.Struct(f"<{len(self.offsets)}Q"))
         self._own = self._launch_over(self._buffer_type.from_buffer_copy(self._image))
         self._own._graph_fires = -1   # its parameters change from fire to fire: never a graph
+        # The own buffer as native 8-byte words (little-endian wherever CUDA runs), when every patch
+        # starts on a word: patches of a pointer itself, and those with a delta or shift.
+        self._own_words = None
+        if all(offset % 8 == 0 for offset, *_ in patches) and len(self._image) % 8 == 0:
+            self._own_words = memoryview(self._own._buffer).cast("B").cast("Q")
+            self._plain_words = tuple((o // 8, s) for o, s, d, sh in patches if not d and not sh)
+            self._other_words = tuple((o // 8, s, d, sh) for o, s, d, sh in patches if d or sh)
         self._own_lock = threading.Lock()
 
     @classmethod
@@ -305,7 +313,7 @@ class LaunchTemplate:
             self.bind(pointers).fire()
             return
         try:
-            self._patch(self._own._buffer, pointers)
+            self._patch_own(pointers)
             self._own.fire()
         finally:
             self._own_lock.release()
@@ -313,6 +321,18 @@ class LaunchTemplate:
     def _patch(self, buffer, pointers: tuple) -> None:
         for offset, source, delta, shift in self.patches:
             _put_u64(buffer, offset, (pointers[source] + delta) >> shift)
+
+    def _patch_own(self, pointers: tuple) -> None:
+        """_patch of the template's own buffer, through its view as 8-byte words when there is one
+        (an item write costs less than pack_into)."""
+        words = self._own_words
+        if words is None:
+            self._patch(self._own._buffer, pointers)
+            return
+        for word, source in self._plain_words:
+            words[word] = pointers[source]
+        for word, source, delta, shift in self._other_words:
+            words[word] = (pointers[source] + delta) >> shift
 
     def _launch_over(self, buffer) -> PreparedLaunch:
         """A launch over `buffer` (this template's image, patched or not), its pointer array written."""
@@ -455,7 +475,8 @@ class LaunchCache:
         pointers = key[:len(tensors)]
         if reduce(or_, pointers) & 15:
             return False
-        for guard, template in self._templates.get(layout_key(key, tensors), ()):
+        layout = (tensors[0].shape, tensors[2].shape, *key[len(tensors):])   # layout_key(key, tensors), inline
+        for guard, template in self._templates.get(layout, ()):
             if guard(*tensors):
                 seen = self._seen
                 if seen.pop(key, False):
