@@ -343,6 +343,9 @@ def suite_cases(suite: str, quick: bool, shapes: List[tuple]) -> List[Callable]:
     if suite == "sweep":
         from .bench_sweep import suite_cases as sweep_cases
         return sweep_cases(quick, make_dense)
+    if suite == "bf16":
+        from .bench_bf16 import suite_cases as bf16_cases
+        return bf16_cases(quick, sys.modules[__name__])     # this module: bench_bf16 does not import it
     if suite == "dense":
         if shapes:
             mnks = list(shapes)
@@ -521,7 +524,7 @@ def _floor_geomeans(rows: List[dict]) -> dict:
 def summarise(rows: List[dict]) -> dict:
     """Geomeans over the ANCHORS.md inference suites; the odd shapes and the weight gradients get
     their own (summary["odd"], summary["wgrad"])."""
-    anchors = [r for r in rows if r["suite"] not in ("odd", "wgrad", "k_grouped", "sweep")]
+    anchors = [r for r in rows if r["suite"] not in ("odd", "wgrad", "k_grouped", "sweep", "bf16", "bf16_grouped")]
     summary = _floor_geomeans(anchors)
     summary["ours"]["geomean_speedup_vs_deepgemm"] = _speedup(anchors)
     odd = [r for r in rows if r["suite"] == "odd"]
@@ -535,6 +538,9 @@ def summarise(rows: List[dict]) -> dict:
     if any(r["suite"] == "sweep" for r in rows):
         from .bench_sweep import sweep_summary
         summary["sweep"] = sweep_summary(rows)
+    if any(r["suite"] in ("bf16", "bf16_grouped") for r in rows):
+        from .bench_bf16 import bf16_summary
+        summary["bf16"] = bf16_summary(rows)
     return summary
 
 
@@ -581,7 +587,7 @@ def print_table(rows: List[dict], out=None) -> None:
 def print_summary(summary: dict, out=None) -> None:
     out = out or sys.stdout
     parts = []
-    anchors_ran = summary["ours"]["rows"] or "sweep" not in summary     # (--suite sweep runs none of them)
+    anchors_ran = summary["ours"]["rows"] or not {"sweep", "bf16"} & set(summary)   # (--suite sweep|bf16 run none)
     for peer in PEERS if anchors_ran else ():   # the ANCHORS.md suites
         g = summary[peer]["geomean_pct_floor"]
         pct = "n/a" if g is None else f"{g:.0f}%"
@@ -601,6 +607,9 @@ def print_summary(summary: dict, out=None) -> None:
     if "sweep" in summary:
         from .bench_sweep import print_sweep_summary
         print_sweep_summary(summary["sweep"], out=out)
+    if "bf16" in summary:
+        from .bench_bf16 import print_bf16_summary
+        print_bf16_summary(summary["bf16"], out=out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -702,6 +711,10 @@ def run_reference_only(args) -> int:
         _reference_masked(record, gen, groups, n, k)
     if "wgrad" in suites:
         _reference_wgrad(record, gen, n, k)
+    if "bf16" in suites:
+        from .bench_bf16 import reference_checks
+        for label, call, expect in reference_checks(sys.modules[__name__]):
+            record(label, call, expect)
 
     with open(args.json, "w") as f:
         json.dump({"mode": "reference-only", "reason": args.no_hopper, "rows": rows}, f, indent=1)
@@ -901,16 +914,17 @@ def _parse_shape(text: str) -> tuple:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m deep_gemm bench", description=__doc__.splitlines()[0])
     p.add_argument("--suite", choices=("dense", "odd", "contiguous", "masked", "wgrad", "casts", "chain", "host",
-                                       "train_step", "sweep", "all"),
+                                       "train_step", "sweep", "bf16", "all"),
                    default="all",
                    help="which layouts to run ('odd': dense shapes off the usual grid, M from 1 to 4097; 'wgrad': "
                         "the weight-gradient GEMMs, dense and K-grouped, fp32 out accumulated), or the FP8 cast "
                         "kernels, or 'chain': dependent cast/GEMM launches with PDL off and on, or 'host': CPU time "
                         "per call on the same tensors, buffers in rotation, new addresses and changing M, beside "
                         "cuBLASLt, then an MoE layer's training step, or 'train_step': that step alone, or 'sweep': "
-                        "popular models' linear layers, M from 1 to 8192, with a summary per M band (default: all "
-                        "of them but chain, host, train_step and sweep). Without a Hopper GPU: the layouts' "
-                        "reference path only")
+                        "popular models' linear layers, M from 1 to 8192, with a summary per M band, or 'bf16': the "
+                        "BF16 GEMMs (four dense layouts, grouped contiguous) beside cuBLAS through torch "
+                        "(default: all of them but chain, host, train_step, sweep and bf16). Without a Hopper "
+                        "GPU: the layouts' reference path only (bf16: our BF16 functions on small CPU shapes)")
     p.add_argument("--shape", type=_parse_shape, action="append", default=[], metavar="MxNxK",
                    help="a dense shape to run instead of the ANCHORS.md ones (repeatable)")
     p.add_argument("--iters", type=int, default=None, help=f"calls timed per shape (default {DEFAULT_ITERS})")
@@ -1067,7 +1081,7 @@ def main(argv=None) -> int:
                                                                                   "sweep") else [])
         if refused:
             print(f"{', '.join(refused)}: time the kernels, which needs a Hopper GPU; without one the bench "
-                  f"checks the reference path of --suite dense|odd|contiguous|masked|wgrad|all or --shape, with "
+                  f"checks the reference path of --suite dense|odd|contiguous|masked|wgrad|bf16|all or --shape, with "
                   f"--quick and --json", file=sys.stderr)
             return 2
         return run_reference_only(args)
@@ -1115,6 +1129,9 @@ def main(argv=None) -> int:
     summary = None
     if rows:
         print()
+        if args.suite == "bf16":
+            from .bench_bf16 import TABLE_TITLE
+            print(TABLE_TITLE)
         print_table(rows)
         summary = summarise(rows)
         print_summary(summary)

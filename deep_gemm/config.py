@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, fields
 
 BLOCK_K = 128                  # one scale block of K: one 128-byte swizzled row of fp8
+BLOCK_K_BYTES = 128            # one K block in shared memory: a 128-byte swizzled row (128 fp8, 64 bf16)
+BF16_BLOCK_K = 64              # elements of K a bf16 K block holds
 SMEM_CAPACITY = 232448         # bytes of dynamic shared memory per block on sm_90
 SMEM_RESERVED = 1024           # slack for aligning the tiles to 1024 bytes (128-byte swizzle)
 M_ALIGNMENT_CONTIGUOUS = 128   # rows of one expert's block in the contiguous layout
@@ -40,20 +42,23 @@ def store_chunk_cols(block_n: int, out_bytes: int = 2) -> int:
 
 
 def smem_bytes(block_m: int, block_n: int, num_stages: int, stage_k_blocks: int = 1, out_bytes: int = 2,
-               row_scales_b: bool = False) -> int:
-    """Dynamic shared memory of a kernel (gemm.cuh: SharedStorage)."""
+               row_scales_b: bool = False, bf16_operands: bool = False) -> int:
+    """Dynamic shared memory of a kernel (gemm.cuh: SharedStorage). A K block is a 128-byte row of
+    either operand (fp8 or bf16); bf16 operands have no scales."""
     scales_b = ceil_div(stage_k_blocks * block_n, 32) * 32 * 4 if row_scales_b else 0       # 128-byte aligned
-    per_stage = (block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4) * stage_k_blocks + scales_b   # A, B, scales
+    scales_a = 0 if bf16_operands else block_m * 4
+    per_stage = (block_m * BLOCK_K_BYTES + block_n * BLOCK_K_BYTES + scales_a) * stage_k_blocks + scales_b
     out_tile = block_m * block_n * out_bytes                                             # D tile
     barriers = (num_stages * 2 + 2) * 8                                                  # full, empty; split-K flag
     return SMEM_RESERVED + out_tile + num_stages * per_stage + barriers
 
 
 def max_stages(block_m: int, block_n: int, cap: int = 8, stage_k_blocks: int = 1, out_bytes: int = 2,
-               row_scales_b: bool = False) -> int:
+               row_scales_b: bool = False, bf16_operands: bool = False) -> int:
     """Most stages (of stage_k_blocks K blocks each) that fit in shared memory, at most `cap`."""
     stages = cap
-    while stages > 1 and smem_bytes(block_m, block_n, stages, stage_k_blocks, out_bytes, row_scales_b) > SMEM_CAPACITY:
+    while stages > 1 and smem_bytes(block_m, block_n, stages, stage_k_blocks, out_bytes, row_scales_b,
+                                    bf16_operands) > SMEM_CAPACITY:
         stages -= 1
     return stages
 
@@ -77,6 +82,7 @@ class KernelConfig:
     row_scales_b: bool = False     # B scaled per row and 128-K block (recipe (1, 1, 128)), not per 128 x 128
     out_fp32: bool = False         # D is fp32 (else bf16)
     accumulate: bool = False       # D += A B (fp32 D, by TMA reduce-add)
+    bf16_operands: bool = False    # bf16 A and B (K blocks of 64), no scales, no promotion
 
     def __post_init__(self):
         object.__setattr__(self, "layout", Layout(self.layout))   # an int from a JSON record, say
@@ -100,6 +106,11 @@ class KernelConfig:
         if self.layout == Layout.K_GROUPED and not (self.row_scales_b and self.split_k == 1 and self.stage_k_blocks == 1
                                                     and self.block_m != 256):
             problems.append("K_GROUPED needs row_scales_b, split_k = 1, stage_k_blocks = 1 and block_m 64 or 128")
+        if self.bf16_operands and (self.layout != Layout.DENSE or self.block_m == 256 or self.split_k > 1
+                                   or self.stage_k_blocks > 1 or self.pipelined or self.scale_loader_warp
+                                   or self.row_scales_b):
+            problems.append("bf16_operands runs dense GEMMs on 64- or 128-row tiles, unsplit, one K block a stage, "
+                            "without the FP8 options (pipelined, scale_loader_warp, row_scales_b)")
         if self.stage_k_blocks > 1 and self.shape_k % BLOCK_K:
             problems.append(f"stage_k_blocks > 1 needs K % {BLOCK_K} == 0, got K = {self.shape_k}")
         if min(self.shape_n, self.shape_k, self.num_stages, self.stage_k_blocks, self.num_groups,
@@ -120,8 +131,13 @@ class KernelConfig:
         return 128 * (1 + self.num_math_warpgroups)
 
     @property
+    def block_k(self) -> int:
+        """Elements of K a K block (one 128-byte row of shared memory) holds."""
+        return BF16_BLOCK_K if self.bf16_operands else BLOCK_K
+
+    @property
     def num_k_blocks(self) -> int:
-        return ceil_div(self.shape_k, BLOCK_K)
+        return ceil_div(self.shape_k, self.block_k)
 
     @property
     def out_bytes(self) -> int:
@@ -130,7 +146,7 @@ class KernelConfig:
     @property
     def smem_bytes(self) -> int:
         return smem_bytes(self.block_m, self.block_n, self.num_stages, self.stage_k_blocks, self.out_bytes,
-                          self.row_scales_b)
+                          self.row_scales_b, self.bf16_operands)
 
     def split_k_workspace_floats(self, grid: int) -> int:
         """fp32 partial results a split-K launch on `grid` blocks may write: at most one tile per
@@ -147,7 +163,8 @@ class KernelConfig:
         """A label for logs and cache folders."""
         flags = "".join(tag for tag, on in (("_p", self.pipelined), ("_sb", self.stream_b),
                                             ("_sl", self.scale_loader_warp), ("_rb", self.row_scales_b),
-                                            ("_f32", self.out_fp32), ("_acc", self.accumulate)) if on)
+                                            ("_f32", self.out_fp32), ("_acc", self.accumulate),
+                                            ("_bf16", self.bf16_operands)) if on)
         return (f"gemm_{self.layout.name.lower()}_n{self.shape_n}_k{self.shape_k}_g{self.num_groups}"
                 f"_bm{self.block_m}_bn{self.block_n}_s{self.num_stages}"
                 + (f"x{self.stage_k_blocks}" if self.stage_k_blocks > 1 else "")

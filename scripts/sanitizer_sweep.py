@@ -1,6 +1,6 @@
 """A small sweep of every kernel variant for compute-sanitizer (memcheck, racecheck, synccheck).
 
-    compute-sanitizer --tool racecheck python scripts/sanitizer_sweep.py
+    compute-sanitizer --tool racecheck python scripts/sanitizer_sweep.py [planner forced grouped training bf16]
 Each call is checked against the float64 reference, so a race that corrupts data also fails here.
 Every kernel is compiled and loaded by a first run without the sanitizer (scripts/device_check.sh).
 """
@@ -76,6 +76,25 @@ def training():
 
 
 def main():
+    # `python scripts/sanitizer_sweep.py [planner] [forced] [grouped] [training] [bf16]`: those parts only.
+    parts = set(sys.argv[1:]) or {"planner", "forced", "grouped", "training", "bf16"}
+    ok = True
+    if "planner" in parts:
+        ok &= planner_kernels()
+    if "forced" in parts:
+        ok &= forced_variants()
+    if "grouped" in parts:
+        ok &= grouped()
+    if "training" in parts:
+        ok &= training()
+    if "bf16" in parts:
+        ok &= bf16()
+    torch.cuda.synchronize()
+    print("sanitizer sweep:", "ok" if ok else "WRONG")
+    return 0 if ok else 1
+
+
+def planner_kernels():
     ok = True
     # Planner kernels. Over 32 K blocks: B's scales in 32-block chunks, a deep-ring pipelined decode
     # tile with two K blocks a stage and the scale loader warp (64 x 2112 x 7168, whose ring wraps).
@@ -85,7 +104,11 @@ def main():
                     (300, 256, 4352), (77, 1001, 640), (5, 1000, 4352), (200, 384, 1000), (64, 2112, 7168)]:
         lhs, rhs = operands(m, n, k)
         ok &= check(f"dense {m}x{n}x{k}", deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs), reference(lhs, rhs))
+    return ok
 
+
+def forced_variants():
+    ok = True
     # Forced variants: split-K (partial tiles through the workspace, shares with no K block at all,
     # wide tiles summing into the accumulators); 256-row tiles (a partial second M block, > 32 K
     # blocks); the scale loader warp (zero-filled past M, ring wrapping); several K blocks a stage
@@ -101,7 +124,11 @@ def main():
     ok &= forced(5, 1000, 4480, block_n=16, pipelined=True, scale_loader_warp=True, stage_k_blocks=2)
     ok &= forced(77, 512, 4352, block_n=32, split_k=5, stage_k_blocks=4)
     ok &= forced(1000, 2112, 1408, block_n=128, pipelined=True, split_k=2)
+    return ok
 
+
+def grouped():
+    ok = True
     # Contiguous, K = 4096: the call's 6 tiles are split over K by the planner (tail wave).
     g, n, k, align = 3, 256, 4096, deep_gemm.get_m_alignment_for_contiguous_layout()
     lhs, rhs = operands(3 * align, n, k)[0], operands(n, n, k, groups=g)[1]
@@ -126,10 +153,22 @@ def main():
             if rows:
                 ok &= check(f"masked e{expected_m} g{gi}", out[gi, :rows],
                             a64[gi, :rows] @ dequantize_rhs(rhs[0][gi], rhs[1][gi], dtype=torch.float64).T)
-    ok &= training()
-    torch.cuda.synchronize()
-    print("sanitizer sweep:", "ok" if ok else "WRONG")
-    return 0 if ok else 1
+    return ok
+
+
+def bf16():
+    """The BF16 kernel: 64- and 128-row tiles, a partial M block, K not a multiple of 64, fp32 D
+    accumulated."""
+    ok = True
+    for m, n, k, fp32 in ((1, 256, 520, False), (100, 2112, 1024, False), (128, 512, 4104, False),
+                          (64, 1000, 200, True)):
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        d = torch.randn(m, n, device="cuda") if fp32 else torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        want = (d.double() if fp32 else 0) + a.double() @ b.double().T
+        deep_gemm.bf16_gemm_nt(a, b, d, c=d if fp32 else None)
+        ok &= check(f"bf16 {m}x{n}x{k}{' fp32 +=' if fp32 else ''}", d, want)
+    return ok
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""BF16 GEMMs (issue #22): the DeepGEMM 2.x API surface, run through torch until the BF16 kernel
-lands. CPU: results against a float64 reference, every validation error, the 2.x signatures and
-torch.compile tracing. GPU (`gpu` marker): the same on CUDA, CUDA-graph capture of the masked call."""
+"""BF16 GEMMs: the DeepGEMM 2.x API surface. CPU: results against a float64 reference, every
+validation error, the 2.x signatures and torch.compile tracing. GPU (`gpu` marker): the same on CUDA,
+the BF16 kernel's calls (dense NT, M up to 128: which calls take it, odd shapes, fp32 and
+accumulated outputs, the launch cache and its templates, CUDA-graph capture), CUDA-graph capture
+of the masked call."""
 from __future__ import annotations
 
 import inspect
@@ -328,7 +330,7 @@ def test_compile_traces_custom_ops():
         assert torch.equal(x, y) and torch.equal(z, y)
 
 
-# ---- GPU (any CUDA device: the interim torch path) -----------------------------------------------------
+# ---- GPU ---------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["nt", "nn", "tn", "tt"])
 @pytest.mark.parametrize("out_dtype, addend", [(torch.bfloat16, None), (torch.float32, "separate"),
@@ -378,3 +380,108 @@ def test_masked_cuda_graph_capture():
             assert d[i, m:].isnan().all()
             if m:
                 assert calc_diff(d[i, :m], want[i, :m]) <= TOL
+
+
+# ---- GPU: the BF16 kernel (dense NT, M up to plan.BF16_KERNEL_MAX_M, on Hopper) ----------------------
+def _hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def _kernel_launches():
+    from deep_gemm.ops import bf16 as ops_bf16
+    return ops_bf16.launch_count
+
+
+def _nt_case(m, n, k, out_dtype=torch.bfloat16, seed=0):
+    a, b = _rand(m, k, device="cuda", seed=seed), _rand(n, k, device="cuda", seed=seed + 1)
+    d = _poisoned(m, n, dtype=out_dtype, device="cuda")
+    want = a.double() @ b.double().T
+    return a, b, d, want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, n, k", [(1, 256, 64), (7, 200, 8), (64, 7168, 576), (65, 2112, 7168), (100, 1000, 1032),
+                                     (128, 4096, 7168), (128, 24, 4104), (33, 4104, 16)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_bf16_kernel_dense_nt(m, n, k, out_dtype):
+    """Odd M, N and K (a multiple of 8, not of 64), one row to 128: every call runs the kernel and
+    matches float64 on the bf16 inputs; the rows past N are not written (d is an exact-size tensor)."""
+    if not _hopper():
+        pytest.skip("the BF16 kernel runs on Hopper GPUs")
+    a, b, d, want = _nt_case(m, n, k, out_dtype)
+    before = _kernel_launches()
+    deep_gemm.bf16_gemm_nt(a, b, d)
+    torch.cuda.synchronize()
+    assert _kernel_launches() == before + 1
+    assert not d.isnan().any() and calc_diff(d, want) <= TOL
+
+
+@pytest.mark.gpu
+def test_bf16_kernel_accumulates_into_fp32_d():
+    if not _hopper():
+        pytest.skip("the BF16 kernel runs on Hopper GPUs")
+    a, b, _, want = _nt_case(96, 520, 1024)
+    d = torch.randn(96, 520, device="cuda")
+    want = want + d.double()
+    before = _kernel_launches()
+    deep_gemm.bf16_gemm_nt(a, b, d, c=d)
+    deep_gemm.bf16_gemm_nt(a, b, d, c=d)            # the cached launch: adds once more
+    torch.cuda.synchronize()
+    assert _kernel_launches() == before + 2
+    want = want + a.double() @ b.double().T
+    assert calc_diff(d, want) <= TOL
+
+
+@pytest.mark.gpu
+def test_bf16_calls_the_kernel_does_not_take_stay_correct():
+    """M above 128, MN-major operands, a bf16 d with an addend and rows of d not 16-byte aligned go
+    to cuBLAS: no kernel launch, the same results."""
+    if not _hopper():
+        pytest.skip("the BF16 kernel runs on Hopper GPUs")
+    before = _kernel_launches()
+    a, b, d, want = _nt_case(129, 256, 512)
+    deep_gemm.bf16_gemm_nt(a, b, d)
+    assert calc_diff(d, want) <= TOL
+    d, want = _dense_case("nn", 64, 256, 512, (False, False), torch.bfloat16, None, device="cuda")
+    assert calc_diff(d, want) <= TOL
+    a, b, _, want = _nt_case(64, 256, 512)
+    wide = _poisoned(64, 260, dtype=torch.bfloat16, device="cuda")[:, 1:257]   # rows start 2 bytes in
+    deep_gemm.bf16_gemm_nt(a, b, wide)
+    assert calc_diff(wide, want) <= TOL
+    torch.cuda.synchronize()
+    assert _kernel_launches() == before
+
+
+@pytest.mark.gpu
+def test_bf16_kernel_cached_and_new_addresses():
+    """The same tensors again hit the launch cache; tensors of that layout at new addresses take its
+    template; a new M is planned; every result is right (d poisoned before each call)."""
+    if not _hopper():
+        pytest.skip("the BF16 kernel runs on Hopper GPUs")
+    from deep_gemm.ops import bf16 as ops_bf16
+    b = _rand(2112, 7168, device="cuda", seed=5)
+    for m in (64, 64, 128, 64, 17):
+        for fresh in range(3):
+            a = _rand(m, 7168, device="cuda", seed=10 * m + fresh)
+            d = _poisoned(m, 2112, dtype=torch.bfloat16, device="cuda")
+            deep_gemm.bf16_gemm_nt(a, b, d)
+            assert calc_diff(d, a.double() @ b.double().T) <= TOL
+    assert len(ops_bf16._launches) > 0 and ops_bf16._launches._templates
+
+
+@pytest.mark.gpu
+def test_bf16_kernel_cuda_graph():
+    if not _hopper():
+        pytest.skip("the BF16 kernel runs on Hopper GPUs")
+    a, b, d, _ = _nt_case(64, 4096, 7168)
+    deep_gemm.bf16_gemm_nt(a, b, d)   # warm-up: compile and load before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        deep_gemm.bf16_gemm_nt(a, b, d)
+    for seed in (3, 4):
+        a.copy_(_rand(64, 7168, device="cuda", seed=seed))
+        d.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert calc_diff(d, a.double() @ b.double().T) <= TOL

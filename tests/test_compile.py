@@ -182,9 +182,9 @@ def test_sweep_covers_every_tile_choice():
 
 
 # ---- kernels/gemm.cuh as a library of its own -------------------------------------------------
-SMALL_CONFIG_ARGS = "256, 512, 64, 64, 2, 1, 0, 1, 8, 1, false, false, false, false, false, false"
+SMALL_CONFIG_ARGS = "256, 512, 64, 64, 2, 1, 0, 1, 8, 1, false, false, false, false, false, false, false"
 SMALL_NAME = f"deep_gemm::gemm_kernel<deep_gemm::GemmConfig<{SMALL_CONFIG_ARGS}>>"
-OTHER_CONFIG_ARGS = "384, 1024, 128, 128, 3, 1, 1, 4, 16, 1, true, false, false, false, false, false"
+OTHER_CONFIG_ARGS = "384, 1024, 128, 128, 3, 1, 1, 4, 16, 1, true, false, false, false, false, false, false"
 OTHER_NAME = f"deep_gemm::gemm_kernel<deep_gemm::GemmConfig<{OTHER_CONFIG_ARGS}>>"
 
 
@@ -474,4 +474,22 @@ def test_training_kernels_compile_clean(tmp_cache_dir):
     assert any(c.block_m == 256 and c.row_scales_b for c in configs)
     assert any(c.split_k > 1 and c.accumulate for c in configs)
     assert {c.layout for c in configs} == {Layout.DENSE, Layout.K_GROUPED}
+    _compile_and_check(configs)
+
+
+def _bf16_plans():
+    """The BF16 kernel's plans: M from 1 to the kernel's limit over the ANCHORS (N, K) pairs and a K
+    that is not a multiple of 64, bf16 and fp32 D, accumulated."""
+    from deep_gemm.plan import BF16_KERNEL_MAX_M, plan_bf16
+    plans = {plan_bf16(m, n, k, NUM_SMS, out_fp32=fp32, accumulate=acc)
+             for m in (1, 64, 65, BF16_KERNEL_MAX_M) for n, k in ANCHOR_NK + ((4104, 4104),)
+             for fp32, acc in ((False, False), (True, False), (True, True))}
+    return sorted(plans, key=lambda c: c.name)
+
+
+def test_bf16_kernels_compile_clean(tmp_cache_dir):
+    configs = _bf16_plans()
+    assert {c.block_m for c in configs} == {64, 128} and all(c.bf16_operands for c in configs)
+    assert len({c.block_n for c in configs}) >= 4
+    assert all(gemm_kernel_name(c).endswith(", true>>") for c in configs)   # the bf16_operands argument, last
     _compile_and_check(configs)

@@ -439,12 +439,25 @@ def _bench_suite_plans(num_sms=132):
     return plans
 
 
+def _bf16_suite_plans(num_sms=132):
+    """The BF16 kernel's configs for the NT rows of `bench --suite bf16` it runs (M up to
+    plan.BF16_KERNEL_MAX_M): bf16 out over the dense grid, fp32 out over bench_bf16's decode rows."""
+    from deep_gemm import bench, bench_bf16
+    from deep_gemm.plan import BF16_KERNEL_MAX_M, plan_bf16
+    plans = [plan_bf16(m, n, k, num_sms) for m in bench.DENSE_MS for n, k in bench.DENSE_NKS if m <= BF16_KERNEL_MAX_M]
+    plans += [plan_bf16(m, n, k, num_sms, out_fp32=True) for m in bench_bf16.FP32_MS for n, k in bench_bf16.FP32_NKS]
+    return plans
+
+
 def test_every_compile_time_option_is_chosen_for_some_benchmark_shape():
     """Each kernel option the planner can choose does get chosen by the shapes the benchmark
     measures (both ways for flags, every value for enumerations): an option the planner never picks
     for a benchmarked shape is dead code, or a rule nobody measures any more."""
     plans = _bench_suite_plans()
     assert len(plans) == 21 + 14 + 6 + 10 + 12 + 6
+    bf16_plans = _bf16_suite_plans()
+    assert len(bf16_plans) == 14 + 6 and all(c.bf16_operands for c in bf16_plans)
+    plans += bf16_plans
     seen = {
         "pipelined": {c.pipelined for c in plans},
         "stream_b": {c.stream_b for c in plans},
@@ -456,13 +469,16 @@ def test_every_compile_time_option_is_chosen_for_some_benchmark_shape():
         "row_scales_b": {c.row_scales_b for c in plans},
         "out_fp32": {c.out_fp32 for c in plans},
         "accumulate": {c.accumulate for c in plans},
+        "bf16_operands": {c.bf16_operands for c in plans},
     }
     want = {
         "pipelined": {False, True}, "stream_b": {False, True}, "scale_loader_warp": {False, True},
         "stage_k_blocks > 1": {False, True}, "split_k > 1": {False, True}, "block_m": {64, 128, 256},
         "layout": set(Layout), "row_scales_b": {False, True}, "out_fp32": {False, True}, "accumulate": {False, True},
+        "bf16_operands": {False, True},
     }
     assert seen == want
     # The boolean fields of the config are exactly the flags above: a new one must be added here.
     flags = {f.name for f in dataclasses.fields(KernelConfig) if f.type in ("bool", bool)}
-    assert flags == {"pipelined", "stream_b", "scale_loader_warp", "row_scales_b", "out_fp32", "accumulate"}
+    assert flags == {"pipelined", "stream_b", "scale_loader_warp", "row_scales_b", "out_fp32", "accumulate",
+                     "bf16_operands"}

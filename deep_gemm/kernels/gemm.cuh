@@ -1,7 +1,8 @@
-// The FP8 GEMM, D[m, n] (+)= sum_k A[m, k] B[n, k] sa[m, k / 128] sb[n / 128 or n, k / 128], every
-// layout: one persistent, warp-specialised kernel over a GemmConfig, in roles: Scheduler (work
-// units), Producer (TMA into a ring of stages), Fp8Math (wgmma, promotion with both scales),
-// Epilogue (bf16 or fp32 stores, TMA reduce-add for D += A B, split-K). A GEMM kind is a set of
+// The GEMM, D[m, n] (+)= sum_k A[m, k] B[n, k] sa[m, k / 128] sb[n / 128 or n, k / 128] (FP8) or
+// sum_k A[m, k] B[n, k] (BF16), every layout: one persistent, warp-specialised kernel over a
+// GemmConfig, in roles: Scheduler (work units), Producer (TMA into a ring of stages), Fp8Math
+// (wgmma, promotion with both scales) or Bf16Math (wgmma straight into the accumulators), Epilogue
+// (bf16 or fp32 stores, TMA reduce-add for D += A B, split-K). A GEMM kind is a set of
 // GemmConfig options, each read with `if constexpr` in the piece it concerns (docs/design.md).
 #pragma once
 #include "ptx.cuh"
@@ -14,10 +15,15 @@ namespace deep_gemm {
 // in the same order. M is always a run-time value.
 template <int kShapeN_, int kShapeK_, int kBlockM_, int kBlockN_, int kNumStages_, int kStageKBlocks_, int kLayout_,
           int kNumGroups_, int kRasterGroup_, int kSplitK_, bool kPipelined_, bool kStreamB_, bool kScaleLoaderWarp_,
-          bool kRowScalesB_, bool kOutFp32_, bool kAccumulate_>
+          bool kRowScalesB_, bool kOutFp32_, bool kAccumulate_, bool kBf16Operands_>
 struct GemmConfig {
     static constexpr int kShapeN = kShapeN_, kShapeK = kShapeK_, kBlockM = kBlockM_, kBlockN = kBlockN_;
-    static constexpr int kBlockK = 128;  // one scale block of K: one 128-byte swizzled fp8 row
+    // A K block is one 128-byte swizzled row of shared memory: kBlockK is in *bytes* (every tile and
+    // stage size below stays a byte count); kBlockKElems elements of K (128 fp8, 64 bf16).
+    static constexpr int kBlockK = 128;
+    static constexpr bool kBf16Operands = kBf16Operands_;  // bf16 A and B: no scales, no promotion
+    static constexpr int kElemBytes = kBf16Operands ? 2 : 1;
+    static constexpr int kBlockKElems = kBlockK / kElemBytes;
     static constexpr int kNumStages = kNumStages_;
     static constexpr int kStageKBlocks = kStageKBlocks_;  // K blocks a stage, one TMA load per operand
     static constexpr int kLayout = kLayout_, kNumGroups = kNumGroups_;
@@ -34,11 +40,11 @@ struct GemmConfig {
     static constexpr int kMWaves = kBlockM / (64 * kNumMathWarpgroups);
     static constexpr int kNumMathThreads = 128 * kNumMathWarpgroups;
     static constexpr int kNumThreads = 128 + kNumMathThreads;
-    static constexpr int kNumKBlocks = (kShapeK + kBlockK - 1) / kBlockK;
+    static constexpr int kNumKBlocks = (kShapeK + kBlockKElems - 1) / kBlockKElems;
     static constexpr int kAccRegs = kBlockN / 2;  // fp32 accumulators per thread and wave
-    static constexpr int kTileBytesA = kBlockM * kBlockK, kTileBytesB = kBlockN * kBlockK;  // fp8, one K block
+    static constexpr int kTileBytesA = kBlockM * kBlockK, kTileBytesB = kBlockN * kBlockK;  // bytes, one K block
     static constexpr int kStageBytesA = kStageKBlocks * kTileBytesA, kStageBytesB = kStageKBlocks * kTileBytesB;
-    static constexpr int kStageScales = kStageKBlocks * kBlockM;  // floats
+    static constexpr int kStageScales = kBf16Operands ? 0 : kStageKBlocks * kBlockM;  // floats (bf16: none)
     // B's per-row scales of a stage, rounded to 128 bytes (a TMA destination's alignment).
     static constexpr int kStageScalesB = kRowScalesB ? (kStageKBlocks * kBlockN + 31) / 32 * 32 : 0;
     static constexpr int kOutBytes = kOutFp32 ? 4 : 2;
@@ -73,6 +79,10 @@ struct GemmConfig {
                   "per-row B scales: dense or K-grouped, by TMA (A's scales with them)");
     static_assert(kLayout != kKGrouped || (kRowScalesB && kSplitK == 1 && kStageKBlocks == 1 && kMWaves == 1),
                   "K-grouped GEMMs scale B per row, unsplit, one K block a stage, 64 or 128 rows a tile");
+    static_assert(!kBf16Operands || (kLayout == kDense && kMWaves == 1 && kSplitK == 1 && kStageKBlocks == 1 &&
+                                     !kPipelined && !kScaleLoaderWarp && !kRowScalesB),
+                  "bf16 operands: dense, 64 or 128 rows a tile, unsplit, one K block a stage, no FP8 options "
+                  "(pipelined, scale loader warp, per-row B scales)");
 };
 
 // The kernel's one parameter; deep_gemm/config.py's GEMM_PARAMS describes it (the generated source
@@ -177,8 +187,9 @@ template <class C>
 struct Producer {
     // Bytes a stage's TMA loads bring (A's box of rows_a rows, B, A's scales in 16-byte boxes).
     static DG_DEVICE uint32_t stage_bytes(int32_t rows_a) {
-        return C::kStageKBlocks * (rows_a * C::kBlockK + C::kTileBytesB +
-                                   (C::kScaleLoaderWarp ? 0 : (rows_a + 3) / 4 * 16) + (C::kRowScalesB ? C::kBlockN * 4 : 0));
+        constexpr bool kScalesByTma = !C::kScaleLoaderWarp && !C::kBf16Operands;
+        return C::kStageKBlocks * (rows_a * C::kBlockK + C::kTileBytesB + (kScalesByTma ? (rows_a + 3) / 4 * 16 : 0) +
+                                   (C::kRowScalesB ? C::kBlockN * 4 : 0));
     }
     // One stage's K blocks of a K-major operand from `row` on: a 2-D box, or a 3-D box over the view
     // [K / 128][rows][128] with several blocks a stage; kHinted: under the L2 cache policy `policy`.
@@ -186,8 +197,8 @@ struct Producer {
     static DG_DEVICE void load_k_blocks(void* dst, const TmaDescriptor* map, uint64_t* bar, int32_t kb, int32_t row,
                                         uint64_t policy = 0) {
         if (C::kStageKBlocks == 1) {
-            if (kHinted) ptx::tma_load_2d_hinted(dst, map, bar, kb * C::kBlockK, row, policy);
-            else ptx::tma_load_2d(dst, map, bar, kb * C::kBlockK, row);
+            if (kHinted) ptx::tma_load_2d_hinted(dst, map, bar, kb * C::kBlockKElems, row, policy);
+            else ptx::tma_load_2d(dst, map, bar, kb * C::kBlockKElems, row);
         } else {
             if (kHinted) ptx::tma_load_3d_hinted(dst, map, bar, 0, row, kb, policy);
             else ptx::tma_load_3d(dst, map, bar, 0, row, kb);
@@ -220,7 +231,8 @@ struct Producer {
                 uint64_t* full = &smem.full[ring.stage];
                 ptx::mbarrier_arrive_expect_tx(full, bytes);
                 load_k_blocks(smem.a(ring.stage), map_a, full, kb, tile.row_begin);
-                if (!C::kScaleLoaderWarp) ptx::tma_load_2d(smem.sa(ring.stage), map_sa, full, sa_row, sa_kb_base + kb);
+                if (!C::kScaleLoaderWarp && !C::kBf16Operands)
+                    ptx::tma_load_2d(smem.sa(ring.stage), map_sa, full, sa_row, sa_kb_base + kb);
                 if (C::kRowScalesB) ptx::tma_load_2d(smem.sb(ring.stage), &p.tma_sb, full, n0, sa_kb_base + kb);
                 load_k_blocks<C::kStreamB>(smem.b(ring.stage), map_b, full, kb, b_row, b_policy);
                 ring.advance();
@@ -516,6 +528,77 @@ struct Fp8Math {
     };
 };
 
+// BF16 operands (kBf16Operands): no scales, no promotion: per K block (a 128-byte row,
+// 64 bf16), 4 wgmmas of K = 16 accumulate straight into `acc`. Block kb + 1's wgmmas are issued
+// before waiting for block kb's (wgmma_wait<1>), whose stage is then released: the tensor cores
+// always have the next block queued. Same interface as Fp8Math for consume().
+template <class C>
+struct Bf16Math {
+    static constexpr bool kManyChunks = false;  // no B scales to fetch: the next tile is looked up early
+    struct ScalePair {};
+    SharedStorage<C>& smem;
+    RingCursor<C>& ring;
+    uint32_t lane;
+    uint32_t desc_a_ring, desc_b_ring;  // stage 0's wgmma descriptors (this warpgroup's 64 rows of A)
+    float acc[C::kMWaves][C::kAccRegs];
+    DG_DEVICE Bf16Math(const float*, SharedStorage<C>& smem_, RingCursor<C>& ring_) : smem(smem_), ring(ring_) {
+        lane = threadIdx.x % 32;
+        const uint32_t wg_uniform = ptx::warp_index() / 4 - 1;  // keeps the descriptors uniform
+        desc_a_ring = ptx::smem_desc_low(ptx::smem_addr(smem.a(0) + wg_uniform * 64 * C::kBlockK));
+        desc_b_ring = ptx::smem_desc_low(ptx::smem_addr(smem.b(0)));
+    }
+    DG_DEVICE ScalePair first_chunk(const Tile&) const { return ScalePair(); }
+    // Waits for the stage of the ring's current K block and issues its 4 wgmmas into acc; returns the stage.
+    DG_DEVICE int32_t issue() {
+        const int32_t stage = ring.stage;
+        ptx::mbarrier_wait(&smem.full[stage], ring.phase);
+        const uint32_t desc_a = desc_a_ring + stage * (C::kStageBytesA >> 4);
+        const uint32_t desc_b = desc_b_ring + stage * (C::kStageBytesB >> 4);
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < C::kBlockK / 32; ++kk)  // 16 bf16 = 32 bytes of the swizzled row
+            ptx::WgmmaBf16<C::kBlockN>::mma(acc[0], ptx::smem_desc(desc_a + kk * (32 >> 4)),
+                                            ptx::smem_desc(desc_b + kk * (32 >> 4)), true);
+        ptx::wgmma_commit();
+        ring.advance_k_block();
+        return stage;
+    }
+    DG_DEVICE void release(int32_t stage) {
+        if (lane == 0) ptx::mbarrier_arrive(&smem.empty[stage]);
+    }
+    // One unit's main loop into `acc` (zeroed first: a unit without K blocks stores zeros).
+    template <bool kWholeTile>
+    DG_DEVICE void run(const Tile& tile, const ScalePair&, const GemmParams&) {
+        const int32_t kb_begin = kWholeTile ? 0 : k_block_begin<C>(tile);
+        const int32_t kb_end = kWholeTile ? C::kNumKBlocks : k_block_end<C>(tile);
+#pragma unroll
+        for (int i = 0; i < C::kAccRegs; ++i) acc[0][i] = 0.f;
+        ptx::fence_registers(acc[0]);
+        if (kb_begin >= kb_end) return;
+        int32_t prev = issue();
+#pragma unroll 1
+        for (int32_t kb = kb_begin + 1; kb < kb_end; ++kb) {
+            const int32_t stage = issue();
+            ptx::wgmma_wait<1>();  // block kb - 1's wgmmas are done: its stage may be refilled
+            release(prev);
+            prev = stage;
+        }
+        ptx::wgmma_wait<0>();
+        ptx::fence_registers(acc[0]);
+        release(prev);
+    }
+};
+
+// The math policy of a config: FP8 operands with promotion, or BF16 operands straight into acc.
+template <class C, bool kBf16>
+struct MathOf {
+    using type = Fp8Math<C>;
+};
+template <class C>
+struct MathOf<C, true> {
+    using type = Bf16Math<C>;
+};
+
 // ---- epilogue -------------------------------------------------------------------------------------
 // bf16 or fp32 output: through swizzled shared memory and TMA stores (reduce-adds for D += A B);
 // split-K through a global workspace.
@@ -726,7 +809,7 @@ DG_DEVICE void consume(const GemmParams& p, const int32_t* group_info, SharedSto
 // The kernel's body: barrier set-up, then the roles. `groups`: the K-grouped parameter (else null).
 template <class C, class Groups>
 DG_DEVICE void run_gemm(const GemmParams& params, const Groups* groups) {
-    using Math = Fp8Math<C>;
+    using Math = typename MathOf<C, C::kBf16Operands>::type;
     extern __shared__ uint8_t smem_raw[];
     SharedStorage<C> smem(smem_raw);
     if (threadIdx.x == 0) {
@@ -734,12 +817,12 @@ DG_DEVICE void run_gemm(const GemmParams& params, const Groups* groups) {
             ptx::prefetch_tma_descriptor(&params.tma_a);
             ptx::prefetch_tma_descriptor(&params.tma_b);
         }
-        if (!C::kScaleLoaderWarp) ptx::prefetch_tma_descriptor(&params.tma_sa);
+        if (!C::kScaleLoaderWarp && !C::kBf16Operands) ptx::prefetch_tma_descriptor(&params.tma_sa);
         if (C::kRowScalesB) ptx::prefetch_tma_descriptor(&params.tma_sb);
         ptx::prefetch_tma_descriptor(&params.tma_out);
         if (params.a_tail_rows > 0) {
             ptx::prefetch_tma_descriptor(&params.tma_a_tail);
-            if (!C::kScaleLoaderWarp) ptx::prefetch_tma_descriptor(&params.tma_sa_tail);
+            if (!C::kScaleLoaderWarp && !C::kBf16Operands) ptx::prefetch_tma_descriptor(&params.tma_sa_tail);
         }
         for (int s = 0; s < C::kNumStages; ++s) {
             ptx::mbarrier_init(&smem.full[s], C::kFullArrivals);

@@ -1,4 +1,4 @@
-// wgmma.mma_async wrappers for every tile width N = 16 .. 256 (multiples of 16).
+// wgmma.mma_async wrappers (e4m3 and bf16 operands) for every tile width N = 16 .. 256 (multiples of 16).
 // The instruction names each of its N / 2 fp32 accumulator registers as its own operand, so
 // every width is its own asm statement; the macros below spell the operand lists out.
 #pragma once
@@ -44,27 +44,45 @@
 
 namespace ptx {
 
-// D(64 x N, fp32) (+)= A(64 x 32) * B(N x 32)^T, e4m3 operands from shared-memory descriptors
-// (both K-major). accumulate = false overwrites D. Operands after the R accumulators: desc_a is
-// %R, desc_b %R+1, the accumulate flag %R+2.
-template <int N>
-struct WgmmaFp8;
-
-#define DG_WGMMA_FP8(N, R, R1, R2)                                                                        \
+// One wgmma wrapper struct per width: Name<N>::mma(d, desc_a, desc_b, accumulate), operands from
+// shared-memory descriptors, both K-major; accumulate = false overwrites D. `Shape` is the
+// instruction's K and types, `Tail` its arguments after scale-d (and the two scale factors).
+// Operands after the R accumulators: desc_a is %R, desc_b %R+1, the accumulate flag %R+2.
+#define DG_WGMMA(Name, Shape, Tail, N, R, R1, R2)                                                         \
     template <>                                                                                           \
-    struct WgmmaFp8<N> {                                                                                  \
+    struct Name<N> {                                                                                      \
         static DG_DEVICE void mma(float (&d)[R], uint64_t desc_a, uint64_t desc_b, bool accumulate) {     \
             asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #R2 ", 0;\n"                                \
-                         "wgmma.mma_async.sync.aligned.m64n" #N "k32.f32.e4m3.e4m3 "                      \
-                         "{" DG_REGS_##R "}, %" #R ", %" #R1 ", p, 1, 1;\n}\n"                              \
+                         "wgmma.mma_async.sync.aligned.m64n" #N Shape " "                                  \
+                         "{" DG_REGS_##R "}, %" #R ", %" #R1 ", p, 1, 1" Tail ";\n}\n"                      \
                          : DG_ACC_REGS_##R(d)                                                             \
                          : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)));                               \
         }                                                                                                 \
     };
-DG_WGMMA_FP8(16, 8, 9, 10) DG_WGMMA_FP8(32, 16, 17, 18) DG_WGMMA_FP8(48, 24, 25, 26) DG_WGMMA_FP8(64, 32, 33, 34)
-DG_WGMMA_FP8(80, 40, 41, 42) DG_WGMMA_FP8(96, 48, 49, 50) DG_WGMMA_FP8(112, 56, 57, 58) DG_WGMMA_FP8(128, 64, 65, 66)
-DG_WGMMA_FP8(144, 72, 73, 74) DG_WGMMA_FP8(160, 80, 81, 82) DG_WGMMA_FP8(176, 88, 89, 90) DG_WGMMA_FP8(192, 96, 97, 98)
-DG_WGMMA_FP8(208, 104, 105, 106) DG_WGMMA_FP8(224, 112, 113, 114) DG_WGMMA_FP8(240, 120, 121, 122) DG_WGMMA_FP8(256, 128, 129, 130)
-#undef DG_WGMMA_FP8
+// Every width N = 16 .. 256 (R = N / 2 accumulators) of one instruction.
+#define DG_WGMMA_WIDTHS(Name, Shape, Tail)                                                                \
+    DG_WGMMA(Name, Shape, Tail, 16, 8, 9, 10) DG_WGMMA(Name, Shape, Tail, 32, 16, 17, 18)                 \
+    DG_WGMMA(Name, Shape, Tail, 48, 24, 25, 26) DG_WGMMA(Name, Shape, Tail, 64, 32, 33, 34)               \
+    DG_WGMMA(Name, Shape, Tail, 80, 40, 41, 42) DG_WGMMA(Name, Shape, Tail, 96, 48, 49, 50)               \
+    DG_WGMMA(Name, Shape, Tail, 112, 56, 57, 58) DG_WGMMA(Name, Shape, Tail, 128, 64, 65, 66)             \
+    DG_WGMMA(Name, Shape, Tail, 144, 72, 73, 74) DG_WGMMA(Name, Shape, Tail, 160, 80, 81, 82)             \
+    DG_WGMMA(Name, Shape, Tail, 176, 88, 89, 90) DG_WGMMA(Name, Shape, Tail, 192, 96, 97, 98)             \
+    DG_WGMMA(Name, Shape, Tail, 208, 104, 105, 106) DG_WGMMA(Name, Shape, Tail, 224, 112, 113, 114)       \
+    DG_WGMMA(Name, Shape, Tail, 240, 120, 121, 122) DG_WGMMA(Name, Shape, Tail, 256, 128, 129, 130)
+
+// D(64 x N, fp32) (+)= A(64 x 32) * B(N x 32)^T, e4m3 operands.
+template <int N>
+struct WgmmaFp8;
+DG_WGMMA_WIDTHS(WgmmaFp8, "k32.f32.e4m3.e4m3", "")
+
+// D(64 x N, fp32) (+)= A(64 x 16) * B(N x 16)^T, bf16 operands; their transpose bits 0 (K-major).
+// 16 bf16 = 32 bytes of a 128-byte swizzled row, as one fp8 instruction's K = 32: the descriptors
+// advance alike.
+template <int N>
+struct WgmmaBf16;
+DG_WGMMA_WIDTHS(WgmmaBf16, "k16.f32.bf16.bf16", ", 0, 0")
+
+#undef DG_WGMMA_WIDTHS
+#undef DG_WGMMA
 
 }  // namespace ptx

@@ -1,15 +1,16 @@
-"""BF16 GEMMs (issue #22): argument rules and the interim torch execution.
+"""BF16 GEMMs: argument rules, the BF16 kernel's pipeline, and torch (cuBLAS) for the rest.
 
 Rules, in ops/validation.py's style: every bad input raises TypeError (wrong kind or dtype) or
 ValueError (shape, layout, device, alignment) naming the DeepGEMM 2.x argument (a, b, d, c,
-grouped_layout, masked_m, ks_cpu, ...). The layout rules are those the BF16 kernel will need
-(TMA: 16-byte aligned rows, so K and every outer stride a multiple of 8 elements), enforced now
-so that code written today keeps working when the kernel lands.
+grouped_layout, masked_m, ks_cpu, ...). The layout rules are the kernel's (TMA: 16-byte aligned
+rows, so K and every outer stride a multiple of 8 elements), for every call alike.
 
-Execution: there is no BF16 kernel yet. On CPU tensors and on any GPU these functions run plain
-torch (torch.matmul: cuBLAS on a GPU) on the given views, writing d in place, without host
-syncs (CUDA-graph capturable): masked_m and m_indices are never read on the host. This is an
-interim path; it makes no performance claim.
+Execution: a dense NT call of K-major operands on a Hopper GPU with M up to plan.BF16_KERNEL_MAX_M
+runs the GEMM kernel with bf16 operands (kernels/gemm.cuh, Bf16Math), through ops/gemm.py's kind
+of pipeline: a launch cache keyed on (a, b, d) first, else validate -> plan -> prepare -> fire ->
+cache. Every other call, and any call on CPU tensors, runs plain torch (torch.matmul: cuBLAS on a
+GPU) on the given views, writing d in place, without host syncs (CUDA-graph capturable): masked_m
+and m_indices are never read on the host.
 """
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ from typing import Optional
 
 import torch
 
+from .. import utils as _utils
+from ..plan import BF16_KERNEL_MAX_M, plan_bf16
+from ..runtime.launch import LaunchCache
+from ..utils import device_sm_count
+from .device import runs_on_hopper
 from .validation import index_tensor, same_device
 
 _BF16 = torch.bfloat16
@@ -145,17 +151,73 @@ def check_k_grouped(a, b, d, ks_cpu, grouped_layout=None) -> tuple:
     return tuple(ks_cpu)
 
 
-# ---- execution (interim: torch, until the BF16 kernel lands) -------------------------------------
+# ---- execution: the kernel ------------------------------------------------------------------------
+_launches = LaunchCache()
+launch_count = 0   # kernel launches so far (tests tell the kernel path from torch's with it)
+
+
+def try_fire_dense(a, b, d, accumulate: bool):
+    """(fired, key): fire the launch cached for a dense NT call on (a, b, d), or for their layout at
+    new addresses (runtime/launch.LaunchCache); key (None for tensors that must go the long way) is
+    what run_dense caches a new launch under."""
+    global launch_count
+    fired, key = _launches.try_fire((a, b, d), (accumulate, _utils._num_sms_override))
+    launch_count += fired
+    return fired, key
+
+
+def _rows_aligned(x: torch.Tensor) -> bool:
+    """x's rows are contiguous and start 16-byte aligned (what the kernel's TMA maps need)."""
+    return (x.stride(-1) == 1 and x.stride(-2) > 0 and x.stride(-2) * x.element_size() % 16 == 0
+            and x.data_ptr() % 16 == 0)
+
+
+def kernel_takes(a_mk: torch.Tensor, b_nk: torch.Tensor, d: torch.Tensor, accumulate: bool) -> bool:
+    """Whether the BF16 kernel runs this validated dense call: a Hopper GPU, M from 1 to
+    BF16_KERNEL_MAX_M, K-major operands and rows of d 16-byte aligned; accumulation into fp32 d."""
+    m, k = a_mk.shape
+    if not (0 < m <= BF16_KERNEL_MAX_M and b_nk.shape[0] and k and a_mk.is_cuda and runs_on_hopper(a_mk.device)):
+        return False
+    if accumulate and d.dtype != torch.float32:
+        return False
+    return _rows_aligned(a_mk) and _rows_aligned(b_nk) and _rows_aligned(d)
+
+
+def _run_kernel(a_mk: torch.Tensor, b_nk: torch.Tensor, d: torch.Tensor, accumulate: bool, key) -> None:
+    global launch_count
+    from ..runtime.kernels import prepare_gemm   # (the CUDA bindings are imported on first use)
+    m, k = a_mk.shape
+    n = b_nk.shape[0]
+    override = _utils._num_sms_override
+    num_sms = override if override is not None else device_sm_count(a_mk.device.index)
+    config = plan_bf16(m, n, k, num_sms, out_fp32=d.dtype == torch.float32, accumulate=accumulate)
+    with torch.cuda.device(a_mk.device.index):
+        launch = prepare_gemm(config, a=a_mk, a_rows=m, sa=None, sa_rows=0, b=b_nk, b_rows=n, sb=None, out=d,
+                              out_rows=m, shape_m=m, group_info=None, num_sms=num_sms)
+        launch.fire()
+    launch_count += 1
+    if key is not None:
+        _launches.put(key, (a_mk, b_nk, d), launch)
+
+
+# ---- execution: torch ----------------------------------------------------------------------------
 def _product(x: torch.Tensor, y: torch.Tensor, fp32: bool) -> torch.Tensor:
     """x @ y with fp32 accumulation: on a GPU with a bf16 result, cuBLAS's bf16 GEMM; else the
-    operands widened to fp32 (exact products of bf16 values, fp32 sums), as the kernel will do."""
+    operands widened to fp32 (exact products of bf16 values, fp32 sums), as the kernel does."""
     if x.is_cuda and not fp32:
         return torch.matmul(x, y)
     return torch.matmul(x.float(), y.float())
 
 
-def run_dense(a_mk: torch.Tensor, b_nk: torch.Tensor, d: torch.Tensor, accumulate: bool) -> None:
-    """d (+)= a_mk @ b_nk^T; an fp32 sum then rounded to d's dtype."""
+def run_dense(a_mk: torch.Tensor, b_nk: torch.Tensor, d: torch.Tensor, accumulate: bool, key=None) -> None:
+    """d (+)= a_mk @ b_nk^T; an fp32 sum then rounded to d's dtype. key: try_fire_dense's, for a call
+    on the caller's own (a, b, d) (the kernel's launch is cached under it)."""
+    if kernel_takes(a_mk, b_nk, d, accumulate):
+        _run_kernel(a_mk, b_nk, d, accumulate, key)
+        return
+    if d.is_cuda and d.dtype == _BF16 and not accumulate:   # cuBLAS writes d itself: no copy of the result
+        torch.matmul(a_mk, b_nk.T, out=d)
+        return
     fp32 = accumulate or d.dtype == torch.float32
     result = _product(a_mk, b_nk.T, fp32)
     if accumulate:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from typing import Optional
 
 import torch
 
@@ -22,6 +23,8 @@ A, SA, B, SB, OUT, INDEX = range(6)
 # Each address field of GemmParams and the tensor whose address it holds.
 _FIELD_SOURCES = (("tma_a", A), ("tma_b", B), ("tma_sa", SA), ("tma_out", OUT), ("tma_a_tail", A),
                   ("tma_sa_tail", SA), ("tma_sb", SB), ("sa", SA), ("sb", SB), ("out", OUT), ("group_info", INDEX))
+# BF16 operands have no scales: a call's tensors are a, b, out (ops/bf16.py), numbered 0, 1, 2.
+_BF16_SOURCES = {A: 0, B: 1, OUT: 2}
 _PARAM_OFFSETS = param_layout()[0]
 _PARAM_KINDS = dict(GEMM_PARAMS)
 _loaded: dict = {}
@@ -112,16 +115,16 @@ def k_grouped_param_block(config: KernelConfig, a: torch.Tensor, b: torch.Tensor
     return bytes(block), relocations
 
 
-def prepare_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: torch.Tensor, sa_rows: int,
-                 b: torch.Tensor, b_rows: int, sb: torch.Tensor, out: torch.Tensor, out_rows: int, shape_m: int,
-                 group_info, num_sms: int, k_sizes=None) -> PreparedLaunch:
+def prepare_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: Optional[torch.Tensor],
+                 sa_rows: int, b: torch.Tensor, b_rows: int, sb: Optional[torch.Tensor], out: torch.Tensor,
+                 out_rows: int, shape_m: int, group_info, num_sms: int, k_sizes=None) -> PreparedLaunch:
     """The GEMM over 2-D views, packed and ready to fire on the current stream.
 
     a: rows of K fp8 (row stride a.stride(-2)); sa: fp32 rows of sa_rows scales, one row per K
     block (per group and K block, masked), sa.stride(-1) elements apart (column-major scales; the
     kernel reads zeros past sa_rows); b: rows of K; sb: B's block scales, or with row_scales_b
     [N, K blocks] in the same column-major layout as sa; out: bf16 or fp32 rows of N (K-grouped:
-    [G, M, N]). `shape_m` is M (dense, contiguous, K-grouped) or max_m (masked). K-grouped: a and
+    [G, M, N]). BF16 operands (config.bf16_operands): a and b rows of K bf16, sa and sb None. `shape_m` is M (dense, contiguous, K-grouped) or max_m (masked). K-grouped: a and
     b are flat, k_sizes each group's K, sa [M, sum of K blocks] and sb likewise. The result depends
     only on these arguments' values, pointers, shapes and strides, the device and the current
     stream (whose split-K workspace it uses), which lets callers cache it per call site; its
@@ -133,13 +136,18 @@ def prepare_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: torc
     k, n = config.shape_k, config.shape_n
     chunk = store_chunk_cols(config.block_n, config.out_bytes)
     grouped = config.layout == Layout.K_GROUPED
+    bf16 = config.bf16_operands   # (sa and sb are None)
     # With one K block the scales' K stride is meaningless to torch; the kernel needs the real one.
-    sa_stride = sa.stride(-1) if sa.shape[-1] > 1 else (sa_rows + 3) // 4 * 4
+    sa_stride = 0 if bf16 else sa.stride(-1) if sa.shape[-1] > 1 else (sa_rows + 3) // 4 * 4
     tail_rows = a_tail_rows(config, shape_m)
 
     def map_k_major(t, rows, box_rows):
-        # Rows of K fp8. Several K blocks a stage: a 3-D view [K / 128][rows][128] (K blocks 128
-        # bytes apart), whose box of stage_k_blocks blocks lands as consecutive slots.
+        # Rows of K fp8, or bf16 (a K block: 64 of them, the same 128 bytes). Several K blocks a
+        # stage: a 3-D view [K / 128][rows][128] (K blocks 128 bytes apart), whose box of
+        # stage_k_blocks blocks lands as consecutive slots.
+        if bf16:
+            return tensor_map_2d(t.data_ptr(), "bf16", k, rows, t.stride(-2) * 2, config.block_k, box_rows,
+                                 SWIZZLE_128B)
         if config.stage_k_blocks == 1:
             return tensor_map_2d(t.data_ptr(), "u8", k, rows, t.stride(-2), BLOCK_K, box_rows, SWIZZLE_128B)
         return tensor_map(t.data_ptr(), "u8", (BLOCK_K, rows, k // BLOCK_K), (t.stride(-2), BLOCK_K),
@@ -148,7 +156,7 @@ def prepare_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: torc
     def map_sa(rows):
         # A's scales as rows of sa_rows, one per K block (and group), 16-byte boxes; the loader
         # warp reads them through the pointer instead.
-        if config.scale_loader_warp:
+        if config.scale_loader_warp or bf16:
             return _NO_MAP
         return tensor_map_2d(sa.data_ptr(), "f32", sa_rows, sa.shape[-1] * (sa.shape[0] if sa.dim() == 3 else 1),
                              sa_stride * 4, ceil_div(rows, 4) * 4, config.stage_k_blocks, 0)
@@ -185,13 +193,15 @@ def prepare_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: torc
         tma_sa=map_sa(config.block_m), tma_out=map_out(),
         tma_a_tail=map_k_major(a, a_rows, tail_rows) if tail_rows else _NO_MAP,
         tma_sa_tail=map_sa(tail_rows) if tail_rows else _NO_MAP, tma_sb=map_sb(),
-        sa=sa.data_ptr(), sb=sb.data_ptr(), out=out.data_ptr(), out_ld_bytes=out.stride(-2) * config.out_bytes,
+        sa=0 if bf16 else sa.data_ptr(), sb=0 if bf16 else sb.data_ptr(), out=out.data_ptr(),
+        out_ld_bytes=out.stride(-2) * config.out_bytes,
         shape_m=shape_m, sa_rows=sa_rows, sa_ld=sa_stride, a_tail_rows=tail_rows,
         group_info=group_info.data_ptr() if group_info is not None else 0, workspace=partials,
         tile_counters=counters)
     params = pack_gemm_params(**fields)
     # Where the call's addresses sit (an unused map or a null pointer holds none).
-    relocations = [(_PARAM_OFFSETS[name], source, 0, _PARAM_KINDS[name]) for name, source in _FIELD_SOURCES
+    number = _BF16_SOURCES.get if bf16 else (lambda source: source)
+    relocations = [(_PARAM_OFFSETS[name], number(source), 0, _PARAM_KINDS[name]) for name, source in _FIELD_SOURCES
                    if fields[name] not in (0, _NO_MAP)]
     offsets = GEMM_PARAM_OFFSETS
     if grouped:   # the per-group maps and K: a second kernel parameter
