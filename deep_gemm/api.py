@@ -55,7 +55,8 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs: Pair, rhs: Pair, out: torch.Tenso
     """out[g, :masked_m[g]] = A[g, :masked_m[g]] @ B[g]^T; returns out.
 
     A: [G, max_m, K], sa: [G, max_m, ceil(K/128)], out: [G, max_m, N]. masked_m (int32 [G]) stays on
-    the GPU and is never read on the host (CUDA-graph safe); rows past it are not written.
+    the GPU and is never read on the host (CUDA-graph safe); rows past it are not written; a count
+    outside [0, max_m] acts as the nearest end of that range (on CPU alike).
     expected_m (a host int) is the typical rows per group, used only to plan tiles.
     """
     if _is_compiling():
@@ -179,6 +180,9 @@ def fp8_gemm_nt(a: Pair, b: Pair, d: torch.Tensor, c: Optional[torch.Tensor] = N
     run-time value. disable_ue8m0_cast is accepted and has no effect: on Hopper the fp32 scales
     are used as they are (UE8M0 is Blackwell's packed scale format).
     """
+    if _plain_v2_call(c, recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast, d) \
+            and _gemm.fire_cached(_DENSE, a, b, d):
+        return
     _check_pairs(a, b)
     _check_d(d, dense=True)
     row_scales_b = _check_recipes(recipe, recipe_a, recipe_b)
@@ -279,6 +283,10 @@ def m_grouped_fp8_gemm_nt_contiguous(a: Pair, b: Pair, d: torch.Tensor, grouped_
     last alignment block are unspecified (the kernel may compute them with that group's weights
     from whatever A holds there; the CPU reference leaves them untouched).
     """
+    if use_psum_layout is False and expected_m_for_psum_layout is None \
+            and _plain_v2_call(None, recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast, d) \
+            and _gemm.fire_cached(_CONTIGUOUS, a, b, d, grouped_layout):
+        return
     _check_pairs(a, b)
     _check_d(d, dense=False)
     _check_recipes(recipe, recipe_a, recipe_b, allow_row_b=False)
@@ -304,9 +312,13 @@ def m_grouped_fp8_gemm_nt_masked(a: Pair, b: Pair, d: torch.Tensor, masked_m: to
 
     a = (A [G, max_m, K], sa [G, max_m, ceil(K/128)]), b = (B [G, N, K], sb), d: bf16
     [G, max_m, N]. masked_m (int32 [G]) stays on the device (CUDA-graph safe); rows past it are not
-    written. expected_m (a host int) is the typical rows per group, used only to plan tiles.
+    written; a count outside [0, max_m] acts as the nearest end of that range. expected_m (a host
+    int) is the typical rows per group, used only to plan tiles.
     recipe, recipe_a, recipe_b, compiled_dims and disable_ue8m0_cast as in fp8_gemm_nt.
     """
+    if _plain_v2_call(None, recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast, d) \
+            and _gemm.fire_cached(_MASKED, a, b, d, masked_m, expected_m):
+        return
     _check_pairs(a, b)
     _check_d(d, dense=False)
     _check_recipes(recipe, recipe_a, recipe_b, allow_row_b=False)
@@ -540,6 +552,18 @@ def _check_fp32_scales(sf, name: str) -> None:
         raise TypeError(f"{name} must be float32 scales, got {sf.dtype}")
 
 
+_COMMON_DIMS = frozenset(("nk", "mn", "mnk", "k", "n", ""))   # compiled_dims values that need no check
+
+
+def _plain_v2_call(c, recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast, d) -> bool:
+    """The serving engines' call of a DeepGEMM 2.x FP8 GEMM: no addend, the default recipe, a bf16 d,
+    flags whose checks pass at a glance. Such a call on tensors (or a layout) that the pipeline has
+    cached fires the cached launch before the 2.x checks: its key and guard say they passed."""
+    return (c is None and recipe is None and recipe_a is None and recipe_b is None and type(compiled_dims) is str
+            and compiled_dims in _COMMON_DIMS and (disable_ue8m0_cast is False or disable_ue8m0_cast is True)
+            and type(d) is torch.Tensor and d.dtype == torch.bfloat16 and not _is_compiling())
+
+
 def _call_v1(fn, layout: int, *args) -> None:
     """The v1 call of the translated arguments: the pipeline, whose messages name the 2.x arguments,
     or while tracing the v1 public function (which becomes its custom op)."""
@@ -548,10 +572,10 @@ def _call_v1(fn, layout: int, *args) -> None:
     else:
         _gemm.run(layout, *args, names=_V2_NAMES)
 
-# ==== BF16 GEMMs (DeepGEMM 2.x names, issue #22) ======================================================
-# Interim execution: no BF16 kernel yet. On CPU tensors and on any GPU these run plain torch
-# (ops/bf16.py: torch.matmul, i.e. cuBLAS on a GPU) until the BF16 kernel lands; the argument
-# rules are already the kernel's. While torch.compile traces they are one custom op each.
+# ==== BF16 GEMMs (DeepGEMM 2.x names) ===============================================================
+# Dense NT calls at decode sizes run the BF16 kernel on a Hopper GPU; the others run plain torch
+# (ops/bf16.py: torch.matmul, i.e. cuBLAS on a GPU). While torch.compile traces they are one custom
+# op each.
 _BF16_DENSE_DOC = """d = c + {op} (DeepGEMM 2.x); returns None.
 
     a: bf16 {a_shape}, b: bf16 {b_shape}; each operand either contiguous along its last dimension

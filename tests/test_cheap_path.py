@@ -288,6 +288,31 @@ def test_new_addresses_of_a_seen_layout_take_the_cheap_path(cheap, name):
     assert cheap.take() == CHEAP and cheap.fired[-1] == got
 
 
+@pytest.mark.parametrize("name", ["dense_fp8_gemm_nt", "contiguous_v2", "masked_v2"])
+def test_v2_calls_skip_their_checks_only_on_the_cache(cheap, monkeypatch, name):
+    """The DeepGEMM 2.x FP8 calls with the defaults fire a cached launch (or its layout's template)
+    before the 2.x argument checks, which that launch has passed; any other argument is checked."""
+    fn, build = GEMMS[name]
+    args = build()
+    fn(*args)
+    cheap.take()
+    import deep_gemm.api as api
+    monkeypatch.setattr(api, "_check_pairs", lambda *a: pytest.fail("a cached 2.x call ran the 2.x checks"))
+    fn(*args)
+    fn(*build())   # new addresses, the same layout
+    assert cheap.take()["launches"] == 2
+    monkeypatch.undo()
+    public = {"dense_fp8_gemm_nt": deep_gemm.fp8_gemm_nt, "contiguous_v2": deep_gemm.m_grouped_fp8_gemm_nt_contiguous,
+              "masked_v2": deep_gemm.m_grouped_fp8_gemm_nt_masked}[name]
+    with pytest.raises(ValueError, match="compiled_dims"):
+        public(*args, compiled_dims="mnx")
+    with pytest.raises(TypeError, match="disable_ue8m0_cast"):
+        public(*args, disable_ue8m0_cast="yes")
+    with pytest.raises((TypeError, ValueError), match="recipe"):
+        public(*args, recipe=(1, 2, 3))
+    assert cheap.take()["launches"] == 0
+
+
 @pytest.mark.parametrize("name", list(CASTS))
 def test_public_casts_on_new_inputs_take_the_cheap_path(cheap, name):
     """The allocating casts: their outputs are new tensors too. They check x before allocating

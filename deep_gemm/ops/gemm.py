@@ -144,24 +144,11 @@ def run(layout: int, lhs, rhs, out: Optional[torch.Tensor] = None, index=None, e
     if out is None and layout == Layout.DENSE:
         out = _new_dense_out(lhs, rhs)
     key = flat = None
-    # A key only for (tensor, scales) tuples and an int (or no) hint: a bool or numpy int equal to a
-    # cached int must not hit, since validation rejects them. K-grouped: the group sizes are part
-    # of the key (a tuple of ints exactly: anything else is validated the long way).
-    extra_ok = type(k_sizes) is tuple and all(type(k) is int for k in k_sizes) if k_sizes is not None else True
-    if type(lhs) is tuple and type(rhs) is tuple and not check_indices and type(expected_m) in _HINT_TYPES \
-            and extra_ok and addend is None:
-        try:
-            a, sa = lhs
-            b, sb = rhs
-        except ValueError:   # not pairs: validation says so
-            pass
-        else:
-            # In the order runtime/kernels.prepare_gemm numbers the tensors of its relocations.
-            flat = (a, sa, b, sb, out) if index is None else (a, sa, b, sb, out, index)
-            fired, key = _launches.try_fire(flat, launch_key_extra(layout, expected_m, row_scales_b, accumulate,
-                                                                   k_sizes, fp32_out_ok))
-            if fired:
-                return out
+    if not check_indices and addend is None:
+        fired, key, flat = _try_cached(layout, lhs, rhs, out, index, expected_m, row_scales_b, accumulate, k_sizes,
+                                       fp32_out_ok)
+        if fired:
+            return out
 
     if layout == Layout.K_GROUPED:
         args = check_k_grouped(lhs, rhs, out, k_sizes, accumulate, names)
@@ -190,6 +177,33 @@ def run(layout: int, lhs, rhs, out: Optional[torch.Tensor] = None, index=None, e
     elif key is not None and _same_tensors(args, flat):
         _launches.put(key, flat, launch)   # made from the caller's own tensors: the key describes it fully
     return result
+
+
+def _try_cached(layout: int, lhs, rhs, out, index, expected_m, row_scales_b: bool, accumulate: bool, k_sizes,
+                fp32_out_ok: bool) -> tuple:
+    """(fired, key, flat): fire the launch cached for this call, or its layout's template. A key only
+    for (tensor, scales) tuples and an int (or no) hint: a bool or numpy int equal to a cached int
+    must not hit, since validation rejects them. K-grouped: the group sizes are part of the key (a
+    tuple of ints exactly: anything else is validated the long way)."""
+    extra_ok = type(k_sizes) is tuple and all(type(k) is int for k in k_sizes) if k_sizes is not None else True
+    if not (type(lhs) is tuple and type(rhs) is tuple and type(expected_m) in _HINT_TYPES and extra_ok):
+        return False, None, None
+    try:
+        a, sa = lhs
+        b, sb = rhs
+    except ValueError:   # not pairs: validation says so
+        return False, None, None
+    # In the order runtime/kernels.prepare_gemm numbers the tensors of its relocations.
+    flat = (a, sa, b, sb, out) if index is None else (a, sa, b, sb, out, index)
+    fired, key = _launches.try_fire(flat, launch_key_extra(layout, expected_m, row_scales_b, accumulate, k_sizes,
+                                                           fp32_out_ok))
+    return fired, key, flat
+
+
+def fire_cached(layout: int, lhs, rhs, out, index=None, expected_m=None) -> bool:
+    """Fire the launch cached for a call of run(layout, lhs, rhs, out, index, expected_m) (default
+    flags), or its layout's template; False when the call must go the long way."""
+    return _try_cached(layout, lhs, rhs, out, index, expected_m, False, False, None, False)[0]
 
 
 def launch_key_extra(layout: int, expected_m=None, row_scales_b: bool = False, accumulate: bool = False,
