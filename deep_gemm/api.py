@@ -180,9 +180,14 @@ def fp8_gemm_nt(a: Pair, b: Pair, d: torch.Tensor, c: Optional[torch.Tensor] = N
     run-time value. disable_ue8m0_cast is accepted and has no effect: on Hopper the fp32 scales
     are used as they are (UE8M0 is Blackwell's packed scale format).
     """
-    if _plain_v2_call(c, recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast, d) \
-            and _gemm.fire_cached(_DENSE, a, b, d):
-        return
+    # The launch cache first for the usual calls (no recipe_a/b, c None or d itself), with the flags
+    # the call below would pass to the pipeline (a bf16 d with per-block B and no c: the v1 call).
+    row_b = _fast_recipe(recipe) if recipe_a is None and recipe_b is None else None
+    if (row_b is not None and (c is None or c is d) and _plain_flags(compiled_dims, disable_ue8m0_cast)
+            and type(d) is torch.Tensor and not _is_compiling()):
+        v1 = d.dtype == torch.bfloat16 and not row_b and c is None
+        if _gemm.fire_cached(_DENSE, a, b, d, row_scales_b=row_b, accumulate=c is not None, fp32_out_ok=not v1):
+            return
     _check_pairs(a, b)
     _check_d(d, dense=True)
     row_scales_b = _check_recipes(recipe, recipe_a, recipe_b)
@@ -284,7 +289,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a: Pair, b: Pair, d: torch.Tensor, grouped_
     from whatever A holds there; the CPU reference leaves them untouched).
     """
     if use_psum_layout is False and expected_m_for_psum_layout is None \
-            and _plain_v2_call(None, recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast, d) \
+            and _plain_v2_call(recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast, d) \
             and _gemm.fire_cached(_CONTIGUOUS, a, b, d, grouped_layout):
         return
     _check_pairs(a, b)
@@ -316,7 +321,7 @@ def m_grouped_fp8_gemm_nt_masked(a: Pair, b: Pair, d: torch.Tensor, masked_m: to
     int) is the typical rows per group, used only to plan tiles.
     recipe, recipe_a, recipe_b, compiled_dims and disable_ue8m0_cast as in fp8_gemm_nt.
     """
-    if _plain_v2_call(None, recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast, d) \
+    if _plain_v2_call(recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast, d) \
             and _gemm.fire_cached(_MASKED, a, b, d, masked_m, expected_m):
         return
     _check_pairs(a, b)
@@ -555,12 +560,30 @@ def _check_fp32_scales(sf, name: str) -> None:
 _COMMON_DIMS = frozenset(("nk", "mn", "mnk", "k", "n", ""))   # compiled_dims values that need no check
 
 
-def _plain_v2_call(c, recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast, d) -> bool:
-    """The serving engines' call of a DeepGEMM 2.x FP8 GEMM: no addend, the default recipe, a bf16 d,
+_FAST_RECIPES = {(1, 128, 128): False, (1, 1, 128): True}   # recipe -> B scaled per row
+
+
+def _fast_recipe(recipe):
+    """Whether B is scaled per row under `recipe` when it is None or one of _FAST_RECIPES, a tuple of
+    ints; None for anything else (which _check_recipes checks)."""
+    if recipe is None:
+        return False
+    if type(recipe) is tuple and recipe in _FAST_RECIPES and all(type(x) is int for x in recipe):
+        return _FAST_RECIPES[recipe]
+    return None
+
+
+def _plain_flags(compiled_dims, disable_ue8m0_cast) -> bool:
+    """compiled_dims and disable_ue8m0_cast whose checks pass at a glance."""
+    return (type(compiled_dims) is str and compiled_dims in _COMMON_DIMS
+            and (disable_ue8m0_cast is False or disable_ue8m0_cast is True))
+
+
+def _plain_v2_call(recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast, d) -> bool:
+    """The serving engines' call of a DeepGEMM 2.x M-grouped FP8 GEMM: the default recipe, a bf16 d,
     flags whose checks pass at a glance. Such a call on tensors (or a layout) that the pipeline has
     cached fires the cached launch before the 2.x checks: its key and guard say they passed."""
-    return (c is None and recipe is None and recipe_a is None and recipe_b is None and type(compiled_dims) is str
-            and compiled_dims in _COMMON_DIMS and (disable_ue8m0_cast is False or disable_ue8m0_cast is True)
+    return (recipe is None and recipe_a is None and recipe_b is None and _plain_flags(compiled_dims, disable_ue8m0_cast)
             and type(d) is torch.Tensor and d.dtype == torch.bfloat16 and not _is_compiling())
 
 

@@ -288,11 +288,22 @@ def test_new_addresses_of_a_seen_layout_take_the_cheap_path(cheap, name):
     assert cheap.take() == CHEAP and cheap.fired[-1] == got
 
 
-@pytest.mark.parametrize("name", ["dense_fp8_gemm_nt", "contiguous_v2", "masked_v2"])
+V2_CALLS = {   # GEMMS' DeepGEMM 2.x calls: the public function and the keywords of the call
+    "dense_fp8_gemm_nt": (deep_gemm.fp8_gemm_nt, {}),
+    "dense_row_scales_bf16": (deep_gemm.fp8_gemm_nt, {"recipe": (1, 1, 128)}),
+    "dense_fp32_accumulate": (deep_gemm.fp8_gemm_nt, {"recipe": (1, 1, 128), "c": "d"}),
+    "contiguous_v2": (deep_gemm.m_grouped_fp8_gemm_nt_contiguous, {}),
+    "masked_v2": (deep_gemm.m_grouped_fp8_gemm_nt_masked, {}),
+}
+
+
+@pytest.mark.parametrize("name", list(V2_CALLS))
 def test_v2_calls_skip_their_checks_only_on_the_cache(cheap, monkeypatch, name):
-    """The DeepGEMM 2.x FP8 calls with the defaults fire a cached launch (or its layout's template)
-    before the 2.x argument checks, which that launch has passed; any other argument is checked."""
+    """The DeepGEMM 2.x FP8 calls with the usual arguments fire a cached launch (or its layout's
+    template) before the 2.x argument checks, which that launch has passed; any other argument is
+    checked."""
     fn, build = GEMMS[name]
+    public, kw = V2_CALLS[name]
     args = build()
     fn(*args)
     cheap.take()
@@ -302,14 +313,13 @@ def test_v2_calls_skip_their_checks_only_on_the_cache(cheap, monkeypatch, name):
     fn(*build())   # new addresses, the same layout
     assert cheap.take()["launches"] == 2
     monkeypatch.undo()
-    public = {"dense_fp8_gemm_nt": deep_gemm.fp8_gemm_nt, "contiguous_v2": deep_gemm.m_grouped_fp8_gemm_nt_contiguous,
-              "masked_v2": deep_gemm.m_grouped_fp8_gemm_nt_masked}[name]
-    with pytest.raises(ValueError, match="compiled_dims"):
-        public(*args, compiled_dims="mnx")
-    with pytest.raises(TypeError, match="disable_ue8m0_cast"):
-        public(*args, disable_ue8m0_cast="yes")
-    with pytest.raises((TypeError, ValueError), match="recipe"):
-        public(*args, recipe=(1, 2, 3))
+    kw = {k: args[2] if v == "d" else v for k, v in kw.items()}
+    for bad, exc, match in (({"compiled_dims": "mnx"}, ValueError, "compiled_dims"),
+                            ({"disable_ue8m0_cast": "yes"}, TypeError, "disable_ue8m0_cast"),
+                            ({"recipe": (1, 2, 3)}, ValueError, "recipe"),
+                            ({"recipe": (1, True, 128)}, (TypeError, ValueError), "recipe")):
+        with pytest.raises(exc, match=match):
+            public(*args, **{**kw, **bad})
     assert cheap.take()["launches"] == 0
 
 

@@ -200,10 +200,11 @@ def _try_cached(layout: int, lhs, rhs, out, index, expected_m, row_scales_b: boo
     return fired, key, flat
 
 
-def fire_cached(layout: int, lhs, rhs, out, index=None, expected_m=None) -> bool:
-    """Fire the launch cached for a call of run(layout, lhs, rhs, out, index, expected_m) (default
-    flags), or its layout's template; False when the call must go the long way."""
-    return _try_cached(layout, lhs, rhs, out, index, expected_m, False, False, None, False)[0]
+def fire_cached(layout: int, lhs, rhs, out, index=None, expected_m=None, row_scales_b: bool = False,
+                accumulate: bool = False, fp32_out_ok: bool = False) -> bool:
+    """Fire the launch cached for the call run(layout, lhs, rhs, out, index, expected_m, flags...)
+    would make, or its layout's template; False when the call must go the long way."""
+    return _try_cached(layout, lhs, rhs, out, index, expected_m, row_scales_b, accumulate, None, fp32_out_ok)[0]
 
 
 def launch_key_extra(layout: int, expected_m=None, row_scales_b: bool = False, accumulate: bool = False,

@@ -124,12 +124,13 @@ def prepare_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: Opti
     block (per group and K block, masked), sa.stride(-1) elements apart (column-major scales; the
     kernel reads zeros past sa_rows); b: rows of K; sb: B's block scales, or with row_scales_b
     [N, K blocks] in the same column-major layout as sa; out: bf16 or fp32 rows of N (K-grouped:
-    [G, M, N]). BF16 operands (config.bf16_operands): a and b rows of K bf16, sa and sb None. `shape_m` is M (dense, contiguous, K-grouped) or max_m (masked). K-grouped: a and
-    b are flat, k_sizes each group's K, sa [M, sum of K blocks] and sb likewise. The result depends
-    only on these arguments' values, pointers, shapes and strides, the device and the current
-    stream (whose split-K workspace it uses), which lets callers cache it per call site; its
-    relocations say where each tensor's address sits, which lets a call on tensors of the same
-    layout elsewhere in memory reuse it (runtime/launch.LaunchTemplate).
+    [G, M, N]). BF16 operands (config.bf16_operands): a and b rows of K bf16, sa and sb None.
+    `shape_m` is M (dense, contiguous, K-grouped) or max_m (masked). K-grouped: a and b are flat,
+    k_sizes each group's K, sa [M, sum of K blocks] and sb likewise. The result depends only on these
+    arguments' values, pointers, shapes and strides, the device and the current stream (whose
+    split-K workspace it uses), which lets callers cache it per call site; its relocations say where
+    each tensor's address sits, which lets a call on tensors of the same layout elsewhere in memory
+    reuse it (runtime/launch.LaunchTemplate).
     """
     device_index = a.device.index
     kernel = gemm_kernel(config, device_index)

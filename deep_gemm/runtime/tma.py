@@ -26,7 +26,6 @@ MAP_BYTES = 128
 # dtype -> CUtensorMapDataType name
 _DTYPES = {"u8": "CU_TENSOR_MAP_DATA_TYPE_UINT8", "f32": "CU_TENSOR_MAP_DATA_TYPE_FLOAT32",
            "bf16": "CU_TENSOR_MAP_DATA_TYPE_BFLOAT16"}
-_ELEMENT_BYTES = {"u8": 1, "f32": 4, "bf16": 2}
 _SWIZZLES = {SWIZZLE_NONE: "CU_TENSOR_MAP_SWIZZLE_NONE", SWIZZLE_32B: "CU_TENSOR_MAP_SWIZZLE_32B",
              SWIZZLE_64B: "CU_TENSOR_MAP_SWIZZLE_64B", SWIZZLE_128B: "CU_TENSOR_MAP_SWIZZLE_128B"}
 
@@ -78,10 +77,6 @@ def tensor_map_2d(address: int, dtype: str, inner: int, outer: int, row_stride_b
                   box_inner: int, box_outer: int, swizzle: int) -> bytes:
     """tensor_map over a row-major [outer][inner] view."""
     return tensor_map(address, dtype, (inner, outer), (row_stride_bytes,), (box_inner, box_outer), swizzle)
-
-
-def element_bytes(dtype: str) -> int:
-    return _ELEMENT_BYTES[dtype]
 
 
 # ---- patching ------------------------------------------------------------------------------------
