@@ -606,7 +606,8 @@ _BF16_DENSE_DOC = """d = c + {op} (DeepGEMM 2.x); returns None.
     K a multiple of 8 (zero-pad A and B along K otherwise). d: bf16 or fp32 [M, N], written in
     place. c: None, d itself (fp32, accumulated in place), or an fp32 [M, N] tensor sharing no
     memory with d (copied into d first). compiled_dims is checked and has no effect.
-    Runs cuBLAS through torch (torch.matmul, fp32 accumulation) until the BF16 kernel lands.
+    On a Hopper GPU, NT calls with K-major operands, M <= 128 and 16-byte aligned rows of d run the
+    BF16 kernel; the others run cuBLAS through torch (torch.matmul, fp32 accumulation).
     """
 
 
@@ -652,7 +653,8 @@ def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch
     group, -1 for padding) or, with use_psum_layout=True, each group's end row (int32 [G]),
     turned into row groups on the device. Rows of no group (-1 or outside [0, G)) are left
     untouched; indices are never read on the host (CUDA-graph capturable).
-    Runs through torch (one torch.matmul per group, cuBLAS on a GPU) until the BF16 kernel lands.
+    Runs through torch: on a GPU one torch._grouped_mm over the rows sorted by group where torch
+    has it, else one torch.matmul per group.
     """
     _check_compiled_dims(compiled_dims)
     _check_flag(use_psum_layout, "use_psum_layout")
@@ -681,8 +683,7 @@ def m_grouped_bf16_gemm_nt_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Ten
     masked_m (int32 [G]) stays on the device and is never read on the host (CUDA-graph safe);
     rows past it keep their values (a masked_m above max_m acts as max_m, below 0 as 0).
     expected_m (a host int) is a planning hint, checked.
-    Runs through torch (a batched torch.matmul, cuBLAS on a GPU, then a device-side row mask)
-    until the BF16 kernel lands.
+    Runs through torch (a batched torch.matmul, cuBLAS on a GPU, then a device-side row mask).
     """
     _check_compiled_dims(compiled_dims)
     g = _bf16.check_m_grouped(a, b, d, masked=True)
@@ -709,7 +710,7 @@ def k_grouped_bf16_gemm_tn_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch
     (checked, not read). d: fp32 [G, M, N]. c: None (d = A_g^T B_g; a group of K = 0 gives
     zeros), d itself (accumulated) or an fp32 [G, M, N] tensor sharing no memory with d (copied
     into d first). use_psum_layout=True is not supported.
-    Runs through torch (one torch.matmul per group, cuBLAS on a GPU) until the BF16 kernel lands.
+    Runs through torch (one torch.matmul per group, cuBLAS on a GPU).
     """
     _check_compiled_dims(compiled_dims)
     _check_flag(use_psum_layout, "use_psum_layout")

@@ -57,7 +57,7 @@ def test_signatures_match_deepgemm_2x(name):
     for p in inspect.signature(fn).parameters.values():
         got.append(p.name if p.default is inspect.Parameter.empty else (p.name, p.default))
     assert tuple(got) == SIGNATURES[name]
-    assert fn.__doc__ and "until the BF16 kernel lands" in " ".join(fn.__doc__.split())
+    assert fn.__doc__ and "through torch" in " ".join(fn.__doc__.split())   # says how it runs
 
 
 def test_legacy_alias():
@@ -134,6 +134,25 @@ def test_m_grouped_contiguous():
     assert d[~valid].isnan().all()           # padding rows untouched
     want = reference.m_grouped_bf16_gemm_nt_contiguous(a, b, torch.zeros(d.shape, dtype=torch.float64), idx)
     assert calc_diff(d[valid], want[valid]) <= TOL
+
+
+@pytest.mark.parametrize("m, n, k, g", [(300, 64, 128, 5), (1, 16, 8, 3), (1000, 200, 72, 8)])
+def test_grouped_rows_product(m, n, k, g):
+    """The GPU path of the contiguous call (one torch._grouped_mm over the rows sorted by group, each
+    group padded to 16 rows), run here on CPU tensors: every row of a group right, whatever the
+    order of the groups, rows of no group (-1, G) between them, empty groups."""
+    from deep_gemm.ops import bf16 as ops_bf16
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no torch._grouped_mm")
+    a, b = _rand(m, k, seed=1), _rand(g, n, k, seed=2)
+    idx = torch.randint(-1, g + 1, (m,), generator=torch.Generator().manual_seed(m), dtype=torch.int32)
+    idx[idx == 1] = 2   # group 1 empty
+    got = ops_bf16.grouped_rows_product(a, b, idx)
+    if got is None:
+        pytest.skip("torch._grouped_mm refuses these operands on this machine")
+    valid = (idx >= 0) & (idx < g)
+    want = torch.einsum("mk,mnk->mn", a.double(), b.double()[idx.clamp(0, g - 1).long()])
+    assert got.shape == (m, n) and calc_diff(got[valid], want[valid]) <= TOL
 
 
 def test_m_grouped_contiguous_psum_layout():

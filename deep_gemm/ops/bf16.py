@@ -228,11 +228,50 @@ def run_dense(a_mk: torch.Tensor, b_nk: torch.Tensor, d: torch.Tensor, accumulat
 
 def run_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, m_indices: torch.Tensor) -> None:
     """Row m of d = a[m] @ b[m_indices[m]]^T; rows whose index is outside [0, G) are left as they are.
-    One product per group over every row, kept where the row is that group's (no host sync)."""
+    On a GPU one torch._grouped_mm over the rows sorted by group (grouped_rows_product), where torch
+    has it for these operands; else one product per group over every row, kept where the row is
+    that group's. Neither reads the indices on the host."""
     idx = m_indices.view(-1, 1)
+    grouped = grouped_rows_product(a, b, m_indices) if a.is_cuda else None
+    if grouped is not None:
+        d.copy_(torch.where((idx >= 0) & (idx < b.shape[0]), grouped, d))
+        return
     for g in range(b.shape[0]):
         result = _product(a, b[g].T, d.dtype == torch.float32).to(d.dtype)
         d.copy_(torch.where(idx == g, result, d))
+
+
+GROUPED_MM_ROWS = 16   # each group's rows start 16-row aligned in grouped_rows_product's buffer
+
+
+def grouped_rows_product(a: torch.Tensor, b: torch.Tensor, m_indices: torch.Tensor) -> Optional[torch.Tensor]:
+    """bf16 [M, N]: row m = a[m] @ b[m_indices[m]]^T for rows whose index is in [0, G) (the other rows
+    hold anything), by one torch._grouped_mm; None where torch has none for these operands. The
+    rows are moved, group after group, into a buffer in which each group starts GROUP_MM_ROWS-row
+    aligned; every step runs on the device (no host sync: CUDA-graph capturable)."""
+    grouped_mm = getattr(torch, "_grouped_mm", None)
+    m, k = a.shape
+    g, n, _ = b.shape
+    if grouped_mm is None or n % 8 or not (a.is_contiguous() and b.is_contiguous()) or m == 0:
+        return None
+    idx = m_indices.to(torch.int64)
+    group = torch.where((idx >= 0) & (idx < g), idx, g)        # rows of no group: a group G, last
+    counts = torch.zeros(g + 1, dtype=torch.int64, device=a.device).scatter_add_(0, group, torch.ones_like(group))
+    ends = ((counts[:g] + GROUPED_MM_ROWS - 1) // GROUPED_MM_ROWS * GROUPED_MM_ROWS).cumsum(0)
+    starts = torch.cat([ends.new_zeros(1), ends])             # each group's first buffer row; [G]: a spare row
+    order = torch.argsort(group, stable=True)                 # the rows, group after group
+    first = counts.cumsum(0) - counts                         # each group's first place among them
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(m, device=a.device)
+    spare = m + GROUPED_MM_ROWS * g                           # past every group: where the rows of no group go
+    dest = torch.where(group < g, starts[group] + rank - first[group], spare)
+    buffer = a.new_zeros(spare + 1, k)
+    buffer[dest] = a
+    try:
+        product = grouped_mm(buffer, b.transpose(1, 2), offs=ends.to(torch.int32))
+    except (RuntimeError, NotImplementedError, TypeError):   # this torch's kernel refuses these operands
+        return None
+    return product[dest]
 
 
 def run_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, masked_m: torch.Tensor) -> None:
