@@ -241,13 +241,15 @@ def run_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, m_indices:
         d.copy_(torch.where(idx == g, result, d))
 
 
-GROUPED_MM_ROWS = 16   # each group's rows start 16-row aligned in grouped_rows_product's buffer
+# Each group's rows start 16-row aligned in grouped_rows_product's buffer: the alignment torch's grouped
+# GEMM checked along the grouped dimension in some versions; zero rows cost little.
+GROUPED_MM_ROWS = 16
 
 
 def grouped_rows_product(a: torch.Tensor, b: torch.Tensor, m_indices: torch.Tensor) -> Optional[torch.Tensor]:
     """bf16 [M, N]: row m = a[m] @ b[m_indices[m]]^T for rows whose index is in [0, G) (the other rows
     hold anything), by one torch._grouped_mm; None where torch has none for these operands. The
-    rows are moved, group after group, into a buffer in which each group starts GROUP_MM_ROWS-row
+    rows are moved, group after group, into a buffer in which each group starts GROUPED_MM_ROWS-row
     aligned; every step runs on the device (no host sync: CUDA-graph capturable)."""
     grouped_mm = getattr(torch, "_grouped_mm", None)
     m, k = a.shape
