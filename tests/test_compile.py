@@ -313,6 +313,16 @@ def test_cli_ranges_and_grouped(capsys):
     assert gemms == [c.name for c in dict.fromkeys(want)]
 
 
+def test_cli_bf16(capsys):
+    """--bf16 NxK: the BF16 kernel's configs of every M it runs (bf16 D, fp32 D, accumulated)."""
+    from deep_gemm.plan import BF16_KERNEL_MAX_M, plan_bf16
+    rc, out, err = _run_cli(["--arch", "sm_90a", "--dry-run", "--json", "--bf16", "2112x7168"], capsys)
+    assert rc == 0, err
+    want = {plan_bf16(m, 2112, 7168, NUM_SMS, out_fp32=f, accumulate=a).name
+            for m in range(1, BF16_KERNEL_MAX_M + 1) for f, a in ((False, False), (True, False), (True, True))}
+    assert set(json.loads(out)) == want and all("_bf16" in name for name in want)
+
+
 def test_cli_presets(capsys):
     rc, out, _ = _run_cli(["--preset", "anchors", "--dry-run", "--json"], capsys)
     anchors = json.loads(out)
@@ -334,6 +344,8 @@ def test_cli_presets(capsys):
     (["--workers", "0", "--shape", "4x4"], "--workers"),
     ([], "nothing to compile"),
     (["--preset", "llama"], "--preset"),
+    (["--bf16", "2112x7164"], "--bf16"),
+    (["--bf16", "64x2112x7168"], "--bf16"),
 ])
 def test_cli_bad_arguments(argv, needle, capsys):
     rc, _, err = _run_cli(argv, capsys)

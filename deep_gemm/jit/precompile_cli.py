@@ -9,6 +9,7 @@ cannot fill: loading a module during capture is not permitted).
 
     python -m deep_gemm precompile --preset deepseek-v3
     python -m deep_gemm precompile --shape 4096x7168 --grouped masked:32:4096x7168:128 --json
+    python -m deep_gemm precompile --bf16 2112x7168
 
 Exit status: 0 when every kernel compiled with no register spill, no stack frame and
 no ignored setmaxnreg; 1 otherwise (the message names the kernels); 2 for bad arguments.
@@ -116,6 +117,25 @@ def _parse_grouped(text: str, max_m: int) -> Request:
     return Request(layout, int(m.group(3)), int(m.group(4)), int(m.group(2)), ms)
 
 
+def _parse_bf16(text: str) -> tuple:
+    m = re.fullmatch(rf"{_INT}x{_INT}", text.strip().lower())
+    if not m or int(m.group(2)) % 8:
+        raise ValueError(f"--bf16 must be NxK with positive integers, K a multiple of 8, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def plan_bf16_all(nks: Iterable[tuple], num_sms: int, max_m: int) -> List[KernelConfig]:
+    """The BF16 kernel's configs of dense NT calls on each (N, K), for every M it runs (up to
+    plan.BF16_KERNEL_MAX_M and max_m): bf16 D, fp32 D, fp32 D accumulated."""
+    from ..plan import BF16_KERNEL_MAX_M, plan_bf16
+    seen = {}
+    for n, k in nks:
+        for m in range(1, min(max_m, BF16_KERNEL_MAX_M) + 1):
+            for fp32, acc in ((False, False), (True, False), (True, True)):
+                seen.setdefault(plan_bf16(m, n, k, num_sms, out_fp32=fp32, accumulate=acc), None)
+    return list(seen)
+
+
 def default_arch() -> str:
     """The current GPU's arch, or sm_90a when there is none (compiling needs no GPU)."""
     try:
@@ -140,6 +160,9 @@ def _parser() -> argparse.ArgumentParser:
                    metavar="contiguous:G:NxK|masked:G:NxK[:expected_m]",
                    help="grouped MoE GEMM with G groups; without expected_m, every M "
                         "(contiguous: total rows; masked: expected_m) from 1 to --max-m")
+    p.add_argument("--bf16", action="append", default=[], metavar="NxK",
+                   help="BF16 dense NT GEMM (bf16_gemm_nt): the kernels of every M it runs on the BF16 "
+                        "kernel (up to 128), bf16 and fp32 out (repeatable)")
     p.add_argument("--preset", action="append", default=[], choices=PRESETS,
                    help="anchors: the dense shapes of ANCHORS.md; deepseek-v3: every dense and "
                         "MoE kernel of DeepSeek-V3/R1 for M up to --max-m")
@@ -217,8 +240,9 @@ def main(argv: Sequence[str] = ()) -> int:
         requests += [_parse_grouped(s, args.max_m) for s in args.grouped]
         for preset in args.preset:
             requests += preset_requests(preset, args.max_m)
-        if not requests:
-            raise ValueError("nothing to compile: give --shape, --grouped or --preset")
+        bf16 = [_parse_bf16(s) for s in args.bf16]
+        if not requests and not bf16:
+            raise ValueError("nothing to compile: give --shape, --grouped, --bf16 or --preset")
         arch = args.arch or default_arch()
         if arch not in SUPPORTED_ARCHS:
             raise ValueError(f"--arch {arch}: deep_gemm's kernels need {', '.join(SUPPORTED_ARCHS)} "
@@ -235,7 +259,7 @@ def main(argv: Sequence[str] = ()) -> int:
 
     from .kernel_source import gemm_job
     t0 = time.perf_counter()
-    configs = plan_all(requests, args.num_sms)
+    configs = plan_all(requests, args.num_sms) + plan_bf16_all(bf16, args.num_sms, args.max_m)
     plan_s = time.perf_counter() - t0
     jobs = [gemm_job(c, arch) for c in configs]
     owners: list = list(configs)
