@@ -292,11 +292,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a: Pair, b: Pair, d: torch.Tensor, grouped_
             and _plain_v2_call(recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast, d) \
             and _gemm.fire_cached(_CONTIGUOUS, a, b, d, grouped_layout):
         return
-    _check_pairs(a, b)
-    _check_d(d, dense=False)
-    _check_recipes(recipe, recipe_a, recipe_b, allow_row_b=False)
-    _check_compiled_dims(compiled_dims)
-    _check_flag(disable_ue8m0_cast, "disable_ue8m0_cast")
+    _check_m_grouped_v2(a, b, d, recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast)
     _check_flag(use_psum_layout, "use_psum_layout")
     if use_psum_layout:
         if expected_m_for_psum_layout is not None:
@@ -324,11 +320,7 @@ def m_grouped_fp8_gemm_nt_masked(a: Pair, b: Pair, d: torch.Tensor, masked_m: to
     if _plain_v2_call(recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast, d) \
             and _gemm.fire_cached(_MASKED, a, b, d, masked_m, expected_m):
         return
-    _check_pairs(a, b)
-    _check_d(d, dense=False)
-    _check_recipes(recipe, recipe_a, recipe_b, allow_row_b=False)
-    _check_compiled_dims(compiled_dims)
-    _check_flag(disable_ue8m0_cast, "disable_ue8m0_cast")
+    _check_m_grouped_v2(a, b, d, recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast)
     _call_v1(m_grouped_gemm_fp8_fp8_bf16_nt_masked, _MASKED, a, b, d, masked_m, expected_m)
 
 
@@ -585,6 +577,15 @@ def _plain_v2_call(recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast
     cached fires the cached launch before the 2.x checks: its key and guard say they passed."""
     return (recipe is None and recipe_a is None and recipe_b is None and _plain_flags(compiled_dims, disable_ue8m0_cast)
             and type(d) is torch.Tensor and d.dtype == torch.bfloat16 and not _is_compiling())
+
+
+def _check_m_grouped_v2(a, b, d, recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast) -> None:
+    """The DeepGEMM 2.x M-grouped FP8 calls' own arguments (the pipeline checks the tensors)."""
+    _check_pairs(a, b)
+    _check_d(d, dense=False)
+    _check_recipes(recipe, recipe_a, recipe_b, allow_row_b=False)
+    _check_compiled_dims(compiled_dims)
+    _check_flag(disable_ue8m0_cast, "disable_ue8m0_cast")
 
 
 def _call_v1(fn, layout: int, *args) -> None:
