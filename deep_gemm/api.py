@@ -572,11 +572,13 @@ def _plain_flags(compiled_dims, disable_ue8m0_cast) -> bool:
 
 
 def _plain_v2_call(recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast, d) -> bool:
-    """The serving engines' call of a DeepGEMM 2.x M-grouped FP8 GEMM: the default recipe, a bf16 d,
-    flags whose checks pass at a glance. Such a call on tensors (or a layout) that the pipeline has
-    cached fires the cached launch before the 2.x checks: its key and guard say they passed."""
-    return (recipe is None and recipe_a is None and recipe_b is None and _plain_flags(compiled_dims, disable_ue8m0_cast)
-            and type(d) is torch.Tensor and d.dtype == torch.bfloat16 and not _is_compiling())
+    """The serving engines' call of a DeepGEMM 2.x M-grouped FP8 GEMM: B scaled per block by the
+    default recipe, a bf16 d, flags whose checks pass at a glance. Such a call on tensors (or a
+    layout) that the pipeline has cached fires the cached launch before the 2.x checks: its key
+    and guard say they passed."""
+    return (recipe_a is None and recipe_b is None and _fast_recipe(recipe) is False
+            and _plain_flags(compiled_dims, disable_ue8m0_cast) and type(d) is torch.Tensor
+            and d.dtype == torch.bfloat16 and not _is_compiling())
 
 
 def _check_m_grouped_v2(a, b, d, recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast) -> None:

@@ -87,6 +87,12 @@ def device_sm_count(index: int) -> int:
     return count
 
 
+def sms_for(device_index: int, override: Optional[int]) -> int:
+    """SMs a launch on device `device_index` plans for: `override` (set_num_sms()'s value as the
+    call's launch key captured it), else the device's count."""
+    return override if override is not None else device_sm_count(device_index)
+
+
 def num_sms_override() -> Optional[int]:
     """set_num_sms()'s value, or None."""
     return _num_sms_override

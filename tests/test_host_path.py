@@ -253,7 +253,7 @@ def fake(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(launch, "_stream_capturing", lambda: False)
-    monkeypatch.setattr(gemm_ops, "device_sm_count", lambda index: 132)
+    monkeypatch.setattr(utils, "device_sm_count", lambda index: 132)
     monkeypatch.setattr(utils, "_num_sms_override", None)
     monkeypatch.setattr(launch, "_raw_stream_fn", lambda index: 7)
     monkeypatch.setattr(launch, "_device", lambda t: 0)          # CPU tensors stand in for cuda:0

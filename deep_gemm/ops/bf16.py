@@ -21,7 +21,7 @@ import torch
 from .. import utils as _utils
 from ..plan import BF16_KERNEL_MAX_M, plan_bf16
 from ..runtime.launch import LaunchCache
-from ..utils import device_sm_count
+from ..utils import sms_for
 from .device import runs_on_hopper
 from .validation import index_tensor, same_device
 
@@ -188,8 +188,7 @@ def _run_kernel(a_mk: torch.Tensor, b_nk: torch.Tensor, d: torch.Tensor, accumul
     from ..runtime.kernels import prepare_gemm   # (the CUDA bindings are imported on first use)
     m, k = a_mk.shape
     n = b_nk.shape[0]
-    override = _utils._num_sms_override
-    num_sms = override if override is not None else device_sm_count(a_mk.device.index)
+    num_sms = sms_for(a_mk.device.index, _utils._num_sms_override if key is None else key[-1])
     config = plan_bf16(m, n, k, num_sms, out_fp32=d.dtype == torch.float32, accumulate=accumulate)
     with torch.cuda.device(a_mk.device.index):
         launch = prepare_gemm(config, a=a_mk, a_rows=m, sa=None, sa_rows=0, b=b_nk, b_rows=n, sb=None, out=d,

@@ -22,7 +22,7 @@ from ..config import M_ALIGNMENT_CONTIGUOUS, Layout
 from ..plan import plan_cached
 from ..runtime.launch import LaunchCache
 from .. import utils as _utils
-from ..utils import device_sm_count
+from ..utils import sms_for
 from .device import runs_on_hopper
 from .validation import V1_NAMES, GemmArgs, check_gemm, check_k_grouped
 
@@ -170,7 +170,7 @@ def run(layout: int, lhs, rhs, out: Optional[torch.Tensor] = None, index=None, e
         _run_reference(args)
         return result
     override = _utils._num_sms_override if key is None else key[-1]
-    launch, copy_back = _launch(args, override if override is not None else device_sm_count(args.a.device.index))
+    launch, copy_back = _launch(args, sms_for(args.a.device.index, override))
     launch.fire()
     if copy_back is not None:
         copy_back()
