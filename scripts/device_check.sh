@@ -52,7 +52,7 @@ runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)" "$@"
       }
       run12 deep_gemm info 2>&1 | grep -E "^(NVRTC|driver)" >> "$OUT/cu12.log"
       timeout "$LIMIT" bash -c "$(declare -f run12); HERE=$HERE run12 pytest -q -m gpu tests/test_api_v2.py \
-        tests/test_training.py tests/test_gemm_gpu.py -p no:cacheprovider" >> "$OUT/cu12.log" 2>&1
+        tests/test_training.py tests/test_gemm_gpu.py tests/test_cheap_path.py -p no:cacheprovider" >> "$OUT/cu12.log" 2>&1
       summary+=("cu12 gpu tests (exit $?): $(grep -E '^NVRTC' "$OUT/cu12.log" | tr -s ' ') / $(tail -1 "$OUT/cu12.log")")
       # and the benchmark's inference suites on the same stack (ours; the peers do not use NVRTC)
       timeout "$LIMIT" bash -c "$(declare -f run12); HERE=$HERE run12 deep_gemm bench --peers ours ${BENCH_ARGS:-} \

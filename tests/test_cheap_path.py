@@ -545,6 +545,36 @@ def test_cheap_path_needs_no_driver_call_but_the_launch(cheap, monkeypatch):
     assert cheap.take() == {**CHEAP, "launches": 6} and cheap.fake.graph_launches == graphs
 
 
+def test_a_layouts_template_launches_through_a_graph_updated_per_call(fake, monkeypatch):
+    """From its third fire on, a template's own launch goes through a graph whose kernel node is first
+    given the re-addressed parameters: each launch carries, byte for byte, what the long path builds
+    for its tensors, and earlier launches keep theirs."""
+    monkeypatch.setattr(fake, "cuTensorMapEncodeTiled", PatchableMaps())
+    tma.clear_caches()
+    deep_gemm.gemm_fp8_fp8_bf16_nt(*hp.dense_inputs())            # the long path: the layout's template
+    calls = [hp.dense_inputs() for _ in range(5)]
+    for call in calls:
+        deep_gemm.gemm_fp8_fp8_bf16_nt(*call)
+    assert fake.counts()[:2] == (1, 1)
+    assert fake.graph_launches == 3 and fake.node_updates == 3     # the first two fires launch the kernel
+    launched = [record[4] for record in fake.launches[-5:]]
+    assert launched == [hp.uncached_dense_params(*call) for call in calls]
+    assert len(set(launched)) == 5
+
+
+def test_a_template_without_a_graph_keeps_launching_the_kernel(fake, monkeypatch):
+    monkeypatch.setattr(fake, "cuTensorMapEncodeTiled", PatchableMaps())
+    monkeypatch.setattr(fake, "cuGraphKernelNodeGetParams", lambda node: (999, None))   # a node it cannot read
+    tma.clear_caches()
+    deep_gemm.gemm_fp8_fp8_bf16_nt(*hp.dense_inputs())
+    graphs = launch.live_graphs()
+    calls = [hp.dense_inputs() for _ in range(4)]
+    for call in calls:
+        deep_gemm.gemm_fp8_fp8_bf16_nt(*call)
+    assert fake.graph_launches == 0 and launch.live_graphs() == graphs
+    assert [record[4] for record in fake.launches[-4:]] == [hp.uncached_dense_params(*call) for call in calls]
+
+
 # ---- tensor maps: the patch is only used when it reproduces the driver -----------------------------------
 def test_maps_are_patched_only_where_the_driver_agrees(cheap):
     maps = cheap.maps
@@ -662,7 +692,7 @@ def test_gpu_new_tensors_take_the_cheap_path_and_are_right(name, monkeypatch):
 
     fn, args = build()
     fn(*args)
-    for _ in range(3):
+    for _ in range(5):   # from the third on, through the template's graph
         fn, args = build()
         expected = [t.clone() if isinstance(t, torch.Tensor) else t for t in args]
         before = len(validations)
@@ -677,6 +707,8 @@ def test_gpu_new_tensors_take_the_cheap_path_and_are_right(name, monkeypatch):
             gemm_ops._launches = saved
         got, want = args[2], expected[2]
         assert reference.calc_diff(got.float(), want.float()) < 1e-9 and not got.isnan().any()
+    templates = [template for entries in gemm_ops._launches._templates.values() for _, template in entries]
+    assert any(template._own._graph is not None for template in templates), "no template launched through a graph"
 
 
 @pytest.mark.gpu

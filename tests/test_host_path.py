@@ -103,6 +103,7 @@ class FakeDriver:
         self.launch_attrs = []   # per cuLaunchKernelEx call: ((attribute id, its value), ...)
         self.pdl_ready = False   # whether loaded modules define the DG_PDL_READY symbol
         self.graph_launches = 0  # how many of them came from cuGraphLaunch
+        self.node_updates = 0    # cuGraphExecKernelNodeSetParams calls
         self.encodes = 0
         self.loads = 0           # modules loaded
         self.prepares = 0        # kernels.prepare_gemm calls (counted by the fixture)
@@ -148,7 +149,22 @@ class FakeDriver:
         return 0, tuple(self._capturing.pop(stream))
 
     def cuGraphInstantiate(self, graph, flags):
-        return (999, None) if self.fail_instantiate else (0, ("exec", graph))
+        return (999, None) if self.fail_instantiate else (0, ("exec", list(graph)))
+
+    # A template's own launch updates its graph's node before each graph launch.
+    def cuGraphGetNodes(self, graph, count):
+        return 0, list(range(len(graph)))[:count], len(graph)
+
+    def cuGraphKernelNodeGetParams(self, node):
+        return 0, types.SimpleNamespace(kernelParams=None)
+
+    def cuGraphExecKernelNodeSetParams(self, graph_exec, node, node_params):
+        # The node takes the parameter bytes the pointer array points at now, as the driver copies them.
+        pointer = ctypes.c_void_p.from_address(node_params.kernelParams).value
+        grid, threads, smem, stream, _ = graph_exec[1][node]
+        graph_exec[1][node] = (grid, threads, smem, stream, ctypes.string_at(pointer, PARAM_SIZE))
+        self.node_updates += 1
+        return (0,)
 
     def cuGraphDestroy(self, graph):
         return (0,)

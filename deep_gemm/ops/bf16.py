@@ -233,7 +233,7 @@ def run_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, m_indices:
     idx = m_indices.view(-1, 1)
     grouped = grouped_rows_product(a, b, m_indices) if a.is_cuda else None
     if grouped is not None:
-        d.copy_(torch.where((idx >= 0) & (idx < b.shape[0]), grouped, d))
+        torch.where((idx >= 0) & (idx < b.shape[0]), grouped, d, out=d)   # (in place: one pass over d)
         return
     for g in range(b.shape[0]):
         result = _product(a, b[g].T, d.dtype == torch.float32).to(d.dtype)
@@ -266,7 +266,8 @@ def grouped_rows_product(a: torch.Tensor, b: torch.Tensor, m_indices: torch.Tens
     rank[order] = torch.arange(m, device=a.device)
     spare = m + GROUPED_MM_ROWS * g                           # past every group: where the rows of no group go
     dest = torch.where(group < g, starts[group] + rank - first[group], spare)
-    buffer = a.new_zeros(spare + 1, k)
+    # Uninitialised: a padding row's product is never read, and rows of a GEMM do not mix.
+    buffer = a.new_empty(spare + 1, k)
     buffer[dest] = a
     try:
         product = grouped_mm(buffer, b.transpose(1, 2), offs=ends.to(torch.int32))

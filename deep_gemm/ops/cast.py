@@ -150,18 +150,19 @@ def _cast(kind: str, x, q=None, scales=None):
         if hit:
             return q, scales
     reference.check_cast_input(x, "x")
-    if not (_on_cuda(x) and runs_on_hopper(x.device)):
+    device = x.device   # (a new torch.device per read)
+    if not (_on_cuda(x) and runs_on_hopper(device)):
         if into:
-            raise ValueError(f"x must be a CUDA tensor on a Hopper GPU for the cast into given outputs, got {x.device}")
+            raise ValueError(f"x must be a CUDA tensor on a Hopper GPU for the cast into given outputs, got {device}")
         return (reference.per_token_cast_to_fp8 if kind == PER_TOKEN else reference.per_block_cast_to_fp8)(x)
     _, _, shape, strides = _geometry(kind, x)
     if into:
-        _check_output("q", q, _FP8, x.shape, None, x.device)
-        _check_output("scales", scales, torch.float32, shape, strides, x.device)
+        _check_output("q", q, _FP8, x.shape, None, device)
+        _check_output("scales", scales, torch.float32, shape, strides, device)
     else:
-        q = torch.empty(x.shape, dtype=_FP8, device=x.device)
-        scales = (torch.empty_strided(shape, strides, dtype=torch.float32, device=x.device) if strides
-                  else torch.empty(shape, dtype=torch.float32, device=x.device))
+        q = torch.empty(x.shape, dtype=_FP8, device=device)
+        scales = (torch.empty_strided(shape, strides, dtype=torch.float32, device=device) if strides
+                  else torch.empty(shape, dtype=torch.float32, device=device))
         hit, key, flat = _cached(kind, x, q, scales)   # torch's allocator tends to hand back the same blocks
         if hit:
             return q, scales
@@ -352,9 +353,10 @@ def _cast_transposed(x, grouped: bool, k_sizes=None, q=None, scales=None):
             return q, scales
     reference.check_transposed_cast_input(x, "x")
     sizes = reference.check_k_sizes(k_sizes, x.shape[0]) if grouped else [x.shape[0]]
-    if not (_on_cuda(x) and runs_on_hopper(x.device)):
+    device = x.device
+    if not (_on_cuda(x) and runs_on_hopper(device)):
         if into:
-            raise ValueError(f"x must be a CUDA tensor on a Hopper GPU for the cast into given outputs, got {x.device}")
+            raise ValueError(f"x must be a CUDA tensor on a Hopper GPU for the cast into given outputs, got {device}")
         fresh = k_grouped_transposed_outputs(x, sizes) if grouped else dense_transposed_outputs(x)
         got = (reference.k_grouped_per_token_cast_to_fp8_transposed(x, sizes) if grouped
                else reference.per_token_cast_to_fp8_transposed(x))

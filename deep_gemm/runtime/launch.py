@@ -106,11 +106,16 @@ class PreparedLaunch:
     `relocations` say which parameter bytes hold which of the call's tensors' addresses, as
     (byte offset, tensor number, delta, MAP or PTR): at that offset a tensor map or a pointer of
     that tensor's data pointer + delta. A launch that has them can become a LaunchTemplate.
+
+    A template's own launch is `readdressed`: its parameter bytes change between fires. Its graph
+    keeps the kernel node, and each graph fire first copies the current parameters into that node
+    (cuGraphExecKernelNodeSetParams): the two calls cost the CPU well under one cuLaunchKernelEx.
+    Launches already enqueued keep the parameters they were launched with.
     """
 
     __slots__ = ("kernel", "function", "grid", "num_threads", "smem_bytes", "stream", "offsets", "device_index",
                  "relocations", "_size", "_buffer", "address", "_config", "pdl_ready", "_pdl_config", "_launch",
-                 "_graph", "_graph_fires", "_graph_lock", "_graph_launch", "_cu_stream")
+                 "_graph", "_graph_fires", "_graph_lock", "_graph_launch", "_cu_stream", "readdressed", "_node")
 
     def __init__(self, kernel, grid: int, params: bytes, offsets, stream: int, device_index: int,
                  relocations: tuple = ()):
@@ -156,6 +161,8 @@ class PreparedLaunch:
         self._graph = None        # the graph exec, once built
         self._graph_fires = 0     # launches so far without a graph; -1: no graph will be built
         self._graph_lock = threading.Lock()
+        self.readdressed = False
+        self._node = None         # readdressed, once in a graph: (set_params, node, node params, graph)
 
     @property
     def params(self) -> bytes:
@@ -172,7 +179,11 @@ class PreparedLaunch:
         # Stream 0 is the legacy default stream, on which no capture can run.
         if graph is not None and (self.stream == 0 or not _stream_capturing()) and self._graph_lock.acquire(False):
             try:
-                err, = self._graph_launch(graph, self._cu_stream)
+                node, err = self._node, 0
+                if node is not None:   # readdressed: the node takes the parameters as they are now
+                    err, = node[0](graph, node[1], node[2])
+                if not err:
+                    err, = self._graph_launch(graph, self._cu_stream)
             finally:
                 self._graph_lock.release()
         else:
@@ -205,7 +216,7 @@ class PreparedLaunch:
             if not _reserve_graph():   # the budget is spent: this launch stays a kernel launch
                 return
             cu = driver()
-            stream = graph = None
+            stream = graph = graph_exec = None
             try:
                 with torch.cuda.device(self.device_index):
                     stream = check(cu.cuStreamCreate(1))   # CU_STREAM_NON_BLOCKING
@@ -216,12 +227,25 @@ class PreparedLaunch:
                                            self.address, 0))
                     finally:
                         graph = check(cu.cuStreamEndCapture(stream))
-                    self._graph = check(cu.cuGraphInstantiate(graph, 0))
+                    graph_exec = check(cu.cuGraphInstantiate(graph, 0))
+                    node = None
+                    if self.readdressed:   # the node each fire updates, reading our pointer array
+                        kernel_node = check(cu.cuGraphGetNodes(graph, 1))[0][0]
+                        node_params = check(cu.cuGraphKernelNodeGetParams(kernel_node))
+                        node_params.kernelParams = self.address
+                        # The graph names the node to update: it lives as long as the exec.
+                        node = (cu.cuGraphExecKernelNodeSetParams, kernel_node, node_params, graph)
+                    self._graph, self._node = graph_exec, node
+                    graph_exec = None
+                    if node is not None:
+                        graph = None
             except Exception:   # no graph: the direct launch stays correct
-                self._graph = None
+                pass
             finally:
                 if self._graph is None:
                     _release_graph()
+                if graph_exec is not None:
+                    cu.cuGraphExecDestroy(graph_exec)
                 if graph is not None:
                     cu.cuGraphDestroy(graph)
                 if stream is not None:
@@ -233,6 +257,9 @@ class PreparedLaunch:
             _release_graph()
             try:   # an exec still running is freed when it completes
                 driver().cuGraphExecDestroy(graph)
+                node = getattr(self, "_node", None)
+                if node is not None:
+                    driver().cuGraphDestroy(node[3])
             except Exception:   # interpreter shutdown: the driver may be gone already
                 pass
 
@@ -266,7 +293,7 @@ class LaunchTemplate:
         self._buffer_type = type(launch._buffer)
         self._pointers = (launch.address - ctypes.addressof(launch._buffer), struct.Struct(f"<{len(self.offsets)}Q"))
         self._own = self._launch_over(self._buffer_type.from_buffer_copy(self._image))
-        self._own._graph_fires = -1   # its parameters change from fire to fire: never a graph
+        self._own.readdressed = True   # its parameters change from fire to fire
         # The own buffer as native 8-byte words (little-endian wherever CUDA runs), when every patch
         # starts on a word: patches of a pointer itself, and those with a delta or shift.
         self._own_words = None
