@@ -546,20 +546,20 @@ def test_cheap_path_needs_no_driver_call_but_the_launch(cheap, monkeypatch):
 
 
 def test_a_layouts_template_launches_through_a_graph_updated_per_call(fake, monkeypatch):
-    """From its third fire on, a template's own launch goes through a graph whose kernel node is first
-    given the re-addressed parameters: each launch carries, byte for byte, what the long path builds
-    for its tensors, and earlier launches keep theirs."""
+    """Once TEMPLATE_GRAPH_AFTER fires have built it, a template's own launch goes through a graph whose
+    kernel node is first given the re-addressed parameters: each launch carries, byte for byte, what
+    the long path builds for its tensors, and earlier launches keep theirs."""
     monkeypatch.setattr(fake, "cuTensorMapEncodeTiled", PatchableMaps())
     tma.clear_caches()
     deep_gemm.gemm_fp8_fp8_bf16_nt(*hp.dense_inputs())            # the long path: the layout's template
-    calls = [hp.dense_inputs() for _ in range(5)]
+    calls = [hp.dense_inputs() for _ in range(launch.TEMPLATE_GRAPH_AFTER + 3)]
     for call in calls:
         deep_gemm.gemm_fp8_fp8_bf16_nt(*call)
     assert fake.counts()[:2] == (1, 1)
-    assert fake.graph_launches == 3 and fake.node_updates == 3     # the first two fires launch the kernel
-    launched = [record[4] for record in fake.launches[-5:]]
+    assert fake.graph_launches == 3 and fake.node_updates == 3     # the first fires launch the kernel
+    launched = [record[4] for record in fake.launches[-len(calls):]]
     assert launched == [hp.uncached_dense_params(*call) for call in calls]
-    assert len(set(launched)) == 5
+    assert len(set(launched)) == len(calls)
 
 
 def test_a_template_without_a_graph_keeps_launching_the_kernel(fake, monkeypatch):
@@ -568,11 +568,11 @@ def test_a_template_without_a_graph_keeps_launching_the_kernel(fake, monkeypatch
     tma.clear_caches()
     deep_gemm.gemm_fp8_fp8_bf16_nt(*hp.dense_inputs())
     graphs = launch.live_graphs()
-    calls = [hp.dense_inputs() for _ in range(4)]
+    calls = [hp.dense_inputs() for _ in range(launch.TEMPLATE_GRAPH_AFTER + 2)]
     for call in calls:
         deep_gemm.gemm_fp8_fp8_bf16_nt(*call)
     assert fake.graph_launches == 0 and launch.live_graphs() == graphs
-    assert [record[4] for record in fake.launches[-4:]] == [hp.uncached_dense_params(*call) for call in calls]
+    assert [record[4] for record in fake.launches[-len(calls):]] == [hp.uncached_dense_params(*call) for call in calls]
 
 
 # ---- tensor maps: the patch is only used when it reproduces the driver -----------------------------------
@@ -655,6 +655,8 @@ def test_gpu_tensor_maps_patch_exactly():
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["dense", "wgrad", "contiguous", "masked", "k_grouped"])
 def test_gpu_new_tensors_take_the_cheap_path_and_are_right(name, monkeypatch):
+    monkeypatch.setattr(gemm_ops, "_launches", launch.LaunchCache())   # the layout's template made here,
+    monkeypatch.setattr(launch, "TEMPLATE_GRAPH_AFTER", 2)              # in a graph from its third call on
     validations = []
     for fn_name in ("check_gemm", "check_k_grouped"):
         real = getattr(gemm_ops, fn_name)

@@ -108,14 +108,15 @@ class PreparedLaunch:
     that tensor's data pointer + delta. A launch that has them can become a LaunchTemplate.
 
     A template's own launch is `readdressed`: its parameter bytes change between fires. Its graph
-    keeps the kernel node, and each graph fire first copies the current parameters into that node
+    (built after TEMPLATE_GRAPH_AFTER fires) keeps the kernel node, and each graph fire first copies the current parameters into that node
     (cuGraphExecKernelNodeSetParams): the two calls cost the CPU well under one cuLaunchKernelEx.
     Launches already enqueued keep the parameters they were launched with.
     """
 
     __slots__ = ("kernel", "function", "grid", "num_threads", "smem_bytes", "stream", "offsets", "device_index",
                  "relocations", "_size", "_buffer", "address", "_config", "pdl_ready", "_pdl_config", "_launch",
-                 "_graph", "_graph_fires", "_graph_lock", "_graph_launch", "_cu_stream", "readdressed", "_node")
+                 "_graph", "_graph_fires", "_graph_after", "_graph_lock", "_graph_launch", "_cu_stream", "readdressed",
+                 "_node")
 
     def __init__(self, kernel, grid: int, params: bytes, offsets, stream: int, device_index: int,
                  relocations: tuple = ()):
@@ -160,6 +161,7 @@ class PreparedLaunch:
         self._cu_stream = cu_stream
         self._graph = None        # the graph exec, once built
         self._graph_fires = 0     # launches so far without a graph; -1: no graph will be built
+        self._graph_after = 2     # launches before one is worth a graph
         self._graph_lock = threading.Lock()
         self.readdressed = False
         self._node = None         # readdressed, once in a graph: (set_params, node, node params, graph)
@@ -190,7 +192,7 @@ class PreparedLaunch:
             err, = self._launch(self._config, self.function, self.address, 0)
             if not err and graph is None and self._graph_fires >= 0:
                 self._graph_fires += 1
-                if self._graph_fires >= 2:   # a launch seen twice is worth a graph
+                if self._graph_fires >= self._graph_after:
                     self._build_graph()
         if err:
             check((err,))
@@ -265,6 +267,10 @@ class PreparedLaunch:
 
 
 _put_u64 = struct.Struct("<Q").pack_into
+# A template's own launch builds its graph once its layout has proven hot: a training step whose
+# routing changes meets many layouts only a few times, and a graph's build (a capture on a new
+# stream, an instantiation, device memory) costs far more than the launches it saves on those.
+TEMPLATE_GRAPH_AFTER = 16
 
 
 class LaunchTemplate:
@@ -294,6 +300,7 @@ class LaunchTemplate:
         self._pointers = (launch.address - ctypes.addressof(launch._buffer), struct.Struct(f"<{len(self.offsets)}Q"))
         self._own = self._launch_over(self._buffer_type.from_buffer_copy(self._image))
         self._own.readdressed = True   # its parameters change from fire to fire
+        self._own._graph_after = TEMPLATE_GRAPH_AFTER
         # The own buffer as native 8-byte words (little-endian wherever CUDA runs), when every patch
         # starts on a word: patches of a pointer itself, and those with a delta or shift.
         self._own_words = None
