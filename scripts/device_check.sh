@@ -42,7 +42,7 @@ for step in $steps; do
       # --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "cuda-bindings==12.9.*"
       # "nvidia-cuda-nvrtc-cu12==12.4.*" cuda-pathfinder), first on the path, with libnvrtc.so.12 loaded
       # before the bindings look for an NVRTC (else they find the CUDA 13 one beside torch); the
-      # DeepGEMM 2.x, training and dense GPU tests, serially (xdist workers would not preload it).
+      # DeepGEMM 2.x, training, dense and cheap-path GPU tests, serially (xdist workers would not preload it).
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site12 .whl/*.whl > "$OUT/cu12.log" 2>&1
       run12() {
         PYTHONPATH=/tmp/site12:$HERE DG_JIT_CACHE_DIR=/tmp/dg_cache12 python3 -c "import ctypes, glob, runpy, sys
