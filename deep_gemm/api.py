@@ -686,16 +686,23 @@ def m_grouped_bf16_gemm_nt_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Ten
     masked_m (int32 [G]) stays on the device and is never read on the host (CUDA-graph safe);
     rows past it keep their values (a masked_m above max_m acts as max_m, below 0 as 0).
     expected_m (a host int) is a planning hint, checked.
-    Runs through torch (a batched torch.matmul, cuBLAS on a GPU, then a device-side row mask).
+    On a Hopper GPU with expected_m up to 128 and contiguous tensors, the BF16 kernel runs: it reads
+    masked_m on the device and computes each group's valid rows only. Otherwise it runs through torch
+    (a batched torch.matmul over every row, cuBLAS on a GPU, then a device-side row mask).
     """
     _check_compiled_dims(compiled_dims)
+    key = None
+    if not _is_compiling():
+        fired, key = _bf16.try_fire_masked(a, b, d, masked_m, expected_m)   # a launch cached for these tensors
+        if fired:
+            return
     g = _bf16.check_m_grouped(a, b, d, masked=True)
     _validation.index_tensor(masked_m, "masked_m", g, a.device, "(valid rows of each group)", "a")
     _validation.host_rows_hint(expected_m)
     if _is_compiling():
         _ops.m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, expected_m)
     else:
-        _bf16.run_masked(a, b, d, masked_m)
+        _bf16.run_masked(a, b, d, masked_m, expected_m, key)
 
 
 bf16_m_grouped_gemm_nt_masked = m_grouped_bf16_gemm_nt_masked   # DeepGEMM's older name

@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .bench_common import PEER_TITLES, PEERS, geomean, save_figure
+from .bench_bf16 import SUITES as BF16_SUITES
 
 # ---------------------------------------------------------------------------------------------
 # Ceilings, measured on the H100 of ANCHORS.md: device copy (read + write) and FP8 tensor cores.
@@ -524,7 +525,7 @@ def _floor_geomeans(rows: List[dict]) -> dict:
 def summarise(rows: List[dict]) -> dict:
     """Geomeans over the ANCHORS.md inference suites; the odd shapes and the weight gradients get
     their own (summary["odd"], summary["wgrad"])."""
-    anchors = [r for r in rows if r["suite"] not in ("odd", "wgrad", "k_grouped", "sweep", "bf16", "bf16_grouped")]
+    anchors = [r for r in rows if r["suite"] not in ("odd", "wgrad", "k_grouped", "sweep", *BF16_SUITES)]
     summary = _floor_geomeans(anchors)
     summary["ours"]["geomean_speedup_vs_deepgemm"] = _speedup(anchors)
     odd = [r for r in rows if r["suite"] == "odd"]
@@ -538,7 +539,7 @@ def summarise(rows: List[dict]) -> dict:
     if any(r["suite"] == "sweep" for r in rows):
         from .bench_sweep import sweep_summary
         summary["sweep"] = sweep_summary(rows)
-    if any(r["suite"] in ("bf16", "bf16_grouped") for r in rows):
+    if any(r["suite"] in BF16_SUITES for r in rows):
         from .bench_bf16 import bf16_summary
         summary["bf16"] = bf16_summary(rows)
     return summary

@@ -2,10 +2,12 @@
 ANCHORS.md BF16 shapes, in one run.
 
 Rows: the four dense layouts (nt, nn, tn, tt; bf16 out) over the FP8 dense grid, NT with an fp32 out
-at decode sizes, and the grouped contiguous layout over the FP8 contiguous table's group sizes.
+at decode sizes, the grouped contiguous layout over the FP8 contiguous table's group sizes, and the
+masked layout over the FP8 masked table's.
 Every row is a bench.Problem timed by bench.measure, so the method, the table and the JSON rows are
 the bench's own; the cuBLASLt column holds cuBLAS through torch (torch.matmul on the same operand
-layout; torch._grouped_mm, or one torch.matmul per expert, on the grouped rows) and Triton is n/a.
+layout; torch._grouped_mm, or one torch.matmul per expert, on the contiguous rows; one torch.matmul
+per expert on each group's valid rows, masked) and Triton is n/a.
 Correctness: calc_diff against a float64 product of the bf16 inputs.
 
 This module adds the builders, the summary (ours / cuBLAS speed per layout, per M band and for the
@@ -25,6 +27,7 @@ import torch
 
 from .bench_common import geomean
 
+SUITES = ("bf16", "bf16_grouped", "bf16_masked")  # the rows' suite names
 LAYOUTS = ("nt", "nn", "tn", "tt")              # DeepGEMM's letters: t = the operand is given MN-major
 FP32_MS = (64, 128)                             # NT with an fp32 out: decode sizes, where out bytes are few
 FP32_NKS = ((7168, 2048), (4096, 7168), (2112, 7168))
@@ -37,6 +40,7 @@ SMALL_M = 128                                   # the summary's M bands: M <= SM
 CPU_DENSE = ((64, 256, 384),)                   # (M, N, K), every layout
 CPU_FP32 = ((32, 128, 256),)
 CPU_GROUPED = ((3, 48, 192, 256),)              # (groups, M per group, N, K)
+CPU_MASKED = ((3, 32, 64, 128),)                # (groups, expected M, N, K)
 
 TABLE_TITLE = ("BF16: the cuBLASLt column is cuBLAS through torch.matmul on the same operand layout, bf16 out "
                "(also on the 'fp32' rows, where ours writes fp32), and torch._grouped_mm or one torch.matmul per "
@@ -188,30 +192,68 @@ def make_bf16_contiguous(groups: int, m_per_group: int, n: int, k: int, counts: 
 
 
 # ---------------------------------------------------------------------------------------------
+# Grouped, masked layout.
+# ---------------------------------------------------------------------------------------------
+def masked_sizes(bench, groups: int, expected_m: int, n: int, k: int) -> Tuple[int, List[int]]:
+    """(max_m, each group's valid rows) as the FP8 masked suite draws them (bench.make_masked)."""
+    max_m = 4096 if expected_m >= 256 else 256
+    counts = bench._draw_counts(groups, expected_m, groups * 7907 + expected_m * 37 + n + k)
+    return max_m, [min(c, max_m) for c in counts]
+
+
+def make_bf16_masked(groups: int, expected_m: int, n: int, k: int, sizes: Tuple[int, List[int]], device) -> Case:
+    """deep_gemm.m_grouped_bf16_gemm_nt_masked beside cuBLAS on each group's valid rows alone (one
+    torch.matmul per expert, the counts known on the host); sizes: masked_sizes(...)."""
+    max_m, counts = sizes
+    torch.manual_seed(groups * 7907 + expected_m * 37 + n + k)
+    a = torch.randn(groups, max_m, k, device=device, dtype=torch.bfloat16)
+    b = torch.randn(groups, n, k, device=device, dtype=torch.bfloat16)
+    masked_m = torch.tensor(counts, dtype=torch.int32, device=device)
+    valid = sum(counts)
+    a_valid = torch.cat([a[g, :c] for g, c in enumerate(counts)])
+    ref = torch.cat([a[g, :c].double() @ b[g].double().T for g, c in enumerate(counts)])
+    out = torch.empty((groups, max_m, n), dtype=torch.bfloat16, device=device)
+    return Case(
+        "bf16_masked", f"masked {groups}x{expected_m} {n}x{k}",
+        {"groups": groups, "expected_m": expected_m, "n": n, "k": k, "max_m": max_m, "valid_m": valid},
+        flops=2.0 * valid * n * k, nbytes=float(2 * (valid * k + groups * n * k) + 2 * valid * n),
+        ours=("m_grouped_bf16_gemm_nt_masked", (a, b, out, masked_m, expected_m)),
+        cublas=_per_expert(a_valid, b, counts, torch.empty(valid, n, dtype=torch.bfloat16, device=device)),
+        out=out, ref=ref,
+        # ours returns the [G, max_m, N] layout, the peer the valid rows packed
+        checked=lambda result: torch.cat([result[g, :c] for g, c in enumerate(counts)]) if result.dim() == 3
+        else result)
+
+
+# ---------------------------------------------------------------------------------------------
 # Cases.
 # ---------------------------------------------------------------------------------------------
-def makers(bench, dense, fp32, grouped) -> List[Callable]:
+def makers(bench, dense, fp32, grouped, masked) -> List[Callable]:
     """device -> Case, for every layout on each dense (M, N, K), NT with an fp32 out on each of
-    `fp32`, and a grouped row per (groups, M per group, N, K)."""
+    `fp32`, a grouped row per (groups, M per group, N, K) and a masked row per (groups, expected M,
+    N, K)."""
     return ([functools.partial(make_bf16_dense, lay, *s) for lay in LAYOUTS for s in dense] +
             [functools.partial(make_bf16_dense, "nt", *s, out_dtype=torch.float32) for s in fp32] +
-            [functools.partial(make_bf16_contiguous, *s, group_sizes(bench, *s)) for s in grouped])
+            [functools.partial(make_bf16_contiguous, *s, group_sizes(bench, *s)) for s in grouped] +
+            [functools.partial(make_bf16_masked, *s, masked_sizes(bench, *s)) for s in masked])
 
 
-def cases(bench, dense, fp32, grouped) -> List[Callable]:
+def cases(bench, dense, fp32, grouped, masked) -> List[Callable]:
     """Deferred Problem builders (bench.suite_cases' form) of makers(...)."""
-    return [lambda dev, make=make: make(device=dev).problem(bench) for make in makers(bench, dense, fp32, grouped)]
+    return [lambda dev, make=make: make(device=dev).problem(bench)
+            for make in makers(bench, dense, fp32, grouped, masked)]
 
 
 def suite_cases(quick: bool, bench) -> List[Callable]:
     """The suite's builders; quick: two Ms on two (N, K) pairs, one fp32 row and the two grouped
-    extremes (few large groups, many small ones). bench: the deep_gemm.bench module."""
-    ms, nks, grouped = bench.DENSE_MS, bench.DENSE_NKS, list(bench.DEEPGEMM_CONTIGUOUS)
+    extremes of each grouped layout (few large groups, many small ones). bench: the deep_gemm.bench
+    module."""
+    ms, nks, grouped, masked = bench.DENSE_MS, bench.DENSE_NKS, list(bench.DEEPGEMM_CONTIGUOUS), list(bench.DEEPGEMM_MASKED)
     if quick:
         return cases(bench, [(m, n, k) for m in (ms[0], ms[-1]) for n, k in nks[:2]],
-                     [(FP32_MS[0], *FP32_NKS[0])], [grouped[0], grouped[-1]])
+                     [(FP32_MS[0], *FP32_NKS[0])], [grouped[0], grouped[-1]], [masked[0], masked[-1]])
     return cases(bench, [(m, n, k) for m in ms for n, k in nks],
-                 [(m, n, k) for m in FP32_MS for n, k in FP32_NKS], grouped)
+                 [(m, n, k) for m in FP32_MS for n, k in FP32_NKS], grouped, masked)
 
 
 def reference_checks(bench) -> List[tuple]:
@@ -219,7 +261,7 @@ def reference_checks(bench) -> List[tuple]:
     Hopper GPU (bench.run_reference_only, which passes itself as `bench`). Our output is poisoned
     first, so a call that writes nothing fails."""
     checks = []
-    for make in makers(bench, CPU_DENSE, CPU_FP32, CPU_GROUPED):
+    for make in makers(bench, CPU_DENSE, CPU_FP32, CPU_GROUPED, CPU_MASKED):
         case = make(device=torch.device("cpu"))
         problem = case.problem(bench)
         problem.poison()
@@ -250,12 +292,16 @@ def bf16_summary(rows: List[dict]) -> dict:
     dense = [r for r in rows if r.get("suite") == "bf16"]
     bf16_out = [r for r in dense if r.get("out") == "bf16"]
     grouped = [r for r in rows if r.get("suite") == "bf16_grouped"]
+    masked = [r for r in rows if r.get("suite") == "bf16_masked"]
+    small = [r["peers"]["ours"]["pct_floor"] for r in masked if r["expected_m"] <= SMALL_M
+             and r["peers"].get("ours", {}).get("status") == "ok" and r["peers"]["ours"].get("pct_floor")]
     return {
         "layouts": {lay: _ratio([r for r in bf16_out if r["layout"] == lay]) for lay in LAYOUTS},
         "nt_fp32_out": _ratio([r for r in dense if r.get("out") == "fp32"]),
         "bands": {f"M<={SMALL_M}": _ratio([r for r in bf16_out if r["m"] <= SMALL_M]),
                   f"M>{SMALL_M}": _ratio([r for r in bf16_out if r["m"] > SMALL_M])},
         "grouped": dict(_ratio(grouped), peers=sorted({r.get("cublas_peer", "?") for r in grouped})),
+        "masked": dict(_ratio(masked), small_rows=len(small), small_pct_floor=geomean(small)),
     }
 
 
@@ -272,3 +318,8 @@ def print_bf16_summary(s: dict, out=None) -> None:
                            [_cell("nt fp32 out", s["nt_fp32_out"])]), file=out)
     print("  " + "; ".join(_cell(band, ratio) for band, ratio in s["bands"].items())
           + "; " + _cell(f"grouped vs {' / '.join(s['grouped']['peers']) or 'n/a'}", s["grouped"]), file=out)
+    masked = s.get("masked")
+    if masked and masked["of"]:
+        pct = masked["small_pct_floor"]
+        print("  " + _cell("masked vs torch.matmul per expert", masked) + f"; masked, expected M <= {SMALL_M}: "
+              f"ours {'n/a' if pct is None else f'{pct:.0f}%'} of the floor ({masked['small_rows']} rows)", file=out)

@@ -106,11 +106,11 @@ class KernelConfig:
         if self.layout == Layout.K_GROUPED and not (self.row_scales_b and self.split_k == 1 and self.stage_k_blocks == 1
                                                     and self.block_m != 256):
             problems.append("K_GROUPED needs row_scales_b, split_k = 1, stage_k_blocks = 1 and block_m 64 or 128")
-        if self.bf16_operands and (self.layout != Layout.DENSE or self.block_m == 256 or self.split_k > 1
-                                   or self.stage_k_blocks > 1 or self.pipelined or self.scale_loader_warp
-                                   or self.row_scales_b):
-            problems.append("bf16_operands runs dense GEMMs on 64- or 128-row tiles, unsplit, one K block a stage, "
-                            "without the FP8 options (pipelined, scale_loader_warp, row_scales_b)")
+        if self.bf16_operands and (self.layout not in (Layout.DENSE, Layout.MASKED) or self.block_m == 256
+                                   or self.split_k > 1 or self.stage_k_blocks > 1 or self.pipelined
+                                   or self.scale_loader_warp or self.row_scales_b):
+            problems.append("bf16_operands runs dense and masked GEMMs on 64- or 128-row tiles, unsplit, one K block "
+                            "a stage, without the FP8 options (pipelined, scale_loader_warp, row_scales_b)")
         if self.stage_k_blocks > 1 and self.shape_k % BLOCK_K:
             problems.append(f"stage_k_blocks > 1 needs K % {BLOCK_K} == 0, got K = {self.shape_k}")
         if min(self.shape_n, self.shape_k, self.num_stages, self.stage_k_blocks, self.num_groups,

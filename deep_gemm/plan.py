@@ -180,17 +180,23 @@ BF16_KERNEL_MAX_M = COMPUTE_BOUND_M
 BF16_STAGES = 16   # a bf16 K block holds half an FP8 block's K: a deeper ring keeps as many bytes in flight
 
 
-def plan_bf16(m: int, n: int, k: int, num_sms: int, out_fp32: bool = False, accumulate: bool = False) -> KernelConfig:
-    """The config of a dense BF16 GEMM D[M, N] (+)= A[M, K] B[N, K]^T of K-major operands, M up to
-    BF16_KERNEL_MAX_M: the FP8 planner's memory-bound tiles (64 rows up to M = 64, widths that spread
-    N over the SMs), B streamed past L2, no split-K and no promotion (the loop keeps the next block's
-    wgmmas queued while it waits), one K block of 64 a stage, as many stages as fit up to BF16_STAGES."""
+def plan_bf16(m: int, n: int, k: int, num_sms: int, out_fp32: bool = False, accumulate: bool = False,
+              layout: Layout = Layout.DENSE, num_groups: int = 1) -> KernelConfig:
+    """The config of a BF16 GEMM D[M, N] (+)= A[M, K] B[N, K]^T of K-major operands, M (masked: the
+    expected rows per group) up to BF16_KERNEL_MAX_M: the FP8 planner's memory-bound tiles (64 rows
+    up to M = 64, widths that spread N, and masked the groups, over the SMs), no split-K and no
+    promotion (the loop keeps the next block's wgmmas queued while it waits), one K block of 64 a
+    stage, as many stages as fit up to BF16_STAGES; B streamed past L2 where dense, as the FP8
+    planner does."""
+    layout = Layout(layout)
+    if layout not in (Layout.DENSE, Layout.MASKED):
+        raise ValueError(f"plan_bf16 plans dense and masked GEMMs, got {layout.name}")
     if not 0 < m <= BF16_KERNEL_MAX_M:
         raise ValueError(f"plan_bf16 plans M from 1 to {BF16_KERNEL_MAX_M}, got M = {m}")
     block_m = 128 if m > 64 else 64
-    block_n = memory_bound_block_n(m, n, block_m, num_sms, Layout.DENSE, 1)
+    block_n = memory_bound_block_n(m, n, block_m, num_sms, layout, num_groups)
     return KernelConfig(
         shape_n=n, shape_k=k, block_m=block_m, block_n=block_n,
         num_stages=max_stages(block_m, block_n, cap=BF16_STAGES, out_bytes=4 if out_fp32 else 2, bf16_operands=True),
-        layout=Layout.DENSE, raster_group=8 if ceil_div(n, block_n) <= 64 else 16, stream_b=True,
-        out_fp32=out_fp32, accumulate=accumulate, bf16_operands=True)
+        layout=layout, num_groups=num_groups, raster_group=8 if ceil_div(n, block_n) <= 64 else 16,
+        stream_b=layout == Layout.DENSE, out_fp32=out_fp32, accumulate=accumulate, bf16_operands=True)

@@ -158,7 +158,7 @@ def grouped():
 
 def bf16():
     """The BF16 kernel: 64- and 128-row tiles, a partial M block, K not a multiple of 64, fp32 D
-    accumulated."""
+    accumulated; masked, with an empty, a partial and a full group, 64- and 128-row tiles."""
     ok = True
     for m, n, k, fp32 in ((1, 256, 520, False), (100, 2112, 1024, False), (128, 512, 4104, False),
                           (64, 1000, 200, True)):
@@ -168,6 +168,16 @@ def bf16():
         want = (d.double() if fp32 else 0) + a.double() @ b.double().T
         deep_gemm.bf16_gemm_nt(a, b, d, c=d if fp32 else None)
         ok &= check(f"bf16 {m}x{n}x{k}{' fp32 +=' if fp32 else ''}", d, want)
+    g, max_m, n, k = 3, 150, 520, 1032
+    a = torch.randn(g, max_m, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(g, n, k, device="cuda", dtype=torch.bfloat16)
+    masked_m = torch.tensor([0, 70, 150], device="cuda", dtype=torch.int32)
+    for expected_m in (40, 100):
+        d = torch.zeros(g, max_m, n, device="cuda", dtype=torch.bfloat16)
+        deep_gemm.m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, expected_m)
+        for gi, rows in enumerate(masked_m.tolist()):
+            if rows:
+                ok &= check(f"bf16 masked e{expected_m} g{gi}", d[gi, :rows], a[gi, :rows].double() @ b[gi].double().T)
     return ok
 
 

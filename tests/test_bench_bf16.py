@@ -20,7 +20,8 @@ def test_suite_builds_every_anchors_case_and_stays_out_of_all():
     cases = bench.suite_cases("bf16", quick=False, shapes=[])
     dense = len(bench_bf16.LAYOUTS) * len(bench.DENSE_MS) * len(bench.DENSE_NKS)
     fp32 = len(bench_bf16.FP32_MS) * len(bench_bf16.FP32_NKS)
-    assert len(cases) == dense + fp32 + len(bench.DEEPGEMM_CONTIGUOUS) == 96 and all(callable(c) for c in cases)
+    grouped = len(bench.DEEPGEMM_CONTIGUOUS) + len(bench.DEEPGEMM_MASKED)
+    assert len(cases) == dense + fp32 + grouped == 106 and all(callable(c) for c in cases)
     assert 0 < len(bench.suite_cases("bf16", quick=True, shapes=[])) < len(cases)
     parser = bench.build_parser()
     assert parser.parse_args(["--suite", "bf16"]).suite == "bf16"
@@ -33,6 +34,7 @@ def tiny(monkeypatch):
     monkeypatch.setattr(bench, "DENSE_MS", (16, 24))
     monkeypatch.setattr(bench, "DENSE_NKS", ((40, 32), (24, 64)))
     monkeypatch.setattr(bench, "DEEPGEMM_CONTIGUOUS", {(3, 24, 40, 32): None, (2, 40, 24, 16): None})
+    monkeypatch.setattr(bench, "DEEPGEMM_MASKED", {(3, 24, 40, 32): None, (2, 300, 24, 16): None})
     monkeypatch.setattr(bench_bf16, "FP32_MS", (8,))
     monkeypatch.setattr(bench_bf16, "FP32_NKS", ((24, 32),))
 
@@ -46,12 +48,13 @@ def _run_peer(problem, peer):
 
 def test_every_case_runs_and_checks_on_cpu(tiny):
     problems = [build(CPU) for build in bench.suite_cases("bf16", quick=False, shapes=[])]
-    assert len(problems) == 4 * 2 * 2 + 1 + 2
+    assert len(problems) == 4 * 2 * 2 + 1 + 2 + 2
     labels = [p.label for p in problems]
     assert "nt 16x40x32" in labels and "tt 24x24x64" in labels and "nt 8x24x32 fp32" in labels
+    assert "masked 3x24 40x32" in labels and "masked 2x300 24x16" in labels
     assert len(set(labels)) == len(labels)
     for p in problems:
-        assert p.deepgemm_us is None and p.suite in ("bf16", "bf16_grouped")
+        assert p.deepgemm_us is None and p.suite in bench_bf16.SUITES
         for peer in ("ours", "cublaslt"):
             assert _run_peer(p, peer) <= bench.WRONG_DIFF, (p.label, peer)
         with pytest.raises(NotImplementedError):
@@ -82,6 +85,17 @@ def test_flops_and_bytes():
     valid = g.shape["valid_m"]
     assert valid == sum(bench_bf16.group_sizes(bench, 3, 24, 40, 32))
     assert g.flops == 2 * valid * 40 * 32 and g.nbytes == 2 * (valid * 32 + 3 * 40 * 32) + 2 * valid * 40
+    sizes = bench_bf16.masked_sizes(bench, 3, 24, 40, 32)
+    m = bench_bf16.make_bf16_masked(3, 24, 40, 32, sizes, CPU).problem(bench)
+    valid = m.shape["valid_m"]
+    assert valid == sum(sizes[1]) and m.shape["max_m"] == sizes[0] == 256
+    assert m.flops == 2 * valid * 40 * 32 and m.nbytes == 2 * (valid * 32 + 3 * 40 * 32) + 2 * valid * 40
+
+
+def test_masked_sizes_are_the_fp8_suites():
+    max_m, counts = bench_bf16.masked_sizes(bench, 4, 256, 4096, 7168)
+    assert max_m == 4096 and counts == bench._draw_counts(4, 256, 4 * 7907 + 256 * 37 + 4096 + 7168)
+    assert bench_bf16.masked_sizes(bench, 32, 32, 7168, 2048)[0] == 256
 
 
 def test_group_sizes_and_contiguous_layout():
@@ -105,7 +119,7 @@ def test_grouped_peer_without_grouped_mm(monkeypatch):
 
 def test_reference_checks_pass():
     checks = bench_bf16.reference_checks(bench)
-    assert len(checks) == len(bench_bf16.LAYOUTS) + 2
+    assert len(checks) == len(bench_bf16.LAYOUTS) + 3
     for label, call, expect in checks:
         assert label.startswith("bf16 ")
         assert bench._diff(call(), expect) <= bench.WRONG_DIFF, label
@@ -130,13 +144,23 @@ def _grouped(ours, cublas, peer="torch._grouped_mm"):
             "peers": {"ours": _peer(ours), "cublaslt": _peer(cublas), "triton": _peer(None, "n/a")}}
 
 
+def _masked(expected_m, ours, cublas, pct_floor):
+    row = {"suite": "bf16_masked", "label": f"masked 16x{expected_m} 4096x7168", "groups": 16,
+           "expected_m": expected_m, "n": 4096, "k": 7168,
+           "peers": {"ours": _peer(ours), "cublaslt": _peer(cublas), "triton": _peer(None, "n/a")}}
+    if ours is not None:
+        row["peers"]["ours"]["pct_floor"] = pct_floor
+    return row
+
+
 def _rows():
     return [_dense("nt", 64, 10.0, 20.0), _dense("nt", 4096, 100.0, 50.0),
             _dense("nn", 128, 10.0, 10.0),
             _dense("tn", 64, 10.0, None),                       # cuBLAS missing: not counted
             _dense("tn", 4096, 10.0, 12.0, ours_status="WRONG"),   # ours wrong: not counted
             _dense("nt", 64, 10.0, 40.0, out="fp32"),
-            _grouped(100.0, 150.0), _grouped(None, 100.0)]          # ours missing: not counted
+            _grouped(100.0, 150.0), _grouped(None, 100.0),          # ours missing: not counted
+            _masked(64, 10.0, 20.0, 40.0), _masked(32, 10.0, 5.0, 90.0), _masked(512, 10.0, 10.0, 10.0)]
 
 
 def test_summary_ratios_per_layout_band_and_grouped():
@@ -151,8 +175,11 @@ def test_summary_ratios_per_layout_band_and_grouped():
     assert s["bands"]["M>128"]["geomean_speed_vs_cublas"] == pytest.approx(0.5)
     assert s["grouped"] == {"rows": 1, "of": 2, "geomean_speed_vs_cublas": pytest.approx(1.5),
                             "peers": ["torch._grouped_mm"]}
+    assert s["masked"] == {"rows": 3, "of": 3, "geomean_speed_vs_cublas": pytest.approx(1.0), "small_rows": 2,
+                           "small_pct_floor": pytest.approx(60.0)}   # expected M <= 128: 40% and 90%
     empty = bench_bf16.bf16_summary([])
     assert empty["grouped"]["geomean_speed_vs_cublas"] is None and empty["grouped"]["peers"] == []
+    assert empty["masked"]["of"] == 0 and empty["masked"]["small_pct_floor"] is None
 
 
 def test_summary_through_bench_and_printed(capsys):
@@ -168,6 +195,8 @@ def test_summary_through_bench_and_printed(capsys):
     assert "bf16, ours vs cuBLAS" in text
     assert "nt 1.00x (2/2)" in text and "tt n/a (0/0)" in text and "nt fp32 out 4.00x (1/1)" in text
     assert "M<=128 1.41x (2/3)" in text and "grouped vs torch._grouped_mm 1.50x (1/2)" in text
+    assert "masked vs torch.matmul per expert 1.00x (3/3); masked, expected M <= 128: ours 60% of the floor (2 rows)" \
+        in text
     bench.print_summary(bench.summarise([_dense("tt", 64, None, None, ours_status="n/a")]))
     assert "tt n/a (0/1)" in capsys.readouterr().out
 

@@ -504,3 +504,76 @@ def test_bf16_kernel_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         assert calc_diff(d, a.double() @ b.double().T) <= TOL
+
+
+# ---- GPU: the BF16 kernel on the masked layout (expected_m up to plan.BF16_KERNEL_MAX_M) ----------------
+def _masked_case(g, max_m, n, k, counts, seed=0):
+    a, b = _rand(g, max_m, k, device="cuda", seed=seed), _rand(g, n, k, device="cuda", seed=seed + 1)
+    masked_m = torch.tensor(counts, dtype=torch.int32, device="cuda")
+    d = _poisoned(g, max_m, n, dtype=torch.bfloat16, device="cuda")
+    return a, b, d, masked_m
+
+
+def _check_masked(a, b, d, masked_m):
+    """Each group's rows up to masked_m (clamped to [0, max_m]) match float64; later rows keep their poison."""
+    torch.cuda.synchronize()
+    for i, m in enumerate(masked_m.clamp(0, a.shape[1]).tolist()):
+        assert d[i, m:].isnan().all(), (i, m)
+        if m:
+            assert calc_diff(d[i, :m], a[i, :m].double() @ b[i].double().T) <= TOL, (i, m)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("g, max_m, n, k, expected_m, counts", [
+    (4, 100, 256, 512, 64, [100, 0, 37, 64]), (3, 256, 2112, 7168, 128, [256, 129, 1]),
+    (32, 64, 7168, 2048, 32, [(7 * i) % 65 for i in range(32)]), (2, 9, 40, 8, 1, [9, 4]),
+    (3, 128, 4104, 1032, 100, [300, -5, 77])])
+def test_bf16_kernel_masked(g, max_m, n, k, expected_m, counts):
+    """Odd max_m, N and K, empty and full groups, masked_m past max_m and below 0: the kernel runs and
+    writes each group's valid rows only."""
+    if not _hopper():
+        pytest.skip("the BF16 kernel runs on Hopper GPUs")
+    a, b, d, masked_m = _masked_case(g, max_m, n, k, counts)
+    before = _kernel_launches()
+    deep_gemm.m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, expected_m)
+    torch.cuda.synchronize()
+    assert _kernel_launches() == before + 1
+    _check_masked(a, b, d, masked_m)
+
+
+@pytest.mark.gpu
+def test_bf16_kernel_masked_cached_and_new_addresses():
+    """The same tensors hit the launch cache, tensors of that layout at new addresses take its template,
+    with the group sizes read on the device each time."""
+    if not _hopper():
+        pytest.skip("the BF16 kernel runs on Hopper GPUs")
+    from deep_gemm.ops import bf16 as ops_bf16
+    before, keys = _kernel_launches(), len(ops_bf16._launches)
+    a, b, d, masked_m = _masked_case(8, 64, 4096, 7168, [64, 3, 0, 17, 50, 64, 1, 33])
+    for counts in ([64, 3, 0, 17, 50, 64, 1, 33], [1, 2, 3, 4, 5, 6, 7, 8]):
+        masked_m.copy_(torch.tensor(counts, dtype=torch.int32))
+        d.fill_(float("nan"))
+        deep_gemm.m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, 32)
+        _check_masked(a, b, d, masked_m)
+    assert len(ops_bf16._launches) == keys + 1
+    for seed in (1, 2, 3):
+        a2, _, d2, m2 = _masked_case(8, 64, 4096, 7168, [seed * 7 % 65] * 8, seed=seed)
+        deep_gemm.m_grouped_bf16_gemm_nt_masked(a2, b, d2, m2, 32)
+        _check_masked(a2, b, d2, m2)
+    assert _kernel_launches() == before + 5 and ops_bf16._launches._templates
+
+
+@pytest.mark.gpu
+def test_bf16_masked_calls_the_kernel_does_not_take_stay_correct():
+    """expected_m above 128 or a strided a go to torch: no kernel launch, the same results."""
+    if not _hopper():
+        pytest.skip("the BF16 kernel runs on Hopper GPUs")
+    before = _kernel_launches()
+    a, b, d, masked_m = _masked_case(3, 256, 512, 256, [256, 200, 0])
+    deep_gemm.m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, 129)
+    _check_masked(a, b, d, masked_m)
+    wide = _rand(3, 256, 264, device="cuda")[:, :, :256]   # rows 528 bytes apart: not contiguous
+    d.fill_(float("nan"))
+    deep_gemm.m_grouped_bf16_gemm_nt_masked(wide, b, d, masked_m, 64)
+    _check_masked(wide, b, d, masked_m)
+    assert _kernel_launches() == before

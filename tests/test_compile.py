@@ -321,6 +321,16 @@ def test_cli_bf16(capsys):
     want = {plan_bf16(m, 2112, 7168, NUM_SMS, out_fp32=f, accumulate=a).name
             for m in range(1, BF16_KERNEL_MAX_M + 1) for f, a in ((False, False), (True, False), (True, True))}
     assert set(json.loads(out)) == want and all("_bf16" in name for name in want)
+    rc, out, err = _run_cli(["--arch", "sm_90a", "--dry-run", "--json", "--bf16", "masked:32:7168x2048:64",
+                             "--bf16", "masked:4:4096x7168"], capsys)
+    assert rc == 0, err
+    want = [plan_bf16(64, 7168, 2048, NUM_SMS, layout=LAYOUT_MASKED, num_groups=32).name]
+    want += dict.fromkeys(plan_bf16(m, 4096, 7168, NUM_SMS, layout=LAYOUT_MASKED, num_groups=4).name
+                          for m in range(1, BF16_KERNEL_MAX_M + 1))
+    assert list(json.loads(out)) == want and all(name.startswith("gemm_masked_") for name in want)
+    for bad in ("masked:4:4096x7164", "contiguous:4:4096x7168", "masked:4096x7168"):
+        rc, _, err = _run_cli(["--arch", "sm_90a", "--dry-run", "--bf16", bad], capsys)
+        assert rc == 2 and "--bf16 must be" in err
 
 
 def test_cli_presets(capsys):
@@ -491,17 +501,20 @@ def test_training_kernels_compile_clean(tmp_cache_dir):
 
 def _bf16_plans():
     """The BF16 kernel's plans: M from 1 to the kernel's limit over the ANCHORS (N, K) pairs and a K
-    that is not a multiple of 64, bf16 and fp32 D, accumulated."""
+    that is not a multiple of 64, bf16 and fp32 D, accumulated; masked, few and many groups."""
     from deep_gemm.plan import BF16_KERNEL_MAX_M, plan_bf16
     plans = {plan_bf16(m, n, k, NUM_SMS, out_fp32=fp32, accumulate=acc)
              for m in (1, 64, 65, BF16_KERNEL_MAX_M) for n, k in ANCHOR_NK + ((4104, 4104),)
              for fp32, acc in ((False, False), (True, False), (True, True))}
+    plans |= {plan_bf16(m, n, k, NUM_SMS, layout=LAYOUT_MASKED, num_groups=g)
+              for g in (2, 32) for m in (32, BF16_KERNEL_MAX_M) for n, k in ((4096, 7168), (7168, 2048), (4104, 4104))}
     return sorted(plans, key=lambda c: c.name)
 
 
 def test_bf16_kernels_compile_clean(tmp_cache_dir):
     configs = _bf16_plans()
     assert {c.block_m for c in configs} == {64, 128} and all(c.bf16_operands for c in configs)
+    assert {c.layout for c in configs} == {LAYOUT_DENSE, LAYOUT_MASKED}
     assert len({c.block_n for c in configs}) >= 4
     assert all(gemm_kernel_name(c).endswith(", true>>") for c in configs)   # the bf16_operands argument, last
     _compile_and_check(configs)

@@ -440,12 +440,15 @@ def _bench_suite_plans(num_sms=132):
 
 
 def _bf16_suite_plans(num_sms=132):
-    """The BF16 kernel's configs for the NT rows of `bench --suite bf16` it runs (M up to
-    plan.BF16_KERNEL_MAX_M): bf16 out over the dense grid, fp32 out over bench_bf16's decode rows."""
+    """The BF16 kernel's configs for the rows of `bench --suite bf16` it runs (M, or masked expected M,
+    up to plan.BF16_KERNEL_MAX_M): NT bf16 out over the dense grid, fp32 out over bench_bf16's decode
+    rows, masked over the FP8 masked table's."""
     from deep_gemm import bench, bench_bf16
     from deep_gemm.plan import BF16_KERNEL_MAX_M, plan_bf16
     plans = [plan_bf16(m, n, k, num_sms) for m in bench.DENSE_MS for n, k in bench.DENSE_NKS if m <= BF16_KERNEL_MAX_M]
     plans += [plan_bf16(m, n, k, num_sms, out_fp32=True) for m in bench_bf16.FP32_MS for n, k in bench_bf16.FP32_NKS]
+    plans += [plan_bf16(m, n, k, num_sms, layout=Layout.MASKED, num_groups=g)
+              for g, m, n, k in bench.DEEPGEMM_MASKED if m <= BF16_KERNEL_MAX_M]
     return plans
 
 
@@ -456,7 +459,7 @@ def test_every_compile_time_option_is_chosen_for_some_benchmark_shape():
     plans = _bench_suite_plans()
     assert len(plans) == 21 + 14 + 6 + 10 + 12 + 6
     bf16_plans = _bf16_suite_plans()
-    assert len(bf16_plans) == 14 + 6 and all(c.bf16_operands for c in bf16_plans)
+    assert len(bf16_plans) == 14 + 6 + 4 and all(c.bf16_operands for c in bf16_plans)
     plans += bf16_plans
     seen = {
         "pipelined": {c.pipelined for c in plans},

@@ -79,10 +79,10 @@ struct GemmConfig {
                   "per-row B scales: dense or K-grouped, by TMA (A's scales with them)");
     static_assert(kLayout != kKGrouped || (kRowScalesB && kSplitK == 1 && kStageKBlocks == 1 && kMWaves == 1),
                   "K-grouped GEMMs scale B per row, unsplit, one K block a stage, 64 or 128 rows a tile");
-    static_assert(!kBf16Operands || (kLayout == kDense && kMWaves == 1 && kSplitK == 1 && kStageKBlocks == 1 &&
-                                     !kPipelined && !kScaleLoaderWarp && !kRowScalesB),
-                  "bf16 operands: dense, 64 or 128 rows a tile, unsplit, one K block a stage, no FP8 options "
-                  "(pipelined, scale loader warp, per-row B scales)");
+    static_assert(!kBf16Operands || ((kLayout == kDense || kLayout == kMasked) && kMWaves == 1 && kSplitK == 1 &&
+                                     kStageKBlocks == 1 && !kPipelined && !kScaleLoaderWarp && !kRowScalesB),
+                  "bf16 operands: dense or masked, 64 or 128 rows a tile, unsplit, one K block a stage, no FP8 "
+                  "options (pipelined, scale loader warp, per-row B scales)");
 };
 
 // The kernel's one parameter; deep_gemm/config.py's GEMM_PARAMS describes it (the generated source

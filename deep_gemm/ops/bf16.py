@@ -5,12 +5,13 @@ ValueError (shape, layout, device, alignment) naming the DeepGEMM 2.x argument (
 grouped_layout, masked_m, ks_cpu, ...). The layout rules are the kernel's (TMA: 16-byte aligned
 rows, so K and every outer stride a multiple of 8 elements), for every call alike.
 
-Execution: a dense NT call of K-major operands on a Hopper GPU with M up to plan.BF16_KERNEL_MAX_M
-runs the GEMM kernel with bf16 operands (kernels/gemm.cuh, Bf16Math), through ops/gemm.py's kind
-of pipeline: a launch cache keyed on (a, b, d) first, else validate -> plan -> prepare -> fire ->
-cache. Every other call, and any call on CPU tensors, runs plain torch (torch.matmul: cuBLAS on a
-GPU) on the given views, writing d in place, without host syncs (CUDA-graph capturable): masked_m
-and m_indices are never read on the host.
+Execution: on a Hopper GPU, a dense NT call of K-major operands with M up to plan.BF16_KERNEL_MAX_M,
+and a masked call with expected_m up to that (contiguous tensors), run the GEMM kernel with bf16
+operands (kernels/gemm.cuh, Bf16Math), through ops/gemm.py's kind of pipeline: a launch cache keyed
+on (a, b, d) (masked: and masked_m) first, else validate -> plan -> prepare -> fire -> cache. Every
+other call, and any call on CPU tensors, runs plain torch (torch.matmul: cuBLAS on a GPU) on the
+given views, writing d in place. Neither reads masked_m or m_indices on the host (CUDA-graph
+capturable).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Optional
 import torch
 
 from .. import utils as _utils
+from ..config import Layout
 from ..plan import BF16_KERNEL_MAX_M, plan_bf16
 from ..runtime.launch import LaunchCache
 from ..utils import sms_for
@@ -184,19 +186,61 @@ def kernel_takes(a_mk: torch.Tensor, b_nk: torch.Tensor, d: torch.Tensor, accumu
 
 
 def _run_kernel(a_mk: torch.Tensor, b_nk: torch.Tensor, d: torch.Tensor, accumulate: bool, key) -> None:
-    global launch_count
-    from ..runtime.kernels import prepare_gemm   # (the CUDA bindings are imported on first use)
     m, k = a_mk.shape
     n = b_nk.shape[0]
     num_sms = sms_for(a_mk.device.index, _utils._num_sms_override if key is None else key[-1])
     config = plan_bf16(m, n, k, num_sms, out_fp32=d.dtype == torch.float32, accumulate=accumulate)
-    with torch.cuda.device(a_mk.device.index):
-        launch = prepare_gemm(config, a=a_mk, a_rows=m, sa=None, sa_rows=0, b=b_nk, b_rows=n, sb=None, out=d,
-                              out_rows=m, shape_m=m, group_info=None, num_sms=num_sms)
+    _fire_new(config, a_mk, b_nk, d, m, None, num_sms, key, (a_mk, b_nk, d))
+
+
+def _fire_new(config, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, shape_m: int, group_info, num_sms: int,
+              key, tensors: tuple) -> None:
+    """Prepare and fire the kernel over row views a [rows, K], b [rows, K], d [rows, N]; cache the launch
+    under `key` (the caller's `tensors`, which the views show unchanged) unless key is None."""
+    global launch_count
+    from ..runtime.kernels import prepare_gemm   # (the CUDA bindings are imported on first use)
+    with torch.cuda.device(a.device.index):
+        launch = prepare_gemm(config, a=a, a_rows=a.shape[0], sa=None, sa_rows=0, b=b, b_rows=b.shape[0], sb=None,
+                              out=d, out_rows=d.shape[0], shape_m=shape_m, group_info=group_info, num_sms=num_sms)
         launch.fire()
     launch_count += 1
     if key is not None:
-        _launches.put(key, (a_mk, b_nk, d), launch)
+        _launches.put(key, tensors, launch)
+
+
+# The masked call's cache key: its tensors (a, b, d, masked_m), then this tag, expected_m and set_num_sms's value.
+_MASKED = "masked"
+
+
+def try_fire_masked(a, b, d, masked_m, expected_m):
+    """(fired, key) of a masked call, as try_fire_dense: only for a plain int expected_m (validation
+    rejects anything else, so nothing else may pass through the cache)."""
+    global launch_count
+    if type(expected_m) is not int:
+        return False, None
+    fired, key = _launches.try_fire((a, b, d, masked_m), (_MASKED, expected_m, _utils._num_sms_override))
+    launch_count += fired
+    return fired, key
+
+
+def masked_kernel_takes(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, expected_m: int) -> bool:
+    """Whether the BF16 kernel runs this validated masked call: a Hopper GPU, expected_m from 1 to
+    BF16_KERNEL_MAX_M, contiguous a, b and d (each group's rows follow the last group's) starting
+    16-byte aligned, rows of d 16-byte long."""
+    g, max_m, k = a.shape
+    n = b.shape[1]
+    if not (0 < expected_m <= BF16_KERNEL_MAX_M and max_m and n and k and a.is_cuda and runs_on_hopper(a.device)):
+        return False
+    return n % TMA_ELEMS == 0 and all(x.is_contiguous() and x.data_ptr() % 16 == 0 for x in (a, b, d))
+
+
+def _run_masked_kernel(a, b, d, masked_m, expected_m: int, key) -> None:
+    g, max_m, k = a.shape
+    n = b.shape[1]
+    num_sms = sms_for(a.device.index, _utils._num_sms_override if key is None else key[-1])
+    config = plan_bf16(expected_m, n, k, num_sms, layout=Layout.MASKED, num_groups=g)
+    _fire_new(config, a.view(g * max_m, k), b.view(g * n, k), d.view(g * max_m, n), max_m, masked_m, num_sms, key,
+              (a, b, d, masked_m))
 
 
 # ---- execution: torch ----------------------------------------------------------------------------
@@ -276,9 +320,13 @@ def grouped_rows_product(a: torch.Tensor, b: torch.Tensor, m_indices: torch.Tens
     return product[dest]
 
 
-def run_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, masked_m: torch.Tensor) -> None:
+def run_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, masked_m: torch.Tensor, expected_m: int,
+               key=None) -> None:
     """d[g, :masked_m[g]] = a[g, :masked_m[g]] @ b[g]^T; later rows keep their values (masked_m read on
-    the device only; values outside [0, max_m] act as clamped)."""
+    the device only; values outside [0, max_m] act as clamped). key: try_fire_masked's."""
+    if masked_kernel_takes(a, b, d, expected_m):
+        _run_masked_kernel(a, b, d, masked_m, expected_m, key)
+        return
     result = _product(a, b.transpose(1, 2), d.dtype == torch.float32).to(d.dtype)
     rows = torch.arange(a.shape[1], device=a.device, dtype=torch.int32).view(1, -1, 1)
     keep = rows < masked_m.view(-1, 1, 1)

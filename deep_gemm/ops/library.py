@@ -54,7 +54,7 @@ def _bf16_contiguous(a, b, out, m_indices):
 
 
 def _bf16_masked(a, b, out, masked_m, expected_m):
-    bf16.run_masked(a, b, out, masked_m)
+    bf16.run_masked(a, b, out, masked_m, expected_m)
 
 
 def _bf16_k_grouped(a, b, out, k_sizes, accumulate):

@@ -23,8 +23,8 @@ A, SA, B, SB, OUT, INDEX = range(6)
 # Each address field of GemmParams and the tensor whose address it holds.
 _FIELD_SOURCES = (("tma_a", A), ("tma_b", B), ("tma_sa", SA), ("tma_out", OUT), ("tma_a_tail", A),
                   ("tma_sa_tail", SA), ("tma_sb", SB), ("sa", SA), ("sb", SB), ("out", OUT), ("group_info", INDEX))
-# BF16 operands have no scales: a call's tensors are a, b, out (ops/bf16.py), numbered 0, 1, 2.
-_BF16_SOURCES = {A: 0, B: 1, OUT: 2}
+# BF16 operands have no scales: a call's tensors are a, b, out and, masked, masked_m (ops/bf16.py), numbered 0-3.
+_BF16_SOURCES = {A: 0, B: 1, OUT: 2, INDEX: 3}
 _PARAM_OFFSETS = param_layout()[0]
 _PARAM_KINDS = dict(GEMM_PARAMS)
 _loaded: dict = {}
