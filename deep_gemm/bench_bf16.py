@@ -248,7 +248,8 @@ def suite_cases(quick: bool, bench) -> List[Callable]:
     """The suite's builders; quick: two Ms on two (N, K) pairs, one fp32 row and the two grouped
     extremes of each grouped layout (few large groups, many small ones). bench: the deep_gemm.bench
     module."""
-    ms, nks, grouped, masked = bench.DENSE_MS, bench.DENSE_NKS, list(bench.DEEPGEMM_CONTIGUOUS), list(bench.DEEPGEMM_MASKED)
+    ms, nks = bench.DENSE_MS, bench.DENSE_NKS
+    grouped, masked = list(bench.DEEPGEMM_CONTIGUOUS), list(bench.DEEPGEMM_MASKED)
     if quick:
         return cases(bench, [(m, n, k) for m in (ms[0], ms[-1]) for n, k in nks[:2]],
                      [(FP32_MS[0], *FP32_NKS[0])], [grouped[0], grouped[-1]], [masked[0], masked[-1]])

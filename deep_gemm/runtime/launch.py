@@ -108,9 +108,10 @@ class PreparedLaunch:
     that tensor's data pointer + delta. A launch that has them can become a LaunchTemplate.
 
     A template's own launch is `readdressed`: its parameter bytes change between fires. Its graph
-    (built after TEMPLATE_GRAPH_AFTER fires) keeps the kernel node, and each graph fire first copies the current parameters into that node
-    (cuGraphExecKernelNodeSetParams): the two calls cost the CPU well under one cuLaunchKernelEx.
-    Launches already enqueued keep the parameters they were launched with.
+    (built after TEMPLATE_GRAPH_AFTER fires) keeps the kernel node, and each graph fire first copies
+    the current parameters into that node (cuGraphExecKernelNodeSetParams): the two driver calls
+    cost the CPU less than one cuLaunchKernelEx. Launches already enqueued keep the parameters they
+    were launched with.
     """
 
     __slots__ = ("kernel", "function", "grid", "num_threads", "smem_bytes", "stream", "offsets", "device_index",
