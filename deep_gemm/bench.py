@@ -232,11 +232,28 @@ def _draw_counts(groups: int, expected: int, seed: int) -> List[int]:
     return [int(expected * rng.uniform(0.7, 1.3)) for _ in range(groups)]
 
 
+def contiguous_seed(groups: int, m_per_group: int, n: int, k: int) -> int:
+    """A contiguous case's own seed (its group sizes and data)."""
+    return groups * 7919 + m_per_group * 31 + n + k
+
+
+def masked_seed(groups: int, expected_m: int, n: int, k: int) -> int:
+    """A masked case's own seed (its group sizes and data)."""
+    return groups * 7907 + expected_m * 37 + n + k
+
+
+def masked_sizes(groups: int, expected_m: int, n: int, k: int, seed: Optional[int] = None) -> tuple:
+    """(max_m, each group's valid rows) of a masked case; seed: of the group sizes (None: the case's own)."""
+    max_m = 4096 if expected_m >= 256 else 256
+    seed = masked_seed(groups, expected_m, n, k) if seed is None else seed
+    return max_m, [min(c, max_m) for c in _draw_counts(groups, expected_m, seed)]
+
+
 def make_contiguous(groups: int, m_per_group: int, n: int, k: int, device, seed=None) -> Problem:
     """seed: of the random group sizes (None: the case's own, as in every bench run)."""
     from .api import get_m_alignment_for_contiguous_layout
     align = get_m_alignment_for_contiguous_layout()
-    seed = groups * 7919 + m_per_group * 31 + n + k if seed is None else seed
+    seed = contiguous_seed(groups, m_per_group, n, k) if seed is None else seed
     torch.manual_seed(seed)
     counts = _draw_counts(groups, m_per_group, seed)
     padded = [(c + align - 1) // align * align for c in counts]
@@ -263,10 +280,9 @@ def make_contiguous(groups: int, m_per_group: int, n: int, k: int, device, seed=
 
 def make_masked(groups: int, expected_m: int, n: int, k: int, device, seed=None) -> Problem:
     """seed: of the random group sizes (None: the case's own, as in every bench run)."""
-    max_m = 4096 if expected_m >= 256 else 256
-    seed = groups * 7907 + expected_m * 37 + n + k if seed is None else seed
+    seed = masked_seed(groups, expected_m, n, k) if seed is None else seed
     torch.manual_seed(seed)
-    counts = [min(c, max_m) for c in _draw_counts(groups, expected_m, seed)]
+    max_m, counts = masked_sizes(groups, expected_m, n, k, seed)
     (a, sa), (b, sb) = _cast_pair(torch.randn(groups, max_m, k, device=device, dtype=torch.bfloat16),
                                   torch.randn(groups, n, k, device=device, dtype=torch.bfloat16))
     masked_m = torch.tensor(counts, dtype=torch.int32, device=device)

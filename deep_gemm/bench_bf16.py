@@ -115,7 +115,7 @@ def make_bf16_dense(layout: str, m: int, n: int, k: int, device, out_dtype=torch
 # ---------------------------------------------------------------------------------------------
 def group_sizes(bench, groups: int, m_per_group: int, n: int, k: int) -> List[int]:
     """The FP8 contiguous suite's draw (bench.make_contiguous' seed), each rounded to GROUP_ROWS."""
-    counts = bench._draw_counts(groups, m_per_group, groups * 7919 + m_per_group * 31 + n + k)
+    counts = bench._draw_counts(groups, m_per_group, bench.contiguous_seed(groups, m_per_group, n, k))
     return [(c + GROUP_ROWS // 2) // GROUP_ROWS * GROUP_ROWS for c in counts]
 
 
@@ -196,9 +196,7 @@ def make_bf16_contiguous(groups: int, m_per_group: int, n: int, k: int, counts: 
 # ---------------------------------------------------------------------------------------------
 def masked_sizes(bench, groups: int, expected_m: int, n: int, k: int) -> Tuple[int, List[int]]:
     """(max_m, each group's valid rows) as the FP8 masked suite draws them (bench.make_masked)."""
-    max_m = 4096 if expected_m >= 256 else 256
-    counts = bench._draw_counts(groups, expected_m, groups * 7907 + expected_m * 37 + n + k)
-    return max_m, [min(c, max_m) for c in counts]
+    return bench.masked_sizes(groups, expected_m, n, k)
 
 
 def make_bf16_masked(groups: int, expected_m: int, n: int, k: int, sizes: Tuple[int, List[int]], device) -> Case:

@@ -87,9 +87,10 @@ def device_sm_count(index: int) -> int:
     return count
 
 
-def sms_for(device_index: int, override: Optional[int]) -> int:
-    """SMs a launch on device `device_index` plans for: `override` (set_num_sms()'s value as the
-    call's launch key captured it), else the device's count."""
+def sms_for(device_index: int, key: Optional[tuple]) -> int:
+    """SMs a launch on device `device_index` plans for: set_num_sms()'s value as the call's launch
+    key captured it (its last item; the value now for a call without a key), else the device's count."""
+    override = _num_sms_override if key is None else key[-1]
     return override if override is not None else device_sm_count(device_index)
 
 

@@ -158,14 +158,19 @@ _launches = LaunchCache()
 launch_count = 0   # kernel launches so far (tests tell the kernel path from torch's with it)
 
 
-def try_fire_dense(a, b, d, accumulate: bool):
-    """(fired, key): fire the launch cached for a dense NT call on (a, b, d), or for their layout at
-    new addresses (runtime/launch.LaunchCache); key (None for tensors that must go the long way) is
-    what run_dense caches a new launch under."""
+def _try_fire(tensors: tuple, extra: tuple):
+    """(fired, key): fire the launch cached for `tensors`, or for their layout at new addresses
+    (runtime/launch.LaunchCache); key (None for tensors that must go the long way) is what the long
+    path caches a new launch under. set_num_sms()'s value ends the key."""
     global launch_count
-    fired, key = _launches.try_fire((a, b, d), (accumulate, _utils._num_sms_override))
+    fired, key = _launches.try_fire(tensors, (*extra, _utils._num_sms_override))
     launch_count += fired
     return fired, key
+
+
+def try_fire_dense(a, b, d, accumulate: bool):
+    """_try_fire of a dense NT call on (a, b, d)."""
+    return _try_fire((a, b, d), (accumulate,))
 
 
 def _rows_aligned(x: torch.Tensor) -> bool:
@@ -188,7 +193,7 @@ def kernel_takes(a_mk: torch.Tensor, b_nk: torch.Tensor, d: torch.Tensor, accumu
 def _run_kernel(a_mk: torch.Tensor, b_nk: torch.Tensor, d: torch.Tensor, accumulate: bool, key) -> None:
     m, k = a_mk.shape
     n = b_nk.shape[0]
-    num_sms = sms_for(a_mk.device.index, _utils._num_sms_override if key is None else key[-1])
+    num_sms = sms_for(a_mk.device.index, key)
     config = plan_bf16(m, n, k, num_sms, out_fp32=d.dtype == torch.float32, accumulate=accumulate)
     _fire_new(config, a_mk, b_nk, d, m, None, num_sms, key, (a_mk, b_nk, d))
 
@@ -213,14 +218,11 @@ _MASKED = "masked"
 
 
 def try_fire_masked(a, b, d, masked_m, expected_m):
-    """(fired, key) of a masked call, as try_fire_dense: only for a plain int expected_m (validation
-    rejects anything else, so nothing else may pass through the cache)."""
-    global launch_count
+    """_try_fire of a masked call: only for a plain int expected_m (validation rejects anything else,
+    so nothing else may pass through the cache)."""
     if type(expected_m) is not int:
         return False, None
-    fired, key = _launches.try_fire((a, b, d, masked_m), (_MASKED, expected_m, _utils._num_sms_override))
-    launch_count += fired
-    return fired, key
+    return _try_fire((a, b, d, masked_m), (_MASKED, expected_m))
 
 
 def masked_kernel_takes(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, expected_m: int) -> bool:
@@ -237,7 +239,7 @@ def masked_kernel_takes(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, expec
 def _run_masked_kernel(a, b, d, masked_m, expected_m: int, key) -> None:
     g, max_m, k = a.shape
     n = b.shape[1]
-    num_sms = sms_for(a.device.index, _utils._num_sms_override if key is None else key[-1])
+    num_sms = sms_for(a.device.index, key)
     config = plan_bf16(expected_m, n, k, num_sms, layout=Layout.MASKED, num_groups=g)
     _fire_new(config, a.view(g * max_m, k), b.view(g * n, k), d.view(g * max_m, n), max_m, masked_m, num_sms, key,
               (a, b, d, masked_m))

@@ -169,8 +169,7 @@ def run(layout: int, lhs, rhs, out: Optional[torch.Tensor] = None, index=None, e
     if not runs_on_hopper(args.a.device):
         _run_reference(args)
         return result
-    override = _utils._num_sms_override if key is None else key[-1]
-    launch, copy_back = _launch(args, sms_for(args.a.device.index, override))
+    launch, copy_back = _launch(args, sms_for(args.a.device.index, key))
     launch.fire()
     if copy_back is not None:
         copy_back()

@@ -116,8 +116,7 @@ class PreparedLaunch:
 
     __slots__ = ("kernel", "function", "grid", "num_threads", "smem_bytes", "stream", "offsets", "device_index",
                  "relocations", "_size", "_buffer", "address", "_config", "pdl_ready", "_pdl_config", "_launch",
-                 "_graph", "_graph_fires", "_graph_after", "_graph_lock", "_graph_launch", "_cu_stream", "readdressed",
-                 "_node")
+                 "_graph", "_graph_fires", "_graph_lock", "_graph_launch", "_cu_stream", "readdressed", "_node")
 
     def __init__(self, kernel, grid: int, params: bytes, offsets, stream: int, device_index: int,
                  relocations: tuple = ()):
@@ -162,7 +161,6 @@ class PreparedLaunch:
         self._cu_stream = cu_stream
         self._graph = None        # the graph exec, once built
         self._graph_fires = 0     # launches so far without a graph; -1: no graph will be built
-        self._graph_after = 2     # launches before one is worth a graph
         self._graph_lock = threading.Lock()
         self.readdressed = False
         self._node = None         # readdressed, once in a graph: (set_params, node, node params, graph)
@@ -193,7 +191,8 @@ class PreparedLaunch:
             err, = self._launch(self._config, self.function, self.address, 0)
             if not err and graph is None and self._graph_fires >= 0:
                 self._graph_fires += 1
-                if self._graph_fires >= self._graph_after:
+                # A launch seen twice is worth a graph; a template's own, once its layout is hot.
+                if self._graph_fires >= (TEMPLATE_GRAPH_AFTER if self.readdressed else 2):
                     self._build_graph()
         if err:
             check((err,))
@@ -301,7 +300,6 @@ class LaunchTemplate:
         self._pointers = (launch.address - ctypes.addressof(launch._buffer), struct.Struct(f"<{len(self.offsets)}Q"))
         self._own = self._launch_over(self._buffer_type.from_buffer_copy(self._image))
         self._own.readdressed = True   # its parameters change from fire to fire
-        self._own._graph_after = TEMPLATE_GRAPH_AFTER
         # The own buffer as native 8-byte words (little-endian wherever CUDA runs), when every patch
         # starts on a word: patches of a pointer itself, and those with a delta or shift.
         self._own_words = None
