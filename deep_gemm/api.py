@@ -471,6 +471,8 @@ def _check_addend(c, d: torch.Tensor) -> Optional[torch.Tensor]:
     if c.shape != d.shape or c.device != d.device:
         raise ValueError(f"c must have d's shape {tuple(d.shape)} and device {d.device}, got {tuple(c.shape)} on "
                          f"{c.device}")
+    if c is d:   # (decided without reading addresses, which torch.compile's tracing cannot compare)
+        return None
     same_view = c.data_ptr() == d.data_ptr() and c.stride() == d.stride()
     if not same_view:
         if c.untyped_storage().data_ptr() == d.untyped_storage().data_ptr():
@@ -599,9 +601,9 @@ def _call_v1(fn, layout: int, *args) -> None:
         _gemm.run(layout, *args, names=_V2_NAMES)
 
 # ==== BF16 GEMMs (DeepGEMM 2.x names) ===============================================================
-# Dense NT calls at decode sizes run the BF16 kernel on a Hopper GPU; the others run plain torch
-# (ops/bf16.py: torch.matmul, i.e. cuBLAS on a GPU). While torch.compile traces they are one custom
-# op each.
+# Dense calls at decode sizes and the grouped calls run the BF16 kernel on a Hopper GPU; the others
+# run plain torch (ops/bf16.py: torch.matmul, i.e. cuBLAS on a GPU). While torch.compile traces they
+# are one custom op each.
 _BF16_DENSE_DOC = """d = c + {op} (DeepGEMM 2.x); returns None.
 
     a: bf16 {a_shape}, b: bf16 {b_shape}; each operand either contiguous along its last dimension
@@ -609,16 +611,18 @@ _BF16_DENSE_DOC = """d = c + {op} (DeepGEMM 2.x); returns None.
     K a multiple of 8 (zero-pad A and B along K otherwise). d: bf16 or fp32 [M, N], written in
     place. c: None, d itself (fp32, accumulated in place), or an fp32 [M, N] tensor sharing no
     memory with d (copied into d first). compiled_dims is checked and has no effect.
-    On a Hopper GPU, NT calls with K-major operands, M <= 128 and 16-byte aligned rows of d run the
-    BF16 kernel; the others run cuBLAS through torch (torch.matmul, fp32 accumulation).
+    On a Hopper GPU, calls with M <= 128 and 16-byte aligned rows (of each operand, whichever
+    dimension is contiguous, and of d) run the BF16 kernel, which reads K-major and MN-major
+    operands alike (no copy), except an MN-major b of few 64-column tiles (N < 64 x half the SMs)
+    at M > 64; the others run cuBLAS through torch (torch.matmul, fp32 accumulation).
     """
 
 
 def _bf16_dense(layout: str, a, b, d, c, compiled_dims) -> None:
     _check_compiled_dims(compiled_dims)
     key = None
-    if layout == "nt" and (c is None or c is d) and not _is_compiling():
-        fired, key = _bf16.try_fire_dense(a, b, d, c is not None)   # a launch cached for (a, b, d) or their layout
+    if (c is None or c is d) and not _is_compiling():
+        fired, key = _bf16.try_fire_dense(a, b, d, layout, c is not None)   # a launch cached for (a, b, d) or their layout
         if fired:
             return
     a_mk, b_nk = _bf16.check_dense(layout, a, b, d)
@@ -627,7 +631,7 @@ def _bf16_dense(layout: str, a, b, d, c, compiled_dims) -> None:
     if _is_compiling():
         _ops.bf16_gemm_nt(a_mk, b_nk, d, c is not None)
     else:
-        _bf16.run_dense(a_mk, b_nk, d, c is not None, key if addend is None else None)
+        _bf16.run_dense(a_mk, b_nk, d, c is not None, key if addend is None else None, given=(a, b, d))
 
 
 def _bf16_dense_gemm(layout: str, op: str, a_shape: str, b_shape: str, dims: str):
@@ -653,13 +657,22 @@ def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch
 
     a: bf16 [M, K], b: bf16 [G, N, K] (both K-major, K a multiple of 8), d: bf16 [M, N].
     grouped_layout as in m_grouped_fp8_gemm_nt_contiguous: m_indices (int32 [M], each row's
-    group, -1 for padding) or, with use_psum_layout=True, each group's end row (int32 [G]),
-    turned into row groups on the device. Rows of no group (-1 or outside [0, G)) are left
-    untouched; indices are never read on the host (CUDA-graph capturable).
-    Runs through torch: on a GPU one torch._grouped_mm over the rows sorted by group where torch
-    has it, else one torch.matmul per group.
+    group, -1 for padding; every block of get_mk_alignment_for_contiguous_layout() rows belongs to
+    one group, padding at its end) or, with use_psum_layout=True, each group's end row (int32 [G]),
+    turned into row groups on the device. Indices are never read on the host (CUDA-graph
+    capturable). Rows of no group: those in an alignment block without any group's row are left
+    untouched; gap rows after a group's last row inside its last alignment block are unspecified
+    (the kernel computes them with that group's weights from whatever A holds there).
+    On a Hopper GPU with contiguous a, b and d (N a multiple of 8) the BF16 kernel runs; otherwise
+    it runs through torch: on a GPU one torch._grouped_mm over the rows sorted by group where torch
+    has it, else one torch.matmul per group (both leave every row of no group untouched).
     """
     _check_compiled_dims(compiled_dims)
+    key = None
+    if use_psum_layout is False and not _is_compiling():
+        fired, key = _bf16.try_fire_contiguous(a, b, d, grouped_layout)   # a launch cached for these tensors
+        if fired:
+            return
     _check_flag(use_psum_layout, "use_psum_layout")
     _bf16.check_m_grouped(a, b, d, masked=False)
     if use_psum_layout:
@@ -675,7 +688,7 @@ def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch
     if _is_compiling():
         _ops.m_grouped_bf16_gemm_nt_contiguous(a, b, d, grouped_layout)
     else:
-        _bf16.run_contiguous(a, b, d, grouped_layout)
+        _bf16.run_contiguous(a, b, d, grouped_layout, key)
 
 
 def m_grouped_bf16_gemm_nt_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, masked_m: torch.Tensor,
@@ -686,7 +699,7 @@ def m_grouped_bf16_gemm_nt_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Ten
     masked_m (int32 [G]) stays on the device and is never read on the host (CUDA-graph safe);
     rows past it keep their values (a masked_m above max_m acts as max_m, below 0 as 0).
     expected_m (a host int) is a planning hint, checked.
-    On a Hopper GPU with expected_m up to 128 and contiguous tensors, the BF16 kernel runs: it reads
+    On a Hopper GPU with contiguous tensors (N a multiple of 8), the BF16 kernel runs: it reads
     masked_m on the device and computes each group's valid rows only. Otherwise it runs through torch
     (a batched torch.matmul over every row, cuBLAS on a GPU, then a device-side row mask).
     """
@@ -720,7 +733,9 @@ def k_grouped_bf16_gemm_tn_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch
     (checked, not read). d: fp32 [G, M, N]. c: None (d = A_g^T B_g; a group of K = 0 gives
     zeros), d itself (accumulated) or an fp32 [G, M, N] tensor sharing no memory with d (copied
     into d first). use_psum_layout=True is not supported.
-    Runs through torch (one torch.matmul per group, cuBLAS on a GPU).
+    On a Hopper GPU with 16-byte aligned rows of a and b and a contiguous d (N a multiple of 4) the
+    BF16 kernel runs (its launch cached per tensors and ks_cpu); otherwise it runs through torch
+    (one torch.matmul per group, cuBLAS on a GPU).
     """
     _check_compiled_dims(compiled_dims)
     _check_flag(use_psum_layout, "use_psum_layout")

@@ -328,13 +328,17 @@ def make_wgrad(m: int, n: int, k: int, device) -> Problem:
         check=lambda result: _diff(result, ref), poison=lambda: out.zero_())
 
 
+def k_grouped_sizes(groups: int, m: int, n: int, avg_k: int) -> List[int]:
+    """A K-grouped case's group sizes: 0.97-1.03 x avg_k each, in steps of 128 (its own seed)."""
+    rng = random.Random(groups * 7901 + m * 31 + n + avg_k)
+    return [int(avg_k * rng.uniform(0.97, 1.03)) // 128 * 128 for _ in range(groups)]
+
+
 def make_k_grouped(groups: int, m: int, n: int, avg_k: int, device) -> Problem:
     """out [G, M, N] fp32 += A_g B_g^T over each group's K (0.97-1.03 x avg_k in steps of 128)."""
     from .reference import dequantize_lhs, k_grouped_operand
-    seed = groups * 7901 + m * 31 + n + avg_k
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    ks = [int(avg_k * rng.uniform(0.97, 1.03)) // 128 * 128 for _ in range(groups)]
+    torch.manual_seed(groups * 7901 + m * 31 + n + avg_k)
+    ks = k_grouped_sizes(groups, m, n, avg_k)
     parts = [_wgrad_operands(m, n, k, device) for k in ks]
     lhs = k_grouped_operand([a for a, _ in parts])
     rhs = k_grouped_operand([b for _, b in parts])

@@ -27,7 +27,7 @@ import torch
 
 from .bench_common import geomean
 
-SUITES = ("bf16", "bf16_grouped", "bf16_masked")  # the rows' suite names
+SUITES = ("bf16", "bf16_grouped", "bf16_masked", "bf16_k_grouped")  # the rows' suite names
 LAYOUTS = ("nt", "nn", "tn", "tt")              # DeepGEMM's letters: t = the operand is given MN-major
 FP32_MS = (64, 128)                             # NT with an fp32 out: decode sizes, where out bytes are few
 FP32_NKS = ((7168, 2048), (4096, 7168), (2112, 7168))
@@ -41,6 +41,7 @@ CPU_DENSE = ((64, 256, 384),)                   # (M, N, K), every layout
 CPU_FP32 = ((32, 128, 256),)
 CPU_GROUPED = ((3, 48, 192, 256),)              # (groups, M per group, N, K)
 CPU_MASKED = ((3, 32, 64, 128),)                # (groups, expected M, N, K)
+CPU_K_GROUPED = ((3, 40, 24, 256),)             # (groups, M, N, average K)
 
 TABLE_TITLE = ("BF16: the cuBLASLt column is cuBLAS through torch.matmul on the same operand layout, bf16 out "
                "(also on the 'fp32' rows, where ours writes fp32), and torch._grouped_mm or one torch.matmul per "
@@ -224,22 +225,47 @@ def make_bf16_masked(groups: int, expected_m: int, n: int, k: int, sizes: Tuple[
 
 
 # ---------------------------------------------------------------------------------------------
+# K-grouped (weight gradients).
+# ---------------------------------------------------------------------------------------------
+def make_bf16_k_grouped(groups: int, m: int, n: int, avg_k: int, ks: List[int], device) -> Case:
+    """deep_gemm.k_grouped_bf16_gemm_tn_contiguous (d [G, M, N] fp32 = a_g^T b_g, each group's K of
+    ks) beside cuBLAS on one dense GEMM of the same total size ([M, sum K] x [sum K, N], bf16 out):
+    the dense rate the K-grouped call is held to. Both are checked summed over the groups against
+    an fp32 product of the bf16 inputs (exact products; float64 costs seconds a row here)."""
+    torch.manual_seed(groups * 7901 + m * 31 + n + avg_k)
+    total = sum(ks)
+    a = torch.randn(total, m, device=device, dtype=torch.bfloat16)
+    b = torch.randn(total, n, device=device, dtype=torch.bfloat16)
+    ref = (a.T.float() @ b.float()).double()
+    out = torch.empty((groups, m, n), dtype=torch.float32, device=device)
+    layout = torch.tensor(ks, dtype=torch.int32, device=device)
+    return Case(
+        "bf16_k_grouped", f"k-grouped {groups}x{m}x{n} k~{avg_k}", {"groups": groups, "m": m, "n": n, "avg_k": avg_k,
+                                                                    "ks": ks},
+        flops=2.0 * m * n * total, nbytes=float(2 * (m + n) * total + 4 * groups * m * n),
+        ours=("k_grouped_bf16_gemm_tn_contiguous", (a, b, out, ks, layout)),
+        cublas=_prepared(torch.matmul, a.T, b), out=out, ref=ref,
+        checked=lambda result: result.sum(0) if result.dim() == 3 else result)
+
+
+# ---------------------------------------------------------------------------------------------
 # Cases.
 # ---------------------------------------------------------------------------------------------
-def makers(bench, dense, fp32, grouped, masked) -> List[Callable]:
+def makers(bench, dense, fp32, grouped, masked, k_grouped) -> List[Callable]:
     """device -> Case, for every layout on each dense (M, N, K), NT with an fp32 out on each of
-    `fp32`, a grouped row per (groups, M per group, N, K) and a masked row per (groups, expected M,
-    N, K)."""
+    `fp32`, a grouped row per (groups, M per group, N, K), a masked row per (groups, expected M,
+    N, K) and a K-grouped row per (groups, M, N, average K)."""
     return ([functools.partial(make_bf16_dense, lay, *s) for lay in LAYOUTS for s in dense] +
             [functools.partial(make_bf16_dense, "nt", *s, out_dtype=torch.float32) for s in fp32] +
             [functools.partial(make_bf16_contiguous, *s, group_sizes(bench, *s)) for s in grouped] +
-            [functools.partial(make_bf16_masked, *s, masked_sizes(bench, *s)) for s in masked])
+            [functools.partial(make_bf16_masked, *s, masked_sizes(bench, *s)) for s in masked] +
+            [functools.partial(make_bf16_k_grouped, *s, bench.k_grouped_sizes(*s)) for s in k_grouped])
 
 
-def cases(bench, dense, fp32, grouped, masked) -> List[Callable]:
+def cases(bench, dense, fp32, grouped, masked, k_grouped) -> List[Callable]:
     """Deferred Problem builders (bench.suite_cases' form) of makers(...)."""
     return [lambda dev, make=make: make(device=dev).problem(bench)
-            for make in makers(bench, dense, fp32, grouped, masked)]
+            for make in makers(bench, dense, fp32, grouped, masked, k_grouped)]
 
 
 def suite_cases(quick: bool, bench) -> List[Callable]:
@@ -248,11 +274,13 @@ def suite_cases(quick: bool, bench) -> List[Callable]:
     module."""
     ms, nks = bench.DENSE_MS, bench.DENSE_NKS
     grouped, masked = list(bench.DEEPGEMM_CONTIGUOUS), list(bench.DEEPGEMM_MASKED)
+    k_grouped = list(bench.DEEPGEMM_K_GROUPED_US)
     if quick:
         return cases(bench, [(m, n, k) for m in (ms[0], ms[-1]) for n, k in nks[:2]],
-                     [(FP32_MS[0], *FP32_NKS[0])], [grouped[0], grouped[-1]], [masked[0], masked[-1]])
+                     [(FP32_MS[0], *FP32_NKS[0])], [grouped[0], grouped[-1]], [masked[0], masked[-1]],
+                     [k_grouped[0], k_grouped[-1]])
     return cases(bench, [(m, n, k) for m in ms for n, k in nks],
-                 [(m, n, k) for m in FP32_MS for n, k in FP32_NKS], grouped, masked)
+                 [(m, n, k) for m in FP32_MS for n, k in FP32_NKS], grouped, masked, k_grouped)
 
 
 def reference_checks(bench) -> List[tuple]:
@@ -260,7 +288,7 @@ def reference_checks(bench) -> List[tuple]:
     Hopper GPU (bench.run_reference_only, which passes itself as `bench`). Our output is poisoned
     first, so a call that writes nothing fails."""
     checks = []
-    for make in makers(bench, CPU_DENSE, CPU_FP32, CPU_GROUPED, CPU_MASKED):
+    for make in makers(bench, CPU_DENSE, CPU_FP32, CPU_GROUPED, CPU_MASKED, CPU_K_GROUPED):
         case = make(device=torch.device("cpu"))
         problem = case.problem(bench)
         problem.poison()
@@ -287,7 +315,8 @@ def _ratio(rows: List[dict]) -> dict:
 
 def bf16_summary(rows: List[dict]) -> dict:
     """summary["bf16"]: geomean of ours / cuBLAS speed per layout (fp32-out rows apart), per M band of
-    the bf16-out rows, and over the grouped rows (with the grouped peers that ran)."""
+    the bf16-out rows, over the grouped rows (with the grouped peers that ran), the masked rows and
+    the K-grouped rows (against one dense GEMM of their size)."""
     dense = [r for r in rows if r.get("suite") == "bf16"]
     bf16_out = [r for r in dense if r.get("out") == "bf16"]
     grouped = [r for r in rows if r.get("suite") == "bf16_grouped"]
@@ -301,6 +330,7 @@ def bf16_summary(rows: List[dict]) -> dict:
                   f"M>{SMALL_M}": _ratio([r for r in bf16_out if r["m"] > SMALL_M])},
         "grouped": dict(_ratio(grouped), peers=sorted({r.get("cublas_peer", "?") for r in grouped})),
         "masked": dict(_ratio(masked), small_rows=len(small), small_pct_floor=geomean(small)),
+        "k_grouped": _ratio([r for r in rows if r.get("suite") == "bf16_k_grouped"]),
     }
 
 
@@ -322,3 +352,6 @@ def print_bf16_summary(s: dict, out=None) -> None:
         pct = masked["small_pct_floor"]
         print("  " + _cell("masked vs torch.matmul per expert", masked) + f"; masked, expected M <= {SMALL_M}: "
               f"ours {'n/a' if pct is None else f'{pct:.0f}%'} of the floor ({masked['small_rows']} rows)", file=out)
+    k_grouped = s.get("k_grouped")
+    if k_grouped and k_grouped["of"]:
+        print("  " + _cell("k-grouped vs one dense torch.matmul of the same size", k_grouped), file=out)

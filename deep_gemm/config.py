@@ -83,6 +83,8 @@ class KernelConfig:
     out_fp32: bool = False         # D is fp32 (else bf16)
     accumulate: bool = False       # D += A B (fp32 D, by TMA reduce-add)
     bf16_operands: bool = False    # bf16 A and B (K blocks of 64), no scales, no promotion
+    a_mn_major: bool = False       # bf16 A held [K, M] (M contiguous), read in 64-column boxes
+    b_mn_major: bool = False       # bf16 B held [K, N] (N contiguous), likewise
 
     def __post_init__(self):
         object.__setattr__(self, "layout", Layout(self.layout))   # an int from a JSON record, say
@@ -103,14 +105,19 @@ class KernelConfig:
             problems.append("out_fp32 runs every layout but masked")
         if self.row_scales_b and (self.scale_loader_warp or self.layout not in (Layout.DENSE, Layout.K_GROUPED)):
             problems.append("row_scales_b runs dense and K-grouped GEMMs, without the scale loader warp")
-        if self.layout == Layout.K_GROUPED and not (self.row_scales_b and self.split_k == 1 and self.stage_k_blocks == 1
-                                                    and self.block_m != 256):
-            problems.append("K_GROUPED needs row_scales_b, split_k = 1, stage_k_blocks = 1 and block_m 64 or 128")
-        if self.bf16_operands and (self.layout not in (Layout.DENSE, Layout.MASKED) or self.block_m == 256
-                                   or self.split_k > 1 or self.stage_k_blocks > 1 or self.pipelined
+        if self.layout == Layout.K_GROUPED and not ((self.row_scales_b or self.bf16_operands) and self.split_k == 1
+                                                    and self.stage_k_blocks == 1 and self.block_m != 256):
+            problems.append("K_GROUPED needs row_scales_b (FP8) or bf16_operands, split_k = 1, stage_k_blocks = 1 and "
+                            "block_m 64 or 128")
+        if self.bf16_operands and (self.block_m == 256 or self.split_k > 1 or self.stage_k_blocks > 1 or self.pipelined
                                    or self.scale_loader_warp or self.row_scales_b):
-            problems.append("bf16_operands runs dense and masked GEMMs on 64- or 128-row tiles, unsplit, one K block "
-                            "a stage, without the FP8 options (pipelined, scale_loader_warp, row_scales_b)")
+            problems.append("bf16_operands runs on 64- or 128-row tiles, unsplit, one K block a stage, without the FP8 "
+                            "options (pipelined, scale_loader_warp, row_scales_b)")
+        if (self.a_mn_major or self.b_mn_major) and not (
+                self.bf16_operands and self.layout in (Layout.DENSE, Layout.K_GROUPED)
+                and (not self.b_mn_major or self.block_n % 64 == 0)):
+            problems.append("a_mn_major and b_mn_major need bf16_operands, a dense or K_GROUPED layout and, for B, "
+                            "block_n a multiple of 64")
         if self.stage_k_blocks > 1 and self.shape_k % BLOCK_K:
             problems.append(f"stage_k_blocks > 1 needs K % {BLOCK_K} == 0, got K = {self.shape_k}")
         if min(self.shape_n, self.shape_k, self.num_stages, self.stage_k_blocks, self.num_groups,
@@ -164,7 +171,8 @@ class KernelConfig:
         flags = "".join(tag for tag, on in (("_p", self.pipelined), ("_sb", self.stream_b),
                                             ("_sl", self.scale_loader_warp), ("_rb", self.row_scales_b),
                                             ("_f32", self.out_fp32), ("_acc", self.accumulate),
-                                            ("_bf16", self.bf16_operands)) if on)
+                                            ("_bf16", self.bf16_operands), ("_amn", self.a_mn_major),
+                                            ("_bmn", self.b_mn_major)) if on)
         return (f"gemm_{self.layout.name.lower()}_n{self.shape_n}_k{self.shape_k}_g{self.num_groups}"
                 f"_bm{self.block_m}_bn{self.block_n}_s{self.num_stages}"
                 + (f"x{self.stage_k_blocks}" if self.stage_k_blocks > 1 else "")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import threading
 
-from .config import BLOCK_K, MAX_PIPELINED_BLOCK_N, KernelConfig, Layout, ceil_div, max_stages, valid_block_n
+from .config import (BF16_BLOCK_K, BLOCK_K, MAX_PIPELINED_BLOCK_N, KernelConfig, Layout, ceil_div, max_stages,
+                     valid_block_n)
 
 # Above this many rows per M block (expected rows per group, masked) a GEMM is compute-bound.
 COMPUTE_BOUND_M = 128
@@ -49,11 +50,12 @@ def tail_splits(m: int, n: int, k: int, block_m: int, block_n: int, grid: int) -
     return max(1, min(max_tail_splits(k), grid // tail)) if tail else 1
 
 
-def memory_bound_block_n(m: int, n: int, block_m: int, num_sms: int, layout: Layout, num_groups: int) -> int:
-    """The tile width that finishes in the fewest waves, each tile weighted by its columns plus
-    the fixed share; ties go to the wider tile."""
+def memory_bound_block_n(m: int, n: int, block_m: int, num_sms: int, layout: Layout, num_groups: int,
+                         widths: tuple = BLOCK_N_CANDIDATES) -> int:
+    """The tile width (of `widths`) that finishes in the fewest waves, each tile weighted by its
+    columns plus the fixed share; ties go to the wider tile."""
     best = None
-    for block_n in BLOCK_N_CANDIDATES:
+    for block_n in widths:
         if block_n > MAX_BLOCK_N[block_m]:
             continue
         tiles = ceil_div(max(m, 1), block_m) * ceil_div(n, block_n) * (num_groups if layout == Layout.MASKED else 1)
@@ -174,29 +176,72 @@ def clear_plan_cache() -> None:
         _plan_cache.clear()
 
 
-# BF16 operands: the kernel takes M up to BF16_KERNEL_MAX_M (memory-bound tiles, where it beats
-# cuBLAS); larger M stays with cuBLAS, whose compute-bound BF16 GEMMs its tiles did not match.
-BF16_KERNEL_MAX_M = COMPUTE_BOUND_M
+# BF16 operands. Dense calls run the kernel up to BF16_DENSE_KERNEL_MAX_M rows (memory-bound tiles,
+# where it beats cuBLAS); larger dense M stays with cuBLAS. The M-grouped layouts run the kernel at
+# every M: compute-bound tiles of 128 rows and one of BF16_COMPUTE_BLOCK_N's widths.
+BF16_DENSE_KERNEL_MAX_M = COMPUTE_BOUND_M
 BF16_STAGES = 16   # a bf16 K block holds half an FP8 block's K: a deeper ring keeps as many bytes in flight
+BF16_COMPUTE_BLOCK_N = (128, 192, 256)
+BF16_FP32_COMPUTE_BLOCK_N = (128,)   # an fp32 D tile of 128 x 256 leaves two stages
+MN_MAJOR_BLOCK_N = (64, 128)         # memory-bound widths of an MN-major B: whole 64-column boxes
+# A compute-bound tile costs its columns plus about this many columns' worth of fixed work (the
+# ring's first fill, the epilogue's part that does not overlap the next tile).
+BF16_TILE_FIXED_COST_COLUMNS = 32
+
+
+def bf16_dense_kernel_pays(m: int, n: int, b_mn_major: bool, num_sms: int) -> bool:
+    """Whether a dense BF16 call runs the kernel rather than cuBLAS: M up to BF16_DENSE_KERNEL_MAX_M,
+    and with an MN-major B over more than 64 rows, at least half the SMs' worth of its 64-column
+    tiles (a B of few such tiles is streamed by too few SMs)."""
+    if not 0 < m <= BF16_DENSE_KERNEL_MAX_M:
+        return False
+    return not (b_mn_major and m > 64 and ceil_div(n, 64) < num_sms // 2)
+
+
+def bf16_rows(m: int, layout: Layout, num_groups: int) -> int:
+    """Rows per group that decide memory- against compute-bound tiles: M (dense), expected rows
+    (masked), M / G (contiguous: each group's rows)."""
+    return ceil_div(m, num_groups) if layout == Layout.CONTIGUOUS else m
+
+
+def bf16_compute_block_n(m: int, n: int, num_sms: int, layout: Layout, num_groups: int, out_fp32: bool) -> int:
+    """The width of 128-row compute-bound tiles that finishes in the fewest rounds, each round
+    weighted by its tile's columns plus the fixed share; ties go to the wider tile."""
+    groups = num_groups if layout in (Layout.MASKED, Layout.K_GROUPED) else 1
+    def cost(block_n: int) -> tuple:
+        tiles = ceil_div(m, 128) * ceil_div(n, block_n) * groups
+        return ceil_div(tiles, num_sms) * (block_n + BF16_TILE_FIXED_COST_COLUMNS), -block_n
+    return min(BF16_FP32_COMPUTE_BLOCK_N if out_fp32 else BF16_COMPUTE_BLOCK_N, key=cost)
 
 
 def plan_bf16(m: int, n: int, k: int, num_sms: int, out_fp32: bool = False, accumulate: bool = False,
-              layout: Layout = Layout.DENSE, num_groups: int = 1) -> KernelConfig:
-    """The config of a BF16 GEMM D[M, N] (+)= A[M, K] B[N, K]^T of K-major operands, M (masked: the
-    expected rows per group) up to BF16_KERNEL_MAX_M: the FP8 planner's memory-bound tiles (64 rows
-    up to M = 64, widths that spread N, and masked the groups, over the SMs), no split-K and no
-    promotion (the loop keeps the next block's wgmmas queued while it waits), one K block of 64 a
-    stage, as many stages as fit up to BF16_STAGES; B streamed past L2 where dense, as the FP8
-    planner does."""
+              layout: Layout = Layout.DENSE, num_groups: int = 1, a_mn_major: bool = False,
+              b_mn_major: bool = False) -> KernelConfig:
+    """The config of a BF16 GEMM D[M, N] (+)= A[M, K] B[N, K]^T; M is the rows (dense, contiguous,
+    K-grouped: of each group's D) or the expected rows per group (masked). Up to COMPUTE_BOUND_M rows
+    per group the FP8 planner's memory-bound tiles (64 rows up to M = 64, widths that spread N, and
+    masked the groups, over the SMs), B streamed past L2 where dense; above, 128-row tiles of the
+    width bf16_compute_block_n picks (contiguous: always 128 rows, each group's rows start aligned
+    to them). An MN-major B (dense b_mn_major; K-grouped operands are both MN-major) takes widths of
+    whole 64-column boxes. K-grouped: fp32 D, and K is each group's own at run time (shape_k a
+    placeholder). No split-K and no promotion (the loop keeps the next block's wgmmas queued while
+    it waits), one K block of 64 a stage, as many stages as fit up to BF16_STAGES."""
     layout = Layout(layout)
-    if layout not in (Layout.DENSE, Layout.MASKED):
-        raise ValueError(f"plan_bf16 plans dense and masked GEMMs, got {layout.name}")
-    if not 0 < m <= BF16_KERNEL_MAX_M:
-        raise ValueError(f"plan_bf16 plans M from 1 to {BF16_KERNEL_MAX_M}, got M = {m}")
-    block_m = 128 if m > 64 else 64
-    block_n = memory_bound_block_n(m, n, block_m, num_sms, layout, num_groups)
+    if m < 1:
+        raise ValueError(f"plan_bf16 plans M >= 1, got M = {m}")
+    if layout == Layout.K_GROUPED:
+        a_mn_major = b_mn_major = out_fp32 = True
+        k = BF16_BLOCK_K
+    memory_bound = bf16_rows(m, layout, num_groups) <= COMPUTE_BOUND_M
+    block_m = 128 if m > 64 or layout == Layout.CONTIGUOUS else 64
+    widths = MN_MAJOR_BLOCK_N if b_mn_major else BLOCK_N_CANDIDATES
+    if memory_bound:
+        block_n = memory_bound_block_n(m, n, block_m, num_sms, layout, num_groups, widths)
+    else:
+        block_n = bf16_compute_block_n(m, n, num_sms, layout, num_groups, out_fp32)
     return KernelConfig(
         shape_n=n, shape_k=k, block_m=block_m, block_n=block_n,
         num_stages=max_stages(block_m, block_n, cap=BF16_STAGES, out_bytes=4 if out_fp32 else 2, bf16_operands=True),
         layout=layout, num_groups=num_groups, raster_group=8 if ceil_div(n, block_n) <= 64 else 16,
-        stream_b=layout == Layout.DENSE, out_fp32=out_fp32, accumulate=accumulate, bf16_operands=True)
+        stream_b=layout == Layout.DENSE and memory_bound, out_fp32=out_fp32, accumulate=accumulate,
+        bf16_operands=True, a_mn_major=a_mn_major, b_mn_major=b_mn_major)

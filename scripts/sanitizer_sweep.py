@@ -172,12 +172,49 @@ def bf16():
     a = torch.randn(g, max_m, k, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(g, n, k, device="cuda", dtype=torch.bfloat16)
     masked_m = torch.tensor([0, 70, 150], device="cuda", dtype=torch.int32)
-    for expected_m in (40, 100):
+    for expected_m in (40, 100, 300):
         d = torch.zeros(g, max_m, n, device="cuda", dtype=torch.bfloat16)
         deep_gemm.m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, expected_m)
         for gi, rows in enumerate(masked_m.tolist()):
             if rows:
                 ok &= check(f"bf16 masked e{expected_m} g{gi}", d[gi, :rows], a[gi, :rows].double() @ b[gi].double().T)
+    return ok & bf16_other_layouts()
+
+
+def bf16_other_layouts():
+    """The BF16 kernel's contiguous layout (a memory- and a compute-bound plan), MN-major operands
+    (tn: both) and the K-grouped weight gradient (a group of K 0, one not a multiple of 64)."""
+    ok = True
+    for counts, n, k in (([100, 0, 30], 520, 1032), ([300, 260], 2112, 1024)):
+        m_indices = torch.cat([torch.full((-(-c // 128) * 128,), -1, dtype=torch.int32) for c in counts])
+        start = 0
+        for gi, c in enumerate(counts):
+            m_indices[start:start + c] = gi
+            start += -(-c // 128) * 128
+        a = torch.randn(m_indices.numel(), k, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(len(counts), n, k, device="cuda", dtype=torch.bfloat16)
+        d = torch.zeros(m_indices.numel(), n, device="cuda", dtype=torch.bfloat16)
+        m_indices = m_indices.cuda()
+        deep_gemm.m_grouped_bf16_gemm_nt_contiguous(a, b, d, m_indices)
+        rows = (m_indices >= 0).nonzero().flatten()
+        want = torch.einsum("mk,mnk->mn", a[rows].double(), b.double()[m_indices[rows].long()])
+        ok &= check(f"bf16 contiguous {counts} {n}x{k}", d[rows], want)
+    a = torch.randn(1032, 64, device="cuda", dtype=torch.bfloat16)   # [K, M]
+    b = torch.randn(1032, 264, device="cuda", dtype=torch.bfloat16)  # [K, N]
+    d = torch.empty(64, 264, device="cuda", dtype=torch.bfloat16)
+    deep_gemm.bf16_gemm_tn(a, b, d)
+    ok &= check("bf16 tn 64x264x1032", d, a.double().T @ b.double())
+    ks, m, n = [256, 0, 200], 136, 264
+    a = torch.randn(sum(ks), m, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(sum(ks), n, device="cuda", dtype=torch.bfloat16)
+    d = torch.randn(len(ks), m, n, device="cuda")
+    want = d.double().clone()
+    start = 0
+    for gi, kg in enumerate(ks):
+        want[gi] += a[start:start + kg].double().T @ b[start:start + kg].double()
+        start += kg
+    deep_gemm.k_grouped_bf16_gemm_tn_contiguous(a, b, d, ks, torch.tensor(ks, dtype=torch.int32, device="cuda"), d)
+    ok &= check(f"bf16 k-grouped {ks} {m}x{n} +=", d, want)
     return ok
 
 

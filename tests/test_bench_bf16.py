@@ -20,8 +20,8 @@ def test_suite_builds_every_anchors_case_and_stays_out_of_all():
     cases = bench.suite_cases("bf16", quick=False, shapes=[])
     dense = len(bench_bf16.LAYOUTS) * len(bench.DENSE_MS) * len(bench.DENSE_NKS)
     fp32 = len(bench_bf16.FP32_MS) * len(bench_bf16.FP32_NKS)
-    grouped = len(bench.DEEPGEMM_CONTIGUOUS) + len(bench.DEEPGEMM_MASKED)
-    assert len(cases) == dense + fp32 + grouped == 106 and all(callable(c) for c in cases)
+    grouped = len(bench.DEEPGEMM_CONTIGUOUS) + len(bench.DEEPGEMM_MASKED) + len(bench.DEEPGEMM_K_GROUPED_US)
+    assert len(cases) == dense + fp32 + grouped == 112 and all(callable(c) for c in cases)
     assert 0 < len(bench.suite_cases("bf16", quick=True, shapes=[])) < len(cases)
     parser = bench.build_parser()
     assert parser.parse_args(["--suite", "bf16"]).suite == "bf16"
@@ -35,6 +35,7 @@ def tiny(monkeypatch):
     monkeypatch.setattr(bench, "DENSE_NKS", ((40, 32), (24, 64)))
     monkeypatch.setattr(bench, "DEEPGEMM_CONTIGUOUS", {(3, 24, 40, 32): None, (2, 40, 24, 16): None})
     monkeypatch.setattr(bench, "DEEPGEMM_MASKED", {(3, 24, 40, 32): None, (2, 300, 24, 16): None})
+    monkeypatch.setattr(bench, "DEEPGEMM_K_GROUPED_US", {(3, 40, 24, 256): None})
     monkeypatch.setattr(bench_bf16, "FP32_MS", (8,))
     monkeypatch.setattr(bench_bf16, "FP32_NKS", ((24, 32),))
 
@@ -48,10 +49,10 @@ def _run_peer(problem, peer):
 
 def test_every_case_runs_and_checks_on_cpu(tiny):
     problems = [build(CPU) for build in bench.suite_cases("bf16", quick=False, shapes=[])]
-    assert len(problems) == 4 * 2 * 2 + 1 + 2 + 2
+    assert len(problems) == 4 * 2 * 2 + 1 + 2 + 2 + 1
     labels = [p.label for p in problems]
     assert "nt 16x40x32" in labels and "tt 24x24x64" in labels and "nt 8x24x32 fp32" in labels
-    assert "masked 3x24 40x32" in labels and "masked 2x300 24x16" in labels
+    assert "masked 3x24 40x32" in labels and "masked 2x300 24x16" in labels and "k-grouped 3x40x24 k~256" in labels
     assert len(set(labels)) == len(labels)
     for p in problems:
         assert p.deepgemm_us is None and p.suite in bench_bf16.SUITES
@@ -119,7 +120,7 @@ def test_grouped_peer_without_grouped_mm(monkeypatch):
 
 def test_reference_checks_pass():
     checks = bench_bf16.reference_checks(bench)
-    assert len(checks) == len(bench_bf16.LAYOUTS) + 3
+    assert len(checks) == len(bench_bf16.LAYOUTS) + 4
     for label, call, expect in checks:
         assert label.startswith("bf16 ")
         assert bench._diff(call(), expect) <= bench.WRONG_DIFF, label

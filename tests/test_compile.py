@@ -182,9 +182,9 @@ def test_sweep_covers_every_tile_choice():
 
 
 # ---- kernels/gemm.cuh as a library of its own -------------------------------------------------
-SMALL_CONFIG_ARGS = "256, 512, 64, 64, 2, 1, 0, 1, 8, 1, false, false, false, false, false, false, false"
+SMALL_CONFIG_ARGS = "256, 512, 64, 64, 2, 1, 0, 1, 8, 1, false, false, false, false, false, false, false, false, false"
 SMALL_NAME = f"deep_gemm::gemm_kernel<deep_gemm::GemmConfig<{SMALL_CONFIG_ARGS}>>"
-OTHER_CONFIG_ARGS = "384, 1024, 128, 128, 3, 1, 1, 4, 16, 1, true, false, false, false, false, false, false"
+OTHER_CONFIG_ARGS = "384, 1024, 128, 128, 3, 1, 1, 4, 16, 1, true, false, false, false, false, false, false, false, false"
 OTHER_NAME = f"deep_gemm::gemm_kernel<deep_gemm::GemmConfig<{OTHER_CONFIG_ARGS}>>"
 
 
@@ -252,7 +252,9 @@ REFUSED = [
     (dict(accumulate=True), "accumulate needs out_fp32", r"D \+= A B accumulates in fp32"),
     (dict(out_fp32=True, layout=Layout.MASKED), "out_fp32 runs every layout but masked", "fp32 D"),
     (dict(row_scales_b=True, layout=Layout.CONTIGUOUS), "row_scales_b", "per-row B scales"),
-    (dict(layout=Layout.K_GROUPED, row_scales_b=True, split_k=2), "K_GROUPED needs", "K-grouped GEMMs scale B"),
+    (dict(layout=Layout.K_GROUPED, row_scales_b=True, split_k=2), "K_GROUPED needs", "K-grouped GEMMs: FP8"),
+    (dict(a_mn_major=True), "a_mn_major and b_mn_major need", "MN-major operands"),
+    (dict(bf16_operands=True, b_mn_major=True, block_n=96), "a_mn_major and b_mn_major need", "MN-major operands"),
 ]
 
 
@@ -314,21 +316,25 @@ def test_cli_ranges_and_grouped(capsys):
 
 
 def test_cli_bf16(capsys):
-    """--bf16 NxK: the BF16 kernel's configs of every M it runs (bf16 D, fp32 D, accumulated)."""
-    from deep_gemm.plan import BF16_KERNEL_MAX_M, plan_bf16
+    """--bf16 NxK: the BF16 kernel's configs of every M it runs (bf16 D, fp32 D, accumulated);
+    contiguous:G:NxK and masked:G:NxK[:expected_m]: every M (or the one expected_m) of that layout."""
+    from deep_gemm.plan import BF16_DENSE_KERNEL_MAX_M, plan_bf16
     rc, out, err = _run_cli(["--arch", "sm_90a", "--dry-run", "--json", "--bf16", "2112x7168"], capsys)
     assert rc == 0, err
     want = {plan_bf16(m, 2112, 7168, NUM_SMS, out_fp32=f, accumulate=a).name
-            for m in range(1, BF16_KERNEL_MAX_M + 1) for f, a in ((False, False), (True, False), (True, True))}
+            for m in range(1, BF16_DENSE_KERNEL_MAX_M + 1) for f, a in ((False, False), (True, False), (True, True))}
     assert set(json.loads(out)) == want and all("_bf16" in name for name in want)
-    rc, out, err = _run_cli(["--arch", "sm_90a", "--dry-run", "--json", "--bf16", "masked:32:7168x2048:64",
-                             "--bf16", "masked:4:4096x7168"], capsys)
+    rc, out, err = _run_cli(["--arch", "sm_90a", "--dry-run", "--json", "--max-m", "300", "--bf16",
+                             "masked:32:7168x2048:64", "--bf16", "masked:4:4096x7168", "--bf16",
+                             "contiguous:8:4096x7168"], capsys)
     assert rc == 0, err
     want = [plan_bf16(64, 7168, 2048, NUM_SMS, layout=LAYOUT_MASKED, num_groups=32).name]
-    want += dict.fromkeys(plan_bf16(m, 4096, 7168, NUM_SMS, layout=LAYOUT_MASKED, num_groups=4).name
-                          for m in range(1, BF16_KERNEL_MAX_M + 1))
-    assert list(json.loads(out)) == want and all(name.startswith("gemm_masked_") for name in want)
-    for bad in ("masked:4:4096x7164", "contiguous:4:4096x7168", "masked:4096x7168"):
+    want += [plan_bf16(m, 4096, 7168, NUM_SMS, layout=LAYOUT_MASKED, num_groups=4).name for m in range(1, 301)]
+    want += [plan_bf16(m, 4096, 7168, NUM_SMS, layout=LAYOUT_CONTIGUOUS, num_groups=8).name for m in range(1, 301)]
+    want = list(dict.fromkeys(want))
+    assert list(json.loads(out)) == want and any(name.startswith("gemm_contiguous_") for name in want)
+    assert len({name for name in want if "_bm128_bn256_" in name}) == 1   # masked's compute-bound tile
+    for bad in ("masked:4:4096x7164", "contiguous:4:4096x7168:64", "masked:4096x7168"):
         rc, _, err = _run_cli(["--arch", "sm_90a", "--dry-run", "--bf16", bad], capsys)
         assert rc == 2 and "--bf16 must be" in err
 
@@ -500,21 +506,32 @@ def test_training_kernels_compile_clean(tmp_cache_dir):
 
 
 def _bf16_plans():
-    """The BF16 kernel's plans: M from 1 to the kernel's limit over the ANCHORS (N, K) pairs and a K
-    that is not a multiple of 64, bf16 and fp32 D, accumulated; masked, few and many groups."""
-    from deep_gemm.plan import BF16_KERNEL_MAX_M, plan_bf16
+    """The BF16 kernel's plans: dense M from 1 to the kernel's limit over the ANCHORS (N, K) pairs and
+    a K that is not a multiple of 64, bf16 and fp32 D, accumulated; masked and contiguous, few and
+    many groups, memory- and compute-bound rows per group; MN-major operands, dense and K-grouped."""
+    from deep_gemm.plan import BF16_DENSE_KERNEL_MAX_M, plan_bf16
     plans = {plan_bf16(m, n, k, NUM_SMS, out_fp32=fp32, accumulate=acc)
-             for m in (1, 64, 65, BF16_KERNEL_MAX_M) for n, k in ANCHOR_NK + ((4104, 4104),)
+             for m in (1, 64, 65, BF16_DENSE_KERNEL_MAX_M) for n, k in ANCHOR_NK + ((4104, 4104),)
              for fp32, acc in ((False, False), (True, False), (True, True))}
+    grouped_nk = ((4096, 7168), (7168, 2048), (4104, 4104), (2112, 7168))
     plans |= {plan_bf16(m, n, k, NUM_SMS, layout=LAYOUT_MASKED, num_groups=g)
-              for g in (2, 32) for m in (32, BF16_KERNEL_MAX_M) for n, k in ((4096, 7168), (7168, 2048), (4104, 4104))}
+              for g in (2, 32) for m in (32, 128, 512) for n, k in grouped_nk}
+    plans |= {plan_bf16(g * m, n, k, NUM_SMS, layout=LAYOUT_CONTIGUOUS, num_groups=g)
+              for g in (4, 32) for m in (40, 256, 4096) for n, k in grouped_nk}
+    plans |= {plan_bf16(m, n, k, NUM_SMS, out_fp32=fp32, accumulate=fp32, a_mn_major=mn_a, b_mn_major=mn_b)
+              for m in (8, 64, 128) for n, k in ((7168, 576), (2112, 7168), (4104, 1032))
+              for mn_a, mn_b in ((True, False), (False, True), (True, True)) for fp32 in (False, True)}
+    plans |= {plan_bf16(m, n, 0, NUM_SMS, layout=Layout.K_GROUPED, num_groups=g, accumulate=acc)
+              for g, m, n in ((4, 7168, 4096), (8, 2048, 7168), (3, 64, 264)) for acc in (False, True)}
     return sorted(plans, key=lambda c: c.name)
 
 
 def test_bf16_kernels_compile_clean(tmp_cache_dir):
     configs = _bf16_plans()
     assert {c.block_m for c in configs} == {64, 128} and all(c.bf16_operands for c in configs)
-    assert {c.layout for c in configs} == {LAYOUT_DENSE, LAYOUT_MASKED}
-    assert len({c.block_n for c in configs}) >= 4
-    assert all(gemm_kernel_name(c).endswith(", true>>") for c in configs)   # the bf16_operands argument, last
+    assert {c.layout for c in configs} == set(Layout)
+    assert len({c.block_n for c in configs}) >= 4 and {192, 256} <= {c.block_n for c in configs}
+    assert {(c.a_mn_major, c.b_mn_major) for c in configs} == {(False, False), (True, False), (False, True), (True, True)}
+    bf16_arg = [f.name for f in dataclasses.fields(KernelConfig)].index("bf16_operands")
+    assert all(c.template_args().split(", ")[bf16_arg] == "true" for c in configs)
     _compile_and_check(configs)

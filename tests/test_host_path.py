@@ -1143,3 +1143,22 @@ def test_out_of_range_masked_m_gives_the_same_rows_on_the_gpu():
     gpu = gpu.cpu()
     assert torch.equal(gpu.isnan(), out.isnan())
     assert reference.calc_diff(gpu.nan_to_num(), out.nan_to_num()) < 1e-5
+
+
+def test_bf16_k_grouped_launch_relocates_each_groups_maps_of_a_and_b(fake):
+    """prepare_gemm of the BF16 K-grouped kernel (the call's tensors a, b, d): each group with K has
+    maps of its rows of a [sum K, M] and b [sum K, N] (MN-major boxes of 64 columns by a K block),
+    relocated to tensors 0 and 1 with the byte offset of its first row; d's map to tensor 2."""
+    from deep_gemm.plan import plan_bf16
+    ks, m, n = (128, 0, 64), 64, 136
+    a = torch.zeros(sum(ks), m, dtype=torch.bfloat16)
+    b = torch.zeros(sum(ks), n + 8, dtype=torch.bfloat16)[:, :n]   # rows of b padded: its own stride
+    d = torch.zeros(len(ks), m, n)
+    config = plan_bf16(m, n, 0, 132, layout=Layout.K_GROUPED, num_groups=len(ks))
+    prepared = kernels.prepare_gemm(config, a=a, a_rows=a.shape[0], sa=None, sa_rows=0, b=b, b_rows=b.shape[0],
+                                    sb=None, out=d, out_rows=m, shape_m=m, group_info=None, num_sms=132, k_sizes=ks)
+    grouped = [(source, delta) for at, source, delta, kind in prepared.relocations if at >= prepared.offsets[1]]
+    assert grouped == [(0, 0), (1, 0), (0, 128 * m * 2), (1, 128 * (n + 8) * 2)]
+    assert {source for _, source, _, _ in prepared.relocations} == {0, 1, 2}
+    maps = [args for kind, args in fake.encoded.values() if kind == "2d" and args[1] == "bf16"]
+    assert (b.data_ptr() + 128 * (n + 8) * 2, "bf16", n, 64, (n + 8) * 2, 64, 64) == maps[-1][:7]

@@ -440,15 +440,22 @@ def _bench_suite_plans(num_sms=132):
 
 
 def _bf16_suite_plans(num_sms=132):
-    """The BF16 kernel's configs for the rows of `bench --suite bf16` it runs (M, or masked expected M,
-    up to plan.BF16_KERNEL_MAX_M): NT bf16 out over the dense grid, fp32 out over bench_bf16's decode
-    rows, masked over the FP8 masked table's."""
+    """The BF16 kernel's configs for the rows of `bench --suite bf16` it runs: every layout (bf16 out)
+    over the dense grid up to plan.BF16_DENSE_KERNEL_MAX_M, NT fp32 out over bench_bf16's decode
+    rows, contiguous, masked and K-grouped over the FP8 grouped tables' shapes."""
     from deep_gemm import bench, bench_bf16
-    from deep_gemm.plan import BF16_KERNEL_MAX_M, plan_bf16
-    plans = [plan_bf16(m, n, k, num_sms) for m in bench.DENSE_MS for n, k in bench.DENSE_NKS if m <= BF16_KERNEL_MAX_M]
+    from deep_gemm.plan import BF16_DENSE_KERNEL_MAX_M, plan_bf16
+    plans = [plan_bf16(m, n, k, num_sms) for m in bench.DENSE_MS for n, k in bench.DENSE_NKS
+             if m <= BF16_DENSE_KERNEL_MAX_M]
     plans += [plan_bf16(m, n, k, num_sms, out_fp32=True) for m in bench_bf16.FP32_MS for n, k in bench_bf16.FP32_NKS]
-    plans += [plan_bf16(m, n, k, num_sms, layout=Layout.MASKED, num_groups=g)
-              for g, m, n, k in bench.DEEPGEMM_MASKED if m <= BF16_KERNEL_MAX_M]
+    plans += [plan_bf16(g * m, n, k, num_sms, layout=Layout.CONTIGUOUS, num_groups=g)
+              for g, m, n, k in bench.DEEPGEMM_CONTIGUOUS]
+    plans += [plan_bf16(m, n, k, num_sms, layout=Layout.MASKED, num_groups=g) for g, m, n, k in bench.DEEPGEMM_MASKED]
+    plans += [plan_bf16(m, n, k, num_sms, a_mn_major=lay[0] == "t", b_mn_major=lay[1] == "n")
+              for lay in ("nn", "tn", "tt") for m in bench.DENSE_MS for n, k in bench.DENSE_NKS
+              if m <= BF16_DENSE_KERNEL_MAX_M]
+    plans += [plan_bf16(m, n, 0, num_sms, layout=Layout.K_GROUPED, num_groups=g)
+              for g, m, n, _ in bench.DEEPGEMM_K_GROUPED_US]
     return plans
 
 
@@ -459,7 +466,7 @@ def test_every_compile_time_option_is_chosen_for_some_benchmark_shape():
     plans = _bench_suite_plans()
     assert len(plans) == 21 + 14 + 6 + 10 + 12 + 6
     bf16_plans = _bf16_suite_plans()
-    assert len(bf16_plans) == 14 + 6 + 4 and all(c.bf16_operands for c in bf16_plans)
+    assert len(bf16_plans) == 14 + 6 + 6 + 10 + 42 + 6 and all(c.bf16_operands for c in bf16_plans)
     plans += bf16_plans
     seen = {
         "pipelined": {c.pipelined for c in plans},
@@ -473,15 +480,52 @@ def test_every_compile_time_option_is_chosen_for_some_benchmark_shape():
         "out_fp32": {c.out_fp32 for c in plans},
         "accumulate": {c.accumulate for c in plans},
         "bf16_operands": {c.bf16_operands for c in plans},
+        "a_mn_major": {c.a_mn_major for c in plans},
+        "b_mn_major": {c.b_mn_major for c in plans},
     }
     want = {
         "pipelined": {False, True}, "stream_b": {False, True}, "scale_loader_warp": {False, True},
         "stage_k_blocks > 1": {False, True}, "split_k > 1": {False, True}, "block_m": {64, 128, 256},
         "layout": set(Layout), "row_scales_b": {False, True}, "out_fp32": {False, True}, "accumulate": {False, True},
-        "bf16_operands": {False, True},
+        "bf16_operands": {False, True}, "a_mn_major": {False, True}, "b_mn_major": {False, True},
     }
     assert seen == want
     # The boolean fields of the config are exactly the flags above: a new one must be added here.
     flags = {f.name for f in dataclasses.fields(KernelConfig) if f.type in ("bool", bool)}
     assert flags == {"pipelined", "stream_b", "scale_loader_warp", "row_scales_b", "out_fp32", "accumulate",
-                     "bf16_operands"}
+                     "bf16_operands", "a_mn_major", "b_mn_major"}
+
+
+def test_bf16_plans_memory_and_compute_bound_tiles():
+    """plan_bf16: up to 128 rows per group the FP8 decode widths (B streamed where dense); above, 128-row
+    tiles of the width with the fewest weighted rounds (2112 columns: 11 tiles of 192, not 9 of 256
+    with one mostly empty); contiguous tiles are 128 rows (the layout's alignment) at any M; an fp32 D
+    keeps 128 columns; K-grouped operands are MN-major (fp32 D); an MN-major B takes 64-column boxes."""
+    from deep_gemm.plan import plan_bf16
+    dense = plan_bf16(64, 7168, 2048, 132)
+    assert dense.block_m == 64 and dense.stream_b and dense.block_n <= 160
+    assert plan_bf16(4096, 2112, 7168, 132).block_n == 192
+    wide = plan_bf16(4096, 7168, 2048, 132)
+    assert (wide.block_m, wide.block_n, wide.stream_b) == (128, 256, False) and wide.num_stages == 3
+    assert plan_bf16(4096, 7168, 2048, 132, out_fp32=True).block_n == 128
+    few_rows = plan_bf16(4 * 32, 4096, 7168, 132, layout=Layout.CONTIGUOUS, num_groups=4)
+    assert few_rows.block_m == 128 and few_rows.block_n < 128 and not few_rows.stream_b
+    many_rows = plan_bf16(4 * 8192, 4096, 7168, 132, layout=Layout.CONTIGUOUS, num_groups=4)
+    assert (many_rows.block_m, many_rows.block_n) == (128, 256)
+    assert plan_bf16(512, 4096, 7168, 132, layout=Layout.MASKED, num_groups=2).block_n == 256
+    for c in (dense, wide, few_rows, many_rows):
+        assert c.bf16_operands and c.split_k == 1 and not c.pipelined
+    grouped = plan_bf16(7168, 4096, 0, 132, layout=Layout.K_GROUPED, num_groups=4, accumulate=True)
+    assert grouped.a_mn_major and grouped.b_mn_major and grouped.out_fp32 and grouped.block_n == 128
+    assert plan_bf16(64, 7168, 576, 132, b_mn_major=True).block_n % 64 == 0
+    with pytest.raises(ValueError, match="M >= 1"):
+        plan_bf16(0, 256, 256, 132)
+
+
+def test_bf16_dense_calls_run_the_kernel_where_it_pays():
+    """Dense BF16: the kernel up to 128 rows; an MN-major B over 65-128 rows needs at least half the
+    SMs' worth of 64-column tiles (N = 2112: 33 tiles, cuBLAS); K-major B at any N."""
+    from deep_gemm.plan import bf16_dense_kernel_pays
+    assert bf16_dense_kernel_pays(128, 2112, False, 132) and bf16_dense_kernel_pays(64, 2112, True, 132)
+    assert not bf16_dense_kernel_pays(128, 2112, True, 132) and bf16_dense_kernel_pays(128, 4224, True, 132)
+    assert not bf16_dense_kernel_pays(129, 7168, False, 132) and not bf16_dense_kernel_pays(0, 7168, False, 132)

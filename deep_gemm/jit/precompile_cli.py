@@ -9,7 +9,7 @@ cannot fill: loading a module during capture is not permitted).
 
     python -m deep_gemm precompile --preset deepseek-v3
     python -m deep_gemm precompile --shape 4096x7168 --grouped masked:32:4096x7168:128 --json
-    python -m deep_gemm precompile --bf16 2112x7168 --bf16 masked:32:7168x2048:64
+    python -m deep_gemm precompile --bf16 2112x7168 --bf16 masked:32:7168x2048:64 --bf16 contiguous:8:4096x7168
 
 Exit status: 0 when every kernel compiled with no register spill, no stack frame and
 no ignored setmaxnreg; 1 otherwise (the message names the kernels); 2 for bad arguments.
@@ -118,30 +118,32 @@ def _parse_grouped(text: str, max_m: int) -> Request:
 
 
 def _parse_bf16(text: str, max_m: int) -> Request:
-    """NxK (a dense NT GEMM) or masked:G:NxK[:expected_m], K a multiple of 8; the Ms the BF16 kernel
-    runs (up to plan.BF16_KERNEL_MAX_M) are kept by plan_bf16_all."""
-    m = re.fullmatch(rf"{_INT}x{_INT}|masked:{_INT}:{_INT}x{_INT}(?::{_INT})?", text.strip().lower())
-    k = m and int(m.group(2) or m.group(5))
-    if not m or k % 8:
-        raise ValueError(f"--bf16 must be NxK or masked:G:NxK[:expected_m] with positive integers, K a multiple "
-                         f"of 8, got {text!r}")
+    """NxK (a dense NT GEMM), contiguous:G:NxK or masked:G:NxK[:expected_m], K a multiple of 8; the
+    Ms the BF16 kernel runs are kept by plan_bf16_all."""
+    m = re.fullmatch(rf"{_INT}x{_INT}|(contiguous|masked):{_INT}:{_INT}x{_INT}(?::{_INT})?", text.strip().lower())
+    k = m and int(m.group(2) or m.group(6))
+    if not m or k % 8 or (m.group(3) == "contiguous" and m.group(7)):
+        raise ValueError(f"--bf16 must be NxK, contiguous:G:NxK or masked:G:NxK[:expected_m] with positive "
+                         f"integers, K a multiple of 8, got {text!r}")
     if m.group(1):
         return Request(Layout.DENSE, int(m.group(1)), k, 1, range(1, max_m + 1))
-    ms = (int(m.group(6)),) if m.group(6) else range(1, max_m + 1)
-    return Request(Layout.MASKED, int(m.group(4)), k, int(m.group(3)), ms)
+    ms = (int(m.group(7)),) if m.group(7) else range(1, max_m + 1)
+    layout = Layout.CONTIGUOUS if m.group(3) == "contiguous" else Layout.MASKED
+    return Request(layout, int(m.group(5)), k, int(m.group(4)), ms)
 
 
 def plan_bf16_all(requests: Iterable[Request], num_sms: int) -> List[KernelConfig]:
-    """The BF16 kernel's configs of each request's Ms that it runs (up to plan.BF16_KERNEL_MAX_M):
-    dense NT calls with a bf16 D, an fp32 D and an fp32 D accumulated; masked calls (bf16 D) per
-    expected_m."""
-    from ..plan import BF16_KERNEL_MAX_M, plan_bf16
+    """The BF16 kernel's configs of each request's Ms that it runs: dense NT calls (M up to
+    plan.BF16_DENSE_KERNEL_MAX_M) with a bf16 D, an fp32 D and an fp32 D accumulated; grouped calls
+    (bf16 D) at every M (contiguous: rows, masked: expected_m)."""
+    from ..plan import BF16_DENSE_KERNEL_MAX_M, plan_bf16
     seen = {}
     for r in requests:
-        for m in (m for m in r.m_values if m <= BF16_KERNEL_MAX_M):
-            if r.layout == Layout.MASKED:
-                seen.setdefault(plan_bf16(m, r.n, r.k, num_sms, layout=Layout.MASKED, num_groups=r.num_groups), None)
-                continue
+        if r.layout != Layout.DENSE:
+            for m in r.m_values:
+                seen.setdefault(plan_bf16(m, r.n, r.k, num_sms, layout=r.layout, num_groups=r.num_groups), None)
+            continue
+        for m in (m for m in r.m_values if m <= BF16_DENSE_KERNEL_MAX_M):
             for fp32, acc in ((False, False), (True, False), (True, True)):
                 seen.setdefault(plan_bf16(m, r.n, r.k, num_sms, out_fp32=fp32, accumulate=acc), None)
     return list(seen)
@@ -171,10 +173,10 @@ def _parser() -> argparse.ArgumentParser:
                    metavar="contiguous:G:NxK|masked:G:NxK[:expected_m]",
                    help="grouped MoE GEMM with G groups; without expected_m, every M "
                         "(contiguous: total rows; masked: expected_m) from 1 to --max-m")
-    p.add_argument("--bf16", action="append", default=[], metavar="NxK|masked:G:NxK[:expected_m]",
-                   help="BF16 GEMM: dense NT (bf16_gemm_nt; bf16 and fp32 out) or masked with G groups "
-                        "(m_grouped_bf16_gemm_nt_masked): the kernels of every M (masked: expected_m) it runs "
-                        "on the BF16 kernel, up to 128 (repeatable)")
+    p.add_argument("--bf16", action="append", default=[], metavar="NxK|contiguous:G:NxK|masked:G:NxK[:expected_m]",
+                   help="BF16 GEMM: dense NT (bf16_gemm_nt; bf16 and fp32 out; the kernel runs M up to 128), "
+                        "contiguous or masked with G groups (m_grouped_bf16_gemm_nt_*): the kernels of every M "
+                        "(contiguous: total rows; masked: expected_m) from 1 to --max-m (repeatable)")
     p.add_argument("--preset", action="append", default=[], choices=PRESETS,
                    help="anchors: the dense shapes of ANCHORS.md; deepseek-v3: every dense and "
                         "MoE kernel of DeepSeek-V3/R1 for M up to --max-m")

@@ -15,7 +15,7 @@ namespace deep_gemm {
 // in the same order. M is always a run-time value.
 template <int kShapeN_, int kShapeK_, int kBlockM_, int kBlockN_, int kNumStages_, int kStageKBlocks_, int kLayout_,
           int kNumGroups_, int kRasterGroup_, int kSplitK_, bool kPipelined_, bool kStreamB_, bool kScaleLoaderWarp_,
-          bool kRowScalesB_, bool kOutFp32_, bool kAccumulate_, bool kBf16Operands_>
+          bool kRowScalesB_, bool kOutFp32_, bool kAccumulate_, bool kBf16Operands_, bool kAMnMajor_, bool kBMnMajor_>
 struct GemmConfig {
     static constexpr int kShapeN = kShapeN_, kShapeK = kShapeK_, kBlockM = kBlockM_, kBlockN = kBlockN_;
     // A K block is one 128-byte swizzled row of shared memory: kBlockK is in *bytes* (every tile and
@@ -24,6 +24,10 @@ struct GemmConfig {
     static constexpr bool kBf16Operands = kBf16Operands_;  // bf16 A and B: no scales, no promotion
     static constexpr int kElemBytes = kBf16Operands ? 2 : 1;
     static constexpr int kBlockKElems = kBlockK / kElemBytes;
+    // A bf16 operand held MN-major ([K][M or N], a transposed view) lands as boxes of 64 columns,
+    // each a K block's rows of 128 bytes; wgmma reads it through its transpose bit.
+    static constexpr bool kAMnMajor = kAMnMajor_, kBMnMajor = kBMnMajor_;
+    static constexpr int kMnBoxBytes = kBlockKElems * kBlockK;
     static constexpr int kNumStages = kNumStages_;
     static constexpr int kStageKBlocks = kStageKBlocks_;  // K blocks a stage, one TMA load per operand
     static constexpr int kLayout = kLayout_, kNumGroups = kNumGroups_;
@@ -77,12 +81,17 @@ struct GemmConfig {
     static_assert(!kOutFp32 || kLayout != kMasked, "fp32 D: every layout but masked");
     static_assert(!kRowScalesB || (!kScaleLoaderWarp && (kLayout == kDense || kLayout == kKGrouped)),
                   "per-row B scales: dense or K-grouped, by TMA (A's scales with them)");
-    static_assert(kLayout != kKGrouped || (kRowScalesB && kSplitK == 1 && kStageKBlocks == 1 && kMWaves == 1),
-                  "K-grouped GEMMs scale B per row, unsplit, one K block a stage, 64 or 128 rows a tile");
-    static_assert(!kBf16Operands || ((kLayout == kDense || kLayout == kMasked) && kMWaves == 1 && kSplitK == 1 &&
-                                     kStageKBlocks == 1 && !kPipelined && !kScaleLoaderWarp && !kRowScalesB),
-                  "bf16 operands: dense or masked, 64 or 128 rows a tile, unsplit, one K block a stage, no FP8 "
-                  "options (pipelined, scale loader warp, per-row B scales)");
+    static_assert(kLayout != kKGrouped ||
+                      ((kRowScalesB || kBf16Operands) && kSplitK == 1 && kStageKBlocks == 1 && kMWaves == 1),
+                  "K-grouped GEMMs: FP8 with B scaled per row, or bf16; unsplit, one K block a stage, 64 or 128 "
+                  "rows a tile");
+    static_assert(!kBf16Operands || (kMWaves == 1 && kSplitK == 1 && kStageKBlocks == 1 && !kPipelined &&
+                                     !kScaleLoaderWarp && !kRowScalesB),
+                  "bf16 operands: 64 or 128 rows a tile, unsplit, one K block a stage, no FP8 options (pipelined, "
+                  "scale loader warp, per-row B scales)");
+    static_assert((!kAMnMajor && !kBMnMajor) || (kBf16Operands && (kLayout == kDense || kLayout == kKGrouped) &&
+                                                 (!kBMnMajor || kBlockN % 64 == 0)),
+                  "MN-major operands: bf16, dense or K-grouped, B in tiles of whole 64-column boxes");
 };
 
 // The kernel's one parameter; deep_gemm/config.py's GEMM_PARAMS describes it (the generated source
@@ -204,6 +213,17 @@ struct Producer {
             else ptx::tma_load_3d(dst, map, bar, 0, row, kb);
         }
     }
+    // One K block of an MN-major operand from column `col` on: kCols / 64 boxes side by side.
+    template <int kCols, bool kHinted = false>
+    static DG_DEVICE void load_mn_boxes(uint8_t* dst, const TmaDescriptor* map, uint64_t* bar, int32_t kb, int32_t col,
+                                        uint64_t policy = 0) {
+#pragma unroll
+        for (int i = 0; i < kCols / 64; ++i) {
+            uint8_t* box = dst + i * C::kMnBoxBytes;
+            if (kHinted) ptx::tma_load_2d_hinted(box, map, bar, col + i * 64, kb * C::kBlockKElems, policy);
+            else ptx::tma_load_2d(box, map, bar, col + i * 64, kb * C::kBlockKElems);
+        }
+    }
     // The TMA thread: for every unit of work, every stage of its K blocks.
     template <class Groups>
     static DG_DEVICE void load_tiles(const GemmParams& p, const Groups* groups, SharedStorage<C>& smem) {
@@ -230,11 +250,15 @@ struct Producer {
                 ptx::mbarrier_wait(&smem.empty[ring.stage], ring.phase ^ 1);
                 uint64_t* full = &smem.full[ring.stage];
                 ptx::mbarrier_arrive_expect_tx(full, bytes);
-                load_k_blocks(smem.a(ring.stage), map_a, full, kb, tile.row_begin);
+                uint8_t* a = smem.a(ring.stage);
+                if constexpr (C::kAMnMajor) load_mn_boxes<C::kBlockM>(a, map_a, full, kb, tile.row_begin);
+                else load_k_blocks(a, map_a, full, kb, tile.row_begin);
                 if (!C::kScaleLoaderWarp && !C::kBf16Operands)
                     ptx::tma_load_2d(smem.sa(ring.stage), map_sa, full, sa_row, sa_kb_base + kb);
                 if (C::kRowScalesB) ptx::tma_load_2d(smem.sb(ring.stage), &p.tma_sb, full, n0, sa_kb_base + kb);
-                load_k_blocks<C::kStreamB>(smem.b(ring.stage), map_b, full, kb, b_row, b_policy);
+                uint8_t* b = smem.b(ring.stage);
+                if constexpr (C::kBMnMajor) load_mn_boxes<C::kBlockN, C::kStreamB>(b, map_b, full, kb, b_row, b_policy);
+                else load_k_blocks<C::kStreamB>(b, map_b, full, kb, b_row, b_policy);
                 ring.advance();
             }
         }
@@ -529,7 +553,8 @@ struct Fp8Math {
 };
 
 // BF16 operands (kBf16Operands): no scales, no promotion: per K block (a 128-byte row,
-// 64 bf16), 4 wgmmas of K = 16 accumulate straight into `acc`. Block kb + 1's wgmmas are issued
+// 64 bf16), 4 wgmmas of K = 16 accumulate straight into `acc` (an MN-major operand: 16 of its
+// 128-byte rows each, its 64-column boxes kMnBoxBytes apart). Block kb + 1's wgmmas are issued
 // before waiting for block kb's (wgmma_wait<1>), whose stage is then released: the tensor cores
 // always have the next block queued. Same interface as Fp8Math for consume().
 template <class C>
@@ -541,11 +566,18 @@ struct Bf16Math {
     uint32_t lane;
     uint32_t desc_a_ring, desc_b_ring;  // stage 0's wgmma descriptors (this warpgroup's 64 rows of A)
     float acc[C::kMWaves][C::kAccRegs];
+    // Descriptor steps (16-byte units) from one wgmma's K = 16 to the next: 32 bytes of a row, or 16 rows.
+    static constexpr uint32_t kStepA = (C::kAMnMajor ? 16 * C::kBlockK : 32) >> 4;
+    static constexpr uint32_t kStepB = (C::kBMnMajor ? 16 * C::kBlockK : 32) >> 4;
+    static constexpr uint32_t kLeadA = C::kAMnMajor ? C::kMnBoxBytes >> 4 : 1;  // next 64 columns (MN-major)
+    static constexpr uint32_t kLeadB = C::kBMnMajor ? C::kMnBoxBytes >> 4 : 1;
     DG_DEVICE Bf16Math(const float*, SharedStorage<C>& smem_, RingCursor<C>& ring_) : smem(smem_), ring(ring_) {
         lane = threadIdx.x % 32;
+        // 64 rows of K-major A, or one box of MN-major A: the same 8 KB either way.
+        static_assert(C::kMnBoxBytes == 64 * C::kBlockK, "a warpgroup's share of A is one box");
         const uint32_t wg_uniform = ptx::warp_index() / 4 - 1;  // keeps the descriptors uniform
-        desc_a_ring = ptx::smem_desc_low(ptx::smem_addr(smem.a(0) + wg_uniform * 64 * C::kBlockK));
-        desc_b_ring = ptx::smem_desc_low(ptx::smem_addr(smem.b(0)));
+        desc_a_ring = ptx::smem_desc_low(ptx::smem_addr(smem.a(0) + wg_uniform * 64 * C::kBlockK), kLeadA);
+        desc_b_ring = ptx::smem_desc_low(ptx::smem_addr(smem.b(0)), kLeadB);
     }
     DG_DEVICE ScalePair first_chunk(const Tile&) const { return ScalePair(); }
     // Waits for the stage of the ring's current K block and issues its 4 wgmmas into acc; returns the stage.
@@ -556,9 +588,9 @@ struct Bf16Math {
         const uint32_t desc_b = desc_b_ring + stage * (C::kStageBytesB >> 4);
         ptx::wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < C::kBlockK / 32; ++kk)  // 16 bf16 = 32 bytes of the swizzled row
-            ptx::WgmmaBf16<C::kBlockN>::mma(acc[0], ptx::smem_desc(desc_a + kk * (32 >> 4)),
-                                            ptx::smem_desc(desc_b + kk * (32 >> 4)), true);
+        for (int kk = 0; kk < C::kBlockK / 32; ++kk)  // K = 16: 32 bytes of a K-major row
+            ptx::wgmma_bf16<C::kBlockN, C::kAMnMajor, C::kBMnMajor>(
+                acc[0], ptx::smem_desc(desc_a + kk * kStepA), ptx::smem_desc(desc_b + kk * kStepB), true);
         ptx::wgmma_commit();
         ring.advance_k_block();
         return stage;

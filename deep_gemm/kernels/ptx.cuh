@@ -151,12 +151,15 @@ DG_DEVICE void fence_registers(float (&r)[N]) {
     for (int i = 0; i < N; ++i) fence_register(r[i]);
 }
 
-// Shared-memory descriptor of a K-major tile of 128-byte rows, 128-byte swizzle (as TMA writes it;
-// 16-byte units, 8-row groups 1024 bytes apart, 1024-aligned base). The high word (stride offset,
-// swizzle mode) is constant; the low word (start address, leading offset 1) moves with the tile,
-// so stepping through a stage stays 32-bit (start + 6 never carries out of its 14 bits).
+// Shared-memory descriptor of a tile of 128-byte rows, 128-byte swizzle (as TMA writes it; 16-byte
+// units, 8-row groups 1024 bytes apart, 1024-aligned base). The high word (stride offset, swizzle
+// mode) is constant; the low word (start address, leading offset) moves with the tile, so stepping
+// through a stage stays 32-bit (the start never carries out of its 14 bits). Leading offset: 1
+// (unused) for a K-major tile; for an MN-major one the distance between its 64-column boxes.
 constexpr uint32_t kDescHighK128Sw128 = (1024u >> 4) | (1u << 30);
-DG_DEVICE uint32_t smem_desc_low(uint32_t smem_byte_addr) { return ((smem_byte_addr & 0x3FFFFu) >> 4) | (1u << 16); }
+DG_DEVICE uint32_t smem_desc_low(uint32_t smem_byte_addr, uint32_t lead_units = 1) {
+    return ((smem_byte_addr & 0x3FFFFu) >> 4) | (lead_units << 16);
+}
 DG_DEVICE uint64_t smem_desc(uint32_t low) { return (uint64_t(kDescHighK128Sw128) << 32) | low; }
 
 // ---- loads, stores, conversions ----------------------------------------------------------------

@@ -45,7 +45,7 @@
 namespace ptx {
 
 // One wgmma wrapper struct per width: Name<N>::mma(d, desc_a, desc_b, accumulate), operands from
-// shared-memory descriptors, both K-major; accumulate = false overwrites D. `Shape` is the
+// shared-memory descriptors (K- or MN-major: the transpose bits in Tail); accumulate = false overwrites D. `Shape` is the
 // instruction's K and types, `Tail` its arguments after scale-d (and the two scale factors).
 // Operands after the R accumulators: desc_a is %R, desc_b %R+1, the accumulate flag %R+2.
 #define DG_WGMMA(Name, Shape, Tail, N, R, R1, R2)                                                         \
@@ -59,8 +59,10 @@ namespace ptx {
                          : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)));                               \
         }                                                                                                 \
     };
-// Every width N = 16 .. 256 (R = N / 2 accumulators) of one instruction.
+// The struct template Name<N> of one instruction, every width N = 16 .. 256 (R = N / 2 accumulators).
 #define DG_WGMMA_WIDTHS(Name, Shape, Tail)                                                                \
+    template <int N>                                                                                      \
+    struct Name;                                                                                          \
     DG_WGMMA(Name, Shape, Tail, 16, 8, 9, 10) DG_WGMMA(Name, Shape, Tail, 32, 16, 17, 18)                 \
     DG_WGMMA(Name, Shape, Tail, 48, 24, 25, 26) DG_WGMMA(Name, Shape, Tail, 64, 32, 33, 34)               \
     DG_WGMMA(Name, Shape, Tail, 80, 40, 41, 42) DG_WGMMA(Name, Shape, Tail, 96, 48, 49, 50)               \
@@ -71,16 +73,21 @@ namespace ptx {
     DG_WGMMA(Name, Shape, Tail, 240, 120, 121, 122) DG_WGMMA(Name, Shape, Tail, 256, 128, 129, 130)
 
 // D(64 x N, fp32) (+)= A(64 x 32) * B(N x 32)^T, e4m3 operands.
-template <int N>
-struct WgmmaFp8;
 DG_WGMMA_WIDTHS(WgmmaFp8, "k32.f32.e4m3.e4m3", "")
 
-// D(64 x N, fp32) (+)= A(64 x 16) * B(N x 16)^T, bf16 operands; their transpose bits 0 (K-major).
-// 16 bf16 = 32 bytes of a 128-byte swizzled row, as one fp8 instruction's K = 32: the descriptors
-// advance alike.
-template <int N>
-struct WgmmaBf16;
-DG_WGMMA_WIDTHS(WgmmaBf16, "k16.f32.bf16.bf16", ", 0, 0")
+// D(64 x N, fp32) (+)= A(64 x 16) * B(N x 16)^T, bf16 operands, K-major or (transpose bit 1)
+// MN-major: wgmma_bf16<N, A MN-major, B MN-major>.
+DG_WGMMA_WIDTHS(WgmmaBf16KK, "k16.f32.bf16.bf16", ", 0, 0")
+DG_WGMMA_WIDTHS(WgmmaBf16MK, "k16.f32.bf16.bf16", ", 1, 0")
+DG_WGMMA_WIDTHS(WgmmaBf16KM, "k16.f32.bf16.bf16", ", 0, 1")
+DG_WGMMA_WIDTHS(WgmmaBf16MM, "k16.f32.bf16.bf16", ", 1, 1")
+template <int N, bool kMnA, bool kMnB>
+DG_DEVICE void wgmma_bf16(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+    if constexpr (kMnA && kMnB) WgmmaBf16MM<N>::mma(d, desc_a, desc_b, accumulate);
+    else if constexpr (kMnA) WgmmaBf16MK<N>::mma(d, desc_a, desc_b, accumulate);
+    else if constexpr (kMnB) WgmmaBf16KM<N>::mma(d, desc_a, desc_b, accumulate);
+    else WgmmaBf16KK<N>::mma(d, desc_a, desc_b, accumulate);
+}
 
 #undef DG_WGMMA_WIDTHS
 #undef DG_WGMMA

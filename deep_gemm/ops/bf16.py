@@ -5,13 +5,13 @@ ValueError (shape, layout, device, alignment) naming the DeepGEMM 2.x argument (
 grouped_layout, masked_m, ks_cpu, ...). The layout rules are the kernel's (TMA: 16-byte aligned
 rows, so K and every outer stride a multiple of 8 elements), for every call alike.
 
-Execution: on a Hopper GPU, a dense NT call of K-major operands with M up to plan.BF16_KERNEL_MAX_M,
-and a masked call with expected_m up to that (contiguous tensors), run the GEMM kernel with bf16
-operands (kernels/gemm.cuh, Bf16Math), through ops/gemm.py's kind of pipeline: a launch cache keyed
-on (a, b, d) (masked: and masked_m) first, else validate -> plan -> prepare -> fire -> cache. Every
-other call, and any call on CPU tensors, runs plain torch (torch.matmul: cuBLAS on a GPU) on the
-given views, writing d in place. Neither reads masked_m or m_indices on the host (CUDA-graph
-capturable).
+Execution: on a Hopper GPU, a dense call (K- or MN-major operands) where
+plan.bf16_dense_kernel_pays (M up to 128), the contiguous and masked calls on contiguous tensors
+and the K-grouped call run the GEMM kernel with bf16 operands (kernels/gemm.cuh, Bf16Math), through
+ops/gemm.py's kind of pipeline: a launch cache keyed on (a, b, d) (grouped: and the group tensor;
+K-grouped: and the K sizes) first, else validate -> plan -> prepare -> fire -> cache. Every other
+call, and any call on CPU tensors, runs plain torch (torch.matmul: cuBLAS on a GPU) on the given
+views, writing d in place. Neither reads masked_m or m_indices on the host (CUDA-graph capturable).
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from typing import Optional
 import torch
 
 from .. import utils as _utils
-from ..config import Layout
-from ..plan import BF16_KERNEL_MAX_M, plan_bf16
+from ..config import K_GROUPED_MAX_GROUPS, Layout
+from ..plan import bf16_dense_kernel_pays, plan_bf16
 from ..runtime.launch import LaunchCache
 from ..utils import sms_for
 from .device import runs_on_hopper
@@ -168,9 +168,9 @@ def _try_fire(tensors: tuple, extra: tuple):
     return fired, key
 
 
-def try_fire_dense(a, b, d, accumulate: bool):
-    """_try_fire of a dense NT call on (a, b, d)."""
-    return _try_fire((a, b, d), (accumulate,))
+def try_fire_dense(a, b, d, layout: str, accumulate: bool):
+    """_try_fire of a dense call in `layout` (nt, nn, tn, tt) on (a, b, d) as given."""
+    return _try_fire((a, b, d), (layout, accumulate))
 
 
 def _rows_aligned(x: torch.Tensor) -> bool:
@@ -179,42 +179,63 @@ def _rows_aligned(x: torch.Tensor) -> bool:
             and x.data_ptr() % 16 == 0)
 
 
+def _major(x: torch.Tensor) -> Optional[str]:
+    """"k" when the kernel reads the 2-D operand view x [rows, K] K-major (rows 16-byte aligned), "mn"
+    when MN-major (x.T's rows are), else None."""
+    if _rows_aligned(x):
+        return "k"
+    return "mn" if _rows_aligned(x.T) else None
+
+
 def kernel_takes(a_mk: torch.Tensor, b_nk: torch.Tensor, d: torch.Tensor, accumulate: bool) -> bool:
-    """Whether the BF16 kernel runs this validated dense call: a Hopper GPU, M from 1 to
-    BF16_KERNEL_MAX_M, K-major operands and rows of d 16-byte aligned; accumulation into fp32 d."""
+    """Whether the BF16 kernel runs this validated dense call: a Hopper GPU, each operand K- or
+    MN-major with 16-byte aligned rows, rows of d too, accumulation into fp32 d, and a shape where
+    plan.bf16_dense_kernel_pays."""
     m, k = a_mk.shape
-    if not (0 < m <= BF16_KERNEL_MAX_M and b_nk.shape[0] and k and a_mk.is_cuda and runs_on_hopper(a_mk.device)):
+    if not (m and b_nk.shape[0] and k and a_mk.is_cuda and runs_on_hopper(a_mk.device)):
         return False
     if accumulate and d.dtype != torch.float32:
         return False
-    return _rows_aligned(a_mk) and _rows_aligned(b_nk) and _rows_aligned(d)
+    major_b = _major(b_nk)
+    if _major(a_mk) is None or major_b is None or not _rows_aligned(d):
+        return False
+    return bf16_dense_kernel_pays(m, b_nk.shape[0], major_b == "mn", sms_for(a_mk.device.index, None))
 
 
-def _run_kernel(a_mk: torch.Tensor, b_nk: torch.Tensor, d: torch.Tensor, accumulate: bool, key) -> None:
+def _run_kernel(a_mk: torch.Tensor, b_nk: torch.Tensor, d: torch.Tensor, accumulate: bool, key, given: tuple) -> None:
     m, k = a_mk.shape
     n = b_nk.shape[0]
     num_sms = sms_for(a_mk.device.index, key)
-    config = plan_bf16(m, n, k, num_sms, out_fp32=d.dtype == torch.float32, accumulate=accumulate)
-    _fire_new(config, a_mk, b_nk, d, m, None, num_sms, key, (a_mk, b_nk, d))
+    config = plan_bf16(m, n, k, num_sms, out_fp32=d.dtype == torch.float32, accumulate=accumulate,
+                       a_mn_major=_major(a_mk) == "mn", b_mn_major=_major(b_nk) == "mn")
+    _fire_new(config, a_mk, b_nk, d, m, None, num_sms, key, given)
 
 
 def _fire_new(config, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, shape_m: int, group_info, num_sms: int,
-              key, tensors: tuple) -> None:
-    """Prepare and fire the kernel over row views a [rows, K], b [rows, K], d [rows, N]; cache the launch
-    under `key` (the caller's `tensors`, which the views show unchanged) unless key is None."""
+              key, tensors: tuple, k_sizes=None) -> None:
+    """Prepare and fire the kernel over row views a [rows, K], b [rows, K], d [rows, N] (K-grouped: the
+    flat operands and d [G, M, N]); cache the launch under `key` (the caller's `tensors`, which the
+    views show unchanged) unless key is None."""
     global launch_count
     from ..runtime.kernels import prepare_gemm   # (the CUDA bindings are imported on first use)
     with torch.cuda.device(a.device.index):
         launch = prepare_gemm(config, a=a, a_rows=a.shape[0], sa=None, sa_rows=0, b=b, b_rows=b.shape[0], sb=None,
-                              out=d, out_rows=d.shape[0], shape_m=shape_m, group_info=group_info, num_sms=num_sms)
+                              out=d, out_rows=d.shape[-2], shape_m=shape_m, group_info=group_info, num_sms=num_sms,
+                              k_sizes=k_sizes)
         launch.fire()
     launch_count += 1
     if key is not None:
         _launches.put(key, tensors, launch)
 
 
-# The masked call's cache key: its tensors (a, b, d, masked_m), then this tag, expected_m and set_num_sms's value.
-_MASKED = "masked"
+# The grouped calls' cache keys: their tensors (a, b, d, m_indices or masked_m), then a tag (masked:
+# and expected_m) and set_num_sms's value.
+_CONTIGUOUS, _MASKED = "contiguous", "masked"
+
+
+def try_fire_contiguous(a, b, d, m_indices):
+    """_try_fire of a contiguous call on m_indices (the psum layout's indices are new tensors: the long way)."""
+    return _try_fire((a, b, d, m_indices), (_CONTIGUOUS,))
 
 
 def try_fire_masked(a, b, d, masked_m, expected_m):
@@ -226,14 +247,18 @@ def try_fire_masked(a, b, d, masked_m, expected_m):
 
 
 def masked_kernel_takes(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, expected_m: int) -> bool:
-    """Whether the BF16 kernel runs this validated masked call: a Hopper GPU, expected_m from 1 to
-    BF16_KERNEL_MAX_M, contiguous a, b and d (each group's rows follow the last group's) starting
-    16-byte aligned, rows of d 16-byte long."""
-    g, max_m, k = a.shape
-    n = b.shape[1]
-    if not (0 < expected_m <= BF16_KERNEL_MAX_M and max_m and n and k and a.is_cuda and runs_on_hopper(a.device)):
+    """Whether the BF16 kernel runs this validated masked call: a Hopper GPU, expected_m >= 1 and
+    grouped_kernel_takes."""
+    return expected_m > 0 and grouped_kernel_takes(a, b, d)
+
+
+def grouped_kernel_takes(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> bool:
+    """Whether the BF16 kernel runs this validated M-grouped call: a Hopper GPU, rows of A, N and K,
+    contiguous a, b and d (each group's rows follow the last group's) starting 16-byte aligned,
+    rows of d 16-byte long."""
+    if not (a.numel() and b.numel() and a.is_cuda and runs_on_hopper(a.device)):
         return False
-    return n % TMA_ELEMS == 0 and all(x.is_contiguous() and x.data_ptr() % 16 == 0 for x in (a, b, d))
+    return b.shape[1] % TMA_ELEMS == 0 and all(x.is_contiguous() and x.data_ptr() % 16 == 0 for x in (a, b, d))
 
 
 def _run_masked_kernel(a, b, d, masked_m, expected_m: int, key) -> None:
@@ -254,11 +279,12 @@ def _product(x: torch.Tensor, y: torch.Tensor, fp32: bool) -> torch.Tensor:
     return torch.matmul(x.float(), y.float())
 
 
-def run_dense(a_mk: torch.Tensor, b_nk: torch.Tensor, d: torch.Tensor, accumulate: bool, key=None) -> None:
+def run_dense(a_mk: torch.Tensor, b_nk: torch.Tensor, d: torch.Tensor, accumulate: bool, key=None,
+              given: Optional[tuple] = None) -> None:
     """d (+)= a_mk @ b_nk^T; an fp32 sum then rounded to d's dtype. key: try_fire_dense's, for a call
-    on the caller's own (a, b, d) (the kernel's launch is cached under it)."""
+    on the caller's own tensors `given` (a, b, d as passed: the kernel's launch is cached under it)."""
     if kernel_takes(a_mk, b_nk, d, accumulate):
-        _run_kernel(a_mk, b_nk, d, accumulate, key)
+        _run_kernel(a_mk, b_nk, d, accumulate, key, given or (a_mk, b_nk, d))
         return
     if d.is_cuda and d.dtype == _BF16 and not accumulate:   # cuBLAS writes d itself: no copy of the result
         torch.matmul(a_mk, b_nk.T, out=d)
@@ -271,11 +297,20 @@ def run_dense(a_mk: torch.Tensor, b_nk: torch.Tensor, d: torch.Tensor, accumulat
         d.copy_(result)
 
 
-def run_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, m_indices: torch.Tensor) -> None:
-    """Row m of d = a[m] @ b[m_indices[m]]^T; rows whose index is outside [0, G) are left as they are.
-    On a GPU one torch._grouped_mm over the rows sorted by group (grouped_rows_product), where torch
-    has it for these operands; else one product per group over every row, kept where the row is
-    that group's. Neither reads the indices on the host."""
+def run_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, m_indices: torch.Tensor, key=None) -> None:
+    """Row m of d = a[m] @ b[m_indices[m]]^T. The kernel (grouped_kernel_takes) reads the group of each
+    M_ALIGNMENT_CONTIGUOUS-row block from its first row and skips blocks of no group (index outside
+    [0, G)); torch leaves every row of no group as it is: on a GPU one torch._grouped_mm over the
+    rows sorted by group (grouped_rows_product), where torch has it for these operands; else one
+    product per group over every row, kept where the row is that group's. Neither reads the indices
+    on the host. key: try_fire_contiguous's."""
+    if grouped_kernel_takes(a, b, d):
+        m, k = a.shape
+        g, n, _ = b.shape
+        num_sms = sms_for(a.device.index, key)
+        config = plan_bf16(m, n, k, num_sms, layout=Layout.CONTIGUOUS, num_groups=g)
+        _fire_new(config, a, b.view(g * n, k), d, m, m_indices, num_sms, key, (a, b, d, m_indices))
+        return
     idx = m_indices.view(-1, 1)
     grouped = grouped_rows_product(a, b, m_indices) if a.is_cuda else None
     if grouped is not None:
@@ -335,8 +370,27 @@ def run_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, masked_m: torc
     d.copy_(torch.where(keep, result, d))
 
 
+def k_grouped_kernel_takes(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, ks) -> bool:
+    """Whether the BF16 kernel runs this validated K-grouped call: a Hopper GPU, some K, at most
+    K_GROUPED_MAX_GROUPS groups, rows of a and b 16-byte aligned, d contiguous with rows of 16 bytes."""
+    if not (any(ks) and len(ks) <= K_GROUPED_MAX_GROUPS and a.shape[1] and b.shape[1] and a.is_cuda
+            and runs_on_hopper(a.device)):
+        return False
+    return _rows_aligned(a) and _rows_aligned(b) and d.is_contiguous() and d.shape[-1] % 4 == 0
+
+
 def run_k_grouped(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, ks, accumulate: bool) -> None:
-    """d[g] (+)= a_g^T @ b_g, a_g / b_g the rows of group g; a group of K = 0 adds nothing."""
+    """d[g] (+)= a_g^T @ b_g, a_g / b_g the rows of group g; a group of K = 0 adds nothing. The kernel
+    (k_grouped_kernel_takes) caches its launch per (a, b, d), K sizes and accumulation."""
+    if k_grouped_kernel_takes(a, b, d, ks):
+        fired, key = _try_fire((a, b, d), ("k_grouped", tuple(ks), accumulate))
+        if fired:
+            return
+        m, n = a.shape[1], b.shape[1]
+        num_sms = sms_for(a.device.index, key)
+        config = plan_bf16(m, n, 0, num_sms, accumulate=accumulate, layout=Layout.K_GROUPED, num_groups=len(ks))
+        _fire_new(config, a, b, d, m, None, num_sms, key, (a, b, d), k_sizes=tuple(ks))
+        return
     start = 0
     for g, k in enumerate(ks):
         result = _product(a[start:start + k].T, b[start:start + k], True)

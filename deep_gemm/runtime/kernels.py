@@ -78,9 +78,9 @@ def gemm_kernel(config: KernelConfig, device_index: int) -> LoadedKernel:
 
 def a_tail_rows(config: KernelConfig, shape_m: int) -> int:
     """Rows of the boxes through which a dense M's last, partial block loads A and A's scales (0
-    when it is whole, or for grouped layouts): the block's rows, rounded up to 8 with several K
-    blocks a stage (each slot of the box must start 1024-byte aligned for the swizzle)."""
-    if config.layout != Layout.DENSE:
+    when it is whole, for grouped layouts and MN-major A): the block's rows, rounded up to 8 with
+    several K blocks a stage (each slot of the box must start 1024-byte aligned for the swizzle)."""
+    if config.layout != Layout.DENSE or config.a_mn_major:
         return 0
     rows = shape_m % config.block_m
     if config.stage_k_blocks > 1:
@@ -90,9 +90,10 @@ def a_tail_rows(config: KernelConfig, shape_m: int) -> int:
 
 def k_grouped_param_block(config: KernelConfig, a: torch.Tensor, b: torch.Tensor, k_sizes, m: int) -> tuple:
     """(bytes, relocations) of the K-grouped kernel's second parameter: for each group g, tensor
-    maps of its [M, K_g] block of the flat `a` and [N, K_g] block of the flat `b` (group after
-    group), its K blocks and the first row of its K blocks in the scale tensors. A group without K
-    loads nothing: no maps. Relocations as PreparedLaunch's, offsets within this block."""
+    maps of its [M, K_g] block of the flat fp8 `a` and [N, K_g] block of the flat `b` (group after
+    group; bf16: its rows [K_g, M] of a [sum K_g, M] and [K_g, N] of b, MN-major), its K blocks
+    and the first row of its K blocks in the scale tensors. A group without K loads nothing: no
+    maps. Relocations as PreparedLaunch's, offsets within this block."""
     g, n = config.num_groups, config.shape_n
     offsets, size = param_layout(k_grouped_params(g))
     block = bytearray(size)
@@ -102,12 +103,19 @@ def k_grouped_param_block(config: KernelConfig, a: torch.Tensor, b: torch.Tensor
     for i, k in enumerate(k_sizes):
         if k:
             at_a, at_b = offsets["tma_a"] + 128 * i, offsets["tma_b"] + 128 * i
-            block[at_a:at_a + 128] = tensor_map_2d(a.data_ptr() + offset * m, "u8", k, m, k, BLOCK_K, config.block_m,
-                                                   SWIZZLE_128B)
-            block[at_b:at_b + 128] = tensor_map_2d(b.data_ptr() + offset * n, "u8", k, n, k, BLOCK_K, config.block_n,
-                                                   SWIZZLE_128B)
-            relocations += [(at_a, A, offset * m, MAP), (at_b, B, offset * n, MAP)]
-        k_blocks.append(ceil_div(k, BLOCK_K))
+            if config.bf16_operands:   # (MN-major: 64-column boxes of a K block's rows)
+                delta_a, delta_b = offset * a.stride(0) * 2, offset * b.stride(0) * 2
+                map_a = tensor_map_2d(a.data_ptr() + delta_a, "bf16", m, k, a.stride(0) * 2, 64, config.block_k,
+                                      SWIZZLE_128B)
+                map_b = tensor_map_2d(b.data_ptr() + delta_b, "bf16", n, k, b.stride(0) * 2, 64, config.block_k,
+                                      SWIZZLE_128B)
+            else:
+                delta_a, delta_b = offset * m, offset * n
+                map_a = tensor_map_2d(a.data_ptr() + delta_a, "u8", k, m, k, BLOCK_K, config.block_m, SWIZZLE_128B)
+                map_b = tensor_map_2d(b.data_ptr() + delta_b, "u8", k, n, k, BLOCK_K, config.block_n, SWIZZLE_128B)
+            block[at_a:at_a + 128], block[at_b:at_b + 128] = map_a, map_b
+            relocations += [(at_a, A, delta_a, MAP), (at_b, B, delta_b, MAP)]
+        k_blocks.append(ceil_div(k, config.block_k))
         kb_offset.append(first_kb)
         offset, first_kb = offset + k, first_kb + k_blocks[-1]
     struct.pack_into(f"<{g}i", block, offsets["k_blocks"], *k_blocks)
@@ -124,7 +132,9 @@ def prepare_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: Opti
     block (per group and K block, masked), sa.stride(-1) elements apart (column-major scales; the
     kernel reads zeros past sa_rows); b: rows of K; sb: B's block scales, or with row_scales_b
     [N, K blocks] in the same column-major layout as sa; out: bf16 or fp32 rows of N (K-grouped:
-    [G, M, N]). BF16 operands (config.bf16_operands): a and b rows of K bf16, sa and sb None.
+    [G, M, N]). BF16 operands (config.bf16_operands): a and b rows of K bf16 (a_mn_major /
+    b_mn_major: views with stride(-2) == 1, the transpose of [K, rows] tensors; K-grouped: the
+    flat [sum K_g, M] and [sum K_g, N] tensors), sa and sb None.
     `shape_m` is M (dense, contiguous, K-grouped) or max_m (masked). K-grouped: a and b are flat,
     k_sizes each group's K, sa [M, sum of K blocks] and sb likewise. The result depends only on these
     arguments' values, pointers, shapes and strides, the device and the current stream (whose
@@ -142,10 +152,13 @@ def prepare_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: Opti
     sa_stride = 0 if bf16 else sa.stride(-1) if sa.shape[-1] > 1 else (sa_rows + 3) // 4 * 4
     tail_rows = a_tail_rows(config, shape_m)
 
-    def map_k_major(t, rows, box_rows):
+    def map_operand(t, rows, box_rows, mn_major=False):
         # Rows of K fp8, or bf16 (a K block: 64 of them, the same 128 bytes). Several K blocks a
         # stage: a 3-D view [K / 128][rows][128] (K blocks 128 bytes apart), whose box of
-        # stage_k_blocks blocks lands as consecutive slots.
+        # stage_k_blocks blocks lands as consecutive slots. MN-major bf16: the [K, rows] tensor
+        # in boxes of 64 columns by a K block's rows.
+        if mn_major:
+            return tensor_map_2d(t.data_ptr(), "bf16", rows, k, t.stride(-1) * 2, 64, config.block_k, SWIZZLE_128B)
         if bf16:
             return tensor_map_2d(t.data_ptr(), "bf16", k, rows, t.stride(-2) * 2, config.block_k, box_rows,
                                  SWIZZLE_128B)
@@ -189,10 +202,10 @@ def prepare_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: Opti
     if config.split_k > 1:   # split tail tiles: at most one counter and one partial tile per block
         counters, partials = split_k_workspace(a.device, stream, grid, config.split_k_workspace_floats(grid))
     fields = dict(
-        tma_a=_NO_MAP if grouped else map_k_major(a, a_rows, config.block_m),
-        tma_b=_NO_MAP if grouped else map_k_major(b, b_rows, config.block_n),
+        tma_a=_NO_MAP if grouped else map_operand(a, a_rows, config.block_m, config.a_mn_major),
+        tma_b=_NO_MAP if grouped else map_operand(b, b_rows, config.block_n, config.b_mn_major),
         tma_sa=map_sa(config.block_m), tma_out=map_out(),
-        tma_a_tail=map_k_major(a, a_rows, tail_rows) if tail_rows else _NO_MAP,
+        tma_a_tail=map_operand(a, a_rows, tail_rows) if tail_rows else _NO_MAP,
         tma_sa_tail=map_sa(tail_rows) if tail_rows else _NO_MAP, tma_sb=map_sb(),
         sa=0 if bf16 else sa.data_ptr(), sb=0 if bf16 else sb.data_ptr(), out=out.data_ptr(),
         out_ld_bytes=out.stride(-2) * config.out_bytes,
@@ -208,6 +221,6 @@ def prepare_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: Opti
     if grouped:   # the per-group maps and K: a second kernel parameter
         offsets = (0, len(params))
         block, block_relocations = k_grouped_param_block(config, a, b, k_sizes, shape_m)
-        relocations += [(offsets[1] + at, source, delta, kind) for at, source, delta, kind in block_relocations]
+        relocations += [(offsets[1] + at, number(source), delta, kind) for at, source, delta, kind in block_relocations]
         params += block
     return PreparedLaunch(kernel, grid, params, offsets, stream, device_index, tuple(relocations))
