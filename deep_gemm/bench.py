@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .bench_common import PEER_TITLES, PEERS, geomean, save_figure
+from .bench_common import PEER_TITLES, PEERS, contiguous_seed, geomean, k_grouped_seed, masked_seed, save_figure
 from .bench_bf16 import SUITES as BF16_SUITES
 
 # ---------------------------------------------------------------------------------------------
@@ -232,16 +232,6 @@ def _draw_counts(groups: int, expected: int, seed: int) -> List[int]:
     return [int(expected * rng.uniform(0.7, 1.3)) for _ in range(groups)]
 
 
-def contiguous_seed(groups: int, m_per_group: int, n: int, k: int) -> int:
-    """A contiguous case's own seed (its group sizes and data)."""
-    return groups * 7919 + m_per_group * 31 + n + k
-
-
-def masked_seed(groups: int, expected_m: int, n: int, k: int) -> int:
-    """A masked case's own seed (its group sizes and data)."""
-    return groups * 7907 + expected_m * 37 + n + k
-
-
 def masked_sizes(groups: int, expected_m: int, n: int, k: int, seed: Optional[int] = None) -> tuple:
     """(max_m, each group's valid rows) of a masked case; seed: of the group sizes (None: the case's own)."""
     max_m = 4096 if expected_m >= 256 else 256
@@ -330,14 +320,14 @@ def make_wgrad(m: int, n: int, k: int, device) -> Problem:
 
 def k_grouped_sizes(groups: int, m: int, n: int, avg_k: int) -> List[int]:
     """A K-grouped case's group sizes: 0.97-1.03 x avg_k each, in steps of 128 (its own seed)."""
-    rng = random.Random(groups * 7901 + m * 31 + n + avg_k)
+    rng = random.Random(k_grouped_seed(groups, m, n, avg_k))
     return [int(avg_k * rng.uniform(0.97, 1.03)) // 128 * 128 for _ in range(groups)]
 
 
 def make_k_grouped(groups: int, m: int, n: int, avg_k: int, device) -> Problem:
     """out [G, M, N] fp32 += A_g B_g^T over each group's K (0.97-1.03 x avg_k in steps of 128)."""
     from .reference import dequantize_lhs, k_grouped_operand
-    torch.manual_seed(groups * 7901 + m * 31 + n + avg_k)
+    torch.manual_seed(k_grouped_seed(groups, m, n, avg_k))
     ks = k_grouped_sizes(groups, m, n, avg_k)
     parts = [_wgrad_operands(m, n, k, device) for k in ks]
     lhs = k_grouped_operand([a for a, _ in parts])

@@ -25,7 +25,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .bench_common import geomean
+from .bench_common import contiguous_seed, geomean, k_grouped_seed, masked_seed
 
 SUITES = ("bf16", "bf16_grouped", "bf16_masked", "bf16_k_grouped")  # the rows' suite names
 LAYOUTS = ("nt", "nn", "tn", "tt")              # DeepGEMM's letters: t = the operand is given MN-major
@@ -116,7 +116,7 @@ def make_bf16_dense(layout: str, m: int, n: int, k: int, device, out_dtype=torch
 # ---------------------------------------------------------------------------------------------
 def group_sizes(bench, groups: int, m_per_group: int, n: int, k: int) -> List[int]:
     """The FP8 contiguous suite's draw (bench.make_contiguous' seed), each rounded to GROUP_ROWS."""
-    counts = bench._draw_counts(groups, m_per_group, bench.contiguous_seed(groups, m_per_group, n, k))
+    counts = bench._draw_counts(groups, m_per_group, contiguous_seed(groups, m_per_group, n, k))
     return [(c + GROUP_ROWS // 2) // GROUP_ROWS * GROUP_ROWS for c in counts]
 
 
@@ -166,7 +166,7 @@ def make_bf16_contiguous(groups: int, m_per_group: int, n: int, k: int, counts: 
     from .reference import m_grouped_bf16_gemm_nt_contiguous
     valid = sum(counts)
     m_indices, valid_rows = contiguous_layout(counts, get_m_alignment_for_contiguous_layout(), device)
-    torch.manual_seed(groups * 7919 + m_per_group * 31 + n + k)
+    torch.manual_seed(contiguous_seed(groups, m_per_group, n, k))
     a_valid = torch.randn(valid, k, device=device, dtype=torch.bfloat16)
     b = torch.randn(groups, n, k, device=device, dtype=torch.bfloat16)
     a = torch.zeros(m_indices.numel(), k, device=device, dtype=torch.bfloat16)
@@ -204,7 +204,7 @@ def make_bf16_masked(groups: int, expected_m: int, n: int, k: int, sizes: Tuple[
     """deep_gemm.m_grouped_bf16_gemm_nt_masked beside cuBLAS on each group's valid rows alone (one
     torch.matmul per expert, the counts known on the host); sizes: masked_sizes(...)."""
     max_m, counts = sizes
-    torch.manual_seed(groups * 7907 + expected_m * 37 + n + k)
+    torch.manual_seed(masked_seed(groups, expected_m, n, k))
     a = torch.randn(groups, max_m, k, device=device, dtype=torch.bfloat16)
     b = torch.randn(groups, n, k, device=device, dtype=torch.bfloat16)
     masked_m = torch.tensor(counts, dtype=torch.int32, device=device)
@@ -232,7 +232,7 @@ def make_bf16_k_grouped(groups: int, m: int, n: int, avg_k: int, ks: List[int], 
     ks) beside cuBLAS on one dense GEMM of the same total size ([M, sum K] x [sum K, N], bf16 out):
     the dense rate the K-grouped call is held to. Both are checked summed over the groups against
     an fp32 product of the bf16 inputs (exact products; float64 costs seconds a row here)."""
-    torch.manual_seed(groups * 7901 + m * 31 + n + avg_k)
+    torch.manual_seed(k_grouped_seed(groups, m, n, avg_k))
     total = sum(ks)
     a = torch.randn(total, m, device=device, dtype=torch.bfloat16)
     b = torch.randn(total, n, device=device, dtype=torch.bfloat16)

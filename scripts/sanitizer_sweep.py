@@ -11,6 +11,7 @@ import torch
 
 import deep_gemm
 from deep_gemm import plan
+from deep_gemm.bench_bf16 import contiguous_layout
 from deep_gemm.config import max_stages
 from deep_gemm.reference import calc_diff, dequantize_lhs, dequantize_rhs, k_grouped_operand
 from deep_gemm.runtime.kernels import prepare_gemm
@@ -186,17 +187,11 @@ def bf16_other_layouts():
     (tn: both) and the K-grouped weight gradient (a group of K 0, one not a multiple of 64)."""
     ok = True
     for counts, n, k in (([100, 0, 30], 520, 1032), ([300, 260], 2112, 1024)):
-        m_indices = torch.cat([torch.full((-(-c // 128) * 128,), -1, dtype=torch.int32) for c in counts])
-        start = 0
-        for gi, c in enumerate(counts):
-            m_indices[start:start + c] = gi
-            start += -(-c // 128) * 128
+        m_indices, rows = contiguous_layout(counts, deep_gemm.get_m_alignment_for_contiguous_layout(), "cuda")
         a = torch.randn(m_indices.numel(), k, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(len(counts), n, k, device="cuda", dtype=torch.bfloat16)
         d = torch.zeros(m_indices.numel(), n, device="cuda", dtype=torch.bfloat16)
-        m_indices = m_indices.cuda()
         deep_gemm.m_grouped_bf16_gemm_nt_contiguous(a, b, d, m_indices)
-        rows = (m_indices >= 0).nonzero().flatten()
         want = torch.einsum("mk,mnk->mn", a[rows].double(), b.double()[m_indices[rows].long()])
         ok &= check(f"bf16 contiguous {counts} {n}x{k}", d[rows], want)
     a = torch.randn(1032, 64, device="cuda", dtype=torch.bfloat16)   # [K, M]

@@ -652,14 +652,13 @@ def test_bf16_masked_calls_the_kernel_does_not_take_stay_correct():
 # ---- GPU: the BF16 kernel on the contiguous layout ----------------------------------------------------
 def _contiguous_case(counts, n, k, seed=0):
     """Each group's rows padded to the layout's alignment (-1), then one block of no group."""
+    from deep_gemm.bench_bf16 import contiguous_layout
     align = deep_gemm.get_m_alignment_for_contiguous_layout()
-    idx = []
-    for g, c in enumerate(counts):
-        idx += [g] * c + [-1] * (-c % align)
-    idx += [-1] * align
-    m_indices = torch.tensor(idx, dtype=torch.int32, device="cuda")
-    a, b = _rand(len(idx), k, device="cuda", seed=seed), _rand(len(counts), n, k, device="cuda", seed=seed + 1)
-    return a, b, _poisoned(len(idx), n, dtype=torch.bfloat16, device="cuda"), m_indices
+    m_indices, _ = contiguous_layout(counts, align, "cuda")
+    m_indices = torch.cat([m_indices, m_indices.new_full((align,), -1)])
+    rows = m_indices.numel()
+    a, b = _rand(rows, k, device="cuda", seed=seed), _rand(len(counts), n, k, device="cuda", seed=seed + 1)
+    return a, b, _poisoned(rows, n, dtype=torch.bfloat16, device="cuda"), m_indices
 
 
 def _check_contiguous(a, b, d, m_indices):

@@ -187,28 +187,24 @@ def _major(x: torch.Tensor) -> Optional[str]:
     return "mn" if _rows_aligned(x.T) else None
 
 
-def kernel_takes(a_mk: torch.Tensor, b_nk: torch.Tensor, d: torch.Tensor, accumulate: bool) -> bool:
-    """Whether the BF16 kernel runs this validated dense call: a Hopper GPU, each operand K- or
-    MN-major with 16-byte aligned rows, rows of d too, accumulation into fp32 d, and a shape where
-    plan.bf16_dense_kernel_pays."""
-    m, k = a_mk.shape
-    if not (m and b_nk.shape[0] and k and a_mk.is_cuda and runs_on_hopper(a_mk.device)):
-        return False
-    if accumulate and d.dtype != torch.float32:
-        return False
-    major_b = _major(b_nk)
-    if _major(a_mk) is None or major_b is None or not _rows_aligned(d):
-        return False
-    return bf16_dense_kernel_pays(m, b_nk.shape[0], major_b == "mn", sms_for(a_mk.device.index, None))
-
-
-def _run_kernel(a_mk: torch.Tensor, b_nk: torch.Tensor, d: torch.Tensor, accumulate: bool, key, given: tuple) -> None:
+def _dense_plan(a_mk: torch.Tensor, b_nk: torch.Tensor, d: torch.Tensor, accumulate: bool, key) -> Optional[tuple]:
+    """(config, SMs) of the BF16 kernel for this validated dense call, or None for cuBLAS: a Hopper
+    GPU, each operand K- or MN-major with 16-byte aligned rows, rows of d too, accumulation into
+    fp32 d, and a shape where plan.bf16_dense_kernel_pays."""
     m, k = a_mk.shape
     n = b_nk.shape[0]
+    if not (m and n and k and a_mk.is_cuda and runs_on_hopper(a_mk.device)):
+        return None
+    if accumulate and d.dtype != torch.float32:
+        return None
+    major_a, major_b = _major(a_mk), _major(b_nk)
+    if major_a is None or major_b is None or not _rows_aligned(d):
+        return None
     num_sms = sms_for(a_mk.device.index, key)
-    config = plan_bf16(m, n, k, num_sms, out_fp32=d.dtype == torch.float32, accumulate=accumulate,
-                       a_mn_major=_major(a_mk) == "mn", b_mn_major=_major(b_nk) == "mn")
-    _fire_new(config, a_mk, b_nk, d, m, None, num_sms, key, given)
+    if not bf16_dense_kernel_pays(m, n, major_b == "mn", num_sms):
+        return None
+    return plan_bf16(m, n, k, num_sms, out_fp32=d.dtype == torch.float32, accumulate=accumulate,
+                     a_mn_major=major_a == "mn", b_mn_major=major_b == "mn"), num_sms
 
 
 def _fire_new(config, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, shape_m: int, group_info, num_sms: int,
@@ -283,8 +279,10 @@ def run_dense(a_mk: torch.Tensor, b_nk: torch.Tensor, d: torch.Tensor, accumulat
               given: Optional[tuple] = None) -> None:
     """d (+)= a_mk @ b_nk^T; an fp32 sum then rounded to d's dtype. key: try_fire_dense's, for a call
     on the caller's own tensors `given` (a, b, d as passed: the kernel's launch is cached under it)."""
-    if kernel_takes(a_mk, b_nk, d, accumulate):
-        _run_kernel(a_mk, b_nk, d, accumulate, key, given or (a_mk, b_nk, d))
+    planned = _dense_plan(a_mk, b_nk, d, accumulate, key)
+    if planned is not None:
+        config, num_sms = planned
+        _fire_new(config, a_mk, b_nk, d, a_mk.shape[0], None, num_sms, key, given or (a_mk, b_nk, d))
         return
     if d.is_cuda and d.dtype == _BF16 and not accumulate:   # cuBLAS writes d itself: no copy of the result
         torch.matmul(a_mk, b_nk.T, out=d)

@@ -88,6 +88,12 @@ def a_tail_rows(config: KernelConfig, shape_m: int) -> int:
     return rows if rows < config.block_m else 0
 
 
+def mn_major_map(address: int, cols: int, k: int, row_stride: int, config: KernelConfig) -> bytes:
+    """The tensor map of an MN-major bf16 operand: `k` rows of `cols` (M or N) elements, row_stride
+    elements apart, in boxes of 64 columns by one K block's rows (kernels/gemm.cuh, load_mn_boxes)."""
+    return tensor_map_2d(address, "bf16", cols, k, row_stride * 2, 64, config.block_k, SWIZZLE_128B)
+
+
 def k_grouped_param_block(config: KernelConfig, a: torch.Tensor, b: torch.Tensor, k_sizes, m: int) -> tuple:
     """(bytes, relocations) of the K-grouped kernel's second parameter: for each group g, tensor
     maps of its [M, K_g] block of the flat fp8 `a` and [N, K_g] block of the flat `b` (group after
@@ -105,10 +111,8 @@ def k_grouped_param_block(config: KernelConfig, a: torch.Tensor, b: torch.Tensor
             at_a, at_b = offsets["tma_a"] + 128 * i, offsets["tma_b"] + 128 * i
             if config.bf16_operands:   # (MN-major: 64-column boxes of a K block's rows)
                 delta_a, delta_b = offset * a.stride(0) * 2, offset * b.stride(0) * 2
-                map_a = tensor_map_2d(a.data_ptr() + delta_a, "bf16", m, k, a.stride(0) * 2, 64, config.block_k,
-                                      SWIZZLE_128B)
-                map_b = tensor_map_2d(b.data_ptr() + delta_b, "bf16", n, k, b.stride(0) * 2, 64, config.block_k,
-                                      SWIZZLE_128B)
+                map_a = mn_major_map(a.data_ptr() + delta_a, m, k, a.stride(0), config)
+                map_b = mn_major_map(b.data_ptr() + delta_b, n, k, b.stride(0), config)
             else:
                 delta_a, delta_b = offset * m, offset * n
                 map_a = tensor_map_2d(a.data_ptr() + delta_a, "u8", k, m, k, BLOCK_K, config.block_m, SWIZZLE_128B)
@@ -158,7 +162,7 @@ def prepare_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: Opti
         # stage_k_blocks blocks lands as consecutive slots. MN-major bf16: the [K, rows] tensor
         # in boxes of 64 columns by a K block's rows.
         if mn_major:
-            return tensor_map_2d(t.data_ptr(), "bf16", rows, k, t.stride(-1) * 2, 64, config.block_k, SWIZZLE_128B)
+            return mn_major_map(t.data_ptr(), rows, k, t.stride(-1), config)
         if bf16:
             return tensor_map_2d(t.data_ptr(), "bf16", k, rows, t.stride(-2) * 2, config.block_k, box_rows,
                                  SWIZZLE_128B)
