@@ -41,24 +41,32 @@ def store_chunk_cols(block_n: int, out_bytes: int = 2) -> int:
     return next(cols for cols in (128 // out_bytes, 64 // out_bytes, 32 // out_bytes) if block_n % cols == 0)
 
 
+def out_stage_bytes(block_m: int, block_n: int, out_bytes: int = 2, out_buffers: int = 0) -> int:
+    """Shared memory staging D (gemm.cuh: kOutStageBytes): the whole tile, or `out_buffers` buffers
+    of one store chunk for 64 rows of each math warpgroup."""
+    if out_buffers == 0:
+        return block_m * block_n * out_bytes
+    return out_buffers * min(block_m, 128) * store_chunk_cols(block_n, out_bytes) * out_bytes
+
+
 def smem_bytes(block_m: int, block_n: int, num_stages: int, stage_k_blocks: int = 1, out_bytes: int = 2,
-               row_scales_b: bool = False, bf16_operands: bool = False) -> int:
+               row_scales_b: bool = False, bf16_operands: bool = False, out_buffers: int = 0) -> int:
     """Dynamic shared memory of a kernel (gemm.cuh: SharedStorage). A K block is a 128-byte row of
     either operand (fp8 or bf16); bf16 operands have no scales."""
     scales_b = ceil_div(stage_k_blocks * block_n, 32) * 32 * 4 if row_scales_b else 0       # 128-byte aligned
     scales_a = 0 if bf16_operands else block_m * 4
     per_stage = (block_m * BLOCK_K_BYTES + block_n * BLOCK_K_BYTES + scales_a) * stage_k_blocks + scales_b
-    out_tile = block_m * block_n * out_bytes                                             # D tile
+    out_tile = out_stage_bytes(block_m, block_n, out_bytes, out_buffers)                 # D staging
     barriers = (num_stages * 2 + 2) * 8                                                  # full, empty; split-K flag
     return SMEM_RESERVED + out_tile + num_stages * per_stage + barriers
 
 
 def max_stages(block_m: int, block_n: int, cap: int = 8, stage_k_blocks: int = 1, out_bytes: int = 2,
-               row_scales_b: bool = False, bf16_operands: bool = False) -> int:
+               row_scales_b: bool = False, bf16_operands: bool = False, out_buffers: int = 0) -> int:
     """Most stages (of stage_k_blocks K blocks each) that fit in shared memory, at most `cap`."""
     stages = cap
     while stages > 1 and smem_bytes(block_m, block_n, stages, stage_k_blocks, out_bytes, row_scales_b,
-                                    bf16_operands) > SMEM_CAPACITY:
+                                    bf16_operands, out_buffers) > SMEM_CAPACITY:
         stages -= 1
     return stages
 
@@ -85,6 +93,7 @@ class KernelConfig:
     bf16_operands: bool = False    # bf16 A and B (K blocks of 64), no scales, no promotion
     a_mn_major: bool = False       # bf16 A held [K, M] (M contiguous), read in 64-column boxes
     b_mn_major: bool = False       # bf16 B held [K, N] (N contiguous), likewise
+    out_buffers: int = 0           # D staged whole (0) or through this many one-chunk buffers in turn
 
     def __post_init__(self):
         object.__setattr__(self, "layout", Layout(self.layout))   # an int from a JSON record, say
@@ -118,12 +127,16 @@ class KernelConfig:
                 and (not self.b_mn_major or self.block_n % 64 == 0)):
             problems.append("a_mn_major and b_mn_major need bf16_operands, a dense or K_GROUPED layout and, for B, "
                             "block_n a multiple of 64")
+        chunks = self.block_n // store_chunk_cols(self.block_n, self.out_bytes) if valid_block_n(self.block_n) else 0
+        if self.out_buffers and not (0 < self.out_buffers < chunks and chunks % self.out_buffers == 0):
+            problems.append(f"out_buffers must be 0 or fewer than the tile's {chunks} store chunks, dividing them; "
+                            f"got {self.out_buffers}")
         if self.stage_k_blocks > 1 and self.shape_k % BLOCK_K:
             problems.append(f"stage_k_blocks > 1 needs K % {BLOCK_K} == 0, got K = {self.shape_k}")
         if min(self.shape_n, self.shape_k, self.num_stages, self.stage_k_blocks, self.num_groups,
                self.raster_group, self.split_k) < 1:
             problems.append("every size must be >= 1")
-        if self.smem_bytes > SMEM_CAPACITY:
+        if not (self.out_buffers and problems) and self.smem_bytes > SMEM_CAPACITY:
             problems.append(f"{self.smem_bytes} bytes of shared memory, more than the {SMEM_CAPACITY} a block can "
                             f"have: fewer num_stages or smaller tiles")
         if problems:
@@ -153,7 +166,7 @@ class KernelConfig:
     @property
     def smem_bytes(self) -> int:
         return smem_bytes(self.block_m, self.block_n, self.num_stages, self.stage_k_blocks, self.out_bytes,
-                          self.row_scales_b, self.bf16_operands)
+                          self.row_scales_b, self.bf16_operands, self.out_buffers)
 
     def split_k_workspace_floats(self, grid: int) -> int:
         """fp32 partial results a split-K launch on `grid` blocks may write: at most one tile per
@@ -176,7 +189,8 @@ class KernelConfig:
         return (f"gemm_{self.layout.name.lower()}_n{self.shape_n}_k{self.shape_k}_g{self.num_groups}"
                 f"_bm{self.block_m}_bn{self.block_n}_s{self.num_stages}"
                 + (f"x{self.stage_k_blocks}" if self.stage_k_blocks > 1 else "")
-                + f"_r{self.raster_group}_sk{self.split_k}{flags}")
+                + f"_r{self.raster_group}_sk{self.split_k}{flags}"
+                + (f"_ob{self.out_buffers}" if self.out_buffers else ""))
 
 
 # The kernel's one parameter, `deep_gemm::GemmParams`, field by field: tensor maps (128 bytes,

@@ -10,7 +10,7 @@ import os
 import threading
 
 from .config import (BF16_BLOCK_K, BLOCK_K, MAX_PIPELINED_BLOCK_N, KernelConfig, Layout, ceil_div, max_stages,
-                     valid_block_n)
+                     store_chunk_cols, valid_block_n)
 
 # Above this many rows per M block (expected rows per group, masked) a GEMM is compute-bound.
 COMPUTE_BOUND_M = 128
@@ -181,8 +181,7 @@ def clear_plan_cache() -> None:
 # every M: compute-bound tiles of 128 rows and one of BF16_COMPUTE_BLOCK_N's widths.
 BF16_DENSE_KERNEL_MAX_M = COMPUTE_BOUND_M
 BF16_STAGES = 16   # a bf16 K block holds half an FP8 block's K: a deeper ring keeps as many bytes in flight
-BF16_COMPUTE_BLOCK_N = (128, 192, 256)
-BF16_FP32_COMPUTE_BLOCK_N = (128,)   # an fp32 D tile of 128 x 256 leaves two stages
+BF16_COMPUTE_BLOCK_N = (128, 192, 256)   # an fp32 D wider than 128 only through compact staging
 MN_MAJOR_BLOCK_N = (64, 128)         # memory-bound widths of an MN-major B: whole 64-column boxes
 # A compute-bound tile costs its columns plus about this many columns' worth of fixed work (the
 # ring's first fill, the epilogue's part that does not overlap the next tile).
@@ -204,14 +203,51 @@ def bf16_rows(m: int, layout: Layout, num_groups: int) -> int:
     return ceil_div(m, num_groups) if layout == Layout.CONTIGUOUS else m
 
 
+# Compact D staging (KernelConfig.out_buffers): the epilogue waits, once per tile, for its stores to
+# have read a buffer before writing it again, and the bytes it saves buy a stage (bf16 D, 256 wide:
+# 4 instead of 3) or make an fp32 D wider than 128 possible at all.
+BF16_COMPACT_MIN_K_BLOCKS = 64   # a tile's K blocks from which the stage outweighs the wait
+BF16_COMPACT_MAX_ROUNDS = 2      # or rounds of tiles up to which the wait is paid too rarely to matter
+
+
+def bf16_tiles(m: int, n: int, block_n: int, layout: Layout, num_groups: int) -> int:
+    """128-row compute-bound tiles of a BF16 problem (masked and K-grouped: every group's)."""
+    groups = num_groups if layout in (Layout.MASKED, Layout.K_GROUPED) else 1
+    return ceil_div(m, 128) * ceil_div(n, block_n) * groups
+
+
 def bf16_compute_block_n(m: int, n: int, num_sms: int, layout: Layout, num_groups: int, out_fp32: bool) -> int:
     """The width of 128-row compute-bound tiles that finishes in the fewest rounds, each round
-    weighted by its tile's columns plus the fixed share; ties go to the wider tile."""
-    groups = num_groups if layout in (Layout.MASKED, Layout.K_GROUPED) else 1
+    weighted by its tile's columns plus the fixed share; ties go to the wider tile. 256-wide tiles
+    that would make a single round give way to 192-wide ones (a 256-wide tile alone on its SM ran at
+    about half the rate it reaches over several rounds)."""
     def cost(block_n: int) -> tuple:
-        tiles = ceil_div(m, 128) * ceil_div(n, block_n) * groups
-        return ceil_div(tiles, num_sms) * (block_n + BF16_TILE_FIXED_COST_COLUMNS), -block_n
-    return min(BF16_FP32_COMPUTE_BLOCK_N if out_fp32 else BF16_COMPUTE_BLOCK_N, key=cost)
+        return (ceil_div(bf16_tiles(m, n, block_n, layout, num_groups), num_sms)
+                * (block_n + BF16_TILE_FIXED_COST_COLUMNS), -block_n)
+    best = min(BF16_COMPUTE_BLOCK_N, key=cost)
+    if best == 256 and bf16_tiles(m, n, best, layout, num_groups) <= num_sms:
+        return 192
+    return best
+
+
+def bf16_out_buffers(m: int, n: int, k: int, block_n: int, num_sms: int, layout: Layout, num_groups: int,
+                     out_fp32: bool) -> int:
+    """D's staging for a compute-bound BF16 tile: the whole tile (0), or two one-chunk buffers (one
+    where a tile has an odd number of chunks: 192 bf16 columns) where that buys a stage and an fp32
+    D is wider than 128 (the whole tile would leave 2-3 stages), or a tile's K is long (K-grouped:
+    the groups' K, the tokens, is), or the tiles make few rounds."""
+    out_bytes = 4 if out_fp32 else 2
+    chunks = block_n // store_chunk_cols(block_n, out_bytes)
+    buffers = 2 if chunks % 2 == 0 and chunks > 2 else 1
+    if chunks == 1 or max_stages(128, block_n, BF16_STAGES, out_bytes=out_bytes, bf16_operands=True,
+                                 out_buffers=buffers) <= max_stages(128, block_n, BF16_STAGES, out_bytes=out_bytes,
+                                                                    bf16_operands=True):
+        return 0
+    if out_fp32:
+        return buffers if block_n > 128 else 0
+    long_k = layout == Layout.K_GROUPED or ceil_div(k, BF16_BLOCK_K) >= BF16_COMPACT_MIN_K_BLOCKS
+    few_rounds = ceil_div(bf16_tiles(m, n, block_n, layout, num_groups), num_sms) <= BF16_COMPACT_MAX_ROUNDS
+    return buffers if long_k or few_rounds else 0
 
 
 def plan_bf16(m: int, n: int, k: int, num_sms: int, out_fp32: bool = False, accumulate: bool = False,
@@ -235,13 +271,16 @@ def plan_bf16(m: int, n: int, k: int, num_sms: int, out_fp32: bool = False, accu
     memory_bound = bf16_rows(m, layout, num_groups) <= COMPUTE_BOUND_M
     block_m = 128 if m > 64 or layout == Layout.CONTIGUOUS else 64
     widths = MN_MAJOR_BLOCK_N if b_mn_major else BLOCK_N_CANDIDATES
+    out_buffers = 0
     if memory_bound:
         block_n = memory_bound_block_n(m, n, block_m, num_sms, layout, num_groups, widths)
     else:
         block_n = bf16_compute_block_n(m, n, num_sms, layout, num_groups, out_fp32)
+        out_buffers = bf16_out_buffers(m, n, k, block_n, num_sms, layout, num_groups, out_fp32)
     return KernelConfig(
         shape_n=n, shape_k=k, block_m=block_m, block_n=block_n,
-        num_stages=max_stages(block_m, block_n, cap=BF16_STAGES, out_bytes=4 if out_fp32 else 2, bf16_operands=True),
+        num_stages=max_stages(block_m, block_n, cap=BF16_STAGES, out_bytes=4 if out_fp32 else 2, bf16_operands=True,
+                              out_buffers=out_buffers),
         layout=layout, num_groups=num_groups, raster_group=8 if ceil_div(n, block_n) <= 64 else 16,
         stream_b=layout == Layout.DENSE and memory_bound, out_fp32=out_fp32, accumulate=accumulate,
-        bf16_operands=True, a_mn_major=a_mn_major, b_mn_major=b_mn_major)
+        bf16_operands=True, a_mn_major=a_mn_major, b_mn_major=b_mn_major, out_buffers=out_buffers)

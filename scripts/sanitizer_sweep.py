@@ -169,16 +169,17 @@ def bf16():
         want = (d.double() if fp32 else 0) + a.double() @ b.double().T
         deep_gemm.bf16_gemm_nt(a, b, d, c=d if fp32 else None)
         ok &= check(f"bf16 {m}x{n}x{k}{' fp32 +=' if fp32 else ''}", d, want)
-    g, max_m, n, k = 3, 150, 520, 1032
+    g, max_m, k = 3, 150, 1032
     a = torch.randn(g, max_m, k, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(g, n, k, device="cuda", dtype=torch.bfloat16)
     masked_m = torch.tensor([0, 70, 150], device="cuda", dtype=torch.int32)
-    for expected_m in (40, 100, 300):
+    # 300 rows: compact D staging, one buffer (192 columns) and two (256), partial groups row by row.
+    for n, expected_m in ((520, 40), (520, 100), (520, 300), (7168, 300)):
+        b = torch.randn(g, n, k, device="cuda", dtype=torch.bfloat16)
         d = torch.zeros(g, max_m, n, device="cuda", dtype=torch.bfloat16)
         deep_gemm.m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, expected_m)
         for gi, rows in enumerate(masked_m.tolist()):
             if rows:
-                ok &= check(f"bf16 masked e{expected_m} g{gi}", d[gi, :rows], a[gi, :rows].double() @ b[gi].double().T)
+                ok &= check(f"bf16 masked {n} e{expected_m} g{gi}", d[gi, :rows], a[gi, :rows].double() @ b[gi].double().T)
     return ok & bf16_other_layouts()
 
 

@@ -624,12 +624,13 @@ def test_bf16_kernel_masked_cached_and_new_addresses():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("expected_m", [129, 512])
-def test_bf16_kernel_masked_compute_bound(expected_m):
-    """expected_m above 128 plans 128-row compute-bound tiles: full, partial and empty groups."""
+@pytest.mark.parametrize("expected_m, n", [(129, 2112), (512, 2112), (300, 7168)])
+def test_bf16_kernel_masked_compute_bound(expected_m, n):
+    """expected_m above 128 plans 128-row compute-bound tiles: full, partial and empty groups; D
+    staged through one buffer (192 columns) or two (256), a partial tile's rows copied chunk by chunk."""
     if not _hopper():
         pytest.skip("the BF16 kernel runs on Hopper GPUs")
-    a, b, d, masked_m = _masked_case(3, 520, 2112, 1032, [520, 131, 0])
+    a, b, d, masked_m = _masked_case(3, 520, n, 1032, [520, 131, 0])
     before = _kernel_launches()
     deep_gemm.m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, expected_m)
     assert _kernel_launches() == before + 1

@@ -182,9 +182,9 @@ def test_sweep_covers_every_tile_choice():
 
 
 # ---- kernels/gemm.cuh as a library of its own -------------------------------------------------
-SMALL_CONFIG_ARGS = "256, 512, 64, 64, 2, 1, 0, 1, 8, 1, false, false, false, false, false, false, false, false, false"
+SMALL_CONFIG_ARGS = "256, 512, 64, 64, 2, 1, 0, 1, 8, 1, false, false, false, false, false, false, false, false, false, 0"
 SMALL_NAME = f"deep_gemm::gemm_kernel<deep_gemm::GemmConfig<{SMALL_CONFIG_ARGS}>>"
-OTHER_CONFIG_ARGS = "384, 1024, 128, 128, 3, 1, 1, 4, 16, 1, true, false, false, false, false, false, false, false, false"
+OTHER_CONFIG_ARGS = "384, 1024, 128, 128, 3, 1, 1, 4, 16, 1, true, false, false, false, false, false, false, false, false, 1"
 OTHER_NAME = f"deep_gemm::gemm_kernel<deep_gemm::GemmConfig<{OTHER_CONFIG_ARGS}>>"
 
 
@@ -228,7 +228,7 @@ def test_two_configs_in_one_translation_unit(nvrtc):
     assert not first.resources.spills and not second.resources.spills
     # Both names are what KernelConfig writes for valid configs.
     other = KernelConfig(shape_n=384, shape_k=1024, block_m=128, block_n=128, num_stages=3,
-                         layout=LAYOUT_CONTIGUOUS, num_groups=4, pipelined=True)
+                         layout=LAYOUT_CONTIGUOUS, num_groups=4, pipelined=True, out_buffers=1)
     assert gemm_kernel_name(other) == OTHER_NAME
 
 
@@ -255,6 +255,7 @@ REFUSED = [
     (dict(layout=Layout.K_GROUPED, row_scales_b=True, split_k=2), "K_GROUPED needs", "K-grouped GEMMs: FP8"),
     (dict(a_mn_major=True), "a_mn_major and b_mn_major need", "MN-major operands"),
     (dict(bf16_operands=True, b_mn_major=True, block_n=96), "a_mn_major and b_mn_major need", "MN-major operands"),
+    (dict(out_buffers=2), "out_buffers", "buffers must be fewer than a tile's store chunks"),
 ]
 
 
@@ -333,7 +334,7 @@ def test_cli_bf16(capsys):
     want += [plan_bf16(m, 4096, 7168, NUM_SMS, layout=LAYOUT_CONTIGUOUS, num_groups=8).name for m in range(1, 301)]
     want = list(dict.fromkeys(want))
     assert list(json.loads(out)) == want and any(name.startswith("gemm_contiguous_") for name in want)
-    assert len({name for name in want if "_bm128_bn256_" in name}) == 1   # masked's compute-bound tile
+    assert len({name for name in want if "_bm128_bn192_" in name}) == 1   # masked's compute-bound tile
     for bad in ("masked:4:4096x7164", "contiguous:4:4096x7168:64", "masked:4096x7168"):
         rc, _, err = _run_cli(["--arch", "sm_90a", "--dry-run", "--bf16", bad], capsys)
         assert rc == 2 and "--bf16 must be" in err

@@ -499,24 +499,26 @@ def test_every_compile_time_option_is_chosen_for_some_benchmark_shape():
 def test_bf16_plans_memory_and_compute_bound_tiles():
     """plan_bf16: up to 128 rows per group the FP8 decode widths (B streamed where dense); above, 128-row
     tiles of the width with the fewest weighted rounds (2112 columns: 11 tiles of 192, not 9 of 256
-    with one mostly empty); contiguous tiles are 128 rows (the layout's alignment) at any M; an fp32 D
-    keeps 128 columns; K-grouped operands are MN-major (fp32 D); an MN-major B takes 64-column boxes."""
+    with one mostly empty; 192 where 256 would make a single round); contiguous tiles are 128 rows
+    (the layout's alignment) at any M; K-grouped operands are MN-major (fp32 D); an MN-major B takes
+    64-column boxes."""
     from deep_gemm.plan import plan_bf16
     dense = plan_bf16(64, 7168, 2048, 132)
     assert dense.block_m == 64 and dense.stream_b and dense.block_n <= 160
     assert plan_bf16(4096, 2112, 7168, 132).block_n == 192
     wide = plan_bf16(4096, 7168, 2048, 132)
     assert (wide.block_m, wide.block_n, wide.stream_b) == (128, 256, False) and wide.num_stages == 3
-    assert plan_bf16(4096, 7168, 2048, 132, out_fp32=True).block_n == 128
+    assert plan_bf16(4096, 7168, 2048, 132, out_fp32=True).block_n == 256
     few_rows = plan_bf16(4 * 32, 4096, 7168, 132, layout=Layout.CONTIGUOUS, num_groups=4)
     assert few_rows.block_m == 128 and few_rows.block_n < 128 and not few_rows.stream_b
     many_rows = plan_bf16(4 * 8192, 4096, 7168, 132, layout=Layout.CONTIGUOUS, num_groups=4)
     assert (many_rows.block_m, many_rows.block_n) == (128, 256)
-    assert plan_bf16(512, 4096, 7168, 132, layout=Layout.MASKED, num_groups=2).block_n == 256
+    assert plan_bf16(512, 4096, 7168, 132, layout=Layout.MASKED, num_groups=2).block_n == 192   # 128 tiles of 256
+    assert plan_bf16(512, 7168, 2048, 132, layout=Layout.MASKED, num_groups=2).block_n == 256   # 224 tiles of 256
     for c in (dense, wide, few_rows, many_rows):
         assert c.bf16_operands and c.split_k == 1 and not c.pipelined
     grouped = plan_bf16(7168, 4096, 0, 132, layout=Layout.K_GROUPED, num_groups=4, accumulate=True)
-    assert grouped.a_mn_major and grouped.b_mn_major and grouped.out_fp32 and grouped.block_n == 128
+    assert grouped.a_mn_major and grouped.b_mn_major and grouped.out_fp32 and grouped.block_n == 256
     assert plan_bf16(64, 7168, 576, 132, b_mn_major=True).block_n % 64 == 0
     with pytest.raises(ValueError, match="M >= 1"):
         plan_bf16(0, 256, 256, 132)
@@ -529,3 +531,36 @@ def test_bf16_dense_calls_run_the_kernel_where_it_pays():
     assert bf16_dense_kernel_pays(128, 2112, False, 132) and bf16_dense_kernel_pays(64, 2112, True, 132)
     assert not bf16_dense_kernel_pays(128, 2112, True, 132) and bf16_dense_kernel_pays(128, 4224, True, 132)
     assert not bf16_dense_kernel_pays(129, 7168, False, 132) and not bf16_dense_kernel_pays(0, 7168, False, 132)
+
+
+def test_bf16_compact_d_staging_where_it_pays():
+    """Compact D staging (two one-chunk buffers; one for 192 bf16 columns, three chunks): compute-bound
+    tiles with a long K or few rounds, and every fp32 D wider than 128 (K-grouped included); the whole
+    tile otherwise and on memory-bound tiles. The bytes it saves become stages."""
+    from deep_gemm.plan import plan_bf16
+    long_k = plan_bf16(4 * 8192, 4096, 7168, 132, layout=Layout.CONTIGUOUS, num_groups=4)
+    assert (long_k.block_n, long_k.out_buffers, long_k.num_stages) == (256, 2, 4)
+    short_k = plan_bf16(4 * 8192, 7168, 2048, 132, layout=Layout.CONTIGUOUS, num_groups=4)
+    assert (short_k.block_n, short_k.out_buffers, short_k.num_stages) == (256, 0, 3)
+    few_rounds = plan_bf16(512, 7168, 2048, 132, layout=Layout.MASKED, num_groups=2)
+    assert few_rounds.out_buffers == 2 and few_rounds.num_stages == 4
+    narrow = plan_bf16(1024, 4096, 7168, 132, layout=Layout.MASKED, num_groups=1)
+    assert (narrow.block_n, narrow.out_buffers, narrow.num_stages) == (192, 1, 5)
+    grouped = plan_bf16(7168, 4096, 0, 132, layout=Layout.K_GROUPED, num_groups=8, accumulate=True)
+    assert (grouped.block_n, grouped.out_buffers, grouped.num_stages) == (256, 2, 4)
+    assert plan_bf16(4096, 7168, 2048, 132, out_fp32=True).out_buffers == 2
+    assert plan_bf16(64, 7168, 7168, 132).out_buffers == 0
+    for c in (long_k, short_k, few_rounds, narrow, grouped):
+        assert c.smem_bytes <= SMEM_CAPACITY
+        assert cfg.smem_bytes(128, c.block_n, c.num_stages + 1, out_bytes=c.out_bytes, bf16_operands=True,
+                              out_buffers=c.out_buffers) > SMEM_CAPACITY
+
+
+def test_out_buffers_must_divide_the_store_chunks():
+    """out_buffers: 0 (the whole tile) or fewer buffers than the tile's store chunks, dividing them."""
+    base = dict(shape_n=4096, shape_k=7168, block_m=128, block_n=256, num_stages=2, bf16_operands=True)
+    assert KernelConfig(**base, out_buffers=2).smem_bytes < KernelConfig(**base).smem_bytes
+    assert cfg.out_stage_bytes(128, 256, 2, 2) == 2 * 128 * 64 * 2 and cfg.out_stage_bytes(64, 256, 4, 1) == 64 * 32 * 4
+    for bad in (3, 4, -1):
+        with pytest.raises(ValueError, match="out_buffers"):
+            KernelConfig(**base, out_buffers=bad)

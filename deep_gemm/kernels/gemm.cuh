@@ -15,7 +15,8 @@ namespace deep_gemm {
 // in the same order. M is always a run-time value.
 template <int kShapeN_, int kShapeK_, int kBlockM_, int kBlockN_, int kNumStages_, int kStageKBlocks_, int kLayout_,
           int kNumGroups_, int kRasterGroup_, int kSplitK_, bool kPipelined_, bool kStreamB_, bool kScaleLoaderWarp_,
-          bool kRowScalesB_, bool kOutFp32_, bool kAccumulate_, bool kBf16Operands_, bool kAMnMajor_, bool kBMnMajor_>
+          bool kRowScalesB_, bool kOutFp32_, bool kAccumulate_, bool kBf16Operands_, bool kAMnMajor_, bool kBMnMajor_,
+          int kOutBuffers_>
 struct GemmConfig {
     static constexpr int kShapeN = kShapeN_, kShapeK = kShapeK_, kBlockM = kBlockM_, kBlockN = kBlockN_;
     // A K block is one 128-byte swizzled row of shared memory: kBlockK is in *bytes* (every tile and
@@ -56,6 +57,14 @@ struct GemmConfig {
     static constexpr int kStoreChunkCols = kBlockN % (128 / kOutBytes) == 0 ? 128 / kOutBytes
                                            : kBlockN % (64 / kOutBytes) == 0 ? 64 / kOutBytes : 32 / kOutBytes;
     static constexpr int kTileBytesOut = kBlockM * kBlockN * kOutBytes;
+    // D's staging in shared memory: the whole tile (0), or this many buffers of one store chunk for
+    // each warpgroup's 64 rows, taken in turn (fewer bytes: room for another stage or a wider tile).
+    static constexpr int kOutBuffers = kOutBuffers_;
+    static constexpr int kNumStoreChunks = kBlockN / kStoreChunkCols;
+    static constexpr int kOutBufferBytes = kNumMathWarpgroups * 64 * kStoreChunkCols * kOutBytes;
+    static constexpr int kOutStageBytes = kOutBuffers == 0 ? kTileBytesOut : kOutBuffers * kOutBufferBytes;
+    static_assert(kOutBuffers == 0 || (kOutBuffers < kNumStoreChunks && kNumStoreChunks % kOutBuffers == 0),
+                  "D's buffers must be fewer than a tile's store chunks and divide them");
     // A tile spans at most two 128-column scale blocks of B; when BLOCK_N divides 128, one.
     static constexpr bool kOneScaleB = 128 % kBlockN == 0;
     static constexpr int kNumScaleBRows = (kShapeN + 127) / 128;
@@ -148,14 +157,14 @@ DG_DEVICE bool is_tail_tile(const Tile& t, const GemmParams& p) {
 // would be local memory.
 template <class C>
 struct SharedStorage {
-    uint8_t *out, *ring_a, *ring_b;  // out: kBlockN / kStoreChunkCols x [BLOCK_M][kStoreChunkCols] of D
+    uint8_t *out, *ring_a, *ring_b;  // out: chunks (whole tile) or buffers of [rows][kStoreChunkCols] of D
     float *ring_sa, *ring_sb;
     uint64_t *full, *empty;
     int32_t* last_unit;  // split-K: thread 0's verdict, read by every math thread
     DG_DEVICE explicit SharedStorage(uint8_t* raw) {
         // The 128-byte swizzle works on absolute address bits: 1024-byte alignment.
         out = reinterpret_cast<uint8_t*>((reinterpret_cast<uint64_t>(raw) + 1023) & ~uint64_t(1023));
-        ring_a = out + C::kTileBytesOut;
+        ring_a = out + C::kOutStageBytes;
         ring_b = ring_a + C::kNumStages * C::kStageBytesA;
         ring_sa = reinterpret_cast<float*>(ring_b + C::kNumStages * C::kStageBytesB);
         ring_sb = ring_sa + C::kNumStages * C::kStageScales;
@@ -637,7 +646,7 @@ struct MathOf<C, true> {
 template <class C>
 struct Epilogue {
     static constexpr int kChunkBytesPerRow = C::kStoreChunkCols * C::kOutBytes;
-    static constexpr int kNumChunks = C::kBlockN / C::kStoreChunkCols;
+    static constexpr int kNumChunks = C::kNumStoreChunks;
     // Named barriers: 0 is __syncthreads, 1 + warpgroup store_tile's, this one all math threads.
     static constexpr uint32_t kSplitKBarrier = 3;
     // Byte offset of (row, 16-byte unit) in a chunk buffer, swizzled as TMA does for rows of
@@ -648,18 +657,22 @@ struct Epilogue {
         return offset ^ (((offset >> 7) & (kUnitsPerRow - 1)) << 4);
     }
     static constexpr uint32_t kChunkBytes = C::kBlockM * kChunkBytesPerRow;
-    // The accumulators of rows `row` (this thread's first) into the swizzled chunks: bf16 through
-    // stmatrix.x4 (matrix j = lane / 8 holds rows (j % 2) * 8.. of column group i + j / 2), fp32
-    // as float pairs (columns 8 i + 2 (lane % 4), rows r and r + 8).
+    // The accumulators of rows `first_row` (this thread's) into the swizzled chunks: every chunk
+    // (kChunk < 0, chunk c at c * kChunkBytes) or chunk kChunk alone (at smem_out). bf16 through
+    // stmatrix.x4 (matrix j = lane / 8 holds rows (j % 2) * 8.. of column group i + j / 2), fp32 as
+    // float pairs (columns 8 i + 2 (lane % 4), rows r and r + 8).
+    template <int kChunk = -1>
     static DG_DEVICE void write_smem(const float (&acc)[C::kAccRegs], uint8_t* smem_out, uint32_t first_row,
                                      uint32_t lane) {
         const uint32_t base = ptx::smem_addr(smem_out);
+        auto chunk_at = [&](uint32_t col) { return kChunk < 0 ? base + (col / C::kStoreChunkCols) * kChunkBytes : base; };
         if constexpr (C::kOutFp32) {
             const uint32_t row = first_row + lane / 4;
 #pragma unroll
             for (int i = 0; i < C::kBlockN / 8; ++i) {
+                if (kChunk >= 0 && i * 8 / C::kStoreChunkCols != kChunk) continue;
                 const uint32_t col = i * 8 + (lane % 4) * 2, in_chunk = col % C::kStoreChunkCols;
-                const uint32_t chunk = base + (col / C::kStoreChunkCols) * kChunkBytes + (in_chunk % 4) * 4;
+                const uint32_t chunk = chunk_at(col) + (in_chunk % 4) * 4;
                 ptx::sts_float2(chunk + swizzled_offset(row, in_chunk / 4), acc[4 * i + 0], acc[4 * i + 1]);
                 ptx::sts_float2(chunk + swizzled_offset(row + 8, in_chunk / 4), acc[4 * i + 2], acc[4 * i + 3]);
             }
@@ -667,10 +680,10 @@ struct Epilogue {
             const uint32_t j = lane / 8;
             const uint32_t row = first_row + (j % 2) * 8 + lane % 8;
 #pragma unroll
-            for (int i = 0; i < C::kBlockN / 8; i += 2) {
+            for (int i = 0; i < C::kBlockN / 8; i += 2) {  // groups i and i + 1 share a chunk
+                if (kChunk >= 0 && i * 8 / C::kStoreChunkCols != kChunk) continue;
                 const uint32_t col = (i + j / 2) * 8;
-                const uint32_t addr = base + (col / C::kStoreChunkCols) * kChunkBytes +
-                                      swizzled_offset(row, (col % C::kStoreChunkCols) / 8);
+                const uint32_t addr = chunk_at(col) + swizzled_offset(row, (col % C::kStoreChunkCols) / 8);
                 ptx::stmatrix_x4(addr, ptx::pack_bf16x2(acc[4 * i + 0], acc[4 * i + 1]),
                                  ptx::pack_bf16x2(acc[4 * i + 2], acc[4 * i + 3]),
                                  ptx::pack_bf16x2(acc[4 * i + 4], acc[4 * i + 5]),
@@ -689,6 +702,7 @@ struct Epilogue {
     // last rows, the last N block when N % 8 != 0).
     static DG_DEVICE void store_tile(const float (&acc)[C::kAccRegs], const Tile& tile, const GemmParams& p,
                                      uint8_t* smem_out, int32_t wave) {
+        if constexpr (C::kOutBuffers > 0) return store_tile_by_chunks<0>(acc, tile, p, smem_out, wave);
         const uint32_t wg = threadIdx.x / 128 - 1;
         const uint32_t slice = wave * 128 + wg * 64;  // first row of this warpgroup's slice
         const uint32_t t = threadIdx.x % 128;
@@ -710,19 +724,50 @@ struct Epilogue {
             }
             return;
         }
-        if constexpr (!C::kOutFp32) store_rows(tile, p, smem_out, slice, n0);
+        if constexpr (!C::kOutFp32) store_rows(tile, p, smem_out, slice, slice, n0);
     }
-    // The row-by-row copy of a slice: 16-byte units, the row's last columns one bf16 at a time.
-    static DG_DEVICE void store_rows(const Tile& tile, const GemmParams& p, const uint8_t* smem_out, uint32_t slice,
-                                     int32_t n0) {
+    // Compact staging: chunk kChunk onwards, each through buffer kChunk % kOutBuffers and one commit
+    // group. A wave's chunks are a multiple of the buffers, so the store that last read a buffer is
+    // always kOutBuffers - 1 groups back (every group, where a tile went row by row).
+    template <int kChunk>
+    static DG_DEVICE void store_tile_by_chunks(const float (&acc)[C::kAccRegs], const Tile& tile, const GemmParams& p,
+                                               uint8_t* smem_out, int32_t wave) {
+        const uint32_t wg = threadIdx.x / 128 - 1;
+        const uint32_t t = threadIdx.x % 128;
+        const int32_t n0 = tile.n_block * C::kBlockN;
+        uint8_t* buffer = smem_out + (kChunk % C::kOutBuffers) * C::kOutBufferBytes;
+        const bool n_edge = !C::kOutFp32 && C::kShapeN % 8 != 0 && n0 + C::kBlockN > C::kShapeN;
+        const bool boxes = (C::kLayout != kMasked || tile.rows_valid >= C::kBlockM) && !n_edge;
+        if (t == 0) boxes ? ptx::tma_store_wait_read<C::kOutBuffers - 1>() : ptx::tma_store_wait_read();
+        ptx::named_barrier(1 + wg, 128);
+        write_smem<kChunk>(acc, buffer, wg * 64 + (t / 32) * 16, t % 32);
+        ptx::fence_proxy_async_shared();
+        ptx::named_barrier(1 + wg, 128);
+        if (boxes) {
+            if (t == 0) {
+                store_chunk(p, buffer + wg * 64 * kChunkBytesPerRow, n0 + kChunk * C::kStoreChunkCols,
+                            tile.row_begin + wave * 128 + wg * 64, tile.group);
+                ptx::tma_store_commit();
+            }
+        } else if constexpr (!C::kOutFp32) {
+            store_rows<kChunk>(tile, p, buffer, wg * 64, wave * 128 + wg * 64, n0);
+        }
+        if constexpr (kChunk + 1 < kNumChunks) store_tile_by_chunks<kChunk + 1>(acc, tile, p, smem_out, wave);
+    }
+    // The row-by-row copy of a slice (rows from `smem_row` of the staging, rows from `slice` of the
+    // tile): 16-byte units, the row's last columns one bf16 at a time; every chunk, or chunk kChunk.
+    template <int kChunk = -1>
+    static DG_DEVICE void store_rows(const Tile& tile, const GemmParams& p, const uint8_t* smem_out, uint32_t smem_row,
+                                     uint32_t slice, int32_t n0) {
         const uint32_t t = threadIdx.x % 128;
         const int32_t rows_here = min(64, tile.rows_valid - int32_t(slice));
-        constexpr int32_t kUnitsPerRow = C::kBlockN / 8;
+        constexpr int32_t kFirstCol = kChunk < 0 ? 0 : kChunk * C::kStoreChunkCols;
+        constexpr int32_t kUnitsPerRow = (kChunk < 0 ? C::kBlockN : C::kStoreChunkCols) / 8;
         for (int32_t idx = t; idx < rows_here * kUnitsPerRow; idx += 128) {
-            const int32_t r = idx / kUnitsPerRow, col = (idx % kUnitsPerRow) * 8;
+            const int32_t r = idx / kUnitsPerRow, col = kFirstCol + (idx % kUnitsPerRow) * 8;
             if (n0 + col >= C::kShapeN) continue;
-            const uint8_t* src = smem_out + (col / C::kStoreChunkCols) * kChunkBytes +
-                                 swizzled_offset(slice + r, (col % C::kStoreChunkCols) / 8);
+            const uint8_t* src = smem_out + (kChunk < 0 ? (col / C::kStoreChunkCols) * kChunkBytes : 0) +
+                                 swizzled_offset(smem_row + r, (col % C::kStoreChunkCols) / 8);
             uint8_t* dst = p.out + int64_t(tile.row_begin + slice + r) * p.out_ld_bytes + int64_t(n0 + col) * 2;
             if (C::kShapeN % 8 == 0 || n0 + col + 8 <= C::kShapeN) {
                 *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);

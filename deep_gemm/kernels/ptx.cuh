@@ -132,7 +132,8 @@ DG_DEVICE void tma_store_3d(const TmaDescriptor* desc, const void* src, int32_t 
 }
 DG_DEVICE void tma_store_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 // Until the committed stores have read shared memory / have completed (before the block exits).
-DG_DEVICE void tma_store_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+template <int kPending = 0>  // groups that may still be reading
+DG_DEVICE void tma_store_wait_read() { asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory"); }
 DG_DEVICE void tma_store_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 // Orders this thread's ordinary shared-memory writes before later async-proxy (TMA, wgmma) reads.
 DG_DEVICE void fence_proxy_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
