@@ -139,14 +139,18 @@ def test_m_grouped_contiguous():
 @pytest.mark.parametrize("m, n, k, g", [(300, 64, 128, 5), (1, 16, 8, 3), (1000, 208, 72, 8)])
 def test_grouped_rows_product(m, n, k, g):
     """The GPU path of the contiguous call (one torch._grouped_mm over the rows sorted by group, each
-    group padded to 16 rows), run here on CPU tensors: every row of a group right, whatever the
-    order of the groups, rows of no group (-1, G) between them, empty groups. (N = 200 drew NaN into
-    the last columns of torch 2.11's CPU grouped GEMM now and then: its own reads past B.)"""
+    group padded to 16 rows), on the GPU where there is one, else on CPU tensors: every row of a group
+    right, whatever the order of the groups, rows of no group (-1, G) between them, empty groups.
+    B lies at the start of a zeroed buffer: torch 2.11's CPU grouped GEMM reads past B's end and drew
+    NaN from there into the last columns now and then (N = 200 and 208, on some CPUs)."""
     from deep_gemm.ops import bf16 as ops_bf16
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("this torch has no torch._grouped_mm")
-    a, b = _rand(m, k, seed=1), _rand(g, n, k, seed=2)
-    idx = torch.randint(-1, g + 1, (m,), generator=torch.Generator().manual_seed(m), dtype=torch.int32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = _rand(m, k, device=device, seed=1)
+    b = torch.zeros(g * n * k + 4096, dtype=torch.bfloat16, device=device)[:g * n * k].view(g, n, k)
+    b.copy_(_rand(g, n, k, device=device, seed=2))
+    idx = torch.randint(-1, g + 1, (m,), generator=torch.Generator().manual_seed(m), dtype=torch.int32).to(device)
     idx[idx == 1] = 2   # group 1 empty
     got = ops_bf16.grouped_rows_product(a, b, idx)
     if got is None:

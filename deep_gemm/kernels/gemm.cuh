@@ -665,7 +665,9 @@ struct Epilogue {
     static DG_DEVICE void write_smem(const float (&acc)[C::kAccRegs], uint8_t* smem_out, uint32_t first_row,
                                      uint32_t lane) {
         const uint32_t base = ptx::smem_addr(smem_out);
-        auto chunk_at = [&](uint32_t col) { return kChunk < 0 ? base + (col / C::kStoreChunkCols) * kChunkBytes : base; };
+        auto chunk_at = [&](uint32_t col) {
+            return kChunk < 0 ? base + (col / C::kStoreChunkCols) * kChunkBytes : base;
+        };
         if constexpr (C::kOutFp32) {
             const uint32_t row = first_row + lane / 4;
 #pragma unroll
