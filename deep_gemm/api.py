@@ -622,8 +622,8 @@ def _bf16_dense(layout: str, a, b, d, c, compiled_dims) -> None:
     _check_compiled_dims(compiled_dims)
     key = None
     if (c is None or c is d) and not _is_compiling():
-        fired, key = _bf16.try_fire_dense(a, b, d, layout, c is not None)   # a launch cached for (a, b, d) or their layout
-        if fired:
+        fired, key = _bf16.try_fire_dense(a, b, d, layout, c is not None)
+        if fired:   # a launch cached for (a, b, d) or their layout
             return
     a_mk, b_nk = _bf16.check_dense(layout, a, b, d)
     addend = _check_addend(c, d)
@@ -742,10 +742,15 @@ def k_grouped_bf16_gemm_tn_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch
     if use_psum_layout:
         raise ValueError("use_psum_layout=True is not supported by k_grouped_bf16_gemm_tn_contiguous: pass ks_cpu "
                          "and grouped_layout as each group's K")
+    key = None
+    if (c is None or c is d) and not _is_compiling():
+        fired, key = _bf16.try_fire_k_grouped(a, b, d, ks_cpu, grouped_layout, c is not None)
+        if fired:   # a launch cached for these tensors and sizes, or their layout's
+            return
     ks = _bf16.check_k_grouped(a, b, d, ks_cpu, grouped_layout)
     addend = _check_addend(c, d)
     _bf16.addend_into(d, addend)
     if _is_compiling():
         _ops.k_grouped_bf16_gemm_tn(a, b, d, list(ks), c is not None)
     else:
-        _bf16.run_k_grouped(a, b, d, ks, c is not None)
+        _bf16.run_k_grouped(a, b, d, ks, c is not None, key if addend is None else None)

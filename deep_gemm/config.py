@@ -128,7 +128,8 @@ class KernelConfig:
             problems.append("a_mn_major and b_mn_major need bf16_operands, a dense or K_GROUPED layout and, for B, "
                             "block_n a multiple of 64")
         chunks = self.block_n // store_chunk_cols(self.block_n, self.out_bytes) if valid_block_n(self.block_n) else 0
-        if self.out_buffers and not (0 < self.out_buffers < chunks and chunks % self.out_buffers == 0):
+        staging_ok = self.out_buffers == 0 or (0 < self.out_buffers < chunks and chunks % self.out_buffers == 0)
+        if not staging_ok:
             problems.append(f"out_buffers must be 0 or fewer than the tile's {chunks} store chunks, dividing them; "
                             f"got {self.out_buffers}")
         if self.stage_k_blocks > 1 and self.shape_k % BLOCK_K:
@@ -136,7 +137,7 @@ class KernelConfig:
         if min(self.shape_n, self.shape_k, self.num_stages, self.stage_k_blocks, self.num_groups,
                self.raster_group, self.split_k) < 1:
             problems.append("every size must be >= 1")
-        if not (self.out_buffers and problems) and self.smem_bytes > SMEM_CAPACITY:
+        if staging_ok and self.smem_bytes > SMEM_CAPACITY:   # (its size needs a valid D staging)
             problems.append(f"{self.smem_bytes} bytes of shared memory, more than the {SMEM_CAPACITY} a block can "
                             f"have: fewer num_stages or smaller tiles")
         if problems:

@@ -312,6 +312,29 @@ def test_k_grouped_errors():
         fn(a, b, d, ks, gl, d.bfloat16())
 
 
+def test_k_grouped_cache_lookup_takes_only_what_validation_accepts(monkeypatch):
+    """The K-grouped call looks its launch up before validating: only sizes given as plain ints reach
+    the cache (a bool or numpy int equal to a cached size must go the long way, where validation
+    refuses it), and grouped_layout, which the key does not cover, is checked first."""
+    import numpy as np
+    from deep_gemm.ops import bf16 as ops_bf16
+    looked_up = []
+
+    def try_fire(tensors, extra):
+        looked_up.append(extra)
+        return False, None
+    monkeypatch.setattr(ops_bf16._launches, "try_fire", try_fire)
+    a, b, d = _rand(24, 16), _rand(24, 24), torch.empty(2, 16, 24)
+    gl = torch.tensor([16, 8], dtype=torch.int32)
+    for sizes in ([16, True], (16, np.int64(8)), [16.0, 8], gl):
+        assert ops_bf16.try_fire_k_grouped(a, b, d, sizes, gl, False) == (False, None)
+    assert looked_up == []
+    with pytest.raises(TypeError, match="grouped_layout must be torch.int32"):
+        ops_bf16.try_fire_k_grouped(a, b, d, [16, 8], gl.long(), False)
+    assert ops_bf16.try_fire_k_grouped(a, b, d, [16, 8], gl, True) == (False, None)
+    assert looked_up == [("k_grouped", (16, 8), True, None)]
+
+
 # ---- torch.compile ------------------------------------------------------------------------------------
 def test_compile_traces_custom_ops():
     a, b = _rand(24, 64, seed=1), _rand(40, 64, seed=2)

@@ -224,9 +224,9 @@ def _fire_new(config, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, shape_m
         _launches.put(key, tensors, launch)
 
 
-# The grouped calls' cache keys: their tensors (a, b, d, m_indices or masked_m), then a tag (masked:
-# and expected_m) and set_num_sms's value.
-_CONTIGUOUS, _MASKED = "contiguous", "masked"
+# The grouped calls' cache keys: their tensors (a, b, d, m_indices or masked_m; K-grouped: a, b, d),
+# then a tag (masked: and expected_m; K-grouped: the K sizes and accumulation) and set_num_sms's value.
+_CONTIGUOUS, _MASKED, _K_GROUPED = "contiguous", "masked", "k_grouped"
 
 
 def try_fire_contiguous(a, b, d, m_indices):
@@ -240,6 +240,16 @@ def try_fire_masked(a, b, d, masked_m, expected_m):
     if type(expected_m) is not int:
         return False, None
     return _try_fire((a, b, d, masked_m), (_MASKED, expected_m))
+
+
+def try_fire_k_grouped(a, b, d, ks_cpu, grouped_layout, accumulate: bool):
+    """_try_fire of a K-grouped call: only for a list or tuple of plain ints (a bool or numpy int equal
+    to a cached size must not hit, since validation rejects them), after grouped_layout passed its
+    check (the one thing of the call its key and guard do not cover)."""
+    if type(a) is not torch.Tensor or type(ks_cpu) not in (list, tuple) or not all(type(k) is int for k in ks_cpu):
+        return False, None
+    index_tensor(grouped_layout, "grouped_layout", len(ks_cpu), a.device, "(each group's K)", "a")
+    return _try_fire((a, b, d), (_K_GROUPED, tuple(ks_cpu), accumulate))
 
 
 def masked_kernel_takes(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, expected_m: int) -> bool:
@@ -377,17 +387,14 @@ def k_grouped_kernel_takes(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, ks
     return _rows_aligned(a) and _rows_aligned(b) and d.is_contiguous() and d.shape[-1] % 4 == 0
 
 
-def run_k_grouped(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, ks, accumulate: bool) -> None:
-    """d[g] (+)= a_g^T @ b_g, a_g / b_g the rows of group g; a group of K = 0 adds nothing. The kernel
-    (k_grouped_kernel_takes) caches its launch per (a, b, d), K sizes and accumulation."""
+def run_k_grouped(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, ks: tuple, accumulate: bool, key=None) -> None:
+    """d[g] (+)= a_g^T @ b_g, a_g / b_g the rows of group g; a group of K = 0 adds nothing. key:
+    try_fire_k_grouped's (the kernel's launch is cached under it)."""
     if k_grouped_kernel_takes(a, b, d, ks):
-        fired, key = _try_fire((a, b, d), ("k_grouped", tuple(ks), accumulate))
-        if fired:
-            return
         m, n = a.shape[1], b.shape[1]
         num_sms = sms_for(a.device.index, key)
         config = plan_bf16(m, n, 0, num_sms, accumulate=accumulate, layout=Layout.K_GROUPED, num_groups=len(ks))
-        _fire_new(config, a, b, d, m, None, num_sms, key, (a, b, d), k_sizes=tuple(ks))
+        _fire_new(config, a, b, d, m, None, num_sms, key, (a, b, d), k_sizes=ks)
         return
     start = 0
     for g, k in enumerate(ks):
