@@ -443,31 +443,41 @@ class Timer:
 
     def kernel_us(self, fn) -> tuple:
         """(median µs per call, kernels per call). fn must have run once already (warm-up)."""
-        own_events = _profile(fn)
-        own = {name for _, _, name in own_events}
-        if not own:
-            raise RuntimeError("the call launched no GPU kernel")
+        return self.kernel_us_in_turn([fn])[0]
+
+    def kernel_us_in_turn(self, fns) -> list:
+        """[(median µs per call, kernels per call)] of each of `fns`, timed in turn within every
+        iteration (flush, fns[0], flush, fns[1], ...), so that a drift of the GPU's clocks over the
+        run (power, temperature) weighs on each alike. Each fn must have run once already."""
+        own_counts, own = [], set()
+        for fn in fns:
+            events = _profile(fn)
+            if not events:
+                raise RuntimeError("the call launched no GPU kernel")
+            own_counts.append(len(events))
+            own |= {name for _, _, name in events}
         flush, flush_names = self._flush_for(own)
 
         def step():
-            flush()
-            fn()
+            for fn in fns:
+                flush()
+                fn()
         events = _profile(step, self.iters)
-        per_call, current, in_flush = [], None, False
+        segments, current, in_flush = [], None, False
         for _, dur, name in events:
             if name in flush_names:
                 if not in_flush and current is not None:
-                    per_call.append(current)
+                    segments.append(current)
                 current, in_flush = 0.0, True
             else:
                 in_flush = False
                 if current is not None:
                     current += dur
         if current is not None:
-            per_call.append(current)
-        if len(per_call) != self.iters:
-            raise RuntimeError(f"profiler returned {len(per_call)} calls for {self.iters} iterations")
-        return statistics.median(per_call), len(own_events)
+            segments.append(current)
+        if len(segments) != self.iters * len(fns):
+            raise RuntimeError(f"profiler returned {len(segments)} calls for {self.iters} iterations of {len(fns)}")
+        return [(statistics.median(segments[i::len(fns)]), count) for i, count in enumerate(own_counts)]
 
 
 def host_overhead_us(fn, calls: int = HOST_CALLS) -> float:
@@ -491,10 +501,13 @@ def _short(exc: BaseException) -> str:
 
 
 def measure(problem: Problem, timer: Timer, peers=PEERS, hbm_bytes_per_s: float = HBM_BYTES_PER_S) -> dict:
+    """One row: each peer run once and checked (ours into a poisoned out), then the peers that ran
+    timed in turn (Timer.kernel_us_in_turn), and their host time per call."""
     floor_us = roofline_floor_s(problem.flops, problem.nbytes, hbm_bytes_per_s) * 1e6
     row = {"suite": problem.suite, "label": problem.label, **problem.shape,
            "flops": problem.flops, "bytes": problem.nbytes, "floor_us": floor_us,
            "deepgemm_us": problem.deepgemm_us, "deepgemm_tflops": problem.deepgemm_tflops, "peers": {}}
+    ran = {}
     for peer in peers:
         entry = {"status": "n/a"}
         try:
@@ -504,17 +517,23 @@ def measure(problem: Problem, timer: Timer, peers=PEERS, hbm_bytes_per_s: float 
             result = fn()                      # warm-up (JIT, autotune) and the checked result
             torch.cuda.synchronize()
             diff = problem.check(result)
-            us, kernels = timer.kernel_us(fn)
-            entry = {"status": "ok" if diff <= WRONG_DIFF else "WRONG", "diff": diff, "us": us,
-                     "kernels": kernels, "tflops": problem.flops / us * 1e-6,
-                     "pct_floor": 100.0 * floor_us / us, "host_us": host_overhead_us(fn)}
+            entry = {"status": "ok" if diff <= WRONG_DIFF else "WRONG", "diff": diff}
             if getattr(fn, "config", None) is not None:
                 entry["config"] = list(fn.config)
+            ran[peer] = fn
         except (ImportError, NotImplementedError) as exc:
             entry["reason"] = _short(exc)
         except Exception as exc:               # a peer failing must not end the run
             entry = {"status": "error", "reason": _short(exc)}
         row["peers"][peer] = entry
+    for peer, timing in _time_in_turn(timer, ran).items():
+        entry = row["peers"][peer]
+        if isinstance(timing, BaseException):
+            row["peers"][peer] = {"status": "error", "reason": _short(timing)}
+            continue
+        us, kernels = timing
+        entry.update({"us": us, "kernels": kernels, "tflops": problem.flops / us * 1e-6,
+                      "pct_floor": 100.0 * floor_us / us, "host_us": host_overhead_us(ran[peer])})
     ours = row["peers"].get("ours", {})
     if ours.get("us") and problem.deepgemm_us:
         if problem.deepgemm_tflops:            # grouped: our row counts differ from DeepGEMM's draw
@@ -522,6 +541,22 @@ def measure(problem: Problem, timer: Timer, peers=PEERS, hbm_bytes_per_s: float 
         else:
             row["speedup_vs_deepgemm"] = problem.deepgemm_us / ours["us"]
     return row
+
+
+def _time_in_turn(timer: Timer, fns: dict) -> dict:
+    """{peer: (µs, kernels) or the exception}: the peers timed in turn; if that fails (a flush
+    that cannot be told apart from some peer's kernels), each alone."""
+    try:
+        return dict(zip(fns, timer.kernel_us_in_turn(list(fns.values()))))
+    except Exception:
+        pass
+    out = {}
+    for peer, fn in fns.items():
+        try:
+            out[peer] = timer.kernel_us(fn)
+        except Exception as exc:
+            out[peer] = exc
+    return out
 
 
 def _floor_geomeans(rows: List[dict]) -> dict:

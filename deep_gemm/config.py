@@ -118,10 +118,11 @@ class KernelConfig:
                                                     and self.stage_k_blocks == 1 and self.block_m != 256):
             problems.append("K_GROUPED needs row_scales_b (FP8) or bf16_operands, split_k = 1, stage_k_blocks = 1 and "
                             "block_m 64 or 128")
-        if self.bf16_operands and (self.block_m == 256 or self.split_k > 1 or self.stage_k_blocks > 1 or self.pipelined
-                                   or self.scale_loader_warp or self.row_scales_b):
-            problems.append("bf16_operands runs on 64- or 128-row tiles, unsplit, one K block a stage, without the FP8 "
-                            "options (pipelined, scale_loader_warp, row_scales_b)")
+        if self.bf16_operands and (self.block_m == 256 or (self.split_k > 1 and self.layout != Layout.DENSE)
+                                   or self.stage_k_blocks > 1 or self.pipelined or self.scale_loader_warp
+                                   or self.row_scales_b):
+            problems.append("bf16_operands runs on 64- or 128-row tiles, split over K only when dense, one K block a "
+                            "stage, without the FP8 options (pipelined, scale_loader_warp, row_scales_b)")
         if (self.a_mn_major or self.b_mn_major) and not (
                 self.bf16_operands and self.layout in (Layout.DENSE, Layout.K_GROUPED)
                 and (not self.b_mn_major or self.block_n % 64 == 0)):

@@ -149,3 +149,74 @@ def test_device_record_names_the_jit_compiler(monkeypatch):
         raise RuntimeError("cannot load libnvrtc: not found")
     monkeypatch.setattr(compiler, "get_compiler", missing)
     assert bench._device_info()["jit_compiler"] == "unavailable (RuntimeError: cannot load libnvrtc: not found)"
+
+
+class _FakeGpu:
+    """Stands in for the profiler: calls append (start, µs, kernel name) events, and _profile returns
+    those of the calls it ran."""
+
+    def __init__(self):
+        self.events, self.calls = [], []
+
+    def profile(self, fn, repeat=1):
+        self.events = []
+        for _ in range(repeat):
+            fn()
+        return self.events
+
+    def kernel(self, name, us, tag=None):
+        def call():
+            self.calls.append(tag or name)
+            self.events.append((0, us() if callable(us) else us, name))
+        return call
+
+
+def _fake_timer(gpu, iters, flush_name="flush"):
+    timer = bench.Timer.__new__(bench.Timer)      # no 256 MB flush buffer on the device
+    timer.iters = iters
+    timer.flushes = [gpu.kernel(flush_name, 50.0, tag="flush")]
+    timer.flush_names = [None]
+    return timer
+
+
+def test_timer_times_calls_in_turn(monkeypatch):
+    # Each iteration runs flush, a, flush, b: a GPU whose clocks drift over the run slows both alike,
+    # and each call's kernels (a has two) are summed between flushes.
+    gpu = _FakeGpu()
+    monkeypatch.setattr(bench, "_profile", gpu.profile)
+    drift = iter(range(100))
+    first, second = gpu.kernel("gemm_a", 3.0), gpu.kernel("gemm_a_tail", 4.0)
+    a = lambda: (first(), second())   # noqa: E731
+    b = gpu.kernel("cublas", lambda: 20.0 + next(drift))
+    timer = _fake_timer(gpu, iters=5)
+    # (b's first call, which names its kernels, draws 20; the 5 timed calls 21..25)
+    assert timer.kernel_us_in_turn([a, b]) == [(7.0, 2), (23.0, 1)]
+    assert gpu.calls[-25:] == ["flush", "gemm_a", "gemm_a_tail", "flush", "cublas"] * 5
+    assert timer.kernel_us(a) == (7.0, 2)
+
+
+def test_measure_falls_back_to_timing_each_alone(monkeypatch):
+    # Peers whose kernels share the names of both flushes cannot be timed in turn: each is then timed
+    # alone (with the flush it does not share), and a failing peer's error stays in its own entry.
+    gpu = _FakeGpu()
+    monkeypatch.setattr(bench, "_profile", gpu.profile)
+    monkeypatch.setattr(bench, "host_overhead_us", lambda fn: 1.0)
+    monkeypatch.setattr(bench.torch.cuda, "synchronize", lambda *args: None)
+    timer = _fake_timer(gpu, iters=3)
+    timer.flushes.append(gpu.kernel("flush_two", 50.0, tag="flush"))
+    timer.flush_names.append(None)
+
+    def failing():
+        raise RuntimeError("no kernel for this shape")
+    problem = bench.Problem(
+        suite="dense", label="t", shape={"m": 1, "n": 1, "k": 1}, flops=2e9, nbytes=1e6, deepgemm_us=None,
+        deepgemm_tflops=None,
+        peers={"ours": lambda: gpu.kernel("flush_two", 10.0), "cublaslt": lambda: gpu.kernel("flush", 12.0),
+               "triton": lambda: failing},
+        check=lambda result: 0.0, poison=lambda: None)
+    row = bench.measure(problem, timer)
+    assert row["peers"]["ours"]["us"] == 10.0 and row["peers"]["ours"]["status"] == "ok"
+    assert row["peers"]["cublaslt"]["us"] == 12.0
+    assert row["peers"]["triton"]["status"] == "error" and "no kernel" in row["peers"]["triton"]["reason"]
+    with pytest.raises(RuntimeError, match="cannot tell the L2 flush"):
+        timer.kernel_us_in_turn([gpu.kernel("flush_two", 10.0), gpu.kernel("flush", 12.0)])

@@ -94,10 +94,10 @@ struct GemmConfig {
                       ((kRowScalesB || kBf16Operands) && kSplitK == 1 && kStageKBlocks == 1 && kMWaves == 1),
                   "K-grouped GEMMs: FP8 with B scaled per row, or bf16; unsplit, one K block a stage, 64 or 128 "
                   "rows a tile");
-    static_assert(!kBf16Operands || (kMWaves == 1 && kSplitK == 1 && kStageKBlocks == 1 && !kPipelined &&
-                                     !kScaleLoaderWarp && !kRowScalesB),
-                  "bf16 operands: 64 or 128 rows a tile, unsplit, one K block a stage, no FP8 options (pipelined, "
-                  "scale loader warp, per-row B scales)");
+    static_assert(!kBf16Operands || (kMWaves == 1 && (kSplitK == 1 || kLayout == kDense) && kStageKBlocks == 1 &&
+                                     !kPipelined && !kScaleLoaderWarp && !kRowScalesB),
+                  "bf16 operands: 64 or 128 rows a tile, split over K only when dense, one K block a stage, no FP8 "
+                  "options (pipelined, scale loader warp, per-row B scales)");
     static_assert((!kAMnMajor && !kBMnMajor) || (kBf16Operands && (kLayout == kDense || kLayout == kKGrouped) &&
                                                  (!kBMnMajor || kBlockN % 64 == 0)),
                   "MN-major operands: bf16, dense or K-grouped, B in tiles of whole 64-column boxes");
