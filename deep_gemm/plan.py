@@ -188,13 +188,33 @@ MN_MAJOR_BLOCK_N = (64, 128)         # memory-bound widths of an MN-major B: who
 BF16_TILE_FIXED_COST_COLUMNS = 32
 
 
-def bf16_dense_kernel_pays(m: int, n: int, b_mn_major: bool, num_sms: int) -> bool:
+def bf16_dense_kernel_pays(m: int, n: int, k: int, b_mn_major: bool, num_sms: int) -> bool:
     """Whether a dense BF16 call runs the kernel rather than cuBLAS: M up to BF16_DENSE_KERNEL_MAX_M,
     and with an MN-major B over more than 64 rows, at least half the SMs' worth of its 64-column
-    tiles (a B of few such tiles is streamed by too few SMs)."""
+    tiles or a K long enough to split them over (a B of few such tiles is streamed by too few SMs)."""
     if not 0 < m <= BF16_DENSE_KERNEL_MAX_M:
         return False
-    return not (b_mn_major and m > 64 and ceil_div(n, 64) < num_sms // 2)
+    few_tiles = b_mn_major and m > 64 and ceil_div(n, 64) < num_sms // 2
+    return not few_tiles or ceil_div(k, BF16_BLOCK_K) >= BF16_SPLIT_MIN_K_BLOCKS
+
+
+# Memory-bound 128-row BF16 tiles of a long K that leave at least half the SMs idle are split over K
+# (the device splits each into up to MAX_SPLIT_K units, as many as the idle SMs allow), at least
+# BF16_SPLIT_MIN_BLOCK_N wide: four tiles of a 128-row A fill the SMs better than one of 16 columns.
+BF16_SPLIT_MIN_K_BLOCKS = 64     # bf16 K blocks (K >= 4096)
+BF16_SPLIT_MIN_BLOCK_N = 32
+
+
+def bf16_memory_bound_tiles(m: int, n: int, k: int, block_m: int, num_sms: int, layout: Layout, num_groups: int,
+                            widths: tuple) -> tuple:
+    """(block_n, split_k) of memory-bound BF16 tiles: memory_bound_block_n's width; for a dense M of
+    128-row tiles over a long K, at least BF16_SPLIT_MIN_BLOCK_N wide and split over K when those
+    tiles fill at most half the SMs."""
+    block_n = memory_bound_block_n(m, n, block_m, num_sms, layout, num_groups, widths)
+    if layout != Layout.DENSE or block_m != 128 or ceil_div(k, BF16_BLOCK_K) < BF16_SPLIT_MIN_K_BLOCKS:
+        return block_n, 1
+    block_n = max(block_n, BF16_SPLIT_MIN_BLOCK_N)
+    return block_n, MAX_SPLIT_K if 2 * ceil_div(n, block_n) <= num_sms else 1
 
 
 def bf16_rows(m: int, layout: Layout, num_groups: int) -> int:
@@ -260,8 +280,9 @@ def plan_bf16(m: int, n: int, k: int, num_sms: int, out_fp32: bool = False, accu
     width bf16_compute_block_n picks (contiguous: always 128 rows, each group's rows start aligned
     to them). An MN-major B (dense b_mn_major; K-grouped operands are both MN-major) takes widths of
     whole 64-column boxes. K-grouped: fp32 D, and K is each group's own at run time (shape_k a
-    placeholder). No split-K and no promotion (the loop keeps the next block's wgmmas queued while
-    it waits), one K block of 64 a stage, as many stages as fit up to BF16_STAGES."""
+    placeholder). Split over K only as bf16_memory_bound_tiles says; no promotion (the loop keeps the
+    next block's wgmmas queued while it waits), one K block of 64 a stage, as many stages as fit up to
+    BF16_STAGES."""
     layout = Layout(layout)
     if m < 1:
         raise ValueError(f"plan_bf16 plans M >= 1, got M = {m}")
@@ -271,9 +292,9 @@ def plan_bf16(m: int, n: int, k: int, num_sms: int, out_fp32: bool = False, accu
     memory_bound = bf16_rows(m, layout, num_groups) <= COMPUTE_BOUND_M
     block_m = 128 if m > 64 or layout == Layout.CONTIGUOUS else 64
     widths = MN_MAJOR_BLOCK_N if b_mn_major else BLOCK_N_CANDIDATES
-    out_buffers = 0
+    out_buffers, split_k = 0, 1
     if memory_bound:
-        block_n = memory_bound_block_n(m, n, block_m, num_sms, layout, num_groups, widths)
+        block_n, split_k = bf16_memory_bound_tiles(m, n, k, block_m, num_sms, layout, num_groups, widths)
     else:
         block_n = bf16_compute_block_n(m, n, num_sms, layout, num_groups, out_fp32)
         out_buffers = bf16_out_buffers(m, n, k, block_n, num_sms, layout, num_groups, out_fp32)
@@ -281,6 +302,6 @@ def plan_bf16(m: int, n: int, k: int, num_sms: int, out_fp32: bool = False, accu
         shape_n=n, shape_k=k, block_m=block_m, block_n=block_n,
         num_stages=max_stages(block_m, block_n, cap=BF16_STAGES, out_bytes=4 if out_fp32 else 2, bf16_operands=True,
                               out_buffers=out_buffers),
-        layout=layout, num_groups=num_groups, raster_group=8 if ceil_div(n, block_n) <= 64 else 16,
+        layout=layout, num_groups=num_groups, raster_group=8 if ceil_div(n, block_n) <= 64 else 16, split_k=split_k,
         stream_b=layout == Layout.DENSE and memory_bound, out_fp32=out_fp32, accumulate=accumulate,
         bf16_operands=True, a_mn_major=a_mn_major, b_mn_major=b_mn_major, out_buffers=out_buffers)

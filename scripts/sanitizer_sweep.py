@@ -159,10 +159,11 @@ def grouped():
 
 def bf16():
     """The BF16 kernel: 64- and 128-row tiles, a partial M block, K not a multiple of 64, fp32 D
-    accumulated; masked, with an empty, a partial and a full group, 64- and 128-row tiles."""
+    accumulated, tiles split over K (bf16 and fp32 D accumulated); masked, with an empty, a partial and
+    a full group, 64- and 128-row tiles."""
     ok = True
     for m, n, k, fp32 in ((1, 256, 520, False), (100, 2112, 1024, False), (128, 512, 4104, False),
-                          (64, 1000, 200, True)):
+                          (64, 1000, 200, True), (96, 1000, 4160, False), (128, 520, 4104, True)):
         a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         d = torch.randn(m, n, device="cuda") if fp32 else torch.empty(m, n, device="cuda", dtype=torch.bfloat16)

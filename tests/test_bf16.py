@@ -500,7 +500,8 @@ def test_bf16_calls_the_kernel_does_not_take_stay_correct():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["nt", "nn", "tn", "tt"])
-@pytest.mark.parametrize("m, n, k", [(8, 200, 72), (40, 4104, 1032), (64, 7168, 576), (128, 2112, 7168)])
+@pytest.mark.parametrize("m, n, k", [(8, 200, 72), (40, 4104, 1032), (64, 7168, 576), (128, 2112, 7168),
+                                     (96, 1000, 4160)])   # split over K: uneven shares, partial tiles
 @pytest.mark.parametrize("out_dtype, addend", [(torch.bfloat16, None), (torch.float32, "d")])
 def test_bf16_kernel_mn_major(layout, m, n, k, out_dtype, addend):
     """Every layout, as given and as transposed views, runs the kernel where the planner says it pays
@@ -515,7 +516,7 @@ def test_bf16_kernel_mn_major(layout, m, n, k, out_dtype, addend):
         before = _kernel_launches()
         d, want = _dense_case(layout, m, n, k, views, out_dtype, addend, device="cuda")
         torch.cuda.synchronize()
-        runs = bf16_dense_kernel_pays(m, n, b_mn_major, sms)
+        runs = bf16_dense_kernel_pays(m, n, k, b_mn_major, sms)
         assert _kernel_launches() == before + runs, (layout, views)
         assert not d.isnan().any() and calc_diff(d, want) <= TOL, (layout, views)
 

@@ -532,6 +532,7 @@ def test_bf16_kernels_compile_clean(tmp_cache_dir):
     assert {c.block_m for c in configs} == {64, 128} and all(c.bf16_operands for c in configs)
     assert {c.layout for c in configs} == set(Layout)
     assert len({c.block_n for c in configs}) >= 4 and {192, 256} <= {c.block_n for c in configs}
+    assert {(c.split_k > 1, c.b_mn_major) for c in configs if c.layout == Layout.DENSE} >= {(True, False), (True, True)}
     assert {(c.a_mn_major, c.b_mn_major) for c in configs} == {(False, False), (True, False), (False, True), (True, True)}
     bf16_arg = [f.name for f in dataclasses.fields(KernelConfig)].index("bf16_operands")
     assert all(c.template_args().split(", ")[bf16_arg] == "true" for c in configs)

@@ -526,11 +526,34 @@ def test_bf16_plans_memory_and_compute_bound_tiles():
 
 def test_bf16_dense_calls_run_the_kernel_where_it_pays():
     """Dense BF16: the kernel up to 128 rows; an MN-major B over 65-128 rows needs at least half the
-    SMs' worth of 64-column tiles (N = 2112: 33 tiles, cuBLAS); K-major B at any N."""
+    SMs' worth of 64-column tiles (N = 2112: 33 tiles) or a K long enough to split them over
+    (K = 7168: yes; K = 2048: cuBLAS); K-major B at any N."""
     from deep_gemm.plan import bf16_dense_kernel_pays
-    assert bf16_dense_kernel_pays(128, 2112, False, 132) and bf16_dense_kernel_pays(64, 2112, True, 132)
-    assert not bf16_dense_kernel_pays(128, 2112, True, 132) and bf16_dense_kernel_pays(128, 4224, True, 132)
-    assert not bf16_dense_kernel_pays(129, 7168, False, 132) and not bf16_dense_kernel_pays(0, 7168, False, 132)
+    assert bf16_dense_kernel_pays(128, 2112, 2048, False, 132) and bf16_dense_kernel_pays(64, 2112, 2048, True, 132)
+    assert not bf16_dense_kernel_pays(128, 2112, 2048, True, 132) and bf16_dense_kernel_pays(128, 4224, 2048, True, 132)
+    assert bf16_dense_kernel_pays(128, 2112, 7168, True, 132) and bf16_dense_kernel_pays(65, 4096, 4096, True, 132)
+    assert not bf16_dense_kernel_pays(65, 4096, 4032, True, 132)
+    assert not bf16_dense_kernel_pays(129, 7168, 7168, False, 132) and not bf16_dense_kernel_pays(0, 7168, 7168, False, 132)
+
+
+def test_bf16_memory_bound_tiles_split_over_a_long_k():
+    """128-row memory-bound BF16 tiles over K >= 4096 that fill at most half the SMs are split over K,
+    at least 32 columns wide (N = 2112: 66 tiles of 32 K-major columns, 33 of 64 MN-major ones); not
+    64-row tiles, short K, enough tiles, or a grouped layout."""
+    from deep_gemm.plan import MAX_SPLIT_K, plan_bf16
+    def tiles(m, n, k, **kw):
+        c = plan_bf16(m, n, k, 132, **kw)
+        return c.block_n, c.split_k
+    assert tiles(128, 2112, 7168) == (32, MAX_SPLIT_K)
+    assert tiles(128, 2112, 7168, b_mn_major=True) == (64, MAX_SPLIT_K)
+    assert tiles(128, 4096, 7168, b_mn_major=True, a_mn_major=True) == (64, MAX_SPLIT_K)
+    assert tiles(100, 2112, 4096, out_fp32=True, accumulate=True) == (32, MAX_SPLIT_K)
+    assert tiles(128, 4096, 7168) == (32, 1)          # 128 tiles: enough
+    assert tiles(128, 7168, 16384, b_mn_major=True) == (64, 1)
+    assert tiles(128, 2112, 4032)[1] == 1             # 63 K blocks: short
+    assert tiles(64, 2112, 7168) == (16, 1) and tiles(64, 2112, 7168, b_mn_major=True)[1] == 1   # 64-row tiles
+    assert plan_bf16(128, 2112, 7168, 132, layout=Layout.MASKED, num_groups=4).split_k == 1
+    assert plan_bf16(4096, 2112, 7168, 132).split_k == 1
 
 
 def test_bf16_compact_d_staging_where_it_pays():

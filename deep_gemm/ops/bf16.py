@@ -201,7 +201,7 @@ def _dense_plan(a_mk: torch.Tensor, b_nk: torch.Tensor, d: torch.Tensor, accumul
     if major_a is None or major_b is None or not _rows_aligned(d):
         return None
     num_sms = sms_for(a_mk.device.index, key)
-    if not bf16_dense_kernel_pays(m, n, major_b == "mn", num_sms):
+    if not bf16_dense_kernel_pays(m, n, k, major_b == "mn", num_sms):
         return None
     return plan_bf16(m, n, k, num_sms, out_fp32=d.dtype == torch.float32, accumulate=accumulate,
                      a_mn_major=major_a == "mn", b_mn_major=major_b == "mn"), num_sms
