@@ -292,8 +292,9 @@ def _check_output(name: str, t, dtype, shape, strides, device) -> None:
 
 def per_token_cast_to_fp8(x: torch.Tensor, separate_outputs: bool = False):
     """[M, K] or [G, M, K] -> (e4m3 values, float32 scales per 1x128 block, column-major TMA-aligned).
-    On a Hopper GPU the two are disjoint views of one allocation; separate_outputs=True gives each
-    an allocation of its own (a custom op's outputs may share no storage)."""
+    On a Hopper GPU the two are disjoint views of one allocation (freed once both are);
+    separate_outputs=True gives each an allocation of its own (a custom op's outputs may share no
+    storage)."""
     return _cast(PER_TOKEN, x, separate_outputs)
 
 
