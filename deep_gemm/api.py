@@ -182,12 +182,13 @@ def fp8_gemm_nt(a: Pair, b: Pair, d: torch.Tensor, c: Optional[torch.Tensor] = N
     """
     # The launch cache first for the usual calls (no recipe_a/b, c None or d itself), with the flags
     # the call below would pass to the pipeline (a bf16 d with per-block B and no c: the v1 call).
-    row_b = _fast_recipe(recipe) if recipe_a is None and recipe_b is None else None
-    if (row_b is not None and (c is None or c is d) and _plain_flags(compiled_dims, disable_ue8m0_cast)
-            and type(d) is torch.Tensor and not _is_compiling()):
-        v1 = d.dtype == torch.bfloat16 and not row_b and c is None
-        if _gemm.fire_cached(_DENSE, a, b, d, row_scales_b=row_b, accumulate=c is not None, fp32_out_ok=not v1):
-            return
+    if recipe_a is None and recipe_b is None and (c is None or c is d) and type(d) is torch.Tensor:
+        row_b = _fast_recipe(recipe)
+        if row_b is not None and _plain_flags(compiled_dims, disable_ue8m0_cast) and not _is_compiling():
+            v1 = not row_b and c is None and d.dtype is torch.bfloat16
+            # (index, expected_m, row_scales_b, accumulate, fp32_out_ok), positionally
+            if _gemm.fire_cached(_DENSE, a, b, d, None, None, row_b, c is not None, not v1):
+                return
     _check_pairs(a, b)
     _check_d(d, dense=True)
     row_scales_b = _check_recipes(recipe, recipe_a, recipe_b)
@@ -555,6 +556,7 @@ _COMMON_DIMS = frozenset(("nk", "mn", "mnk", "k", "n", ""))   # compiled_dims va
 
 
 _FAST_RECIPES = {(1, 128, 128): False, (1, 1, 128): True}   # recipe -> B scaled per row
+_INTS = frozenset((int,))
 
 
 def _fast_recipe(recipe):
@@ -562,8 +564,10 @@ def _fast_recipe(recipe):
     ints; None for anything else (which _check_recipes checks)."""
     if recipe is None:
         return False
-    if type(recipe) is tuple and recipe in _FAST_RECIPES and all(type(x) is int for x in recipe):
-        return _FAST_RECIPES[recipe]
+    # Ints only: a bool equals an int ((1, True, 128) would find (1, 1, 128)), and an unhashable item
+    # must reach _check_recipes' message.
+    if type(recipe) is tuple and _INTS.issuperset(map(type, recipe)):
+        return _FAST_RECIPES.get(recipe)
     return None
 
 

@@ -5,6 +5,11 @@ same CUDA tensor; anywhere else the reference runs. A cast of the same x into ou
 addresses on the same stream is one lookup, one layout guard and one launch, as for the GEMMs; a
 cast of tensors at other addresses with a layout cast before binds that launch's template to them
 (runtime/launch.LaunchCache).
+
+The casts that allocate their outputs make both in one allocation (FreshOutputs): the CUDA caching
+allocator's malloc and free cost a call far more than cutting two views from one block. An x whose
+layout (shape, dtype, device; strides and group sizes for the transposed casts) passed validation
+before has its outputs' layout looked up instead of validated and worked out again.
 """
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ _RELOCATIONS = ((0, 0, 0, PTR), (8, 1, 0, PTR), (16, 2, 0, PTR))
 _launches = LaunchCache()
 _current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 _on_cuda = torch.Tensor.is_cuda.__get__   # x.is_cuda, as a function the CPU tests can replace
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+_INTS = frozenset((int,))
 _loaded: dict = {}          # (kind, K, dtype name, vec, device index) -> LoadedKernel
 launch_count = 0            # kernels launched by this module (tests check the GPU path ran)
 
@@ -131,44 +138,140 @@ def _launch(kind: str, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, k
         _launches.put(key, flat, launch)
 
 
+def _fire_cached(x, q, scales, extra) -> tuple:
+    """(fired, key): the launch cached for these tensors, or their layout's template, fired."""
+    global launch_count
+    fired, key = _launches.try_fire((x, q, scales), extra)
+    launch_count += fired
+    return fired, key
+
+
 def _cached(kind: str, x, q, scales):
     """(hit, key, tensors): fires the launch cached for these tensors if there is one (hit)."""
-    global launch_count
     flat = (x, q, scales)
     if not (isinstance(x, torch.Tensor) and _on_cuda(x)):   # (the current device is asked of CUDA only)
         return False, None, flat
-    fired, key = _launches.try_fire(flat, (kind, _current_device()))
-    launch_count += fired
+    fired, key = _fire_cached(x, q, scales, (kind, _current_device()))
     return fired, key, flat
 
 
-def _cast(kind: str, x, q=None, scales=None):
-    """The cast of x into q and scales (allocated when None, with x validated first); returns them."""
-    into = q is not None
-    if into:
-        hit, key, flat = _cached(kind, x, q, scales)
-        if hit:
-            return q, scales
+# ---- outputs of the allocating casts ------------------------------------------------------------
+# The scales start at the first multiple of this many bytes past q (TMA reads them 16-byte aligned).
+SCALES_ALIGNMENT = 256
+MAX_FRESH_LAYOUTS = 1024
+
+
+class FreshOutputs:
+    """The outputs of an allocating cast of one layout of x: q's and the scales' shapes and strides,
+    exactly those the cast documents (and gave when it allocated each apart), and where each sits in
+    one float32 allocation: q at its start, the scales' block (every TMA-aligned column whole, as
+    get_col_major_tma_aligned_tensor allocates it) at the next SCALES_ALIGNMENT-byte boundary. The
+    two never overlap."""
+
+    __slots__ = ("device", "sizes", "empty", "words", "q_shape", "q_strides", "s_shape", "s_strides", "s_words",
+                 "s_start", "s_offset")
+
+    def __init__(self, q_meta: torch.Tensor, s_meta: torch.Tensor, device: torch.device, sizes=None):
+        self.device = device
+        self.sizes = sizes                 # the transposed casts' validated group sizes
+        self.empty = q_meta.numel() == 0   # nothing to launch
+        # (tuples: as_strided parses them faster than a torch.Size)
+        self.q_shape, self.q_strides = tuple(q_meta.shape), q_meta.stride()
+        self.s_shape, self.s_strides = tuple(s_meta.shape), s_meta.stride()
+        # The block: the outermost dimension's reach (the padding of the last column included).
+        block = max([size * stride for size, stride in zip(s_meta.shape, s_meta.stride())], default=1)
+        s_bytes = max(s_meta.untyped_storage().nbytes(), 4 * block)
+        start = -(-q_meta.untyped_storage().nbytes() // SCALES_ALIGNMENT) * SCALES_ALIGNMENT
+        self.s_words, self.s_start = s_bytes // 4, s_meta.storage_offset()
+        self.s_offset = start // 4 + self.s_start
+        self.words = (start + s_bytes + 3) // 4
+
+    def one_allocation(self):
+        """(q, scales) as two views of one new allocation."""
+        buffer = torch.empty(self.words, dtype=torch.float32, device=self.device)
+        return (buffer.view(_FP8).as_strided(self.q_shape, self.q_strides),
+                buffer.as_strided(self.s_shape, self.s_strides, self.s_offset))
+
+    def apart(self):
+        """(q, scales) in allocations of their own (a custom op's outputs may share no storage)."""
+        q = torch.empty_strided(self.q_shape, self.q_strides, dtype=_FP8, device=self.device)
+        storage = torch.empty(self.s_words, dtype=torch.float32, device=self.device)
+        return q, storage.as_strided(self.s_shape, self.s_strides, self.s_start)
+
+
+_fresh_layouts: dict = {}   # layout key of x (_fresh_key) -> FreshOutputs
+
+
+def _fresh_key(kind: str, x, k_sizes=None):
+    """What an allocating cast's validation and outputs depend on, for a plain CUDA tensor x (None
+    for anything else, which is validated every call): x's shape, dtype and device, and for the
+    transposed casts its strides (columns must be adjacent) and the group sizes (plain ints only,
+    so that a bool never passes for a size)."""
+    if type(x) not in _PLAIN or not _on_cuda(x):
+        return None
+    if kind == PER_TOKEN or kind == PER_BLOCK:
+        return kind, x.shape, x.dtype, x.device
+    if kind == _TRANSPOSED:
+        return kind, x.shape, x.stride(), x.dtype, x.device
+    if type(k_sizes) in (list, tuple) and _INTS.issuperset(map(type, k_sizes)):
+        return kind, x.shape, x.stride(), x.dtype, x.device, tuple(k_sizes)
+    return None
+
+
+def _remember_fresh(key, outputs: FreshOutputs) -> None:
+    if key is None:
+        return
+    if len(_fresh_layouts) >= MAX_FRESH_LAYOUTS:
+        _fresh_layouts.clear()   # forgetting costs each layout one more validation
+    _fresh_layouts[key] = outputs
+
+
+# ---- per-token and per-block casts ---------------------------------------------------------------
+def _cast(kind: str, x, separate: bool = False):
+    """The cast of x into new outputs (one allocation unless `separate`); returns them."""
+    key = _fresh_key(kind, x)
+    outputs = _fresh_layouts.get(key) if key is not None else None
+    if outputs is None:
+        outputs = _validated_outputs(kind, x)
+        if outputs is None:
+            return (reference.per_token_cast_to_fp8 if kind == PER_TOKEN else reference.per_block_cast_to_fp8)(x)
+        _remember_fresh(key, outputs)
+    q, scales = outputs.apart() if separate else outputs.one_allocation()
+    if outputs.empty:
+        return q, scales
+    # torch's allocator tends to hand back the same block: then the launch cache hits.
+    fired, launch_key = _fire_cached(x, q, scales, (kind, _current_device()))
+    if not fired:
+        _launch(kind, x, q, scales, launch_key, (x, q, scales))
+    return q, scales
+
+
+def _validated_outputs(kind: str, x):
+    """x checked; the FreshOutputs of its cast on a Hopper GPU, None for the reference path."""
     reference.check_cast_input(x, "x")
     device = x.device   # (a new torch.device per read)
     if not (_on_cuda(x) and runs_on_hopper(device)):
-        if into:
-            raise ValueError(f"x must be a CUDA tensor on a Hopper GPU for the cast into given outputs, got {device}")
-        return (reference.per_token_cast_to_fp8 if kind == PER_TOKEN else reference.per_block_cast_to_fp8)(x)
+        return None
     _, _, shape, strides = _geometry(kind, x)
-    if into:
-        _check_output("q", q, _FP8, x.shape, None, device)
-        _check_output("scales", scales, torch.float32, shape, strides, device)
-    else:
-        q = torch.empty(x.shape, dtype=_FP8, device=device)
-        scales = (torch.empty_strided(shape, strides, dtype=torch.float32, device=device) if strides
-                  else torch.empty(shape, dtype=torch.float32, device=device))
-        hit, key, flat = _cached(kind, x, q, scales)   # torch's allocator tends to hand back the same blocks
-        if hit:
-            return q, scales
+    scales = (torch.empty_strided(shape, strides, dtype=torch.float32, device="meta") if strides
+              else torch.empty(shape, dtype=torch.float32, device="meta"))
+    return FreshOutputs(torch.empty(x.shape, dtype=_FP8, device="meta"), scales, device)
+
+
+def _cast_into(kind: str, x, q, scales) -> None:
+    """The cast of x into the given q and scales, on a Hopper GPU."""
+    hit, key, flat = _cached(kind, x, q, scales)
+    if hit:
+        return
+    reference.check_cast_input(x, "x")
+    device = x.device   # (a new torch.device per read)
+    if not (_on_cuda(x) and runs_on_hopper(device)):
+        raise ValueError(f"x must be a CUDA tensor on a Hopper GPU for the cast into given outputs, got {device}")
+    _, _, shape, strides = _geometry(kind, x)
+    _check_output("q", q, _FP8, x.shape, None, device)
+    _check_output("scales", scales, torch.float32, shape, strides, device)
     if x.numel():
         _launch(kind, x, q, scales, key, flat)
-    return q, scales
 
 
 def _check_output(name: str, t, dtype, shape, strides, device) -> None:
@@ -187,26 +290,30 @@ def _check_output(name: str, t, dtype, shape, strides, device) -> None:
                          f"got {t.stride()}")
 
 
-def per_token_cast_to_fp8(x: torch.Tensor):
-    """[M, K] or [G, M, K] -> (e4m3 values, float32 scales per 1x128 block, column-major TMA-aligned)."""
-    return _cast(PER_TOKEN, x)
+def per_token_cast_to_fp8(x: torch.Tensor, separate_outputs: bool = False):
+    """[M, K] or [G, M, K] -> (e4m3 values, float32 scales per 1x128 block, column-major TMA-aligned).
+    On a Hopper GPU the two are disjoint views of one allocation (freed once both are);
+    separate_outputs=True gives each an allocation of its own (a custom op's outputs may share no
+    storage)."""
+    return _cast(PER_TOKEN, x, separate_outputs)
 
 
-def per_block_cast_to_fp8(x: torch.Tensor):
-    """[N, K] or [G, N, K] -> (e4m3 values, float32 scales per 128x128 block, row-major)."""
-    return _cast(PER_BLOCK, x)
+def per_block_cast_to_fp8(x: torch.Tensor, separate_outputs: bool = False):
+    """[N, K] or [G, N, K] -> (e4m3 values, float32 scales per 128x128 block, row-major); one
+    allocation or two as in per_token_cast_to_fp8."""
+    return _cast(PER_BLOCK, x, separate_outputs)
 
 
 def per_token_cast_into(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> None:
     """per_token_cast_to_fp8 into preallocated q (e4m3, x's shape, contiguous) and scales (float32
     [..., M, ceil(K/128)] in the column-major TMA-aligned layout), on a Hopper GPU."""
-    _cast(PER_TOKEN, x, q, scales)
+    _cast_into(PER_TOKEN, x, q, scales)
 
 
 def per_block_cast_into(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> None:
     """per_block_cast_to_fp8 into preallocated q (e4m3, x's shape, contiguous) and scales (float32
     [..., ceil(N/128), ceil(K/128)], contiguous), on a Hopper GPU."""
-    _cast(PER_BLOCK, x, q, scales)
+    _cast_into(PER_BLOCK, x, q, scales)
 
 
 # ---- transposed per-token casts (kernels/cast_transposed.cuh) ------------------------------------
@@ -339,64 +446,93 @@ def _transposed_key_extra(x, grouped: bool, k_sizes):
     return None
 
 
-def _cast_transposed(x, grouped: bool, k_sizes=None, q=None, scales=None):
-    """The transposed cast of x (dense, or K-grouped by k_sizes) into q and scales (allocated when None); returns
-    them."""
-    global launch_count
-    into = q is not None
-    extra = _transposed_key_extra(x, grouped, k_sizes)
-    key = None
-    if into and extra is not None:
-        fired, key = _launches.try_fire((x, q, scales), extra)
+def _cast_transposed(x, grouped: bool, k_sizes=None, separate: bool = False):
+    """The transposed cast of x (dense, or K-grouped by k_sizes) into new outputs (one allocation unless
+    `separate`); returns them."""
+    kind = _K_GROUPED_TRANSPOSED if grouped else _TRANSPOSED
+    key = _fresh_key(kind, x, k_sizes)
+    outputs = _fresh_layouts.get(key) if key is not None else None
+    if outputs is None:
+        sizes = _checked_transposed(x, grouped, k_sizes)
+        if not (_on_cuda(x) and runs_on_hopper(x.device)):
+            return _transposed_reference(x, grouped, sizes)
+        outputs = _transposed_outputs(x, grouped, sizes)
+        _remember_fresh(key, outputs)
+    q, scales = outputs.apart() if separate else outputs.one_allocation()
+    if outputs.empty:
+        return q, scales
+    launch_key = None
+    if key is not None:   # (the launch cache's extra values, as _transposed_key_extra builds them)
+        extra = (kind, key[-1], _current_device()) if grouped else (kind, _current_device())
+        fired, launch_key = _fire_cached(x, q, scales, extra)
         if fired:
-            launch_count += 1
             return q, scales
-    reference.check_transposed_cast_input(x, "x")
-    sizes = reference.check_k_sizes(k_sizes, x.shape[0]) if grouped else [x.shape[0]]
-    device = x.device
-    if not (_on_cuda(x) and runs_on_hopper(device)):
-        if into:
-            raise ValueError(f"x must be a CUDA tensor on a Hopper GPU for the cast into given outputs, got {device}")
-        fresh = k_grouped_transposed_outputs(x, sizes) if grouped else dense_transposed_outputs(x)
-        got = (reference.k_grouped_per_token_cast_to_fp8_transposed(x, sizes) if grouped
-               else reference.per_token_cast_to_fp8_transposed(x))
-        return _into_layout(fresh, got)
-    if x.shape[0] > _INT32_MAX:
-        raise ValueError(f"x must have at most {_INT32_MAX} rows (tokens) on the GPU, got {x.shape[0]}")
-    if into:
-        _check_transposed_outputs(x, q, scales, sizes, grouped)
-    else:
-        q, scales = k_grouped_transposed_outputs(x, sizes) if grouped else dense_transposed_outputs(x)
-    if not into and extra is not None:   # torch's allocator tends to hand back the same blocks
-        fired, key = _launches.try_fire((x, q, scales), extra)
-        if fired:
-            launch_count += 1
-            return q, scales
-    if x.numel():
-        _launch_transposed(x, q, scales, sizes, grouped, key, (x, q, scales))
+    _launch_transposed(x, q, scales, outputs.sizes, grouped, launch_key, (x, q, scales))
     return q, scales
 
 
-def per_token_cast_to_fp8_transposed(x: torch.Tensor):
+def _checked_transposed(x, grouped: bool, k_sizes) -> list:
+    """x and k_sizes checked; the groups' sizes (dense: one group of every row)."""
+    reference.check_transposed_cast_input(x, "x")
+    return reference.check_k_sizes(k_sizes, x.shape[0]) if grouped else [x.shape[0]]
+
+
+def _transposed_reference(x, grouped: bool, sizes):
+    fresh = k_grouped_transposed_outputs(x, sizes) if grouped else dense_transposed_outputs(x)
+    got = (reference.k_grouped_per_token_cast_to_fp8_transposed(x, sizes) if grouped
+           else reference.per_token_cast_to_fp8_transposed(x))
+    return _into_layout(fresh, got)
+
+
+def _transposed_outputs(x, grouped: bool, sizes) -> FreshOutputs:
+    """The FreshOutputs of a checked x on a Hopper GPU."""
+    if x.shape[0] > _INT32_MAX:
+        raise ValueError(f"x must have at most {_INT32_MAX} rows (tokens) on the GPU, got {x.shape[0]}")
+    meta = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+    q, scales = k_grouped_transposed_outputs(meta, sizes) if grouped else dense_transposed_outputs(meta)
+    return FreshOutputs(q, scales, x.device, sizes)
+
+
+def _cast_transposed_into(x, grouped: bool, k_sizes, q, scales) -> None:
+    """The transposed cast of x (dense, or K-grouped by k_sizes) into the given q and scales, on a Hopper GPU."""
+    extra = _transposed_key_extra(x, grouped, k_sizes)
+    key = None
+    if extra is not None:
+        fired, key = _fire_cached(x, q, scales, extra)
+        if fired:
+            return
+    sizes = _checked_transposed(x, grouped, k_sizes)
+    device = x.device
+    if not (_on_cuda(x) and runs_on_hopper(device)):
+        raise ValueError(f"x must be a CUDA tensor on a Hopper GPU for the cast into given outputs, got {device}")
+    if x.shape[0] > _INT32_MAX:
+        raise ValueError(f"x must have at most {_INT32_MAX} rows (tokens) on the GPU, got {x.shape[0]}")
+    _check_transposed_outputs(x, q, scales, sizes, grouped)
+    if x.numel():
+        _launch_transposed(x, q, scales, sizes, grouped, key, (x, q, scales))
+
+
+def per_token_cast_to_fp8_transposed(x: torch.Tensor, separate_outputs: bool = False):
     """x [T, H] -> per_token_cast_to_fp8(x.T) without materialising x.T: (q e4m3 [H, T] contiguous, scales float32
-    [H, ceil(T/128)] in the column-major TMA-aligned layout)."""
-    return _cast_transposed(x, False)
+    [H, ceil(T/128)] in the column-major TMA-aligned layout); one allocation or two as in per_token_cast_to_fp8."""
+    return _cast_transposed(x, False, None, separate_outputs)
 
 
-def k_grouped_per_token_cast_to_fp8_transposed(x: torch.Tensor, k_sizes):
+def k_grouped_per_token_cast_to_fp8_transposed(x: torch.Tensor, k_sizes, separate_outputs: bool = False):
     """x [T, H] of G groups of k_sizes[g] rows (multiples of 16) -> (q e4m3 [T * H]: group after group x_g.T
-    [H, k_g] row-major, per 1x128 along its tokens; scales float32 [sum of ceil(k_g/128), H] row-major)."""
-    return _cast_transposed(x, True, k_sizes)
+    [H, k_g] row-major, per 1x128 along its tokens; scales float32 [sum of ceil(k_g/128), H] row-major); one
+    allocation or two as in per_token_cast_to_fp8."""
+    return _cast_transposed(x, True, k_sizes, separate_outputs)
 
 
 def per_token_cast_transposed_into(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> None:
     """per_token_cast_to_fp8_transposed into preallocated q (e4m3 [H, T], contiguous) and scales (float32
     [H, ceil(T/128)] in the column-major TMA-aligned layout), on a Hopper GPU."""
-    _cast_transposed(x, False, None, q, scales)
+    _cast_transposed_into(x, False, None, q, scales)
 
 
 def k_grouped_per_token_cast_transposed_into(x: torch.Tensor, k_sizes, q: torch.Tensor,
                                              scales: torch.Tensor) -> None:
     """k_grouped_per_token_cast_to_fp8_transposed into preallocated q (e4m3 [T * H]) and scales (float32
     [sum of ceil(k_g/128), H], contiguous), on a Hopper GPU."""
-    _cast_transposed(x, True, k_sizes, q, scales)
+    _cast_transposed_into(x, True, k_sizes, q, scales)

@@ -28,6 +28,7 @@ from .validation import V1_NAMES, GemmArgs, check_gemm, check_k_grouped
 
 _launches = LaunchCache()
 _HINT_TYPES = frozenset((int, type(None)))
+_INT_TYPES = frozenset((int,))
 _kernels = None
 
 
@@ -184,8 +185,8 @@ def _try_cached(layout: int, lhs, rhs, out, index, expected_m, row_scales_b: boo
     for (tensor, scales) tuples and an int (or no) hint: a bool or numpy int equal to a cached int
     must not hit, since validation rejects them. K-grouped: the group sizes are part of the key (a
     tuple of ints exactly: anything else is validated the long way)."""
-    extra_ok = type(k_sizes) is tuple and all(type(k) is int for k in k_sizes) if k_sizes is not None else True
-    if not (type(lhs) is tuple and type(rhs) is tuple and type(expected_m) in _HINT_TYPES and extra_ok):
+    sizes_ok = k_sizes is None or type(k_sizes) is tuple and _INT_TYPES.issuperset(map(type, k_sizes))
+    if not (type(lhs) is tuple and type(rhs) is tuple and type(expected_m) in _HINT_TYPES and sizes_ok):
         return False, None, None
     try:
         a, sa = lhs
@@ -194,8 +195,9 @@ def _try_cached(layout: int, lhs, rhs, out, index, expected_m, row_scales_b: boo
         return False, None, None
     # In the order runtime/kernels.prepare_gemm numbers the tensors of its relocations.
     flat = (a, sa, b, sb, out) if index is None else (a, sa, b, sb, out, index)
-    fired, key = _launches.try_fire(flat, launch_key_extra(layout, expected_m, row_scales_b, accumulate, k_sizes,
-                                                           fp32_out_ok))
+    # launch_key_extra's tuple, built inline (a call less per call)
+    fired, key = _launches.try_fire(flat, (layout, expected_m, row_scales_b, accumulate, k_sizes, fp32_out_ok,
+                                           _utils._num_sms_override))
     return fired, key, flat
 
 
@@ -210,7 +212,8 @@ def launch_key_extra(layout: int, expected_m=None, row_scales_b: bool = False, a
                      k_sizes=None, fp32_out_ok: bool = False) -> tuple:
     """What a launch (and its validation) depends on besides its tensors' pointers, layouts and the
     stream: the cache key's tail (set_num_sms()'s value last). fp32_out_ok is in it because the v1
-    bf16 call refuses the fp32 out that the training calls accept."""
+    bf16 call refuses the fp32 out that the training calls accept. (_try_cached builds the same
+    tuple inline.)"""
     return layout, expected_m, row_scales_b, accumulate, k_sizes, fp32_out_ok, _utils._num_sms_override
 
 

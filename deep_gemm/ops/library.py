@@ -80,8 +80,10 @@ def _contiguous_strides(t):
     return t if t.stride() == want else t.as_strided(t.shape, want)
 
 
+# The casts' outputs each in an allocation of their own: a custom op's outputs may share no storage
+# (torch checks), and the eager casts cut both from one.
 def _per_token(x):
-    q, s = cast.per_token_cast_to_fp8(x)
+    q, s = cast.per_token_cast_to_fp8(x, separate_outputs=True)
     want = tma_scales_strides(s.shape)   # the fake kernel's promise: size-1 dimensions relabelled
     if s.stride() != want:
         s = s.as_strided(s.shape, want) if is_col_major_tma_aligned(s) else _new_tma_scales(x, s.shape).copy_(s)
@@ -89,16 +91,16 @@ def _per_token(x):
 
 
 def _per_block(x):
-    q, s = cast.per_block_cast_to_fp8(x)
+    q, s = cast.per_block_cast_to_fp8(x, separate_outputs=True)
     return _contiguous_strides(q), _contiguous_strides(s)
 
 
 def _transposed(x):
-    return cast.per_token_cast_to_fp8_transposed(x)
+    return cast.per_token_cast_to_fp8_transposed(x, separate_outputs=True)
 
 
 def _k_grouped_transposed(x, k_sizes):
-    return cast.k_grouped_per_token_cast_to_fp8_transposed(x, list(k_sizes))
+    return cast.k_grouped_per_token_cast_to_fp8_transposed(x, list(k_sizes), separate_outputs=True)
 
 
 # ---- fake kernels: shapes, dtypes and strides only ------------------------------------------------

@@ -21,8 +21,7 @@ import ctypes
 import os
 import struct
 import threading
-from functools import reduce
-from operator import or_
+from math import gcd
 from typing import Optional
 
 import torch
@@ -285,7 +284,7 @@ class LaunchTemplate:
 
     __slots__ = ("kernel", "grid", "size", "offsets", "stream", "device_index", "patches", "config",
                  "pdl_config", "cu_stream", "_image", "_buffer_type", "_pointers", "_own", "_own_lock",
-                 "_own_words", "_plain_words", "_other_words")
+                 "_own_words", "_write_words")
 
     def __init__(self, launch: PreparedLaunch, patches: tuple):
         self.kernel, self.grid, self.offsets = launch.kernel, launch.grid, launch.offsets
@@ -300,13 +299,12 @@ class LaunchTemplate:
         self._pointers = (launch.address - ctypes.addressof(launch._buffer), struct.Struct(f"<{len(self.offsets)}Q"))
         self._own = self._launch_over(self._buffer_type.from_buffer_copy(self._image))
         self._own.readdressed = True   # its parameters change from fire to fire
-        # The own buffer as native 8-byte words (little-endian wherever CUDA runs), when every patch
-        # starts on a word: patches of a pointer itself, and those with a delta or shift.
-        self._own_words = None
+        # The own buffer as native 8-byte words (little-endian wherever CUDA runs) and the writer of
+        # the patches into such words, when every patch starts on a word.
+        self._own_words = self._write_words = None
         if all(offset % 8 == 0 for offset, *_ in patches) and len(self._image) % 8 == 0:
-            self._own_words = memoryview(self._own._buffer).cast("B").cast("Q")
-            self._plain_words = tuple((o // 8, s) for o, s, d, sh in patches if not d and not sh)
-            self._other_words = tuple((o // 8, s, d, sh) for o, s, d, sh in patches if d or sh)
+            self._own_words = _words(self._own._buffer)
+            self._write_words = _word_writer(patches)
         self._own_lock = threading.Lock()
 
     @classmethod
@@ -315,7 +313,7 @@ class LaunchTemplate:
         relocations, a pointer is not 16-byte aligned (the long path decides what such a call
         needs, and templates serve aligned calls only), or any relocation does not hold what it
         claims (a tensor map whose address runtime/tma.py cannot patch, a pointer of a copy)."""
-        if not launch.relocations or reduce(or_, pointers) & 15:
+        if not launch.relocations or gcd(*pointers) & 15:
             return None
         params, patches = launch.params, []
         for offset, source, delta, kind in launch.relocations:
@@ -335,18 +333,26 @@ class LaunchTemplate:
 
     def bind(self, pointers: tuple) -> PreparedLaunch:
         """The launch of this layout for tensors at `pointers` (the call's data pointers in the
-        order the patches number them), byte for byte what preparing it from scratch gives."""
+        order the patches number them, each 16-byte aligned), byte for byte what preparing it from
+        scratch gives."""
         buffer = self._buffer_type.from_buffer_copy(self._image)
-        self._patch(buffer, pointers)
+        if self._write_words is None:
+            self._patch(buffer, pointers)
+        else:
+            self._write_words(_words(buffer), pointers)
         return self._launch_over(buffer)
 
     def fire(self, pointers: tuple) -> None:
-        """Launch this layout for tensors at `pointers`, keeping nothing for them."""
+        """Launch this layout for tensors at `pointers` (16-byte aligned), keeping nothing for them."""
         if not self._own_lock.acquire(False):   # another thread is firing the template's launch
             self.bind(pointers).fire()
             return
         try:
-            self._patch_own(pointers)
+            write = self._write_words   # (_patch_own, inline: a call less per call)
+            if write is None:
+                self._patch(self._own._buffer, pointers)
+            else:
+                write(self._own_words, pointers)
             self._own.fire()
         finally:
             self._own_lock.release()
@@ -358,14 +364,10 @@ class LaunchTemplate:
     def _patch_own(self, pointers: tuple) -> None:
         """_patch of the template's own buffer, through its view as 8-byte words when there is one
         (an item write costs less than pack_into)."""
-        words = self._own_words
-        if words is None:
+        if self._write_words is None:
             self._patch(self._own._buffer, pointers)
-            return
-        for word, source in self._plain_words:
-            words[word] = pointers[source]
-        for word, source, delta, shift in self._other_words:
-            words[word] = (pointers[source] + delta) >> shift
+        else:
+            self._write_words(self._own_words, pointers)
 
     def _launch_over(self, buffer) -> PreparedLaunch:
         """A launch over `buffer` (this template's image, patched or not), its pointer array written."""
@@ -373,6 +375,38 @@ class LaunchTemplate:
         at, pack = self._pointers
         pack.pack_into(buffer, at, *[base + offset for offset in self.offsets])
         return PreparedLaunch.bound(self, buffer, base + at)
+
+
+def _words(buffer) -> memoryview:
+    """A parameter buffer as native 8-byte words."""
+    return memoryview(buffer).cast("B").cast("Q")
+
+
+def _word_writer(patches: tuple):
+    """write(words, pointers): each patch's value stored into its word of a parameter buffer viewed
+    as 8-byte words, for pointers 16-byte aligned (templates serve no others).
+
+    Generated as straight-line code, with each pointer read and shifted once: a K-grouped launch has
+    22 patches (two tensor maps per group), and a loop over a table of them costs the per-call path
+    almost twice as much. For a pointer whose low `shift` bits are zero (16-byte aligned, shift <= 4:
+    runtime/tma.py's maps), (pointer + delta) >> shift equals (pointer >> shift) + (delta >> shift)."""
+    def folds(shift):
+        return 0 < shift <= 4
+    sources = sorted({source for _, source, _, _ in patches})
+    lines = [f"p{source} = pointers[{source}]" for source in sources]
+    lines += [f"p{source}_{shift} = p{source} >> {shift}"
+              for source, shift in sorted({(s, sh) for _, s, _, sh in patches if folds(sh)})]
+    for offset, source, delta, shift in patches:
+        if folds(shift):
+            value = f"p{source}_{shift}" + (f" + {delta >> shift}" if delta >> shift else "")
+        elif shift:
+            value = f"(p{source} + {delta}) >> {shift}"
+        else:
+            value = f"p{source}" + (f" + {delta}" if delta else "")
+        lines.append(f"words[{offset // 8}] = {value}")
+    namespace: dict = {}
+    exec("def write(words, pointers):\n    " + "\n    ".join(lines or ["pass"]) + "\n", namespace)
+    return namespace["write"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,20 +540,22 @@ class LaunchCache:
         to them and cached under the call's key with the template's guard (it has just accepted
         these tensors)."""
         pointers = key[:len(tensors)]
-        if reduce(or_, pointers) & 15:
+        if gcd(*pointers) & 15:   # not all 16-byte aligned (one C call, where or-ing them takes several)
             return False
         layout = (tensors[0].shape, tensors[2].shape, *key[len(tensors):])   # layout_key(key, tensors), inline
         for guard, template in self._templates.get(layout, ()):
             if guard(*tensors):
                 seen = self._seen
-                if seen.pop(key, False):
+                before = len(seen)
+                seen[key] = True   # (one hash of the key where a lookup, then an insert, would take two)
+                if len(seen) == before:   # seen before
+                    del seen[key]
                     launch = template.bind(pointers)
                     launch.fire()
                     self._insert(self._entries, key, (guard, launch))
                 else:
                     template.fire(pointers)
-                    seen[key] = True
-                    if len(seen) > self.capacity:   # forgetting costs a key one more template launch
+                    if before >= self.capacity:   # forgetting costs a key one more template launch
                         seen.clear()
                 return True
         return False
