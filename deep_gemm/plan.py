@@ -79,6 +79,22 @@ def tall_tiles_pay(m: int, n: int, k: int, num_sms: int, layout: Layout, rounds_
     return 2 * rounds_256 <= rounds_128 * TALL_TILE_ROUND_SLACK
 
 
+# Dense inference GEMMs over more than 128 rows take 64-wide tiles where those make no more rounds
+# than 128-wide ones: half the width fills twice the SMs for the same number of rounds.
+NARROW_MID_M_BLOCK_N = 64
+
+
+def mid_m_block_n(m: int, n: int, num_sms: int, layout: Layout, training: bool) -> int:
+    """The width of 128-row tiles above COMPUTE_BOUND_M rows: NARROW_MID_M_BLOCK_N for a dense
+    problem (bf16 D, B per 128 x 128 block) whose narrow tiles take as few rounds as 128-wide ones,
+    else 128."""
+    if layout != Layout.DENSE or training:
+        return 128
+    m_blocks = ceil_div(m, 128)
+    narrow_rounds = ceil_div(m_blocks * ceil_div(n, NARROW_MID_M_BLOCK_N), num_sms)
+    return NARROW_MID_M_BLOCK_N if narrow_rounds <= ceil_div(m_blocks * ceil_div(n, 128), num_sms) else 128
+
+
 def plan_split_k(m: int, n: int, k: int, block_m: int, block_n: int, num_sms: int, layout: Layout):
     """(split_k, rounds): how many units a last-wave tile may be split into, and the plan's rounds
     of work (whole rounds, or full waves plus a split last wave)."""
@@ -109,12 +125,12 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: Layout = Layout.DEN
     masked_tall = masked_small and m >= MASKED_TALL_FROM_ROWS and long_k
     block_m = 128 if m > 64 or masked_tall else 64
     if m > COMPUTE_BOUND_M:
-        block_n = 128
+        block_n = mid_m_block_n(m, n, num_sms, layout, row_scales_b or out_fp32)
     else:
         block_n = memory_bound_block_n(m, n, block_m, num_sms, layout, num_groups)
     long_narrow = m <= COMPUTE_BOUND_M and block_n <= 32 and long_k
     split_k, rounds = plan_split_k(m, n, k, block_m, block_n, num_sms, layout)
-    if tall_tiles_pay(m, n, k, num_sms, layout, rounds, out_fp32):
+    if block_n == 128 and tall_tiles_pay(m, n, k, num_sms, layout, rounds, out_fp32):
         block_m, split_k = 256, 1
     stage_k_blocks = 2 if long_narrow and layout == Layout.DENSE and k % BLOCK_K == 0 else 1
     config = KernelConfig(

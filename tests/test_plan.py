@@ -269,9 +269,9 @@ def test_every_dense_m_up_to_64_gets_the_m64_plan(n, k):
 @pytest.mark.parametrize("m,n,k,layout,splits", [
     (4096, 2112, 7168, LAYOUT_DENSE, 4),    # 544 tiles: 4 waves + 16 tiles, each split 4 ways
     (4097, 2112, 7168, LAYOUT_DENSE, 4),    # 561 tiles: 4 waves + 33
-    (1000, 2112, 7168, LAYOUT_DENSE, 4),    # 136 tiles: 1 wave + 4
-    (300, 2112, 7168, LAYOUT_DENSE, 2),     # 51 tiles, one partial wave
-    (200, 4096, 7168, LAYOUT_DENSE, 2),     # 64 tiles
+    (768, 3072, 7168, LAYOUT_DENSE, 4),     # 144 tiles: 1 wave + 12
+    (1024, 3072, 7168, LAYOUT_DENSE, 2),    # 192 tiles: 1 wave + 60
+    (256, 1536, 7168, LAYOUT_DENSE, 2),     # 48 tiles of 64 columns, one partial wave
     (256, 2112, 7168, LAYOUT_CONTIGUOUS, 3),  # 34 tiles: 3 x 34 <= 132
     (4096, 2112, 7168, LAYOUT_CONTIGUOUS, 4),
 ])
@@ -279,6 +279,22 @@ def test_last_wave_of_compute_bound_tiles_is_split_over_k(m, n, k, layout, split
     c = plan_dense(m, n, k, 132, layout=layout, num_groups=4 if layout else 1)
     assert c.split_k == plan.max_tail_splits(k)
     assert plan.tail_splits(m, n, k, c.block_m, c.block_n, 132) == splits
+
+
+@pytest.mark.parametrize("m,n,k,block_n", [
+    (256, 2112, 7168, 64),     # 66 tiles of 64 columns against 34 of 128: both one round
+    (300, 2112, 7168, 64),     # 99 against 51
+    (1000, 2112, 7168, 64),    # 264 against 136: two rounds either way
+    (200, 4096, 2048, 64),     # 128 against 64
+    (384, 3072, 7168, 128),    # 144 tiles of 64 would make a second round
+    (1000, 1536, 7168, 128),
+    (4096, 2112, 7168, 128),
+])
+def test_dense_tiles_over_128_rows_narrow_where_they_add_no_round(m, n, k, block_n):
+    assert plan_dense(m, n, k, 132).block_n == block_n
+    # Contiguous, masked and the training GEMMs keep 128 columns (measured on dense inference GEMMs).
+    assert plan_dense(m, n, k, 132, layout=LAYOUT_CONTIGUOUS, num_groups=4).block_n == 128
+    assert plan_dense(m, n, k, 132, row_scales_b=True, out_fp32=True).block_n == 128
 
 
 @pytest.mark.parametrize("expected_m,groups", [(1024, 1), (512, 2), (256, 4), (129, 8), (4096, 2)])
