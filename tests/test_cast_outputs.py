@@ -209,6 +209,21 @@ def test_k_sizes_are_part_of_the_layout(cheap):
     assert _validations(cheap) == 5
 
 
+def test_group_sizes_of_one_block_count_share_a_layout_not_their_sizes(cheap):
+    """Routings with the same number of K blocks share the outputs' layout (worked out once), while
+    each launch reads its own group sizes."""
+    x = torch.randn(256, 128).to(torch.bfloat16)
+    cast = deep_gemm.k_grouped_per_token_cast_to_fp8_transposed
+    q1, s1 = cast(x, [256, 0])
+    q2, s2 = cast(x, [128, 128])                  # two K blocks either way
+    assert (tuple(s1.shape), tuple(q1.shape)) == (tuple(s2.shape), tuple(q2.shape)) == ((2, 128), (256 * 128,))
+    # Past the three addresses and x's row stride (32 bytes): the groups' token and block starts.
+    first, second = (params[32:] for _, _, params in cheap.fired[-2:])
+    assert first != second
+    cast(x, [128, 128])
+    assert cheap.fired[-1][2][32:] == second
+
+
 def test_subclasses_and_other_devices_are_never_found(cheap):
     """Only plain tensors use the cache of layouts, keyed on the device too."""
     class Sub(torch.Tensor):

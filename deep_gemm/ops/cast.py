@@ -186,6 +186,14 @@ class FreshOutputs:
         self.s_offset = start // 4 + self.s_start
         self.words = (start + s_bytes + 3) // 4
 
+    def with_sizes(self, sizes) -> "FreshOutputs":
+        """These outputs for other group sizes of the same layout."""
+        other = FreshOutputs.__new__(FreshOutputs)
+        for name in FreshOutputs.__slots__:
+            setattr(other, name, getattr(self, name))
+        other.sizes = sizes
+        return other
+
     def one_allocation(self):
         """(q, scales) as two views of one new allocation."""
         buffer = torch.empty(self.words, dtype=torch.float32, device=self.device)
@@ -347,8 +355,11 @@ def dense_transposed_outputs(x: torch.Tensor):
 
 def k_grouped_transposed_outputs(x: torch.Tensor, sizes):
     """Fresh (q [T * H], scales [sum of ceil(k_g/128), H]), both contiguous."""
+    return _k_grouped_outputs(x, sum(-(-k // BLOCK) for k in sizes))
+
+
+def _k_grouped_outputs(x: torch.Tensor, blocks: int):
     t, h = x.shape
-    blocks = sum(-(-k // BLOCK) for k in sizes)
     return x.new_empty((t * h,), dtype=_FP8), x.new_empty((blocks, h), dtype=torch.float32)
 
 
@@ -488,9 +499,18 @@ def _transposed_outputs(x, grouped: bool, sizes) -> FreshOutputs:
     """The FreshOutputs of a checked x on a Hopper GPU."""
     if x.shape[0] > _INT32_MAX:
         raise ValueError(f"x must have at most {_INT32_MAX} rows (tokens) on the GPU, got {x.shape[0]}")
-    meta = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
-    q, scales = k_grouped_transposed_outputs(meta, sizes) if grouped else dense_transposed_outputs(meta)
-    return FreshOutputs(q, scales, x.device, sizes)
+    blocks = sum(-(-k // BLOCK) for k in sizes) if grouped else 0
+    return _transposed_layout(grouped, x.shape[0], x.shape[1], blocks, x.device).with_sizes(sizes)
+
+
+@lru_cache(maxsize=256)
+def _transposed_layout(grouped: bool, t: int, h: int, blocks: int, device: torch.device) -> FreshOutputs:
+    """The outputs' layout of a transposed cast of x [t, h] (K-grouped: into `blocks` K blocks), worked
+    out on meta tensors once: a training step with new routing meets new group sizes every step, but
+    few block counts."""
+    meta = torch.empty((t, h), device="meta")
+    q, scales = _k_grouped_outputs(meta, blocks) if grouped else dense_transposed_outputs(meta)
+    return FreshOutputs(q, scales, device)
 
 
 def _cast_transposed_into(x, grouped: bool, k_sizes, q, scales) -> None:
