@@ -8,7 +8,7 @@ import torch
 
 from .config import M_ALIGNMENT_CONTIGUOUS, Layout
 from .ops import bf16 as _bf16, cast as _cast, gemm as _gemm, library as _library, validation as _validation
-from .utils import ceil_div, get_col_major_tma_aligned_tensor
+from .utils import ceil_div, get_col_major_tma_aligned_tensor, ints_only
 
 Pair = Tuple[torch.Tensor, torch.Tensor]
 _is_compiling = _library.is_compiling
@@ -556,7 +556,6 @@ _COMMON_DIMS = frozenset(("nk", "mn", "mnk", "k", "n", ""))   # compiled_dims va
 
 
 _FAST_RECIPES = {(1, 128, 128): False, (1, 1, 128): True}   # recipe -> B scaled per row
-_INTS = frozenset((int,))
 
 
 def _fast_recipe(recipe):
@@ -566,7 +565,7 @@ def _fast_recipe(recipe):
         return False
     # Ints only: a bool equals an int ((1, True, 128) would find (1, 1, 128)), and an unhashable item
     # must reach _check_recipes' message.
-    if type(recipe) is tuple and _INTS.issuperset(map(type, recipe)):
+    if type(recipe) is tuple and ints_only(recipe):
         return _FAST_RECIPES.get(recipe)
     return None
 

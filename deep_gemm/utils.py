@@ -8,6 +8,16 @@ from typing import Optional
 
 import torch
 
+_INT_ONLY = frozenset((int,))
+
+
+def ints_only(values) -> bool:
+    """Whether a list or tuple holds Python ints and nothing else. Caches keyed on such values use it:
+    a bool or a numpy int equals an int and hashes alike, but validation refuses it, so it must never
+    find an int's cache entry."""
+    return type(values) in (list, tuple) and _INT_ONLY.issuperset(map(type, values))
+
+
 # TMA requires every global stride (and the base address) to be a multiple of 16 bytes.
 TMA_ALIGNMENT_BYTES = 16
 # What get_num_sms() answers when no CUDA device can be asked (H100 SXM / H800 / H200).

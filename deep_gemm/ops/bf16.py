@@ -246,7 +246,7 @@ def try_fire_k_grouped(a, b, d, ks_cpu, grouped_layout, accumulate: bool):
     """_try_fire of a K-grouped call: only for a list or tuple of plain ints (a bool or numpy int equal
     to a cached size must not hit, since validation rejects them), after grouped_layout passed its
     check (the one thing of the call its key and guard do not cover)."""
-    if type(a) is not torch.Tensor or type(ks_cpu) not in (list, tuple) or not all(type(k) is int for k in ks_cpu):
+    if type(a) is not torch.Tensor or not _utils.ints_only(ks_cpu):
         return False, None
     index_tensor(grouped_layout, "grouped_layout", len(ks_cpu), a.device, "(each group's K)", "a")
     return _try_fire((a, b, d), (_K_GROUPED, tuple(ks_cpu), accumulate))

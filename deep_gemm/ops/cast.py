@@ -23,7 +23,8 @@ from ..jit.cast_source import (PER_BLOCK, PER_TOKEN, PER_TOKEN_THREADS, CastConf
                                transposed_cast_source)
 from ..runtime.kernels import load_once
 from ..config import PTR
-from ..runtime.launch import LaunchCache, PreparedLaunch, current_raw_stream
+from ..runtime.launch import PLAIN_TENSOR_TYPES, LaunchCache, PreparedLaunch, current_raw_stream
+from ..utils import ints_only
 from .device import runs_on_hopper
 
 BLOCK = 128
@@ -41,8 +42,6 @@ _RELOCATIONS = ((0, 0, 0, PTR), (8, 1, 0, PTR), (16, 2, 0, PTR))
 _launches = LaunchCache()
 _current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 _on_cuda = torch.Tensor.is_cuda.__get__   # x.is_cuda, as a function the CPU tests can replace
-_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
-_INTS = frozenset((int,))
 _loaded: dict = {}          # (kind, K, dtype name, vec, device index) -> LoadedKernel
 launch_count = 0            # kernels launched by this module (tests check the GPU path ran)
 
@@ -215,13 +214,13 @@ def _fresh_key(kind: str, x, k_sizes=None):
     for anything else, which is validated every call): x's shape, dtype and device, and for the
     transposed casts its strides (columns must be adjacent) and the group sizes (plain ints only,
     so that a bool never passes for a size)."""
-    if type(x) not in _PLAIN or not _on_cuda(x):
+    if type(x) not in PLAIN_TENSOR_TYPES or not _on_cuda(x):
         return None
     if kind == PER_TOKEN or kind == PER_BLOCK:
         return kind, x.shape, x.dtype, x.device
     if kind == _TRANSPOSED:
         return kind, x.shape, x.stride(), x.dtype, x.device
-    if type(k_sizes) in (list, tuple) and _INTS.issuperset(map(type, k_sizes)):
+    if ints_only(k_sizes):
         return kind, x.shape, x.stride(), x.dtype, x.device, tuple(k_sizes)
     return None
 
@@ -451,10 +450,16 @@ def _transposed_key_extra(x, grouped: bool, k_sizes):
     if not (isinstance(x, torch.Tensor) and _on_cuda(x)):
         return None
     if not grouped:
+        return _transposed_extra(None)
+    return _transposed_extra(tuple(k_sizes)) if ints_only(k_sizes) else None
+
+
+def _transposed_extra(sizes) -> tuple:
+    """The launch cache's extra values of a transposed cast: dense (sizes None) or K-grouped by `sizes`
+    (a tuple of plain ints), on the current device."""
+    if sizes is None:
         return (_TRANSPOSED, _current_device())
-    if type(k_sizes) in (list, tuple) and all(type(k) is int for k in k_sizes):
-        return (_K_GROUPED_TRANSPOSED, tuple(k_sizes), _current_device())
-    return None
+    return (_K_GROUPED_TRANSPOSED, sizes, _current_device())
 
 
 def _cast_transposed(x, grouped: bool, k_sizes=None, separate: bool = False):
@@ -473,9 +478,8 @@ def _cast_transposed(x, grouped: bool, k_sizes=None, separate: bool = False):
     if outputs.empty:
         return q, scales
     launch_key = None
-    if key is not None:   # (the launch cache's extra values, as _transposed_key_extra builds them)
-        extra = (kind, key[-1], _current_device()) if grouped else (kind, _current_device())
-        fired, launch_key = _fire_cached(x, q, scales, extra)
+    if key is not None:   # (the sizes in the layout key are plain ints)
+        fired, launch_key = _fire_cached(x, q, scales, _transposed_extra(key[-1] if grouped else None))
         if fired:
             return q, scales
     _launch_transposed(x, q, scales, outputs.sizes, grouped, launch_key, (x, q, scales))

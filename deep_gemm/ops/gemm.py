@@ -28,7 +28,6 @@ from .validation import V1_NAMES, GemmArgs, check_gemm, check_k_grouped
 
 _launches = LaunchCache()
 _HINT_TYPES = frozenset((int, type(None)))
-_INT_TYPES = frozenset((int,))
 _kernels = None
 
 
@@ -185,7 +184,7 @@ def _try_cached(layout: int, lhs, rhs, out, index, expected_m, row_scales_b: boo
     for (tensor, scales) tuples and an int (or no) hint: a bool or numpy int equal to a cached int
     must not hit, since validation rejects them. K-grouped: the group sizes are part of the key (a
     tuple of ints exactly: anything else is validated the long way)."""
-    sizes_ok = k_sizes is None or type(k_sizes) is tuple and _INT_TYPES.issuperset(map(type, k_sizes))
+    sizes_ok = k_sizes is None or type(k_sizes) is tuple and _utils.ints_only(k_sizes)
     if not (type(lhs) is tuple and type(rhs) is tuple and type(expected_m) in _HINT_TYPES and sizes_ok):
         return False, None, None
     try:

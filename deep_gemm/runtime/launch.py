@@ -348,7 +348,7 @@ class LaunchTemplate:
             self.bind(pointers).fire()
             return
         try:
-            write = self._write_words   # (_patch_own, inline: a call less per call)
+            write = self._write_words   # (inline, not a method: a call less per call)
             if write is None:
                 self._patch(self._own._buffer, pointers)
             else:
@@ -360,14 +360,6 @@ class LaunchTemplate:
     def _patch(self, buffer, pointers: tuple) -> None:
         for offset, source, delta, shift in self.patches:
             _put_u64(buffer, offset, (pointers[source] + delta) >> shift)
-
-    def _patch_own(self, pointers: tuple) -> None:
-        """_patch of the template's own buffer, through its view as 8-byte words when there is one
-        (an item write costs less than pack_into)."""
-        if self._write_words is None:
-            self._patch(self._own._buffer, pointers)
-        else:
-            self._write_words(self._own_words, pointers)
 
     def _launch_over(self, buffer) -> PreparedLaunch:
         """A launch over `buffer` (this template's image, patched or not), its pointer array written."""
@@ -470,7 +462,8 @@ def layout_guard(tensors):
     return lambda *ts: _layout(ts) == expected
 
 
-_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+# The tensor types whose layout the caches trust their guards to describe (no subclass overrides).
+PLAIN_TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
 _ptr = torch.Tensor.data_ptr
 _device = torch.Tensor.get_device
 
@@ -520,7 +513,7 @@ class LaunchCache:
         caller trusts); it is None for a call that must take the long way (anything but plain CUDA
         tensors). The per-call path, in C-level steps where it can (a set test of the types, map
         over the pointers)."""
-        if not _PLAIN.issuperset(map(type, tensors)):
+        if not PLAIN_TENSOR_TYPES.issuperset(map(type, tensors)):
             return False, None
         try:
             index = _device(tensors[0])
