@@ -95,6 +95,23 @@ def mid_m_block_n(m: int, n: int, num_sms: int, layout: Layout, training: bool) 
     return NARROW_MID_M_BLOCK_N if narrow_rounds <= ceil_div(m_blocks * ceil_div(n, 128), num_sms) else 128
 
 
+# Dense inference decode tiles (one M block) over a long K that leave more than half the SMs idle
+# (few, narrow columns: DeepSeek-V3's kv_a, 576 x 7168) are at least DECODE_SPLIT_MIN_BLOCK_N wide and
+# split over K: the device splits each into up to MAX_SPLIT_K units, as many as the idle SMs allow.
+DECODE_SPLIT_MIN_K_BLOCKS = 56
+DECODE_SPLIT_MIN_BLOCK_N = 32
+
+
+def decode_split_tiles(n: int, k: int, block_n: int, num_sms: int, layout: Layout, training: bool) -> tuple:
+    """(block_n, split_k) of a one-M-block problem planned `block_n` wide: wider and split over K for
+    a dense inference problem over >= DECODE_SPLIT_MIN_K_BLOCKS K blocks whose tiles fill at most half
+    the SMs, else as planned and unsplit."""
+    if layout != Layout.DENSE or training or ceil_div(k, BLOCK_K) < DECODE_SPLIT_MIN_K_BLOCKS \
+            or 2 * ceil_div(n, block_n) > num_sms:
+        return block_n, 1
+    return max(block_n, DECODE_SPLIT_MIN_BLOCK_N), MAX_SPLIT_K
+
+
 def plan_split_k(m: int, n: int, k: int, block_m: int, block_n: int, num_sms: int, layout: Layout):
     """(split_k, rounds): how many units a last-wave tile may be split into, and the plan's rounds
     of work (whole rounds, or full waves plus a split last wave)."""
@@ -126,12 +143,13 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: Layout = Layout.DEN
     block_m = 128 if m > 64 or masked_tall else 64
     if m > COMPUTE_BOUND_M:
         block_n = mid_m_block_n(m, n, num_sms, layout, row_scales_b or out_fp32)
+        split_k, rounds = plan_split_k(m, n, k, block_m, block_n, num_sms, layout)
+        if block_n == 128 and tall_tiles_pay(m, n, k, num_sms, layout, rounds, out_fp32):
+            block_m, split_k = 256, 1
     else:
-        block_n = memory_bound_block_n(m, n, block_m, num_sms, layout, num_groups)
+        block_n, split_k = decode_split_tiles(n, k, memory_bound_block_n(m, n, block_m, num_sms, layout, num_groups),
+                                              num_sms, layout, row_scales_b or out_fp32)
     long_narrow = m <= COMPUTE_BOUND_M and block_n <= 32 and long_k
-    split_k, rounds = plan_split_k(m, n, k, block_m, block_n, num_sms, layout)
-    if block_n == 128 and tall_tiles_pay(m, n, k, num_sms, layout, rounds, out_fp32):
-        block_m, split_k = 256, 1
     stage_k_blocks = 2 if long_narrow and layout == Layout.DENSE and k % BLOCK_K == 0 else 1
     config = KernelConfig(
         shape_n=n, shape_k=k, block_m=block_m, block_n=block_n,

@@ -100,9 +100,11 @@ def planner_kernels():
     # Planner kernels. Over 32 K blocks: B's scales in 32-block chunks, a deep-ring pipelined decode
     # tile with two K blocks a stage and the scale loader warp (64 x 2112 x 7168, whose ring wraps).
     # N = 1001: the last N block stored row by row. M % BLOCK_M != 0: short tail boxes. K = 1000:
-    # A and B padded to K = 1008 by the padding kernel first.
+    # A and B padded to K = 1008 by the padding kernel first. Decode tiles split over K (few tiles):
+    # 64 and 128 rows, shares of 57 K blocks ending inside a two-block stage, N = 1001.
     for m, n, k in [(1, 256, 512), (65, 576, 896), (200, 2112, 576), (300, 384, 1024), (64, 256, 8320),
-                    (300, 256, 4352), (77, 1001, 640), (5, 1000, 4352), (200, 384, 1000), (64, 2112, 7168)]:
+                    (300, 256, 4352), (77, 1001, 640), (5, 1000, 4352), (200, 384, 1000), (64, 2112, 7168),
+                    (7, 576, 7168), (33, 520, 7296), (100, 1001, 7168)]:
         lhs, rhs = operands(m, n, k)
         ok &= check(f"dense {m}x{n}x{k}", deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs), reference(lhs, rhs))
     return ok

@@ -630,6 +630,31 @@ def test_a_layouts_template_launches_through_a_graph_updated_per_call(fake, monk
     assert len(set(launched)) == len(calls)
 
 
+def test_a_template_generates_its_writer_once_hot(fake, monkeypatch):
+    """Generating a template's writer compiles Python code, worth it for a hot layout only: the first
+    TEMPLATE_GRAPH_AFTER - 1 fires patch in a loop, later ones write through the writer (one per patch
+    table), and every launch carries the long path's bytes."""
+    monkeypatch.setattr(fake, "cuTensorMapEncodeTiled", PatchableMaps())
+    monkeypatch.setattr(launch, "_word_writer", _counting_calls(launch._word_writer))
+    tma.clear_caches()
+    deep_gemm.gemm_fp8_fp8_bf16_nt(*hp.dense_inputs())
+    ((_, template),) = next(iter(gemm_ops._launches._templates.values()))
+    calls = [hp.dense_inputs() for _ in range(launch.TEMPLATE_GRAPH_AFTER + 2)]
+    for i, call in enumerate(calls):
+        deep_gemm.gemm_fp8_fp8_bf16_nt(*call)
+        assert (template._write_words is not None) == (i + 1 >= launch.TEMPLATE_GRAPH_AFTER), i
+    assert launch._word_writer.calls == 1
+    assert [record[4] for record in fake.launches[-len(calls):]] == [hp.uncached_dense_params(*call) for call in calls]
+
+
+def _counting_calls(fn):
+    def counted(*args):
+        counted.calls += 1
+        return fn(*args)
+    counted.calls = 0
+    return counted
+
+
 def test_a_template_without_a_graph_keeps_launching_the_kernel(fake, monkeypatch):
     monkeypatch.setattr(fake, "cuTensorMapEncodeTiled", PatchableMaps())
     monkeypatch.setattr(fake, "cuGraphKernelNodeGetParams", lambda node: (999, None))   # a node it cannot read

@@ -88,12 +88,13 @@ def test_every_grouped_variant_compiles_clean(tmp_cache_dir):
 # (N, K) of other models than the ANCHORS ones, so that a shape-dependent ptxas problem (an odd
 # number of K blocks once made ptxas serialise every wgmma) shows up before a user's
 # model hits it. Dense projections: Llama-3 8B / 70B / 405B, Qwen2.5-72B (unfused gate and down),
-# DeepSeek-V3's q_a projection and vocabulary head, and a 4608-wide pair. MoE experts (gate+up
+# DeepSeek-V3's q_a and kv_a projections and vocabulary head, a 4608-wide pair, and Llama-3 70B's
+# unfused k (or v) projection (the last two: decode tiles split over K). MoE experts (gate+up
 # fused, down): Mixtral 8x7B, Qwen3-30B-A3B, Qwen3-235B, Qwen2-57B, DeepSeek-V2-Lite, gpt-oss, GLM-4.5.
 MODEL_DENSE_NK = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (10240, 8192),
                   (8192, 8192), (57344, 8192), (8192, 28672), (18432, 16384), (16384, 16384),
                   (106496, 16384), (16384, 53248), (29568, 8192), (8192, 29568), (1536, 7168),
-                  (4608, 7168), (7168, 4608), (129280, 7168))
+                  (4608, 7168), (7168, 4608), (129280, 7168), (576, 7168), (1024, 8192))
 MODEL_MOE_NK = ((28672, 4096), (4096, 14336), (1536, 2048), (2048, 768), (3072, 4096), (4096, 1536),
                 (5120, 3584), (3584, 2560), (2816, 2048), (2048, 1408), (5760, 2880), (2880, 2880),
                 (2816, 5120), (5120, 1408))

@@ -55,6 +55,20 @@ def test_tall_tiles_on_odd_shapes(m, n, k):
     check_close(out, reference64(lhs, rhs))
 
 
+@pytest.mark.parametrize("m,n,k", [(1, 576, 7168), (7, 576, 7168), (65, 576, 7168), (128, 1000, 8192),
+                                   (33, 520, 7296), (100, 1001, 7168)], ids=lambda v: str(v))
+def test_decode_tiles_split_over_k(m, n, k):
+    """Decode shapes whose tiles fill few SMs, split over K: a partial M block, partial last tiles
+    (N not a multiple of 32, nor of 8), and K of 57 blocks (shares of unequal length)."""
+    from deep_gemm import plan
+    if plan.plan_dense(m, n, k, deep_gemm.get_num_sms()).split_k == 1:
+        pytest.skip(f"with {deep_gemm.get_num_sms()} SMs the planner does not split this shape (chosen for 132)")
+    lhs, rhs = make_inputs(m, n, k)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    deep_gemm.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
+    check_close(out, reference64(lhs, rhs))
+
+
 @pytest.mark.parametrize("m,n,k", [(300, 1001, 4352), (64, 1004, 512), (4096, 129, 576), (1000, 4095, 7168)],
                          ids=lambda v: str(v))
 def test_out_view_of_a_wider_buffer_is_written_to_n_only(m, n, k):

@@ -258,6 +258,35 @@ def test_planner_does_not_split_k(m, n, k, layout):
     assert plan_dense(m, n, k, 132, layout=layout, num_groups=4 if layout else 1).split_k == 1
 
 
+@pytest.mark.parametrize("m,n,k,block_m", [
+    (1, 576, 7168, 64),       # DeepSeek-V3 kv_a: 36 tiles of 16 columns
+    (64, 576, 7168, 64),
+    (65, 576, 7168, 128),
+    (128, 576, 7168, 128),
+    (64, 512, 7168, 64),
+    (64, 1024, 8192, 64),     # 64 tiles of 16 columns: at most half the SMs
+    (128, 1024, 8192, 128),
+])
+def test_decode_tiles_filling_few_sms_split_over_k(m, n, k, block_m):
+    c = plan_dense(m, n, k, 132)
+    assert (c.block_m, c.block_n, c.split_k, c.stage_k_blocks) == (block_m, 32, plan.MAX_SPLIT_K, 2)
+    assert c.pipelined and c.stream_b and not c.scale_loader_warp
+
+
+@pytest.mark.parametrize("m,n,k,layout,training", [
+    (16, 1024, 4096, LAYOUT_DENSE, False),    # 32 K blocks: the split lost 12%
+    (64, 2112, 7168, LAYOUT_DENSE, False),    # 132 tiles fill the SMs
+    (64, 1536, 7168, LAYOUT_DENSE, False),    # 96 tiles: more than half
+    (64, 576, 7168, LAYOUT_MASKED, False),    # grouped: not measured
+    (64, 576, 7168, LAYOUT_DENSE, True),      # training GEMMs: not measured
+])
+def test_decode_tiles_not_split(m, n, k, layout, training):
+    c = plan_dense(m, n, k, 132, layout=layout, num_groups=4 if layout == LAYOUT_MASKED else 1,
+                   row_scales_b=training, out_fp32=training)
+    assert c.split_k == 1
+    assert plan.decode_split_tiles(n, k, 16, 132, layout, training) == (16, 1)
+
+
 @pytest.mark.parametrize("n,k", [(2112, 7168), (4096, 7168), (4096, 4096), (7168, 2048), (24576, 1536), (576, 16384)])
 def test_every_dense_m_up_to_64_gets_the_m64_plan(n, k):
     # With short boxes for a partial M block, M = 64's plan ran M = 1, 7, 16 as fast as M = 64

@@ -18,6 +18,7 @@ time.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import struct
 import threading
@@ -266,9 +267,10 @@ class PreparedLaunch:
 
 
 _put_u64 = struct.Struct("<Q").pack_into
-# A template's own launch builds its graph once its layout has proven hot: a training step whose
-# routing changes meets many layouts only a few times, and a graph's build (a capture on a new
-# stream, an instantiation, device memory) costs far more than the launches it saves on those.
+# A template's own launch builds its graph, and the template its generated writer, once its layout
+# has proven hot: a training step whose routing changes meets many layouts only a few times, and a
+# graph's build (a capture on a new stream, an instantiation, device memory) or a writer's (Python
+# code compiled) costs far more than the launches it saves on those.
 TEMPLATE_GRAPH_AFTER = 16
 
 
@@ -284,7 +286,7 @@ class LaunchTemplate:
 
     __slots__ = ("kernel", "grid", "size", "offsets", "stream", "device_index", "patches", "config",
                  "pdl_config", "cu_stream", "_image", "_buffer_type", "_pointers", "_own", "_own_lock",
-                 "_own_words", "_write_words")
+                 "_own_words", "_write_words", "_loop_fires")
 
     def __init__(self, launch: PreparedLaunch, patches: tuple):
         self.kernel, self.grid, self.offsets = launch.kernel, launch.grid, launch.offsets
@@ -299,12 +301,14 @@ class LaunchTemplate:
         self._pointers = (launch.address - ctypes.addressof(launch._buffer), struct.Struct(f"<{len(self.offsets)}Q"))
         self._own = self._launch_over(self._buffer_type.from_buffer_copy(self._image))
         self._own.readdressed = True   # its parameters change from fire to fire
-        # The own buffer as native 8-byte words (little-endian wherever CUDA runs) and the writer of
-        # the patches into such words, when every patch starts on a word.
+        # The own buffer as native 8-byte words (little-endian wherever CUDA runs), when every patch
+        # starts on a word; the writer of the patches into such words comes once the template is hot
+        # (generating it costs a few hundred loop-patched fires: a training step with new routing
+        # meets many layouts only once or twice). Until then, and without words, fires loop.
         self._own_words = self._write_words = None
         if all(offset % 8 == 0 for offset, *_ in patches) and len(self._image) % 8 == 0:
             self._own_words = _words(self._own._buffer)
-            self._write_words = _word_writer(patches)
+        self._loop_fires = 0
         self._own_lock = threading.Lock()
 
     @classmethod
@@ -351,6 +355,7 @@ class LaunchTemplate:
             write = self._write_words   # (inline, not a method: a call less per call)
             if write is None:
                 self._patch(self._own._buffer, pointers)
+                self._count_loop_fire()
             else:
                 write(self._own_words, pointers)
             self._own.fire()
@@ -360,6 +365,12 @@ class LaunchTemplate:
     def _patch(self, buffer, pointers: tuple) -> None:
         for offset, source, delta, shift in self.patches:
             _put_u64(buffer, offset, (pointers[source] + delta) >> shift)
+
+    def _count_loop_fire(self) -> None:
+        """After TEMPLATE_GRAPH_AFTER loop-patched fires, the generated writer (with words to write)."""
+        self._loop_fires += 1
+        if self._loop_fires >= TEMPLATE_GRAPH_AFTER and self._own_words is not None:
+            self._write_words = _word_writer(self.patches)
 
     def _launch_over(self, buffer) -> PreparedLaunch:
         """A launch over `buffer` (this template's image, patched or not), its pointer array written."""
@@ -374,6 +385,7 @@ def _words(buffer) -> memoryview:
     return memoryview(buffer).cast("B").cast("Q")
 
 
+@functools.lru_cache(maxsize=256)   # a layout's template made again (evicted, or in another cache) reuses it
 def _word_writer(patches: tuple):
     """write(words, pointers): each patch's value stored into its word of a parameter buffer viewed
     as 8-byte words, for pointers 16-byte aligned (templates serve no others).
