@@ -303,7 +303,7 @@ class LaunchTemplate:
         self._own.readdressed = True   # its parameters change from fire to fire
         # The own buffer as native 8-byte words (little-endian wherever CUDA runs), when every patch
         # starts on a word; the writer of the patches into such words comes once the template is hot
-        # (generating it costs a few hundred loop-patched fires: a training step with new routing
+        # (generating it costs as much as tens of loop-patched fires: a training step with new routing
         # meets many layouts only once or twice). Until then, and without words, fires loop.
         self._own_words = self._write_words = None
         if all(offset % 8 == 0 for offset, *_ in patches) and len(self._image) % 8 == 0:
