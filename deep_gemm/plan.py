@@ -67,10 +67,10 @@ def memory_bound_block_n(m: int, n: int, block_m: int, num_sms: int, layout: Lay
 
 def tall_tiles_pay(m: int, n: int, k: int, num_sms: int, layout: Layout, rounds_128: float,
                    out_fp32: bool = False) -> bool:
-    """Whether a dense problem runs on 256 x 128 tiles rather than 128 x 128: long or very short K,
-    and at most 3% more rounds of work than the 128 x 128 plan's `rounds_128`. Not with an fp32 D,
-    whose 128 KB tile would leave two stages."""
-    if layout != Layout.DENSE or m <= COMPUTE_BOUND_M or out_fp32:
+    """Whether a dense problem of more than COMPUTE_BOUND_M rows runs on 256 x 128 tiles rather than
+    128 x 128: long or very short K, and at most 3% more rounds of work than the 128 x 128 plan's
+    `rounds_128`. Not with an fp32 D, whose 128 KB tile would leave two stages."""
+    if layout != Layout.DENSE or out_fp32:
         return False
     k_blocks = ceil_div(k, BLOCK_K)
     if TALL_TILE_MAX_SHORT_K_BLOCKS < k_blocks < TALL_TILE_MIN_K_BLOCKS:
@@ -113,10 +113,11 @@ def decode_split_tiles(n: int, k: int, block_n: int, num_sms: int, layout: Layou
 
 
 def plan_split_k(m: int, n: int, k: int, block_m: int, block_n: int, num_sms: int, layout: Layout):
-    """(split_k, rounds): how many units a last-wave tile may be split into, and the plan's rounds
-    of work (whole rounds, or full waves plus a split last wave)."""
+    """(split_k, rounds) of a problem of more than COMPUTE_BOUND_M rows: how many units a last-wave
+    tile may be split into, and the plan's rounds of work (whole rounds, or full waves plus a split
+    last wave). Decode tiles split by decode_split_tiles' rule instead."""
     rounds = ceil_div(ceil_div(m, block_m) * ceil_div(n, block_n), num_sms)
-    if m <= COMPUTE_BOUND_M or ceil_div(k, BLOCK_K) < MIN_TAIL_SPLIT_K_BLOCKS:
+    if ceil_div(k, BLOCK_K) < MIN_TAIL_SPLIT_K_BLOCKS:
         return 1, rounds
     if layout == Layout.MASKED:   # the real group sizes stay on the device, which splits whatever tail they leave
         return max_tail_splits(k), rounds

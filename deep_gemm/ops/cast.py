@@ -492,6 +492,12 @@ def _checked_transposed(x, grouped: bool, k_sizes) -> list:
     return reference.check_k_sizes(k_sizes, x.shape[0]) if grouped else [x.shape[0]]
 
 
+def _check_gpu_rows(x) -> None:
+    """The transposed kernels index tokens with 32-bit ints."""
+    if x.shape[0] > _INT32_MAX:
+        raise ValueError(f"x must have at most {_INT32_MAX} rows (tokens) on the GPU, got {x.shape[0]}")
+
+
 def _transposed_reference(x, grouped: bool, sizes):
     fresh = k_grouped_transposed_outputs(x, sizes) if grouped else dense_transposed_outputs(x)
     got = (reference.k_grouped_per_token_cast_to_fp8_transposed(x, sizes) if grouped
@@ -501,8 +507,7 @@ def _transposed_reference(x, grouped: bool, sizes):
 
 def _transposed_outputs(x, grouped: bool, sizes) -> FreshOutputs:
     """The FreshOutputs of a checked x on a Hopper GPU."""
-    if x.shape[0] > _INT32_MAX:
-        raise ValueError(f"x must have at most {_INT32_MAX} rows (tokens) on the GPU, got {x.shape[0]}")
+    _check_gpu_rows(x)
     blocks = sum(-(-k // BLOCK) for k in sizes) if grouped else 0
     return _transposed_layout(grouped, x.shape[0], x.shape[1], blocks, x.device).with_sizes(sizes)
 
@@ -529,8 +534,7 @@ def _cast_transposed_into(x, grouped: bool, k_sizes, q, scales) -> None:
     device = x.device
     if not (_on_cuda(x) and runs_on_hopper(device)):
         raise ValueError(f"x must be a CUDA tensor on a Hopper GPU for the cast into given outputs, got {device}")
-    if x.shape[0] > _INT32_MAX:
-        raise ValueError(f"x must have at most {_INT32_MAX} rows (tokens) on the GPU, got {x.shape[0]}")
+    _check_gpu_rows(x)
     _check_transposed_outputs(x, q, scales, sizes, grouped)
     if x.numel():
         _launch_transposed(x, q, scales, sizes, grouped, key, (x, q, scales))
