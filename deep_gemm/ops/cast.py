@@ -352,9 +352,14 @@ def dense_transposed_outputs(x: torch.Tensor):
     return x.new_empty((h, t), dtype=_FP8), scales
 
 
+def _scale_blocks(sizes) -> int:
+    """Rows of a K-grouped cast's scales: each group's ceil(k_g / 128) 128-token blocks."""
+    return sum(-(-k // BLOCK) for k in sizes)
+
+
 def k_grouped_transposed_outputs(x: torch.Tensor, sizes):
     """Fresh (q [T * H], scales [sum of ceil(k_g/128), H]), both contiguous."""
-    return _k_grouped_outputs(x, sum(-(-k // BLOCK) for k in sizes))
+    return _k_grouped_outputs(x, _scale_blocks(sizes))
 
 
 def _k_grouped_outputs(x: torch.Tensor, blocks: int):
@@ -436,7 +441,7 @@ def _launch_transposed(x, q, scales, sizes, grouped: bool, key, flat) -> None:
 def _check_transposed_outputs(x, q, scales, sizes, grouped: bool) -> None:
     t, h = x.shape
     if grouped:
-        blocks = sum(-(-k // BLOCK) for k in sizes)
+        blocks = _scale_blocks(sizes)
         _check_output("q", q, _FP8, (t * h,), None, x.device)
         _check_output("scales", scales, torch.float32, (blocks, h), None, x.device)
     else:
@@ -508,7 +513,7 @@ def _transposed_reference(x, grouped: bool, sizes):
 def _transposed_outputs(x, grouped: bool, sizes) -> FreshOutputs:
     """The FreshOutputs of a checked x on a Hopper GPU."""
     _check_gpu_rows(x)
-    blocks = sum(-(-k // BLOCK) for k in sizes) if grouped else 0
+    blocks = _scale_blocks(sizes) if grouped else 0
     return _transposed_layout(grouped, x.shape[0], x.shape[1], blocks, x.device).with_sizes(sizes)
 
 
