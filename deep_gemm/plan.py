@@ -32,10 +32,10 @@ MAX_SPLIT_K = 4
 MIN_SPLIT_K_BLOCKS = 4
 MIN_TAIL_SPLIT_K_BLOCKS = 32
 MIN_TAIL_SPLIT_SAVING = 0.1
-# 256-row tiles: over a long (>= 32 blocks) or very short (<= 4 blocks) K, at most 3% more rounds.
-TALL_TILE_MIN_K_BLOCKS = 32
+# 256-row tiles: over a long (>= 28 blocks) or very short (<= 4 blocks) K, at most 5% more rounds.
+TALL_TILE_MIN_K_BLOCKS = 28
 TALL_TILE_MAX_SHORT_K_BLOCKS = 4
-TALL_TILE_ROUND_SLACK = 1.03
+TALL_TILE_ROUND_SLACK = 1.05
 
 
 def max_tail_splits(k: int) -> int:
@@ -68,7 +68,7 @@ def memory_bound_block_n(m: int, n: int, block_m: int, num_sms: int, layout: Lay
 def tall_tiles_pay(m: int, n: int, k: int, num_sms: int, layout: Layout, rounds_128: float,
                    out_fp32: bool = False) -> bool:
     """Whether a dense problem of more than COMPUTE_BOUND_M rows runs on 256 x 128 tiles rather than
-    128 x 128: long or very short K, and at most 3% more rounds of work than the 128 x 128 plan's
+    128 x 128: long or very short K, and at most 5% more rounds of work than the 128 x 128 plan's
     `rounds_128`. Not with an fp32 D, whose 128 KB tile would leave two stages."""
     if layout != Layout.DENSE or out_fp32:
         return False
@@ -93,6 +93,23 @@ def mid_m_block_n(m: int, n: int, num_sms: int, layout: Layout, training: bool) 
     m_blocks = ceil_div(m, 128)
     narrow_rounds = ceil_div(m_blocks * ceil_div(n, NARROW_MID_M_BLOCK_N), num_sms)
     return NARROW_MID_M_BLOCK_N if narrow_rounds <= ceil_div(m_blocks * ceil_div(n, 128), num_sms) else 128
+
+
+# Dense weight gradients (fp32 D accumulated, B scaled per row) over more than 128 rows take
+# 192-wide tiles, their D staged through one store-chunk buffer (the whole fp32 tile would leave
+# too few stages), where those take no more column-rounds (rounds x width) than the 128-wide plan
+# and need no split of the last wave: less of A's loading per column for the same work. (Split
+# 192-wide tiles were not measured.)
+WIDE_WGRAD_BLOCK_N = 192
+WIDE_WGRAD_OUT_BUFFERS = 1
+
+
+def wgrad_block_n(m: int, n: int, k: int, num_sms: int) -> int:
+    """The width of a dense weight gradient's 128-row tiles above COMPUTE_BOUND_M rows."""
+    wide = WIDE_WGRAD_BLOCK_N
+    _, rounds = plan_split_k(m, n, k, 128, 128, num_sms, Layout.DENSE)   # (a split last wave counts its share)
+    wide_split, wide_rounds = plan_split_k(m, n, k, 128, wide, num_sms, Layout.DENSE)
+    return wide if wide_split == 1 and wide_rounds * wide <= rounds * 128 else 128
 
 
 # Dense inference decode tiles (one M block) over a long K that leave more than half the SMs idle
@@ -142,8 +159,10 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: Layout = Layout.DEN
     masked_small = layout == Layout.MASKED and m <= COMPUTE_BOUND_M
     masked_tall = masked_small and m >= MASKED_TALL_FROM_ROWS and long_k
     block_m = 128 if m > 64 or masked_tall else 64
+    weight_gradient = layout == Layout.DENSE and row_scales_b and out_fp32
     if m > COMPUTE_BOUND_M:
-        block_n = mid_m_block_n(m, n, num_sms, layout, row_scales_b or out_fp32)
+        block_n = (wgrad_block_n(m, n, k, num_sms) if weight_gradient
+                   else mid_m_block_n(m, n, num_sms, layout, row_scales_b or out_fp32))
         split_k, rounds = plan_split_k(m, n, k, block_m, block_n, num_sms, layout)
         if block_n == 128 and tall_tiles_pay(m, n, k, num_sms, layout, rounds, out_fp32):
             block_m, split_k = 256, 1
@@ -151,12 +170,13 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: Layout = Layout.DEN
         block_n, split_k = decode_split_tiles(n, k, memory_bound_block_n(m, n, block_m, num_sms, layout, num_groups),
                                               num_sms, layout, row_scales_b or out_fp32)
     long_narrow = m <= COMPUTE_BOUND_M and block_n <= 32 and long_k
+    out_buffers = WIDE_WGRAD_OUT_BUFFERS if weight_gradient and block_n == WIDE_WGRAD_BLOCK_N else 0
     stage_k_blocks = 2 if long_narrow and layout == Layout.DENSE and k % BLOCK_K == 0 else 1
     config = KernelConfig(
         shape_n=n, shape_k=k, block_m=block_m, block_n=block_n,
         num_stages=max_stages(block_m, block_n, cap=(32 if long_narrow else 8) // stage_k_blocks,
                               stage_k_blocks=stage_k_blocks, out_bytes=4 if out_fp32 else 2,
-                              row_scales_b=row_scales_b),
+                              row_scales_b=row_scales_b, out_buffers=out_buffers),
         stage_k_blocks=stage_k_blocks, layout=layout, num_groups=num_groups,
         raster_group=8 if ceil_div(n, block_n) <= 64 else 16,
         split_k=split_k,
@@ -164,7 +184,7 @@ def plan_dense(m: int, n: int, k: int, num_sms: int, layout: Layout = Layout.DEN
                    and block_n <= MAX_PIPELINED_BLOCK_N),
         stream_b=layout == Layout.DENSE and m <= block_m,
         scale_loader_warp=layout == Layout.DENSE and block_n <= SCALE_LOADER_MAX_BLOCK_N and not row_scales_b,
-        row_scales_b=row_scales_b, out_fp32=out_fp32, accumulate=accumulate)
+        row_scales_b=row_scales_b, out_fp32=out_fp32, accumulate=accumulate, out_buffers=out_buffers)
     if os.environ.get("DG_PRINT_CONFIGS"):
         print(f"deep_gemm: M={m} N={n} K={k} -> {config.name} ({config.smem_bytes} B smem)")
     return config

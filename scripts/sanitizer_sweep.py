@@ -54,7 +54,7 @@ def training():
     partial last M block and N block, a split last wave), and K-grouped (an empty group, a K that
     is not a multiple of 128, a partial M block, each group's own tensor maps)."""
     ok = True
-    for m, n, k in [(200, 260, 1000), (4096, 2112, 7168), (64, 384, 4096)]:
+    for m, n, k in [(200, 260, 1000), (4096, 2112, 7168), (4096, 1536, 512), (64, 384, 4096)]:
         a = deep_gemm.per_token_cast_to_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
         b = deep_gemm.per_token_cast_to_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
         out = torch.randn(m, n, device="cuda")

@@ -481,7 +481,7 @@ def test_split_k_stage_and_loader_variants_compile_clean(tmp_cache_dir):
 def _training_plans():
     """The planner's kernels for the weight-gradient shapes of the benchmark, and the DeepGEMM 2.x
     calls that reach other combinations: an fp32 d written (not accumulated), a bf16 d with per-row B
-    scales, an fp32 d from per-block B scales, split and 256-row tiles with per-row B scales, and
+    scales, an fp32 d from per-block B scales, split, 192-wide and 256-row tiles with per-row B scales, and
     K-grouped decode-sized M."""
     from deep_gemm import bench
     plans = {plan_dense(m, n, k, NUM_SMS, row_scales_b=True, out_fp32=True, accumulate=True)
@@ -491,7 +491,7 @@ def _training_plans():
     plans |= {plan_dense(m, 7168, 2048, NUM_SMS, row_scales_b=rows, out_fp32=fp32)
               for m in (64, 4096) for rows, fp32 in ((True, False), (False, True), (True, True))}
     plans |= {plan_dense(4096, 4096, 7168, NUM_SMS, row_scales_b=True),    # 256-row tiles
-              plan_dense(4096, 2112, 7168, NUM_SMS, row_scales_b=True, out_fp32=True, accumulate=True),   # split-K
+              plan_dense(1024, 7168, 7168, NUM_SMS, row_scales_b=True, out_fp32=True, accumulate=True),   # split-K
               plan_dense(64, 4096, 1, NUM_SMS, layout=Layout.K_GROUPED, num_groups=8, row_scales_b=True,
                          out_fp32=True, accumulate=True),
               plan_dense(256, 512, 1, NUM_SMS, layout=Layout.K_GROUPED, num_groups=3, row_scales_b=True,
@@ -503,6 +503,7 @@ def test_training_kernels_compile_clean(tmp_cache_dir):
     configs = _training_plans()
     assert any(c.block_m == 256 and c.row_scales_b for c in configs)
     assert any(c.split_k > 1 and c.accumulate for c in configs)
+    assert any(c.block_n == 192 and c.out_buffers for c in configs)
     assert {c.layout for c in configs} == {Layout.DENSE, Layout.K_GROUPED}
     _compile_and_check(configs)
 

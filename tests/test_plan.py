@@ -321,9 +321,31 @@ def test_last_wave_of_compute_bound_tiles_is_split_over_k(m, n, k, layout, split
 ])
 def test_dense_tiles_over_128_rows_narrow_where_they_add_no_round(m, n, k, block_n):
     assert plan_dense(m, n, k, 132).block_n == block_n
-    # Contiguous, masked and the training GEMMs keep 128 columns (measured on dense inference GEMMs).
+    # Contiguous and per-row-scaled bf16 GEMMs keep 128 columns (measured on dense inference GEMMs).
     assert plan_dense(m, n, k, 132, layout=LAYOUT_CONTIGUOUS, num_groups=4).block_n == 128
-    assert plan_dense(m, n, k, 132, row_scales_b=True, out_fp32=True).block_n == 128
+    assert plan_dense(m, n, k, 132, row_scales_b=True).block_n == 128
+
+
+@pytest.mark.parametrize("m,n,k,block_n", [
+    (7168, 2112, 4096, 192),    # 5 rounds of 192 columns against 8 of 128: 960 against 1024
+    (1536, 24576, 8192, 192),   # 12 rounds of 192 against 18 of 128: 2304 either way
+    (512, 32768, 4096, 128),    # 6 x 192 = 1152 against 8 x 128 = 1024
+    (16384, 7168, 4096, 128),   # 37 x 192 = 7104 against 55 x 128 = 7040
+    (7168, 4096, 8192, 128),
+    (2048, 7168, 4096, 128),
+    (128, 2112, 4096, 16),      # decode: memory-bound widths
+])
+def test_weight_gradients_take_wide_tiles_where_they_add_no_column_rounds(m, n, k, block_n):
+    c = plan_dense(m, n, k, 132, row_scales_b=True, out_fp32=True, accumulate=True)
+    assert c.block_n == block_n
+    if block_n == plan.WIDE_WGRAD_BLOCK_N:
+        # Unpipelined (the registers), D staged through one chunk buffer for five stages.
+        assert (c.block_m, c.pipelined, c.split_k, c.out_buffers, c.num_stages) == (128, False, 1, 1, 5)
+    else:
+        assert c.out_buffers == 0
+    # The K-grouped kernel keeps 128 columns (its wide tiles were not measured).
+    assert plan_dense(m, n, k, 132, layout=Layout.K_GROUPED, num_groups=4, row_scales_b=True, out_fp32=True,
+                      accumulate=True).block_n <= 128
 
 
 @pytest.mark.parametrize("expected_m,groups", [(1024, 1), (512, 2), (256, 4), (129, 8), (4096, 2)])
@@ -423,7 +445,9 @@ def test_grouped_calls_keep_tma_for_a_scales(layout, groups):
 
 
 @pytest.mark.parametrize("m,n,k", [(4096, 7168, 16384), (4096, 4096, 7168), (1000, 4096, 7168), (8192, 7168, 7168),
-                                   (4096, 32768, 512)])
+                                   (4096, 32768, 512),
+                                   (4096, 37888, 3584),    # 28 K blocks: 36 tall rounds against 72
+                                   (6000, 8192, 8192)])    # 12 tall rounds against 23 (5% slack)
 def test_tall_tiles_where_they_need_no_more_rounds(m, n, k):
     c = plan_dense(m, n, k, 132)
     assert (c.block_m, c.block_n, c.pipelined, c.split_k) == (256, 128, False, 1)
@@ -435,6 +459,9 @@ def test_tall_tiles_where_they_need_no_more_rounds(m, n, k):
     (257, 7168, 7168, LAYOUT_DENSE),     # the 128-row plan splits its last wave
     (4097, 7168, 16384, LAYOUT_DENSE),   # 17 tall M blocks: 8 rounds of 2 against 14
     (4096, 7168, 2048, LAYOUT_DENSE),    # 16 K blocks: measured a tie
+    (6000, 7168, 2048, LAYOUT_DENSE),    # 16 K blocks: measured slower
+    (6000, 4608, 3584, LAYOUT_DENSE),    # 7 tall rounds against 13: 8% more
+    (4096, 5760, 2880, LAYOUT_DENSE),    # 23 K blocks
     (4096, 24576, 1536, LAYOUT_DENSE),
     (128, 7168, 16384, LAYOUT_DENSE),    # decode
     (8192, 4096, 7168, LAYOUT_CONTIGUOUS),

@@ -46,7 +46,8 @@ def _close(out, ref, tol=1e-5):
 # ---- dense ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("m,n,k", [(256, 384, 640), (7, 100, 128), (129, 260, 1000), (1000, 2112, 4096),
-                                   (64, 7168, 2048), (4096, 1536, 512)])
+                                   (64, 7168, 2048), (4096, 1536, 512),
+                                   (2048, 2080, 7168)])   # split-K
 def test_wgrad_accumulates_in_fp32(device, m, n, k):
     gen = _gen(m * n + k)
     a, b = _operand(m, k, gen, device), _operand(n, k, gen, device)
