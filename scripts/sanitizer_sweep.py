@@ -51,7 +51,7 @@ def forced(m, n, k, **changes):
 
 def training():
     """Weight gradients: per-row B scales from the stage, fp32 out added by TMA reduce-add (a
-    partial last M block and N block, a split last wave), and K-grouped (an empty group, a K that
+    partial last M block and N block, a split last wave, 192-wide tiles through one D buffer), and K-grouped (an empty group, a K that
     is not a multiple of 128, a partial M block, each group's own tensor maps)."""
     ok = True
     for m, n, k in [(200, 260, 1000), (4096, 2112, 7168), (4096, 1536, 512), (64, 384, 4096)]:

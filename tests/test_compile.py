@@ -491,7 +491,7 @@ def _training_plans():
     plans |= {plan_dense(m, 7168, 2048, NUM_SMS, row_scales_b=rows, out_fp32=fp32)
               for m in (64, 4096) for rows, fp32 in ((True, False), (False, True), (True, True))}
     plans |= {plan_dense(4096, 4096, 7168, NUM_SMS, row_scales_b=True),    # 256-row tiles
-              plan_dense(1024, 7168, 7168, NUM_SMS, row_scales_b=True, out_fp32=True, accumulate=True),   # split-K
+              plan_dense(4096, 2112, 7168, NUM_SMS, row_scales_b=True, out_fp32=True, accumulate=True),   # split-K
               plan_dense(64, 4096, 1, NUM_SMS, layout=Layout.K_GROUPED, num_groups=8, row_scales_b=True,
                          out_fp32=True, accumulate=True),
               plan_dense(256, 512, 1, NUM_SMS, layout=Layout.K_GROUPED, num_groups=3, row_scales_b=True,

@@ -321,8 +321,10 @@ def test_last_wave_of_compute_bound_tiles_is_split_over_k(m, n, k, layout, split
 ])
 def test_dense_tiles_over_128_rows_narrow_where_they_add_no_round(m, n, k, block_n):
     assert plan_dense(m, n, k, 132).block_n == block_n
-    # Contiguous and per-row-scaled bf16 GEMMs keep 128 columns (measured on dense inference GEMMs).
+    # Contiguous, masked and the training GEMMs keep 128 columns (measured on dense inference GEMMs;
+    # a weight gradient's 192-wide tiles would add column-rounds on these shapes or split).
     assert plan_dense(m, n, k, 132, layout=LAYOUT_CONTIGUOUS, num_groups=4).block_n == 128
+    assert plan_dense(m, n, k, 132, row_scales_b=True, out_fp32=True).block_n == 128
     assert plan_dense(m, n, k, 132, row_scales_b=True).block_n == 128
 
 
