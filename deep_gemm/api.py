@@ -86,12 +86,21 @@ def k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(lhs: Pair, rhs: Pair, out: torch.Tensor
 
     lhs = (A: flat float8_e4m3fn holding each group's [M, k_g] row-major block in turn, sa: float32
     [sum ceil(k_g/128), M], K-block-major, group after group); rhs likewise with N; out: float32
-    [G, M, N] contiguous, accumulated in place. k_sizes: a list of Python ints, each >= 0 and a
-    multiple of 16 (0: the group adds nothing); M and N multiples of 4. Graph capture replays
-    the k_sizes of the captured call.
+    [G, M, N] contiguous, accumulated in place; M and N multiples of 4. k_sizes: each k_g >= 0 and
+    a multiple of 16 (0: the group adds nothing), as
+    - a list of Python ints, read on the host: a CUDA graph replays the sizes of the captured call;
+    - an int32 tensor [G] on the operands' GPU, read on the device (CUDA-graph safe: each replay
+      uses its current values, as the routing wrote them). A and B may then hold more K than the
+      groups use (a capacity: M x K_cap and N x K_cap elements, the scales K_cap/128 rows or more,
+      the same for both), the groups packed from the start. Sizes that break these rules cannot
+      raise an error without a sync: from the first bad group on, out is filled with NaN and no
+      memory outside the tensors is read. On the CPU the tensor's values are checked like a list's.
     """
     if _is_compiling():
-        _ops.k_grouped_fp8_gemm_nt(*_pairs(lhs, rhs), out, list(k_sizes), True)
+        if isinstance(k_sizes, torch.Tensor):
+            _ops.k_grouped_fp8_gemm_nt_device_sizes(*_pairs(lhs, rhs), out, k_sizes, True)
+        else:
+            _ops.k_grouped_fp8_gemm_nt(*_pairs(lhs, rhs), out, list(k_sizes), True)
         return out
     return _gemm.run(_K_GROUPED, lhs, rhs, out, row_scales_b=True, accumulate=True,
                      k_sizes=tuple(k_sizes) if type(k_sizes) is list else k_sizes,
@@ -214,7 +223,9 @@ def k_grouped_fp8_gemm_nt_contiguous(a: Pair, b: Pair, d: torch.Tensor, ks_cpu, 
     The layout of k_grouped_wgrad_gemm_fp8_fp8_fp32_nt: a = (flat e4m3 holding each group's
     [M, k_g] block in turn, float32 [sum ceil(k_g/128), M]), b likewise with N, d float32
     [G, M, N]. ks_cpu: the groups' K as Python ints (read on the host, multiples of 16);
-    grouped_layout: the same sizes as an int32 [G] tensor on the device (checked, not read). c:
+    grouped_layout: the same sizes as an int32 [G] tensor on the device (checked, not read). With
+    ks_cpu=None the sizes are read from grouped_layout on the device instead (CUDA-graph safe, as
+    k_grouped_wgrad_gemm_fp8_fp8_fp32_nt with a tensor: A and B may hold more K than used). c:
     None (d = A_g B_g^T), d itself (accumulated) or an fp32 [G, M, N] tensor sharing no memory
     with d (copied into d first). recipe: (1, 1, 128) only (both operands scaled per row).
     """
@@ -224,18 +235,28 @@ def k_grouped_fp8_gemm_nt_contiguous(a: Pair, b: Pair, d: torch.Tensor, ks_cpu, 
                          f"and 128-K block, recipe=(1, 1, 128)")
     if not isinstance(d, torch.Tensor):
         raise TypeError(f"d must be a torch.Tensor (the output), got {type(d).__name__}")
-    if not isinstance(ks_cpu, (list, tuple)):
-        raise TypeError(f"ks_cpu must be a list of Python ints (each group's K), got {type(ks_cpu).__name__}")
-    _validation.index_tensor(grouped_layout, "grouped_layout", len(ks_cpu), d.device, "(each group's K)", "d")
+    if ks_cpu is None:   # the sizes stay on the device
+        if not isinstance(grouped_layout, torch.Tensor):
+            raise TypeError(f"grouped_layout must be a torch.Tensor (int32 [G], each group's K), got "
+                            f"{type(grouped_layout).__name__}")
+        sizes, names = grouped_layout, {"lhs": "a", "rhs": "b", "out": "d", "k_sizes": "grouped_layout"}
+    elif not isinstance(ks_cpu, (list, tuple)):
+        raise TypeError(f"ks_cpu must be a list of Python ints (each group's K) or None (read grouped_layout on the "
+                        f"device), got {type(ks_cpu).__name__}")
+    else:
+        _validation.index_tensor(grouped_layout, "grouped_layout", len(ks_cpu), d.device, "(each group's K)", "d")
+        sizes, names = tuple(ks_cpu), {"lhs": "a", "rhs": "b", "out": "d", "k_sizes": "ks_cpu"}
     addend = _check_addend(c, d)
-    names = {"lhs": "a", "rhs": "b", "out": "d", "k_sizes": "ks_cpu"}
     if _is_compiling():
         if addend is not None:
             d.copy_(addend)
-        _ops.k_grouped_fp8_gemm_nt(*_pairs(a, b), d, list(ks_cpu), c is not None)
+        if ks_cpu is None:
+            _ops.k_grouped_fp8_gemm_nt_device_sizes(*_pairs(a, b), d, grouped_layout, c is not None)
+        else:
+            _ops.k_grouped_fp8_gemm_nt(*_pairs(a, b), d, list(ks_cpu), c is not None)
     else:
-        _gemm.run(_K_GROUPED, a, b, d, row_scales_b=True, accumulate=c is not None, k_sizes=tuple(ks_cpu),
-                  names=names, addend=addend)
+        _gemm.run(_K_GROUPED, a, b, d, row_scales_b=True, accumulate=c is not None, k_sizes=sizes, names=names,
+                  addend=addend)
 
 
 def _k_major_only_gemm(name: str, product: str, layout: str, fix: str, dims: str):
@@ -736,6 +757,10 @@ def k_grouped_bf16_gemm_tn_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch
     (checked, not read). d: fp32 [G, M, N]. c: None (d = A_g^T B_g; a group of K = 0 gives
     zeros), d itself (accumulated) or an fp32 [G, M, N] tensor sharing no memory with d (copied
     into d first). use_psum_layout=True is not supported.
+    ks_cpu=None: the sizes are read from grouped_layout where the GEMM runs: by the kernel on the
+    device (CUDA-graph safe; a and b may hold more rows than the groups use, the same number; sizes
+    that are negative, not multiples of 8 or past those rows give NaN in d from that group on),
+    else on the host (checked, ValueError).
     On a Hopper GPU with 16-byte aligned rows of a and b and a contiguous d (N a multiple of 4) the
     BF16 kernel runs (its launch cached per tensors and ks_cpu); otherwise it runs through torch
     (one torch.matmul per group, cuBLAS on a GPU).
@@ -754,6 +779,9 @@ def k_grouped_bf16_gemm_tn_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch
     addend = _check_addend(c, d)
     _bf16.addend_into(d, addend)
     if _is_compiling():
-        _ops.k_grouped_bf16_gemm_tn(a, b, d, list(ks), c is not None)
+        if isinstance(ks, torch.Tensor):
+            _ops.k_grouped_bf16_gemm_tn_device_sizes(a, b, d, ks, c is not None)
+        else:
+            _ops.k_grouped_bf16_gemm_tn(a, b, d, list(ks), c is not None)
     else:
         _bf16.run_k_grouped(a, b, d, ks, c is not None, key if addend is None else None)

@@ -324,8 +324,10 @@ def k_grouped_sizes(groups: int, m: int, n: int, avg_k: int) -> List[int]:
     return [int(avg_k * rng.uniform(0.97, 1.03)) // 128 * 128 for _ in range(groups)]
 
 
-def make_k_grouped(groups: int, m: int, n: int, avg_k: int, device) -> Problem:
-    """out [G, M, N] fp32 += A_g B_g^T over each group's K (0.97-1.03 x avg_k in steps of 128)."""
+def make_k_grouped(groups: int, m: int, n: int, avg_k: int, device, device_sizes: bool = False) -> Problem:
+    """out [G, M, N] fp32 += A_g B_g^T over each group's K (0.97-1.03 x avg_k in steps of 128).
+    device_sizes: the sizes passed as an int32 tensor on the GPU (the graph-safe path: one more
+    kernel writes the groups' tensor maps, as DeepGEMM's kernel does in its producer)."""
     from .reference import dequantize_lhs, k_grouped_operand
     torch.manual_seed(k_grouped_seed(groups, m, n, avg_k))
     ks = k_grouped_sizes(groups, m, n, avg_k)
@@ -337,12 +339,13 @@ def make_k_grouped(groups: int, m: int, n: int, avg_k: int, device) -> Problem:
     del parts
     out = torch.zeros((groups, m, n), dtype=torch.float32, device=device)
 
-    ours = _ours("k_grouped_wgrad_gemm_fp8_fp8_fp32_nt", lhs, rhs, out, ks, out=out)
+    sizes = torch.tensor(ks, dtype=torch.int32, device=device) if device_sizes else ks
+    ours = _ours("k_grouped_wgrad_gemm_fp8_fp8_fp32_nt", lhs, rhs, out, sizes, out=out)
 
     total_k = sum(ks)
     return Problem(
-        suite="k_grouped", label=f"{groups}x{m}x{n} k~{avg_k}", shape={"groups": groups, "m": m, "n": n,
-                                                                      "avg_k": avg_k, "ks": ks},
+        suite="k_grouped", label=f"{groups}x{m}x{n} k~{avg_k}" + (" dev" if device_sizes else ""),
+        shape={"groups": groups, "m": m, "n": n, "avg_k": avg_k, "ks": ks, "device_sizes": device_sizes},
         flops=2.0 * m * n * total_k, nbytes=float((m + n) * total_k + 8 * groups * m * n),
         deepgemm_us=DEEPGEMM_K_GROUPED_US.get((groups, m, n, avg_k)), deepgemm_tflops=None,
         peers={"ours": ours, "cublaslt": _only_ours("cuBLASLt"), "triton": _only_ours("Triton")},
@@ -372,7 +375,7 @@ def suite_cases(suite: str, quick: bool, shapes: List[tuple]) -> List[Callable]:
         dense = list(DEEPGEMM_WGRAD_US)[:2] if quick else list(DEEPGEMM_WGRAD_US)
         grouped = list(DEEPGEMM_K_GROUPED_US)[:1] if quick else list(DEEPGEMM_K_GROUPED_US)
         return ([lambda dev, s=s: make_wgrad(*s, dev) for s in dense] +
-                [lambda dev, s=s: make_k_grouped(*s, dev) for s in grouped])
+                [lambda dev, s=s, on=on: make_k_grouped(*s, dev, on) for s in grouped for on in (False, True)])
     table = {"contiguous": (DEEPGEMM_CONTIGUOUS, make_contiguous), "masked": (DEEPGEMM_MASKED, make_masked)}
     keys, make = table[suite]
     keys = list(keys)[:2] if quick else list(keys)

@@ -94,6 +94,7 @@ class KernelConfig:
     a_mn_major: bool = False       # bf16 A held [K, M] (M contiguous), read in 64-column boxes
     b_mn_major: bool = False       # bf16 B held [K, N] (N contiguous), likewise
     out_buffers: int = 0           # D staged whole (0) or through this many one-chunk buffers in turn
+    device_sizes: bool = False     # K_GROUPED: the groups' K read on the device (maps by kernels/group_maps.cuh)
 
     def __post_init__(self):
         object.__setattr__(self, "layout", Layout(self.layout))   # an int from a JSON record, say
@@ -128,6 +129,8 @@ class KernelConfig:
                 and (not self.b_mn_major or self.block_n % 64 == 0)):
             problems.append("a_mn_major and b_mn_major need bf16_operands, a dense or K_GROUPED layout and, for B, "
                             "block_n a multiple of 64")
+        if self.device_sizes and self.layout != Layout.K_GROUPED:
+            problems.append("device_sizes runs K_GROUPED GEMMs only")
         chunks = self.block_n // store_chunk_cols(self.block_n, self.out_bytes) if valid_block_n(self.block_n) else 0
         staging_ok = self.out_buffers == 0 or (0 < self.out_buffers < chunks and chunks % self.out_buffers == 0)
         if not staging_ok:
@@ -187,7 +190,7 @@ class KernelConfig:
                                             ("_sl", self.scale_loader_warp), ("_rb", self.row_scales_b),
                                             ("_f32", self.out_fp32), ("_acc", self.accumulate),
                                             ("_bf16", self.bf16_operands), ("_amn", self.a_mn_major),
-                                            ("_bmn", self.b_mn_major)) if on)
+                                            ("_bmn", self.b_mn_major), ("_dev", self.device_sizes)) if on)
         return (f"gemm_{self.layout.name.lower()}_n{self.shape_n}_k{self.shape_k}_g{self.num_groups}"
                 f"_bm{self.block_m}_bn{self.block_n}_s{self.num_stages}"
                 + (f"x{self.stage_k_blocks}" if self.stage_k_blocks > 1 else "")
@@ -232,3 +235,18 @@ def k_grouped_params(num_groups: int) -> tuple:
 # group's 264 bytes each.
 MAX_PARAM_BYTES = 32764
 K_GROUPED_MAX_GROUPS = (MAX_PARAM_BYTES - param_layout()[1]) // (2 * 128 + 2 * 4) // 8 * 8
+# K-grouped GEMMs with the groups' sizes on the device keep their maps in global memory; the kernel
+# that writes them holds the sizes in shared memory (kernels/group_maps.cuh: kGroupMapsMaxGroups).
+K_GROUPED_DEVICE_MAX_GROUPS = 1024
+
+# `deep_gemm::KGroupedDeviceParams`, the second parameter of a K-grouped GEMM with sizes on the device:
+# where the kernel of kernels/group_maps.cuh left the groups' maps and K blocks.
+K_GROUPED_DEVICE_PARAMS = (("tma_a", PTR), ("tma_b", PTR), ("k_blocks", PTR))
+
+# `deep_gemm::GroupMapsParams`, the parameter of kernels/group_maps.cuh (int64 fields as PTR: 8 bytes).
+GROUP_MAPS_PARAMS = (
+    ("map_a", MAP), ("map_b", MAP), ("maps_a", PTR), ("maps_b", PTR), ("k_blocks", PTR), ("out", PTR),
+    ("k_sizes", PTR), ("a_base", PTR), ("b_base", PTR), ("a_bytes_per_k", PTR), ("b_bytes_per_k", PTR),
+    ("k_capacity", PTR), ("out_group_floats", PTR), ("kb_capacity", I32), ("num_groups", I32),
+    ("k_multiple", I32), ("block_k", I32),
+)

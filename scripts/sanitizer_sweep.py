@@ -52,7 +52,7 @@ def forced(m, n, k, **changes):
 def training():
     """Weight gradients: per-row B scales from the stage, fp32 out added by TMA reduce-add (a
     partial last M block and N block, a split last wave, 192-wide tiles through one D buffer), and K-grouped (an empty group, a K that
-    is not a multiple of 128, a partial M block, each group's own tensor maps)."""
+    is not a multiple of 128, a partial M block, each group's own tensor maps; the sizes read on the device)."""
     ok = True
     for m, n, k in [(200, 260, 1000), (4096, 2112, 7168), (4096, 1536, 512), (64, 384, 4096)]:
         a = deep_gemm.per_token_cast_to_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
@@ -73,7 +73,21 @@ def training():
     for g, (pa, pb) in zip((0, 2, 3), zip(a_parts, b_parts)):
         want = before[g].double() + dequantize_lhs(*pa, dtype=torch.float64) @ dequantize_lhs(*pb, dtype=torch.float64).T
         ok &= check(f"k-grouped g{g}", out[g], want)
-    return ok
+    # The same groups with their sizes on the device, in operands with spare capacity (512 more
+    # tokens, never read); then sizes that overflow it: NaN from that group on, no read past it.
+    sizes = torch.tensor(ks, dtype=torch.int32, device="cuda")
+    spare_a = (torch.cat([lhs[0], torch.zeros(512 * m, dtype=lhs[0].dtype, device="cuda")]),
+               torch.cat([lhs[1], torch.zeros(4, m, device="cuda")]))
+    spare_b = (torch.cat([rhs[0], torch.zeros(512 * n, dtype=rhs[0].dtype, device="cuda")]),
+               torch.cat([rhs[1], torch.zeros(4, n, device="cuda")]))
+    device_out = before.clone()
+    deep_gemm.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(spare_a, spare_b, device_out, sizes)
+    ok &= check("k-grouped, sizes on the device", device_out, out)
+    sizes[2] = 1040 + 1024   # 384 + 2064 > 1680 + 512 tokens
+    deep_gemm.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(spare_a, spare_b, device_out, sizes)
+    nan_from_2 = not torch.isnan(device_out[:2]).any() and torch.isnan(device_out[2:]).all()
+    print(f"{'k-grouped, device sizes past the operands':48s} {'ok' if nan_from_2 else 'WRONG'}", flush=True)
+    return ok and nan_from_2
 
 
 def main():
@@ -207,13 +221,20 @@ def bf16_other_layouts():
     a = torch.randn(sum(ks), m, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(sum(ks), n, device="cuda", dtype=torch.bfloat16)
     d = torch.randn(len(ks), m, n, device="cuda")
-    want = d.double().clone()
+    product = torch.zeros(len(ks), m, n, device="cuda", dtype=torch.float64)
     start = 0
     for gi, kg in enumerate(ks):
-        want[gi] += a[start:start + kg].double().T @ b[start:start + kg].double()
+        product[gi] = a[start:start + kg].double().T @ b[start:start + kg].double()
         start += kg
+    want = d.double() + product
     deep_gemm.k_grouped_bf16_gemm_tn_contiguous(a, b, d, ks, torch.tensor(ks, dtype=torch.int32, device="cuda"), d)
     ok &= check(f"bf16 k-grouped {ks} {m}x{n} +=", d, want)
+    # The same with the sizes read on the device, a and b holding 64 spare rows (never read).
+    spare_a = torch.cat([a, torch.zeros(64, m, device="cuda", dtype=torch.bfloat16)])
+    spare_b = torch.cat([b, torch.zeros(64, n, device="cuda", dtype=torch.bfloat16)])
+    deep_gemm.k_grouped_bf16_gemm_tn_contiguous(spare_a, spare_b, d, None,
+                                                torch.tensor(ks, dtype=torch.int32, device="cuda"), d)
+    ok &= check(f"bf16 k-grouped {ks} {m}x{n} +=, sizes on the device", d, want + product)
     return ok
 
 

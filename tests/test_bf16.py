@@ -746,3 +746,81 @@ def test_bf16_kernel_contiguous_cached_and_new_addresses():
     for g, (lo, hi) in enumerate(((0, 200), (256, 456), (512, 812))):
         assert calc_diff(d[lo:hi], a[lo:hi].double() @ b[g].double().T) <= TOL
     assert _kernel_launches() == before + 5 and ops_bf16._launches._templates
+
+
+# ---- K-grouped with the sizes on the device (ks_cpu=None) ----------------------------------------------
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("ks, m, n, spare", [([256, 0, 136, 8, 1000], 128, 256, 0), ([64] * 3, 40, 72, 200),
+                                             ([0, 0], 64, 64, 64)])
+@pytest.mark.parametrize("addend", [None, "d"])
+def test_k_grouped_sizes_on_the_device(device, ks, m, n, spare, addend):
+    """grouped_layout read where the GEMM runs (the kernel on a Hopper GPU: CUDA-graph safe), a and b
+    holding `spare` rows of NaN past the groups (a buffer sized for more tokens)."""
+    if device == "cuda" and not _hopper():
+        pytest.skip("the BF16 kernel runs on Hopper GPUs")
+    a, b = _rand(sum(ks) + spare, m, device=device, seed=7), _rand(sum(ks) + spare, n, device=device, seed=8)
+    a[sum(ks):], b[sum(ks):] = float("nan"), float("nan")
+    d = torch.randn(len(ks), m, n, device=device) if addend else _poisoned(len(ks), m, n, dtype=torch.float32,
+                                                                             device=device)
+    c = d if addend else None
+    want = reference.k_grouped_bf16_gemm_tn(a[:sum(ks)], b[:sum(ks)], torch.empty(d.shape, dtype=torch.float64,
+                                                                                  device=device), ks,
+                                            None if c is None else c.double())
+    deep_gemm.k_grouped_bf16_gemm_tn_contiguous(a, b, d, None, torch.tensor(ks, dtype=torch.int32, device=device), c)
+    assert not d.isnan().any() and calc_diff(d, want) <= TOL
+
+
+@pytest.mark.gpu
+def test_k_grouped_device_sizes_change_between_graph_replays():
+    if not _hopper():
+        pytest.skip("the BF16 kernel runs on Hopper GPUs")
+    m, n, capacity = 128, 192, 3072
+    a = torch.empty(capacity, m, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty(capacity, n, dtype=torch.bfloat16, device="cuda")
+    sizes = torch.tensor([512, 0, 1024], dtype=torch.int32, device="cuda")
+    d = torch.zeros(3, m, n, device="cuda")
+    a.normal_(), b.normal_()
+    deep_gemm.k_grouped_bf16_gemm_tn_contiguous(a, b, d, None, sizes, d)   # load the kernels before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        deep_gemm.k_grouped_bf16_gemm_tn_contiguous(a, b, d, None, sizes, d)
+    for ks, seed in (([1024, 8, 2040], 1), ([0, 3072, 0], 2)):
+        a.copy_(_rand(capacity, m, device="cuda", seed=seed)), b.copy_(_rand(capacity, n, device="cuda", seed=seed + 9))
+        sizes.copy_(torch.tensor(ks, dtype=torch.int32))
+        d.zero_()
+        graph.replay()
+        want = reference.k_grouped_bf16_gemm_tn(a[:sum(ks)], b[:sum(ks)], torch.empty(d.shape, dtype=torch.float64,
+                                                                                      device="cuda"), ks)
+        torch.cuda.synchronize()
+        assert calc_diff(d, want) <= TOL, ks
+
+
+@pytest.mark.gpu
+def test_k_grouped_bad_device_sizes_fill_nan():
+    if not _hopper():
+        pytest.skip("the BF16 kernel runs on Hopper GPUs")
+    a, b = _rand(256, 64, device="cuda", seed=3), _rand(256, 32, device="cuda", seed=4)
+    for ks, first_bad in (([64, 12, 64], 1), ([128, 64, 72], 2), ([64, -8, 0], 1)):
+        d = torch.zeros(3, 64, 32, device="cuda")
+        deep_gemm.k_grouped_bf16_gemm_tn_contiguous(a, b, d, None, torch.tensor(ks, dtype=torch.int32, device="cuda"))
+        torch.cuda.synchronize()
+        assert not d[:first_bad].isnan().any() and d[first_bad:].isnan().all(), ks
+
+
+def test_k_grouped_device_sizes_errors():
+    a, b, d = _rand(64, 16), _rand(64, 8), torch.zeros(2, 16, 8)
+    fn = deep_gemm.k_grouped_bf16_gemm_tn_contiguous
+    sizes = torch.tensor([16, 8], dtype=torch.int32)
+    cases = [
+        (lambda: fn(a, b, d, None, [16, 8]), TypeError, r"^grouped_layout must be a torch.Tensor"),
+        (lambda: fn(a, b, d, None, sizes.long()), TypeError, r"^grouped_layout must be torch.int32"),
+        (lambda: fn(a, b[:32], d, None, sizes), ValueError, r"^a and b must hold the same number of rows"),
+        (lambda: fn(a, b, torch.zeros(3, 16, 8), None, sizes), ValueError, r"^d must"),
+        (lambda: fn(a, b, d, None, torch.tensor([16, 4], dtype=torch.int32)), ValueError,
+         r"^grouped_layout\[1\] must be a non-negative multiple of 8"),
+        (lambda: fn(a, b, d, None, torch.tensor([64, 8], dtype=torch.int32)), ValueError,
+         r"^grouped_layout adds up to 72 rows, more than a and b hold \(64\)"),
+    ]
+    for call, exc, pattern in cases:
+        with pytest.raises(exc, match=pattern):
+            call()

@@ -183,9 +183,9 @@ def test_sweep_covers_every_tile_choice():
 
 
 # ---- kernels/gemm.cuh as a library of its own -------------------------------------------------
-SMALL_CONFIG_ARGS = "256, 512, 64, 64, 2, 1, 0, 1, 8, 1, false, false, false, false, false, false, false, false, false, 0"
+SMALL_CONFIG_ARGS = "256, 512, 64, 64, 2, 1, 0, 1, 8, 1, false, false, false, false, false, false, false, false, false, 0, false"
 SMALL_NAME = f"deep_gemm::gemm_kernel<deep_gemm::GemmConfig<{SMALL_CONFIG_ARGS}>>"
-OTHER_CONFIG_ARGS = "384, 1024, 128, 128, 3, 1, 1, 4, 16, 1, true, false, false, false, false, false, false, false, false, 1"
+OTHER_CONFIG_ARGS = "384, 1024, 128, 128, 3, 1, 1, 4, 16, 1, true, false, false, false, false, false, false, false, false, 1, false"
 OTHER_NAME = f"deep_gemm::gemm_kernel<deep_gemm::GemmConfig<{OTHER_CONFIG_ARGS}>>"
 
 
@@ -482,7 +482,7 @@ def _training_plans():
     """The planner's kernels for the weight-gradient shapes of the benchmark, and the DeepGEMM 2.x
     calls that reach other combinations: an fp32 d written (not accumulated), a bf16 d with per-row B
     scales, an fp32 d from per-block B scales, split, 192-wide and 256-row tiles with per-row B scales, and
-    K-grouped decode-sized M."""
+    K-grouped decode-sized M; every K-grouped plan also with its group sizes read on the device."""
     from deep_gemm import bench
     plans = {plan_dense(m, n, k, NUM_SMS, row_scales_b=True, out_fp32=True, accumulate=True)
              for m, n, k in bench.DEEPGEMM_WGRAD_US}
@@ -496,11 +496,13 @@ def _training_plans():
                          out_fp32=True, accumulate=True),
               plan_dense(256, 512, 1, NUM_SMS, layout=Layout.K_GROUPED, num_groups=3, row_scales_b=True,
                          out_fp32=True)}
+    plans |= {dataclasses.replace(c, device_sizes=True) for c in plans if c.layout == Layout.K_GROUPED}
     return sorted(plans, key=lambda c: c.name)
 
 
 def test_training_kernels_compile_clean(tmp_cache_dir):
     configs = _training_plans()
+    assert {c.device_sizes for c in configs if c.layout == Layout.K_GROUPED} == {False, True}
     assert any(c.block_m == 256 and c.row_scales_b for c in configs)
     assert any(c.split_k > 1 and c.accumulate for c in configs)
     assert any(c.block_n == 192 and c.out_buffers for c in configs)
@@ -508,10 +510,22 @@ def test_training_kernels_compile_clean(tmp_cache_dir):
     _compile_and_check(configs)
 
 
+def test_group_maps_kernels_compile_clean(tmp_cache_dir):
+    # The kernel that writes a K-grouped GEMM's tensor maps from sizes on the device: fp8 (K-major)
+    # and bf16 (MN-major) operands; its source checks GroupMapsParams against config.
+    from deep_gemm.jit.group_maps_source import group_maps_job
+    jobs = [group_maps_job(mn_major, "sm_90a") for mn_major in (False, True)]
+    for kernel in precompile(jobs, workers=WORKERS, progress=False):
+        r = kernel.resources
+        assert r.registers > 0 and not r.spills and not r.stack_bytes, kernel.log
+        assert entry_functions(kernel.log) == [kernel.symbol]
+
+
 def _bf16_plans():
     """The BF16 kernel's plans: dense M from 1 to the kernel's limit over the ANCHORS (N, K) pairs and
     a K that is not a multiple of 64, bf16 and fp32 D, accumulated; masked and contiguous, few and
-    many groups, memory- and compute-bound rows per group; MN-major operands, dense and K-grouped."""
+    many groups, memory- and compute-bound rows per group; MN-major operands, dense and K-grouped (its
+    sizes on the host and on the device)."""
     from deep_gemm.plan import BF16_DENSE_KERNEL_MAX_M, plan_bf16
     plans = {plan_bf16(m, n, k, NUM_SMS, out_fp32=fp32, accumulate=acc)
              for m in (1, 64, 65, BF16_DENSE_KERNEL_MAX_M) for n, k in ANCHOR_NK + ((4104, 4104),)
@@ -526,6 +540,7 @@ def _bf16_plans():
               for mn_a, mn_b in ((True, False), (False, True), (True, True)) for fp32 in (False, True)}
     plans |= {plan_bf16(m, n, 0, NUM_SMS, layout=Layout.K_GROUPED, num_groups=g, accumulate=acc)
               for g, m, n in ((4, 7168, 4096), (8, 2048, 7168), (3, 64, 264)) for acc in (False, True)}
+    plans |= {dataclasses.replace(c, device_sizes=True) for c in plans if c.layout == Layout.K_GROUPED}
     return sorted(plans, key=lambda c: c.name)
 
 

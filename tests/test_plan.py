@@ -508,8 +508,10 @@ def _bench_suite_plans(num_sms=132):
               for g, m, n, k in bench.DEEPGEMM_MASKED]
     plans += [plan_dense(m, n, k, num_sms, row_scales_b=True, out_fp32=True, accumulate=True)
               for m, n, k in bench.DEEPGEMM_WGRAD_US]
-    plans += [plan_dense(m, n, k, num_sms, layout=Layout.K_GROUPED, num_groups=g, row_scales_b=True, out_fp32=True,
-                         accumulate=True) for g, m, n, k in bench.DEEPGEMM_K_GROUPED_US]
+    k_grouped = [plan_dense(m, n, k, num_sms, layout=Layout.K_GROUPED, num_groups=g, row_scales_b=True,
+                            out_fp32=True, accumulate=True) for g, m, n, k in bench.DEEPGEMM_K_GROUPED_US]
+    # (each K-grouped row twice: sizes on the host, and on the device)
+    plans += k_grouped + [dataclasses.replace(c, device_sizes=True) for c in k_grouped]
     return plans
 
 
@@ -538,7 +540,7 @@ def test_every_compile_time_option_is_chosen_for_some_benchmark_shape():
     measures (both ways for flags, every value for enumerations): an option the planner never picks
     for a benchmarked shape is dead code, or a rule nobody measures any more."""
     plans = _bench_suite_plans()
-    assert len(plans) == 21 + 14 + 6 + 10 + 12 + 6
+    assert len(plans) == 21 + 14 + 6 + 10 + 12 + 6 + 6
     bf16_plans = _bf16_suite_plans()
     assert len(bf16_plans) == 14 + 6 + 6 + 10 + 42 + 6 and all(c.bf16_operands for c in bf16_plans)
     plans += bf16_plans
@@ -556,18 +558,20 @@ def test_every_compile_time_option_is_chosen_for_some_benchmark_shape():
         "bf16_operands": {c.bf16_operands for c in plans},
         "a_mn_major": {c.a_mn_major for c in plans},
         "b_mn_major": {c.b_mn_major for c in plans},
+        "device_sizes": {c.device_sizes for c in plans},
     }
     want = {
         "pipelined": {False, True}, "stream_b": {False, True}, "scale_loader_warp": {False, True},
         "stage_k_blocks > 1": {False, True}, "split_k > 1": {False, True}, "block_m": {64, 128, 256},
         "layout": set(Layout), "row_scales_b": {False, True}, "out_fp32": {False, True}, "accumulate": {False, True},
         "bf16_operands": {False, True}, "a_mn_major": {False, True}, "b_mn_major": {False, True},
+        "device_sizes": {False, True},
     }
     assert seen == want
     # The boolean fields of the config are exactly the flags above: a new one must be added here.
     flags = {f.name for f in dataclasses.fields(KernelConfig) if f.type in ("bool", bool)}
     assert flags == {"pipelined", "stream_b", "scale_loader_warp", "row_scales_b", "out_fp32", "accumulate",
-                     "bf16_operands", "a_mn_major", "b_mn_major"}
+                     "bf16_operands", "a_mn_major", "b_mn_major", "device_sizes"}
 
 
 def test_bf16_plans_memory_and_compute_bound_tiles():

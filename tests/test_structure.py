@@ -68,7 +68,7 @@ def test_template_args_fill_every_parameter():
     for (cpp_type, _), value in zip(cpp, args):
         assert (value in ("true", "false")) if cpp_type == "bool" else re.fullmatch(r"-?\d+", value), value
     assert args == ["4096", "7168", "64", "16", "10", "2", "2", "8", "8", "1", "true", "false", "true", "false", "false",
-                    "false", "false", "false", "false", "0"]
+                    "false", "false", "false", "false", "0", "false"]
 
 
 # ---- config.GEMM_PARAMS <-> deep_gemm::GemmParams ----------------------------------------------------

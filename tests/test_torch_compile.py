@@ -19,9 +19,10 @@ from deep_gemm.ops import library
 
 OPS = ("gemm_fp8_fp8_bf16_nt", "gemm_fp8_fp8_bf16_nt_out", "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
        "m_grouped_gemm_fp8_fp8_bf16_nt_masked", "per_token_cast_to_fp8", "per_block_cast_to_fp8",
-       "fp8_gemm_nt_training", "k_grouped_fp8_gemm_nt", "per_token_cast_to_fp8_transposed",
+       "fp8_gemm_nt_training", "k_grouped_fp8_gemm_nt", "k_grouped_fp8_gemm_nt_device_sizes",
+       "per_token_cast_to_fp8_transposed",
        "k_grouped_per_token_cast_to_fp8_transposed", "bf16_gemm_nt", "m_grouped_bf16_gemm_nt_contiguous",
-       "m_grouped_bf16_gemm_nt_masked", "k_grouped_bf16_gemm_tn")
+       "m_grouped_bf16_gemm_nt_masked", "k_grouped_bf16_gemm_tn", "k_grouped_bf16_gemm_tn_device_sizes")
 
 
 @pytest.fixture(autouse=True)
@@ -215,6 +216,10 @@ def _opcheck_cases():
         "k_grouped_fp8_gemm_nt": (a[0].reshape(-1), a[1].T.contiguous(), w[0].reshape(-1),
                                   deep_gemm.per_token_cast_to_fp8(torch.randn(n, 128))[1].T.contiguous(),
                                   torch.zeros(1, a[0].shape[0], n), [128], True),
+        "k_grouped_fp8_gemm_nt_device_sizes": (a[0].reshape(-1), a[1].T.contiguous(), w[0].reshape(-1),
+                                               deep_gemm.per_token_cast_to_fp8(torch.randn(n, 128))[1].T.contiguous(),
+                                               torch.zeros(1, a[0].shape[0], n), torch.tensor([128], dtype=torch.int32),
+                                               True),
         "bf16_gemm_nt": (torch.randn(6, 64, dtype=torch.bfloat16), torch.randn(64, 24, dtype=torch.bfloat16).T,
                          torch.randn(6, 24), True),
         "m_grouped_bf16_gemm_nt_contiguous": (torch.randn(256, 64, dtype=torch.bfloat16),
@@ -226,6 +231,9 @@ def _opcheck_cases():
                                           torch.tensor([5, 16], dtype=torch.int32), 8),
         "k_grouped_bf16_gemm_tn": (torch.randn(24, 16, dtype=torch.bfloat16), torch.randn(24, 8, dtype=torch.bfloat16),
                                    torch.ones(3, 16, 8), [16, 0, 8], True),
+        "k_grouped_bf16_gemm_tn_device_sizes": (torch.randn(32, 16, dtype=torch.bfloat16),
+                                                torch.randn(32, 8, dtype=torch.bfloat16), torch.ones(3, 16, 8),
+                                                torch.tensor([16, 0, 8], dtype=torch.int32), True),
     }
 
 

@@ -269,3 +269,143 @@ def test_k_grouped_group_limit_is_a_clear_error():
     a = (torch.empty(0, dtype=FP8), torch.empty(0, 8))
     with pytest.raises(ValueError, match=rf"^k_sizes has {len(ks)} groups; one K-grouped call takes at most"):
         deep_gemm.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(a, a, torch.zeros(len(ks), 8, 8), ks)
+
+
+# ---- K-grouped with the group sizes on the device (CUDA-graph safe) --------------------------------
+POISON_FP8 = 0x7F   # e4m3fn NaN: a byte read past the groups turns its whole output row into NaN
+
+
+def _with_capacity(pair, rows, extra_k):
+    """An operand of the K-grouped layout followed by `extra_k` more K (and its scale rows) of NaN:
+    the spare capacity of a buffer sized for more tokens than the groups use."""
+    q, s = pair
+    spare = torch.full((rows * extra_k,), POISON_FP8, dtype=torch.uint8, device=q.device).view(FP8)
+    spare_scales = torch.full(((extra_k + 127) // 128, rows), float("nan"), device=q.device)
+    return torch.cat([q, spare]), torch.cat([s, spare_scales])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ks,m,n,extra_k", [([256, 0, 384, 128], 64, 96, 0), ([1024, 896, 1152, 1008], 256, 512, 384),
+                                            ([144, 16, 4112], 100, 132, 2048), ([0, 0], 128, 128, 256)])
+def test_k_grouped_sizes_on_the_device(device, ks, m, n, extra_k):
+    gen = _gen(sum(ks) + extra_k)
+    a, b, refs = _k_grouped(ks, m, n, gen, device)
+    a, b = _with_capacity(a, m, extra_k), _with_capacity(b, n, extra_k)
+    sizes = torch.tensor(ks, dtype=torch.int32, device=device)
+    out = torch.randn(len(ks), m, n, generator=gen).to(device)
+    before = out.double().cpu()
+    assert deep_gemm.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(a, b, out, sizes) is out
+    d = torch.full((len(ks), m, n), float("nan"), device=device)
+    assert deep_gemm.k_grouped_fp8_gemm_nt_contiguous(a, b, d, None, sizes) is None
+    for g in range(len(ks)):
+        _close(out[g], before[g] + (refs[g] if ks[g] else 0), 1e-9 if device == "cpu" else 1e-6)
+        _close(d[g], refs[g] if ks[g] else torch.zeros(m, n, dtype=torch.float64), 1e-9 if device == "cpu" else 1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pdl", [False, True])
+def test_k_grouped_device_sizes_change_between_graph_replays(pdl):
+    """One capture, replayed after the routing changed: each replay uses the sizes and operands
+    written into the captured buffers since (capacity 6144 tokens, 4 groups)."""
+    m, n, capacity = 256, 384, 6144
+    a = torch.empty(m * capacity, dtype=FP8, device="cuda")
+    b = torch.empty(n * capacity, dtype=FP8, device="cuda")
+    sa = torch.empty(capacity // 128, m, device="cuda")
+    sb = torch.empty(capacity // 128, n, device="cuda")
+    sizes = torch.zeros(4, dtype=torch.int32, device="cuda")
+    out = torch.zeros(4, m, n, device="cuda")
+
+    def route(ks, seed):
+        (qa, qsa), (qb, qsb), refs = _k_grouped(ks, m, n, _gen(seed), "cuda")
+        for dst, src in ((a, qa), (b, qb)):   # fp8 bytes past the groups: NaN
+            dst.view(torch.uint8)[src.numel():] = POISON_FP8
+            dst.view(torch.uint8)[:src.numel()] = src.view(torch.uint8)
+        for dst, src in ((sa, qsa), (sb, qsb)):
+            dst.view(-1)[src.numel():] = float("nan")
+            dst.view(-1)[:src.numel()] = src.view(-1)
+        sizes.copy_(torch.tensor(ks, dtype=torch.int32))
+        return refs
+
+    deep_gemm.set_pdl(pdl)
+    try:
+        route([1024, 0, 512, 2048], 1)
+        deep_gemm.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt((a, sa), (b, sb), out, sizes)   # load before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            deep_gemm.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt((a, sa), (b, sb), out, sizes)
+        for seed, ks in enumerate(([128, 2048, 0, 4096], [0, 0, 6144, 0], [1040, 16, 2000 // 16 * 16, 128]), 2):
+            refs = route(ks, seed)
+            out.zero_()
+            graph.replay()
+            graph.replay()
+            torch.cuda.synchronize()
+            for g in range(4):
+                if ks[g]:
+                    _close(out[g], 2 * refs[g], 1e-6)
+                else:
+                    assert not out[g].any(), "a group without K adds nothing"
+    finally:
+        deep_gemm.set_pdl(False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bad", [[256, 120, 128], [256, -16, 128], [256, 128, 512], [256, 0, 384]])
+def test_k_grouped_bad_device_sizes_fill_nan(bad):
+    """Sizes the host cannot see are checked by the kernels: from the first group that is not a
+    non-negative multiple of 16 or does not fit in the operands (here K = 640), D is NaN; the groups
+    before it are right, and nothing outside the tensors is read (compute-sanitizer's sweep)."""
+    m, n = 128, 64
+    good = [256, 128, 256]
+    (a, sa), (b, sb), refs = _k_grouped(good, m, n, _gen(9), "cuda")
+    out = torch.zeros(3, m, n, device="cuda")
+    deep_gemm.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt((a, sa), (b, sb), out, torch.tensor(bad, dtype=torch.int32,
+                                                                                    device="cuda"))
+    torch.cuda.synchronize()
+    # ([256, 0, 384] fits: K = 640 exactly; its groups' products differ from `good`'s.)
+    first_bad = next((g for g in range(3) if bad[g] < 0 or bad[g] % 16 or sum(bad[:g + 1]) > 640), 3)
+    _close(out[0], refs[0], 1e-6)
+    for g in range(1, 3):
+        assert torch.isnan(out[g]).all() == (g >= first_bad), (g, bad)
+
+
+def test_k_grouped_device_sizes_validation():
+    """What the host can check of a sizes tensor without reading it (check_k_grouped)."""
+    from deep_gemm.ops.validation import check_k_grouped
+    gen = _gen(4)
+    a, b, _ = _k_grouped([128, 256], 64, 32, gen, "cpu")
+    out = torch.zeros(2, 64, 32)
+    sizes = torch.tensor([128, 256], dtype=torch.int32)
+    args = check_k_grouped(_with_capacity(a, 64, 256), _with_capacity(b, 32, 256), out, sizes, True)
+    assert args.k_sizes is sizes and args.k == 640 and args.sa.shape == (64, 5)
+    cases = [
+        ((a, b, out, sizes.long()), TypeError, r"^k_sizes must be torch.int32"),
+        ((a, b, out, sizes[:, None]), ValueError, r"^k_sizes must have shape \(G,\) with 1 <= G <= 1024"),
+        ((a, b, out, torch.zeros(0, dtype=torch.int32)), ValueError, r"^k_sizes must have shape \(G,\)"),
+        ((a, b, out, torch.zeros(4, dtype=torch.int32)[::2]), ValueError, r"^k_sizes must be contiguous"),
+        ((a, b, torch.zeros(3, 64, 32), sizes), ValueError, r"^out must be \[G, M, N\] with G = 2"),
+        (((a[0][:-16], a[1]), b, out, sizes), ValueError, r"^lhs\[0\] must hold M x \(its K capacity\)"),
+        ((a, _with_capacity(b, 32, 128), out, sizes), ValueError, r"^rhs\[0\] must hold 32 x lhs\[0\]'s K capacity"),
+        ((a, (b[0], b[1][:2]), out, sizes), ValueError, r"^rhs\[1\] must have shape \(3, 32\)"),
+    ]
+    for call_args, exc, pattern in cases:
+        with pytest.raises(exc, match=pattern):
+            check_k_grouped(*call_args, True)
+    with pytest.raises(ValueError, match=r"^k_sizes adds up to K = 512 in 4 blocks of 128, more than the operands"):
+        deep_gemm.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(a, b, out, torch.tensor([256, 256], dtype=torch.int32))
+    with pytest.raises(TypeError, match=r"^grouped_layout must be a torch.Tensor"):
+        deep_gemm.k_grouped_fp8_gemm_nt_contiguous(a, b, out, None, [128, 256])
+
+
+def test_k_grouped_device_sizes_trace_to_a_custom_op():
+    torch._dynamo.reset()
+    a, b, refs = _k_grouped([128, 256], 64, 32, _gen(8), "cpu")
+
+    def step(a, b, out, sizes):
+        deep_gemm.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(a, b, out, sizes)
+        return out
+
+    out = torch.zeros(2, 64, 32)
+    torch.compile(step, fullgraph=True, backend="aot_eager")(a, b, out, torch.tensor([128, 256], dtype=torch.int32))
+    _close(out[0], refs[0], 1e-9)
+    _close(out[1], refs[1], 1e-9)
+    torch._dynamo.reset()

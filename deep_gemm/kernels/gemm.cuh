@@ -16,7 +16,7 @@ namespace deep_gemm {
 template <int kShapeN_, int kShapeK_, int kBlockM_, int kBlockN_, int kNumStages_, int kStageKBlocks_, int kLayout_,
           int kNumGroups_, int kRasterGroup_, int kSplitK_, bool kPipelined_, bool kStreamB_, bool kScaleLoaderWarp_,
           bool kRowScalesB_, bool kOutFp32_, bool kAccumulate_, bool kBf16Operands_, bool kAMnMajor_, bool kBMnMajor_,
-          int kOutBuffers_>
+          int kOutBuffers_, bool kDeviceSizes_>
 struct GemmConfig {
     static constexpr int kShapeN = kShapeN_, kShapeK = kShapeK_, kBlockM = kBlockM_, kBlockN = kBlockN_;
     // A K block is one 128-byte swizzled row of shared memory: kBlockK is in *bytes* (every tile and
@@ -32,6 +32,9 @@ struct GemmConfig {
     static constexpr int kNumStages = kNumStages_;
     static constexpr int kStageKBlocks = kStageKBlocks_;  // K blocks a stage, one TMA load per operand
     static constexpr int kLayout = kLayout_, kNumGroups = kNumGroups_;
+    // K-grouped with the groups' sizes on the device: their maps and K blocks as a previous kernel
+    // wrote them (KGroupedDeviceParams), for CUDA graphs whose routing changes between replays.
+    static constexpr bool kDeviceSizes = kDeviceSizes_;
     static constexpr int kRasterGroup = kRasterGroup_;  // M blocks of a rasterisation band
     static constexpr int kSplitK = kSplitK_;            // > 1: the last wave's tiles may be split over K
     static constexpr bool kPipelined = kPipelined_;     // block k + 1's wgmmas run while block k is promoted
@@ -94,6 +97,7 @@ struct GemmConfig {
                       ((kRowScalesB || kBf16Operands) && kSplitK == 1 && kStageKBlocks == 1 && kMWaves == 1),
                   "K-grouped GEMMs: FP8 with B scaled per row, or bf16; unsplit, one K block a stage, 64 or 128 "
                   "rows a tile");
+    static_assert(!kDeviceSizes || kLayout == kKGrouped, "sizes on the device: K-grouped GEMMs only");
     static_assert(!kBf16Operands || (kMWaves == 1 && (kSplitK == 1 || kLayout == kDense) && kStageKBlocks == 1 &&
                                      !kPipelined && !kScaleLoaderWarp && !kRowScalesB),
                   "bf16 operands: 64 or 128 rows a tile, split over K only when dense, one K block a stage, no FP8 "
@@ -126,6 +130,15 @@ template <int kGroups>
 struct KGroupedParams {
     TmaDescriptor tma_a[kGroups], tma_b[kGroups];
     int32_t k_blocks[kGroups], kb_offset[kGroups];
+};
+
+// The same, for group sizes held on the device (CUDA-graph safe): the maps and [K blocks][first
+// scale rows] in global memory, as kernels/group_maps.cuh writes them just before this kernel
+// runs; a group with K blocks < 0 (invalid sizes) is skipped, its D left as that kernel filled it.
+struct KGroupedDeviceParams {
+    const TmaDescriptor* tma_a;
+    const TmaDescriptor* tma_b;
+    const int32_t* k_blocks;  // [2][G]: K blocks, then first scale rows
 };
 
 // What the scheduler reads per group: m_indices or masked_m in global memory, or the K-grouped
@@ -241,10 +254,17 @@ struct Producer {
         Tile tile;
         const uint64_t b_policy = C::kStreamB ? ptx::l2_evict_first_policy() : 0;
         constexpr bool kGrouped = C::kLayout == kKGrouped;
+        int32_t acquired_group = -1;
         while (scheduler.next(tile)) {
             const bool tail = is_tail_tile<C>(tile, p);
             const TmaDescriptor* map_a = kGrouped ? &groups->tma_a[tile.group] : tail ? &p.tma_a_tail : &p.tma_a;
             const TmaDescriptor* map_b = kGrouped ? &groups->tma_b[tile.group] : &p.tma_b;
+            // Maps another grid wrote (none for a group without K): read fresh.
+            if (C::kDeviceSizes && tile.group != acquired_group && tile.k_blocks > 0) {
+                ptx::tensormap_acquire(map_a);
+                ptx::tensormap_acquire(map_b);
+                acquired_group = tile.group;
+            }
             const TmaDescriptor* map_sa = tail ? &p.tma_sa_tail : &p.tma_sa;
             const uint32_t bytes = stage_bytes(tail ? p.a_tail_rows : C::kBlockM);
             const int32_t n0 = tile.n_block * C::kBlockN;
@@ -940,7 +960,17 @@ __global__ void __launch_bounds__(C::kNumThreads, 1) gemm_kernel(const __grid_co
 template <class C>
 __global__ void __launch_bounds__(C::kNumThreads, 1)
     k_grouped_gemm_kernel(const __grid_constant__ GemmParams params, const __grid_constant__ KGroupedParams<C::kNumGroups> groups) {
-    static_assert(C::kLayout == kKGrouped, "only K-grouped GEMMs take per-group tensor maps");
+    static_assert(C::kLayout == kKGrouped && !C::kDeviceSizes, "K-grouped GEMMs with sizes on the host");
+    run_gemm<C>(params, &groups);
+}
+
+// K-grouped GEMMs whose group sizes stay on the device: the maps and K blocks that
+// group_maps_kernel (kernels/group_maps.cuh) wrote to global memory just before, on this stream.
+template <class C>
+__global__ void __launch_bounds__(C::kNumThreads, 1)
+    k_grouped_device_gemm_kernel(const __grid_constant__ GemmParams params,
+                                 const __grid_constant__ KGroupedDeviceParams groups) {
+    static_assert(C::kLayout == kKGrouped && C::kDeviceSizes, "K-grouped GEMMs with sizes on the device");
     run_gemm<C>(params, &groups);
 }
 

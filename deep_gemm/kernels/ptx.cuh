@@ -205,6 +205,32 @@ DG_DEVICE int32_t atomic_add_acq_rel_gpu(int32_t* p, int32_t v) {
     return old;
 }
 
+// ---- tensor maps written by a kernel (the graph-safe K-grouped GEMM's, kernels/group_maps.cuh) ----
+// Fields of a 128-byte tensor map in global memory, rewritten in place (generic-proxy writes): the
+// base address, dimension `kDim`'s extent and, for kDim >= 1, dimension kDim's stride in bytes.
+DG_DEVICE void tensormap_set_address(TmaDescriptor* map, uint64_t address) {
+    asm volatile("tensormap.replace.tile.global_address.global.b1024.b64 [%0], %1;\n" ::"l"(map), "l"(address)
+                 : "memory");
+}
+template <int kDim>
+DG_DEVICE void tensormap_set_extent(TmaDescriptor* map, uint32_t extent) {
+    asm volatile("tensormap.replace.tile.global_dim.global.b1024.b32 [%0], %1, %2;\n" ::"l"(map), "n"(kDim),
+                 "r"(extent) : "memory");
+}
+template <int kDim>
+DG_DEVICE void tensormap_set_stride(TmaDescriptor* map, uint64_t stride_bytes) {
+    static_assert(kDim >= 1, "dimension 0 is contiguous: it has no stride field");
+    asm volatile("tensormap.replace.tile.global_stride.global.b1024.b64 [%0], %1, %2;\n" ::"l"(map), "n"(kDim - 1),
+                 "l"(stride_bytes) : "memory");
+}
+// The writer's side: its generic-proxy writes of tensor maps are ordered before later reads of
+// them through the tensor-map proxy (TMA), once a reader acquires them.
+DG_DEVICE void tensormap_release() { asm volatile("fence.proxy.tensormap::generic.release.gpu;\n" ::: "memory"); }
+// The reader's side, before a map written by another grid is first used by TMA.
+DG_DEVICE void tensormap_acquire(const TmaDescriptor* map) {
+    asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(map) : "memory");
+}
+
 }  // namespace ptx
 
 // ---- programmatic dependent launch (PDL) -------------------------------------------------------

@@ -125,8 +125,9 @@ struct Scheduler {
     }
 
     // Every group has the same M and N, so the same tiles; a group with no K (nothing to add to
-    // D) is skipped when accumulating, and stores zeros otherwise. group_info is in parameter
-    // space: plain loads.
+    // D) is skipped when accumulating, and stores zeros otherwise; one marked invalid (K blocks < 0,
+    // sizes read on the device) is skipped. group_info is in parameter space, or global memory a
+    // previous grid wrote: plain loads.
     DG_DEVICE bool next_k_grouped(int32_t t, Tile& tile) {
         const int32_t num_m_blocks = (shape_m + C::kBlockM - 1) / C::kBlockM;
         const int32_t group_tiles = num_m_blocks * kNumNBlocks;
@@ -134,7 +135,7 @@ struct Scheduler {
         if (tile.group >= C::kNumGroups) return false;
         tile.k_blocks = group_info[tile.group];
         tile.kb_offset = group_info[C::kNumGroups + tile.group];
-        if (C::kAccumulate && tile.k_blocks == 0) return false;
+        if (tile.k_blocks < 0 || (C::kAccumulate && tile.k_blocks == 0)) return false;
         raster(t - tile.group * group_tiles, num_m_blocks, tile.m_block, tile.n_block);
         tile.row_begin = tile.m_block * C::kBlockM;
         tile.rows_valid = min(C::kBlockM, shape_m - tile.row_begin);

@@ -15,6 +15,7 @@ views, writing d in place. Neither reads masked_m or m_indices on the host (CUDA
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -25,7 +26,7 @@ from ..plan import bf16_dense_kernel_pays, plan_bf16
 from ..runtime.launch import LaunchCache
 from ..utils import sms_for
 from .device import runs_on_hopper
-from .validation import index_tensor, same_device
+from .validation import index_tensor, same_device, sizes_tensor
 
 _BF16 = torch.bfloat16
 TMA_ELEMS = 8   # 16 bytes of bf16
@@ -124,11 +125,15 @@ def check_m_grouped(a, b, d, masked: bool) -> int:
     return g
 
 
-def check_k_grouped(a, b, d, ks_cpu, grouped_layout=None) -> tuple:
+def check_k_grouped(a, b, d, ks_cpu, grouped_layout=None):
     """MoE weight gradient: a [sum k_g, M], b [sum k_g, N] (MN-major: tokens of each group in turn
     along dim 0), d float32 [G, M, N]; ks_cpu Python ints >= 0 summing to the rows of a and b (each
     a multiple of 8 for 16-byte aligned group starts); grouped_layout, when given, the same sizes
-    as int32 [G] on the device (checked, not read)."""
+    as int32 [G] on the device (checked, not read). Returns the sizes: a tuple, or with ks_cpu=None
+    grouped_layout itself, read where the GEMM runs (a and b may then hold more rows than the
+    groups use, the same number)."""
+    if ks_cpu is None:
+        return _check_k_grouped_device_sizes(a, b, d, grouped_layout)
     if not isinstance(ks_cpu, (list, tuple)):
         raise TypeError(f"ks_cpu must be a list of Python ints (each group's K), got {type(ks_cpu).__name__}")
     for g, k in enumerate(ks_cpu):
@@ -151,6 +156,33 @@ def check_k_grouped(a, b, d, ks_cpu, grouped_layout=None) -> tuple:
     if grouped_layout is not None:
         index_tensor(grouped_layout, "grouped_layout", len(ks_cpu), a.device, "(each group's K)", "a")
     return tuple(ks_cpu)
+
+
+def _check_k_grouped_device_sizes(a, b, d, sizes) -> torch.Tensor:
+    if not isinstance(sizes, torch.Tensor):
+        raise TypeError(f"grouped_layout must be a torch.Tensor (int32 [G], each group's K) when ks_cpu is None, got "
+                        f"{type(sizes).__name__}")
+    sizes_tensor(sizes, "grouped_layout")
+    operand(a, "a", 2, "[K capacity, M]")
+    operand(b, "b", 2, "[K capacity, N]")
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"a and b must hold the same number of rows (tokens), got shapes {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    same_device(a.device, (("b", b), ("grouped_layout", sizes)), "a")
+    output(d, (sizes.shape[0], a.shape[1], b.shape[1]), a.device, "a", fp32_ok=True, fp32_only=True)
+    return sizes
+
+
+def _sizes_values(sizes: torch.Tensor, capacity: int) -> tuple:
+    """A sizes tensor's values, read on the host where the kernel does not run: each K a non-negative
+    multiple of 8, and the groups within the rows of a and b."""
+    ks = tuple(int(k) for k in sizes.tolist())
+    for g, k in enumerate(ks):
+        if k < 0 or k % TMA_ELEMS:
+            raise ValueError(f"grouped_layout[{g}] must be a non-negative multiple of {TMA_ELEMS}, got {k}")
+    if sum(ks) > capacity:
+        raise ValueError(f"grouped_layout adds up to {sum(ks)} rows, more than a and b hold ({capacity})")
+    return ks
 
 
 # ---- execution: the kernel ------------------------------------------------------------------------
@@ -245,7 +277,12 @@ def try_fire_masked(a, b, d, masked_m, expected_m):
 def try_fire_k_grouped(a, b, d, ks_cpu, grouped_layout, accumulate: bool):
     """_try_fire of a K-grouped call: only for a list or tuple of plain ints (a bool or numpy int equal
     to a cached size must not hit, since validation rejects them), after grouped_layout passed its
-    check (the one thing of the call its key and guard do not cover)."""
+    check (the one thing of the call its key and guard do not cover); with ks_cpu=None, the sizes
+    tensor is one of the call's tensors."""
+    if ks_cpu is None:
+        if type(a) is not torch.Tensor or type(grouped_layout) is not torch.Tensor:
+            return False, None
+        return _try_fire((a, b, d, grouped_layout), (_K_GROUPED, None, accumulate))
     if type(a) is not torch.Tensor or not _utils.ints_only(ks_cpu):
         return False, None
     index_tensor(grouped_layout, "grouped_layout", len(ks_cpu), a.device, "(each group's K)", "a")
@@ -379,23 +416,32 @@ def run_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, masked_m: torc
 
 
 def k_grouped_kernel_takes(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, ks) -> bool:
-    """Whether the BF16 kernel runs this validated K-grouped call: a Hopper GPU, some K, at most
-    K_GROUPED_MAX_GROUPS groups, rows of a and b 16-byte aligned, d contiguous with rows of 16 bytes."""
-    if not (any(ks) and len(ks) <= K_GROUPED_MAX_GROUPS and a.shape[1] and b.shape[1] and a.is_cuda
-            and runs_on_hopper(a.device)):
+    """Whether the BF16 kernel runs this validated K-grouped call: a Hopper GPU, some K (sizes on the
+    device: maybe), at most K_GROUPED_MAX_GROUPS groups with sizes on the host, rows of a and b
+    16-byte aligned, d contiguous with rows of 16 bytes."""
+    some_k = isinstance(ks, torch.Tensor) or (any(ks) and len(ks) <= K_GROUPED_MAX_GROUPS)
+    if not (some_k and a.shape[1] and b.shape[1] and a.is_cuda and runs_on_hopper(a.device)):
         return False
     return _rows_aligned(a) and _rows_aligned(b) and d.is_contiguous() and d.shape[-1] % 4 == 0
 
 
-def run_k_grouped(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, ks: tuple, accumulate: bool, key=None) -> None:
-    """d[g] (+)= a_g^T @ b_g, a_g / b_g the rows of group g; a group of K = 0 adds nothing. key:
-    try_fire_k_grouped's (the kernel's launch is cached under it)."""
+def run_k_grouped(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, ks, accumulate: bool, key=None) -> None:
+    """d[g] (+)= a_g^T @ b_g, a_g / b_g the rows of group g; a group of K = 0 adds nothing. ks: a
+    tuple, or an int32 tensor whose values the kernel reads on the device (kernels/group_maps.cuh;
+    elsewhere they are read and checked here). key: try_fire_k_grouped's (the kernel's launch is
+    cached under it)."""
+    on_device = isinstance(ks, torch.Tensor)
     if k_grouped_kernel_takes(a, b, d, ks):
         m, n = a.shape[1], b.shape[1]
         num_sms = sms_for(a.device.index, key)
         config = plan_bf16(m, n, 0, num_sms, accumulate=accumulate, layout=Layout.K_GROUPED, num_groups=len(ks))
-        _fire_new(config, a, b, d, m, None, num_sms, key, (a, b, d), k_sizes=ks)
+        if on_device:
+            config = dataclasses.replace(config, device_sizes=True)
+        tensors = (a, b, d, ks) if on_device else (a, b, d)
+        _fire_new(config, a, b, d, m, None, num_sms, key, tensors, k_sizes=ks)
         return
+    if on_device:
+        ks = _sizes_values(ks, a.shape[0])
     start = 0
     for g, k in enumerate(ks):
         result = _product(a[start:start + k].T, b[start:start + k], True)

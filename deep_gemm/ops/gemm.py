@@ -12,6 +12,7 @@ way, which validates everything.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -24,7 +25,7 @@ from ..runtime.launch import LaunchCache
 from .. import utils as _utils
 from ..utils import sms_for
 from .device import runs_on_hopper
-from .validation import V1_NAMES, GemmArgs, check_gemm, check_k_grouped
+from .validation import V1_NAMES, GemmArgs, check_gemm, check_k_grouped, sizes_values
 
 _launches = LaunchCache()
 _HINT_TYPES = frozenset((int, type(None)))
@@ -124,6 +125,8 @@ def _launch(args: GemmArgs, num_sms: int):
             copy_back = lambda: None  # noqa: E731
     config = plan_cached(min(args.expected_m, args.m), args.n, args.k, num_sms, args.layout, args.num_groups,
                          args.row_scales_b, out.dtype == torch.float32, args.accumulate)
+    if isinstance(args.k_sizes, torch.Tensor):   # K-grouped, the sizes read on the device
+        config = dataclasses.replace(config, device_sizes=True)
     rows = args.m * (args.num_groups if args.layout == Layout.MASKED else 1)
     launch = _runtime().prepare_gemm(config, a=a, a_rows=rows, sa=args.sa, sa_rows=args.m, b=b, b_rows=b.shape[0],
                                      sb=args.sb, out=out, out_rows=rows, shape_m=args.m, group_info=args.index,
@@ -139,7 +142,8 @@ def run(layout: int, lhs, rhs, out: Optional[torch.Tensor] = None, index=None, e
     caller's names of the arguments, for error messages (ops/validation.check_gemm).
     row_scales_b: B scaled per row and 128-K block; accumulate: out += A B^T (fp32 out), after
     `addend` (checked by the caller) is copied into out once the call is validated. K-grouped
-    (layout K_GROUPED): flat operands, k_sizes each group's K, out [G, M, N] fp32. fp32_out_ok: a
+    (layout K_GROUPED): flat operands, k_sizes each group's K (ints, or an int32 tensor on the
+    operands' device, read there by the kernels on a Hopper GPU), out [G, M, N] fp32. fp32_out_ok: a
     dense out may be fp32 (the training and DeepGEMM 2.x calls; the v1 bf16 call refuses it)."""
     if out is None and layout == Layout.DENSE:
         out = _new_dense_out(lhs, rhs)
@@ -157,7 +161,7 @@ def run(layout: int, lhs, rhs, out: Optional[torch.Tensor] = None, index=None, e
                           accumulate, fp32_out_ok or accumulate)
     if addend is not None:
         out.copy_(addend)
-    if layout == Layout.K_GROUPED and not any(args.k_sizes):   # no K at all: nothing to add, or zeros
+    if layout == Layout.K_GROUPED and type(args.k_sizes) is tuple and not any(args.k_sizes):   # no K: D or zeros
         if not accumulate:
             out.zero_()
         return out
@@ -167,6 +171,8 @@ def run(layout: int, lhs, rhs, out: Optional[torch.Tensor] = None, index=None, e
     if args.m == 0:
         return result
     if not runs_on_hopper(args.a.device):
+        if isinstance(args.k_sizes, torch.Tensor):   # sizes on the device, read here: checked here
+            args = args._replace(k_sizes=sizes_values(args, names["k_sizes"]))
         _run_reference(args)
         return result
     launch, copy_back = _launch(args, sms_for(args.a.device.index, key))
@@ -183,8 +189,11 @@ def _try_cached(layout: int, lhs, rhs, out, index, expected_m, row_scales_b: boo
     """(fired, key, flat): fire the launch cached for this call, or its layout's template. A key only
     for (tensor, scales) tuples and an int (or no) hint: a bool or numpy int equal to a cached int
     must not hit, since validation rejects them. K-grouped: the group sizes are part of the key (a
-    tuple of ints exactly: anything else is validated the long way)."""
-    sizes_ok = k_sizes is None or type(k_sizes) is tuple and _utils.ints_only(k_sizes)
+    tuple of ints exactly: anything else is validated the long way), or, as a tensor, one of the
+    call's tensors (its values never reach the host)."""
+    if type(k_sizes) is torch.Tensor:
+        index, k_sizes = k_sizes, _DEVICE_SIZES
+    sizes_ok = k_sizes is None or k_sizes is _DEVICE_SIZES or type(k_sizes) is tuple and _utils.ints_only(k_sizes)
     if not (type(lhs) is tuple and type(rhs) is tuple and type(expected_m) in _HINT_TYPES and sizes_ok):
         return False, None, None
     try:
@@ -221,9 +230,14 @@ def _same_tensors(args: GemmArgs, flat: tuple) -> bool:
     views of the caller's, which validation never copies), so the cache key describes the launch
     fully."""
     if args.layout == Layout.K_GROUPED:
-        return all(x is y for x, y in zip((args.a, args.b, args.out), flat[::2])) and \
+        on_device = args.k_sizes if isinstance(args.k_sizes, torch.Tensor) else None
+        sizes_ok = (flat[5] if len(flat) > 5 else None) is on_device
+        return all(x is y for x, y in zip((args.a, args.b, args.out), flat[::2])) and sizes_ok and \
             args.sa.data_ptr() == flat[1].data_ptr() and args.sb.data_ptr() == flat[3].data_ptr()
     return all(x is y for x, y in zip((args.a, args.sa, args.b, args.sb, args.out, args.index), flat))
+
+
+_DEVICE_SIZES = "device"   # a launch key's K-grouped sizes when they stay on the device
 
 
 def _new_dense_out(lhs, rhs) -> Optional[torch.Tensor]:

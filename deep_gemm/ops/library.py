@@ -45,6 +45,11 @@ def _k_grouped(a, sa, b, sb, out, k_sizes, accumulate):
              names=K_GROUPED_NAMES)
 
 
+def _k_grouped_device_sizes(a, sa, b, sb, out, k_sizes, accumulate):
+    gemm.run(Layout.K_GROUPED, (a, sa), (b, sb), out, row_scales_b=True, accumulate=accumulate, k_sizes=k_sizes,
+             names=K_GROUPED_NAMES)
+
+
 def _bf16_dense(a, b, out, accumulate):
     bf16.run_dense(a, b, out, accumulate)
 
@@ -58,7 +63,7 @@ def _bf16_masked(a, b, out, masked_m, expected_m):
 
 
 def _bf16_k_grouped(a, b, out, k_sizes, accumulate):
-    bf16.run_k_grouped(a, b, out, tuple(k_sizes), accumulate)
+    bf16.run_k_grouped(a, b, out, k_sizes if isinstance(k_sizes, torch.Tensor) else tuple(k_sizes), accumulate)
 
 
 def tma_scales_strides(shape) -> tuple:
@@ -161,6 +166,10 @@ def _bf16_k_grouped_fake(a, b, out, k_sizes, accumulate):
     bf16.output(out, (len(k_sizes), a.shape[1], b.shape[1]), a.device, "a", fp32_ok=True, fp32_only=True)
 
 
+def _bf16_k_grouped_device_sizes_fake(a, b, out, k_sizes, accumulate):
+    bf16.output(out, (k_sizes.shape[0], a.shape[1], b.shape[1]), a.device, "a", fp32_ok=True, fp32_only=True)
+
+
 def _new_tma_scales(like, shape):
     m, kb = shape[-2], shape[-1]
     return like.new_empty((*shape[:-2], kb, (m + 3) // 4 * 4), dtype=torch.float32).transpose(-1, -2)[..., :m, :]
@@ -202,6 +211,9 @@ OPS = {
     "k_grouped_fp8_gemm_nt": (
         f"({_GEMM_ARGS}, Tensor(a!) out, int[] k_sizes, bool accumulate) -> ()", ("out",), _k_grouped,
         _k_grouped_fake),
+    "k_grouped_fp8_gemm_nt_device_sizes": (   # the sizes an int32 tensor (read on the device on a GPU)
+        f"({_GEMM_ARGS}, Tensor(a!) out, Tensor k_sizes, bool accumulate) -> ()", ("out",), _k_grouped_device_sizes,
+        _k_grouped_fake),
     # BF16 (issue #22): a [M, K] / b [N, K] views in any layout (dense), as api.py hands them over
     "bf16_gemm_nt": ("(Tensor a, Tensor b, Tensor(a!) out, bool accumulate) -> ()", ("out",), _bf16_dense,
                      _bf16_dense_fake),
@@ -211,6 +223,9 @@ OPS = {
                                       ("out",), _bf16_masked, _bf16_masked_fake),
     "k_grouped_bf16_gemm_tn": ("(Tensor a, Tensor b, Tensor(a!) out, int[] k_sizes, bool accumulate) -> ()", ("out",),
                                _bf16_k_grouped, _bf16_k_grouped_fake),
+    "k_grouped_bf16_gemm_tn_device_sizes": (
+        "(Tensor a, Tensor b, Tensor(a!) out, Tensor k_sizes, bool accumulate) -> ()", ("out",), _bf16_k_grouped,
+        _bf16_k_grouped_device_sizes_fake),
     "per_token_cast_to_fp8": ("(Tensor x) -> (Tensor, Tensor)", (), _per_token, _per_token_fake),
     "per_block_cast_to_fp8": ("(Tensor x) -> (Tensor, Tensor)", (), _per_block, _per_block_fake),
     "per_token_cast_to_fp8_transposed": ("(Tensor x) -> (Tensor, Tensor)", (), _transposed, _transposed_fake),

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..config import K_GROUPED_MAX_GROUPS, Layout
+from ..config import K_GROUPED_DEVICE_MAX_GROUPS, K_GROUPED_MAX_GROUPS, Layout
 from ..utils import get_col_major_tma_aligned_tensor, get_tma_aligned_size, is_col_major_tma_aligned
 
 _FP8 = torch.float8_e4m3fn
@@ -34,7 +34,7 @@ class GemmArgs(NamedTuple):
     expected_m: int                 # masked: the planning hint; else m
     row_scales_b: bool = False      # sb per row and 128-K block (recipe (1, 1, 128))
     accumulate: bool = False        # out += A B^T (fp32 out)
-    k_sizes: tuple = ()             # K-grouped: each group's K
+    k_sizes: tuple = ()             # K-grouped: each group's K (a tuple, or an int32 tensor on the GPU)
 
 
 # ---- one rule per kind of operand ------------------------------------------------------------------
@@ -229,11 +229,12 @@ def check_gemm(layout: Layout, lhs, rhs, out=None, index=None, expected_m=None, 
 K_GROUPED_NAMES = {"lhs": "lhs", "rhs": "rhs", "out": "out", "k_sizes": "k_sizes"}
 
 
-def group_sizes(k_sizes, name: str) -> tuple:
+def group_sizes(k_sizes, name: str, max_groups: int = K_GROUPED_MAX_GROUPS) -> tuple:
     """Each group's K: Python ints >= 0, multiples of 16 (each group's block starts 16-byte aligned
     for TMA; a K that is not a multiple of 128 ends in a partial, zero-padded scale block)."""
     if not isinstance(k_sizes, (list, tuple)):
-        raise TypeError(f"{name} must be a list of Python ints (each group's K), got {type(k_sizes).__name__}")
+        raise TypeError(f"{name} must be a list of Python ints (each group's K) or an int32 CUDA tensor of them, got "
+                        f"{type(k_sizes).__name__}")
     for g, k in enumerate(k_sizes):
         if isinstance(k, bool) or not isinstance(k, int):
             raise TypeError(f"{name}[{g}] must be a Python int, got {type(k).__name__}")
@@ -242,25 +243,56 @@ def group_sizes(k_sizes, name: str) -> tuple:
                              f"got {k}")
     if not k_sizes:
         raise ValueError(f"{name} must name at least one group, got an empty list")
-    if len(k_sizes) > K_GROUPED_MAX_GROUPS:
+    if len(k_sizes) > max_groups:
         raise ValueError(f"{name} has {len(k_sizes)} groups; one K-grouped call takes at most {K_GROUPED_MAX_GROUPS} "
-                         f"(their tensor maps are kernel parameters): split the groups over several calls")
+                         f"with sizes on the host (their tensor maps are kernel parameters): pass the sizes as an "
+                         f"int32 CUDA tensor (up to {K_GROUPED_DEVICE_MAX_GROUPS} groups) or split the groups over "
+                         f"several calls")
     return tuple(k_sizes)
+
+
+def sizes_tensor(k_sizes, name: str, max_groups: int = K_GROUPED_DEVICE_MAX_GROUPS) -> torch.Tensor:
+    """Group sizes as a tensor: int32 [G], 1 <= G <= max_groups, contiguous (its values are checked
+    where they are read: on the host for a CPU tensor, by the kernels for a CUDA one)."""
+    if k_sizes.dtype != torch.int32:
+        raise TypeError(f"{name} must be torch.int32 (each group's K), got {k_sizes.dtype}")
+    if k_sizes.dim() != 1 or not 1 <= k_sizes.shape[0] <= max_groups:
+        raise ValueError(f"{name} must have shape (G,) with 1 <= G <= {max_groups}, got {tuple(k_sizes.shape)}")
+    if k_sizes.shape[0] > 1 and k_sizes.stride(0) != 1:
+        raise ValueError(f"{name} must be contiguous, got stride {k_sizes.stride()}")
+    return k_sizes
+
+
+def sizes_values(args: GemmArgs, name: str) -> tuple:
+    """The values of a validated call's sizes tensor, read on the host (the reference path): the
+    rules of a list's, and the groups must fit in the K and the scale rows the operands hold."""
+    ks = group_sizes([int(k) for k in args.k_sizes.tolist()], name, K_GROUPED_DEVICE_MAX_GROUPS)
+    total_k, total_kb = sum(ks), sum((k + 127) // 128 for k in ks)
+    if total_k > args.k or total_kb > args.sa.shape[-1]:
+        raise ValueError(f"{name} adds up to K = {total_k} in {total_kb} blocks of 128, more than the operands hold "
+                         f"(K = {args.k}, {args.sa.shape[-1]} rows of scales)")
+    return ks
 
 
 def check_k_grouped(lhs, rhs, out, k_sizes, accumulate: bool, names=K_GROUPED_NAMES) -> GemmArgs:
     """Validate a K-grouped call: lhs = (A flat e4m3 holding each group's [M, k_g] block in turn,
-    sa float32 [sum ceil(k_g/128), M]), rhs likewise with N, out float32 [G, M, N] contiguous."""
+    sa float32 [sum ceil(k_g/128), M]), rhs likewise with N, out float32 [G, M, N] contiguous.
+    k_sizes: Python ints, or an int32 tensor [G] on the operands' device that stays there (the
+    returned GemmArgs.k_sizes): then A and B may hold more K than the groups use (a capacity, the
+    same for both, as are the scales' rows) and the sizes are checked where they are read (by the
+    kernels, kernels/group_maps.cuh, or by sizes_values)."""
     lhs_, rhs_, out_ = names["lhs"], names["rhs"], names["out"]
-    ks = group_sizes(k_sizes, names["k_sizes"])
+    on_device = isinstance(k_sizes, torch.Tensor)
+    ks = sizes_tensor(k_sizes, names["k_sizes"]) if on_device else group_sizes(k_sizes, names["k_sizes"])
+    num_groups = ks.shape[0] if on_device else len(ks)
     a, sa = fp8_operand(lhs, lhs_, 1, "(each group's [M, k_g] block in turn, flat)")
     b, sb = fp8_operand(rhs, rhs_, 1, "(each group's [N, k_g] block in turn, flat)")
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{out_} must be a torch.Tensor, got {type(out).__name__}")
     if out.dtype != torch.float32:
         raise TypeError(f"{out_} must be torch.float32, got {out.dtype}")
-    if out.dim() != 3 or out.shape[0] != len(ks):
-        raise ValueError(f"{out_} must be [G, M, N] with G = {len(ks)} (one group per {names['k_sizes']} entry), "
+    if out.dim() != 3 or out.shape[0] != num_groups:
+        raise ValueError(f"{out_} must be [G, M, N] with G = {num_groups} (one group per {names['k_sizes']} entry), "
                          f"got shape {tuple(out.shape)}")
     g, m, n = out.shape
     if m % 4 or n % 4 or m < 1 or n < 1:
@@ -269,22 +301,34 @@ def check_k_grouped(lhs, rhs, out, k_sizes, accumulate: bool, names=K_GROUPED_NA
     if not out.is_contiguous():
         raise ValueError(f"{out_} must be contiguous, got strides {out.stride()}")
     device, first = a.device, f"{lhs_}[0]"
-    same_device(device, ((f"{lhs_}[1]", sa), (f"{rhs_}[0]", b), (f"{rhs_}[1]", sb), (out_, out)), first)
-    total_k, total_kb = sum(ks), sum((k + 127) // 128 for k in ks)
+    tensors = ((f"{lhs_}[1]", sa), (f"{rhs_}[0]", b), (f"{rhs_}[1]", sb), (out_, out))
+    same_device(device, tensors + (((names["k_sizes"], ks),) if on_device else ()), first)
+    if on_device:   # what the flat tensors hold: the groups may use less
+        if a.numel() % m:
+            raise ValueError(f"{first} must hold M x (its K capacity) elements, M = {m}: got {a.numel()}")
+        total_k = a.numel() // m
+        sum_k = f"{first}'s K capacity ({first}.numel() / M = {total_k})"
+        # The scales' capacity in K blocks is A's scale rows; B's must match.
+        total_kb = sa.shape[0] if sa.dim() == 2 and sa.shape[1] == m else None
+    else:
+        total_k, total_kb = sum(ks), sum((k + 127) // 128 for k in ks)
+        sum_k = f"sum({names['k_sizes']})"
     for name, x, rows in ((first, a, m), (f"{rhs_}[0]", b, n)):
         if x.numel() != rows * total_k:
-            raise ValueError(f"{name} must hold {rows} x sum({names['k_sizes']}) = {rows * total_k} elements, got "
-                             f"{x.numel()}")
+            raise ValueError(f"{name} must hold {rows} x {sum_k} = {rows * total_k} elements, got {x.numel()}")
         if x.numel() and x.stride(0) != 1:
             raise ValueError(f"{name} must be contiguous, got stride {x.stride()}")
         aligned_start(x, name)
     for name, s, rows in ((f"{lhs_}[1]", sa, m), (f"{rhs_}[1]", sb, n)):
-        if s.shape != (total_kb, rows):
-            raise ValueError(f"{name} must have shape {(total_kb, rows)} (one row per 128-K block of each group in "
-                             f"turn, one scale per row of the operand), got {tuple(s.shape)}")
+        if total_kb is None or s.shape != (total_kb, rows):
+            want = f"({total_kb}, {rows})" if total_kb is not None else f"(KB, {rows}), KB its rows of 128-K blocks"
+            raise ValueError(f"{name} must have shape {want} (one row per 128-K block of each group in turn, one scale "
+                             f"per row of the operand), got {tuple(s.shape)}")
         if not s.is_contiguous():
             raise ValueError(f"{name} must be contiguous (row-major), got strides {s.stride()}")
         aligned_start(s, name)
     aligned_start(out, out_)
-    # Kernels see the scales as [rows, sum of K blocks] column-major, as every other layout's.
-    return GemmArgs(Layout.K_GROUPED, a, sa.T, b, sb.T, out, None, m, n, max(ks), g, m, True, accumulate, ks)
+    # Kernels see the scales as [rows, sum of K blocks] column-major, as every other layout's; the
+    # planner ignores K (the largest group's, or the capacity).
+    return GemmArgs(Layout.K_GROUPED, a, sa.T, b, sb.T, out, None, m, n, total_k if on_device else max(ks), g, m,
+                    True, accumulate, ks)

@@ -7,14 +7,16 @@ from typing import Optional
 
 import torch
 
-from ..config import (BLOCK_K, GEMM_PARAMS, MAP, KernelConfig, Layout, ceil_div, k_grouped_params, param_layout,
-                      store_chunk_cols)
+from ..config import (BLOCK_K, GEMM_PARAMS, GROUP_MAPS_PARAMS, K_GROUPED_DEVICE_PARAMS, MAP, KernelConfig, Layout,
+                      ceil_div, k_grouped_params, param_layout, store_chunk_cols)
 from ..jit import compile_kernel
+from ..jit.group_maps_source import THREADS as GROUP_MAPS_THREADS
+from ..jit.group_maps_source import group_maps_label, group_maps_source
 from ..jit.kernel_source import gemm_source
 from .driver import LoadedKernel
-from .launch import GEMM_PARAM_OFFSETS, PreparedLaunch, current_raw_stream, pack_gemm_params
+from .launch import GEMM_PARAM_OFFSETS, LaunchChain, PreparedLaunch, current_raw_stream, pack_gemm_params, params_struct
 from .tma import SWIZZLE_128B, tensor_map, tensor_map_2d
-from .workspace import split_k_workspace
+from .workspace import group_maps_workspace, split_k_workspace
 
 _NO_MAP = bytes(128)   # an unused tensor-map parameter
 # The tensors whose addresses a GEMM launch holds, numbered as ops/gemm.run lists a call's tensors
@@ -76,6 +78,18 @@ def gemm_kernel(config: KernelConfig, device_index: int) -> LoadedKernel:
                      num_threads=config.num_threads, smem_bytes=config.smem_bytes)
 
 
+def group_maps_kernel(mn_major: bool, device_index: int) -> LoadedKernel:
+    """The loaded kernel that writes a K-grouped GEMM's tensor maps from sizes on the device."""
+    key = ("group_maps", mn_major, device_index)
+    kernel = _loaded.get(key)
+    if kernel is not None:
+        return kernel
+    label = group_maps_label(mn_major)
+    return load_once(_loaded, key, device_index, build=lambda: (*group_maps_source(mn_major), label),
+                     what=f"kernel {label}",
+                     preload_hint="Run the same call once before capture (warm-up).", num_threads=GROUP_MAPS_THREADS)
+
+
 def a_tail_rows(config: KernelConfig, shape_m: int) -> int:
     """Rows of the boxes through which a dense M's last, partial block loads A and A's scales (0
     when it is whole, for grouped layouts and MN-major A): the block's rows, rounded up to 8 with
@@ -127,9 +141,42 @@ def k_grouped_param_block(config: KernelConfig, a: torch.Tensor, b: torch.Tensor
     return bytes(block), relocations
 
 
+_GROUP_MAPS_STRUCT, _GROUP_MAPS_NAMES = params_struct(GROUP_MAPS_PARAMS)
+_DEVICE_GROUPS_STRUCT, _ = params_struct(K_GROUPED_DEVICE_PARAMS)
+_NO_SCALES = 2**31 - 1   # K blocks the scales of bf16 operands (none) hold
+
+
+def prepare_group_maps(config: KernelConfig, a: torch.Tensor, b: torch.Tensor, sa: Optional[torch.Tensor],
+                       out: torch.Tensor, k_sizes: torch.Tensor, m: int, stream: int) -> tuple:
+    """(second kernel parameter of the GEMM, launch of the kernel that fills it): a K-grouped GEMM
+    with its group sizes on the device (config.device_sizes). The kernel of kernels/group_maps.cuh
+    writes each group's maps of A and B, from templates encoded here (only their start, K and
+    stride differ), and its K blocks into the stream's workspace, where the GEMM reads them."""
+    g, n = config.num_groups, config.shape_n
+    maps_a = group_maps_workspace(a.device, stream, g * (2 * 128 + 2 * 4))
+    maps_b, k_blocks = maps_a + 128 * g, maps_a + 256 * g
+    if config.bf16_operands:   # rows [K_g][M] of a [sum K, M] tensor: any K (a K block) for the template
+        template_a = mn_major_map(a.data_ptr(), m, config.block_k, a.stride(0), config)
+        template_b = mn_major_map(b.data_ptr(), n, config.block_k, b.stride(0), config)
+        per_k_a, per_k_b, capacity, kb_capacity = a.stride(0) * 2, b.stride(0) * 2, a.shape[0], _NO_SCALES
+    else:   # [rows, K_g] row-major blocks of the flat fp8 tensors
+        template_a = tensor_map_2d(a.data_ptr(), "u8", BLOCK_K, m, BLOCK_K, BLOCK_K, config.block_m, SWIZZLE_128B)
+        template_b = tensor_map_2d(b.data_ptr(), "u8", BLOCK_K, n, BLOCK_K, BLOCK_K, config.block_n, SWIZZLE_128B)
+        per_k_a, per_k_b, capacity, kb_capacity = m, n, a.numel() // m, sa.shape[-1]
+    fields = dict(map_a=template_a, map_b=template_b, maps_a=maps_a, maps_b=maps_b, k_blocks=k_blocks,
+                  out=out.data_ptr(), k_sizes=k_sizes.data_ptr(), a_base=a.data_ptr(), b_base=b.data_ptr(),
+                  a_bytes_per_k=per_k_a, b_bytes_per_k=per_k_b, k_capacity=capacity, out_group_floats=m * n,
+                  kb_capacity=kb_capacity, num_groups=g, k_multiple=8 if config.bf16_operands else 16,
+                  block_k=config.block_k)
+    params = _GROUP_MAPS_STRUCT.pack(*(fields[name] for name in _GROUP_MAPS_NAMES))
+    kernel = group_maps_kernel(config.bf16_operands, a.device.index)
+    maps_launch = PreparedLaunch(kernel, 1, params, (0,), stream, a.device.index)
+    return _DEVICE_GROUPS_STRUCT.pack(maps_a, maps_b, k_blocks), maps_launch
+
+
 def prepare_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: Optional[torch.Tensor],
                  sa_rows: int, b: torch.Tensor, b_rows: int, sb: Optional[torch.Tensor], out: torch.Tensor,
-                 out_rows: int, shape_m: int, group_info, num_sms: int, k_sizes=None) -> PreparedLaunch:
+                 out_rows: int, shape_m: int, group_info, num_sms: int, k_sizes=None) -> PreparedLaunch | LaunchChain:
     """The GEMM over 2-D views, packed and ready to fire on the current stream.
 
     a: rows of K fp8 (row stride a.stride(-2)); sa: fp32 rows of sa_rows scales, one row per K
@@ -140,11 +187,12 @@ def prepare_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: Opti
     b_mn_major: views with stride(-2) == 1, the transpose of [K, rows] tensors; K-grouped: the
     flat [sum K_g, M] and [sum K_g, N] tensors), sa and sb None.
     `shape_m` is M (dense, contiguous, K-grouped) or max_m (masked). K-grouped: a and b are flat,
-    k_sizes each group's K, sa [M, sum of K blocks] and sb likewise. The result depends only on these
-    arguments' values, pointers, shapes and strides, the device and the current stream (whose
-    split-K workspace it uses), which lets callers cache it per call site; its relocations say where
-    each tensor's address sits, which lets a call on tensors of the same layout elsewhere in memory
-    reuse it (runtime/launch.LaunchTemplate).
+    k_sizes each group's K, sa [M, sum of K blocks] and sb likewise; with config.device_sizes,
+    k_sizes is an int32 tensor on the device and the result a LaunchChain (prepare_group_maps).
+    The result depends only on these arguments' values, pointers, shapes and strides, the device
+    and the current stream (whose workspaces it uses), which lets callers cache it per call site;
+    its relocations say where each tensor's address sits, which lets a call on tensors of the same
+    layout elsewhere in memory reuse it (runtime/launch.LaunchTemplate).
     """
     device_index = a.device.index
     kernel = gemm_kernel(config, device_index)
@@ -222,6 +270,10 @@ def prepare_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: Opti
     relocations = [(_PARAM_OFFSETS[name], number(source), 0, _PARAM_KINDS[name]) for name, source in _FIELD_SOURCES
                    if fields[name] not in (0, _NO_MAP)]
     offsets = GEMM_PARAM_OFFSETS
+    if config.device_sizes:   # the maps and K a first kernel writes: their addresses, a second parameter
+        block, maps_launch = prepare_group_maps(config, a, b, sa, out, k_sizes, shape_m, stream)
+        gemm = PreparedLaunch(kernel, grid, params + block, (0, len(params)), stream, device_index)
+        return LaunchChain(maps_launch, gemm)
     if grouped:   # the per-group maps and K: a second kernel parameter
         offsets = (0, len(params))
         block, block_relocations = k_grouped_param_block(config, a, b, k_sizes, shape_m)

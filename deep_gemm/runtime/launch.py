@@ -274,6 +274,22 @@ _put_u64 = struct.Struct("<Q").pack_into
 TEMPLATE_GRAPH_AFTER = 16
 
 
+class LaunchChain:
+    """Prepared launches fired in turn on their one stream, as one launch: a K-grouped GEMM with its
+    group sizes on the device is the kernel that writes its tensor maps, then the GEMM. It has no
+    relocations, so it never becomes a LaunchTemplate (a call on new tensors goes the long way)."""
+
+    __slots__ = ("launches", "relocations")
+
+    def __init__(self, *launches: PreparedLaunch):
+        self.launches = launches
+        self.relocations = ()
+
+    def fire(self) -> None:
+        for launch in self.launches:
+            launch.fire()
+
+
 class LaunchTemplate:
     """A PreparedLaunch with its addresses left open: kernel, grid, stream and parameter bytes for
     every call on tensors of one layout, and `patches`, (byte offset, tensor number, delta, shift):
@@ -416,7 +432,7 @@ def _word_writer(patches: tuple):
 # ---------------------------------------------------------------------------------------------
 # The GEMM kernel's parameter block, packed as config.GEMM_PARAMS describes it.
 # ---------------------------------------------------------------------------------------------
-def _params_struct(params) -> tuple:
+def params_struct(params) -> tuple:
     """(struct.Struct, field names) packing a parameter block at param_layout's offsets."""
     offsets, size = param_layout(params)
     codes = {MAP: "128s", PTR: "Q", I32: "i"}
@@ -429,7 +445,7 @@ def _params_struct(params) -> tuple:
     return struct.Struct(fmt), tuple(name for name, _ in params)
 
 
-_GEMM_STRUCT, GEMM_PARAM_NAMES = _params_struct(GEMM_PARAMS)
+_GEMM_STRUCT, GEMM_PARAM_NAMES = params_struct(GEMM_PARAMS)
 GEMM_PARAM_OFFSETS = (0,)   # one parameter: the whole block
 
 

@@ -1,4 +1,6 @@
-"""Split-K's global workspace: fp32 partial tiles and one arrival counter per tile. A split-K launch (kernels/gemm.cuh,
+"""Global workspaces of the GEMM launches, one per (device, stream), from the driver and never freed.
+
+Split-K's: fp32 partial tiles and one arrival counter per tile. A split-K launch (kernels/gemm.cuh,
 reduce_split_k) needs its counters zero when it starts and leaves them zero when it ends, so a workspace is zeroed once,
 at allocation, then serves every launch and CUDA graph replay with no memset on the call path. One workspace per
 (device, stream): concurrent split-K GEMMs must not share counters or partial tiles, and launches on one stream never
@@ -68,3 +70,25 @@ def split_k_workspace(device: torch.device, stream: int, num_counters: int, num_
                 entry = _workspaces[key] = (buffer, counters, floats)
     buffer, counters, _ = entry
     return buffer.ptr, buffer.ptr + 4 * counters
+
+
+_group_maps: dict = {}   # (device, stream) -> (buffer, bytes)
+
+
+def group_maps_workspace(device: torch.device, stream: int, nbytes: int) -> int:
+    """Device memory of the stream (256-byte aligned, at least `nbytes`) for the tensor maps and K
+    blocks that a K-grouped GEMM with its sizes on the device reads: kernels/group_maps.cuh writes
+    them just before the GEMM, on the same stream, after the previous grid has completed (its
+    griddepcontrol.wait), so launches on one stream never see each other's. As split-K's, and with
+    the same limitation."""
+    key = (device, stream)
+    entry = _group_maps.get(key)
+    if entry is None or entry[1] < nbytes:
+        with _lock:
+            entry = _group_maps.get(key)
+            if entry is None or entry[1] < nbytes:
+                size = max(nbytes, 2 * entry[1] if entry is not None else 0)
+                if entry is not None:
+                    _outgrown.append(entry[0])
+                entry = _group_maps[key] = (_Buffer(device, size), size)
+    return entry[0].ptr
