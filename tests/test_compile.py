@@ -341,6 +341,31 @@ def test_cli_bf16(capsys):
         assert rc == 2 and "--bf16 must be" in err
 
 
+def test_cli_k_grouped(tmp_cache_dir, capsys):
+    """--k-grouped [bf16:]G:MxN: the K-grouped kernels (D written and accumulated; sizes on the host
+    and, CUDA-graph safe, on the device) and the group-maps kernel the latter need; over 120 groups
+    only the device-sizes kernels (the host ones would not fit the parameter space)."""
+    from deep_gemm.plan import plan_bf16
+    rc, out, err = _run_cli(["--arch", "sm_90a", "--dry-run", "--json", "--k-grouped", "8:7168x4096",
+                             "--k-grouped", "bf16:4:2048x7168", "--k-grouped", "fp8:256:512x256"], capsys)
+    assert rc == 0, err
+    fp8 = [plan_dense(7168, 4096, 1, NUM_SMS, layout=Layout.K_GROUPED, num_groups=8, row_scales_b=True, out_fp32=True,
+                      accumulate=acc) for acc in (False, True)]
+    bf16 = [plan_bf16(2048, 7168, 0, NUM_SMS, accumulate=acc, layout=Layout.K_GROUPED, num_groups=4)
+            for acc in (False, True)]
+    many = [plan_dense(512, 256, 1, NUM_SMS, layout=Layout.K_GROUPED, num_groups=256, row_scales_b=True,
+                       out_fp32=True, accumulate=acc) for acc in (False, True)]
+    want = {c.name for c in fp8 + bf16} | {dataclasses.replace(c, device_sizes=True).name for c in fp8 + bf16 + many}
+    assert set(json.loads(out)) == want | {"group_maps", "group_maps_mn"}
+    for bad in ("8:7168", "int8:8:7168x4096", "0:64x64"):
+        rc, _, err = _run_cli(["--arch", "sm_90a", "--dry-run", "--k-grouped", bad], capsys)
+        assert rc == 2 and "--k-grouped must be" in err
+    # and they compile clean (a small one of each kind)
+    rc, out, err = _run_cli(["--arch", "sm_90a", "--json", "--no-progress", "--k-grouped", "3:256x512"], capsys)
+    assert rc == 0, err
+    assert {r["kernel"] for r in json.loads(out)} >= {"group_maps"}
+
+
 def test_cli_presets(capsys):
     rc, out, _ = _run_cli(["--preset", "anchors", "--dry-run", "--json"], capsys)
     anchors = json.loads(out)

@@ -10,6 +10,7 @@ cannot fill: loading a module during capture is not permitted).
     python -m deep_gemm precompile --preset deepseek-v3
     python -m deep_gemm precompile --shape 4096x7168 --grouped masked:32:4096x7168:128 --json
     python -m deep_gemm precompile --bf16 2112x7168 --bf16 masked:32:7168x2048:64 --bf16 contiguous:8:4096x7168
+    python -m deep_gemm precompile --k-grouped 8:7168x4096 --k-grouped bf16:8:2048x7168
 
 Exit status: 0 when every kernel compiled with no register spill, no stack frame and
 no ignored setmaxnreg; 1 otherwise (the message names the kernels); 2 for bad arguments.
@@ -149,6 +150,33 @@ def plan_bf16_all(requests: Iterable[Request], num_sms: int) -> List[KernelConfi
     return list(seen)
 
 
+def _parse_k_grouped(text: str) -> tuple:
+    """[bf16:]G:MxN -> (bf16, G, M, N): a K-grouped weight gradient (FP8 or BF16) of G groups."""
+    m = re.fullmatch(rf"(bf16:|fp8:)?{_INT}:{_INT}x{_INT}", text.strip().lower())
+    if not m:
+        raise ValueError(f"--k-grouped must be [fp8:|bf16:]G:MxN with positive integers, got {text!r}")
+    return m.group(1) == "bf16:", int(m.group(2)), int(m.group(3)), int(m.group(4))
+
+
+def plan_k_grouped_all(requests: Iterable[tuple], num_sms: int) -> List[KernelConfig]:
+    """Every kernel a K-grouped call of (bf16, G, M, N) may run (one serves every K): D written and
+    accumulated, the sizes read on the host (up to K_GROUPED_MAX_GROUPS groups) and on the device."""
+    from ..config import K_GROUPED_MAX_GROUPS
+    from ..plan import plan_bf16
+    seen = {}
+    for bf16, g, m, n in requests:
+        for acc in (False, True):
+            if bf16:
+                config = plan_bf16(m, n, 0, num_sms, accumulate=acc, layout=Layout.K_GROUPED, num_groups=g)
+            else:
+                config = plan_dense(m, n, 1, num_sms, layout=Layout.K_GROUPED, num_groups=g, row_scales_b=True,
+                                    out_fp32=True, accumulate=acc)
+            if g <= K_GROUPED_MAX_GROUPS:
+                seen.setdefault(config, None)
+            seen.setdefault(dataclasses.replace(config, device_sizes=True), None)
+    return list(seen)
+
+
 def default_arch() -> str:
     """The current GPU's arch, or sm_90a when there is none (compiling needs no GPU)."""
     try:
@@ -177,6 +205,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="BF16 GEMM: dense NT (bf16_gemm_nt; bf16 and fp32 out; the kernel runs M up to 128), "
                         "contiguous or masked with G groups (m_grouped_bf16_gemm_nt_*): the kernels of every M "
                         "(contiguous: total rows; masked: expected_m) from 1 to --max-m (repeatable)")
+    p.add_argument("--k-grouped", action="append", default=[], metavar="[fp8:|bf16:]G:MxN",
+                   help="K-grouped weight gradient of G groups (k_grouped_wgrad_gemm_fp8_fp8_fp32_nt, "
+                        "k_grouped_bf16_gemm_tn_contiguous): its kernels for sizes on the host and on the device, "
+                        "D written and accumulated, and the kernel that writes the groups' tensor maps (repeatable)")
     p.add_argument("--preset", action="append", default=[], choices=PRESETS,
                    help="anchors: the dense shapes of ANCHORS.md; deepseek-v3: every dense and "
                         "MoE kernel of DeepSeek-V3/R1 for M up to --max-m")
@@ -255,8 +287,9 @@ def main(argv: Sequence[str] = ()) -> int:
         for preset in args.preset:
             requests += preset_requests(preset, args.max_m)
         bf16 = [_parse_bf16(s, args.max_m) for s in args.bf16]
-        if not requests and not bf16:
-            raise ValueError("nothing to compile: give --shape, --grouped, --bf16 or --preset")
+        k_grouped = [_parse_k_grouped(s) for s in args.k_grouped]
+        if not requests and not bf16 and not k_grouped:
+            raise ValueError("nothing to compile: give --shape, --grouped, --bf16, --k-grouped or --preset")
         arch = args.arch or default_arch()
         if arch not in SUPPORTED_ARCHS:
             raise ValueError(f"--arch {arch}: deep_gemm's kernels need {', '.join(SUPPORTED_ARCHS)} "
@@ -274,9 +307,14 @@ def main(argv: Sequence[str] = ()) -> int:
     from .kernel_source import gemm_job
     t0 = time.perf_counter()
     configs = plan_all(requests, args.num_sms) + plan_bf16_all(bf16, args.num_sms)
+    configs += plan_k_grouped_all(k_grouped, args.num_sms)
     plan_s = time.perf_counter() - t0
     jobs = [gemm_job(c, arch) for c in configs]
     owners: list = list(configs)
+    for mn_major in sorted({c.bf16_operands for c in configs if c.device_sizes}):   # their group maps
+        from .group_maps_source import group_maps_job
+        owners.append(None)
+        jobs.append(group_maps_job(mn_major, arch))
     if any(r.k % 16 for r in requests):   # such calls pad A and B along K first (ops/pad.py)
         owners.append(None)
         jobs.append(pad_job(arch))
