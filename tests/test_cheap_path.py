@@ -461,6 +461,42 @@ def test_k_sizes_are_part_of_the_layout(cheap):
     assert cheap.take() == CHEAP
 
 
+def _k_grouped_device(spare_k=128):
+    """The K-grouped layout with the sizes as an int32 tensor (read on the device) and operands
+    holding `spare_k` more tokens than the groups use."""
+    def build():
+        a, b, out, ks = _k_grouped(ks=K_SIZES + [spare_k])()
+        return a, b, out[:len(K_SIZES)].clone(), torch.tensor(K_SIZES, dtype=torch.int32)
+    return build
+
+
+def _k_grouped_device_v2(lhs, rhs, d, sizes):
+    deep_gemm.k_grouped_fp8_gemm_nt_contiguous(lhs, rhs, d, None, sizes, c=d)
+
+
+@pytest.mark.parametrize("fn", [deep_gemm.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt, _k_grouped_device_v2])
+def test_device_sizes_on_new_tensors_take_the_cheap_path(cheap, fn):
+    """Sizes on the device: two launches a call (the groups' tensor maps, then the GEMM), both
+    re-addressed from their templates for new tensors, byte for byte what the long path builds."""
+    build = _k_grouped_device()
+    fn(*build())
+    long_way = cheap.take()
+    assert long_way["validations"] == 1 and long_way["prepares"] == 1 and long_way["launches"] == 2
+    for _ in range(3):
+        args = build()
+        fn(*args)
+        assert cheap.take() == {**CHEAP, "launches": 2}
+        got = cheap.fired[-2:]
+        from_scratch(cheap, fn, args)
+        assert got == cheap.fired[-2:], "the cheap path must launch what the long path builds"
+    sizes = args[3]
+    fn(*args[:3], sizes.clone())   # other sizes tensor, same layout: re-addressed too
+    assert cheap.take() == {**CHEAP, "launches": 2}
+    assert cheap.fired[-2][2] != got[0][2] and cheap.fired[-1][2] == got[1][2]   # only the maps kernel reads it
+    with pytest.raises(TypeError, match=r"must be torch.int32"):   # another dtype: the long way, and its error
+        fn(*args[:3], sizes.long())
+
+
 def test_k_sizes_equal_to_cached_ints_but_of_another_type_get_the_full_check(cheap):
     """A bool (False == 0) or a numpy int hashes like the int of a cached call's key: such sizes
     must go the long way, on the same tensors and on new ones, and get validation's error."""
@@ -746,7 +782,7 @@ def test_gpu_tensor_maps_patch_exactly():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["dense", "wgrad", "contiguous", "masked", "k_grouped"])
+@pytest.mark.parametrize("name", ["dense", "wgrad", "contiguous", "masked", "k_grouped", "k_grouped_device"])
 def test_gpu_new_tensors_take_the_cheap_path_and_are_right(name, monkeypatch):
     monkeypatch.setattr(gemm_ops, "_launches", launch.LaunchCache())   # the layout's template made here,
     monkeypatch.setattr(launch, "TEMPLATE_GRAPH_AFTER", 2)              # in a graph from its third call on
@@ -783,7 +819,8 @@ def test_gpu_new_tensors_take_the_cheap_path_and_are_right(name, monkeypatch):
         ks = [128, 0, 256, 48]
         xs = [rand(sum(ks), 128).bfloat16(), rand(sum(ks), 96).bfloat16()]
         a, b = (deep_gemm.k_grouped_per_token_cast_to_fp8_transposed(x, ks) for x in xs)
-        return deep_gemm.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt, (a, b, torch.zeros(4, 128, 96, device="cuda"), ks)
+        sizes = torch.tensor(ks, dtype=torch.int32, device="cuda") if name == "k_grouped_device" else ks
+        return deep_gemm.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt, (a, b, torch.zeros(4, 128, 96, device="cuda"), sizes)
 
     fn, args = build()
     fn(*args)
@@ -803,6 +840,7 @@ def test_gpu_new_tensors_take_the_cheap_path_and_are_right(name, monkeypatch):
         got, want = args[2], expected[2]
         assert reference.calc_diff(got.float(), want.float()) < 1e-9 and not got.isnan().any()
     templates = [template for entries in gemm_ops._launches._templates.values() for _, template in entries]
+    templates = [t for template in templates for t in getattr(template, "templates", (template,))]   # chains'
     assert any(template._own._graph is not None for template in templates), "no template launched through a graph"
 
 

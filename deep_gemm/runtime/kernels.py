@@ -7,8 +7,8 @@ from typing import Optional
 
 import torch
 
-from ..config import (BLOCK_K, GEMM_PARAMS, GROUP_MAPS_PARAMS, K_GROUPED_DEVICE_PARAMS, MAP, KernelConfig, Layout,
-                      ceil_div, k_grouped_params, param_layout, store_chunk_cols)
+from ..config import (BLOCK_K, GEMM_PARAMS, GROUP_MAPS_PARAMS, K_GROUPED_DEVICE_PARAMS, MAP, PTR, KernelConfig,
+                      Layout, ceil_div, k_grouped_params, param_layout, store_chunk_cols)
 from ..jit import compile_kernel
 from ..jit.group_maps_source import THREADS as GROUP_MAPS_THREADS
 from ..jit.group_maps_source import group_maps_label, group_maps_source
@@ -142,6 +142,7 @@ def k_grouped_param_block(config: KernelConfig, a: torch.Tensor, b: torch.Tensor
 
 
 _GROUP_MAPS_STRUCT, _GROUP_MAPS_NAMES = params_struct(GROUP_MAPS_PARAMS)
+_GROUP_MAPS_OFFSETS = param_layout(GROUP_MAPS_PARAMS)[0]
 _DEVICE_GROUPS_STRUCT, _ = params_struct(K_GROUPED_DEVICE_PARAMS)
 _NO_SCALES = 2**31 - 1   # K blocks the scales of bf16 operands (none) hold
 
@@ -170,7 +171,13 @@ def prepare_group_maps(config: KernelConfig, a: torch.Tensor, b: torch.Tensor, s
                   block_k=config.block_k)
     params = _GROUP_MAPS_STRUCT.pack(*(fields[name] for name in _GROUP_MAPS_NAMES))
     kernel = group_maps_kernel(config.bf16_operands, a.device.index)
-    maps_launch = PreparedLaunch(kernel, 1, params, (0,), stream, a.device.index)
+    # The call's tensors in it (numbered as prepare_gemm's): a template re-addresses them; the
+    # workspace's pointers belong to the stream.
+    number = _BF16_SOURCES.get if config.bf16_operands else (lambda source: source)
+    relocations = tuple((_GROUP_MAPS_OFFSETS[name], number(source), 0, kind) for name, source, kind in
+                        (("map_a", A, MAP), ("map_b", B, MAP), ("out", OUT, PTR), ("k_sizes", INDEX, PTR),
+                         ("a_base", A, PTR), ("b_base", B, PTR)))
+    maps_launch = PreparedLaunch(kernel, 1, params, (0,), stream, a.device.index, relocations)
     return _DEVICE_GROUPS_STRUCT.pack(maps_a, maps_b, k_blocks), maps_launch
 
 
@@ -272,7 +279,8 @@ def prepare_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: Opti
     offsets = GEMM_PARAM_OFFSETS
     if config.device_sizes:   # the maps and K a first kernel writes: their addresses, a second parameter
         block, maps_launch = prepare_group_maps(config, a, b, sa, out, k_sizes, shape_m, stream)
-        gemm = PreparedLaunch(kernel, grid, params + block, (0, len(params)), stream, device_index)
+        gemm = PreparedLaunch(kernel, grid, params + block, (0, len(params)), stream, device_index,
+                              tuple(relocations))
         return LaunchChain(maps_launch, gemm)
     if grouped:   # the per-group maps and K: a second kernel parameter
         offsets = (0, len(params))

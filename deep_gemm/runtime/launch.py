@@ -276,18 +276,45 @@ TEMPLATE_GRAPH_AFTER = 16
 
 class LaunchChain:
     """Prepared launches fired in turn on their one stream, as one launch: a K-grouped GEMM with its
-    group sizes on the device is the kernel that writes its tensor maps, then the GEMM. It has no
-    relocations, so it never becomes a LaunchTemplate (a call on new tensors goes the long way)."""
+    group sizes on the device is the kernel that writes its tensor maps, then the GEMM. Its template
+    (ChainTemplate) is its launches' templates."""
 
-    __slots__ = ("launches", "relocations")
+    __slots__ = ("launches",)
 
     def __init__(self, *launches: PreparedLaunch):
         self.launches = launches
-        self.relocations = ()
 
     def fire(self) -> None:
         for launch in self.launches:
             launch.fire()
+
+
+class ChainTemplate:
+    """A LaunchChain's launches as LaunchTemplates, bound and fired in turn for the same tensors."""
+
+    __slots__ = ("templates",)
+
+    def __init__(self, templates: tuple):
+        self.templates = templates
+
+    @classmethod
+    def of(cls, chain: LaunchChain, pointers: tuple) -> Optional["ChainTemplate"]:
+        templates = tuple(LaunchTemplate.of(launch, pointers) for launch in chain.launches)
+        return None if None in templates else cls(templates)
+
+    def bind(self, pointers: tuple) -> LaunchChain:
+        return LaunchChain(*(template.bind(pointers) for template in self.templates))
+
+    def fire(self, pointers: tuple) -> None:
+        for template in self.templates:
+            template.fire(pointers)
+
+
+def template_of(launch, pointers: tuple):
+    """The template of a launch (a PreparedLaunch or a LaunchChain) made for tensors at `pointers`, or None."""
+    if isinstance(launch, LaunchChain):
+        return ChainTemplate.of(launch, pointers)
+    return LaunchTemplate.of(launch, pointers)
 
 
 class LaunchTemplate:
@@ -586,7 +613,7 @@ class LaunchCache:
         their layout when the launch can be one."""
         guard = layout_guard(tensors)
         self._insert(self._entries, key, (guard, launch))
-        template = LaunchTemplate.of(launch, key[:len(tensors)])
+        template = template_of(launch, key[:len(tensors)])
         if template is not None:
             self._insert(self._templates, layout_key(key, tensors), (guard, template))
 
