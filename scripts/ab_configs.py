@@ -1,0 +1,103 @@
+"""Time the planner's kernel for some shapes against the same kernel with config fields changed, in turn.
+
+    python scripts/ab_configs.py --change block_n=128 --change out_buffers=0 --change pipelined=true \
+        --shape wgrad:7168x2112x4096 --shape wgrad:1536x24576x8192
+
+Each shape's planned config and its variant run through runtime/kernels.prepare_gemm on the same
+operands; both results are checked against the float64 reference, then both are timed in turn within
+one loop (the bench's Timer: L2 flushed before every call, median), so a drift of the GPU's clocks
+weighs on each alike. Kinds: `dense` (bf16 D, B scaled per 128 x 128 block) and `wgrad` (fp32 D
+accumulated, both operands scaled per row). A field of the variant that changes what fits in shared
+memory (block_n, out_buffers) gets the most stages that fit. Prints one line per shape:
+planned µs, variant µs and variant / planned.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+
+import torch
+
+import deep_gemm
+from deep_gemm import bench, plan
+from deep_gemm.config import KernelConfig, max_stages
+from deep_gemm.reference import calc_diff, dequantize_lhs, dequantize_rhs
+from deep_gemm.runtime.kernels import prepare_gemm
+
+
+def _value(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return int(text)
+
+
+def _changes(items) -> dict:
+    names = {f.name for f in dataclasses.fields(KernelConfig)}
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in names or not value:
+            raise SystemExit(f"--change must be FIELD=VALUE with a KernelConfig field, got {item!r}")
+        out[name] = _value(value)
+    return out
+
+
+_SMEM_FIELDS = {"block_m", "block_n", "stage_k_blocks", "out_buffers"}
+
+
+def _variant(config: KernelConfig, changes: dict) -> KernelConfig:
+    """config with `changes`; where they change what a stage costs, with the most stages that fit."""
+    if "num_stages" in changes or not _SMEM_FIELDS & set(changes):
+        return dataclasses.replace(config, **changes)
+    variant = dataclasses.replace(config, **changes, num_stages=1)
+    return dataclasses.replace(variant, num_stages=max_stages(
+        variant.block_m, variant.block_n, cap=8 // variant.stage_k_blocks, stage_k_blocks=variant.stage_k_blocks,
+        out_bytes=variant.out_bytes, row_scales_b=variant.row_scales_b, out_buffers=variant.out_buffers))
+
+
+def run_shape(kind: str, m: int, n: int, k: int, changes: dict, timer) -> str:
+    num_sms = deep_gemm.get_num_sms()
+    wgrad = kind == "wgrad"
+    a = deep_gemm.per_token_cast_to_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+    cast_b = deep_gemm.per_token_cast_to_fp8 if wgrad else deep_gemm.per_block_cast_to_fp8
+    b = cast_b(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
+    want = dequantize_lhs(*a, dtype=torch.float64) @ (dequantize_lhs if wgrad else dequantize_rhs)(
+        *b, dtype=torch.float64).T
+    config = plan.plan_dense(m, n, k, num_sms, row_scales_b=wgrad, out_fp32=wgrad, accumulate=wgrad)
+    variant = _variant(config, changes)
+    outs, launches = [], []
+    for c in (config, variant):
+        out = torch.zeros(m, n, device="cuda") if wgrad else torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        launch = prepare_gemm(c, a=a[0], a_rows=m, sa=a[1], sa_rows=m, b=b[0], b_rows=n, sb=b[1], out=out,
+                              out_rows=m, shape_m=m, group_info=None, num_sms=num_sms)
+        launch.fire()
+        outs.append(out)
+        launches.append(launch)
+    torch.cuda.synchronize()
+    diffs = [calc_diff(o.double(), want) for o in outs]
+    (t0, _), (t1, _) = timer.kernel_us_in_turn([launches[0].fire, launches[1].fire])
+    ok = all(d < 1e-5 for d in diffs)
+    return (f"{kind} {m}x{n}x{k}: {config.name} {t0:.1f} us, {variant.name} {t1:.1f} us, "
+            f"variant / planned {t1 / t0:.3f}{'' if ok else f'  WRONG (calc_diff {diffs})'}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--change", action="append", default=[], metavar="FIELD=VALUE", required=True)
+    p.add_argument("--shape", action="append", default=[], metavar="dense|wgrad:MxNxK", required=True)
+    p.add_argument("--iters", type=int, default=20)
+    args = p.parse_args()
+    changes = _changes(args.change)
+    timer = bench.Timer("cuda", args.iters)
+    for shape in args.shape:
+        match = re.fullmatch(r"(dense|wgrad):(\d+)x(\d+)x(\d+)", shape)
+        if not match:
+            raise SystemExit(f"--shape must be dense:MxNxK or wgrad:MxNxK, got {shape!r}")
+        print(run_shape(match.group(1), *map(int, match.groups()[1:]), changes, timer), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
