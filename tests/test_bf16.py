@@ -824,3 +824,17 @@ def test_k_grouped_device_sizes_errors():
     for call, exc, pattern in cases:
         with pytest.raises(exc, match=pattern):
             call()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("on_device", [False, True])
+def test_k_grouped_misaligned_d_runs_through_torch(on_device):
+    """d starting off a 16-byte boundary cannot be a TMA destination: the call runs through torch
+    (the sizes then read on the host) and is right."""
+    ks, m, n = [64, 8], 32, 16
+    a, b = _rand(72, m, device="cuda", seed=1), _rand(72, n, device="cuda", seed=2)
+    d = torch.zeros(2 * m * n + 1, device="cuda")[1:].view(2, m, n)
+    sizes = torch.tensor(ks, dtype=torch.int32, device="cuda")
+    deep_gemm.k_grouped_bf16_gemm_tn_contiguous(a, b, d, None if on_device else ks, sizes)
+    want = reference.k_grouped_bf16_gemm_tn(a, b, torch.empty(d.shape, dtype=torch.float64, device="cuda"), ks)
+    assert calc_diff(d, want) <= TOL

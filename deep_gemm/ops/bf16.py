@@ -418,11 +418,12 @@ def run_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, masked_m: torc
 def k_grouped_kernel_takes(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, ks) -> bool:
     """Whether the BF16 kernel runs this validated K-grouped call: a Hopper GPU, some K (sizes on the
     device: maybe), at most K_GROUPED_MAX_GROUPS groups with sizes on the host, rows of a and b
-    16-byte aligned, d contiguous with rows of 16 bytes."""
+    16-byte aligned, d contiguous with rows of 16 bytes from a 16-byte aligned start."""
     some_k = isinstance(ks, torch.Tensor) or (any(ks) and len(ks) <= K_GROUPED_MAX_GROUPS)
     if not (some_k and a.shape[1] and b.shape[1] and a.is_cuda and runs_on_hopper(a.device)):
         return False
-    return _rows_aligned(a) and _rows_aligned(b) and d.is_contiguous() and d.shape[-1] % 4 == 0
+    return (_rows_aligned(a) and _rows_aligned(b) and d.is_contiguous() and d.shape[-1] % 4 == 0
+            and d.data_ptr() % 16 == 0)
 
 
 def run_k_grouped(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, ks, accumulate: bool, key=None) -> None:
