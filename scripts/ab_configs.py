@@ -6,8 +6,9 @@
 Each shape's planned config and its variant run through runtime/kernels.prepare_gemm on the same
 operands; both results are checked against the float64 reference, then both are timed in turn within
 one loop (the bench's Timer: L2 flushed before every call, median), so a drift of the GPU's clocks
-weighs on each alike. Kinds: `dense` (bf16 D, B scaled per 128 x 128 block) and `wgrad` (fp32 D
-accumulated, both operands scaled per row). A field of the variant that changes what fits in shared
+weighs on each alike. Kinds: `dense` (bf16 D, B scaled per 128 x 128 block), `wgrad` (fp32 D
+accumulated, both operands scaled per row) and `kgrouped:G:MxNxK` (G groups of about K tokens each,
+as the bench's K-grouped rows draw them). A field of the variant that changes what fits in shared
 memory (block_n, out_buffers) gets the most stages that fit. Prints one line per shape:
 planned µs, variant µs and variant / planned.
 """
@@ -23,7 +24,7 @@ import torch
 import deep_gemm
 from deep_gemm import bench, plan
 from deep_gemm.config import KernelConfig, max_stages
-from deep_gemm.reference import calc_diff, dequantize_lhs, dequantize_rhs
+from deep_gemm.reference import calc_diff, dequantize_lhs, dequantize_rhs, k_grouped_operand
 from deep_gemm.runtime.kernels import prepare_gemm
 
 
@@ -57,6 +58,37 @@ def _variant(config: KernelConfig, changes: dict) -> KernelConfig:
         out_bytes=variant.out_bytes, row_scales_b=variant.row_scales_b, out_buffers=variant.out_buffers))
 
 
+def _time(label: str, config: KernelConfig, changes: dict, prepare, want, timer) -> str:
+    """Both kernels on the same operands (prepare(config) -> (launch, out)), checked, then timed in turn."""
+    variant = _variant(config, changes)
+    runs = [prepare(c) for c in (config, variant)]
+    for launch, _ in runs:
+        launch.fire()
+    torch.cuda.synchronize()
+    diffs = [calc_diff(out.double(), want) for _, out in runs]
+    (t0, _), (t1, _) = timer.kernel_us_in_turn([launch.fire for launch, _ in runs])
+    ok = all(d < 1e-5 for d in diffs)
+    return (f"{label}: {config.name} {t0:.1f} us, {variant.name} {t1:.1f} us, variant / planned {t1 / t0:.3f}"
+            f"{'' if ok else f'  WRONG (calc_diff {diffs})'}")
+
+
+def run_k_grouped(g: int, m: int, n: int, avg_k: int, changes: dict, timer) -> str:
+    num_sms = deep_gemm.get_num_sms()
+    ks = bench.k_grouped_sizes(g, m, n, avg_k)
+    parts = [bench._wgrad_operands(m, n, k, "cuda") for k in ks]
+    (a, sa), (b, sb) = k_grouped_operand([p for p, _ in parts]), k_grouped_operand([q for _, q in parts])
+    want = torch.stack([dequantize_lhs(*p, dtype=torch.float64) @ dequantize_lhs(*q, dtype=torch.float64).T
+                        for p, q in parts])
+    del parts
+    config = plan.plan_k_grouped(m, n, num_sms, g, accumulate=True)
+
+    def prepare(c):
+        out = torch.zeros(g, m, n, device="cuda")
+        return prepare_gemm(c, a=a, a_rows=m, sa=sa.T, sa_rows=m, b=b, b_rows=n, sb=sb.T, out=out, out_rows=m,
+                            shape_m=m, group_info=None, num_sms=num_sms, k_sizes=tuple(ks)), out
+    return _time(f"kgrouped {g}x{m}x{n} k~{avg_k}", config, changes, prepare, want, timer)
+
+
 def run_shape(kind: str, m: int, n: int, k: int, changes: dict, timer) -> str:
     num_sms = deep_gemm.get_num_sms()
     wgrad = kind == "wgrad"
@@ -66,36 +98,32 @@ def run_shape(kind: str, m: int, n: int, k: int, changes: dict, timer) -> str:
     want = dequantize_lhs(*a, dtype=torch.float64) @ (dequantize_lhs if wgrad else dequantize_rhs)(
         *b, dtype=torch.float64).T
     config = plan.plan_dense(m, n, k, num_sms, row_scales_b=wgrad, out_fp32=wgrad, accumulate=wgrad)
-    variant = _variant(config, changes)
-    outs, launches = [], []
-    for c in (config, variant):
+
+    def prepare(c):
         out = torch.zeros(m, n, device="cuda") if wgrad else torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-        launch = prepare_gemm(c, a=a[0], a_rows=m, sa=a[1], sa_rows=m, b=b[0], b_rows=n, sb=b[1], out=out,
-                              out_rows=m, shape_m=m, group_info=None, num_sms=num_sms)
-        launch.fire()
-        outs.append(out)
-        launches.append(launch)
-    torch.cuda.synchronize()
-    diffs = [calc_diff(o.double(), want) for o in outs]
-    (t0, _), (t1, _) = timer.kernel_us_in_turn([launches[0].fire, launches[1].fire])
-    ok = all(d < 1e-5 for d in diffs)
-    return (f"{kind} {m}x{n}x{k}: {config.name} {t0:.1f} us, {variant.name} {t1:.1f} us, "
-            f"variant / planned {t1 / t0:.3f}{'' if ok else f'  WRONG (calc_diff {diffs})'}")
+        return prepare_gemm(c, a=a[0], a_rows=m, sa=a[1], sa_rows=m, b=b[0], b_rows=n, sb=b[1], out=out, out_rows=m,
+                            shape_m=m, group_info=None, num_sms=num_sms), out
+    return _time(f"{kind} {m}x{n}x{k}", config, changes, prepare, want, timer)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--change", action="append", default=[], metavar="FIELD=VALUE", required=True)
-    p.add_argument("--shape", action="append", default=[], metavar="dense|wgrad:MxNxK", required=True)
+    p.add_argument("--shape", action="append", default=[], metavar="dense:MxNxK|wgrad:MxNxK|kgrouped:G:MxNxK",
+                   required=True)
     p.add_argument("--iters", type=int, default=20)
     args = p.parse_args()
     changes = _changes(args.change)
     timer = bench.Timer("cuda", args.iters)
     for shape in args.shape:
         match = re.fullmatch(r"(dense|wgrad):(\d+)x(\d+)x(\d+)", shape)
-        if not match:
-            raise SystemExit(f"--shape must be dense:MxNxK or wgrad:MxNxK, got {shape!r}")
-        print(run_shape(match.group(1), *map(int, match.groups()[1:]), changes, timer), flush=True)
+        grouped = re.fullmatch(r"kgrouped:(\d+):(\d+)x(\d+)x(\d+)", shape)
+        if match:
+            print(run_shape(match.group(1), *map(int, match.groups()[1:]), changes, timer), flush=True)
+        elif grouped:
+            print(run_k_grouped(*map(int, grouped.groups()), changes, timer), flush=True)
+        else:
+            raise SystemExit(f"--shape must be dense:MxNxK, wgrad:MxNxK or kgrouped:G:MxNxK, got {shape!r}")
     return 0
 
 
