@@ -21,12 +21,12 @@ from typing import Optional
 import torch
 
 from .. import utils as _utils
-from ..config import K_GROUPED_MAX_GROUPS, Layout
+from ..config import K_GROUPED_DEVICE_MAX_GROUPS, K_GROUPED_MAX_GROUPS, Layout
 from ..plan import bf16_dense_kernel_pays, plan_bf16
 from ..runtime.launch import LaunchCache
 from ..utils import sms_for
 from .device import runs_on_hopper
-from .validation import index_tensor, same_device, sizes_tensor
+from .validation import group_sizes, index_tensor, same_device, sizes_tensor
 
 _BF16 = torch.bfloat16
 TMA_ELEMS = 8   # 16 bytes of bf16
@@ -174,12 +174,9 @@ def _check_k_grouped_device_sizes(a, b, d, sizes) -> torch.Tensor:
 
 
 def _sizes_values(sizes: torch.Tensor, capacity: int) -> tuple:
-    """A sizes tensor's values, read on the host where the kernel does not run: each K a non-negative
-    multiple of 8, and the groups within the rows of a and b."""
-    ks = tuple(int(k) for k in sizes.tolist())
-    for g, k in enumerate(ks):
-        if k < 0 or k % TMA_ELEMS:
-            raise ValueError(f"grouped_layout[{g}] must be a non-negative multiple of {TMA_ELEMS}, got {k}")
+    """A sizes tensor's values, read on the host where the kernel does not run: a list's rules (each K
+    a non-negative multiple of 8), and the groups within the rows of a and b."""
+    ks = group_sizes([int(k) for k in sizes.tolist()], "grouped_layout", K_GROUPED_DEVICE_MAX_GROUPS, TMA_ELEMS)
     if sum(ks) > capacity:
         raise ValueError(f"grouped_layout adds up to {sum(ks)} rows, more than a and b hold ({capacity})")
     return ks

@@ -229,22 +229,23 @@ def check_gemm(layout: Layout, lhs, rhs, out=None, index=None, expected_m=None, 
 K_GROUPED_NAMES = {"lhs": "lhs", "rhs": "rhs", "out": "out", "k_sizes": "k_sizes"}
 
 
-def group_sizes(k_sizes, name: str, max_groups: int = K_GROUPED_MAX_GROUPS) -> tuple:
-    """Each group's K: Python ints >= 0, multiples of 16 (each group's block starts 16-byte aligned
-    for TMA; a K that is not a multiple of 128 ends in a partial, zero-padded scale block)."""
+def group_sizes(k_sizes, name: str, max_groups: int = K_GROUPED_MAX_GROUPS, multiple: int = 16) -> tuple:
+    """Each group's K: Python ints >= 0, multiples of `multiple` (16 fp8, 8 bf16: each group's block
+    starts 16-byte aligned for TMA; an fp8 K that is not a multiple of 128 ends in a partial,
+    zero-padded scale block)."""
     if not isinstance(k_sizes, (list, tuple)):
         raise TypeError(f"{name} must be a list of Python ints (each group's K) or an int32 CUDA tensor of them, got "
                         f"{type(k_sizes).__name__}")
     for g, k in enumerate(k_sizes):
         if isinstance(k, bool) or not isinstance(k, int):
             raise TypeError(f"{name}[{g}] must be a Python int, got {type(k).__name__}")
-        if k < 0 or k % 16:
-            raise ValueError(f"{name}[{g}] must be a non-negative multiple of 16 (TMA needs 16-byte aligned rows), "
-                             f"got {k}")
+        if k < 0 or k % multiple:
+            raise ValueError(f"{name}[{g}] must be a non-negative multiple of {multiple} (TMA needs 16-byte aligned "
+                             f"rows), got {k}")
     if not k_sizes:
         raise ValueError(f"{name} must name at least one group, got an empty list")
     if len(k_sizes) > max_groups:
-        raise ValueError(f"{name} has {len(k_sizes)} groups; one K-grouped call takes at most {K_GROUPED_MAX_GROUPS} "
+        raise ValueError(f"{name} has {len(k_sizes)} groups; one K-grouped call takes at most {max_groups} "
                          f"with sizes on the host (their tensor maps are kernel parameters): pass the sizes as an "
                          f"int32 CUDA tensor (up to {K_GROUPED_DEVICE_MAX_GROUPS} groups) or split the groups over "
                          f"several calls")
