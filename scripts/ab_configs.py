@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import re
 import sys
 
@@ -24,8 +25,10 @@ import torch
 import deep_gemm
 from deep_gemm import bench, plan
 from deep_gemm.config import KernelConfig, max_stages
+from deep_gemm.jit.kernel_source import gemm_job
+from deep_gemm.jit.precompile import precompile
 from deep_gemm.reference import calc_diff, dequantize_lhs, dequantize_rhs, k_grouped_operand
-from deep_gemm.runtime.kernels import prepare_gemm
+from deep_gemm.runtime.kernels import device_arch, prepare_gemm
 
 
 def _value(text: str):
@@ -72,6 +75,16 @@ def _time(label: str, config: KernelConfig, changes: dict, prepare, want, timer)
             f"{'' if ok else f'  WRONG (calc_diff {diffs})'}")
 
 
+def planned(kind: str, *dims: int) -> KernelConfig:
+    """The planner's config for a shape of the command line (kind, then its numbers)."""
+    num_sms = deep_gemm.get_num_sms()
+    if kind == "kgrouped":
+        g, m, n = dims[:3]
+        return plan.plan_k_grouped(m, n, num_sms, g, accumulate=True)
+    wgrad = kind == "wgrad"
+    return plan.plan_dense(*dims, num_sms, row_scales_b=wgrad, out_fp32=wgrad, accumulate=wgrad)
+
+
 def run_k_grouped(g: int, m: int, n: int, avg_k: int, changes: dict, timer) -> str:
     num_sms = deep_gemm.get_num_sms()
     ks = bench.k_grouped_sizes(g, m, n, avg_k)
@@ -80,7 +93,7 @@ def run_k_grouped(g: int, m: int, n: int, avg_k: int, changes: dict, timer) -> s
     want = torch.stack([dequantize_lhs(*p, dtype=torch.float64) @ dequantize_lhs(*q, dtype=torch.float64).T
                         for p, q in parts])
     del parts
-    config = plan.plan_k_grouped(m, n, num_sms, g, accumulate=True)
+    config = planned("kgrouped", g, m, n)
 
     def prepare(c):
         out = torch.zeros(g, m, n, device="cuda")
@@ -97,7 +110,7 @@ def run_shape(kind: str, m: int, n: int, k: int, changes: dict, timer) -> str:
     b = cast_b(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
     want = dequantize_lhs(*a, dtype=torch.float64) @ (dequantize_lhs if wgrad else dequantize_rhs)(
         *b, dtype=torch.float64).T
-    config = plan.plan_dense(m, n, k, num_sms, row_scales_b=wgrad, out_fp32=wgrad, accumulate=wgrad)
+    config = planned(kind, m, n, k)
 
     def prepare(c):
         out = torch.zeros(m, n, device="cuda") if wgrad else torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
@@ -114,17 +127,25 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=20)
     args = p.parse_args()
     changes = _changes(args.change)
+    shapes = [_parse(shape) for shape in args.shape]
+    # Every kernel both ways first, in parallel, so that the loop below only loads them.
+    arch = device_arch(torch.cuda.current_device())
+    configs = [planned(kind, *dims) for kind, dims in shapes]
+    precompile([gemm_job(c, arch) for config in configs for c in (config, _variant(config, changes))])
     timer = bench.Timer("cuda", args.iters)
-    for shape in args.shape:
-        match = re.fullmatch(r"(dense|wgrad):(\d+)x(\d+)x(\d+)", shape)
-        grouped = re.fullmatch(r"kgrouped:(\d+):(\d+)x(\d+)x(\d+)", shape)
-        if match:
-            print(run_shape(match.group(1), *map(int, match.groups()[1:]), changes, timer), flush=True)
-        elif grouped:
-            print(run_k_grouped(*map(int, grouped.groups()), changes, timer), flush=True)
-        else:
-            raise SystemExit(f"--shape must be dense:MxNxK, wgrad:MxNxK or kgrouped:G:MxNxK, got {shape!r}")
+    for kind, dims in shapes:
+        run = run_k_grouped if kind == "kgrouped" else functools.partial(run_shape, kind)
+        print(run(*dims, changes, timer), flush=True)
     return 0
+
+
+def _parse(shape: str) -> tuple:
+    """(kind, numbers) of one --shape."""
+    match = re.fullmatch(r"(dense|wgrad):(\d+)x(\d+)x(\d+)", shape) or re.fullmatch(
+        r"(kgrouped):(\d+):(\d+)x(\d+)x(\d+)", shape)
+    if not match:
+        raise SystemExit(f"--shape must be dense:MxNxK, wgrad:MxNxK or kgrouped:G:MxNxK, got {shape!r}")
+    return match.group(1), tuple(map(int, match.groups()[1:]))
 
 
 if __name__ == "__main__":
