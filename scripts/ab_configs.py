@@ -3,7 +3,8 @@
     python scripts/ab_configs.py --change block_n=128 --change out_buffers=0 --change pipelined=true \
         --shape wgrad:7168x2112x4096 --shape wgrad:1536x24576x8192
 
-Each shape's planned config and its variant run through runtime/kernels.prepare_gemm on the same
+Every kernel of the run is compiled first, in parallel (deep_gemm.jit.precompile). Each shape's
+planned config and its variant run through runtime/kernels.prepare_gemm on the same
 operands; both results are checked against the float64 reference, then both are timed in turn within
 one loop (the bench's Timer: L2 flushed before every call, median), so a drift of the GPU's clocks
 weighs on each alike. Kinds: `dense` (bf16 D, B scaled per 128 x 128 block), `wgrad` (fp32 D
