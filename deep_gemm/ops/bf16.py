@@ -176,7 +176,7 @@ def _check_k_grouped_device_sizes(a, b, d, sizes) -> torch.Tensor:
 def _sizes_values(sizes: torch.Tensor, capacity: int) -> tuple:
     """A sizes tensor's values, read on the host where the kernel does not run: a list's rules (each K
     a non-negative multiple of 8), and the groups within the rows of a and b."""
-    ks = group_sizes([int(k) for k in sizes.tolist()], "grouped_layout", K_GROUPED_DEVICE_MAX_GROUPS, TMA_ELEMS)
+    ks = group_sizes(sizes.tolist(), "grouped_layout", K_GROUPED_DEVICE_MAX_GROUPS, TMA_ELEMS)
     if sum(ks) > capacity:
         raise ValueError(f"grouped_layout adds up to {sum(ks)} rows, more than a and b hold ({capacity})")
     return ks
@@ -419,8 +419,7 @@ def k_grouped_kernel_takes(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, ks
     some_k = isinstance(ks, torch.Tensor) or (any(ks) and len(ks) <= K_GROUPED_MAX_GROUPS)
     if not (some_k and a.shape[1] and b.shape[1] and a.is_cuda and runs_on_hopper(a.device)):
         return False
-    return (_rows_aligned(a) and _rows_aligned(b) and d.is_contiguous() and d.shape[-1] % 4 == 0
-            and d.data_ptr() % 16 == 0)
+    return _rows_aligned(a) and _rows_aligned(b) and d.is_contiguous() and _rows_aligned(d)
 
 
 def run_k_grouped(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, ks, accumulate: bool, key=None) -> None:

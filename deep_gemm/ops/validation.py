@@ -267,7 +267,7 @@ def sizes_tensor(k_sizes, name: str, max_groups: int = K_GROUPED_DEVICE_MAX_GROU
 def sizes_values(args: GemmArgs, name: str) -> tuple:
     """The values of a validated call's sizes tensor, read on the host (the reference path): the
     rules of a list's, and the groups must fit in the K and the scale rows the operands hold."""
-    ks = group_sizes([int(k) for k in args.k_sizes.tolist()], name, K_GROUPED_DEVICE_MAX_GROUPS)
+    ks = group_sizes(args.k_sizes.tolist(), name, K_GROUPED_DEVICE_MAX_GROUPS)
     total_k, total_kb = sum(ks), sum((k + 127) // 128 for k in ks)
     if total_k > args.k or total_kb > args.sa.shape[-1]:
         raise ValueError(f"{name} adds up to K = {total_k} in {total_kb} blocks of 128, more than the operands hold "

@@ -27,6 +27,13 @@ _FIELD_SOURCES = (("tma_a", A), ("tma_b", B), ("tma_sa", SA), ("tma_out", OUT), 
                   ("tma_sa_tail", SA), ("tma_sb", SB), ("sa", SA), ("sb", SB), ("out", OUT), ("group_info", INDEX))
 # BF16 operands have no scales: a call's tensors are a, b, out and, masked, masked_m (ops/bf16.py), numbered 0-3.
 _BF16_SOURCES = {A: 0, B: 1, OUT: 2, INDEX: 3}
+
+
+def _numbering(bf16: bool):
+    """A tensor's number among the call's tensors, from its FP8 number (A .. INDEX)."""
+    return _BF16_SOURCES.get if bf16 else (lambda source: source)
+
+
 _PARAM_OFFSETS = param_layout()[0]
 _PARAM_KINDS = dict(GEMM_PARAMS)
 _loaded: dict = {}
@@ -143,6 +150,13 @@ def k_grouped_param_block(config: KernelConfig, a: torch.Tensor, b: torch.Tensor
 
 _GROUP_MAPS_STRUCT, _GROUP_MAPS_NAMES = params_struct(GROUP_MAPS_PARAMS)
 _GROUP_MAPS_OFFSETS = param_layout(GROUP_MAPS_PARAMS)[0]
+# The call's tensors in the map-writing kernel's parameter, by operand type: a template re-addresses
+# them; the workspace's pointers belong to the stream.
+_GROUP_MAPS_RELOCATIONS = {
+    bf16: tuple((_GROUP_MAPS_OFFSETS[name], _numbering(bf16)(source), 0, kind)
+                for name, source, kind in (("map_a", A, MAP), ("map_b", B, MAP), ("out", OUT, PTR),
+                                           ("k_sizes", INDEX, PTR), ("a_base", A, PTR), ("b_base", B, PTR)))
+    for bf16 in (False, True)}
 _DEVICE_GROUPS_STRUCT, _ = params_struct(K_GROUPED_DEVICE_PARAMS)
 _NO_SCALES = 2**31 - 1   # K blocks the scales of bf16 operands (none) hold
 
@@ -171,13 +185,8 @@ def prepare_group_maps(config: KernelConfig, a: torch.Tensor, b: torch.Tensor, s
                   block_k=config.block_k)
     params = _GROUP_MAPS_STRUCT.pack(*(fields[name] for name in _GROUP_MAPS_NAMES))
     kernel = group_maps_kernel(config.bf16_operands, a.device.index)
-    # The call's tensors in it (numbered as prepare_gemm's): a template re-addresses them; the
-    # workspace's pointers belong to the stream.
-    number = _BF16_SOURCES.get if config.bf16_operands else (lambda source: source)
-    relocations = tuple((_GROUP_MAPS_OFFSETS[name], number(source), 0, kind) for name, source, kind in
-                        (("map_a", A, MAP), ("map_b", B, MAP), ("out", OUT, PTR), ("k_sizes", INDEX, PTR),
-                         ("a_base", A, PTR), ("b_base", B, PTR)))
-    maps_launch = PreparedLaunch(kernel, 1, params, (0,), stream, a.device.index, relocations)
+    maps_launch = PreparedLaunch(kernel, 1, params, (0,), stream, a.device.index,
+                                 _GROUP_MAPS_RELOCATIONS[config.bf16_operands])
     return _DEVICE_GROUPS_STRUCT.pack(maps_a, maps_b, k_blocks), maps_launch
 
 
@@ -273,7 +282,7 @@ def prepare_gemm(config: KernelConfig, *, a: torch.Tensor, a_rows: int, sa: Opti
         tile_counters=counters)
     params = pack_gemm_params(**fields)
     # Where the call's addresses sit (an unused map or a null pointer holds none).
-    number = _BF16_SOURCES.get if bf16 else (lambda source: source)
+    number = _numbering(bf16)
     relocations = [(_PARAM_OFFSETS[name], number(source), 0, _PARAM_KINDS[name]) for name, source in _FIELD_SOURCES
                    if fields[name] not in (0, _NO_MAP)]
     offsets = GEMM_PARAM_OFFSETS
