@@ -199,6 +199,13 @@ def _other_calls(device, calls: int) -> Dict[str, list]:
     out["k_grouped wgrad 8x7168x2048 k~512"] = [
         lambda a=a, sa=sa, b=b, sb=sb: deep_gemm.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt((a, sa), (b, sb), dws, ks)
         for a, sa, b, sb in sets]
+    # The same with the sizes on the device (CUDA-graph safe: no host read of the sizes).
+    k_tensor = torch.tensor(ks, device=device, dtype=torch.int32)
+    sets = zip(views((mm * sum(ks),), FP8, count, device), views((kb, mm), torch.float32, count, device),
+               views((nn * sum(ks),), FP8, count, device), views((kb, nn), torch.float32, count, device))
+    out["k_grouped wgrad 8x7168x2048 k~512, sizes on device"] = [
+        lambda a=a, sa=sa, b=b, sb=sb: deep_gemm.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt((a, sa), (b, sb), dws, k_tensor)
+        for a, sa, b, sb in sets]
     # The casts (their outputs allocated per call, as callers get them).
     for name, fn, shape in (("per_token_cast_to_fp8 [4096, 7168]", deep_gemm.per_token_cast_to_fp8, (4096, 7168)),
                             ("per_block_cast_to_fp8 [2048, 7168]", deep_gemm.per_block_cast_to_fp8, (2048, 7168)),
