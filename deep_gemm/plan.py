@@ -203,7 +203,7 @@ def plan_k_grouped(m: int, n: int, num_sms: int, num_groups: int, accumulate: bo
         pipelined=block_n <= MAX_PIPELINED_BLOCK_N, row_scales_b=True, out_fp32=True, accumulate=accumulate)
 
 
-# plan_dense walks every tile candidate (about 10 µs of Python); the GEMMs ask the same few
+# plan_dense walks every tile candidate (a loop in Python); the GEMMs ask the same few
 # questions over and over, so they go through this bounded memo (plan_dense is a pure function).
 PLAN_CACHE_SIZE = 4096
 _plan_cache: dict = {}

@@ -2,7 +2,7 @@
 
 M is a run-time value, but the planner's choice of tile (and so of kernel) depends
 on M.  So for each requested (layout, N, K, groups) we plan every M of the range
-(pure Python, ~10 us a plan), keep the unique KernelConfigs and compile them in
+(pure Python, cheap), keep the unique KernelConfigs and compile them in
 parallel through deep_gemm.jit.precompile, filling the disk cache that the
 first call of each shape would otherwise fill (and that CUDA-graph capture
 cannot fill: loading a module during capture is not permitted).

@@ -95,7 +95,7 @@ class PreparedLaunch:
     `params` holds the kernel's parameters back to back, `offsets` where each starts; they never
     change, so threads may fire one entry at once (the driver copies the parameters). A launch
     fired a second time is also captured into a one-kernel CUDA graph, whose launch costs the CPU
-    about half of cuLaunchKernelEx's (instantiating it costs ~25 µs once). A graph cannot be
+    less than cuLaunchKernelEx (instantiating it costs far more, once). A graph cannot be
     launched into a capturing stream, nor by two threads at once: then the kernel is launched.
 
     With set_pdl(True), a kernel whose module is PDL-ready is launched with a second config that
@@ -124,8 +124,8 @@ class PreparedLaunch:
         # times faster than a ctypes c_void_p array); the buffer lives as long as this object.
         buffer, address = param_buffer(params, offsets)
         # cuLaunchKernelEx with a launch config built once (grid, block, shared memory, stream,
-        # clusters): 0.35 µs less per launch than cuLaunchKernel's eleven converted arguments
-        # (scripts/launch_probe.py), and the config is only read, so threads may share it (the
+        # clusters): one argument to convert per launch where cuLaunchKernel takes eleven,
+        # and the config is only read, so threads may share it (the
         # launches a template binds share their template's).
         self._setup(kernel, grid, offsets, stream, device_index, relocations, len(params), buffer, address,
                     kernel.launch_config(grid, stream), None, driver().CUstream(stream))
@@ -493,7 +493,7 @@ MAX_LAYOUTS_PER_KEY = 4
 
 # TensorGuards is torch's own C++ check of many tensors at once (type, dtype, device, sizes,
 # strides, requires_grad, dispatch keys; it keeps no reference to them), made for torch.compile's
-# guards: 0.8 µs for five tensors where reading those fields from Python costs ~2.5 µs. Without
+# guards: a fraction of the time that reading those fields from Python takes. Without
 # it, the same fields are compared from Python.
 try:
     from torch._C._dynamo.guards import TensorGuards as _TensorGuards
