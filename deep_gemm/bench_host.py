@@ -190,22 +190,18 @@ def _other_calls(device, calls: int) -> Dict[str, list]:
     sets = zip(views((mm, kk), FP8, count, device), col_major_scales(mm, kk // 128, count, device))
     out["fp8_gemm_nt (1,1,128) fp32 c=d"] = [
         lambda a=a, sa=sa: deep_gemm.fp8_gemm_nt((a, sa), rhs, d, c=d, recipe=(1, 1, 128)) for a, sa in sets]
-    # Weight gradients, K-grouped: 8 experts, [7168, 2048] each, ~512 tokens each.
+    # Weight gradients, K-grouped: 8 experts, [7168, 2048] each, ~512 tokens each; the sizes as Python
+    # ints, then as an int32 tensor on the device (CUDA-graph safe: no host read of the sizes).
     ks = [512, 496, 528, 512, 480, 544, 512, 512]
     kb = sum((x + 127) // 128 for x in ks)
     dws = torch.zeros(len(ks), mm, nn, device=device)
-    sets = zip(views((mm * sum(ks),), FP8, count, device), views((kb, mm), torch.float32, count, device),
-               views((nn * sum(ks),), FP8, count, device), views((kb, nn), torch.float32, count, device))
-    out["k_grouped wgrad 8x7168x2048 k~512"] = [
-        lambda a=a, sa=sa, b=b, sb=sb: deep_gemm.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt((a, sa), (b, sb), dws, ks)
-        for a, sa, b, sb in sets]
-    # The same with the sizes on the device (CUDA-graph safe: no host read of the sizes).
-    k_tensor = torch.tensor(ks, device=device, dtype=torch.int32)
-    sets = zip(views((mm * sum(ks),), FP8, count, device), views((kb, mm), torch.float32, count, device),
-               views((nn * sum(ks),), FP8, count, device), views((kb, nn), torch.float32, count, device))
-    out["k_grouped wgrad 8x7168x2048 k~512, sizes on device"] = [
-        lambda a=a, sa=sa, b=b, sb=sb: deep_gemm.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt((a, sa), (b, sb), dws, k_tensor)
-        for a, sa, b, sb in sets]
+    for label, sizes in (("", ks), (", sizes on device", torch.tensor(ks, device=device, dtype=torch.int32))):
+        sets = zip(views((mm * sum(ks),), FP8, count, device), views((kb, mm), torch.float32, count, device),
+                   views((nn * sum(ks),), FP8, count, device), views((kb, nn), torch.float32, count, device))
+        out["k_grouped wgrad 8x7168x2048 k~512" + label] = [
+            lambda a=a, sa=sa, b=b, sb=sb, sizes=sizes:
+                deep_gemm.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt((a, sa), (b, sb), dws, sizes)
+            for a, sa, b, sb in sets]
     # The casts (their outputs allocated per call, as callers get them).
     for name, fn, shape in (("per_token_cast_to_fp8 [4096, 7168]", deep_gemm.per_token_cast_to_fp8, (4096, 7168)),
                             ("per_block_cast_to_fp8 [2048, 7168]", deep_gemm.per_block_cast_to_fp8, (2048, 7168)),
