@@ -17,9 +17,7 @@ import cProfile
 import io
 import os
 import pstats
-import statistics
 import sys
-import time
 
 import torch
 
@@ -31,14 +29,7 @@ CALLS = 400
 
 
 def median_us(fns) -> float:
-    torch.cuda.synchronize()
-    times = []
-    for fn in fns:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    torch.cuda.synchronize()
-    return statistics.median(times) * 1e6
+    return bench_host.per_call_us(fns)["median_us"]
 
 
 def profile(name: str, fns, top: int = 14) -> None:
