@@ -8,8 +8,10 @@ planned config and its variant run through runtime/kernels.prepare_gemm on the s
 operands; both results are checked against the float64 reference, then both are timed in turn within
 one loop (the bench's Timer: L2 flushed before every call, median), so a drift of the GPU's clocks
 weighs on each alike. Kinds: `dense` (bf16 D, B scaled per 128 x 128 block), `wgrad` (fp32 D
-accumulated, both operands scaled per row) and `kgrouped:G:MxNxK` (G groups of about K tokens each,
-as the bench's K-grouped rows draw them). A field of the variant that changes what fits in shared
+accumulated, both operands scaled per row), `kgrouped:G:MxNxK` (G groups of about K tokens each,
+as the bench's K-grouped rows draw them) and `contig:G:MxNxK` (the M-grouped contiguous layout, G
+experts of about M rows each with the bench's group sizes and data, each padded to the layout's
+alignment and its padding rows computed with its expert). A field of the variant that changes what fits in shared
 memory (block_n, out_buffers) gets the most stages that fit. Prints one line per shape:
 planned µs, variant µs and variant / planned.
 """
@@ -25,7 +27,8 @@ import torch
 
 import deep_gemm
 from deep_gemm import bench, plan
-from deep_gemm.config import KernelConfig, max_stages
+from deep_gemm.bench_common import contiguous_seed
+from deep_gemm.config import KernelConfig, Layout, max_stages
 from deep_gemm.jit.kernel_source import gemm_job
 from deep_gemm.jit.precompile import precompile
 from deep_gemm.reference import calc_diff, dequantize_lhs, dequantize_rhs, k_grouped_operand
@@ -82,6 +85,9 @@ def planned(kind: str, *dims: int) -> KernelConfig:
     if kind == "kgrouped":
         g, m, n = dims[:3]
         return plan.plan_k_grouped(m, n, num_sms, g, accumulate=True)
+    if kind == "contig":   # (all rows, N, K, groups)
+        m, n, k, g = dims
+        return plan.plan_cached(m, n, k, num_sms, int(Layout.CONTIGUOUS), g, False, False, False)
     wgrad = kind == "wgrad"
     return plan.plan_dense(*dims, num_sms, row_scales_b=wgrad, out_fp32=wgrad, accumulate=wgrad)
 
@@ -101,6 +107,27 @@ def run_k_grouped(g: int, m: int, n: int, avg_k: int, changes: dict, timer) -> s
         return prepare_gemm(c, a=a, a_rows=m, sa=sa.T, sa_rows=m, b=b, b_rows=n, sb=sb.T, out=out, out_rows=m,
                             shape_m=m, group_info=None, num_sms=num_sms, k_sizes=tuple(ks)), out
     return _time(f"kgrouped {g}x{m}x{n} k~{avg_k}", config, changes, prepare, want, timer)
+
+
+def run_contiguous(g: int, m_per_group: int, n: int, k: int, changes: dict, timer) -> str:
+    num_sms = deep_gemm.get_num_sms()
+    torch.manual_seed(contiguous_seed(g, m_per_group, n, k))
+    padded = _padded_counts(g, m_per_group, n, k)
+    m = sum(padded)
+    (a, sa), (b, sb) = bench._cast_pair(torch.randn(m, k, device="cuda", dtype=torch.bfloat16),
+                                        torch.randn(g, n, k, device="cuda", dtype=torch.bfloat16))
+    index = torch.repeat_interleave(torch.arange(g, dtype=torch.int32), torch.tensor(padded)).cuda()
+    starts = [sum(padded[:i]) for i in range(g)]
+    want = torch.cat([dequantize_lhs(a[s:s + p], sa[s:s + p], dtype=torch.float64)
+                      @ dequantize_rhs(b[i], sb[i], dtype=torch.float64).T
+                      for i, (s, p) in enumerate(zip(starts, padded))])
+    config = planned("contig", m, n, k, g)
+
+    def prepare(c):
+        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        return prepare_gemm(c, a=a, a_rows=m, sa=sa, sa_rows=m, b=b.view(g * n, k), b_rows=g * n, sb=sb, out=out,
+                            out_rows=m, shape_m=m, group_info=index, num_sms=num_sms), out
+    return _time(f"contig {g}x{m_per_group}x{n}x{k} ({m} rows)", config, changes, prepare, want, timer)
 
 
 def run_shape(kind: str, m: int, n: int, k: int, changes: dict, timer) -> str:
@@ -131,11 +158,11 @@ def main() -> int:
     shapes = [_parse(shape) for shape in args.shape]
     # Every kernel both ways first, in parallel, so that the loop below only loads them.
     arch = device_arch(torch.cuda.current_device())
-    configs = [planned(kind, *dims) for kind, dims in shapes]
+    configs = [planned(kind, *_plan_dims(kind, dims)) for kind, dims in shapes]
     precompile([gemm_job(c, arch) for config in configs for c in (config, _variant(config, changes))])
     timer = bench.Timer("cuda", args.iters)
     for kind, dims in shapes:
-        run = run_k_grouped if kind == "kgrouped" else functools.partial(run_shape, kind)
+        run = {"kgrouped": run_k_grouped, "contig": run_contiguous}.get(kind) or functools.partial(run_shape, kind)
         print(run(*dims, changes, timer), flush=True)
     return 0
 
@@ -143,10 +170,24 @@ def main() -> int:
 def _parse(shape: str) -> tuple:
     """(kind, numbers) of one --shape."""
     match = re.fullmatch(r"(dense|wgrad):(\d+)x(\d+)x(\d+)", shape) or re.fullmatch(
-        r"(kgrouped):(\d+):(\d+)x(\d+)x(\d+)", shape)
+        r"(kgrouped|contig):(\d+):(\d+)x(\d+)x(\d+)", shape)
     if not match:
-        raise SystemExit(f"--shape must be dense:MxNxK, wgrad:MxNxK or kgrouped:G:MxNxK, got {shape!r}")
+        raise SystemExit(f"--shape must be dense:MxNxK, wgrad:MxNxK, kgrouped:G:MxNxK or contig:G:MxNxK, got {shape!r}")
     return match.group(1), tuple(map(int, match.groups()[1:]))
+
+
+def _padded_counts(g: int, m_per_group: int, n: int, k: int) -> list:
+    """A contiguous case's group sizes as the bench draws them, each padded to the layout's alignment."""
+    align = deep_gemm.get_m_alignment_for_contiguous_layout()
+    return [-(-c // align) * align for c in bench._draw_counts(g, m_per_group, contiguous_seed(g, m_per_group, n, k))]
+
+
+def _plan_dims(kind: str, dims: tuple) -> tuple:
+    """planned()'s numbers for a --shape's: a contiguous case's rows are its padded group sizes' sum."""
+    if kind != "contig":
+        return dims
+    g, m_per_group, n, k = dims
+    return sum(_padded_counts(g, m_per_group, n, k)), n, k, g
 
 
 if __name__ == "__main__":
