@@ -9,9 +9,10 @@ operands; both results are checked against the float64 reference, then both are 
 one loop (the bench's Timer: L2 flushed before every call, median), so a drift of the GPU's clocks
 weighs on each alike. Kinds: `dense` (bf16 D, B scaled per 128 x 128 block), `wgrad` (fp32 D
 accumulated, both operands scaled per row), `kgrouped:G:MxNxK` (G groups of about K tokens each,
-as the bench's K-grouped rows draw them) and `contig:G:MxNxK` (the M-grouped contiguous layout, G
+as the bench's K-grouped rows draw them), `contig:G:MxNxK` (the M-grouped contiguous layout, G
 experts of about M rows each with the bench's group sizes and data, each padded to the layout's
-alignment and its padding rows computed with its expert). A field of the variant that changes what fits in shared
+alignment and its padding rows computed with its expert) and `bf16contig:G:MxNxK` (the same layout in
+BF16 with the BF16 suite's group sizes; padding rows zero and unchecked). A field of the variant that changes what fits in shared
 memory (block_n, out_buffers) gets the most stages that fit. Prints one line per shape:
 planned µs, variant µs and variant / planned.
 """
@@ -26,7 +27,7 @@ import sys
 import torch
 
 import deep_gemm
-from deep_gemm import bench, plan
+from deep_gemm import bench, bench_bf16, plan
 from deep_gemm.bench_common import contiguous_seed
 from deep_gemm.config import KernelConfig, Layout, max_stages
 from deep_gemm.jit.kernel_source import gemm_job
@@ -60,19 +61,21 @@ def _variant(config: KernelConfig, changes: dict) -> KernelConfig:
     if "num_stages" in changes or not _SMEM_FIELDS & set(changes):
         return dataclasses.replace(config, **changes)
     variant = dataclasses.replace(config, **changes, num_stages=1)
+    cap = plan.BF16_STAGES if variant.bf16_operands else 8 // variant.stage_k_blocks
     return dataclasses.replace(variant, num_stages=max_stages(
-        variant.block_m, variant.block_n, cap=8 // variant.stage_k_blocks, stage_k_blocks=variant.stage_k_blocks,
-        out_bytes=variant.out_bytes, row_scales_b=variant.row_scales_b, out_buffers=variant.out_buffers))
+        variant.block_m, variant.block_n, cap=cap, stage_k_blocks=variant.stage_k_blocks, out_bytes=variant.out_bytes,
+        row_scales_b=variant.row_scales_b, bf16_operands=variant.bf16_operands, out_buffers=variant.out_buffers))
 
 
-def _time(label: str, config: KernelConfig, changes: dict, prepare, want, timer) -> str:
-    """Both kernels on the same operands (prepare(config) -> (launch, out)), checked, then timed in turn."""
+def _time(label: str, config: KernelConfig, changes: dict, prepare, want, timer, checked=lambda out: out) -> str:
+    """Both kernels on the same operands (prepare(config) -> (launch, out)), checked (the rows of out
+    that `checked` selects against want), then timed in turn."""
     variant = _variant(config, changes)
     runs = [prepare(c) for c in (config, variant)]
     for launch, _ in runs:
         launch.fire()
     torch.cuda.synchronize()
-    diffs = [calc_diff(out.double(), want) for _, out in runs]
+    diffs = [calc_diff(checked(out).double(), want) for _, out in runs]
     (t0, _), (t1, _) = timer.kernel_us_in_turn([launch.fire for launch, _ in runs])
     ok = all(d < 1e-5 for d in diffs)
     return (f"{label}: {config.name} {t0:.1f} us, {variant.name} {t1:.1f} us, variant / planned {t1 / t0:.3f}"
@@ -85,8 +88,10 @@ def planned(kind: str, *dims: int) -> KernelConfig:
     if kind == "kgrouped":
         g, m, n = dims[:3]
         return plan.plan_k_grouped(m, n, num_sms, g, accumulate=True)
-    if kind == "contig":   # (all rows, N, K, groups)
+    if kind in ("contig", "bf16contig"):   # (all rows, N, K, groups)
         m, n, k, g = dims
+        if kind == "bf16contig":
+            return plan.plan_bf16(m, n, k, num_sms, layout=Layout.CONTIGUOUS, num_groups=g)
         return plan.plan_cached(m, n, k, num_sms, int(Layout.CONTIGUOUS), g, False, False, False)
     wgrad = kind == "wgrad"
     return plan.plan_dense(*dims, num_sms, row_scales_b=wgrad, out_fp32=wgrad, accumulate=wgrad)
@@ -130,6 +135,27 @@ def run_contiguous(g: int, m_per_group: int, n: int, k: int, changes: dict, time
     return _time(f"contig {g}x{m_per_group}x{n}x{k} ({m} rows)", config, changes, prepare, want, timer)
 
 
+def run_bf16_contiguous(g: int, m_per_group: int, n: int, k: int, changes: dict, timer) -> str:
+    """The BF16 suite's contiguous case (its group sizes; padding rows unchecked)."""
+    num_sms = deep_gemm.get_num_sms()
+    counts = bench_bf16.group_sizes(bench, g, m_per_group, n, k)
+    index, valid = bench_bf16.contiguous_layout(counts, deep_gemm.get_m_alignment_for_contiguous_layout(), "cuda")
+    m = index.numel()
+    a = torch.zeros(m, k, device="cuda", dtype=torch.bfloat16)
+    a[valid] = torch.randn(valid.numel(), k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(g, n, k, device="cuda", dtype=torch.bfloat16)
+    want = torch.cat([a[valid][s:s + c].double() @ b[i].double().T
+                      for i, (s, c) in enumerate(zip([sum(counts[:i]) for i in range(g)], counts))])
+    config = planned("bf16contig", m, n, k, g)
+
+    def prepare(c):
+        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        return prepare_gemm(c, a=a, a_rows=m, sa=None, sa_rows=0, b=b.view(g * n, k), b_rows=g * n, sb=None, out=out,
+                            out_rows=m, shape_m=m, group_info=index, num_sms=num_sms), out
+    return _time(f"bf16contig {g}x{m_per_group}x{n}x{k} ({m} rows)", config, changes, prepare, want, timer,
+                 checked=lambda out: out[valid])
+
+
 def run_shape(kind: str, m: int, n: int, k: int, changes: dict, timer) -> str:
     num_sms = deep_gemm.get_num_sms()
     wgrad = kind == "wgrad"
@@ -162,7 +188,8 @@ def main() -> int:
     precompile([gemm_job(c, arch) for config in configs for c in (config, _variant(config, changes))])
     timer = bench.Timer("cuda", args.iters)
     for kind, dims in shapes:
-        run = {"kgrouped": run_k_grouped, "contig": run_contiguous}.get(kind) or functools.partial(run_shape, kind)
+        run = {"kgrouped": run_k_grouped, "contig": run_contiguous, "bf16contig": run_bf16_contiguous}.get(kind) \
+            or functools.partial(run_shape, kind)
         print(run(*dims, changes, timer), flush=True)
     return 0
 
@@ -170,9 +197,10 @@ def main() -> int:
 def _parse(shape: str) -> tuple:
     """(kind, numbers) of one --shape."""
     match = re.fullmatch(r"(dense|wgrad):(\d+)x(\d+)x(\d+)", shape) or re.fullmatch(
-        r"(kgrouped|contig):(\d+):(\d+)x(\d+)x(\d+)", shape)
+        r"(kgrouped|contig|bf16contig):(\d+):(\d+)x(\d+)x(\d+)", shape)
     if not match:
-        raise SystemExit(f"--shape must be dense:MxNxK, wgrad:MxNxK, kgrouped:G:MxNxK or contig:G:MxNxK, got {shape!r}")
+        raise SystemExit(f"--shape must be dense:MxNxK, wgrad:MxNxK, kgrouped:G:MxNxK, contig:G:MxNxK or "
+                         f"bf16contig:G:MxNxK, got {shape!r}")
     return match.group(1), tuple(map(int, match.groups()[1:]))
 
 
@@ -184,9 +212,12 @@ def _padded_counts(g: int, m_per_group: int, n: int, k: int) -> list:
 
 def _plan_dims(kind: str, dims: tuple) -> tuple:
     """planned()'s numbers for a --shape's: a contiguous case's rows are its padded group sizes' sum."""
-    if kind != "contig":
+    if kind not in ("contig", "bf16contig"):
         return dims
     g, m_per_group, n, k = dims
+    if kind == "bf16contig":
+        align = deep_gemm.get_m_alignment_for_contiguous_layout()
+        return sum(-(-c // align) * align for c in bench_bf16.group_sizes(bench, g, m_per_group, n, k)), n, k, g
     return sum(_padded_counts(g, m_per_group, n, k)), n, k, g
 
 
