@@ -11,9 +11,9 @@ weighs on each alike. Kinds: `dense` (bf16 D, B scaled per 128 x 128 block), `wg
 accumulated, both operands scaled per row), `kgrouped:G:MxNxK` (G groups of about K tokens each,
 as the bench's K-grouped rows draw them), `contig:G:MxNxK` (the M-grouped contiguous layout, G
 experts of about M rows each with the bench's group sizes and data, each padded to the layout's
-alignment and its padding rows computed with its expert) and `bf16contig:G:MxNxK` (the same layout in
-BF16 with the BF16 suite's group sizes; padding rows zero and unchecked). A field of the variant that changes what fits in shared
-memory (block_n, out_buffers) gets the most stages that fit. Prints one line per shape:
+alignment and its padding rows computed with its expert) and `bf16contig:G:MxNxK` (the same layout
+in BF16 with the BF16 suite's group sizes; padding rows zero and unchecked). A field of the variant
+that changes what fits in shared memory (block_n, out_buffers) gets the most stages that fit. Prints one line per shape:
 planned µs, variant µs and variant / planned.
 """
 from __future__ import annotations
@@ -117,7 +117,7 @@ def run_k_grouped(g: int, m: int, n: int, avg_k: int, changes: dict, timer) -> s
 def run_contiguous(g: int, m_per_group: int, n: int, k: int, changes: dict, timer) -> str:
     num_sms = deep_gemm.get_num_sms()
     torch.manual_seed(contiguous_seed(g, m_per_group, n, k))
-    padded = _padded_counts(g, m_per_group, n, k)
+    padded = _padded(_group_sizes("contig", g, m_per_group, n, k))
     m = sum(padded)
     (a, sa), (b, sb) = bench._cast_pair(torch.randn(m, k, device="cuda", dtype=torch.bfloat16),
                                         torch.randn(g, n, k, device="cuda", dtype=torch.bfloat16))
@@ -138,7 +138,7 @@ def run_contiguous(g: int, m_per_group: int, n: int, k: int, changes: dict, time
 def run_bf16_contiguous(g: int, m_per_group: int, n: int, k: int, changes: dict, timer) -> str:
     """The BF16 suite's contiguous case (its group sizes; padding rows unchecked)."""
     num_sms = deep_gemm.get_num_sms()
-    counts = bench_bf16.group_sizes(bench, g, m_per_group, n, k)
+    counts = _group_sizes("bf16contig", g, m_per_group, n, k)
     index, valid = bench_bf16.contiguous_layout(counts, deep_gemm.get_m_alignment_for_contiguous_layout(), "cuda")
     m = index.numel()
     a = torch.zeros(m, k, device="cuda", dtype=torch.bfloat16)
@@ -204,10 +204,16 @@ def _parse(shape: str) -> tuple:
     return match.group(1), tuple(map(int, match.groups()[1:]))
 
 
-def _padded_counts(g: int, m_per_group: int, n: int, k: int) -> list:
-    """A contiguous case's group sizes as the bench draws them, each padded to the layout's alignment."""
+def _group_sizes(kind: str, g: int, m_per_group: int, n: int, k: int) -> list:
+    """A contiguous case's group sizes as its bench suite draws them (FP8 or BF16)."""
+    if kind == "bf16contig":
+        return bench_bf16.group_sizes(bench, g, m_per_group, n, k)
+    return bench._draw_counts(g, m_per_group, contiguous_seed(g, m_per_group, n, k))
+
+
+def _padded(counts: list) -> list:
     align = deep_gemm.get_m_alignment_for_contiguous_layout()
-    return [-(-c // align) * align for c in bench._draw_counts(g, m_per_group, contiguous_seed(g, m_per_group, n, k))]
+    return [-(-c // align) * align for c in counts]
 
 
 def _plan_dims(kind: str, dims: tuple) -> tuple:
@@ -215,10 +221,7 @@ def _plan_dims(kind: str, dims: tuple) -> tuple:
     if kind not in ("contig", "bf16contig"):
         return dims
     g, m_per_group, n, k = dims
-    if kind == "bf16contig":
-        align = deep_gemm.get_m_alignment_for_contiguous_layout()
-        return sum(-(-c // align) * align for c in bench_bf16.group_sizes(bench, g, m_per_group, n, k)), n, k, g
-    return sum(_padded_counts(g, m_per_group, n, k)), n, k, g
+    return sum(_padded(_group_sizes(kind, g, m_per_group, n, k))), n, k, g
 
 
 if __name__ == "__main__":

@@ -124,9 +124,9 @@ class PreparedLaunch:
         # times faster than a ctypes c_void_p array); the buffer lives as long as this object.
         buffer, address = param_buffer(params, offsets)
         # cuLaunchKernelEx with a launch config built once (grid, block, shared memory, stream,
-        # clusters): one argument to convert per launch where cuLaunchKernel takes eleven,
-        # and the config is only read, so threads may share it (the
-        # launches a template binds share their template's).
+        # clusters): one argument to convert per launch where cuLaunchKernel takes eleven, and the
+        # config is only read, so threads may share it (the launches a template binds share their
+        # template's).
         self._setup(kernel, grid, offsets, stream, device_index, relocations, len(params), buffer, address,
                     kernel.launch_config(grid, stream), None, driver().CUstream(stream))
 
