@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import statistics
 import sys
@@ -818,109 +817,8 @@ def _reference_masked(record, gen, groups, n, k) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# PDL on a chain of dependent launches (--suite chain).
+# Host time per call and an MoE layer's training step (--suite host / train_step: bench_host.py).
 # ---------------------------------------------------------------------------------------------
-# A model's MLP layers as decoding runs them: x [M, 7168] -> cast -> GEMM to 4096 -> cast -> GEMM
-# back to 7168, each kernel reading what the one before wrote, CHAIN_LAYERS layers (own weights)
-# back to back in one CUDA graph, captured once with set_pdl(False) and once with set_pdl(True).
-CHAIN_MS = (1, 16, 64, 128)
-CHAIN_HIDDEN, CHAIN_INTERMEDIATE, CHAIN_LAYERS = 7168, 4096, 4
-
-
-def _chain_graph(x: torch.Tensor, layers, pdl: bool) -> tuple:
-    """(graph, output) of the chain on x, captured on a side stream with set_pdl(pdl); two eager
-    runs first load every kernel and fill the launch caches (capture can do neither)."""
-    import deep_gemm
-
-    def chain():
-        h = x
-        for up, down in layers:
-            mid = deep_gemm.gemm_fp8_fp8_bf16_nt(deep_gemm.per_token_cast_to_fp8(h), up)
-            h = deep_gemm.gemm_fp8_fp8_bf16_nt(deep_gemm.per_token_cast_to_fp8(mid), down)
-        return h
-
-    previous = deep_gemm.get_pdl()
-    deep_gemm.set_pdl(pdl)
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):   # the capture's stream: its split-K workspace exists by then
-            chain()
-            chain()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            out = chain()
-    finally:
-        deep_gemm.set_pdl(previous)
-    return graph, out
-
-
-def _pdl_kernels() -> str:
-    """Which loaded kernel families are PDL-ready (launched with the attribute when PDL is on)."""
-    from .ops import cast
-    from .runtime import kernels
-    found = []
-    for family, loaded in (("GEMM", kernels._loaded), ("cast", cast._loaded)):
-        ready = {k.pdl_ready for k in loaded.values()}
-        found.append(f"{family} " + {frozenset({True}): "yes", frozenset({False}): "no",
-                                     frozenset(): "none loaded"}.get(frozenset(ready), "some"))
-    return ", ".join(found)
-
-
-def bench_chain(iters: int, flush: str = "write", ms=CHAIN_MS, verbose: bool = True) -> list:
-    """µs per replay of the chain's graph with PDL off and on, for each M (median of `iters` replays
-    of each, alternating, with the Timer's L2 flush before each); rows of {m, off_us, on_us,
-    ratio, identical}. identical: both graphs gave the same bits."""
-    import deep_gemm
-    device = torch.device("cuda", torch.cuda.current_device())
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def weight(n, k):   # scaled so that activations stay near 1 from layer to layer
-        return deep_gemm.per_block_cast_to_fp8(
-            torch.randn(n, k, device=device, generator=gen, dtype=torch.bfloat16) / math.sqrt(k))
-    layers = [(weight(CHAIN_INTERMEDIATE, CHAIN_HIDDEN), weight(CHAIN_HIDDEN, CHAIN_INTERMEDIATE))
-              for _ in range(CHAIN_LAYERS)]
-    flush_l2 = Timer(device, iters, flush=flush).flushes[0]
-    rows = []
-    for m in ms:
-        x = torch.randn(m, CHAIN_HIDDEN, device=device, generator=gen, dtype=torch.bfloat16)
-        graphs = [_chain_graph(x, layers, pdl) for pdl in (False, True)]
-        events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                   for _ in range(iters)] for _ in graphs]
-        for i in range(iters):
-            for (graph, _), pairs in zip(graphs, events):
-                flush_l2()
-                pairs[i][0].record()
-                graph.replay()
-                pairs[i][1].record()
-        torch.cuda.synchronize()
-        off, on = (statistics.median(s.elapsed_time(e) for s, e in pairs) * 1e3 for pairs in events)
-        same = torch.equal(graphs[0][1], graphs[1][1])
-        rows.append({"m": m, "off_us": round(off, 2), "on_us": round(on, 2), "ratio": round(on / off, 3),
-                     "identical": same})
-        del graphs, events
-    if verbose:
-        print(f"PDL on a chain of {CHAIN_LAYERS} MLP layers (cast -> GEMM {CHAIN_HIDDEN}->{CHAIN_INTERMEDIATE} -> "
-              f"cast -> GEMM {CHAIN_INTERMEDIATE}->{CHAIN_HIDDEN} each), one CUDA graph per setting, median of "
-              f"{iters} replays; PDL-ready kernels: {_pdl_kernels()}")
-        print(f"{'M':>6} {'PDL off us':>11} {'PDL on us':>10} {'on/off':>7}  results")
-        for r in rows:
-            print(f"{r['m']:>6} {r['off_us']:11.1f} {r['on_us']:10.1f} {r['ratio']:7.3f}  "
-                  f"{'identical' if r['identical'] else 'DIFFER'}")
-    return rows
-
-
-def run_chain(args, iters: int) -> int:
-    """--suite chain: bench_chain, its rows written to --json; fails if PDL changed a result."""
-    rows = bench_chain(iters, flush=args.flush)
-    with open(args.json, "w") as f:
-        json.dump({"device": _device_info(), "iters": iters, "flush": args.flush, "pdl_kernels": _pdl_kernels(),
-                   "chain": rows}, f, indent=1)
-    print(f"wrote {args.json}")
-    return 0 if all(r["identical"] for r in rows) else 1
-
-
 def run_host(args) -> int:
     """--suite host (host time per call in issue #24's patterns, then the training step) or
     --suite train_step (the step alone): tables printed, rows written to --json. Exits 0: the
@@ -1007,99 +905,6 @@ def _device_info() -> dict:
     return info
 
 
-# ---- the FP8 casts: GPU time and achieved bandwidth ---------------------------------------------
-# Each case: median over `iters` calls of the GPU time between two CUDA events around one call (the
-# inputs are hundreds of MB, far past L2, so no flush is needed), and the bandwidth counting the
-# fewest bytes a cast must move: x read once, q and the scales written once. Host overhead is
-# measured apart, on a small input. Every output is compared bit for bit with the torch reference.
-CAST_CASES = (
-    # name, kind, shape, dtype
-    ("per_token [16384, 7168]", "per_token", (16384, 7168), torch.bfloat16),
-    ("per_token masked [32, 4096, 7168]", "per_token", (32, 4096, 7168), torch.bfloat16),
-    ("per_block [7168, 16384]", "per_block", (7168, 16384), torch.bfloat16),
-    ("per_block [7168, 16384] fp32", "per_block", (7168, 16384), torch.float32),
-    # x [T, H] -> e4m3 x.T per 1x128 along T (weight-gradient operands), dense and K-grouped
-    ("transposed [8192, 7168]", "transposed", (8192, 7168), torch.bfloat16),
-    ("transposed [16384, 4096]", "transposed", (16384, 4096), torch.bfloat16),
-    ("transposed [4096, 2048]", "transposed", (4096, 2048), torch.bfloat16),
-    ("k_grouped transposed [8x~1024, 7168]", "k_grouped_transposed", (8192, 7168), torch.bfloat16),
-)
-# Tokens per expert of the K-grouped case: ~1024 each, multiples of 16, most with a partial last 128-block.
-CAST_K_SIZES = (976, 1072, 1024, 1008, 1040, 960, 1088, 1024)
-CAST_HOST_SHAPE = (128, 7168)
-CAST_HOST_CALLS = 200
-
-
-def _cast_k_sizes(tokens: int) -> list:
-    """CAST_K_SIZES for its token count, else 8 equal groups (multiples of 16) of `tokens`."""
-    if tokens == sum(CAST_K_SIZES):
-        return list(CAST_K_SIZES)
-    return [tokens // 8] * 8
-
-
-def _moved_bytes(kind: str, x: torch.Tensor) -> int:
-    k = x.shape[-1]
-    kb = -(-k // 128)
-    rows = x.numel() // k
-    if kind == "transposed":        # one scale per column and 128 tokens
-        num_scales = k * -(-rows // 128)
-    elif kind == "k_grouped_transposed":
-        num_scales = k * sum(-(-g // 128) for g in _cast_k_sizes(rows))
-    elif kind == "per_token":
-        num_scales = rows * kb
-    else:
-        groups = x.shape[0] if x.dim() == 3 else 1
-        num_scales = groups * -(-x.shape[-2] // 128) * kb
-    return x.numel() * x.element_size() + x.numel() + 4 * num_scales
-
-
-def bench_casts(iters: int = 50, warmup: int = 3, verbose: bool = True,
-                hbm_bytes_per_s: float = HBM_BYTES_PER_S) -> list:
-    """Time every case in CASES on the current GPU; return rows of
-    {name, kind, shape, dtype, us, gbps, pct_of_hbm, host_us}."""
-    import deep_gemm
-    from . import reference
-
-    casts = {"per_token": (deep_gemm.per_token_cast_to_fp8, reference.per_token_cast_to_fp8),
-             "per_block": (deep_gemm.per_block_cast_to_fp8, reference.per_block_cast_to_fp8),
-             "transposed": (deep_gemm.per_token_cast_to_fp8_transposed, reference.per_token_cast_to_fp8_transposed),
-             "k_grouped_transposed": (
-                 lambda x: deep_gemm.k_grouped_per_token_cast_to_fp8_transposed(x, _cast_k_sizes(x.shape[0])),
-                 lambda x: reference.k_grouped_per_token_cast_to_fp8_transposed(x, _cast_k_sizes(x.shape[0])))}
-    rows = []
-    for name, kind, shape, dtype in CAST_CASES:
-        x = torch.randn(shape, device="cuda", dtype=dtype)
-        fn, ref = casts[kind]
-        q, s = fn(x)                 # compile and load; checked against the reference
-        q_ref, s_ref = ref(x)
-        exact = torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
-        del q, s, q_ref, s_ref
-        for _ in range(warmup):      # settle the allocator
-            fn(x)
-        us = gpu_event_us(lambda: fn(x), iters)
-        small = torch.randn(CAST_HOST_SHAPE, device="cuda", dtype=dtype)
-        fn(small)
-        host = host_overhead_us(lambda: fn(small), CAST_HOST_CALLS)
-        moved = _moved_bytes(kind, x)
-        gbps = moved / (us * 1e-6) / 1e9
-        rows.append({"name": name, "kind": kind, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
-                     "us": round(us, 1), "gbps": round(gbps, 1),
-                     "pct_of_hbm": round(100 * gbps * 1e9 / hbm_bytes_per_s, 1), "host_us": round(host, 1),
-                     "bit_identical": exact})
-        del x
-        torch.cuda.empty_cache()
-    if verbose:
-        pct_head = f"% of {hbm_bytes_per_s / 1e12:.1f} TB/s"
-        print(f"{'cast':40} {'GPU us':>9} {'GB/s':>8} {pct_head:>14} {'host us':>8}  check"
-              f"   (host: CPU time per call on {list(CAST_HOST_SHAPE)})")
-        for r in rows:
-            check = "bit-identical" if r["bit_identical"] else "DIFFERS from the reference"
-            print(f"{r['name']:40} {r['us']:9.1f} {r['gbps']:8.1f} {r['pct_of_hbm']:14.1f} {r['host_us']:8.1f}  "
-                  f"{check}")
-    return rows
-
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # Options that only time kernels: named when given without a GPU, which refuses them.
@@ -1135,6 +940,7 @@ def main(argv=None) -> int:
             return 2
         return run_reference_only(args)
     if args.suite == "chain":
+        from .bench_chain import run_chain
         return run_chain(args, iters)
     if args.suite in ("host", "train_step"):
         return run_host(args)
@@ -1187,6 +993,7 @@ def main(argv=None) -> int:
     cast_rows = []
     if run_casts:
         print()
+        from .bench_casts import bench_casts
         cast_rows = bench_casts(iters=iters, hbm_bytes_per_s=hbm)
     with open(args.json, "w") as f:
         json.dump({"device": info, "iters": iters, "host_calls": HOST_CALLS, "flush_bytes": FLUSH_BYTES,

@@ -394,7 +394,7 @@ def test_opcheck(name):
 
 
 def test_bench_rows_are_valid_casts():
-    from deep_gemm import bench
+    from deep_gemm import bench_casts as bench
     sizes = bench._cast_k_sizes(8192)
     assert len(sizes) == 8 and sum(sizes) == 8192 and all(k % 16 == 0 for k in sizes)
     assert bench._cast_k_sizes(bench.CAST_HOST_SHAPE[0]) == [16] * 8
