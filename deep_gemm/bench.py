@@ -941,7 +941,7 @@ def main(argv=None) -> int:
         return run_reference_only(args)
     if args.suite == "chain":
         from .bench_chain import run_chain
-        return run_chain(args, iters)
+        return run_chain(sys.modules[__name__], args, iters)
     if args.suite in ("host", "train_step"):
         return run_host(args)
 
@@ -994,7 +994,7 @@ def main(argv=None) -> int:
     if run_casts:
         print()
         from .bench_casts import bench_casts
-        cast_rows = bench_casts(iters=iters, hbm_bytes_per_s=hbm)
+        cast_rows = bench_casts(sys.modules[__name__], iters=iters, hbm_bytes_per_s=hbm)
     with open(args.json, "w") as f:
         json.dump({"device": info, "iters": iters, "host_calls": HOST_CALLS, "flush_bytes": FLUSH_BYTES,
                    "flush": args.flush,

@@ -4,12 +4,13 @@ Each case: median over `iters` calls of the GPU time between two CUDA events aro
 inputs are hundreds of MB, far past L2, so no flush is needed), and the bandwidth counting the
 fewest bytes a cast must move: x read once, q and the scales written once. Host overhead is
 measured apart, on a small input. Every output is compared bit for bit with the torch reference.
+bench.py runs it and hands itself over (its timing helpers), so this module does not import bench back.
 """
 from __future__ import annotations
 
-import torch
+from typing import Optional
 
-from .bench import HBM_BYTES_PER_S, gpu_event_us, host_overhead_us
+import torch
 
 CAST_CASES = (
     # name, kind, shape, dtype
@@ -52,10 +53,11 @@ def _moved_bytes(kind: str, x: torch.Tensor) -> int:
     return x.numel() * x.element_size() + x.numel() + 4 * num_scales
 
 
-def bench_casts(iters: int = 50, warmup: int = 3, verbose: bool = True,
-                hbm_bytes_per_s: float = HBM_BYTES_PER_S) -> list:
-    """Time every case in CASES on the current GPU; return rows of
-    {name, kind, shape, dtype, us, gbps, pct_of_hbm, host_us}."""
+def bench_casts(bench, iters: int = 50, warmup: int = 3, verbose: bool = True,
+                hbm_bytes_per_s: Optional[float] = None) -> list:
+    """Time every case in CAST_CASES on the current GPU (hbm_bytes_per_s: bench's HBM_BYTES_PER_S
+    unless given); return rows of {name, kind, shape, dtype, us, gbps, pct_of_hbm, host_us}."""
+    hbm_bytes_per_s = hbm_bytes_per_s or bench.HBM_BYTES_PER_S
     import deep_gemm
     from . import reference
 
@@ -75,10 +77,10 @@ def bench_casts(iters: int = 50, warmup: int = 3, verbose: bool = True,
         del q, s, q_ref, s_ref
         for _ in range(warmup):      # settle the allocator
             fn(x)
-        us = gpu_event_us(lambda: fn(x), iters)
+        us = bench.gpu_event_us(lambda: fn(x), iters)
         small = torch.randn(CAST_HOST_SHAPE, device="cuda", dtype=dtype)
         fn(small)
-        host = host_overhead_us(lambda: fn(small), CAST_HOST_CALLS)
+        host = bench.host_overhead_us(lambda: fn(small), CAST_HOST_CALLS)
         moved = _moved_bytes(kind, x)
         gbps = moved / (us * 1e-6) / 1e9
         rows.append({"name": name, "kind": kind, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),

@@ -3,6 +3,8 @@
 A model's MLP layers as decoding runs them: x [M, 7168] -> cast -> GEMM to 4096 -> cast -> GEMM
 back to 7168, each kernel reading what the one before wrote, CHAIN_LAYERS layers (own weights)
 back to back in one CUDA graph, captured once with set_pdl(False) and once with set_pdl(True).
+bench.py runs it and hands itself over (its Timer and device description), so this module does not
+import bench back.
 """
 from __future__ import annotations
 
@@ -11,8 +13,6 @@ import math
 import statistics
 
 import torch
-
-from .bench import Timer, _device_info
 
 CHAIN_MS = (1, 16, 64, 128)
 CHAIN_HIDDEN, CHAIN_INTERMEDIATE, CHAIN_LAYERS = 7168, 4096, 4
@@ -59,7 +59,7 @@ def _pdl_kernels() -> str:
     return ", ".join(found)
 
 
-def bench_chain(iters: int, flush: str = "write", ms=CHAIN_MS, verbose: bool = True) -> list:
+def bench_chain(bench, iters: int, flush: str = "write", ms=CHAIN_MS, verbose: bool = True) -> list:
     """µs per replay of the chain's graph with PDL off and on, for each M (median of `iters` replays
     of each, alternating, with the Timer's L2 flush before each); rows of {m, off_us, on_us,
     ratio, identical}. identical: both graphs gave the same bits."""
@@ -72,7 +72,7 @@ def bench_chain(iters: int, flush: str = "write", ms=CHAIN_MS, verbose: bool = T
             torch.randn(n, k, device=device, generator=gen, dtype=torch.bfloat16) / math.sqrt(k))
     layers = [(weight(CHAIN_INTERMEDIATE, CHAIN_HIDDEN), weight(CHAIN_HIDDEN, CHAIN_INTERMEDIATE))
               for _ in range(CHAIN_LAYERS)]
-    flush_l2 = Timer(device, iters, flush=flush).flushes[0]
+    flush_l2 = bench.Timer(device, iters, flush=flush).flushes[0]
     rows = []
     for m in ms:
         x = torch.randn(m, CHAIN_HIDDEN, device=device, generator=gen, dtype=torch.bfloat16)
@@ -102,11 +102,11 @@ def bench_chain(iters: int, flush: str = "write", ms=CHAIN_MS, verbose: bool = T
     return rows
 
 
-def run_chain(args, iters: int) -> int:
+def run_chain(bench, args, iters: int) -> int:
     """--suite chain: bench_chain, its rows written to --json; fails if PDL changed a result."""
-    rows = bench_chain(iters, flush=args.flush)
+    rows = bench_chain(bench, iters, flush=args.flush)
     with open(args.json, "w") as f:
-        json.dump({"device": _device_info(), "iters": iters, "flush": args.flush, "pdl_kernels": _pdl_kernels(),
+        json.dump({"device": bench._device_info(), "iters": iters, "flush": args.flush, "pdl_kernels": _pdl_kernels(),
                    "chain": rows}, f, indent=1)
     print(f"wrote {args.json}")
     return 0 if all(r["identical"] for r in rows) else 1
