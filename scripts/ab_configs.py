@@ -122,10 +122,8 @@ def run_contiguous(g: int, m_per_group: int, n: int, k: int, changes: dict, time
     (a, sa), (b, sb) = bench._cast_pair(torch.randn(m, k, device="cuda", dtype=torch.bfloat16),
                                         torch.randn(g, n, k, device="cuda", dtype=torch.bfloat16))
     index = torch.repeat_interleave(torch.arange(g, dtype=torch.int32), torch.tensor(padded)).cuda()
-    starts = [sum(padded[:i]) for i in range(g)]
-    want = torch.cat([dequantize_lhs(a[s:s + p], sa[s:s + p], dtype=torch.float64)
-                      @ dequantize_rhs(b[i], sb[i], dtype=torch.float64).T
-                      for i, (s, p) in enumerate(zip(starts, padded))])
+    lhs = dequantize_lhs(a, sa, dtype=torch.float64).split(padded)
+    want = torch.cat([rows @ dequantize_rhs(b[i], sb[i], dtype=torch.float64).T for i, rows in enumerate(lhs)])
     config = planned("contig", m, n, k, g)
 
     def prepare(c):
@@ -144,8 +142,7 @@ def run_bf16_contiguous(g: int, m_per_group: int, n: int, k: int, changes: dict,
     a = torch.zeros(m, k, device="cuda", dtype=torch.bfloat16)
     a[valid] = torch.randn(valid.numel(), k, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(g, n, k, device="cuda", dtype=torch.bfloat16)
-    want = torch.cat([a[valid][s:s + c].double() @ b[i].double().T
-                      for i, (s, c) in enumerate(zip([sum(counts[:i]) for i in range(g)], counts))])
+    want = torch.cat([rows.double() @ b[i].double().T for i, rows in enumerate(a[valid].split(counts))])
     config = planned("bf16contig", m, n, k, g)
 
     def prepare(c):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import cProfile
 import io
+import itertools
 import os
 import pstats
 import sys
@@ -48,37 +49,29 @@ def profile(name: str, fns, top: int = 14) -> None:
         print("   ", line.replace(os.getcwd() + "/", "")[:150])
 
 
-def _cached_keys() -> set:
-    return {(id(cache), key) for cache in (gemm_ops._launches, cast_ops._launches) for key in cache._entries}
+def _cached_launches() -> dict:
+    """{(cache, key): launch} of every launch the GEMMs and the casts have cached."""
+    return {(i, key): entry[-1][1] for i, cache in enumerate((gemm_ops._launches, cast_ops._launches))
+            for key, entry in cache._entries.items()}
 
 
-def _launch_of(key):
-    """The launch cached under a key of _cached_keys()."""
-    for cache in (gemm_ops._launches, cast_ops._launches):
-        if id(cache) == key[0]:
-            return cache._entries[key[1]][-1][1]
-    return None
+def _cycle(items: list, count: int) -> list:
+    return list(itertools.islice(itertools.cycle(items), count))
 
 
 def dense(device, shape=(128, 2112, 7168)) -> list:
-    """The dense patterns of one shape; returns the rotation's cached launches."""
+    """The host suite's dense patterns of one shape, timed as the suite times them, then profiled;
+    returns the rotation's cached launches."""
     calls = bench_host._dense_calls(*shape, device, CALLS)["ours"]
-    same, rotation = calls["same"][0], calls["rotation"]
-    for _ in range(3):
-        same()
-    before = _cached_keys()
-    for fn in rotation * 3:
-        fn()
-    launches = [_launch_of(key) for key in _cached_keys() - before]
-    print(f"dense {shape}: same {median_us([same] * CALLS):.2f} µs, rotation "
-          f"{median_us([rotation[i % len(rotation)] for i in range(CALLS)]):.2f}")
-    calls["new"][0]()
-    print(f"dense new addresses {median_us(calls['new'][1:]):.2f} µs")
-    for fn in calls["m_change"][:bench_host.M_SIZES]:
-        fn()
-    print(f"dense M changing {median_us(calls['m_change'][bench_host.M_SIZES:]):.2f} µs")
-    profile("dense same", [same] * 2000)
-    profile("dense rotation", [rotation[i % len(rotation)] for i in range(2000)])
+    for _ in range(2):   # cached before the snapshot: the two patterns then cache the rotation's launches only
+        calls["same"][0]()
+    before = _cached_launches()
+    timings = bench_host._run_patterns({p: calls[p] for p in ("same", "rotation")}, CALLS)
+    launches = [launch for key, launch in _cached_launches().items() if key not in before]
+    timings.update(bench_host._run_patterns({p: calls[p] for p in ("new", "m_change")}, CALLS))
+    print(f"dense {shape}: " + ", ".join(f"{p} {t['median_us']:.2f} µs" for p, t in timings.items()))
+    profile("dense same", [calls["same"][0]] * 2000)
+    profile("dense rotation", _cycle(calls["rotation"], 2000))
     fresh = bench_host._dense_calls(*shape, device, CALLS)["ours"]
     fresh["new"][0]()
     profile("dense new addresses", fresh["new"][1:], 20)
@@ -90,10 +83,11 @@ def dense(device, shape=(128, 2112, 7168)) -> list:
 
 def other(device) -> None:
     for name, fns in bench_host._other_calls(device, CALLS).items():
-        before = _cached_keys()
+        before = _cached_launches()
         for _ in range(3):
             fns[0]()
-        graphs = [getattr(_launch_of(key), "_graph", None) is not None for key in _cached_keys() - before]
+        graphs = [getattr(launch, "_graph", None) is not None
+                  for key, launch in _cached_launches().items() if key not in before]
         graph = "n/a" if not graphs else all(graphs)
         print(f"{name}: same {median_us([fns[0]] * CALLS):.2f} µs, new {median_us(fns[1:]):.2f} µs "
               f"(cached launch in a graph: {graph})")
@@ -112,7 +106,7 @@ def driver(launches: list) -> None:
         return
 
     def each(make, over) -> float:
-        return median_us([make(over[i % len(over)]) for i in range(CALLS)])
+        return median_us([make(launch) for launch in _cycle(over, CALLS)])
 
     def direct(launch):
         return lambda: launch._launch(launch._config, launch.function, launch.address, 0)
